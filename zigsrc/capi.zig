@@ -1,0 +1,255 @@
+//! The C ABI of libkvmlab: every exported symbol is here, and nothing else
+//! exports. Conventions (checked by gen_header.zig, which renders kvmlab.h
+//! from this file):
+//!   - functions are `kvmlab_<noun>_<verb>` and return `kvmlab_result`
+//!     (0 = success, negative = error; detail in kvmlab_last_error_message());
+//!   - handles are opaque; `*_new(opts, out)` creates, `*_free(NULL-ok)` frees;
+//!   - structs are `extern struct`s named `kvmlab_*`, sized by
+//!     kvmlab_struct_size() so the binding can check its view at import;
+//!   - times are integer nanoseconds (`*_ns`), sizes are bytes (`*_bytes`).
+const std = @import("std");
+const errors = @import("errors.zig");
+const kvm = @import("kvm.zig");
+const host = @import("host.zig");
+const vm_mod = @import("vm.zig");
+const boot = @import("boot.zig");
+
+/// Bumped on any incompatible change of a signature or struct below.
+pub const abi_version: u32 = 1;
+
+pub const kvmlab_result = errors.Result;
+
+pub const kvmlab_vm = opaque {};
+
+pub const kvmlab_vm_config = extern struct {
+    memory_bytes: u64,
+    vcpus: u32,
+    reserved: u32,
+};
+
+pub const kvmlab_boot_options = extern struct {
+    image: ?[*]const u8,
+    image_bytes: usize,
+    /// `key=value key=value` text, see docs/guest-protocol.md.
+    args: ?[*]const u8,
+    args_bytes: usize,
+    /// 3 (default in Python) or 0.
+    cpl: u32,
+    reserved: u32,
+};
+
+/// Why `kvmlab_vm_run` returned (`reason`): 0 exit, 1 checkpoint, 2 halt, 3 timeout.
+pub const kvmlab_run_result = extern struct {
+    reason: u32,
+    exit_code: u32,
+    checkpoint_tag: u32,
+    reserved: u32,
+    elapsed_ns: u64,
+    /// Console bytes waiting for kvmlab_vm_console_take.
+    console_bytes: u64,
+    /// Console bytes lost because the buffer was full.
+    console_dropped_bytes: u64,
+};
+
+pub const kvmlab_regs = extern struct {
+    rax: u64, rbx: u64, rcx: u64, rdx: u64, rsi: u64, rdi: u64, rsp: u64, rbp: u64,
+    r8: u64, r9: u64, r10: u64, r11: u64, r12: u64, r13: u64, r14: u64, r15: u64,
+    rip: u64, rflags: u64,
+    cr0: u64, cr2: u64, cr3: u64, cr4: u64, efer: u64,
+    cs: u16, ss: u16, cpl: u16, reserved: u16,
+};
+
+pub const kvmlab_host_info = extern struct {
+    api_version: u32,
+    max_vcpus: u32,
+    nr_memslots: u32,
+    cpuid_entries: u32,
+    vcpu_mmap_bytes: u64,
+};
+
+/// Struct ids for kvmlab_struct_size.
+pub const kvmlab_struct_id = enum(c_int) {
+    vm_config = 1,
+    boot_options = 2,
+    run_result = 3,
+    regs = 4,
+    host_info = 5,
+};
+
+pub export fn kvmlab_abi_version() callconv(.c) u32 {
+    return abi_version;
+}
+
+/// Size of a struct as the library sees it, or 0 for an unknown id.
+pub export fn kvmlab_struct_size(id: c_int) callconv(.c) usize {
+    const e = std.enums.fromInt(kvmlab_struct_id, id) orelse return 0;
+    return switch (e) {
+        .vm_config => @sizeOf(kvmlab_vm_config),
+        .boot_options => @sizeOf(kvmlab_boot_options),
+        .run_result => @sizeOf(kvmlab_run_result),
+        .regs => @sizeOf(kvmlab_regs),
+        .host_info => @sizeOf(kvmlab_host_info),
+    };
+}
+
+/// The message of this thread's last failed call ("" if none). Valid until
+/// the next call on the same thread.
+pub export fn kvmlab_last_error_message() callconv(.c) [*:0]const u8 {
+    return errors.message();
+}
+
+fn result(r: errors.Error!void) kvmlab_result {
+    r catch |e| return errors.toResult(e);
+    return .ok;
+}
+
+fn asVm(h: ?*kvmlab_vm) errors.Error!*vm_mod.Vm {
+    const p = h orelse return errors.fail(error.Closed, "VM handle is NULL (closed?)", .{});
+    return @ptrCast(@alignCast(p));
+}
+
+fn bytesOf(ptr: ?[*]const u8, len: usize) errors.Error![]const u8 {
+    if (len == 0) return &.{};
+    const p = ptr orelse return errors.fail(error.Config, "NULL buffer with length {d}", .{len});
+    return p[0..len];
+}
+
+/// Opens /dev/kvm (once per process) and reports what it offers.
+pub export fn kvmlab_host_info_get(out: ?*kvmlab_host_info) callconv(.c) kvmlab_result {
+    return result(hostInfo(out));
+}
+fn hostInfo(out: ?*kvmlab_host_info) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const h = try host.get();
+    o.* = .{
+        .api_version = h.api_version,
+        .max_vcpus = @intCast(try host.checkExtension(kvm.CAP_MAX_VCPUS)),
+        .nr_memslots = @intCast(try host.checkExtension(kvm.CAP_NR_MEMSLOTS)),
+        .cpuid_entries = h.cpuid_count,
+        .vcpu_mmap_bytes = h.vcpu_mmap_bytes,
+    };
+}
+
+/// KVM_CHECK_EXTENSION(cap) on /dev/kvm; *out = 0 when absent.
+pub export fn kvmlab_host_check_extension(cap: u32, out: ?*u64) callconv(.c) kvmlab_result {
+    return result(checkExt(cap, out));
+}
+fn checkExt(cap: u32, out: ?*u64) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = try host.checkExtension(cap);
+}
+
+/// Creates an empty VM shell: VM, memory, slot, irqchip, PIT, vCPUs.
+pub export fn kvmlab_vm_new(opts: ?*const kvmlab_vm_config, out: ?*?*kvmlab_vm) callconv(.c) kvmlab_result {
+    return result(vmNew(opts, out));
+}
+fn vmNew(opts: ?*const kvmlab_vm_config, out: ?*?*kvmlab_vm) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = null;
+    const c = opts orelse return errors.fail(error.Config, "config is NULL", .{});
+    const vm = try vm_mod.Vm.create(c.memory_bytes, c.vcpus);
+    o.* = @ptrCast(vm);
+}
+
+/// Frees a VM; NULL is fine. Must not race with other calls on the same VM.
+pub export fn kvmlab_vm_free(h: ?*kvmlab_vm) callconv(.c) void {
+    const vm = asVm(h) catch return;
+    vm.destroy();
+}
+
+pub export fn kvmlab_vm_boot(h: ?*kvmlab_vm, opts: ?*const kvmlab_boot_options) callconv(.c) kvmlab_result {
+    return result(vmBoot(h, opts));
+}
+fn vmBoot(h: ?*kvmlab_vm, opts: ?*const kvmlab_boot_options) errors.Error!void {
+    const vm = try asVm(h);
+    const o = opts orelse return errors.fail(error.Config, "boot options are NULL", .{});
+    const image = try bytesOf(o.image, o.image_bytes);
+    const args = try bytesOf(o.args, o.args_bytes);
+    try vm.bootGuest(image, args, o.cpl);
+}
+
+/// Runs the guest until every vCPU stopped, or `timeout_ns` passed (0 = none).
+pub export fn kvmlab_vm_run(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*kvmlab_run_result) callconv(.c) kvmlab_result {
+    return result(vmRun(h, timeout_ns, out));
+}
+fn vmRun(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*kvmlab_run_result) errors.Error!void {
+    const vm = try asVm(h);
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const r = try vm.run(timeout_ns);
+    o.* = .{
+        .reason = @intFromEnum(r.reason),
+        .exit_code = r.exit_code,
+        .checkpoint_tag = r.checkpoint_tag,
+        .reserved = 0,
+        .elapsed_ns = r.elapsed_ns,
+        .console_bytes = vm.console_len,
+        .console_dropped_bytes = vm.console_dropped,
+    };
+}
+
+/// Moves up to `capacity` console bytes into `buf`; *out_bytes = how many.
+pub export fn kvmlab_vm_console_take(h: ?*kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) kvmlab_result {
+    return result(consoleTake(h, buf, capacity, out_bytes));
+}
+fn consoleTake(h: ?*kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
+    const vm = try asVm(h);
+    const o = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    const b: []u8 = if (capacity == 0) &.{} else (buf orelse return errors.fail(error.Config, "NULL buffer", .{}))[0..capacity];
+    o.* = vm.consoleTake(b);
+}
+
+pub export fn kvmlab_vm_read_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) callconv(.c) kvmlab_result {
+    return result(readMemory(h, gpa, buf, len));
+}
+fn readMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.Error!void {
+    const vm = try asVm(h);
+    const src = try vm.guestSlice(gpa, len);
+    if (len == 0) return;
+    const dst = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
+    @memcpy(dst[0..len], src);
+}
+
+pub export fn kvmlab_vm_write_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) callconv(.c) kvmlab_result {
+    return result(writeMemory(h, gpa, buf, len));
+}
+fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.Error!void {
+    const vm = try asVm(h);
+    const dst = try vm.guestSlice(gpa, len);
+    @memcpy(dst, try bytesOf(buf, len));
+}
+
+/// The guest memory mapping (valid until the VM is freed), for zero-copy views.
+pub export fn kvmlab_vm_memory(h: ?*kvmlab_vm, out_ptr: ?*?[*]u8, out_bytes: ?*u64) callconv(.c) kvmlab_result {
+    return result(memoryView(h, out_ptr, out_bytes));
+}
+fn memoryView(h: ?*kvmlab_vm, out_ptr: ?*?[*]u8, out_bytes: ?*u64) errors.Error!void {
+    const vm = try asVm(h);
+    const p = out_ptr orelse return errors.fail(error.Config, "out is NULL", .{});
+    const n = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    p.* = vm.mem.ptr;
+    n.* = vm.mem.len;
+}
+
+pub export fn kvmlab_vm_get_regs(h: ?*kvmlab_vm, vcpu: u32, out: ?*kvmlab_regs) callconv(.c) kvmlab_result {
+    return result(getRegs(h, vcpu, out));
+}
+fn getRegs(h: ?*kvmlab_vm, vcpu: u32, out: ?*kvmlab_regs) errors.Error!void {
+    const vm = try asVm(h);
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    var r: kvm.Regs = undefined;
+    var s: kvm.Sregs = undefined;
+    try vm.getRegs(vcpu, &r, &s);
+    o.* = .{
+        .rax = r.rax, .rbx = r.rbx, .rcx = r.rcx, .rdx = r.rdx, .rsi = r.rsi, .rdi = r.rdi, .rsp = r.rsp, .rbp = r.rbp,
+        .r8 = r.r8, .r9 = r.r9, .r10 = r.r10, .r11 = r.r11, .r12 = r.r12, .r13 = r.r13, .r14 = r.r14, .r15 = r.r15,
+        .rip = r.rip, .rflags = r.rflags,
+        .cr0 = s.cr0, .cr2 = s.cr2, .cr3 = s.cr3, .cr4 = s.cr4, .efer = s.efer,
+        .cs = s.cs.selector, .ss = s.ss.selector, .cpl = s.cs.dpl, .reserved = 0,
+    };
+}
+
+test {
+    _ = errors;
+    _ = boot;
+    _ = kvm;
+}

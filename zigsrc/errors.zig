@@ -1,0 +1,119 @@
+//! The one result code of the C ABI and the per-thread error message that
+//! explains the last failure. Every fallible core function returns a Zig error
+//! from `Error`; the C ABI maps it to `Result` in one place (`toResult`).
+const std = @import("std");
+
+/// Result of every C ABI call: 0 is success, negatives are errors. The Python
+/// binding maps each to one exception class (kvmlab/_ffi.py, `_ERRORS`).
+pub const Result = enum(c_int) {
+    ok = 0,
+    out_of_memory = -1,
+    /// /dev/kvm missing, not accessible, or an unusable API version.
+    kvm_unavailable = -2,
+    /// A KVM ioctl or syscall failed unexpectedly.
+    kvm_failed = -3,
+    /// Bad configuration or argument values.
+    config = -4,
+    /// Bad or missing guest image.
+    guest = -5,
+    /// The guest triple-faulted, shut down, or KVM could not emulate it.
+    guest_crash = -6,
+    /// An operation that must finish in time did not.
+    timeout = -7,
+    /// A snapshot is malformed, corrupt, or does not fit.
+    snapshot = -8,
+    /// The object was closed.
+    closed = -9,
+    /// The object is in the wrong state for this call (e.g. already running).
+    busy = -10,
+    /// A guest address range is outside guest memory.
+    bounds = -11,
+    /// The pool has max_in_use VMs out.
+    pool_exhausted = -12,
+    /// The snapshot needs something this host's KVM cannot provide.
+    incompatible = -13,
+    internal = -99,
+};
+
+pub const Error = error{
+    OutOfMemory,
+    KvmUnavailable,
+    KvmFailed,
+    Config,
+    Guest,
+    GuestCrash,
+    Timeout,
+    Snapshot,
+    Closed,
+    Busy,
+    Bounds,
+    PoolExhausted,
+    Incompatible,
+};
+
+pub fn toResult(e: Error) Result {
+    return switch (e) {
+        error.OutOfMemory => .out_of_memory,
+        error.KvmUnavailable => .kvm_unavailable,
+        error.KvmFailed => .kvm_failed,
+        error.Config => .config,
+        error.Guest => .guest,
+        error.GuestCrash => .guest_crash,
+        error.Timeout => .timeout,
+        error.Snapshot => .snapshot,
+        error.Closed => .closed,
+        error.Busy => .busy,
+        error.Bounds => .bounds,
+        error.PoolExhausted => .pool_exhausted,
+        error.Incompatible => .incompatible,
+    };
+}
+
+pub const message_capacity = 1024;
+threadlocal var message_buf: [message_capacity]u8 = undefined;
+threadlocal var message_len: usize = 0;
+
+/// Records a message for `kvmlab_last_error_message()` and returns `e`, so
+/// callers write `return errors.fail(error.Config, "...", .{...})`.
+pub fn fail(e: Error, comptime fmt: []const u8, args: anytype) Error {
+    setMessage(fmt, args);
+    return e;
+}
+
+pub fn setMessage(comptime fmt: []const u8, args: anytype) void {
+    // Leave room for the terminating NUL; a message that does not fit is cut.
+    const out = std.fmt.bufPrint(message_buf[0 .. message_capacity - 1], fmt, args) catch blk: {
+        const tail = "...";
+        @memcpy(message_buf[message_capacity - 1 - tail.len .. message_capacity - 1], tail);
+        break :blk message_buf[0 .. message_capacity - 1];
+    };
+    message_len = out.len;
+    message_buf[message_len] = 0;
+}
+
+pub fn clear() void {
+    message_len = 0;
+    message_buf[0] = 0;
+}
+
+pub fn message() [*:0]const u8 {
+    if (message_len == 0) return "";
+    return @ptrCast(&message_buf);
+}
+
+/// Fails with `KvmFailed`, naming the ioctl and the errno it returned.
+pub fn ioctlFailed(what: []const u8) Error {
+    const kvm = @import("kvm.zig");
+    return fail(error.KvmFailed, "{s} failed: {s}", .{ what, @tagName(kvm.last_errno) });
+}
+
+test "messages are NUL-terminated and cut when too long" {
+    _ = fail(error.Config, "bad value {d}", .{42});
+    try std.testing.expectEqualStrings("bad value 42", std.mem.span(message()));
+    var long: [3000]u8 = undefined;
+    @memset(&long, 'x');
+    _ = fail(error.Config, "{s}", .{@as([]const u8, &long)});
+    const m = std.mem.span(message());
+    try std.testing.expectEqual(@as(usize, message_capacity - 1), m.len);
+    try std.testing.expect(std.mem.endsWith(u8, m, "..."));
+}

@@ -1,0 +1,470 @@
+//! A KVM virtual machine: the shell (VM fd, guest memory, memory slot, irqchip,
+//! PIT, vCPUs) and the KVM_RUN loop that serves the guest's I/O ports.
+//!
+//! Threading: `run` executes vCPU 0 on the calling thread and vCPUs 1.. on
+//! threads spawned for that call; it returns when every vCPU has stopped at
+//! exit, checkpoint, crash or the deadline. A deadline is honoured with a
+//! per-thread POSIX timer that sends `kick_signal` to the vCPU thread; the
+//! signal handler sets `immediate_exit` so KVM_RUN returns EINTR (no thread
+//! ever spins waiting). One `run` at a time per VM (`error.Busy` otherwise).
+const std = @import("std");
+const linux = std.os.linux;
+const kvm = @import("kvm.zig");
+const errors = @import("errors.zig");
+const boot = @import("boot.zig");
+const host = @import("host.zig");
+
+const allocator = std.heap.c_allocator;
+
+/// Realtime signal used to kick vCPU threads out of KVM_RUN (glibc's
+/// SIGRTMIN+6; glibc itself uses 32 and 33).
+pub const kick_signal: u32 = 40;
+/// Console bytes kept per VM until taken; the rest are counted as dropped.
+pub const console_capacity_bytes: usize = 1 << 20;
+/// Longest single console write through the descriptor port.
+pub const console_write_max_bytes: u64 = 65536;
+
+pub const port_console_putc: u16 = 0x00E9;
+pub const port_exit: u16 = 0x0500;
+pub const port_checkpoint: u16 = 0x0501;
+pub const port_console_write: u16 = 0x0502;
+
+/// Where the KVM TSS lives (Intel needs it for real mode; outside guest RAM).
+const tss_addr: u64 = 0xFFFB_D000;
+
+pub const VcpuStatus = enum(u8) { ready, checkpoint, exited, halted, crashed, interrupted };
+
+pub const Reason = enum(u32) { exit = 0, checkpoint = 1, halt = 2, timeout = 3 };
+
+pub const Vcpu = struct {
+    fd: linux.fd_t = -1,
+    run: ?*kvm.Run = null,
+    status: VcpuStatus = .ready,
+    exit_code: u32 = 0,
+    checkpoint_tag: u32 = 0,
+    /// Kernel thread id while this vCPU is inside `vcpuLoop`, else 0.
+    tid: std.atomic.Value(i32) = .init(0),
+};
+
+pub const RunOutcome = struct {
+    reason: Reason,
+    exit_code: u32,
+    checkpoint_tag: u32,
+    elapsed_ns: u64,
+};
+
+pub const Vm = struct {
+    vm_fd: linux.fd_t = -1,
+    mem: []align(4096) u8 = &.{},
+    vcpu_count: u32 = 0,
+    vcpus: [boot.max_vcpus]Vcpu = @splat(.{}),
+    run_bytes: usize = 0,
+    booted: bool = false,
+    running: std.atomic.Value(bool) = .init(false),
+    stop: std.atomic.Value(bool) = .init(false),
+    deadline_ns: u64 = 0,
+    /// Guards console, crash message and kicks (a kick must not target a
+    /// thread id after its vCPU loop ended).
+    lock: std.c.pthread_mutex_t = .{},
+    console: []u8 = &.{},
+    console_len: usize = 0,
+    console_dropped: u64 = 0,
+    crash_len: usize = 0,
+    crash_msg: [900]u8 = undefined,
+
+    /// Creates an empty shell. The memory slot is registered before the
+    /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
+    pub fn create(memory_bytes: u64, vcpu_count: u32) errors.Error!*Vm {
+        try boot.checkConfig(memory_bytes, vcpu_count);
+        const h = try host.get();
+        installKickHandler();
+        const vm = allocator.create(Vm) catch return error.OutOfMemory;
+        vm.* = .{};
+        errdefer vm.destroy();
+
+        vm.vm_fd = @intCast(kvm.ioctl(h.fd, kvm.KVM_CREATE_VM, 0) catch return errors.ioctlFailed("KVM_CREATE_VM"));
+        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_SET_TSS_ADDR, tss_addr) catch {};
+
+        const addr = linux.mmap(null, memory_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
+        if (linux.errno(addr) != .SUCCESS)
+            return errors.fail(error.OutOfMemory, "cannot map {d} MiB of guest memory: {s}", .{ memory_bytes >> 20, @tagName(linux.errno(addr)) });
+        vm.mem = @as([*]align(4096) u8, @ptrFromInt(addr))[0..memory_bytes];
+        try vm.setMemorySlot(0);
+
+        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_IRQCHIP, 0) catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
+        var pit = kvm.PitConfig{};
+        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_PIT2, @intFromPtr(&pit)) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
+
+        vm.run_bytes = h.vcpu_mmap_bytes;
+        var i: u32 = 0;
+        while (i < vcpu_count) : (i += 1) {
+            const v = &vm.vcpus[i];
+            v.fd = @intCast(kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_VCPU, i) catch return errors.ioctlFailed("KVM_CREATE_VCPU"));
+            vm.vcpu_count = i + 1;
+            const r = linux.mmap(null, vm.run_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .SHARED }, v.fd, 0);
+            if (linux.errno(r) != .SUCCESS) return errors.fail(error.KvmFailed, "mmap of kvm_run failed: {s}", .{@tagName(linux.errno(r))});
+            v.run = @ptrFromInt(r);
+            try host.setVcpuCpuid(v.fd, i);
+        }
+        return vm;
+    }
+
+    pub fn setMemorySlot(vm: *Vm, flags: u32) errors.Error!void {
+        var region = kvm.UserspaceMemoryRegion{
+            .slot = 0,
+            .flags = flags,
+            .guest_phys_addr = 0,
+            .memory_size = vm.mem.len,
+            .userspace_addr = @intFromPtr(vm.mem.ptr),
+        };
+        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_SET_USER_MEMORY_REGION, @intFromPtr(&region)) catch
+            return errors.ioctlFailed("KVM_SET_USER_MEMORY_REGION");
+    }
+
+    /// Frees everything; safe on a partly built VM.
+    pub fn destroy(vm: *Vm) void {
+        std.debug.assert(!vm.running.load(.acquire));
+        for (vm.vcpus[0..vm.vcpu_count]) |*v| {
+            if (v.run) |r| _ = linux.munmap(@ptrCast(r), vm.run_bytes);
+            if (v.fd >= 0) _ = linux.close(v.fd);
+        }
+        if (vm.vm_fd >= 0) _ = linux.close(vm.vm_fd);
+        if (vm.mem.len > 0) _ = linux.munmap(vm.mem.ptr, vm.mem.len);
+        if (vm.console.len > 0) allocator.free(vm.console);
+        allocator.destroy(vm);
+    }
+
+    /// Loads a guest image and puts every vCPU at its entry point.
+    pub fn bootGuest(vm: *Vm, image: []const u8, args: []const u8, cpl: u32) errors.Error!void {
+        if (vm.booted) return errors.fail(error.Busy, "this VM already has a guest", .{});
+        if (vm.running.load(.acquire)) return errors.fail(error.Busy, "the VM is running", .{});
+        const entry = try boot.loadImage(vm.mem, image);
+        try boot.writeTables(vm.mem, vm.vcpu_count, cpl, args);
+        for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
+            var sregs: kvm.Sregs = undefined;
+            _ = kvm.ioctl(v.fd, kvm.KVM_GET_SREGS, @intFromPtr(&sregs)) catch return errors.ioctlFailed("KVM_GET_SREGS");
+            sregs = boot.entrySregs(sregs, cpl);
+            _ = kvm.ioctl(v.fd, kvm.KVM_SET_SREGS, @intFromPtr(&sregs)) catch return errors.ioctlFailed("KVM_SET_SREGS");
+            var regs = boot.entryRegs(entry, @intCast(i));
+            _ = kvm.ioctl(v.fd, kvm.KVM_SET_REGS, @intFromPtr(&regs)) catch return errors.ioctlFailed("KVM_SET_REGS");
+            if (i > 0) {
+                // With an in-kernel irqchip, application processors wait for
+                // INIT/SIPI; kvmlab starts every vCPU at the entry directly.
+                var mp: u32 = kvm.MP_STATE_RUNNABLE;
+                _ = kvm.ioctl(v.fd, kvm.KVM_SET_MP_STATE, @intFromPtr(&mp)) catch return errors.ioctlFailed("KVM_SET_MP_STATE");
+            }
+            v.status = .ready;
+        }
+        vm.booted = true;
+    }
+
+    fn runnable(s: VcpuStatus) bool {
+        return switch (s) {
+            .ready, .checkpoint, .interrupted, .halted => true,
+            .exited, .crashed => false,
+        };
+    }
+
+    /// Runs every runnable vCPU until all stop. `timeout_ns == 0`: no deadline.
+    pub fn run(vm: *Vm, timeout_ns: u64) errors.Error!RunOutcome {
+        if (!vm.booted) return errors.fail(error.Busy, "the VM has no guest: boot or restore one first", .{});
+        if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "the VM is already running in another thread", .{});
+        defer vm.running.store(false, .release);
+        if (vm.crash_len > 0) return vm.crashError();
+
+        const start = monotonicNs();
+        vm.deadline_ns = if (timeout_ns == 0) 0 else start +| timeout_ns;
+        vm.stop.store(false, .release);
+
+        var threads: [boot.max_vcpus]?std.Thread = @splat(null);
+        var spawn_failed = false;
+        var i: u32 = 1;
+        while (i < vm.vcpu_count) : (i += 1) {
+            if (!runnable(vm.vcpus[i].status)) continue;
+            threads[i] = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, vcpuLoop, .{ vm, i }) catch {
+                spawn_failed = true;
+                vm.kickAll();
+                break;
+            };
+        }
+        if (!spawn_failed and runnable(vm.vcpus[0].status)) vcpuLoop(vm, 0);
+        for (&threads) |*t| if (t.*) |th| th.join();
+        const elapsed = monotonicNs() - start;
+        if (spawn_failed) return errors.fail(error.OutOfMemory, "cannot start a host thread for a vCPU", .{});
+        if (vm.crash_len > 0) return vm.crashError();
+        return vm.outcome(elapsed);
+    }
+
+    fn outcome(vm: *Vm, elapsed: u64) errors.Error!RunOutcome {
+        var out = RunOutcome{ .reason = .exit, .exit_code = vm.vcpus[0].exit_code, .checkpoint_tag = 0, .elapsed_ns = elapsed };
+        var interrupted = false;
+        var all_interrupted_halted = true;
+        var checkpoint = false;
+        var halted = false;
+        for (vm.vcpus[0..vm.vcpu_count]) |*v| switch (v.status) {
+            .interrupted => {
+                interrupted = true;
+                var mp: u32 = 0;
+                _ = kvm.ioctl(v.fd, kvm.KVM_GET_MP_STATE, @intFromPtr(&mp)) catch {};
+                if (mp != kvm.MP_STATE_HALTED) all_interrupted_halted = false;
+            },
+            .checkpoint => if (!checkpoint) {
+                checkpoint = true;
+                out.checkpoint_tag = v.checkpoint_tag;
+            },
+            .halted => halted = true,
+            else => {},
+        };
+        if (interrupted) {
+            out.reason = if (all_interrupted_halted) .halt else .timeout;
+        } else if (checkpoint) {
+            out.reason = .checkpoint;
+        } else if (halted) {
+            out.reason = .halt;
+        }
+        return out;
+    }
+
+    fn crashError(vm: *Vm) errors.Error {
+        return errors.fail(error.GuestCrash, "{s}", .{vm.crash_msg[0..vm.crash_len]});
+    }
+
+    /// Stops every vCPU thread at its next exit (or now, if in KVM_RUN).
+    pub fn kickAll(vm: *Vm) void {
+        vm.stop.store(true, .release);
+        _ = std.c.pthread_mutex_lock(&vm.lock);
+        defer _ = std.c.pthread_mutex_unlock(&vm.lock);
+        const self_tid = linux.gettid();
+        for (vm.vcpus[0..vm.vcpu_count]) |*v| {
+            const tid = v.tid.load(.acquire);
+            if (tid != 0 and tid != self_tid) _ = linux.tgkill(linux.getpid(), tid, @enumFromInt(kick_signal));
+        }
+    }
+
+    fn vcpuLoop(vm: *Vm, index: u32) void {
+        const v = &vm.vcpus[index];
+        const r = v.run.?;
+        current_run = r;
+        v.tid.store(linux.gettid(), .release);
+        var timer: ?i32 = null;
+        if (vm.deadline_ns != 0) timer = armTimer(vm.deadline_ns);
+        defer {
+            if (timer) |t| _ = linux.syscall1(.timer_delete, @as(usize, @intCast(t)));
+            _ = std.c.pthread_mutex_lock(&vm.lock);
+            v.tid.store(0, .release);
+            _ = std.c.pthread_mutex_unlock(&vm.lock);
+            current_run = null;
+            r.immediate_exit = 0;
+        }
+        // A deadline that could not be armed is still honoured between exits.
+        while (true) {
+            if (vm.stop.load(.acquire)) {
+                v.status = .interrupted;
+                return;
+            }
+            const rc = linux.ioctl(v.fd, kvm.KVM_RUN, 0);
+            switch (linux.errno(rc)) {
+                .SUCCESS => {},
+                .INTR, .AGAIN => {
+                    r.immediate_exit = 0;
+                    if (vm.deadline_ns != 0 and monotonicNs() >= vm.deadline_ns) {
+                        v.status = .interrupted;
+                        return;
+                    }
+                    continue;
+                },
+                else => |e| return vm.crash(index, "KVM_RUN failed: {s}", .{@tagName(e)}),
+            }
+            switch (r.exit_reason) {
+                kvm.EXIT_IO => if (!vm.handleIo(index, r)) return,
+                kvm.EXIT_HLT => {
+                    v.status = .halted;
+                    return;
+                },
+                kvm.EXIT_INTR => continue,
+                kvm.EXIT_SHUTDOWN => return vm.crash(index, "guest shut down (triple fault: an exception with no usable IDT, KVM_EXIT_SHUTDOWN)", .{}),
+                kvm.EXIT_INTERNAL_ERROR => return vm.crash(index, "KVM internal error, suberror {d} (KVM could not emulate a guest instruction)", .{r.exit.internal.suberror}),
+                kvm.EXIT_FAIL_ENTRY => return vm.crash(index, "VM entry failed, hardware reason 0x{x}", .{r.exit.fail_entry.hardware_entry_failure_reason}),
+                kvm.EXIT_MMIO => return vm.crash(index, "guest {s} {d} bytes at 0x{x}, outside its {d} MiB of memory (MMIO exit)", .{
+                    if (r.exit.mmio.is_write != 0) "wrote" else "read", r.exit.mmio.len, r.exit.mmio.phys_addr, vm.mem.len >> 20,
+                }),
+                else => |reason| return vm.crash(index, "unexpected KVM exit reason {d}", .{reason}),
+            }
+        }
+    }
+
+    /// Serves one port I/O exit. Returns false when the vCPU must stop.
+    fn handleIo(vm: *Vm, index: u32, r: *kvm.Run) bool {
+        const v = &vm.vcpus[index];
+        const io = r.exit.io;
+        const len = @as(u64, io.size) * io.count;
+        if (io.data_offset > vm.run_bytes or vm.run_bytes - io.data_offset < len) {
+            vm.crash(index, "KVM reported port I/O data outside kvm_run", .{});
+            return false;
+        }
+        const data = @as([*]u8, @ptrCast(r))[@intCast(io.data_offset)..][0..@intCast(len)];
+        if (io.direction == kvm.EXIT_IO_IN) {
+            switch (io.port) {
+                port_console_putc, port_exit, port_checkpoint, port_console_write => @memset(data, 0),
+                else => {
+                    vm.crash(index, "guest read unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x502", .{ io.port, io.size });
+                    return false;
+                },
+            }
+            return true;
+        }
+        const value: u32 = switch (io.size) {
+            1 => data[0],
+            2 => std.mem.readInt(u16, data[0..2], .little),
+            else => std.mem.readInt(u32, data[0..4], .little),
+        };
+        switch (io.port) {
+            port_console_putc => vm.consoleAppend(data),
+            port_exit => {
+                v.exit_code = value;
+                v.status = .exited;
+                return false;
+            },
+            port_checkpoint => {
+                v.checkpoint_tag = value;
+                v.status = .checkpoint;
+                return false;
+            },
+            port_console_write => {
+                const desc = vm.guestSlice(value, 16) catch {
+                    vm.crash(index, "console write descriptor at 0x{x} is outside guest memory", .{value});
+                    return false;
+                };
+                const addr = std.mem.readInt(u64, desc[0..8], .little);
+                const n = std.mem.readInt(u64, desc[8..16], .little);
+                const bytes = if (n > console_write_max_bytes) null else (vm.guestSlice(addr, n) catch null);
+                if (bytes) |b| vm.consoleAppend(b) else {
+                    vm.crash(index, "console write of {d} bytes at 0x{x} is outside guest memory or over {d} bytes", .{ n, addr, console_write_max_bytes });
+                    return false;
+                }
+            },
+            else => {
+                vm.crash(index, "guest wrote 0x{x} to unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x502", .{ value, io.port, io.size });
+                return false;
+            },
+        }
+        return true;
+    }
+
+    /// A bounds-checked view of guest memory.
+    pub fn guestSlice(vm: *Vm, gpa: u64, len: u64) errors.Error![]u8 {
+        if (gpa > vm.mem.len or vm.mem.len - gpa < len)
+            return errors.fail(error.Bounds, "guest range 0x{x}+{d} is outside guest memory (0x0..0x{x})", .{ gpa, len, vm.mem.len });
+        return vm.mem[@intCast(gpa)..][0..@intCast(len)];
+    }
+
+    fn consoleAppend(vm: *Vm, bytes: []const u8) void {
+        _ = std.c.pthread_mutex_lock(&vm.lock);
+        defer _ = std.c.pthread_mutex_unlock(&vm.lock);
+        if (vm.console.len == 0) {
+            vm.console = allocator.alloc(u8, console_capacity_bytes) catch {
+                vm.console_dropped += bytes.len;
+                return;
+            };
+        }
+        const room = vm.console.len - vm.console_len;
+        const n = @min(room, bytes.len);
+        @memcpy(vm.console[vm.console_len..][0..n], bytes[0..n]);
+        vm.console_len += n;
+        vm.console_dropped += bytes.len - n;
+    }
+
+    /// Copies up to `out.len` console bytes out and removes them.
+    pub fn consoleTake(vm: *Vm, out: []u8) usize {
+        _ = std.c.pthread_mutex_lock(&vm.lock);
+        defer _ = std.c.pthread_mutex_unlock(&vm.lock);
+        const n = @min(out.len, vm.console_len);
+        @memcpy(out[0..n], vm.console[0..n]);
+        std.mem.copyForwards(u8, vm.console[0 .. vm.console_len - n], vm.console[n..vm.console_len]);
+        vm.console_len -= n;
+        if (vm.console_len == 0) vm.console_dropped = 0;
+        return n;
+    }
+
+    /// Marks a vCPU crashed, records the first crash message with the vCPU's
+    /// registers, and stops the other vCPUs.
+    fn crash(vm: *Vm, index: u32, comptime fmt: []const u8, args: anytype) void {
+        const v = &vm.vcpus[index];
+        v.status = .crashed;
+        var regs: kvm.Regs = .{};
+        var sregs: kvm.Sregs = .{};
+        const have_regs = if (kvm.ioctl(v.fd, kvm.KVM_GET_REGS, @intFromPtr(&regs))) |_| true else |_| false;
+        _ = kvm.ioctl(v.fd, kvm.KVM_GET_SREGS, @intFromPtr(&sregs)) catch {};
+        _ = std.c.pthread_mutex_lock(&vm.lock);
+        if (vm.crash_len == 0) {
+            var w = std.Io.Writer.fixed(&vm.crash_msg);
+            w.print(fmt, args) catch {};
+            w.print(" on vCPU {d}", .{index}) catch {};
+            if (have_regs) w.print(
+                "; rip=0x{x} rsp=0x{x} rflags=0x{x} rax=0x{x} rbx=0x{x} rcx=0x{x} rdx=0x{x} rsi=0x{x} rdi=0x{x} cs=0x{x} cpl={d} cr0=0x{x} cr2=0x{x} cr3=0x{x} cr4=0x{x} efer=0x{x}",
+                .{ regs.rip, regs.rsp, regs.rflags, regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, sregs.cs.selector, sregs.cs.dpl, sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer },
+            ) catch {};
+            vm.crash_len = w.end;
+        }
+        _ = std.c.pthread_mutex_unlock(&vm.lock);
+        vm.kickAll();
+    }
+
+    pub fn getRegs(vm: *Vm, index: u32, regs: *kvm.Regs, sregs: *kvm.Sregs) errors.Error!void {
+        if (index >= vm.vcpu_count) return errors.fail(error.Config, "vCPU {d} does not exist (the VM has {d})", .{ index, vm.vcpu_count });
+        if (vm.running.load(.acquire)) return errors.fail(error.Busy, "the VM is running", .{});
+        const fd = vm.vcpus[index].fd;
+        _ = kvm.ioctl(fd, kvm.KVM_GET_REGS, @intFromPtr(regs)) catch return errors.ioctlFailed("KVM_GET_REGS");
+        _ = kvm.ioctl(fd, kvm.KVM_GET_SREGS, @intFromPtr(sregs)) catch return errors.ioctlFailed("KVM_GET_SREGS");
+    }
+};
+
+pub fn monotonicNs() u64 {
+    var ts: linux.timespec = undefined;
+    _ = linux.clock_gettime(.MONOTONIC, &ts);
+    return @as(u64, @intCast(ts.sec)) * std.time.ns_per_s + @as(u64, @intCast(ts.nsec));
+}
+
+/// The kvm_run of the vCPU this thread is running, for the kick handler.
+threadlocal var current_run: ?*kvm.Run = null;
+
+fn onKick(_: linux.SIG) callconv(.c) void {
+    if (current_run) |r| r.immediate_exit = 1;
+}
+
+var kick_installed = std.atomic.Value(bool).init(false);
+
+fn installKickHandler() void {
+    if (kick_installed.swap(true, .acq_rel)) return;
+    var act = linux.Sigaction{
+        .handler = .{ .handler = onKick },
+        .mask = std.mem.zeroes(linux.sigset_t),
+        .flags = 0, // no SA_RESTART: KVM_RUN must return EINTR
+    };
+    _ = linux.sigaction(@enumFromInt(kick_signal), &act, null);
+}
+
+const SigEvent = extern struct {
+    value: usize = 0,
+    signo: i32,
+    notify: i32,
+    tid: i32,
+    pad: [11]i32 = @splat(0),
+};
+const SIGEV_THREAD_ID: i32 = 4;
+const TIMER_ABSTIME: usize = 1;
+
+/// A one-shot CLOCK_MONOTONIC timer that sends `kick_signal` to this thread at
+/// `deadline_ns`. Null if the kernel refuses (the loop still checks the deadline).
+fn armTimer(deadline_ns: u64) ?i32 {
+    var sev = SigEvent{ .signo = kick_signal, .notify = SIGEV_THREAD_ID, .tid = linux.gettid() };
+    var id: i32 = 0;
+    const rc = linux.syscall3(.timer_create, @intFromEnum(linux.CLOCK.MONOTONIC), @intFromPtr(&sev), @intFromPtr(&id));
+    if (linux.errno(rc) != .SUCCESS) return null;
+    const spec = linux.itimerspec{
+        .it_interval = .{ .sec = 0, .nsec = 0 },
+        .it_value = .{ .sec = @intCast(deadline_ns / std.time.ns_per_s), .nsec = @intCast(deadline_ns % std.time.ns_per_s) },
+    };
+    _ = linux.syscall4(.timer_settime, @as(usize, @intCast(id)), TIMER_ABSTIME, @intFromPtr(&spec), 0);
+    return id;
+}
