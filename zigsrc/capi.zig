@@ -13,6 +13,8 @@ const kvm = @import("kvm.zig");
 const host = @import("host.zig");
 const vm_mod = @import("vm.zig");
 const boot = @import("boot.zig");
+const state = @import("state.zig");
+const snapshot = @import("snapshot.zig");
 
 /// Bumped on any incompatible change of a signature or struct below.
 pub const abi_version: u32 = 1;
@@ -20,6 +22,7 @@ pub const abi_version: u32 = 1;
 pub const kvmlab_result = errors.Result;
 
 pub const kvmlab_vm = opaque {};
+pub const kvmlab_snapshot = opaque {};
 
 pub const kvmlab_vm_config = extern struct {
     memory_bytes: u64,
@@ -36,6 +39,9 @@ pub const kvmlab_boot_options = extern struct {
     /// 3 (default in Python) or 0.
     cpl: u32,
     reserved: u32,
+    /// Guest name kept for snapshots (at most 32 bytes are kept).
+    name: ?[*]const u8,
+    name_bytes: usize,
 };
 
 /// Why `kvmlab_vm_run` returned (`reason`): 0 exit, 1 checkpoint, 2 halt, 3 timeout.
@@ -67,6 +73,38 @@ pub const kvmlab_host_info = extern struct {
     vcpu_mmap_bytes: u64,
 };
 
+pub const kvmlab_snapshot_info = extern struct {
+    memory_bytes: u64,
+    vcpus: u32,
+    file_backed: u32,
+    present_pages: u64,
+    /// Bytes the snapshot takes where it is stored (disk blocks for a file,
+    /// the packed encoding for one in memory).
+    stored_bytes: u64,
+    created_unix_ns: u64,
+    state_bytes: u64,
+    version_major: u16,
+    version_minor: u16,
+    reserved: u32,
+    guest_name: [32]u8,
+};
+
+/// Memory strategy of a restore: 0 auto (map for file-backed snapshots),
+/// 1 copy, 2 map (copy-on-write mapping of the snapshot file).
+pub const kvmlab_strategy = enum(c_int) { auto = 0, copy = 1, map = 2 };
+
+/// Per-phase nanoseconds of one restore.
+pub const kvmlab_restore_times = extern struct {
+    acquire_ns: u64,
+    memory_ns: u64,
+    vcpu_ns: u64,
+    devices_ns: u64,
+    total_ns: u64,
+    /// 1 when the memory was mapped from the snapshot file, 0 when copied.
+    mapped: u32,
+    reserved: u32,
+};
+
 /// Struct ids for kvmlab_struct_size.
 pub const kvmlab_struct_id = enum(c_int) {
     vm_config = 1,
@@ -74,6 +112,8 @@ pub const kvmlab_struct_id = enum(c_int) {
     run_result = 3,
     regs = 4,
     host_info = 5,
+    snapshot_info = 6,
+    restore_times = 7,
 };
 
 pub export fn kvmlab_abi_version() callconv(.c) u32 {
@@ -89,6 +129,8 @@ pub export fn kvmlab_struct_size(id: c_int) callconv(.c) usize {
         .run_result => @sizeOf(kvmlab_run_result),
         .regs => @sizeOf(kvmlab_regs),
         .host_info => @sizeOf(kvmlab_host_info),
+        .snapshot_info => @sizeOf(kvmlab_snapshot_info),
+        .restore_times => @sizeOf(kvmlab_restore_times),
     };
 }
 
@@ -165,7 +207,7 @@ fn vmBoot(h: ?*kvmlab_vm, opts: ?*const kvmlab_boot_options) errors.Error!void {
     const o = opts orelse return errors.fail(error.Config, "boot options are NULL", .{});
     const image = try bytesOf(o.image, o.image_bytes);
     const args = try bytesOf(o.args, o.args_bytes);
-    try vm.bootGuest(image, args, o.cpl);
+    try vm.bootGuest(image, args, o.cpl, try bytesOf(o.name, o.name_bytes));
 }
 
 /// Runs the guest until every vCPU stopped, or `timeout_ns` passed (0 = none).
@@ -248,7 +290,150 @@ fn getRegs(h: ?*kvmlab_vm, vcpu: u32, out: ?*kvmlab_regs) errors.Error!void {
     };
 }
 
+fn asSnap(h: ?*const kvmlab_snapshot) errors.Error!*snapshot.Snapshot {
+    const p = h orelse return errors.fail(error.Closed, "snapshot handle is NULL (closed?)", .{});
+    return @ptrCast(@alignCast(@constCast(p)));
+}
+
+/// Captures a stopped VM (memory and all device state) into a new snapshot.
+pub export fn kvmlab_snapshot_capture(h: ?*kvmlab_vm, out: ?*?*kvmlab_snapshot) callconv(.c) kvmlab_result {
+    return result(snapCapture(h, out));
+}
+fn snapCapture(h: ?*kvmlab_vm, out: ?*?*kvmlab_snapshot) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = null;
+    const vm = try asVm(h);
+    o.* = @ptrCast(try snapshot.capture(vm));
+}
+
+/// Checks and copies an encoded snapshot (packed or full layout).
+pub export fn kvmlab_snapshot_from_bytes(data: ?[*]const u8, len: usize, out: ?*?*kvmlab_snapshot) callconv(.c) kvmlab_result {
+    return result(snapFromBytes(data, len, out));
+}
+fn snapFromBytes(data: ?[*]const u8, len: usize, out: ?*?*kvmlab_snapshot) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = null;
+    o.* = @ptrCast(try snapshot.fromBytes(try bytesOf(data, len)));
+}
+
+/// Maps and checks a snapshot file; its memory is not read into the heap.
+pub export fn kvmlab_snapshot_load(path: ?[*:0]const u8, out: ?*?*kvmlab_snapshot) callconv(.c) kvmlab_result {
+    return result(snapLoad(path, out));
+}
+fn snapLoad(path: ?[*:0]const u8, out: ?*?*kvmlab_snapshot) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = null;
+    const p = path orelse return errors.fail(error.Config, "path is NULL", .{});
+    o.* = @ptrCast(try snapshot.load(p));
+}
+
+/// Writes the snapshot atomically to `path` (mode 0600, zero pages as holes).
+pub export fn kvmlab_snapshot_save(h: ?*const kvmlab_snapshot, path: ?[*:0]const u8) callconv(.c) kvmlab_result {
+    return result(snapSave(h, path));
+}
+fn snapSave(h: ?*const kvmlab_snapshot, path: ?[*:0]const u8) errors.Error!void {
+    const s = try asSnap(h);
+    try snapshot.save(s, path orelse return errors.fail(error.Config, "path is NULL", .{}));
+}
+
+/// The packed encoding. With buf NULL, only *out_bytes (the size) is set;
+/// otherwise `capacity` must be at least that size.
+pub export fn kvmlab_snapshot_to_bytes(h: ?*const kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) kvmlab_result {
+    return result(snapToBytes(h, buf, capacity, out_bytes));
+}
+fn snapToBytes(h: ?*const kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
+    const s = try asSnap(h);
+    const o = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    const n: usize = @intCast(snapshot.encodedBytes(s, true));
+    o.* = n;
+    const b = buf orelse return;
+    if (capacity < n) return errors.fail(error.Config, "buffer of {d} bytes is smaller than the {d}-byte snapshot", .{ capacity, n });
+    snapshot.toBytes(s, b[0..n]);
+}
+
+/// Copies the state blob (everything but memory) into buf; NULL buf: size only.
+pub export fn kvmlab_snapshot_state(h: ?*const kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) kvmlab_result {
+    return result(snapState(h, buf, capacity, out_bytes));
+}
+fn snapState(h: ?*const kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
+    const s = try asSnap(h);
+    const o = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = s.blob.len;
+    const b = buf orelse return;
+    if (capacity < s.blob.len) return errors.fail(error.Config, "buffer too small for the {d}-byte state", .{s.blob.len});
+    @memcpy(b[0..s.blob.len], s.blob);
+}
+
+/// A dense read-only view of guest memory, valid until the snapshot is freed.
+pub export fn kvmlab_snapshot_memory(h: ?*const kvmlab_snapshot, out_ptr: ?*?[*]const u8, out_bytes: ?*u64) callconv(.c) kvmlab_result {
+    return result(snapMemory(h, out_ptr, out_bytes));
+}
+fn snapMemory(h: ?*const kvmlab_snapshot, out_ptr: ?*?[*]const u8, out_bytes: ?*u64) errors.Error!void {
+    const s = try asSnap(h);
+    const p = out_ptr orelse return errors.fail(error.Config, "out is NULL", .{});
+    const n = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    p.* = s.memory.ptr;
+    n.* = s.memory.len;
+}
+
+pub export fn kvmlab_snapshot_get_info(h: ?*const kvmlab_snapshot, out: ?*kvmlab_snapshot_info) callconv(.c) kvmlab_result {
+    return result(snapInfo(h, out));
+}
+fn snapInfo(h: ?*const kvmlab_snapshot, out: ?*kvmlab_snapshot_info) errors.Error!void {
+    const s = try asSnap(h);
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = .{
+        .memory_bytes = s.parsed.memory_bytes,
+        .vcpus = s.parsed.vcpus,
+        .file_backed = @intFromBool(s.fileBacked()),
+        .present_pages = s.present_pages,
+        .stored_bytes = s.stored_bytes,
+        .created_unix_ns = s.created_unix_ns,
+        .state_bytes = s.blob.len,
+        .version_major = snapshot.version_major,
+        .version_minor = snapshot.version_minor,
+        .reserved = 0,
+        .guest_name = @splat(0),
+    };
+    const name = s.guestName();
+    @memcpy(o.guest_name[0..name.len], name);
+}
+
+pub export fn kvmlab_snapshot_free(h: ?*kvmlab_snapshot) callconv(.c) void {
+    const s = asSnap(h) catch return;
+    s.destroy();
+}
+
+/// Builds a new VM from a snapshot (a fresh shell, then restore).
+pub export fn kvmlab_vm_restore(h: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(vmRestore(h, strategy, out, times));
+}
+fn vmRestore(h: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = null;
+    const s = try asSnap(h);
+    const t0 = vm_mod.monotonicNs();
+    const vm = try vm_mod.Vm.create(s.parsed.memory_bytes, s.parsed.vcpus);
+    errdefer vm.destroy();
+    const t1 = vm_mod.monotonicNs();
+    var rt: snapshot.RestoreTimes = .{};
+    try snapshot.restoreSnapshot(vm, s, @enumFromInt(@as(u32, @intCast(@intFromEnum(strategy)))), &rt);
+    const t2 = vm_mod.monotonicNs();
+    if (times) |t| t.* = .{
+        .acquire_ns = t1 - t0,
+        .memory_ns = rt.memory_ns,
+        .vcpu_ns = rt.vcpu_ns,
+        .devices_ns = rt.devices_ns,
+        .total_ns = t2 - t0,
+        .mapped = @intFromBool(vm.source_page_map != null),
+        .reserved = 0,
+    };
+    o.* = @ptrCast(vm);
+}
+
 test {
+    _ = state;
+    _ = snapshot;
     _ = errors;
     _ = boot;
     _ = kvm;

@@ -71,6 +71,11 @@ pub const Vm = struct {
     console_dropped: u64 = 0,
     crash_len: usize = 0,
     crash_msg: [900]u8 = undefined,
+    /// The built-in or user guest's name (for snapshots and messages).
+    guest_name: [32]u8 = @splat(0),
+    /// When guest memory is a private mapping of a snapshot file: the file's
+    /// page map (pages that may be non-zero without being resident). Owned.
+    source_page_map: ?[]u8 = null,
 
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
@@ -131,11 +136,12 @@ pub const Vm = struct {
         if (vm.vm_fd >= 0) _ = linux.close(vm.vm_fd);
         if (vm.mem.len > 0) _ = linux.munmap(vm.mem.ptr, vm.mem.len);
         if (vm.console.len > 0) allocator.free(vm.console);
+        if (vm.source_page_map) |m| allocator.free(m);
         allocator.destroy(vm);
     }
 
     /// Loads a guest image and puts every vCPU at its entry point.
-    pub fn bootGuest(vm: *Vm, image: []const u8, args: []const u8, cpl: u32) errors.Error!void {
+    pub fn bootGuest(vm: *Vm, image: []const u8, args: []const u8, cpl: u32, name: []const u8) errors.Error!void {
         if (vm.booted) return errors.fail(error.Busy, "this VM already has a guest", .{});
         if (vm.running.load(.acquire)) return errors.fail(error.Busy, "the VM is running", .{});
         const entry = try boot.loadImage(vm.mem, image);
@@ -155,6 +161,8 @@ pub const Vm = struct {
             }
             v.status = .ready;
         }
+        const n = @min(name.len, vm.guest_name.len);
+        @memcpy(vm.guest_name[0..n], name[0..n]);
         vm.booted = true;
     }
 
@@ -358,7 +366,7 @@ pub const Vm = struct {
         return vm.mem[@intCast(gpa)..][0..@intCast(len)];
     }
 
-    fn consoleAppend(vm: *Vm, bytes: []const u8) void {
+    pub fn consoleAppend(vm: *Vm, bytes: []const u8) void {
         _ = std.c.pthread_mutex_lock(&vm.lock);
         defer _ = std.c.pthread_mutex_unlock(&vm.lock);
         if (vm.console.len == 0) {

@@ -276,7 +276,7 @@ pub fn parseU64(s: []const u8) ?u64 {
 /// boot info is checked before `main(vcpu)` runs.
 pub fn exportEntry(comptime main: fn (vcpu: u64) noreturn) void {
     const S = struct {
-        fn start() callconv(.naked) noreturn {
+        fn start() linksection(".text.start") callconv(.naked) noreturn {
             asm volatile (
                 \\ xorl %%ebp, %%ebp
                 \\ callq %[enter:P]
@@ -293,8 +293,16 @@ pub fn exportEntry(comptime main: fn (vcpu: u64) noreturn) void {
             main(vcpu);
         }
     };
-    @export(&S.start, .{ .name = "_start", .section = ".text.start" });
+    // (linksection rather than ExportOptions.section: the self-hosted x86_64
+    // backend used for Debug builds does not implement the latter.)
+    @export(&S.start, .{ .name = "_start" });
+    @export(&image_tag, .{ .name = "kvmlab_image_tag" });
 }
+
+/// "KVMLGST1", placed at the start of .data by guest.ld. Its real job is to be an
+/// initialized (PROGBITS) input section there, so that .bss, which guest.ld folds
+/// into .data, is written into the flat image as zeros.
+var image_tag: [8]u8 linksection(".data.kvmlab") = "KVMLGST1".*;
 
 // --- hashing -----------------------------------------------------------------------
 
