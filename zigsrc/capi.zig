@@ -15,6 +15,7 @@ const vm_mod = @import("vm.zig");
 const boot = @import("boot.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
+const pool_mod = @import("pool.zig");
 
 /// Bumped on any incompatible change of a signature or struct below.
 pub const abi_version: u32 = 1;
@@ -23,6 +24,19 @@ pub const kvmlab_result = errors.Result;
 
 pub const kvmlab_vm = opaque {};
 pub const kvmlab_snapshot = opaque {};
+pub const kvmlab_pool = opaque {};
+
+pub const kvmlab_pool_config = extern struct {
+    memory_bytes: u64,
+    vcpus: u32,
+    min_size: u32,
+    max_size: u32,
+    /// 0 = unlimited.
+    max_in_use: u32,
+};
+
+pub const kvmlab_pool_stats = pool_mod.Stats;
+pub const kvmlab_pool_timing = pool_mod.Timing;
 
 pub const kvmlab_vm_config = extern struct {
     memory_bytes: u64,
@@ -102,7 +116,10 @@ pub const kvmlab_restore_times = extern struct {
     total_ns: u64,
     /// 1 when the memory was mapped from the snapshot file, 0 when copied.
     mapped: u32,
-    reserved: u32,
+    /// 1 when a pooled restore took an idle shell, 0 when it made one.
+    hit: u32,
+    /// Pool restores: the sequence number of the timing record.
+    seq: u64,
 };
 
 /// Struct ids for kvmlab_struct_size.
@@ -114,6 +131,9 @@ pub const kvmlab_struct_id = enum(c_int) {
     host_info = 5,
     snapshot_info = 6,
     restore_times = 7,
+    pool_config = 8,
+    pool_stats = 9,
+    pool_timing = 10,
 };
 
 pub export fn kvmlab_abi_version() callconv(.c) u32 {
@@ -131,6 +151,9 @@ pub export fn kvmlab_struct_size(id: c_int) callconv(.c) usize {
         .host_info => @sizeOf(kvmlab_host_info),
         .snapshot_info => @sizeOf(kvmlab_snapshot_info),
         .restore_times => @sizeOf(kvmlab_restore_times),
+        .pool_config => @sizeOf(kvmlab_pool_config),
+        .pool_stats => @sizeOf(kvmlab_pool_stats),
+        .pool_timing => @sizeOf(kvmlab_pool_timing),
     };
 }
 
@@ -426,12 +449,155 @@ fn vmRestore(h: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, out: ?*?*kvm
         .devices_ns = rt.devices_ns,
         .total_ns = t2 - t0,
         .mapped = @intFromBool(vm.source_page_map != null),
-        .reserved = 0,
+        .hit = 0,
+        .seq = 0,
     };
     o.* = @ptrCast(vm);
 }
 
+fn asPool(h: ?*kvmlab_pool) errors.Error!*pool_mod.Pool {
+    const p = h orelse return errors.fail(error.Closed, "pool handle is NULL (closed?)", .{});
+    return @ptrCast(@alignCast(p));
+}
+
+fn poolConfig(cfg: ?*const kvmlab_pool_config) errors.Error!pool_mod.Config {
+    const c = cfg orelse return errors.fail(error.Config, "config is NULL", .{});
+    return .{ .memory_bytes = c.memory_bytes, .vcpus = c.vcpus, .min_size = c.min_size, .max_size = c.max_size, .max_in_use = c.max_in_use };
+}
+
+/// Validates a pool configuration without creating anything.
+pub export fn kvmlab_pool_config_check(cfg: ?*const kvmlab_pool_config) callconv(.c) kvmlab_result {
+    return result(pool_mod.Pool.checkConfig(poolConfig(cfg) catch |e| return errors.toResult(e)));
+}
+
+/// Creates a pool and warms min_size shells before returning.
+pub export fn kvmlab_pool_new(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_pool) callconv(.c) kvmlab_result {
+    return result(poolNew(cfg, out));
+}
+fn poolNew(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_pool) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = null;
+    o.* = @ptrCast(try pool_mod.Pool.create(try poolConfig(cfg)));
+}
+
+/// Closes the pool (idle shells destroyed, worker stopped); NULL is fine.
+/// VMs still out stay valid; the last kvmlab_pool_release frees the pool.
+pub export fn kvmlab_pool_free(h: ?*kvmlab_pool) callconv(.c) void {
+    const p = asPool(h) catch return;
+    p.close();
+}
+
+pub export fn kvmlab_pool_warm(h: ?*kvmlab_pool, target: u32) callconv(.c) kvmlab_result {
+    return result(poolWarm(h, target));
+}
+fn poolWarm(h: ?*kvmlab_pool, target: u32) errors.Error!void {
+    try (try asPool(h)).warm(target);
+}
+
+/// Idle shells now; 0 for NULL. Never fails.
+pub export fn kvmlab_pool_idle_count(h: ?*kvmlab_pool) callconv(.c) u32 {
+    const p = asPool(h) catch return 0;
+    return p.idleCount();
+}
+
+pub export fn kvmlab_pool_get_stats(h: ?*kvmlab_pool, out: ?*kvmlab_pool_stats) callconv(.c) kvmlab_result {
+    return result(poolStats(h, out));
+}
+fn poolStats(h: ?*kvmlab_pool, out: ?*kvmlab_pool_stats) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = (try asPool(h)).stats();
+}
+
+/// Copies up to `capacity` of the newest restore records, oldest first.
+pub export fn kvmlab_pool_timings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing, capacity: usize, out_count: ?*usize) callconv(.c) kvmlab_result {
+    return result(poolTimings(h, buf, capacity, out_count));
+}
+fn poolTimings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing, capacity: usize, out_count: ?*usize) errors.Error!void {
+    const p = try asPool(h);
+    const o = out_count orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = 0;
+    if (capacity == 0) return;
+    const b = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
+    o.* = p.copyTimings(b[0..capacity]);
+}
+
+/// Records the duration of a pooled VM's first run() in its timing record.
+pub export fn kvmlab_pool_note_first_run(h: ?*kvmlab_pool, seq: u64, first_run_ns: u64) callconv(.c) void {
+    const p = asPool(h) catch return;
+    p.noteFirstRun(seq, first_run_ns);
+}
+
+fn poolFinish(p: *pool_mod.Pool, src: pool_mod.Pool.Source, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = null;
+    var rt: snapshot.RestoreTimes = .{};
+    var acquire: u64 = 0;
+    var hit = false;
+    var seq: u64 = 0;
+    const t0 = vm_mod.monotonicNs();
+    const vm = try p.restore(src, wait_ns, &rt, &acquire, &hit, &seq);
+    if (times) |t| t.* = .{
+        .acquire_ns = acquire,
+        .memory_ns = rt.memory_ns,
+        .vcpu_ns = rt.vcpu_ns,
+        .devices_ns = rt.devices_ns,
+        .total_ns = vm_mod.monotonicNs() - t0,
+        .mapped = @intFromBool(src.file != null),
+        .hit = @intFromBool(hit),
+        .seq = seq,
+    };
+    o.* = @ptrCast(vm);
+}
+
+/// Restores a Snapshot into a pooled shell (file-backed + auto/map: zero copy).
+/// `wait_ns` > 0 waits that long for room when max_in_use VMs are out.
+pub export fn kvmlab_pool_restore_snapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(poolRestoreSnapshot(h, snap, strategy, wait_ns, out, times));
+}
+fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const p = try asPool(h);
+    const s = try asSnap(snap);
+    const use_map = switch (strategy) {
+        .auto => s.fileBacked(),
+        .map => if (s.fileBacked()) true else return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{}),
+        .copy => false,
+    };
+    const file: ?snapshot.FileSource = if (use_map) .{ .fd = s.fd, .offset = s.memory_offset } else null;
+    try poolFinish(p, .{ .parsed = &s.parsed, .memory = s.memory, .packed_layout = false, .file = file }, wait_ns, out, times);
+}
+
+/// Restores from raw parts: dense guest memory and a state blob.
+pub export fn kvmlab_pool_restore_parts(h: ?*kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(poolRestoreParts(h, memory, memory_bytes, vcpu_state, state_bytes, wait_ns, out, times));
+}
+fn poolRestoreParts(h: ?*kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const p = try asPool(h);
+    const parsed = try state.parse(try bytesOf(vcpu_state, state_bytes));
+    if (memory_bytes != parsed.memory_bytes)
+        return errors.fail(error.Snapshot, "memory buffer is {d} bytes; the vCPU state describes {d} MiB", .{ memory_bytes, parsed.memory_bytes >> 20 });
+    try poolFinish(p, .{ .parsed = &parsed, .memory = try bytesOf(memory, memory_bytes), .packed_layout = false, .file = null }, wait_ns, out, times);
+}
+
+/// Restores from an encoded snapshot (checked first), copying its memory.
+pub export fn kvmlab_pool_restore_bytes(h: ?*kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(poolRestoreBytes(h, data, len, wait_ns, out, times));
+}
+fn poolRestoreBytes(h: ?*kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const p = try asPool(h);
+    const c = try snapshot.check(try bytesOf(data, len));
+    try poolFinish(p, .{ .parsed = &c.parsed, .memory = c.memory, .packed_layout = c.packed_layout, .file = null }, wait_ns, out, times);
+}
+
+/// Gives a pooled VM back (it must come from this pool); it is destroyed off
+/// the caller's path. The VM handle is invalid afterwards.
+pub export fn kvmlab_pool_release(h: ?*kvmlab_pool, vm_handle: ?*kvmlab_vm) callconv(.c) void {
+    const p = asPool(h) catch return;
+    const vm = asVm(vm_handle) catch return;
+    p.release(vm);
+}
+
 test {
+    _ = pool_mod;
     _ = state;
     _ = snapshot;
     _ = errors;

@@ -128,6 +128,7 @@ pub fn capture(vm: *Vm) errors.Error!*Snapshot {
     defer vm.running.store(false, .release);
     if (vm.crash_len > 0) return errors.fail(error.GuestCrash, "cannot snapshot a crashed VM: {s}", .{vm.crash_msg[0..vm.crash_len]});
 
+    try vm.completePendingIo();
     const pages = state.pageCount(vm.mem.len);
     const map = allocator.alloc(u8, @intCast(state.pageMapBytes(vm.mem.len))) catch return error.OutOfMemory;
     defer allocator.free(map);
@@ -258,7 +259,7 @@ pub fn toBytes(s: *const Snapshot, out: []u8) void {
 
 const Section = struct { offset: u64, bytes: u64, crc: u32 };
 
-const Checked = struct {
+pub const Checked = struct {
     parsed: state.Parsed,
     blob: []const u8,
     memory: []const u8,
@@ -269,7 +270,7 @@ const Checked = struct {
 };
 
 /// Runs every check, in the documented order, over an encoded snapshot.
-fn check(data: []const u8) errors.Error!Checked {
+pub fn check(data: []const u8) errors.Error!Checked {
     // 1. total size limit
     if (data.len > max_total_bytes) return bad("{d} bytes is over the {d}-byte limit", .{ data.len, max_total_bytes });
     if (data.len < header_bytes) return bad("truncated: {d} bytes, the header alone is {d}", .{ data.len, header_bytes });
@@ -480,7 +481,9 @@ fn pwriteAll(fd: linux.fd_t, bytes: []const u8, offset: u64, what: []const u8) e
 pub const RestoreTimes = struct { memory_ns: u64 = 0, vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
 
 /// Restores into a fresh shell (never run, zeroed memory) of the same shape.
-pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, packed_layout: bool, file: ?struct { fd: linux.fd_t, offset: u64 }, times: *RestoreTimes) errors.Error!void {
+pub const FileSource = struct { fd: linux.fd_t, offset: u64 };
+
+pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, packed_layout: bool, file: ?FileSource, times: *RestoreTimes) errors.Error!void {
     if (parsed.memory_bytes != vm.mem.len or parsed.vcpus != vm.vcpu_count)
         return errors.fail(error.Snapshot, "snapshot is {d} MiB with {d} vCPU(s); the VM shell is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, vm.mem.len >> 20, vm.vcpu_count });
     if (vm.booted) return errors.fail(error.Busy, "restore needs an empty VM shell", .{});

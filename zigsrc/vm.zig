@@ -418,6 +418,22 @@ pub const Vm = struct {
         vm.kickAll();
     }
 
+    /// After an I/O exit, KVM finishes the instruction (advances RIP) only on
+    /// the next KVM_RUN. Entering once with immediate_exit set completes it
+    /// without running guest code, so captured registers are consistent.
+    pub fn completePendingIo(vm: *Vm) errors.Error!void {
+        for (vm.vcpus[0..vm.vcpu_count]) |*v| {
+            const r = v.run.?;
+            r.immediate_exit = 1;
+            const rc = linux.ioctl(v.fd, kvm.KVM_RUN, 0);
+            r.immediate_exit = 0;
+            switch (linux.errno(rc)) {
+                .INTR, .AGAIN, .SUCCESS => {},
+                else => |e| return errors.fail(error.KvmFailed, "completing pending I/O failed: {s}", .{@tagName(e)}),
+            }
+        }
+    }
+
     pub fn getRegs(vm: *Vm, index: u32, regs: *kvm.Regs, sregs: *kvm.Sregs) errors.Error!void {
         if (index >= vm.vcpu_count) return errors.fail(error.Config, "vCPU {d} does not exist (the VM has {d})", .{ index, vm.vcpu_count });
         if (vm.running.load(.acquire)) return errors.fail(error.Busy, "the VM is running", .{});

@@ -293,8 +293,9 @@ pub fn exportEntry(comptime main: fn (vcpu: u64) noreturn) void {
             main(vcpu);
         }
     };
-    // (linksection rather than ExportOptions.section: the self-hosted x86_64
-    // backend used for Debug builds does not implement the latter.)
+    // linksection above rather than ExportOptions.section, which the self-hosted
+    // x86_64 backend does not implement. (Debug builds must still use LLVM and LLD,
+    // use_llvm/use_lld = true: the self-hosted linker ignores guest.ld.)
     @export(&S.start, .{ .name = "_start" });
     @export(&image_tag, .{ .name = "kvmlab_image_tag" });
 }
