@@ -58,7 +58,8 @@ pub const kvmlab_boot_options = extern struct {
     name_bytes: usize,
 };
 
-/// Why `kvmlab_vm_run` returned (`reason`): 0 exit, 1 checkpoint, 2 halt, 3 timeout.
+/// Why `kvmlab_vm_run` returned (`reason`): 0 exit, 1 checkpoint, 2 halt,
+/// 3 timeout (or kvmlab_vm_interrupt), 4 interrupted by a signal (e.g. SIGINT).
 pub const kvmlab_run_result = extern struct {
     reason: u32,
     exit_code: u32,
@@ -250,6 +251,13 @@ fn vmRun(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*kvmlab_run_result) errors.Error
         .console_bytes = vm.console_len,
         .console_dropped_bytes = vm.console_dropped,
     };
+}
+
+/// Stops a run() in progress on another thread at the vCPUs' next exit (it
+/// returns reason 3, timeout; the next run resumes). Thread-safe; no-op when idle.
+pub export fn kvmlab_vm_interrupt(h: ?*kvmlab_vm) callconv(.c) void {
+    const vm = asVm(h) catch return;
+    if (vm.running.load(.acquire)) vm.kickAll();
 }
 
 /// Moves up to `capacity` console bytes into `buf`; *out_bytes = how many.

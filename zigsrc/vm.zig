@@ -34,7 +34,9 @@ const tss_addr: u64 = 0xFFFB_D000;
 
 pub const VcpuStatus = enum(u8) { ready, checkpoint, exited, halted, crashed, interrupted };
 
-pub const Reason = enum(u32) { exit = 0, checkpoint = 1, halt = 2, timeout = 3 };
+/// `interrupted`: a signal other than kvmlab's own kick (e.g. SIGINT from
+/// Ctrl-C) interrupted KVM_RUN; the caller handles it and calls run again.
+pub const Reason = enum(u32) { exit = 0, checkpoint = 1, halt = 2, timeout = 3, interrupted = 4 };
 
 pub const Vcpu = struct {
     fd: linux.fd_t = -1,
@@ -62,6 +64,8 @@ pub const Vm = struct {
     booted: bool = false,
     running: std.atomic.Value(bool) = .init(false),
     stop: std.atomic.Value(bool) = .init(false),
+    /// Set when a foreign signal interrupted this run (see Reason.interrupted).
+    signalled: std.atomic.Value(bool) = .init(false),
     deadline_ns: u64 = 0,
     /// Guards console, crash message and kicks (a kick must not target a
     /// thread id after its vCPU loop ended).
@@ -166,9 +170,18 @@ pub const Vm = struct {
         vm.booted = true;
     }
 
-    fn runnable(s: VcpuStatus) bool {
-        return switch (s) {
-            .ready, .checkpoint, .interrupted, .halted => true,
+    /// Which vCPUs a run resumes. A vCPU waiting at a checkpoint resumes only
+    /// once no other vCPU is still on its way (ready, interrupted, halted):
+    /// after a timeout, the next run() first brings the others to a stop.
+    fn resumes(vm: *Vm, index: u32) bool {
+        var pending = false;
+        for (vm.vcpus[0..vm.vcpu_count]) |*v| switch (v.status) {
+            .ready, .interrupted, .halted => pending = true,
+            else => {},
+        };
+        return switch (vm.vcpus[index].status) {
+            .ready, .interrupted, .halted => true,
+            .checkpoint => !pending,
             .exited, .crashed => false,
         };
     }
@@ -183,19 +196,22 @@ pub const Vm = struct {
         const start = monotonicNs();
         vm.deadline_ns = if (timeout_ns == 0) 0 else start +| timeout_ns;
         vm.stop.store(false, .release);
+        vm.signalled.store(false, .release);
 
+        var run_mask: [boot.max_vcpus]bool = @splat(false);
+        for (0..vm.vcpu_count) |k| run_mask[k] = vm.resumes(@intCast(k));
         var threads: [boot.max_vcpus]?std.Thread = @splat(null);
         var spawn_failed = false;
         var i: u32 = 1;
         while (i < vm.vcpu_count) : (i += 1) {
-            if (!runnable(vm.vcpus[i].status)) continue;
+            if (!run_mask[i]) continue;
             threads[i] = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, vcpuLoop, .{ vm, i }) catch {
                 spawn_failed = true;
                 vm.kickAll();
                 break;
             };
         }
-        if (!spawn_failed and runnable(vm.vcpus[0].status)) vcpuLoop(vm, 0);
+        if (!spawn_failed and run_mask[0]) vcpuLoop(vm, 0);
         for (&threads) |*t| if (t.*) |th| th.join();
         const elapsed = monotonicNs() - start;
         if (spawn_failed) return errors.fail(error.OutOfMemory, "cannot start a host thread for a vCPU", .{});
@@ -223,7 +239,9 @@ pub const Vm = struct {
             .halted => halted = true,
             else => {},
         };
-        if (interrupted) {
+        if (vm.signalled.load(.acquire)) {
+            out.reason = .interrupted;
+        } else if (interrupted) {
             out.reason = if (all_interrupted_halted) .halt else .timeout;
         } else if (checkpoint) {
             out.reason = .checkpoint;
@@ -253,6 +271,7 @@ pub const Vm = struct {
         const v = &vm.vcpus[index];
         const r = v.run.?;
         current_run = r;
+        kicked = false;
         v.tid.store(linux.gettid(), .release);
         var timer: ?i32 = null;
         if (vm.deadline_ns != 0) timer = armTimer(vm.deadline_ns);
@@ -275,6 +294,16 @@ pub const Vm = struct {
                 .SUCCESS => {},
                 .INTR, .AGAIN => {
                     r.immediate_exit = 0;
+                    const ours = kicked;
+                    kicked = false;
+                    if (!ours and !vm.stop.load(.acquire)) {
+                        // A foreign signal (SIGINT...): stop every vCPU so the
+                        // caller can handle it; the next run() resumes.
+                        v.status = .interrupted;
+                        vm.signalled.store(true, .release);
+                        vm.kickAll();
+                        return;
+                    }
                     if (vm.deadline_ns != 0 and monotonicNs() >= vm.deadline_ns) {
                         v.status = .interrupted;
                         return;
@@ -451,8 +480,11 @@ pub fn monotonicNs() u64 {
 
 /// The kvm_run of the vCPU this thread is running, for the kick handler.
 threadlocal var current_run: ?*kvm.Run = null;
+/// Set by the kick handler: tells kvmlab's own EINTRs from foreign signals.
+threadlocal var kicked: bool = false;
 
 fn onKick(_: linux.SIG) callconv(.c) void {
+    kicked = true;
     if (current_run) |r| r.immediate_exit = 1;
 }
 

@@ -1,0 +1,65 @@
+"""kvmlab: KVM VM snapshot/restore experiments from Python.
+
+    >>> import kvmlab
+    >>> with kvmlab.Vm.boot("hello") as vm:
+    ...     print(vm.run().console)
+    hello from kvmlab guest
+
+Importing kvmlab loads the native core (``kvmlab/_native/libkvmlab.so``) but
+does not open /dev/kvm; run ``kvmlab doctor`` to check a host.
+"""
+
+from . import errors, guests
+from .config import VmConfig
+from .errors import (
+    BoundsError,
+    BusyError,
+    ClosedError,
+    ConfigError,
+    GuestCrashError,
+    GuestError,
+    GuestTimeoutError,
+    IncompatibleError,
+    InternalError,
+    KvmError,
+    KvmlabError,
+    KvmlabMemoryError,
+    KvmUnavailableError,
+    PoolExhaustedError,
+    SnapshotError,
+)
+from .guests import Guest
+from .pool import PoolConfig, PooledRestoreVm, PoolStats, RestorePool, RestoreTiming, timings_frame
+from .snapshot import Snapshot
+from .vm import RunResult, Vm
+
+__all__ = [
+    "Snapshot",
+    "RestorePool",
+    "PoolConfig",
+    "PoolStats",
+    "RestoreTiming",
+    "PooledRestoreVm",
+    "timings_frame",
+    "Vm",
+    "VmConfig",
+    "RunResult",
+    "Guest",
+    "guests",
+    "errors",
+    "KvmlabError",
+    "KvmlabMemoryError",
+    "KvmUnavailableError",
+    "KvmError",
+    "ConfigError",
+    "GuestError",
+    "GuestCrashError",
+    "GuestTimeoutError",
+    "SnapshotError",
+    "ClosedError",
+    "BusyError",
+    "BoundsError",
+    "PoolExhaustedError",
+    "IncompatibleError",
+    "InternalError",
+]

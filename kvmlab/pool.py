@@ -1,0 +1,325 @@
+"""RestorePool: warm empty VM shells for fast snapshot restore.
+
+    >>> pool = kvmlab.RestorePool(kvmlab.VmConfig(memory_mib=256), kvmlab.PoolConfig(min_size=2, max_size=8))
+    >>> with pool.restore_snapshot(snap) as rvm:   # an idle shell, restored
+    ...     rvm.run()
+    >>> pool.stats(), pool.timings()
+
+The pool, its worker thread (refill to ``min_size``, destroy released VMs off
+the caller's path) and the per-restore timing ring live in the Zig core
+(``zigsrc/pool.zig``); this module is a thin, thread-safe wrapper.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterable
+
+from . import _ffi
+from .config import VmConfig
+from .errors import ClosedError, ConfigError, SnapshotError
+from .snapshot import Snapshot, strategy_code
+from .vm import RunResult, _VmHandle
+
+__all__ = ["PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRestoreVm", "timings_frame"]
+
+ffi = _ffi.ffi
+lib = _ffi.lib
+
+STRATEGY_NAMES = {1: "copy", 2: "map"}
+
+
+def _int(name: str, v: object, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"PoolConfig {name} must be an int, got {v!r}")
+    if v < lo:
+        raise ConfigError(f"PoolConfig {name}={v} must be >= {lo}")
+    return v
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Pool bounds. ``max_size`` caps idle shells; ``max_in_use`` (None =
+    unlimited) caps VMs handed out at once."""
+
+    min_size: int = 1
+    max_size: int = 4
+    max_in_use: int | None = None
+
+    def __post_init__(self) -> None:
+        _int("min_size", self.min_size, 0)
+        _int("max_size", self.max_size, 0)
+        if self.max_size == 0:
+            raise ConfigError("PoolConfig max_size must be at least 1")
+        if self.min_size > self.max_size:
+            raise ConfigError(f"PoolConfig min_size={self.min_size} is larger than max_size={self.max_size}")
+        if self.max_in_use is not None:
+            _int("max_in_use", self.max_in_use, 1)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A frozen view of the pool's counters (one consistent read)."""
+
+    idle: int
+    in_use: int
+    max_size: int
+    min_size: int
+    max_in_use: int | None
+    creating: int
+    created: int
+    destroyed: int
+    hits: int
+    misses: int
+    failures: int
+    restores: int
+    releases: int
+    pending_destroy: int
+
+
+@dataclass(frozen=True)
+class RestoreTiming:
+    """Integer nanoseconds per phase of one pooled restore."""
+
+    seq: int
+    acquire_ns: int
+    memory_ns: int
+    vcpu_ns: int
+    devices_ns: int
+    total_ns: int
+    first_run_ns: int | None
+    memory_bytes: int
+    hit: bool
+    strategy: str
+
+
+def timings_frame(records: Iterable[RestoreTiming]):
+    """``pool.timings()`` as a pandas DataFrame (one row per restore)."""
+    import pandas as pd
+
+    rows = [asdict(r) for r in records]
+    return pd.DataFrame(rows, columns=[f.name for f in fields(RestoreTiming)])
+
+
+def _wait_ns(timeout_s: float | None) -> int:
+    if timeout_s is None:
+        return 0
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0 or math.isnan(timeout_s):
+        raise ConfigError(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
+    return max(1, int(min(timeout_s, 1e9) * 1e9))
+
+
+class PooledRestoreVm(_VmHandle):
+    """A VM restored by a :class:`RestorePool`. ``release()`` (or leaving the
+    ``with`` block) hands it back; the pool destroys it off your thread."""
+
+    def __init__(self, handle: Any, config: VmConfig, guest: str, pool_handle: Any, timing: dict[str, int]) -> None:
+        super().__init__(handle, config, guest, free=lambda h, p=pool_handle: lib.kvmlab_pool_release(p, h))
+        self._pool_handle = pool_handle
+        self._seq = timing["seq"]
+        self._first_run_pending = True
+        self.restore_timing = timing
+
+    def run(self, timeout_s: float | None = 10.0) -> RunResult:
+        r = super().run(timeout_s)
+        if self._first_run_pending:
+            self._first_run_pending = False
+            # The pool stays allocated while this VM is out, so its handle is valid.
+            lib.kvmlab_pool_note_first_run(self._pool_handle, self._seq, r.elapsed_ns)
+        return r
+
+    def release(self) -> None:
+        """Returns this VM's accounting to the pool. Idempotent."""
+        self.close()
+
+
+class RestorePool:
+    """A pool of empty KVM shells of one :class:`VmConfig`; creating it warms
+    ``min_size`` shells (so errors surface here)."""
+
+    def __init__(self, vm_config: VmConfig | None = None, pool_config: PoolConfig | None = None) -> None:
+        vm_config = vm_config or VmConfig()
+        pool_config = pool_config or PoolConfig()
+        if not isinstance(vm_config, VmConfig):
+            raise ConfigError(f"vm_config must be a VmConfig, got {type(vm_config).__name__}")
+        if not isinstance(pool_config, PoolConfig):
+            raise ConfigError(f"pool_config must be a PoolConfig, got {type(pool_config).__name__}")
+        self.vm_config = vm_config
+        self.pool_config = pool_config
+        c = ffi.new(
+            "kvmlab_pool_config *",
+            {
+                "memory_bytes": vm_config.memory_bytes,
+                "vcpus": vm_config.vcpus,
+                "min_size": pool_config.min_size,
+                "max_size": pool_config.max_size,
+                "max_in_use": pool_config.max_in_use or 0,
+            },
+        )
+        out = ffi.new("kvmlab_pool **")
+        _ffi.check(lib.kvmlab_pool_new(c, out))
+        self._handle = out[0]
+        # Calls in flight: close() waits for them, so no native call ever sees
+        # a freed pool.
+        self._cond = threading.Condition()
+        self._active = 0
+        self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
+
+    # -- call guard -------------------------------------------------------------------
+
+    def _enter(self) -> Any:
+        with self._cond:
+            if self._handle is None:
+                raise ClosedError("this RestorePool is closed")
+            self._active += 1
+            return self._handle
+
+    def _exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0:
+                self._cond.notify_all()
+
+    # -- filling ----------------------------------------------------------------------
+
+    def warm(self, target: int) -> None:
+        """Creates shells until at least ``min(target, max_size)`` are idle."""
+        if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+            raise ConfigError(f"warm target must be a non-negative int, got {target!r}")
+        h = self._enter()
+        try:
+            _ffi.check(lib.kvmlab_pool_warm(h, min(target, 2**32 - 1)))
+        finally:
+            self._exit()
+
+    def idle_count(self) -> int:
+        """Idle shells now; 0 if the pool is closed. Never raises."""
+        try:
+            h = self._enter()
+        except ClosedError:
+            return 0
+        try:
+            return int(lib.kvmlab_pool_idle_count(h))
+        finally:
+            self._exit()
+
+    def stats(self) -> PoolStats:
+        """A consistent snapshot of the counters."""
+        h = self._enter()
+        try:
+            s = ffi.new("kvmlab_pool_stats *")
+            _ffi.check(lib.kvmlab_pool_get_stats(h, s))
+        finally:
+            self._exit()
+        d = {f.name: int(getattr(s, f.name)) for f in fields(PoolStats)}
+        d["max_in_use"] = d["max_in_use"] or None
+        return PoolStats(**d)
+
+    def timings(self, last: int | None = None) -> list[RestoreTiming]:
+        """Per-restore phase records, oldest first (the core keeps the newest 4096)."""
+        cap = 4096 if last is None else max(0, min(int(last), 4096))
+        h = self._enter()
+        try:
+            buf = ffi.new("kvmlab_pool_timing[]", max(cap, 1))
+            n = ffi.new("size_t *")
+            _ffi.check(lib.kvmlab_pool_timings(h, buf, cap, n))
+        finally:
+            self._exit()
+        return [
+            RestoreTiming(
+                seq=int(t.seq),
+                acquire_ns=int(t.acquire_ns),
+                memory_ns=int(t.memory_ns),
+                vcpu_ns=int(t.vcpu_ns),
+                devices_ns=int(t.devices_ns),
+                total_ns=int(t.total_ns),
+                first_run_ns=int(t.first_run_ns) or None,
+                memory_bytes=int(t.memory_bytes),
+                hit=bool(t.hit),
+                strategy=STRATEGY_NAMES.get(int(t.strategy), "?"),
+            )
+            for t in (buf[i] for i in range(n[0]))
+        ]
+
+    # -- restoring ----------------------------------------------------------------------
+
+    def _finish(self, call, guest: str) -> PooledRestoreVm:
+        h = self._enter()
+        try:
+            out = ffi.new("kvmlab_vm **")
+            t = ffi.new("kvmlab_restore_times *")
+            _ffi.check(call(h, out, t))
+        finally:
+            self._exit()
+        timing = {name: int(getattr(t, name)) for name, _f in ffi.typeof("kvmlab_restore_times").fields}
+        return PooledRestoreVm(out[0], self.vm_config, guest, h, timing)
+
+    def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
+        """Restores from raw parts, as the reference API: ``memory`` is a dense
+        buffer of guest memory (e.g. ``snap.memory``), ``vcpu_state`` the state
+        blob (``snap.vcpu_state``). ``timeout_s`` waits for room under ``max_in_use``."""
+        mem = memoryview(memory).cast("B")
+        st = memoryview(vcpu_state).cast("B")
+        wait = _wait_ns(timeout_s)
+        return self._finish(
+            lambda h, out, t: lib.kvmlab_pool_restore_parts(
+                h, ffi.from_buffer("uint8_t[]", mem), len(mem), ffi.from_buffer("uint8_t[]", st), len(st), wait, out, t
+            ),
+            "raw",
+        )
+
+    def restore_from_bytes(self, data, timeout_s: float | None = None) -> PooledRestoreVm:
+        """Restores from a full self-describing snapshot (``snap.to_bytes()``)."""
+        view = memoryview(data).cast("B")
+        wait = _wait_ns(timeout_s)
+        return self._finish(
+            lambda h, out, t: lib.kvmlab_pool_restore_bytes(h, ffi.from_buffer("uint8_t[]", view), len(view), wait, out, t),
+            "bytes",
+        )
+
+    def restore_snapshot(self, snap: Snapshot, strategy: str = "auto", timeout_s: float | None = None) -> PooledRestoreVm:
+        """Restores a :class:`Snapshot`. ``strategy``: ``"copy"`` (into the shell's
+        memory), ``"map"`` (copy-on-write mapping of a loaded file, O(1) in memory
+        size) or ``"auto"`` (map when the snapshot is file-backed)."""
+        if not isinstance(snap, Snapshot):
+            raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
+        code = strategy_code(strategy)
+        wait = _wait_ns(timeout_s)
+        with snap._use() as sh:
+            return self._finish(lambda h, out, t: lib.kvmlab_pool_restore_snapshot(h, sh, code, wait, out, t), snap.guest)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def close(self) -> None:
+        """Stops the worker and destroys idle shells. VMs still out stay usable;
+        releasing the last one frees the pool. Idempotent; waits for calls in
+        flight on other threads (they finish or raise ClosedError)."""
+        with self._cond:
+            if self._handle is None:
+                return
+            self._handle = None
+            while self._active:
+                self._cond.wait()
+        self._finalizer()
+
+    def __enter__(self) -> "RestorePool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<RestorePool closed>"
+        s = self.stats()
+        return (
+            f"<RestorePool {self.vm_config.memory_mib} MiB x {self.vm_config.vcpus} vCPU idle={s.idle} "
+            f"in_use={s.in_use} max_size={s.max_size} restores={s.restores}>"
+        )

@@ -1,0 +1,272 @@
+"""Snapshots: capture a stopped VM, save/load/encode it, restore it.
+
+    >>> vm = kvmlab.Vm.boot("counter", args={"steps": 20, "checkpoint_at": 10})
+    >>> vm.run()                         # stops at the checkpoint
+    >>> snap = kvmlab.snapshot(vm)       # or vm.snapshot()
+    >>> snap.save("counter.kvmsnap")
+    >>> vm2 = kvmlab.Vm.restore(kvmlab.Snapshot.load("counter.kvmsnap"))
+    >>> vm2.run()                        # continues exactly where vm was
+
+The format is owned by the Zig core (``zigsrc/snapshot.zig`` draws it): a
+checked header, a STATE section (``snap.vcpu_state``: everything but memory)
+and a MEMORY section, each with a CRC32C, all-zero pages not stored.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import stat
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from . import _ffi
+from .config import VmConfig
+from .errors import BusyError, ClosedError, ConfigError, SnapshotError
+
+__all__ = ["Snapshot", "STRATEGIES"]
+
+ffi = _ffi.ffi
+lib = _ffi.lib
+
+#: Memory strategies of a restore (``kvmlab_strategy``).
+STRATEGIES = {"auto": 0, "copy": 1, "map": 2}
+
+
+def strategy_code(strategy: str) -> int:
+    try:
+        return STRATEGIES[strategy]
+    except (KeyError, TypeError):
+        raise ConfigError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}") from None
+
+
+class Snapshot:
+    """A captured VM: guest memory plus all vCPU, device and host-side state.
+
+    Get one from :meth:`Vm.snapshot` (in memory), :meth:`Snapshot.load` (a
+    file, mapped, memory not read into the heap) or :meth:`Snapshot.from_bytes`.
+    ``close()`` frees it (also a context manager); views from :attr:`memory`
+    are released then.
+    """
+
+    def __init__(self, handle: Any, path: Path | None = None) -> None:
+        self._handle = handle
+        self._path = path
+        self._lock = threading.Lock()
+        # Native calls in flight (restores from other threads): close() waits.
+        self._active = 0
+        self._idle = threading.Condition(self._lock)
+        self._views: list[memoryview] = []
+        self._finalizer = weakref.finalize(self, lib.kvmlab_snapshot_free, handle)
+        info = ffi.new("kvmlab_snapshot_info *")
+        _ffi.check(lib.kvmlab_snapshot_get_info(handle, info))
+        self._info = {
+            "memory_bytes": int(info.memory_bytes),
+            "vcpus": int(info.vcpus),
+            "file_backed": bool(info.file_backed),
+            "present_pages": int(info.present_pages),
+            "stored_bytes": int(info.stored_bytes),
+            "created_unix_ns": int(info.created_unix_ns),
+            "state_bytes": int(info.state_bytes),
+            "version": f"{info.version_major}.{info.version_minor}",
+            "guest": ffi.string(info.guest_name).decode("utf-8", "replace"),
+        }
+
+    # -- constructors -----------------------------------------------------------
+
+    @classmethod
+    def _capture(cls, vm_handle: Any) -> "Snapshot":
+        out = ffi.new("kvmlab_snapshot **")
+        _ffi.check(lib.kvmlab_snapshot_capture(vm_handle, out))
+        return cls(out[0])
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Snapshot":
+        """Checks and copies an encoded snapshot (from :meth:`to_bytes` or a file's bytes)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise SnapshotError(f"snapshot data must be bytes-like, got {type(data).__name__}")
+        view = memoryview(data).cast("B")
+        out = ffi.new("kvmlab_snapshot **")
+        _ffi.check(lib.kvmlab_snapshot_from_bytes(ffi.from_buffer("uint8_t[]", view), len(view), out))
+        return cls(out[0])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Snapshot":
+        """Maps a snapshot file and checks it (header, sections, checksums).
+
+        The memory is used in place, so a ``map`` restore shares the file's
+        pages copy-on-write; the file is never written.
+        """
+        p = Path(path)
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise SnapshotError(f"cannot open snapshot {p}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(f"{p} is not a regular file; a snapshot is a file written by Snapshot.save")
+        out = ffi.new("kvmlab_snapshot **")
+        _ffi.check(lib.kvmlab_snapshot_load(os.fsencode(p), out))
+        return cls(out[0], path=p)
+
+    # -- encoding -----------------------------------------------------------------
+
+    def _live(self) -> Any:
+        if self._handle is None:
+            raise ClosedError("this snapshot is closed")
+        return self._handle
+
+    def _use(self):
+        """Context manager: the live handle, kept valid until the block ends
+        (several threads may use it at once; close() waits for them)."""
+        snap = self
+
+        class _Use:
+            def __enter__(self_inner):
+                with snap._lock:
+                    h = snap._live()
+                    snap._active += 1
+                    return h
+
+            def __exit__(self_inner, *exc):
+                with snap._lock:
+                    snap._active -= 1
+                    if snap._active == 0:
+                        snap._idle.notify_all()
+
+        return _Use()
+
+    def to_bytes(self) -> bytes:
+        """The packed encoding (only non-zero pages), accepted by :meth:`from_bytes`."""
+        with self._lock:
+            h = self._live()
+            n = ffi.new("size_t *")
+            _ffi.check(lib.kvmlab_snapshot_to_bytes(h, ffi.NULL, 0, n))
+            buf = bytearray(n[0])
+            _ffi.check(lib.kvmlab_snapshot_to_bytes(h, ffi.from_buffer("uint8_t[]", buf), len(buf), n))
+        return bytes(buf)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the snapshot to ``path`` atomically (temp file, fsync, rename),
+        mode 0600, zero pages as holes. A missing parent directory is created 0700."""
+        p = Path(path)
+        if p.exists() and not p.is_file():
+            raise SnapshotError(f"{p} exists and is not a regular file")
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._lock:
+            _ffi.check(lib.kvmlab_snapshot_save(self._live(), os.fsencode(p)))
+        return p
+
+    # -- the two parts the restore pool takes --------------------------------------
+
+    @property
+    def memory(self) -> memoryview:
+        """Guest memory as a read-only buffer (``memory_bytes`` long, no copy).
+
+        Valid until the snapshot is closed; ``close()`` releases it.
+        """
+        with self._lock:
+            h = self._live()
+            ptr = ffi.new("uint8_t **")
+            n = ffi.new("uint64_t *")
+            _ffi.check(lib.kvmlab_snapshot_memory(h, ptr, n))
+            view = memoryview(ffi.buffer(ptr[0], n[0])).toreadonly()
+            self._views.append(view)
+            return view
+
+    @property
+    def vcpu_state(self) -> bytes:
+        """Everything but memory (vCPUs, irqchip, PIT, clock, host devices, page map)."""
+        with self._lock:
+            h = self._live()
+            n = ffi.new("size_t *")
+            _ffi.check(lib.kvmlab_snapshot_state(h, ffi.NULL, 0, n))
+            buf = bytearray(n[0])
+            _ffi.check(lib.kvmlab_snapshot_state(h, ffi.from_buffer("uint8_t[]", buf), len(buf), n))
+        return bytes(buf)
+
+    # -- metadata ---------------------------------------------------------------------
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._info["memory_bytes"]
+
+    @property
+    def vcpus(self) -> int:
+        return self._info["vcpus"]
+
+    @property
+    def config(self) -> VmConfig:
+        """A VmConfig of this snapshot's shape (what a pool must be created with)."""
+        return VmConfig(memory_mib=self.memory_bytes >> 20, vcpus=self.vcpus)
+
+    @property
+    def guest(self) -> str:
+        return self._info["guest"]
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes it takes where it is stored (disk blocks for a file)."""
+        return self._info["stored_bytes"]
+
+    @property
+    def present_pages(self) -> int:
+        """4 KiB pages that are not all zero (the others are not stored)."""
+        return self._info["present_pages"]
+
+    @property
+    def created_at(self) -> _dt.datetime:
+        return _dt.datetime.fromtimestamp(self._info["created_unix_ns"] / 1e9, tz=_dt.timezone.utc)
+
+    @property
+    def file_backed(self) -> bool:
+        return self._info["file_backed"]
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def info(self) -> dict[str, Any]:
+        """Header facts as a dict (what ``kvmlab snapshot info`` prints)."""
+        d = dict(self._info)
+        d["path"] = str(self._path) if self._path else None
+        d["created_at"] = self.created_at.isoformat()
+        return d
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def close(self) -> None:
+        """Frees the snapshot. Idempotent. Raises BusyError while slices of
+        :attr:`memory` are still alive (release them first)."""
+        with self._lock:
+            if self._handle is None:
+                return
+            while self._active:
+                self._idle.wait()
+            for v in self._views:
+                try:
+                    v.release()
+                except BufferError:
+                    raise BusyError("views of snap.memory are still in use: release them before close()") from None
+            self._views.clear()
+            self._handle = None
+            self._finalizer()
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f" path={str(self._path)!r}" if self._path else ""
+        return (
+            f"<Snapshot guest={self.guest!r} memory_mib={self.memory_bytes >> 20} vcpus={self.vcpus} "
+            f"present_pages={self.present_pages} stored_bytes={self.stored_bytes}{where}"
+            f"{' closed' if self.closed else ''}>"
+        )

@@ -1,0 +1,478 @@
+"""Virtual machines: boot a guest, run it, look at its memory and registers.
+
+>>> with Vm.boot("counter", VmConfig(memory_mib=64), args={"steps": 20, "checkpoint_at": 10}) as vm:
+...     r = vm.run()          # RunResult(reason="checkpoint", checkpoint_tag=10, ...)
+...     r = vm.run()          # RunResult(reason="exit", exit_code=0, ...)
+
+Structure: :class:`_VmHandle` owns a native ``kvmlab_vm`` handle and implements
+everything that works on any VM (run, memory, registers, close); :class:`Vm`
+adds :meth:`Vm.boot`. Other ways to obtain a handle (restore from a snapshot,
+pools) subclass :class:`_VmHandle` the same way.
+
+Threading: one lock per VM. ``run()`` holds it for the whole native call (cffi
+releases the GIL meanwhile), so ``close()`` or memory access from another
+thread waits until the run returns.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Union
+
+from . import _ffi
+from .config import VmConfig
+from .errors import BoundsError, ClosedError, ConfigError, GuestCrashError, GuestError, GuestTimeoutError, InternalError
+from .guests import Guest, format_args
+from .guests import names as guest_names
+
+__all__ = ["Vm", "RunResult", "REASONS"]
+
+ffi = _ffi.ffi
+lib = _ffi.lib
+
+#: ``kvmlab_run_result.reason`` -> name.
+REASONS = {0: "exit", 1: "checkpoint", 2: "halt", 3: "timeout", 4: "interrupted"}
+
+#: The service protocol (docs/guest-protocol.md).
+SERVICE_GPA = 0x4000
+SERVICE_TAG = 0x5E5E0001
+SERVICE_MAX_BYTES = 4096
+SERVICE_OPS = {"echo": 1, "crc32c": 2, "reverse": 3}
+
+GuestSpec = Union[str, "os.PathLike[str]", Guest, bytes, bytearray]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Why and how a :meth:`Vm.run` call ended.
+
+    ``reason`` is ``"exit"`` (every vCPU wrote the exit port; ``exit_code`` is
+    vCPU 0's code), ``"checkpoint"`` (every vCPU is at exit or checkpoint;
+    ``checkpoint_tag`` is the first checkpointing vCPU's tag: the next
+    ``run()`` resumes), ``"halt"`` (the vCPUs executed ``hlt``) or
+    ``"timeout"`` (the deadline passed; the next ``run()`` resumes).
+    ``console`` is the guest's output since the previous ``run()`` (UTF-8,
+    undecodable bytes replaced); ``console_dropped`` counts bytes beyond the
+    1 MiB kept per run. ``elapsed_ns`` is the run's wall time in nanoseconds.
+    """
+
+    reason: str
+    exit_code: int
+    checkpoint_tag: int
+    console: str
+    console_dropped: int
+    elapsed_ns: int
+
+    @property
+    def lines(self) -> list[str]:
+        """``console`` split into lines."""
+        return self.console.splitlines()
+
+
+def _timeout_ns(timeout_s: float | None) -> int:
+    """Seconds (or None = no deadline) -> the core's ``timeout_ns`` (0 = none)."""
+    if timeout_s is None:
+        return 0
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise ConfigError(f"timeout_s must be a number of seconds or None, got {timeout_s!r}")
+    if not math.isfinite(timeout_s):
+        if timeout_s > 0:
+            return 0
+        raise ConfigError(f"timeout_s must be > 0 (or None for no deadline), got {timeout_s!r}")
+    if timeout_s <= 0:
+        raise ConfigError(f"timeout_s must be > 0 (or None for no deadline), got {timeout_s!r}")
+    return max(1, int(timeout_s * 1_000_000_000))
+
+
+def _check_range(gpa: int, n: int, memory_bytes: int) -> None:
+    for what, v in (("gpa", gpa), ("length", n)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{what} must be an int, got {v!r}")
+    if gpa < 0 or n < 0 or gpa + n > memory_bytes:
+        raise BoundsError(
+            f"guest range 0x{gpa:x}+{n} is outside guest memory (0x0..0x{memory_bytes:x}); "
+            f"addresses are guest-physical, 0 <= gpa and gpa + length <= {memory_bytes}"
+        )
+
+
+def _has_field(struct: str, field: str) -> bool:
+    return any(name == field for name, _f in ffi.typeof(struct).fields)
+
+
+def _new_handle(config: VmConfig) -> Any:
+    """Creates an empty native VM shell for ``config`` (a ``kvmlab_vm *``)."""
+    c = ffi.new("kvmlab_vm_config *", {"memory_bytes": config.memory_bytes, "vcpus": config.vcpus})
+    out = ffi.new("kvmlab_vm **")
+    _ffi.check(lib.kvmlab_vm_new(c, out))
+    if out[0] == ffi.NULL:
+        raise InternalError("kvmlab_vm_new succeeded but returned no VM")
+    return out[0]
+
+
+class _VmHandle:
+    """A native VM handle plus everything that works on any VM.
+
+    Subclasses obtain a handle (boot, restore, pool) and pass it here together
+    with ``free``, the callable that releases it (``lib.kvmlab_vm_free`` by
+    default). ``close()`` calls it once; a ``weakref.finalize`` backstop calls
+    it if the object is dropped without ``close()``.
+    """
+
+    def __init__(
+        self,
+        handle: Any,
+        config: VmConfig,
+        guest: str,
+        *,
+        free: Callable[[Any], None] | None = None,
+    ) -> None:
+        self._handle = handle
+        self._config = config
+        self._guest = guest
+        self._lock = threading.Lock()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._finalizer = weakref.finalize(self, free or lib.kvmlab_vm_free, handle)
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def config(self) -> VmConfig:
+        return self._config
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._config.memory_bytes
+
+    @property
+    def vcpus(self) -> int:
+        return self._config.vcpus
+
+    @property
+    def guest(self) -> str:
+        """The guest's name."""
+        return self._guest
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def _live(self) -> Any:
+        """The handle; call with the lock held."""
+        h = self._handle
+        if h is None:
+            raise ClosedError(f"this VM ({self._guest}) is closed; boot a new one")
+        return h
+
+    # -- running ----------------------------------------------------------------
+
+    def run(self, timeout_s: float | None = 10.0) -> RunResult:
+        """Runs the guest until every vCPU stopped (exit or checkpoint), it halts,
+        or ``timeout_s`` seconds passed (``None``: no deadline).
+
+        A timeout is a result (``reason == "timeout"``), not an error; the next
+        ``run()`` resumes. A guest crash raises :class:`GuestCrashError` (the
+        message names the cause and the registers; ``.console`` on the
+        exception holds the output before the crash).
+        """
+        timeout_ns = _timeout_ns(timeout_s)
+        out = ffi.new("kvmlab_run_result *")
+        with self._lock:
+            h = self._live()
+            elapsed = 0
+            while True:
+                left = 0 if timeout_ns == 0 else max(1, timeout_ns - elapsed)
+                rc = lib.kvmlab_vm_run(h, left, out)
+                if rc != 0 or REASONS.get(out.reason) != "interrupted":
+                    break
+                # A signal (Ctrl-C) stopped the vCPUs: Python runs its handler
+                # here (KeyboardInterrupt propagates); otherwise resume.
+                elapsed += int(out.elapsed_ns)
+                self._check_signals()
+            out.elapsed_ns += elapsed
+            if rc != 0:
+                err = _ffi.error_for(rc)
+                console, _ = self._take_console(h, final=True)
+                if console:
+                    err.console = console  # type: ignore[attr-defined]
+                raise err
+            reason = REASONS.get(out.reason)
+            if reason is None:
+                raise InternalError(f"the core returned unknown run reason {out.reason}")
+            console, _ = self._take_console(h, final=(reason == "exit"))
+            return RunResult(
+                reason=reason,
+                exit_code=int(out.exit_code),
+                checkpoint_tag=int(out.checkpoint_tag),
+                console=console,
+                console_dropped=int(out.console_dropped_bytes),
+                elapsed_ns=int(out.elapsed_ns),
+            )
+
+    @staticmethod
+    def _check_signals() -> None:
+        """Gives Python a chance to run pending signal handlers."""
+        import signal as _signal
+
+        if threading.current_thread() is threading.main_thread():
+            _signal.getsignal(_signal.SIGINT)  # any bytecode boundary runs pending handlers
+
+    def interrupt(self) -> None:
+        """Stops a ``run()`` in progress on another thread (it returns
+        ``reason == "timeout"``; the next run resumes). Safe from any thread."""
+        h = self._handle
+        if h is not None:
+            lib.kvmlab_vm_interrupt(h)
+
+    def _take_console(self, h: Any, final: bool) -> tuple[str, int]:
+        """Moves the console bytes out of the core; returns (text, bytes)."""
+        chunks = []
+        total = 0
+        n = ffi.new("size_t *")
+        while True:
+            buf = bytearray(64 * 1024)
+            _ffi.check(lib.kvmlab_vm_console_take(h, ffi.from_buffer("uint8_t[]", buf), len(buf), n))
+            got = int(n[0])
+            if got == 0:
+                break
+            chunks.append(bytes(buf[:got]))
+            total += got
+            if got < len(buf):
+                break
+        text = self._decoder.decode(b"".join(chunks), final=final)
+        return text, total
+
+    def run_until_exit(self, timeout_s: float | None = 10.0) -> RunResult:
+        """Runs through checkpoints until the guest exits, within ``timeout_s``
+        seconds in total.
+
+        Returns a :class:`RunResult` with reason ``"exit"`` whose console and
+        elapsed time cover all runs. Raises :class:`GuestTimeoutError` if the
+        guest does not exit in time (or halts; ``.console`` holds the output).
+        """
+        _timeout_ns(timeout_s)  # validate
+        deadline = None if timeout_s is None or math.isinf(timeout_s) else timeout_s
+        consoles: list[str] = []
+        dropped = 0
+        elapsed = 0
+        while True:
+            left = None if deadline is None else max(deadline - elapsed / 1e9, 1e-6)
+            r = self.run(left)
+            consoles.append(r.console)
+            dropped += r.console_dropped
+            elapsed += r.elapsed_ns
+            if r.reason == "exit":
+                return RunResult("exit", r.exit_code, r.checkpoint_tag, "".join(consoles), dropped, elapsed)
+            if r.reason in ("timeout", "halt") or (deadline is not None and elapsed >= deadline * 1e9):
+                what = "halted (hlt with interrupts off) instead of exiting" if r.reason == "halt" else (
+                    f"did not exit within {timeout_s} s"
+                )
+                err = GuestTimeoutError(f"guest {self._guest} {what}; pass a larger timeout_s or check the guest")
+                err.console = "".join(consoles)  # type: ignore[attr-defined]
+                raise err
+
+    # -- the service guest -----------------------------------------------------------
+
+    def call(self, payload: bytes | bytearray | memoryview, op: str = "echo", timeout_s: float = 5.0) -> bytes:
+        """Sends one request to a guest serving the service protocol (the
+        built-in ``service`` guest) and returns its answer.
+
+        ``op`` is ``"echo"``, ``"crc32c"`` (4 bytes, little-endian) or
+        ``"reverse"``. The guest must be waiting at its service checkpoint
+        (tag 0x5e5e0001); raises :class:`GuestTimeoutError` if it does not
+        answer within ``timeout_s``.
+        """
+        code = SERVICE_OPS.get(op)
+        if code is None:
+            raise ConfigError(f"op={op!r}: use one of {', '.join(SERVICE_OPS)}")
+        data = bytes(payload)
+        if len(data) > SERVICE_MAX_BYTES:
+            raise ConfigError(f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}")
+        hdr = self.read_memory(SERVICE_GPA, 16)
+        seq = (int.from_bytes(hdr[8:12], "little") + 1) & 0xFFFFFFFF
+        self.write_memory(SERVICE_GPA + 0x1000, data)
+        self.write_memory(
+            SERVICE_GPA,
+            len(data).to_bytes(4, "little") + b"\0\0\0\0" + seq.to_bytes(4, "little") + b"\0\0\0\0" + code.to_bytes(4, "little"),
+        )
+        r = self.run(timeout_s)
+        if r.reason != "checkpoint" or r.checkpoint_tag != SERVICE_TAG:
+            err = GuestTimeoutError(
+                f"guest {self._guest} did not answer the service request (run ended with {r.reason}"
+                f"{' tag 0x%x' % r.checkpoint_tag if r.reason == 'checkpoint' else ''}); is it the service guest, waiting?"
+            )
+            err.console = r.console  # type: ignore[attr-defined]
+            raise err
+        head = self.read_memory(SERVICE_GPA, 0x18)
+        n = int.from_bytes(head[4:8], "little")
+        if int.from_bytes(head[12:16], "little") != seq or n > SERVICE_MAX_BYTES:
+            raise GuestError(f"guest {self._guest} answered out of protocol (sequence or length wrong)")
+        status = int.from_bytes(head[0x14:0x18], "little")
+        if status == 1:
+            raise GuestError(f"guest {self._guest} does not know op {op!r}")
+        return self.read_memory(SERVICE_GPA + 0x2000, n)
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def snapshot(self):
+        """Captures this stopped VM (memory and all vCPU/device/host state).
+
+        Call between runs (e.g. after a checkpoint); the VM keeps going
+        unaffected. Returns a :class:`kvmlab.Snapshot`.
+        """
+        from .snapshot import Snapshot
+
+        with self._lock:
+            return Snapshot._capture(self._live())
+
+    # -- memory and registers -----------------------------------------------------
+
+    def read_memory(self, gpa: int, n: int) -> bytes:
+        """``n`` bytes of guest memory at guest-physical address ``gpa``."""
+        _check_range(gpa, n, self.memory_bytes)
+        buf = bytearray(n)
+        with self._lock:
+            h = self._live()
+            _ffi.check(lib.kvmlab_vm_read_memory(h, gpa, ffi.from_buffer("uint8_t[]", buf), n))
+        return bytes(buf)
+
+    def write_memory(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Writes ``data`` into guest memory at guest-physical address ``gpa``."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigError(f"data must be bytes-like, got {type(data).__name__}")
+        view = memoryview(data).cast("B")
+        _check_range(gpa, len(view), self.memory_bytes)
+        with self._lock:
+            h = self._live()
+            _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", view), len(view)))
+
+    def registers(self, vcpu: int = 0) -> dict[str, int]:
+        """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``)."""
+        if isinstance(vcpu, bool) or not isinstance(vcpu, int) or not 0 <= vcpu < self.vcpus:
+            raise ConfigError(f"vcpu={vcpu!r} does not exist: this VM has vCPUs 0 .. {self.vcpus - 1}")
+        out = ffi.new("kvmlab_regs *")
+        with self._lock:
+            h = self._live()
+            _ffi.check(lib.kvmlab_vm_get_regs(h, vcpu, out))
+        return {name: int(getattr(out, name)) for name, _f in ffi.typeof("kvmlab_regs").fields if name != "reserved"}
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Frees the VM. Idempotent; waits for a ``run()`` in another thread."""
+        self.interrupt()  # a run() without deadline on another thread would hold the lock forever
+        with self._lock:
+            if self._handle is None:
+                return
+            self._handle = None
+            self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._handle is None else "open"
+        return (
+            f"<{type(self).__name__} guest={self._guest!r} memory_mib={self._config.memory_mib} "
+            f"vcpus={self._config.vcpus} {state}>"
+        )
+
+
+def _resolve_guest(guest: GuestSpec) -> Guest:
+    if isinstance(guest, Guest):
+        return guest
+    if isinstance(guest, (bytes, bytearray)):
+        return Guest.from_bytes(guest)
+    if isinstance(guest, str):
+        # A built-in name first; otherwise anything that looks like a path.
+        if guest in guest_names():
+            return Guest.builtin(guest)
+        if os.sep in guest or os.path.exists(guest) or guest.endswith((".bin", ".elf")):
+            return Guest.from_file(guest)
+        return Guest.builtin(guest)  # raises GuestError listing the built-in names
+    if isinstance(guest, os.PathLike):
+        return Guest.from_file(guest)
+    raise GuestError(
+        f"guest must be a built-in name, a path, a Guest or bytes; got {type(guest).__name__}"
+    )
+
+
+class Vm(_VmHandle):
+    """A VM running a guest. Create one with :meth:`Vm.boot`."""
+
+    @classmethod
+    def boot(
+        cls,
+        guest: GuestSpec,
+        cfg: VmConfig | None = None,
+        args: Mapping[str, object] | str | None = None,
+        cpl: int = 3,
+    ) -> "Vm":
+        """Creates a VM and boots ``guest`` in it (not yet running: call :meth:`run`).
+
+        ``guest`` is a built-in name (``"counter"``), a path to a flat binary or
+        static ELF, a :class:`Guest`, or raw bytes. ``args`` are passed to the
+        guest as ``key=value`` text; ``cpl`` is 3 (native speed) or 0 (emulated
+        on paravirtual KVM hosts such as kvm_pvm).
+        """
+        if cfg is None:
+            cfg = VmConfig()
+        if not isinstance(cfg, VmConfig):
+            raise ConfigError(f"cfg must be a VmConfig, got {type(cfg).__name__}")
+        if isinstance(cpl, bool) or cpl not in (0, 3):
+            raise ConfigError(f"cpl={cpl!r}: kvmlab guests run at CPL 3 (default) or 0")
+        g = _resolve_guest(guest)
+        arg_text = format_args(args).encode("ascii")
+
+        handle = _new_handle(cfg)
+        try:
+            image = ffi.from_buffer("uint8_t[]", g.image)
+            arg_buf = ffi.from_buffer("uint8_t[]", arg_text) if arg_text else ffi.NULL
+            fields = {
+                "image": image,
+                "image_bytes": len(g.image),
+                "args": arg_buf,
+                "args_bytes": len(arg_text),
+                "cpl": cpl,
+            }
+            name = g.name.encode("utf-8", errors="replace")
+            if _has_field("kvmlab_boot_options", "name"):  # kept for snapshots by newer cores
+                name_buf = ffi.from_buffer("uint8_t[]", name)
+                fields["name"] = name_buf
+                fields["name_bytes"] = len(name)
+            opts = ffi.new("kvmlab_boot_options *", fields)
+            _ffi.check(lib.kvmlab_vm_boot(handle, opts))
+        except BaseException:
+            lib.kvmlab_vm_free(handle)
+            raise
+        return cls(handle, cfg, g.name)
+
+    @classmethod
+    def restore(cls, snap, strategy: str = "auto") -> "Vm":
+        """Builds a new VM from a :class:`kvmlab.Snapshot` (a fresh shell, then
+        restore; no pool). ``strategy`` is ``"copy"``, ``"map"`` (file-backed
+        snapshots: copy-on-write mapping of the file) or ``"auto"``.
+
+        The VM continues exactly where the snapshot was taken. The host must
+        offer the CPU features the guest saw (:class:`IncompatibleError` if not).
+        ``vm.restore_timing`` holds the per-phase nanoseconds.
+        """
+        from .snapshot import Snapshot, strategy_code
+
+        if not isinstance(snap, Snapshot):
+            raise ConfigError(f"Vm.restore takes a Snapshot, got {type(snap).__name__}")
+        code = strategy_code(strategy)
+        out = ffi.new("kvmlab_vm **")
+        t = ffi.new("kvmlab_restore_times *")
+        with snap._use() as sh:
+            _ffi.check(lib.kvmlab_vm_restore(sh, code, out, t))
+        vm = cls(out[0], snap.config, snap.guest)
+        vm.restore_timing = {name: int(getattr(t, name)) for name, _f in ffi.typeof("kvmlab_restore_times").fields}
+        return vm

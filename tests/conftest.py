@@ -1,0 +1,72 @@
+"""Shared test setup.
+
+Tests that need KVM carry the ``kvm`` marker (or use the ``kvm`` fixture).
+Without a usable /dev/kvm they are skipped, unless ``KVMLAB_REQUIRE_KVM=1``
+(CI on a KVM host), in which case they fail. There are no mocks: KVM tests run
+real guests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import pytest
+
+REQUIRE_KVM = os.environ.get("KVMLAB_REQUIRE_KVM") == "1"
+
+#: Raw x86_64 guests (flat images loaded at 0x100000).
+EXIT7 = bytes.fromhex("66ba0005b807000000ef")  # mov dx,0x500; mov eax,7; out dx,eax
+LOOP_FOREVER = b"\xeb\xfe"  # jmp $
+UD2 = b"\x0f\x0b"  # ud2 -> triple fault
+
+
+@functools.lru_cache(maxsize=None)
+def kvm_problem() -> str | None:
+    """None when KVM is usable by kvmlab here, else why not."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user"
+    try:
+        from kvmlab import _ffi
+    except ImportError as e:  # a build problem, not a host problem: report it
+        return f"kvmlab's native core does not load: {e}"
+    info = _ffi.ffi.new("kvmlab_host_info *")
+    try:
+        _ffi.check(_ffi.lib.kvmlab_host_info_get(info))
+    except Exception as e:  # noqa: BLE001 - any failure means "no KVM"
+        return f"KVM is not usable: {e}"
+    return None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # pytest.ini sets `timeout` for pytest-timeout (the dev extra); without the
+    # plugin, declare the key so pytest does not warn about it.
+    if importlib.util.find_spec("pytest_timeout") is None:
+        parser.addini("timeout", "per-test timeout in seconds (used by pytest-timeout)")
+
+
+def _require_kvm() -> None:
+    problem = kvm_problem()
+    if problem is None:
+        return
+    if REQUIRE_KVM:
+        pytest.fail(f"KVMLAB_REQUIRE_KVM=1 but {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kvm") is not None:
+        _require_kvm()
+
+
+@pytest.fixture
+def kvm() -> None:
+    """Requires a usable /dev/kvm (skip, or fail under KVMLAB_REQUIRE_KVM=1)."""
+    _require_kvm()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))

@@ -1,0 +1,98 @@
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvmlab
+from kvmlab import _ffi, errors
+
+
+def test_abi_version_and_struct_sizes():
+    assert _ffi.lib.kvmlab_abi_version() == _ffi.ABI_VERSION == 1
+    ids = _ffi.struct_ids()
+    # Every struct of the ABI 1 header is checked at import.
+    for name in ["kvmlab_vm_config", "kvmlab_boot_options", "kvmlab_run_result", "kvmlab_regs", "kvmlab_host_info"]:
+        assert name in ids
+    for name, sid in ids.items():
+        assert _ffi.lib.kvmlab_struct_size(sid) == _ffi.ffi.sizeof(name)
+
+
+def test_unknown_struct_id_has_size_zero():
+    assert _ffi.lib.kvmlab_struct_size(10_000) == 0
+
+
+def test_every_result_code_maps_to_one_exception_class():
+    assert _ffi.RESULTS[0][1] is None
+    for code, (name, cls) in _ffi.RESULTS.items():
+        if code == 0:
+            continue
+        assert issubclass(cls, errors.KvmlabError), name
+        err = _ffi.error_for(code, "boom")
+        assert type(err) is cls and str(err) == "boom"
+
+
+def test_check_raises_with_core_message():
+    out = _ffi.ffi.new("kvmlab_vm **")
+    cfg = _ffi.ffi.new("kvmlab_vm_config *", {"memory_bytes": 7 << 20, "vcpus": 1})
+    # A bad config is rejected before /dev/kvm is touched.
+    with pytest.raises(errors.ConfigError, match="8 .. 4096 MiB"):
+        _ffi.check(_ffi.lib.kvmlab_vm_new(cfg, out))
+    assert out[0] == _ffi.ffi.NULL
+    _ffi.check(0)
+
+
+def test_specific_errors_derive_from_builtins():
+    assert issubclass(errors.BoundsError, IndexError)
+    assert issubclass(errors.ConfigError, ValueError)
+    assert issubclass(errors.KvmlabMemoryError, MemoryError)
+    assert issubclass(errors.GuestTimeoutError, TimeoutError)
+    for name in errors.__all__:
+        assert getattr(kvmlab, name) is getattr(errors, name)
+
+
+def test_import_does_not_open_dev_kvm():
+    code = (
+        "import os, kvmlab, kvmlab.cli\n"
+        "def link(f):\n"
+        "    try:\n"
+        "        return os.readlink('/proc/self/fd/' + f)\n"
+        "    except OSError:\n"
+        "        return ''\n"
+        "fds = [link(f) for f in os.listdir('/proc/self/fd')]\n"
+        "assert not any('kvm' in p for p in fds), fds\n"
+        "print('ok')\n"
+    )
+    root = Path(kvmlab.__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def _import_with_native_dir(native_dir: Path) -> subprocess.CompletedProcess:
+    root = Path(kvmlab.__file__).resolve().parent.parent
+    env = dict(os.environ, KVMLAB_NATIVE_DIR=str(native_dir))
+    return subprocess.run(
+        [sys.executable, "-c", "import kvmlab"], capture_output=True, text=True, timeout=60, cwd=root, env=env
+    )
+
+
+def test_missing_library_is_an_import_error_with_a_fix(tmp_path):
+    r = _import_with_native_dir(tmp_path)
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "pip install -e ." in r.stderr
+
+
+def test_struct_size_mismatch_is_an_import_error(tmp_path):
+    shutil.copy(_ffi.LIBRARY_PATH, tmp_path / "libkvmlab.so")
+    header = _ffi.HEADER_PATH.read_text()
+    # Grow kvmlab_run_result by one field: the header no longer matches the library.
+    grown, n = re.subn(r"(\buint64_t\s+console_dropped_bytes\s*;)", r"\1 uint64_t extra_field;", header, count=1)
+    assert n == 1
+    (tmp_path / "kvmlab.h").write_text(grown)
+    r = _import_with_native_dir(tmp_path)
+    assert r.returncode != 0
+    assert "kvmlab_run_result" in r.stderr and "pip install -e ." in r.stderr
