@@ -16,6 +16,7 @@ const boot = @import("boot.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
 const pool_mod = @import("pool.zig");
+const bench = @import("bench.zig");
 
 /// Bumped on any incompatible change of a signature or struct below.
 pub const abi_version: u32 = 1;
@@ -602,6 +603,26 @@ pub export fn kvmlab_pool_release(h: ?*kvmlab_pool, vm_handle: ?*kvmlab_vm) call
     const p = asPool(h) catch return;
     const vm = asVm(vm_handle) catch return;
     p.release(vm);
+}
+
+/// Benchmark floor: times only the bare ioctls and memory operations of a
+/// restore of `snap` into `vm_handle`, a fresh shell from kvmlab_vm_new of the
+/// same shape (free it afterwards; it is not runnable).
+pub export fn kvmlab_bench_restore_floor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, out: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(benchFloor(vm_handle, snap, strategy, out));
+}
+fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, out: ?*kvmlab_restore_times) errors.Error!void {
+    const vm = try asVm(vm_handle);
+    const s = try asSnap(snap);
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const use_map = switch (strategy) {
+        .auto => s.fileBacked(),
+        .map => if (s.fileBacked()) true else return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot", .{}),
+        .copy => false,
+    };
+    var rt: snapshot.RestoreTimes = .{};
+    try bench.restoreFloor(vm, s, use_map, &rt);
+    o.* = .{ .acquire_ns = 0, .memory_ns = rt.memory_ns, .vcpu_ns = rt.vcpu_ns, .devices_ns = rt.devices_ns, .total_ns = rt.memory_ns + rt.vcpu_ns + rt.devices_ns, .mapped = @intFromBool(use_map), .hit = 0, .seq = 0 };
 }
 
 test {
