@@ -30,7 +30,7 @@ from .errors import BoundsError, ClosedError, ConfigError, GuestCrashError, Gues
 from .guests import Guest, format_args
 from .guests import names as guest_names
 
-__all__ = ["Vm", "RunResult", "REASONS"]
+__all__ = ["Vm", "RunResult", "ResetTiming", "LoopResult", "REASONS"]
 
 ffi = _ffi.ffi
 lib = _ffi.lib
@@ -45,6 +45,35 @@ SERVICE_MAX_BYTES = 4096
 SERVICE_OPS = {"echo": 1, "crc32c": 2, "reverse": 3}
 
 GuestSpec = Union[str, "os.PathLike[str]", Guest, bytes, bytearray]
+
+
+@dataclass(frozen=True)
+class ResetTiming:
+    """One reset: pages put back and integer nanoseconds per phase."""
+
+    dirty_pages: int
+    log_ns: int
+    memory_ns: int
+    vcpu_ns: int
+    devices_ns: int
+    total_ns: int
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """One iteration of :meth:`reset_loop`."""
+
+    reason: str
+    exit_code: int
+    checkpoint_tag: int
+    crashed: bool
+    run_ns: int
+    reset_ns: int
+    dirty_pages: int
+    console_bytes: int
+
+
+RESET_MODES = {"auto": 0, "copy": 1, "drop": 2}
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,7 @@ class _VmHandle:
         self._guest = guest
         self._lock = threading.Lock()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._reset_timings: list[ResetTiming] = []
         self._finalizer = weakref.finalize(self, free or lib.kvmlab_vm_free, handle)
 
     # -- state ----------------------------------------------------------------
@@ -316,6 +346,83 @@ class _VmHandle:
             raise GuestError(f"guest {self._guest} does not know op {op!r}")
         return self.read_memory(SERVICE_GPA + 0x2000, n)
 
+    # -- reset -----------------------------------------------------------------------------
+
+    def _reset_mode(self, mode: str) -> int:
+        try:
+            return RESET_MODES[mode]
+        except (KeyError, TypeError):
+            raise ConfigError(f"mode={mode!r}: use one of {', '.join(RESET_MODES)}") from None
+
+    def reset(self, mode: str = "auto") -> ResetTiming:
+        """Puts this VM back to exactly the snapshot it was restored from
+        (restore it with ``resettable=True``): only pages written since the
+        restore or the previous reset are put back (KVM's dirty log plus host
+        writes), then vCPU and device state. ``mode``: ``"copy"`` pages back,
+        ``"drop"`` private pages (map-restored VMs), ``"auto"``."""
+        code = self._reset_mode(mode)
+        out = ffi.new("kvmlab_reset_times *")
+        with self._lock:
+            _ffi.check(lib.kvmlab_vm_reset(self._live(), code, out))
+        t = ResetTiming(**{name: int(getattr(out, name)) for name, _f in ffi.typeof("kvmlab_reset_times").fields})
+        self._reset_timings.append(t)
+        if len(self._reset_timings) > 4096:
+            del self._reset_timings[:-4096]
+        self._decoder.reset()
+        return t
+
+    def reset_timings(self) -> list[ResetTiming]:
+        """The newest 4096 :meth:`reset` records of this VM, oldest first."""
+        return list(self._reset_timings)
+
+    def reset_loop(
+        self,
+        inputs,
+        input_gpa: int = 0x400000,
+        run_timeout_s: float | None = 1.0,
+        mode: str = "auto",
+    ) -> list[LoopResult]:
+        """For each input (all the same length, bytes-like): write it at
+        ``input_gpa``, run until the guest stops (or ``run_timeout_s``),
+        record the outcome, reset. The loop runs in the native core; Python
+        is not on the per-iteration path. The VM must be resettable."""
+        items = [bytes(x) for x in inputs]
+        if not items:
+            return []
+        size = len(items[0])
+        if size == 0 or any(len(x) != size for x in items):
+            raise ConfigError("reset_loop inputs must be non-empty and all the same length")
+        _check_range(input_gpa, size, self.memory_bytes)
+        code = self._reset_mode(mode)
+        packed = b"".join(items)
+        out = ffi.new("kvmlab_loop_result[]", len(items))
+        with self._lock:
+            _ffi.check(
+                lib.kvmlab_vm_reset_loop(
+                    self._live(), ffi.from_buffer("uint8_t[]", packed), size, len(items), input_gpa,
+                    _timeout_ns(run_timeout_s), code, out,
+                )
+            )
+            # The loop leaves console output of its runs behind; drop it.
+            self._take_console(self._live(), final=True)
+        return [
+            LoopResult(
+                reason=REASONS.get(int(r.reason), "?"),
+                exit_code=int(r.exit_code),
+                checkpoint_tag=int(r.checkpoint_tag),
+                crashed=bool(r.crashed),
+                run_ns=int(r.run_ns),
+                reset_ns=int(r.reset_ns),
+                dirty_pages=int(r.dirty_pages),
+                console_bytes=int(r.console_bytes),
+            )
+            for r in out
+        ]
+
+    def _enable_reset(self, snap) -> None:
+        with snap._use() as sh, self._lock:
+            _ffi.check(lib.kvmlab_vm_enable_reset(self._live(), sh))
+
     # -- snapshots ----------------------------------------------------------------------
 
     def snapshot(self):
@@ -455,13 +562,14 @@ class Vm(_VmHandle):
         return cls(handle, cfg, g.name)
 
     @classmethod
-    def restore(cls, snap, strategy: str = "auto") -> "Vm":
+    def restore(cls, snap, strategy: str = "auto", resettable: bool = False) -> "Vm":
         """Builds a new VM from a :class:`kvmlab.Snapshot` (a fresh shell, then
         restore; no pool). ``strategy`` is ``"copy"``, ``"map"`` (file-backed
         snapshots: copy-on-write mapping of the file) or ``"auto"``.
 
         The VM continues exactly where the snapshot was taken. The host must
         offer the CPU features the guest saw (:class:`IncompatibleError` if not).
+        ``resettable=True`` lets :meth:`reset` put it back to ``snap`` later.
         ``vm.restore_timing`` holds the per-phase nanoseconds.
         """
         from .snapshot import Snapshot, strategy_code
@@ -474,5 +582,11 @@ class Vm(_VmHandle):
         with snap._use() as sh:
             _ffi.check(lib.kvmlab_vm_restore(sh, code, out, t))
         vm = cls(out[0], snap.config, snap.guest)
+        if resettable:
+            try:
+                vm._enable_reset(snap)
+            except BaseException:
+                vm.close()
+                raise
         vm.restore_timing = {name: int(getattr(t, name)) for name, _f in ffi.typeof("kvmlab_restore_times").fields}
         return vm

@@ -17,6 +17,7 @@ const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
 const pool_mod = @import("pool.zig");
 const bench = @import("bench.zig");
+const reset_mod = @import("reset.zig");
 
 /// Bumped on any incompatible change of a signature or struct below.
 pub const abi_version: u32 = 1;
@@ -124,6 +125,22 @@ pub const kvmlab_restore_times = extern struct {
     seq: u64,
 };
 
+/// Per-phase nanoseconds of one reset, and how many pages it put back.
+pub const kvmlab_reset_times = extern struct {
+    dirty_pages: u64,
+    log_ns: u64,
+    memory_ns: u64,
+    vcpu_ns: u64,
+    devices_ns: u64,
+    total_ns: u64,
+};
+
+/// Reset memory mode: 0 auto (copy), 1 copy pages back, 2 drop private
+/// pages (MADV_DONTNEED; map-restored VMs only).
+pub const kvmlab_reset_mode = enum(c_int) { auto = 0, copy = 1, drop = 2 };
+
+pub const kvmlab_loop_result = reset_mod.LoopResult;
+
 /// Struct ids for kvmlab_struct_size.
 pub const kvmlab_struct_id = enum(c_int) {
     vm_config = 1,
@@ -136,6 +153,8 @@ pub const kvmlab_struct_id = enum(c_int) {
     pool_config = 8,
     pool_stats = 9,
     pool_timing = 10,
+    reset_times = 11,
+    loop_result = 12,
 };
 
 pub export fn kvmlab_abi_version() callconv(.c) u32 {
@@ -156,6 +175,8 @@ pub export fn kvmlab_struct_size(id: c_int) callconv(.c) usize {
         .pool_config => @sizeOf(kvmlab_pool_config),
         .pool_stats => @sizeOf(kvmlab_pool_stats),
         .pool_timing => @sizeOf(kvmlab_pool_timing),
+        .reset_times => @sizeOf(kvmlab_reset_times),
+        .loop_result => @sizeOf(kvmlab_loop_result),
     };
 }
 
@@ -290,6 +311,7 @@ fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.E
     const vm = try asVm(h);
     const dst = try vm.guestSlice(gpa, len);
     @memcpy(dst, try bytesOf(buf, len));
+    vm.noteHostWrite(gpa, len);
 }
 
 /// The guest memory mapping (valid until the VM is freed), for zero-copy views.
@@ -433,7 +455,7 @@ fn snapInfo(h: ?*const kvmlab_snapshot, out: ?*kvmlab_snapshot_info) errors.Erro
 
 pub export fn kvmlab_snapshot_free(h: ?*kvmlab_snapshot) callconv(.c) void {
     const s = asSnap(h) catch return;
-    s.destroy();
+    s.release();
 }
 
 /// Builds a new VM from a snapshot (a fresh shell, then restore).
@@ -605,6 +627,40 @@ pub export fn kvmlab_pool_release(h: ?*kvmlab_pool, vm_handle: ?*kvmlab_vm) call
     p.release(vm);
 }
 
+/// Makes a VM restored from `snap` resettable to it (the VM keeps `snap`
+/// alive). Call right after the restore.
+pub export fn kvmlab_vm_enable_reset(h: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot) callconv(.c) kvmlab_result {
+    return result(enableReset(h, snap));
+}
+fn enableReset(h: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot) errors.Error!void {
+    try reset_mod.enable(try asVm(h), try asSnap(snap));
+}
+
+/// Puts the VM back to its snapshot: dirty pages, vCPUs, devices.
+pub export fn kvmlab_vm_reset(h: ?*kvmlab_vm, mode: kvmlab_reset_mode, out: ?*kvmlab_reset_times) callconv(.c) kvmlab_result {
+    return result(vmReset(h, mode, out));
+}
+fn vmReset(h: ?*kvmlab_vm, mode: kvmlab_reset_mode, out: ?*kvmlab_reset_times) errors.Error!void {
+    const vm = try asVm(h);
+    var t: reset_mod.Times = .{};
+    try reset_mod.reset(vm, @enumFromInt(@as(u32, @intCast(@intFromEnum(mode)))), &t);
+    if (out) |o| o.* = .{ .dirty_pages = t.dirty_pages, .log_ns = t.log_ns, .memory_ns = t.memory_ns, .vcpu_ns = t.vcpu_ns, .devices_ns = t.devices_ns, .total_ns = t.total_ns };
+}
+
+/// For each of `count` inputs (`input_bytes` each, packed in `inputs`):
+/// write it at `input_gpa`, run (deadline `timeout_ns`, 0 = none), record,
+/// reset. Results go to `out[count]`.
+pub export fn kvmlab_vm_reset_loop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: kvmlab_reset_mode, out: ?[*]kvmlab_loop_result) callconv(.c) kvmlab_result {
+    return result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out));
+}
+fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: kvmlab_reset_mode, out: ?[*]kvmlab_loop_result) errors.Error!void {
+    const vm = try asVm(h);
+    if (count == 0) return;
+    if (count > 1 << 24 or input_bytes > 1 << 20) return errors.fail(error.Config, "reset_loop takes at most 2^24 inputs of at most 1 MiB", .{});
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    try reset_mod.loop(vm, try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, @enumFromInt(@as(u32, @intCast(@intFromEnum(mode)))), o[0..count]);
+}
+
 /// Benchmark floor: times only the bare ioctls and memory operations of a
 /// restore of `snap` into `vm_handle`, a fresh shell from kvmlab_vm_new of the
 /// same shape (free it afterwards; it is not runnable).
@@ -626,6 +682,7 @@ fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: k
 }
 
 test {
+    _ = reset_mod;
     _ = pool_mod;
     _ = state;
     _ = snapshot;

@@ -73,8 +73,20 @@ pub const Snapshot = struct {
     present_pages: u64,
     created_unix_ns: u64,
     stored_bytes: u64,
+    /// Owners: the handle given to the caller, plus each resettable VM that
+    /// restores from it. Freed when the last one lets go.
+    refs: std.atomic.Value(u32) = .init(1),
 
-    pub fn destroy(s: *Snapshot) void {
+    pub fn retain(s: *Snapshot) *Snapshot {
+        _ = s.refs.fetchAdd(1, .acq_rel);
+        return s;
+    }
+
+    pub fn release(s: *Snapshot) void {
+        if (s.refs.fetchSub(1, .acq_rel) == 1) s.destroy();
+    }
+
+    fn destroy(s: *Snapshot) void {
         if (s.memory_owned and s.memory.len > 0) _ = linux.munmap(s.memory.ptr, s.memory.len);
         if (s.file_map.len > 0) _ = linux.munmap(s.file_map.ptr, s.file_map.len);
         if (s.fd >= 0) _ = linux.close(s.fd);

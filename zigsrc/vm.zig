@@ -13,6 +13,7 @@ const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const host = @import("host.zig");
+const snapshot = @import("snapshot.zig");
 
 const allocator = std.heap.c_allocator;
 
@@ -80,6 +81,11 @@ pub const Vm = struct {
     /// When guest memory is a private mapping of a snapshot file: the file's
     /// page map (pages that may be non-zero without being resident). Owned.
     source_page_map: ?[]u8 = null,
+    /// Set when the VM can be reset to the snapshot it was restored from
+    /// (reset.zig): the snapshot (retained) and a bitmap of pages the host
+    /// wrote through write_memory (KVM's dirty log only sees guest writes).
+    reset_snap: ?*snapshot.Snapshot = null,
+    host_dirty: []u64 = &.{},
 
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
@@ -98,7 +104,10 @@ pub const Vm = struct {
         if (linux.errno(addr) != .SUCCESS)
             return errors.fail(error.OutOfMemory, "cannot map {d} MiB of guest memory: {s}", .{ memory_bytes >> 20, @tagName(linux.errno(addr)) });
         vm.mem = @as([*]align(4096) u8, @ptrFromInt(addr))[0..memory_bytes];
-        try vm.setMemorySlot(0);
+        // Dirty logging from the start: it is free until the log is first
+        // read (reset.zig), and enabling it later would be a slot change after
+        // the irqchip exists (the ~11 ms stall).
+        try vm.setMemorySlot(kvm.MEM_LOG_DIRTY_PAGES);
 
         _ = kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_IRQCHIP, 0) catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
         var pit = kvm.PitConfig{};
@@ -141,6 +150,8 @@ pub const Vm = struct {
         if (vm.mem.len > 0) _ = linux.munmap(vm.mem.ptr, vm.mem.len);
         if (vm.console.len > 0) allocator.free(vm.console);
         if (vm.source_page_map) |m| allocator.free(m);
+        if (vm.host_dirty.len > 0) allocator.free(vm.host_dirty);
+        if (vm.reset_snap) |sn| sn.release();
         allocator.destroy(vm);
     }
 
@@ -386,6 +397,14 @@ pub const Vm = struct {
             },
         }
         return true;
+    }
+
+    /// Records host writes to guest memory for reset (no-op unless resettable).
+    pub fn noteHostWrite(vm: *Vm, gpa: u64, len: u64) void {
+        if (vm.host_dirty.len == 0 or len == 0) return;
+        var page = gpa / boot.page_bytes;
+        const last = (gpa + len - 1) / boot.page_bytes;
+        while (page <= last) : (page += 1) vm.host_dirty[@intCast(page / 64)] |= @as(u64, 1) << @intCast(page % 64);
     }
 
     /// A bounds-checked view of guest memory.

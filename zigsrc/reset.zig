@@ -1,0 +1,159 @@
+//! Reset: put a restored VM back to exactly the snapshot it came from by
+//! restoring only what changed. Guest writes come from KVM's dirty log
+//! (every shell has KVM_MEM_LOG_DIRTY_PAGES on its slot), host writes from
+//! the VM's own bitmap; vCPU and device state are restored whole.
+//!
+//! Memory modes: `copy` writes each dirty page back from the snapshot (the
+//! page stays mapped: the next guest write costs one write-protect fault);
+//! `drop` (map-restored VMs only) discards the private copies with
+//! MADV_DONTNEED so the file's pages show through again (the next guest
+//! access costs a fault that maps the page). `auto` picks copy.
+const std = @import("std");
+const linux = std.os.linux;
+const kvm = @import("kvm.zig");
+const errors = @import("errors.zig");
+const boot = @import("boot.zig");
+const state = @import("state.zig");
+const snapshot = @import("snapshot.zig");
+const vm_mod = @import("vm.zig");
+const Vm = vm_mod.Vm;
+
+const allocator = std.heap.c_allocator;
+
+pub const Mode = enum(u32) { auto = 0, copy = 1, drop = 2 };
+
+pub const Times = struct {
+    dirty_pages: u64 = 0,
+    log_ns: u64 = 0,
+    memory_ns: u64 = 0,
+    vcpu_ns: u64 = 0,
+    devices_ns: u64 = 0,
+    total_ns: u64 = 0,
+};
+
+const DirtyLog = extern struct {
+    slot: u32,
+    padding: u32 = 0,
+    bitmap: u64,
+};
+
+fn words(vm: *const Vm) usize {
+    return @intCast((vm.mem.len / boot.page_bytes + 63) / 64);
+}
+
+/// Makes a restored VM resettable to `s` (which it retains). The dirty log is
+/// read once here so that only writes after this point count.
+pub fn enable(vm: *Vm, s: *snapshot.Snapshot) errors.Error!void {
+    if (vm.reset_snap != null) return;
+    if (s.parsed.memory_bytes != vm.mem.len or s.parsed.vcpus != vm.vcpu_count)
+        return errors.fail(error.Snapshot, "the snapshot does not match this VM's shape", .{});
+    vm.host_dirty = allocator.alloc(u64, words(vm)) catch return error.OutOfMemory;
+    @memset(vm.host_dirty, 0);
+    vm.reset_snap = s.retain();
+}
+
+/// Reads and clears KVM's dirty log into `bitmap`.
+fn readLog(vm: *Vm, bitmap: []u64) errors.Error!void {
+    @memset(bitmap, 0);
+    var log = DirtyLog{ .slot = 0, .bitmap = @intFromPtr(bitmap.ptr) };
+    _ = kvm.ioctl(vm.vm_fd, kvm.KVM_GET_DIRTY_LOG, @intFromPtr(&log)) catch return errors.ioctlFailed("KVM_GET_DIRTY_LOG");
+}
+
+pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
+    const s = vm.reset_snap orelse return errors.fail(error.Busy, "this VM was not restored with reset enabled (restore it with resettable=True)", .{});
+    if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
+    defer vm.running.store(false, .release);
+    const use_drop = switch (mode) {
+        .drop => if (vm.source_page_map != null) true else return errors.fail(error.Config, "reset mode 'drop' needs a VM restored with strategy 'map'", .{}),
+        .copy, .auto => false,
+    };
+    const t0 = vm_mod.monotonicNs();
+    var stack_buf: [2048]u64 = undefined; // 512 MiB of guest memory
+    const n = words(vm);
+    const bitmap = if (n <= stack_buf.len) stack_buf[0..n] else (allocator.alloc(u64, n) catch return error.OutOfMemory);
+    defer if (n > stack_buf.len) allocator.free(bitmap);
+    try readLog(vm, bitmap);
+    const t1 = vm_mod.monotonicNs();
+    const golden_map = s.parsed.pageMap();
+    var dirty: u64 = 0;
+    // drop mode: contiguous dirty pages go to one madvise call.
+    var run_start: usize = 0;
+    var run_len: usize = 0;
+    for (bitmap, vm.host_dirty, 0..) |*w, *h, wi| {
+        var bits = w.* | h.*;
+        h.* = 0;
+        while (bits != 0) {
+            const b: u6 = @intCast(@ctz(bits));
+            bits &= bits - 1;
+            const page = wi * 64 + b;
+            const off = page * boot.page_bytes;
+            const dst = vm.mem[off..][0..boot.page_bytes];
+            if (use_drop) {
+                if (run_len > 0 and run_start + run_len == page) {
+                    run_len += 1;
+                } else {
+                    dropRun(vm, run_start, run_len);
+                    run_start = page;
+                    run_len = 1;
+                }
+            } else if ((golden_map[page / 8] >> @intCast(page % 8)) & 1 != 0) {
+                @memcpy(dst, s.memory[off..][0..boot.page_bytes]);
+            } else {
+                @memset(dst, 0);
+            }
+            dirty += 1;
+        }
+    }
+    dropRun(vm, run_start, run_len);
+    const t2 = vm_mod.monotonicNs();
+    var st: state.RestoreTimes = .{};
+    try state.restore(vm, &s.parsed, &st);
+    const t3 = vm_mod.monotonicNs();
+    times.* = .{ .dirty_pages = dirty, .log_ns = t1 - t0, .memory_ns = t2 - t1, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns, .total_ns = t3 - t0 };
+}
+
+fn dropRun(vm: *Vm, first: usize, pages: usize) void {
+    if (pages == 0) return;
+    _ = linux.madvise(vm.mem[first * boot.page_bytes ..].ptr, pages * boot.page_bytes, linux.MADV.DONTNEED);
+}
+
+pub const LoopResult = extern struct {
+    reason: u32,
+    exit_code: u32,
+    checkpoint_tag: u32,
+    /// 1 when the run crashed (the crash message is dropped; reset recovers).
+    crashed: u32,
+    run_ns: u64,
+    reset_ns: u64,
+    dirty_pages: u64,
+    console_bytes: u64,
+};
+
+/// For each input: write it at `input_gpa`, run until the guest stops (or
+/// `timeout_ns`), record the outcome, reset. Python is not on this path.
+pub fn loop(vm: *Vm, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!void {
+    if (vm.reset_snap == null) return errors.fail(error.Busy, "this VM was not restored with reset enabled", .{});
+    if (input_bytes == 0 or inputs.len % input_bytes != 0 or inputs.len / input_bytes != out.len)
+        return errors.fail(error.Config, "inputs ({d} bytes) must be {d} inputs of {d} bytes", .{ inputs.len, out.len, input_bytes });
+    _ = try vm.guestSlice(input_gpa, input_bytes);
+    for (out, 0..) |*r, i| {
+        const dst = try vm.guestSlice(input_gpa, input_bytes);
+        @memcpy(dst, inputs[i * input_bytes ..][0..input_bytes]);
+        vm.noteHostWrite(input_gpa, input_bytes);
+        r.* = std.mem.zeroes(LoopResult);
+        if (vm.run(timeout_ns)) |o| {
+            r.reason = @intFromEnum(o.reason);
+            r.exit_code = o.exit_code;
+            r.checkpoint_tag = o.checkpoint_tag;
+            r.run_ns = o.elapsed_ns;
+        } else |e| switch (e) {
+            error.GuestCrash => r.crashed = 1,
+            else => return e,
+        }
+        r.console_bytes = vm.console_len + vm.console_dropped;
+        var t: Times = .{};
+        try reset(vm, mode, &t);
+        r.reset_ns = t.total_ns;
+        r.dirty_pages = t.dirty_pages;
+    }
+}
