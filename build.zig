@@ -1,10 +1,19 @@
 //! kvmlab build: the core shared library, the generated C header, the built-in
-//! guest images, and the Zig unit tests.
+//! guest images, and the Zig unit tests. Needs Zig 0.17.1 (`python -m ziglang`).
 //!
 //!   zig build -Dcpu=baseline --release=safe   -> zig-out/lib/libkvmlab.so,
 //!                                                zig-out/include/kvmlab.h,
 //!                                                zig-out/guests/<name>.bin
-//!   zig build test                             -> runs the unit tests
+//!   zig build test                             -> runs the unit tests, and
+//!                                                checks kvmlab.h against Zig's
+//!                                                struct layouts with a C compile
+//!
+//!   zig build native -Dcpu=baseline --release=safe
+//!                                           -> the same into kvmlab/_native/ of
+//!                                              the source tree (editable installs)
+//!
+//! Options: -Dguests=false skips the guest images (library + header only).
+//! The CPU defaults to `baseline` (portable artifacts); -Dcpu=native opts in.
 //!
 //! The Python build hook (hatch_build.py) runs this and copies zig-out into
 //! kvmlab/_native/.
@@ -15,8 +24,9 @@ const std = @import("std");
 const guest_names = [_][]const u8{ "hello", "counter", "memtouch", "spin", "crash", "service" };
 
 pub fn build(b: *std.Build) void {
-    const target = b.standardTargetOptions(.{});
-    const optimize = b.standardOptimizeOption(.{ .preferred_optimize_mode = .ReleaseSafe });
+    const target = b.standardTargetOptions(.{ .default_target = .{ .cpu_model = .baseline } });
+    const optimize = b.standardOptimizeOption(.{ .preferred_optimize_mode = .safe });
+    const with_guests = b.option(bool, "guests", "Build the guest images (default: true)") orelse true;
 
     // --- core shared library -------------------------------------------------
     const core_mod = b.createModule(.{
@@ -24,35 +34,48 @@ pub fn build(b: *std.Build) void {
         .target = target,
         .optimize = optimize,
         .link_libc = true,
-        .strip = optimize != .Debug,
+        .strip = optimize != .debug,
         .pic = true,
     });
     const lib = b.addLibrary(.{ .name = "kvmlab", .linkage = .dynamic, .root_module = core_mod });
     b.installArtifact(lib);
 
     // --- header generated from the C ABI declarations --------------------------
+    // gen_header.zig imports capi.zig and reflects over its pub decls, so it is
+    // compiled (for the build host) with the same libc setting as the core.
     const gen_mod = b.createModule(.{
         .root_source_file = b.path("zigsrc/gen_header.zig"),
         .target = b.graph.host,
-        .optimize = .Debug,
+        .optimize = .debug,
+        .link_libc = true,
     });
     const gen = b.addExecutable(.{ .name = "gen_header", .root_module = gen_mod });
     const gen_run = b.addRunArtifact(gen);
+    gen_run.expectExitCode(0);
     const header = gen_run.captureStdOut(.{});
     b.getInstallStep().dependOn(&b.addInstallFileWithDir(header, .header, "kvmlab.h").step);
 
     // --- guests ---------------------------------------------------------------
+    // No SSE in guests: kvm_pvm emulates CPL0 code, and its emulator stops
+    // with an internal error on SSE instructions (guests must run at CPL0 too).
     const guest_target = b.resolveTargetQuery(.{
         .cpu_arch = .x86_64,
         .os_tag = .freestanding,
         .abi = .none,
         .cpu_model = .baseline,
+        .cpu_features_sub = std.Target.x86.featureSet(&.{ .mmx, .sse, .sse2 }),
+        .cpu_features_add = std.Target.x86.featureSet(&.{.soft_float}),
     });
-    for (guest_names) |name| {
+    // `zig build native`: refresh kvmlab/_native/ in the source tree in place,
+    // the quick loop for an editable install (same layout as hatch_build.py).
+    const native = b.addUpdateSourceFiles();
+    native.addCopyFileToSource(lib.getEmittedBin(), "kvmlab/_native/libkvmlab.so");
+    native.addCopyFileToSource(header, "kvmlab/_native/kvmlab.h");
+    if (with_guests) for (guest_names) |name| {
         const gmod = b.createModule(.{
             .root_source_file = b.path(b.fmt("zigsrc/guests/{s}.zig", .{name})),
             .target = guest_target,
-            .optimize = .ReleaseSmall,
+            .optimize = .small,
             .strip = true,
             .red_zone = false,
             .code_model = .small,
@@ -63,22 +86,56 @@ pub fn build(b: *std.Build) void {
         const exe = b.addExecutable(.{ .name = name, .root_module = gmod });
         exe.setLinkerScript(b.path("zigsrc/guests/guest.ld"));
         exe.entry = .{ .symbol_name = "_start" };
-        const bin = b.addObjCopy(exe.getEmittedBin(), .{ .format = .bin });
+        const bin = b.addObjCopy(exe.getEmittedBin(), .{ .format = .binary });
         const inst = b.addInstallFileWithDir(bin.getOutput(), .{ .custom = "guests" }, b.fmt("{s}.bin", .{name}));
         b.getInstallStep().dependOn(&inst.step);
-    }
+        native.addCopyFileToSource(bin.getOutput(), b.fmt("kvmlab/_native/guests/{s}.bin", .{name}));
+    };
+    const native_step = b.step("native", "Copy the artifacts into kvmlab/_native/ (editable installs)");
+    native_step.dependOn(&native.step);
 
     // --- unit tests -------------------------------------------------------------
+    const test_step = b.step("test", "Run the Zig unit tests and check kvmlab.h");
+
     const test_mod = b.createModule(.{
         .root_source_file = b.path("zigsrc/capi.zig"),
         .target = target,
         .optimize = optimize,
         .link_libc = true,
     });
-    const tests = b.addTest(.{ .root_module = test_mod });
-    const run_tests = b.addRunArtifact(tests);
-    const test_step = b.step("test", "Run the Zig unit tests");
-    test_step.dependOn(&run_tests.step);
-    // The header generator must keep working: build it as part of `test`.
-    test_step.dependOn(&gen_run.step);
+    const tests = b.addTest(.{ .name = "core-tests", .root_module = test_mod });
+    test_step.dependOn(&b.addRunArtifact(tests).step);
+
+    // The header generator's own tests (type mapping, rendering). The filter
+    // keeps capi.zig's tests (reachable through its import) out of this binary.
+    const gen_tests = b.addTest(.{
+        .name = "gen-header-tests",
+        .root_module = gen_mod,
+        .filters = &.{"gen_header:"},
+    });
+    test_step.dependOn(&b.addRunArtifact(gen_tests).step);
+
+    // kvmlab.h must compile as C11 and agree with Zig on every struct size,
+    // field offset and enum value: gen_header --check-c emits _Static_asserts.
+    const check_run = b.addRunArtifact(gen);
+    check_run.addArg("--check-c");
+    check_run.expectExitCode(0);
+    const check_dir = b.addWriteFiles();
+    _ = check_dir.addCopyFile(header, "kvmlab.h");
+    const check_c = check_dir.addCopyFile(check_run.captureStdOut(.{}), "header_check.c");
+    const check_mod = b.createModule(.{
+        .target = target,
+        .optimize = .debug,
+        .link_libc = true,
+    });
+    check_mod.addCSourceFile(.{
+        .file = check_c,
+        .flags = &.{ "-std=c11", "-Wall", "-Wextra", "-Werror" },
+    });
+    const check_obj = b.addObject(.{ .name = "header_check", .root_module = check_mod });
+    test_step.dependOn(&check_obj.step);
+
+    // Only the header (no library, no guests): `zig build header`.
+    const header_step = b.step("header", "Generate zig-out/include/kvmlab.h only");
+    header_step.dependOn(&b.addInstallFileWithDir(header, .header, "kvmlab.h").step);
 }

@@ -1,17 +1,37 @@
-"""The ``kvmlab`` command line: ``kvmlab doctor``, ``kvmlab demo``.
+"""The ``kvmlab`` command line: ``kvmlab doctor``, ``kvmlab demo``,
+``kvmlab snapshot info PATH``.
 
 Each subcommand is a function ``cmd_<name>(args) -> int`` registered in
 :func:`build_parser`; add new ones there.
+
+Plug-in commands: a module listed in :data:`PLUGIN_MODULES` (``kvmlab.bench``)
+that exists is imported, and its ``add_parser(subparsers)`` adds its own
+subcommand(s) to the ``argparse`` subparsers object, setting
+``func=<handler>`` with ``set_defaults`` (``handler(args) -> int``, the exit
+code). If such a module exists but fails to import, its command still
+appears and reports the import error, so the other commands keep working.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
 import os
+import struct
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["main", "build_parser", "REQUIRED_CAPS", "INFO_CAPS", "cpl_loop_image"]
+__all__ = [
+    "main",
+    "build_parser",
+    "REQUIRED_CAPS",
+    "INFO_CAPS",
+    "PLUGIN_MODULES",
+    "cpl_loop_image",
+    "snapshot_header",
+]
 
 #: KVM capabilities kvmlab needs: (name, KVM_CAP_* number).
 REQUIRED_CAPS = [
@@ -196,6 +216,143 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if last.reason == "exit" and last.exit_code == 0 else 1
 
 
+#: Section kinds of the snapshot format (zigsrc/snapshot.zig).
+SECTION_KINDS = {1: "STATE", 2: "MEMORY"}
+ARCHES = {1: "x86_64"}
+
+
+def snapshot_header(raw: bytes) -> dict[str, Any]:
+    """Decodes the 4096-byte snapshot file header (layout drawn in
+    ``zigsrc/snapshot.zig``) for display. It checks nothing: call it only on a
+    file :meth:`kvmlab.Snapshot.load` accepted."""
+    if len(raw) < 384:
+        raise ValueError(f"a snapshot header is 4096 bytes, got {len(raw)}")
+    major, minor, arch, header_bytes, count = struct.unpack_from("<HHIII", raw, 8)
+    memory_bytes, vcpus, flags, created, total, present, crc = struct.unpack_from("<QIIQQQI", raw, 24)
+    sections = []
+    for i in range(min(count, 8)):
+        kind, _r, offset, size, scrc, _r2 = struct.unpack_from("<IIQQII", raw, 128 + 32 * i)
+        sections.append({"index": i, "kind": SECTION_KINDS.get(kind, f"kind {kind}"), "offset": offset, "bytes": size, "crc32c": scrc})
+    return {
+        "magic": raw[:8].decode("ascii", "replace"),
+        "version": f"{major}.{minor}",
+        "arch": ARCHES.get(arch, f"arch {arch}"),
+        "header_bytes": header_bytes,
+        "memory_bytes": memory_bytes,
+        "vcpus": vcpus,
+        "flags": flags,
+        "layout": "packed" if flags & 1 else "full",
+        "created_unix_ns": created,
+        "total_bytes": total,
+        "present_pages": present,
+        "header_crc32c": crc,
+        "sections": sections,
+    }
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_snapshot_info(args: argparse.Namespace) -> int:
+    """Loads a snapshot file (every check, every checksum) and prints its
+    header and sections; exit code 1 with the reason if it is not valid."""
+    from .errors import KvmlabError
+    from .snapshot import Snapshot
+
+    path = args.path
+    try:
+        with Snapshot.load(path) as snap:
+            info = snap.info()
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                hdr = snapshot_header(f.read(4096))
+    except (KvmlabError, OSError, ValueError) as e:
+        print(f"kvmlab snapshot info: {e}", file=sys.stderr)
+        return 1
+    # The header was read again after load() checked the file: make sure it
+    # is the same file (not replaced in between) before showing its fields.
+    same = (hdr["memory_bytes"], hdr["vcpus"], hdr["present_pages"], hdr["created_unix_ns"]) == (
+        info["memory_bytes"], info["vcpus"], info["present_pages"], info["created_unix_ns"]
+    )
+    if not same:
+        print(f"kvmlab snapshot info: {path} changed while it was being read; try again", file=sys.stderr)
+        return 1
+    pages = info["memory_bytes"] // 4096
+    status = "ok"  # load() verified the header and every section checksum
+    if args.json:
+        out = dict(info)
+        out.update(
+            version=hdr["version"],
+            arch=hdr["arch"],
+            layout=hdr["layout"],
+            file_bytes=st.st_size,
+            header_crc32c=hdr["header_crc32c"],
+            header_status=status,
+            sections=[dict(s, status=status) for s in hdr["sections"]],
+        )
+        print(json.dumps(out, indent=2))
+        return 0
+    layout = "full (all-zero pages are holes)" if hdr["layout"] == "full" else "packed (present pages only)"
+    rows = [
+        ("file", str(path)),
+        ("version", hdr["version"]),
+        ("arch", hdr["arch"]),
+        ("guest", info["guest"] or "(unnamed)"),
+        ("memory", f"{info['memory_bytes'] >> 20} MiB ({info['memory_bytes']} bytes, {pages} pages)"),
+        ("vcpus", str(info["vcpus"])),
+        ("created", info["created_at"]),
+        ("layout", layout),
+        ("present pages", f"{info['present_pages']} of {pages} ({_size(info['present_pages'] * 4096)})"),
+        ("stored bytes", f"{info['stored_bytes']} ({_size(info['stored_bytes'])} on disk; file size {st.st_size})"),
+        ("state bytes", str(info["state_bytes"])),
+        ("header crc32c", f"0x{hdr['header_crc32c']:08x} {status}"),
+    ]
+    w = max(len(k) for k, _ in rows) + 1
+    for k, v in rows:
+        print(f"{k + ':':<{w}} {v}")
+    print("sections:")
+    table = [("#", "kind", "offset", "bytes", "crc32c", "check")] + [
+        (str(s["index"]), s["kind"], str(s["offset"]), str(s["bytes"]), f"0x{s['crc32c']:08x}", status)
+        for s in hdr["sections"]
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  " + "  ".join(f"{c:<{widths[i]}}" for i, c in enumerate(r)).rstrip())
+    return 0
+
+
+#: Optional modules that add subcommands (see the module docstring).
+PLUGIN_MODULES = ("kvmlab.bench",)
+
+
+def _add_plugins(sub: Any) -> None:
+    for name in PLUGIN_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                continue
+        except (ImportError, ValueError):
+            continue
+        try:
+            mod = importlib.import_module(name)
+            add_parser = mod.add_parser
+        except Exception as e:  # noqa: BLE001 - keep the other commands usable
+            command = name.rsplit(".", 1)[-1]
+            msg = f"{command} is unavailable: importing {name} failed: {type(e).__name__}: {e}"
+
+            def broken(_args: argparse.Namespace, msg: str = msg) -> int:
+                print(f"kvmlab: {msg}", file=sys.stderr)
+                return 1
+
+            sp = sub.add_parser(command, help=f"(unavailable: {type(e).__name__})", description=msg)
+            sp.set_defaults(func=broken)
+            continue
+        add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmlab", description="KVM VM snapshot/restore experiments.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -213,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--memory-mib", type=int, default=64)
     demo.add_argument("--vcpus", type=int, default=1)
     demo.add_argument("--lines", type=int, default=5, help="console lines to show")
+
+    snap = sub.add_parser("snapshot", help="inspect snapshot files", description="inspect snapshot files")
+    snap_sub = snap.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND")
+    snap_sub.required = True
+    info = snap_sub.add_parser(
+        "info",
+        help="check a snapshot file and print its header and sections",
+        description="Loads a snapshot file (running every check and checksum) and prints its header "
+        "and sections. Exit code 1, with the reason, when the file is not a valid snapshot.",
+    )
+    info.add_argument("path", metavar="PATH", help="a file written by Snapshot.save")
+    info.add_argument("--json", action="store_true", help="print the fields as JSON")
+    info.set_defaults(func=cmd_snapshot_info)
+
+    _add_plugins(sub)
     return p
 
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
@@ -14,7 +18,15 @@ from typing import Union
 from . import _ffi
 from .errors import ConfigError, GuestError
 
-__all__ = ["Guest", "names", "format_args", "MAX_IMAGE_BYTES", "MAX_ARGS_BYTES"]
+__all__ = [
+    "Guest",
+    "names",
+    "format_args",
+    "build_zig",
+    "guest_sdk_dir",
+    "MAX_IMAGE_BYTES",
+    "MAX_ARGS_BYTES",
+]
 
 #: A guest image is loaded into [1 MiB, 4 MiB) of guest memory.
 MAX_IMAGE_BYTES = 3 << 20
@@ -170,3 +182,170 @@ def format_args(args: Mapping[str, object] | str | None) -> str:
     if len(out) > MAX_ARGS_BYTES:
         raise ConfigError(f"guest arguments are {len(out)} bytes; the limit is {MAX_ARGS_BYTES}")
     return out
+
+
+# -- building your own guest in Zig ------------------------------------------------------
+
+#: Files a guest build needs besides the user's source (the built-in guests'
+#: runtime and linker script, see docs/guest-protocol.md "Image layout").
+GUEST_SDK_FILES = ("rt.zig", "guest.ld")
+
+#: The flags the built-in guests are compiled with (build.zig): freestanding
+#: x86_64 for any CPU, small, no red zone (the host may interrupt anywhere),
+#: no PIC (linked at 0x100000), single-threaded, no stack probes.
+ZIG_GUEST_FLAGS = (
+    "-target", "x86_64-freestanding-none",
+    "-mcpu=baseline",
+    "-O", "ReleaseSmall",
+    "-mno-red-zone",
+    "-fstrip",
+    "-fno-PIC",
+    "-mcmodel=small",
+    "-fsingle-threaded",
+    "-fno-stack-check",
+    "-fentry=_start",
+)  # fmt: skip
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}\Z")
+
+
+def guest_sdk_dir() -> Path:
+    """The directory holding ``rt.zig`` and ``guest.ld`` for :func:`build_zig`.
+
+    Looked up in this order: ``$KVMLAB_GUEST_SDK``; ``kvmlab/_native/guest_sdk``
+    (installed packages); ``zigsrc/guests`` of the source tree this package
+    lives in (editable installs). Raises :class:`GuestError` if none has both.
+    """
+    candidates = []
+    env = os.environ.get("KVMLAB_GUEST_SDK")
+    if env:
+        candidates.append(Path(env))
+    candidates.append(_ffi.NATIVE_DIR / "guest_sdk")
+    candidates.append(Path(__file__).resolve().parent.parent / "zigsrc" / "guests")
+    for d in candidates:
+        if all((d / f).is_file() for f in GUEST_SDK_FILES):
+            return d
+    raise GuestError(
+        "the guest SDK (rt.zig, guest.ld) was not found; looked in "
+        + ", ".join(str(c) for c in candidates)
+        + " (set KVMLAB_GUEST_SDK to a directory holding them, e.g. zigsrc/guests of a kvmlab checkout)"
+    )
+
+
+def _zig_command() -> list[str]:
+    try:
+        import ziglang  # noqa: F401  (only to check it is installed)
+    except ImportError:
+        raise GuestError(
+            "building a Zig guest needs the Zig compiler from PyPI: pip install ziglang==0.17.1"
+        ) from None
+    return [sys.executable, "-m", "ziglang"]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvmlab" / "zig-guests"
+
+
+def build_zig(
+    source: Union[str, "os.PathLike[str]"],
+    name: str = "custom",
+    *,
+    timeout_s: float = 300.0,
+    keep_dir: PathLike | None = None,
+) -> Guest:
+    """Compiles a guest written in Zig and returns it as a :class:`Guest`.
+
+    ``source`` is Zig source text (or a path to a ``.zig`` file) written
+    against the guest runtime ``rt.zig`` like the built-in guests::
+
+        const rt = @import("rt.zig");
+        pub const panic = rt.panic;
+        comptime { rt.exportEntry(main); }
+        fn main(vcpu: u64) noreturn {
+            if (vcpu == 0) rt.write("hi\\n");
+            rt.exit(0);
+        }
+
+    It is compiled with the packaged Zig (``python -m ziglang``, PyPI
+    ``ziglang``) for freestanding x86_64 (baseline CPU, ReleaseSmall, no red
+    zone), linked at 0x100000 with ``guest.ld`` and flattened with
+    ``zig objcopy -O binary``: the same recipe as the built-in guests. Zig's
+    cache lives in ``~/.cache/kvmlab/zig-guests`` (a rebuild of unchanged
+    source takes well under a second). ``keep_dir``: also leave the source,
+    ELF and flat image there. Raises :class:`GuestError` with the compiler's
+    messages when the source does not compile.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise GuestError(f"guest name {name!r} must be an identifier-like word (letters, digits, _ or -)")
+    if isinstance(source, os.PathLike):
+        try:
+            text = Path(os.fspath(source)).read_text()
+        except OSError as e:
+            raise GuestError(f"cannot read Zig source {os.fspath(source)!r}: {e.strerror}") from None
+    elif isinstance(source, str):
+        text = source
+    else:
+        raise GuestError(f"source must be Zig source text or a path, got {type(source).__name__}")
+    if not text.strip():
+        raise GuestError("the Zig source is empty")
+    sdk = guest_sdk_dir()
+    zig = _zig_command()
+
+    with tempfile.TemporaryDirectory(prefix="kvmlab-guest-") as tmp:
+        work = Path(tmp)
+        for f in GUEST_SDK_FILES:
+            shutil.copyfile(sdk / f, work / f)
+        # The root file's name only matters for error messages.
+        src = work / f"{name.replace('-', '_')}.zig"
+        src.write_text(text)
+        elf = work / f"{name}.elf"
+        image = work / f"{name}.bin"
+        cache = _cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        steps = [
+            zig + ["build-exe", src.name, *ZIG_GUEST_FLAGS, "-T", "guest.ld", "--name", name,
+                   "--cache-dir", str(cache), f"-femit-bin={elf}"],
+            zig + ["objcopy", "-O", "binary", str(elf), str(image)],
+        ]  # fmt: skip
+        for cmd in steps:
+            try:
+                p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise GuestError(f"zig {cmd[3]} did not finish within {timeout_s} s") from None
+            if p.returncode != 0:
+                msg = (p.stderr or p.stdout).strip().replace(str(work) + os.sep, "")
+                raise GuestError(f"zig {cmd[3]} failed for guest {name!r}:\n{msg}")
+        if keep_dir is not None:
+            out = Path(os.fspath(keep_dir))
+            out.mkdir(parents=True, exist_ok=True)
+            for f in (src, elf, image):
+                shutil.copyfile(f, out / f.name)
+        data = image.read_bytes()
+    return Guest(name, _check_image(data, f"the image built from guest {name!r}"))
+
+
+# -- IPython: %%kvmlab_guest -------------------------------------------------------------
+
+
+def load_ipython_extension(ipython) -> None:  # pragma: no cover - exercised through notebooks
+    """``%load_ext kvmlab.guests`` registers the ``%%kvmlab_guest`` cell magic::
+
+        %%kvmlab_guest hello2
+        const rt = @import("rt.zig");
+        ...
+
+    compiles the cell with :func:`build_zig` and binds the :class:`Guest` to
+    ``hello2`` in the notebook (the name is also the guest's name).
+    """
+
+    def kvmlab_guest(line: str, cell: str):
+        words = line.split()
+        if len(words) != 1 or not words[0].isidentifier():
+            raise GuestError("usage: %%kvmlab_guest VARIABLE  (a Python identifier; the cell is the Zig source)")
+        var = words[0]
+        guest = build_zig(cell, name=var)
+        ipython.user_ns[var] = guest
+        print(f"built {guest!r} -> {var}")
+
+    ipython.register_magic_function(kvmlab_guest, magic_kind="cell", magic_name="kvmlab_guest")

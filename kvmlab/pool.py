@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import weakref
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from . import _ffi
 from .config import VmConfig
-from .errors import ClosedError, ConfigError, SnapshotError
+from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
 from .vm import RunResult, _VmHandle
 
@@ -30,6 +31,13 @@ ffi = _ffi.ffi
 lib = _ffi.lib
 
 STRATEGY_NAMES = {1: "copy", 2: "map"}
+
+#: The core's limit on ``PoolConfig.max_size`` (``max_pool_size`` in zigsrc/pool.zig).
+MAX_POOL_SIZE = 256
+
+#: A restore waiting for room under ``max_in_use`` waits in the core for at most
+#: this long at a time, so ``close()`` on another thread is never held up longer.
+_WAIT_SLICE_NS = 50_000_000
 
 
 def _int(name: str, v: object, lo: int) -> int:
@@ -54,6 +62,8 @@ class PoolConfig:
         _int("max_size", self.max_size, 0)
         if self.max_size == 0:
             raise ConfigError("PoolConfig max_size must be at least 1")
+        if self.max_size > MAX_POOL_SIZE:
+            raise ConfigError(f"PoolConfig max_size={self.max_size} is over the limit of {MAX_POOL_SIZE}")
         if self.min_size > self.max_size:
             raise ConfigError(f"PoolConfig min_size={self.min_size} is larger than max_size={self.max_size}")
         if self.max_in_use is not None:
@@ -104,6 +114,13 @@ def timings_frame(records: Iterable[RestoreTiming]):
     return pd.DataFrame(rows, columns=[f.name for f in fields(RestoreTiming)])
 
 
+def _bytes_view(data: object, what: str) -> memoryview:
+    try:
+        return memoryview(data).cast("B")  # type: ignore[arg-type]
+    except TypeError:
+        raise SnapshotError(f"{what} must be bytes-like (bytes, bytearray, memoryview), got {type(data).__name__}") from None
+
+
 def _wait_ns(timeout_s: float | None) -> int:
     if timeout_s is None:
         return 0
@@ -112,12 +129,27 @@ def _wait_ns(timeout_s: float | None) -> int:
     return max(1, int(min(timeout_s, 1e9) * 1e9))
 
 
+def _release(native_lock: Any, pool_handle: Any, vm_handle: Any) -> None:
+    # Never concurrently with kvmlab_pool_free: in the core both the last
+    # release after close and close itself may free the pool (a double free
+    # when they race), so the two are serialized here.
+    with native_lock:
+        lib.kvmlab_pool_release(pool_handle, vm_handle)
+
+
+def _free_pool(native_lock: Any, pool_handle: Any) -> None:
+    with native_lock:
+        lib.kvmlab_pool_free(pool_handle)
+
+
 class PooledRestoreVm(_VmHandle):
     """A VM restored by a :class:`RestorePool`. ``release()`` (or leaving the
     ``with`` block) hands it back; the pool destroys it off your thread."""
 
-    def __init__(self, handle: Any, config: VmConfig, guest: str, pool_handle: Any, timing: dict[str, int]) -> None:
-        super().__init__(handle, config, guest, free=lambda h, p=pool_handle: lib.kvmlab_pool_release(p, h))
+    def __init__(
+        self, handle: Any, config: VmConfig, guest: str, pool_handle: Any, timing: dict[str, int], native_lock: Any
+    ) -> None:
+        super().__init__(handle, config, guest, free=lambda h, p=pool_handle, lk=native_lock: _release(lk, p, h))
         self._pool_handle = pool_handle
         self._seq = timing["seq"]
         self._first_run_pending = True
@@ -166,7 +198,10 @@ class RestorePool:
         # a freed pool.
         self._cond = threading.Condition()
         self._active = 0
-        self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
+        # Serializes kvmlab_pool_free with kvmlab_pool_release (see _release).
+        # Reentrant: a finalizer may release a VM on a thread that holds it.
+        self._native_lock = threading.RLock()
+        self._finalizer = weakref.finalize(self, _free_pool, self._native_lock, self._handle)
 
     # -- call guard -------------------------------------------------------------------
 
@@ -246,38 +281,66 @@ class RestorePool:
 
     # -- restoring ----------------------------------------------------------------------
 
-    def _finish(self, call, guest: str) -> PooledRestoreVm:
-        h = self._enter()
-        try:
-            out = ffi.new("kvmlab_vm **")
-            t = ffi.new("kvmlab_restore_times *")
-            _ffi.check(call(h, out, t))
-        finally:
-            self._exit()
+    def _finish(self, call, guest: str, timeout_s: float | None) -> PooledRestoreVm:
+        """Runs ``call(handle, out, times, wait_ns)``. A wait for room under
+        ``max_in_use`` is done in slices of at most 50 ms, so that ``close()``
+        on another thread never waits for a long ``timeout_s`` to expire."""
+        wait_ns = _wait_ns(timeout_s)
+        deadline = time.monotonic_ns() + wait_ns
+        waited = 0
+        out = ffi.new("kvmlab_vm **")
+        t = ffi.new("kvmlab_restore_times *")
+        while True:
+            h = self._enter()
+            try:
+                left = deadline - time.monotonic_ns()
+                this_wait = 0 if wait_ns == 0 else max(1, min(left, _WAIT_SLICE_NS))
+                t0 = time.monotonic_ns()
+                rc = int(call(h, out, t, this_wait))
+                err = None if rc == 0 else _ffi.error_for(rc)
+            finally:
+                self._exit()
+            if err is None:
+                break
+            if isinstance(err, PoolExhaustedError) and wait_ns and time.monotonic_ns() < deadline:
+                waited += time.monotonic_ns() - t0
+                continue
+            if isinstance(err, PoolExhaustedError) and wait_ns:
+                cap = self.pool_config.max_in_use
+                raise PoolExhaustedError(
+                    f"no VM was released within timeout_s={timeout_s} ({cap} in use, max_in_use={cap})"
+                )
+            raise err
         timing = {name: int(getattr(t, name)) for name, _f in ffi.typeof("kvmlab_restore_times").fields}
-        return PooledRestoreVm(out[0], self.vm_config, guest, h, timing)
+        if waited:
+            # Earlier wait slices; the core's record (pool.timings()) has the last one only.
+            timing["acquire_ns"] += waited
+            timing["total_ns"] += waited
+        return PooledRestoreVm(out[0], self.vm_config, guest, h, timing, self._native_lock)
 
     def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
         """Restores from raw parts, as the reference API: ``memory`` is a dense
         buffer of guest memory (e.g. ``snap.memory``), ``vcpu_state`` the state
         blob (``snap.vcpu_state``). ``timeout_s`` waits for room under ``max_in_use``."""
-        mem = memoryview(memory).cast("B")
-        st = memoryview(vcpu_state).cast("B")
-        wait = _wait_ns(timeout_s)
+        mem = _bytes_view(memory, "memory")
+        st = _bytes_view(vcpu_state, "vcpu_state")
         return self._finish(
-            lambda h, out, t: lib.kvmlab_pool_restore_parts(
+            lambda h, out, t, wait: lib.kvmlab_pool_restore_parts(
                 h, ffi.from_buffer("uint8_t[]", mem), len(mem), ffi.from_buffer("uint8_t[]", st), len(st), wait, out, t
             ),
             "raw",
+            timeout_s,
         )
 
     def restore_from_bytes(self, data, timeout_s: float | None = None) -> PooledRestoreVm:
         """Restores from a full self-describing snapshot (``snap.to_bytes()``)."""
-        view = memoryview(data).cast("B")
-        wait = _wait_ns(timeout_s)
+        view = _bytes_view(data, "data")
         return self._finish(
-            lambda h, out, t: lib.kvmlab_pool_restore_bytes(h, ffi.from_buffer("uint8_t[]", view), len(view), wait, out, t),
+            lambda h, out, t, wait: lib.kvmlab_pool_restore_bytes(
+                h, ffi.from_buffer("uint8_t[]", view), len(view), wait, out, t
+            ),
             "bytes",
+            timeout_s,
         )
 
     def restore_snapshot(self, snap: Snapshot, strategy: str = "auto", timeout_s: float | None = None) -> PooledRestoreVm:
@@ -287,9 +350,13 @@ class RestorePool:
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
         code = strategy_code(strategy)
-        wait = _wait_ns(timeout_s)
+        _wait_ns(timeout_s)  # validate before touching the snapshot
         with snap._use() as sh:
-            return self._finish(lambda h, out, t: lib.kvmlab_pool_restore_snapshot(h, sh, code, wait, out, t), snap.guest)
+            return self._finish(
+                lambda h, out, t, wait: lib.kvmlab_pool_restore_snapshot(h, sh, code, wait, out, t),
+                snap.guest,
+                timeout_s,
+            )
 
     # -- lifetime -------------------------------------------------------------------------
 

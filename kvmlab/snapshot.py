@@ -24,7 +24,7 @@ from typing import Any
 
 from . import _ffi
 from .config import VmConfig
-from .errors import BusyError, ClosedError, ConfigError, SnapshotError
+from .errors import ClosedError, ConfigError, SnapshotError
 
 __all__ = ["Snapshot", "STRATEGIES"]
 
@@ -42,13 +42,43 @@ def strategy_code(strategy: str) -> int:
         raise ConfigError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}") from None
 
 
+class _NativeOwner:
+    """Owns one native ``kvmlab_snapshot``: it is freed when the last
+    reference is dropped. The :class:`Snapshot` holds one (dropped by
+    ``close()`` or when it is garbage-collected) and every buffer handed out by
+    :attr:`Snapshot.memory` holds one until the last view or slice of it is
+    gone, so no buffer can outlive the memory it points into."""
+
+    __slots__ = ("_handle", "_refs", "_lock")
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._handle is None:
+                raise ClosedError("this snapshot is closed")
+            self._refs += 1
+
+    def release(self, _cdata: Any = None) -> None:
+        with self._lock:
+            self._refs -= 1
+            if self._refs > 0 or self._handle is None:
+                return
+            h, self._handle = self._handle, None
+        lib.kvmlab_snapshot_free(h)
+
+
 class Snapshot:
     """A captured VM: guest memory plus all vCPU, device and host-side state.
 
     Get one from :meth:`Vm.snapshot` (in memory), :meth:`Snapshot.load` (a
     file, mapped, memory not read into the heap) or :meth:`Snapshot.from_bytes`.
-    ``close()`` frees it (also a context manager); views from :attr:`memory`
-    are released then.
+    ``close()`` frees it (also a context manager). Views from :attr:`memory`
+    are released then; slices or exports taken from them keep the memory
+    valid until they are gone.
     """
 
     def __init__(self, handle: Any, path: Path | None = None) -> None:
@@ -58,8 +88,9 @@ class Snapshot:
         # Native calls in flight (restores from other threads): close() waits.
         self._active = 0
         self._idle = threading.Condition(self._lock)
-        self._views: list[memoryview] = []
-        self._finalizer = weakref.finalize(self, lib.kvmlab_snapshot_free, handle)
+        self._views: list[weakref.ref[memoryview]] = []
+        self._owner = _NativeOwner(handle)
+        self._finalizer = weakref.finalize(self, self._owner.release)
         info = ffi.new("kvmlab_snapshot_info *")
         _ffi.check(lib.kvmlab_snapshot_get_info(handle, info))
         self._info = {
@@ -87,7 +118,10 @@ class Snapshot:
         """Checks and copies an encoded snapshot (from :meth:`to_bytes` or a file's bytes)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise SnapshotError(f"snapshot data must be bytes-like, got {type(data).__name__}")
-        view = memoryview(data).cast("B")
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError as e:  # e.g. a non-contiguous slice
+            raise SnapshotError(f"snapshot data must be one contiguous buffer: {e}") from None
         out = ffi.new("kvmlab_snapshot **")
         _ffi.check(lib.kvmlab_snapshot_from_bytes(ffi.from_buffer("uint8_t[]", view), len(view), out))
         return cls(out[0])
@@ -100,14 +134,24 @@ class Snapshot:
         pages copy-on-write; the file is never written.
         """
         p = Path(path)
+        # Refuse anything but a regular file before the core opens it (opening
+        # a FIFO would block; a device or directory is never a snapshot).
         try:
             st = p.stat()
-        except OSError as e:
-            raise SnapshotError(f"cannot open snapshot {p}: {e.strerror}") from None
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise SnapshotError(f"cannot open snapshot {p}: {why}") from None
         if not stat.S_ISREG(st.st_mode):
             raise SnapshotError(f"{p} is not a regular file; a snapshot is a file written by Snapshot.save")
         out = ffi.new("kvmlab_snapshot **")
-        _ffi.check(lib.kvmlab_snapshot_load(os.fsencode(p), out))
+        try:
+            _ffi.check(lib.kvmlab_snapshot_load(os.fsencode(p), out))
+        except SnapshotError as e:
+            # The core's message says what is wrong; add which file, once.
+            msg = str(e)
+            if str(p) not in msg:
+                raise SnapshotError(f"{p}: {msg}") from None
+            raise
         return cls(out[0], path=p)
 
     # -- encoding -----------------------------------------------------------------
@@ -149,11 +193,19 @@ class Snapshot:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the snapshot to ``path`` atomically (temp file, fsync, rename),
-        mode 0600, zero pages as holes. A missing parent directory is created 0700."""
+        mode 0600, zero pages as holes. Missing parent directories are created 0700."""
         p = Path(path)
         if p.exists() and not p.is_file():
             raise SnapshotError(f"{p} exists and is not a regular file")
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            # Every missing directory is created 0700 (Path.mkdir(parents=True)
+            # would give the intermediate ones the default mode).
+            for d in reversed([p.parent, *p.parent.parents]):
+                if not d.exists():
+                    d.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            # Same class as the core's own "cannot create" errors.
+            raise ConfigError(f"cannot create the directory of {p}: {e.strerror or e}") from None
         with self._lock:
             _ffi.check(lib.kvmlab_snapshot_save(self._live(), os.fsencode(p)))
         return p
@@ -164,15 +216,26 @@ class Snapshot:
     def memory(self) -> memoryview:
         """Guest memory as a read-only buffer (``memory_bytes`` long, no copy).
 
-        Valid until the snapshot is closed; ``close()`` releases it.
+        ``close()`` releases the view returned here; the memory itself stays
+        valid while a slice or export of it is alive (the native snapshot is
+        freed after the last one is gone), so it can never dangle.
         """
         with self._lock:
             h = self._live()
             ptr = ffi.new("uint8_t **")
             n = ffi.new("uint64_t *")
             _ffi.check(lib.kvmlab_snapshot_memory(h, ptr, n))
-            view = memoryview(ffi.buffer(ptr[0], n[0])).toreadonly()
-            self._views.append(view)
+            self._owner.acquire()
+            try:
+                # The buffer keeps `keeper` alive; collecting it (after the last
+                # view, slice or export of the buffer) drops the reference.
+                keeper = ffi.gc(ffi.cast("uint8_t *", ptr[0]), self._owner.release)
+            except BaseException:
+                self._owner.release()
+                raise
+            view = memoryview(ffi.buffer(keeper, n[0])).toreadonly()
+            self._views = [r for r in self._views if r() is not None]
+            self._views.append(weakref.ref(view))
             return view
 
     @property
@@ -241,18 +304,24 @@ class Snapshot:
         return self._handle is None
 
     def close(self) -> None:
-        """Frees the snapshot. Idempotent. Raises BusyError while slices of
-        :attr:`memory` are still alive (release them first)."""
+        """Frees the snapshot. Idempotent; waits for restores from other threads.
+
+        The views returned by :attr:`memory` are released (using one raises
+        ``ValueError``). Slices or other exports of them that are still alive
+        keep the snapshot's memory mapped until they are gone."""
         with self._lock:
             if self._handle is None:
                 return
             while self._active:
                 self._idle.wait()
-            for v in self._views:
+            for ref in self._views:
+                v = ref()
+                if v is None:
+                    continue
                 try:
                     v.release()
                 except BufferError:
-                    raise BusyError("views of snap.memory are still in use: release them before close()") from None
+                    pass  # exported (e.g. to numpy): the owner keeps the memory alive
             self._views.clear()
             self._handle = None
             self._finalizer()

@@ -21,7 +21,7 @@ pub fn restoreFloor(vm: *Vm, s: *const snapshot.Snapshot, use_map: bool, times: 
         const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, s.fd, @intCast(s.memory_offset));
         if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mmap failed", .{});
     } else {
-        snapshot.copyPresent(vm.mem, s.memory, p.pageMap(), false);
+        try snapshot.copyPresent(vm.mem, s.memory, p.pageMap(), false, s.fileBacked());
     }
     const t1 = vm_mod.monotonicNs();
     const seq = [_]struct { tag: state.Tag, req: u32 }{

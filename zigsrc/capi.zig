@@ -18,6 +18,8 @@ const snapshot = @import("snapshot.zig");
 const pool_mod = @import("pool.zig");
 const bench = @import("bench.zig");
 const reset_mod = @import("reset.zig");
+const fault = @import("fault.zig");
+const safe = @import("safe.zig");
 
 /// Bumped on any incompatible change of a signature or struct below.
 pub const abi_version: u32 = 1;
@@ -301,7 +303,7 @@ fn readMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.Error!vo
     const src = try vm.guestSlice(gpa, len);
     if (len == 0) return;
     const dst = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
-    @memcpy(dst[0..len], src);
+    try safe.copyMaybeMapped(dst[0..len], src, vm.source_page_map != null);
 }
 
 pub export fn kvmlab_vm_write_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) callconv(.c) kvmlab_result {
@@ -310,6 +312,13 @@ pub export fn kvmlab_vm_write_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8
 fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.Error!void {
     const vm = try asVm(h);
     const dst = try vm.guestSlice(gpa, len);
+    if (vm.source_page_map != null and len > 0) {
+        // Writing a private file page reads it first (copy-on-write): make
+        // sure that read cannot fault.
+        var probe: [1]u8 = undefined;
+        var at: usize = 0;
+        while (at < len) : (at += @intCast(boot.page_bytes - ((gpa + at) % boot.page_bytes))) try safe.copy(&probe, dst[at..][0..1]);
+    }
     @memcpy(dst, try bytesOf(buf, len));
     vm.noteHostWrite(gpa, len);
 }
@@ -402,7 +411,7 @@ fn snapToBytes(h: ?*const kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_byt
     o.* = n;
     const b = buf orelse return;
     if (capacity < n) return errors.fail(error.Config, "buffer of {d} bytes is smaller than the {d}-byte snapshot", .{ capacity, n });
-    snapshot.toBytes(s, b[0..n]);
+    try snapshot.toBytes(s, b[0..n]);
 }
 
 /// Copies the state blob (everything but memory) into buf; NULL buf: size only.
@@ -594,7 +603,7 @@ fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy
         .copy => false,
     };
     const file: ?snapshot.FileSource = if (use_map) .{ .fd = s.fd, .offset = s.memory_offset } else null;
-    try poolFinish(p, .{ .parsed = &s.parsed, .memory = s.memory, .packed_layout = false, .file = file }, wait_ns, out, times);
+    try poolFinish(p, .{ .parsed = &s.parsed, .memory = s.memory, .packed_layout = false, .source_mapped = s.fileBacked(), .file = file }, wait_ns, out, times);
 }
 
 /// Restores from raw parts: dense guest memory and a state blob.
@@ -606,7 +615,7 @@ fn poolRestoreParts(h: ?*kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize,
     const parsed = try state.parse(try bytesOf(vcpu_state, state_bytes));
     if (memory_bytes != parsed.memory_bytes)
         return errors.fail(error.Snapshot, "memory buffer is {d} bytes; the vCPU state describes {d} MiB", .{ memory_bytes, parsed.memory_bytes >> 20 });
-    try poolFinish(p, .{ .parsed = &parsed, .memory = try bytesOf(memory, memory_bytes), .packed_layout = false, .file = null }, wait_ns, out, times);
+    try poolFinish(p, .{ .parsed = &parsed, .memory = try bytesOf(memory, memory_bytes), .packed_layout = false, .source_mapped = true, .file = null }, wait_ns, out, times);
 }
 
 /// Restores from an encoded snapshot (checked first), copying its memory.
@@ -616,7 +625,7 @@ pub export fn kvmlab_pool_restore_bytes(h: ?*kvmlab_pool, data: ?[*]const u8, le
 fn poolRestoreBytes(h: ?*kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
     const p = try asPool(h);
     const c = try snapshot.check(try bytesOf(data, len));
-    try poolFinish(p, .{ .parsed = &c.parsed, .memory = c.memory, .packed_layout = c.packed_layout, .file = null }, wait_ns, out, times);
+    try poolFinish(p, .{ .parsed = &c.parsed, .memory = c.memory, .packed_layout = c.packed_layout, .source_mapped = false, .file = null }, wait_ns, out, times);
 }
 
 /// Gives a pooled VM back (it must come from this pool); it is destroyed off
@@ -661,6 +670,17 @@ fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: us
     try reset_mod.loop(vm, try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, @enumFromInt(@as(u32, @intCast(@intFromEnum(mode)))), o[0..count]);
 }
 
+/// TEST ONLY: makes shell-creation step `site` (1 create_vm, 2 memory, 3 slot,
+/// 4 irqchip, 5 pit, 6 vcpu, 7 vcpu_mmap, 8 cpuid) fail after passing `after`
+/// more times; site 0 disarms.
+pub export fn kvmlab_fault_inject(site: u32, after: u32) callconv(.c) kvmlab_result {
+    if (site == 0) {
+        fault.arm(0, 0) catch {};
+        return .ok;
+    }
+    return result(fault.arm(site, after));
+}
+
 /// Benchmark floor: times only the bare ioctls and memory operations of a
 /// restore of `snap` into `vm_handle`, a fresh shell from kvmlab_vm_new of the
 /// same shape (free it afterwards; it is not runnable).
@@ -682,6 +702,7 @@ fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: k
 }
 
 test {
+    _ = safe;
     _ = reset_mod;
     _ = pool_mod;
     _ = state;

@@ -108,11 +108,11 @@ pub fn ioctlFailed(what: []const u8) Error {
 }
 
 test "messages are NUL-terminated and cut when too long" {
-    _ = fail(error.Config, "bad value {d}", .{42});
+    try std.testing.expectEqual(error.Config, fail(error.Config, "bad value {d}", .{42}));
     try std.testing.expectEqualStrings("bad value 42", std.mem.span(message()));
     var long: [3000]u8 = undefined;
     @memset(&long, 'x');
-    _ = fail(error.Config, "{s}", .{@as([]const u8, &long)});
+    try std.testing.expectEqual(error.Config, fail(error.Config, "{s}", .{@as([]const u8, &long)}));
     const m = std.mem.span(message());
     try std.testing.expectEqual(@as(usize, message_capacity - 1), m.len);
     try std.testing.expect(std.mem.endsWith(u8, m, "..."));

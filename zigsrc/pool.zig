@@ -201,6 +201,8 @@ pub const Pool = struct {
         parsed: *const state.Parsed,
         memory: []const u8,
         packed_layout: bool,
+        /// The memory is a mapping of a file (copy with SIGBUS-safe reads).
+        source_mapped: bool,
         file: ?snapshot.FileSource,
     };
 
@@ -255,7 +257,7 @@ pub const Pool = struct {
             p.unlockIt();
         }
         const t1 = vm_mod.monotonicNs();
-        snapshot.restoreInto(shell, src.parsed, src.memory, src.packed_layout, src.file, times) catch |e| {
+        snapshot.restoreInto(shell, src.parsed, src.memory, src.packed_layout, src.source_mapped, src.file, times) catch |e| {
             p.lockIt();
             p.failures += 1;
             p.queueDead(shell);

@@ -16,6 +16,7 @@ const boot = @import("boot.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
 const vm_mod = @import("vm.zig");
+const safe = @import("safe.zig");
 const Vm = vm_mod.Vm;
 
 const allocator = std.heap.c_allocator;
@@ -97,7 +98,7 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
                     run_len = 1;
                 }
             } else if ((golden_map[page / 8] >> @intCast(page % 8)) & 1 != 0) {
-                @memcpy(dst, s.memory[off..][0..boot.page_bytes]);
+                try safe.copyMaybeMapped(dst, s.memory[off..][0..boot.page_bytes], s.fileBacked());
             } else {
                 @memset(dst, 0);
             }

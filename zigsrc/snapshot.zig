@@ -36,6 +36,7 @@ const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const state = @import("state.zig");
 const vm_mod = @import("vm.zig");
+const safe = @import("safe.zig");
 const Vm = vm_mod.Vm;
 
 const allocator = std.heap.c_allocator;
@@ -156,9 +157,13 @@ pub fn capture(vm: *Vm) errors.Error!*Snapshot {
     while (i < pages) : (i += 1) {
         const maybe = (resident[@intCast(i)] & 1) != 0 or (if (vm.source_page_map) |m| isPresent(m, i) else false);
         if (!maybe) continue;
-        const src: *const [page]u8 = @ptrCast(vm.mem[@intCast(i * page)..][0..page]);
-        if (isZeroPage(src)) continue;
-        @memcpy(memory[@intCast(i * page)..][0..page], src);
+        const dst: *[page]u8 = @ptrCast(memory[@intCast(i * page)..][0..page]);
+        // A map-restored VM's memory is a file mapping: copy it safely first.
+        try safe.copyMaybeMapped(dst, vm.mem[@intCast(i * page)..][0..page], vm.source_page_map != null);
+        if (isZeroPage(dst)) {
+            @memset(dst, 0);
+            continue;
+        }
         map[@intCast(i / 8)] |= @as(u8, 1) << @intCast(i % 8);
         present += 1;
     }
@@ -249,7 +254,7 @@ fn headerCrc(h: *const [header_bytes]u8) u32 {
 }
 
 /// The packed encoding, written into `out` (which must be encodedBytes long).
-pub fn toBytes(s: *const Snapshot, out: []u8) void {
+pub fn toBytes(s: *const Snapshot, out: []u8) errors.Error!void {
     std.debug.assert(out.len == encodedBytes(s, true));
     const map = s.parsed.pageMap();
     const pages = state.pageCount(s.parsed.memory_bytes);
@@ -262,7 +267,7 @@ pub fn toBytes(s: *const Snapshot, out: []u8) void {
     while (i < pages) : (i += 1) {
         if (!isPresent(map, i)) continue;
         const dst = out[@intCast(mem_off + k * page)..][0..page];
-        @memcpy(dst, s.memory[@intCast(i * page)..][0..page]);
+        try safe.copyMaybeMapped(dst, s.memory[@intCast(i * page)..][0..page], s.fileBacked());
         crc.update(dst);
         k += 1;
     }
@@ -355,21 +360,28 @@ fn fromChecked(c: Checked, stored_bytes: u64) errors.Error!*Snapshot {
     const memory = try anonMap(c.parsed.memory_bytes);
     errdefer _ = linux.munmap(memory.ptr, memory.len);
     const parsed = state.parse(blob) catch unreachable; // same bytes as checked
-    copyPresent(memory, c.memory, parsed.pageMap(), c.packed_layout);
+    try copyPresent(memory, c.memory, parsed.pageMap(), c.packed_layout, true);
     const s = allocator.create(Snapshot) catch return error.OutOfMemory;
     s.* = .{ .blob = blob, .parsed = parsed, .memory = memory, .memory_owned = true, .present_pages = c.present_pages, .created_unix_ns = c.created_unix_ns, .stored_bytes = stored_bytes };
     return s;
 }
 
 /// Copies the present pages from a packed or dense source into dense memory.
-pub fn copyPresent(dst: []u8, src: []const u8, map: []const u8, packed_layout: bool) void {
+pub fn copyPresent(dst: []u8, src: []const u8, map: []const u8, packed_layout: bool, src_mapped: bool) errors.Error!void {
     const pages = dst.len / page;
     var i: u64 = 0;
     var k: u64 = 0;
     while (i < pages) : (i += 1) {
         if (!isPresent(map, i)) continue;
-        const at = if (packed_layout) k * page else i * page;
-        @memcpy(dst[@intCast(i * page)..][0..page], src[@intCast(at)..][0..page]);
+        if (!packed_layout) {
+            // Runs of present pages in one copy (one syscall on the safe path).
+            var j = i;
+            while (j < pages and isPresent(map, j)) j += 1;
+            try safe.copyMaybeMapped(dst[@intCast(i * page)..@intCast(j * page)], src[@intCast(i * page)..@intCast(j * page)], src_mapped);
+            i = j - 1;
+            continue;
+        }
+        try safe.copyMaybeMapped(dst[@intCast(i * page)..][0..page], src[@intCast(k * page)..][0..page], src_mapped);
         k += 1;
     }
 }
@@ -495,7 +507,7 @@ pub const RestoreTimes = struct { memory_ns: u64 = 0, vcpu_ns: u64 = 0, devices_
 /// Restores into a fresh shell (never run, zeroed memory) of the same shape.
 pub const FileSource = struct { fd: linux.fd_t, offset: u64 };
 
-pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, packed_layout: bool, file: ?FileSource, times: *RestoreTimes) errors.Error!void {
+pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, packed_layout: bool, source_mapped: bool, file: ?FileSource, times: *RestoreTimes) errors.Error!void {
     if (parsed.memory_bytes != vm.mem.len or parsed.vcpus != vm.vcpu_count)
         return errors.fail(error.Snapshot, "snapshot is {d} MiB with {d} vCPU(s); the VM shell is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, vm.mem.len >> 20, vm.vcpu_count });
     if (vm.booted) return errors.fail(error.Busy, "restore needs an empty VM shell", .{});
@@ -509,7 +521,7 @@ pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, pac
         if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: {s}", .{@tagName(linux.errno(addr))});
         vm.source_page_map = allocator.dupe(u8, map) catch return error.OutOfMemory;
     } else {
-        copyPresent(vm.mem, memory, map, packed_layout);
+        try copyPresent(vm.mem, memory, map, packed_layout, source_mapped);
     }
     const t1 = vm_mod.monotonicNs();
     var st: state.RestoreTimes = .{};
@@ -527,9 +539,9 @@ pub fn restoreSnapshot(vm: *Vm, s: *const Snapshot, strategy: Strategy, times: *
         .copy => false,
     };
     if (use_map) {
-        try restoreInto(vm, &s.parsed, s.memory, false, .{ .fd = s.fd, .offset = s.memory_offset }, times);
+        try restoreInto(vm, &s.parsed, s.memory, false, true, .{ .fd = s.fd, .offset = s.memory_offset }, times);
     } else {
-        try restoreInto(vm, &s.parsed, s.memory, false, null, times);
+        try restoreInto(vm, &s.parsed, s.memory, false, s.fileBacked(), null, times);
     }
 }
 

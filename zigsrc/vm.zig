@@ -14,6 +14,7 @@ const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const host = @import("host.zig");
 const snapshot = @import("snapshot.zig");
+const fault = @import("fault.zig");
 
 const allocator = std.heap.c_allocator;
 
@@ -97,9 +98,11 @@ pub const Vm = struct {
         vm.* = .{};
         errdefer vm.destroy();
 
+        try fault.check(.create_vm);
         vm.vm_fd = @intCast(kvm.ioctl(h.fd, kvm.KVM_CREATE_VM, 0) catch return errors.ioctlFailed("KVM_CREATE_VM"));
         _ = kvm.ioctl(vm.vm_fd, kvm.KVM_SET_TSS_ADDR, tss_addr) catch {};
 
+        try fault.check(.memory);
         const addr = linux.mmap(null, memory_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
         if (linux.errno(addr) != .SUCCESS)
             return errors.fail(error.OutOfMemory, "cannot map {d} MiB of guest memory: {s}", .{ memory_bytes >> 20, @tagName(linux.errno(addr)) });
@@ -107,21 +110,27 @@ pub const Vm = struct {
         // Dirty logging from the start: it is free until the log is first
         // read (reset.zig), and enabling it later would be a slot change after
         // the irqchip exists (the ~11 ms stall).
+        try fault.check(.slot);
         try vm.setMemorySlot(kvm.MEM_LOG_DIRTY_PAGES);
 
+        try fault.check(.irqchip);
         _ = kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_IRQCHIP, 0) catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
         var pit = kvm.PitConfig{};
+        try fault.check(.pit);
         _ = kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_PIT2, @intFromPtr(&pit)) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
 
         vm.run_bytes = h.vcpu_mmap_bytes;
         var i: u32 = 0;
         while (i < vcpu_count) : (i += 1) {
             const v = &vm.vcpus[i];
+            try fault.check(.vcpu);
             v.fd = @intCast(kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_VCPU, i) catch return errors.ioctlFailed("KVM_CREATE_VCPU"));
             vm.vcpu_count = i + 1;
+            try fault.check(.vcpu_mmap);
             const r = linux.mmap(null, vm.run_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .SHARED }, v.fd, 0);
             if (linux.errno(r) != .SUCCESS) return errors.fail(error.KvmFailed, "mmap of kvm_run failed: {s}", .{@tagName(linux.errno(r))});
             v.run = @ptrFromInt(r);
+            try fault.check(.cpuid);
             try host.setVcpuCpuid(v.fd, i);
         }
         return vm;
@@ -321,6 +330,7 @@ pub const Vm = struct {
                     }
                     continue;
                 },
+                .FAULT => return vm.crash(index, "KVM_RUN failed: guest memory could not be accessed (EFAULT); if the VM was restored with strategy 'map', its snapshot file was probably truncated or replaced while mapped", .{}),
                 else => |e| return vm.crash(index, "KVM_RUN failed: {s}", .{@tagName(e)}),
             }
             switch (r.exit_reason) {
