@@ -28,12 +28,15 @@ from .errors import (
     PoolExhaustedError,
     SnapshotError,
 )
+from .fork import ForkSet, fork_many
 from .guests import Guest
 from .pool import PoolConfig, PooledRestoreVm, PoolStats, RestorePool, RestoreTiming, timings_frame
 from .snapshot import Snapshot
 from .vm import RunResult, Vm
 
 __all__ = [
+    "fork_many",
+    "ForkSet",
     "Snapshot",
     "RestorePool",
     "PoolConfig",
