@@ -103,7 +103,9 @@ pub fn build(b: *std.Build) void {
         .optimize = optimize,
         .link_libc = true,
     });
-    const tests = b.addTest(.{ .name = "core-tests", .root_module = test_mod });
+    // LLVM: `zig build test --fuzz=N` needs its coverage instrumentation
+    // (the self-hosted backend emits none: "pcs_len was zero").
+    const tests = b.addTest(.{ .name = "core-tests", .root_module = test_mod, .use_llvm = true });
     test_step.dependOn(&b.addRunArtifact(tests).step);
 
     // The header generator's own tests (type mapping, rendering). The filter

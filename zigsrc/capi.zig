@@ -702,6 +702,7 @@ fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: k
 }
 
 test {
+    _ = @import("fuzz.zig");
     _ = safe;
     _ = reset_mod;
     _ = pool_mod;
