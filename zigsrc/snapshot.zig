@@ -276,6 +276,36 @@ pub fn toBytes(s: *const Snapshot, out: []u8) errors.Error!void {
 
 const Section = struct { offset: u64, bytes: u64, crc: u32 };
 
+/// Test/fuzz helper: recomputes the section and header CRCs of an encoded
+/// snapshot in place, wherever its (untrusted) section table points inside it.
+pub fn fixChecksums(data: []u8) void {
+    if (data.len < header_bytes) return;
+    const h = data[0..header_bytes];
+    var i: usize = 0;
+    while (i < 2) : (i += 1) {
+        const e = h[section_table_offset + i * section_entry_bytes ..][0..section_entry_bytes];
+        const off = std.mem.readInt(u64, e[8..16], .little);
+        const len = std.mem.readInt(u64, e[16..24], .little);
+        if (off > data.len or data.len - off < len) continue;
+        const body = data[@intCast(off)..][0..@intCast(len)];
+        const crc = if (i == 0) Crc32c.hash(body) else blk: {
+            // MEMORY's CRC covers present pages; recompute it when STATE parses.
+            const st_e = h[section_table_offset..][0..section_entry_bytes];
+            const so = std.mem.readInt(u64, st_e[8..16], .little);
+            const sl = std.mem.readInt(u64, st_e[16..24], .little);
+            if (so > data.len or data.len - so < sl) continue;
+            const parsed = state.parse(data[@intCast(so)..][0..@intCast(sl)]) catch continue;
+            const pages = state.pageCount(parsed.memory_bytes);
+            const packed_layout = std.mem.readInt(u32, h[36..40], .little) & flag_packed != 0;
+            const need = if (packed_layout) countPresent(parsed.pageMap()) * page else parsed.memory_bytes;
+            if (body.len != need) continue;
+            break :blk memoryCrc(body, parsed.pageMap(), pages, packed_layout);
+        };
+        std.mem.writeInt(u32, e[24..28], crc, .little);
+    }
+    std.mem.writeInt(u32, h[64..68], headerCrc(h), .little);
+}
+
 pub const Checked = struct {
     parsed: state.Parsed,
     blob: []const u8,
