@@ -30,7 +30,7 @@ __all__ = ["PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRes
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-STRATEGY_NAMES = {1: "copy", 2: "map"}
+STRATEGY_NAMES = {1: "copy", 2: "map", 3: "reuse"}
 
 #: The core's limit on ``PoolConfig.max_size`` (``max_pool_size`` in zigsrc/pool.zig).
 MAX_POOL_SIZE = 256
@@ -88,6 +88,9 @@ class PoolStats:
     restores: int
     releases: int
     pending_destroy: int
+    parked: int = 0
+    reuses: int = 0
+    resets: int = 0
 
 
 @dataclass(frozen=True)
@@ -343,17 +346,32 @@ class RestorePool:
             timeout_s,
         )
 
-    def restore_snapshot(self, snap: Snapshot, strategy: str = "auto", timeout_s: float | None = None) -> PooledRestoreVm:
+    def restore_snapshot(
+        self,
+        snap: Snapshot,
+        strategy: str = "auto",
+        timeout_s: float | None = None,
+        *,
+        resettable: bool = False,
+        reset_on_release: bool = False,
+    ) -> PooledRestoreVm:
         """Restores a :class:`Snapshot`. ``strategy``: ``"copy"`` (into the shell's
         memory), ``"map"`` (copy-on-write mapping of a loaded file, O(1) in memory
-        size) or ``"auto"`` (map when the snapshot is file-backed)."""
+        size) or ``"auto"`` (map when the snapshot is file-backed).
+
+        ``resettable=True``: the VM supports :meth:`~PooledRestoreVm.reset`.
+        ``reset_on_release=True``: releasing the VM does not destroy it; the
+        pool's worker resets it to ``snap`` and keeps it, and the next
+        ``restore_snapshot(snap, reset_on_release=True)`` takes it back
+        (``restore_timing`` strategy ``"reuse"``, no shell or restore needed)."""
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
         code = strategy_code(strategy)
+        flags = (1 if resettable else 0) | (2 if reset_on_release else 0)
         _wait_ns(timeout_s)  # validate before touching the snapshot
         with snap._use() as sh:
             return self._finish(
-                lambda h, out, t, wait: lib.kvmlab_pool_restore_snapshot(h, sh, code, wait, out, t),
+                lambda h, out, t, wait: lib.kvmlab_pool_restore_snapshot(h, sh, code, wait, flags, out, t),
                 snap.guest,
                 timeout_s,
             )

@@ -589,14 +589,37 @@ fn poolFinish(p: *pool_mod.Pool, src: pool_mod.Pool.Source, wait_ns: u64, out: ?
     o.* = @ptrCast(vm);
 }
 
+/// kvmlab_pool_restore_snapshot options (bits).
+pub const kvmlab_restore_flags = enum(c_int) {
+    /// The VM can be reset to the snapshot (kvmlab_vm_reset).
+    resettable = 1,
+    /// On release, the pool resets the VM (off the caller's path) and keeps it
+    /// for the next restore of the same snapshot. Implies resettable.
+    reset_on_release = 2,
+};
+
 /// Restores a Snapshot into a pooled shell (file-backed + auto/map: zero copy).
 /// `wait_ns` > 0 waits that long for room when max_in_use VMs are out.
-pub export fn kvmlab_pool_restore_snapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
-    return result(poolRestoreSnapshot(h, snap, strategy, wait_ns, out, times));
+/// `flags`: kvmlab_restore_flags bits. With reset_on_release, a VM parked by
+/// an earlier release for this snapshot is reused (timing strategy 3).
+pub export fn kvmlab_pool_restore_snapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(poolRestoreSnapshot(h, snap, strategy, wait_ns, flags, out, times));
 }
-fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
     const p = try asPool(h);
     const s = try asSnap(snap);
+    const park = flags & @intFromEnum(kvmlab_restore_flags.reset_on_release) != 0;
+    const resettable = park or flags & @intFromEnum(kvmlab_restore_flags.resettable) != 0;
+    if (park) {
+        const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+        var seq: u64 = 0;
+        const t0 = vm_mod.monotonicNs();
+        if (p.reuse(s, wait_ns, &seq)) |vm| {
+            if (times) |t| t.* = .{ .acquire_ns = vm_mod.monotonicNs() - t0, .memory_ns = 0, .vcpu_ns = 0, .devices_ns = 0, .total_ns = vm_mod.monotonicNs() - t0, .mapped = @intFromBool(vm.source_page_map != null), .hit = 1, .seq = seq };
+            o.* = @ptrCast(vm);
+            return;
+        }
+    }
     const use_map = switch (strategy) {
         .auto => s.fileBacked(),
         .map => if (s.fileBacked()) true else return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{}),
@@ -604,6 +627,15 @@ fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy
     };
     const file: ?snapshot.FileSource = if (use_map) .{ .fd = s.fd, .offset = s.memory_offset } else null;
     try poolFinish(p, .{ .parsed = &s.parsed, .memory = s.memory, .packed_layout = false, .source_mapped = s.fileBacked(), .file = file }, wait_ns, out, times);
+    if (resettable) {
+        const vm = try asVm(out.?.*);
+        reset_mod.enable(vm, s) catch |e| {
+            p.release(vm);
+            out.?.* = null;
+            return e;
+        };
+        vm.park_on_release = park;
+    }
 }
 
 /// Restores from raw parts: dense guest memory and a state blob.

@@ -19,6 +19,7 @@ const boot = @import("boot.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
 const vm_mod = @import("vm.zig");
+const reset_mod = @import("reset.zig");
 const Vm = vm_mod.Vm;
 
 const allocator = std.heap.c_allocator;
@@ -66,6 +67,11 @@ pub const Stats = extern struct {
     restores: u64,
     releases: u64,
     pending_destroy: u64,
+    /// Released VMs kept (reset) for reuse with the same snapshot.
+    parked: u64,
+    /// Restores served by a parked VM (no shell, no restore: a reset).
+    reuses: u64,
+    resets: u64,
 };
 
 pub const Pool = struct {
@@ -80,6 +86,12 @@ pub const Pool = struct {
     creating: u32 = 0,
     in_use: u32 = 0,
     dead: std.ArrayList(*Vm) = .empty,
+    /// Released with park-on-release: the worker resets them, then parks them.
+    to_reset: std.ArrayList(*Vm) = .empty,
+    parked: [max_pool_size]*Vm = undefined,
+    parked_len: u32 = 0,
+    reuses: u64 = 0,
+    resets: u64 = 0,
     closed: bool = false,
     worker_done: bool = false,
     worker: ?std.Thread = null,
@@ -327,6 +339,9 @@ pub const Pool = struct {
             .restores = p.restores,
             .releases = p.releases,
             .pending_destroy = p.dead.items.len,
+            .parked = p.parked_len,
+            .reuses = p.reuses,
+            .resets = p.resets,
         };
     }
 
@@ -336,8 +351,57 @@ pub const Pool = struct {
     pub fn release(p: *Pool, vm: *Vm) void {
         p.lockIt();
         p.releases += 1;
-        p.queueDead(vm);
+        if (vm.park_on_release and vm.reset_snap != null and !p.closed and !p.worker_done) {
+            p.to_reset.append(allocator, vm) catch {
+                p.queueDead(vm);
+                p.endUse();
+                return;
+            };
+            _ = c.pthread_cond_signal(&p.work);
+        } else {
+            p.queueDead(vm);
+        }
         p.endUse();
+    }
+
+    /// Takes a parked VM that was restored from `snap` and reset since its
+    /// release, if there is one: a restore that costs nothing but the lookup.
+    pub fn reuse(p: *Pool, snap: *const snapshot.Snapshot, wait_ns: u64, seq_out: *u64) ?*Vm {
+        _ = wait_ns;
+        const t0 = vm_mod.monotonicNs();
+        p.lockIt();
+        var i: u32 = 0;
+        while (i < p.parked_len) : (i += 1) {
+            const vm = p.parked[i];
+            if (vm.reset_snap != snap) continue;
+            if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) break;
+            p.parked_len -= 1;
+            p.parked[i] = p.parked[p.parked_len];
+            p.in_use += 1;
+            p.reuses += 1;
+            p.restores += 1;
+            const seq = p.next_seq;
+            p.next_seq += 1;
+            const dt = vm_mod.monotonicNs() - t0;
+            p.timings[seq % timing_capacity] = .{
+                .seq = seq,
+                .acquire_ns = dt,
+                .memory_ns = 0,
+                .vcpu_ns = 0,
+                .devices_ns = 0,
+                .total_ns = dt,
+                .first_run_ns = 0,
+                .memory_bytes = p.cfg.memory_bytes,
+                .hit = 1,
+                .strategy = 3,
+            };
+            p.timings_len = @min(p.timings_len + 1, timing_capacity);
+            seq_out.* = seq;
+            p.unlockIt();
+            return vm;
+        }
+        p.unlockIt();
+        return null;
     }
 
     /// With the lock held: one VM fewer in use. Unlocks, and frees a closed
@@ -363,6 +427,20 @@ pub const Pool = struct {
                 continue;
             }
             if (p.closed) break;
+            if (p.to_reset.pop()) |vm| {
+                p.unlockIt();
+                var t: reset_mod.Times = .{};
+                const ok = if (reset_mod.reset(vm, .auto, &t)) |_| true else |_| false;
+                p.lockIt();
+                p.resets += 1;
+                if (ok and !p.closed and p.parked_len < p.cfg.max_size) {
+                    p.parked[p.parked_len] = vm;
+                    p.parked_len += 1;
+                } else {
+                    p.queueDead(vm);
+                }
+                continue;
+            }
             if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
                 p.creating += 1;
                 p.unlockIt();
@@ -392,7 +470,10 @@ pub const Pool = struct {
             const vm = if (p.idle_len > 0) blk: {
                 p.idle_len -= 1;
                 break :blk p.idle[p.idle_len];
-            } else p.dead.pop() orelse break;
+            } else if (p.parked_len > 0) blk: {
+                p.parked_len -= 1;
+                break :blk p.parked[p.parked_len];
+            } else p.dead.pop() orelse p.to_reset.pop() orelse break;
             p.unlockIt();
             vm.destroy();
             p.lockIt();
@@ -429,6 +510,12 @@ pub const Pool = struct {
         }
         for (p.dead.items) |vm| vm.destroy();
         p.dead.deinit(allocator);
+        for (p.to_reset.items) |vm| vm.destroy();
+        p.to_reset.deinit(allocator);
+        while (p.parked_len > 0) {
+            p.parked_len -= 1;
+            p.parked[p.parked_len].destroy();
+        }
     }
 
     fn free(p: *Pool) void {

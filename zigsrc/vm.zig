@@ -87,6 +87,8 @@ pub const Vm = struct {
     /// wrote through write_memory (KVM's dirty log only sees guest writes).
     reset_snap: ?*snapshot.Snapshot = null,
     host_dirty: []u64 = &.{},
+    /// Pool VMs: on release, reset and keep for reuse instead of destroying.
+    park_on_release: bool = false,
 
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
