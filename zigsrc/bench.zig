@@ -24,6 +24,14 @@ pub fn restoreFloor(vm: *Vm, s: *const snapshot.Snapshot, use_map: bool, times: 
         try snapshot.copyPresent(vm.mem, s.memory, p.pageMap(), false, s.fileBacked());
     }
     const t1 = vm_mod.monotonicNs();
+    var st: snapshot.RestoreTimes = .{};
+    try vcpuAndDevices(vm, p, &st);
+    times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns };
+}
+
+/// The vCPU and VM state ioctls of a restore, from prepared buffers.
+fn vcpuAndDevices(vm: *Vm, p: *const state.Parsed, times: *snapshot.RestoreTimes) errors.Error!void {
+    const t1 = vm_mod.monotonicNs();
     const seq = [_]struct { tag: state.Tag, req: u32 }{
         .{ .tag = .sregs, .req = kvm.KVM_SET_SREGS },
         .{ .tag = .regs, .req = kvm.KVM_SET_REGS },
@@ -62,5 +70,41 @@ pub fn restoreFloor(vm: *Vm, s: *const snapshot.Snapshot, use_map: bool, times: 
         _ = kvm.ioctl(vm.vm_fd, kvm.KVM_SET_CLOCK, @intFromPtr(&clock)) catch {};
     }
     const t3 = vm_mod.monotonicNs();
-    times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = t2 - t1, .devices_ns = t3 - t2 };
+    times.* = .{ .vcpu_ns = t2 - t1, .devices_ns = t3 - t2 };
+}
+
+/// The reset floor: the bare operations of a reset of a resettable VM (read
+/// and clear the dirty log, copy the dirty pages back with memcpy, the vCPU
+/// and VM state ioctls), no checks. The VM ends up reset (host writes made
+/// through write_memory are not covered: use guest writes).
+pub fn resetFloor(vm: *Vm, times: *snapshot.RestoreTimes, dirty_out: *u64) errors.Error!void {
+    const s = vm.reset_snap orelse return errors.fail(error.Busy, "the VM is not resettable", .{});
+    const p = &s.parsed;
+    const words = (vm.mem.len / 4096 + 63) / 64;
+    var stack_buf: [2048]u64 = undefined;
+    if (words > stack_buf.len) return errors.fail(error.Config, "the reset floor handles guests up to 512 MiB", .{});
+    const bitmap = stack_buf[0..words];
+    const t0 = vm_mod.monotonicNs();
+    @memset(bitmap, 0);
+    const DirtyLog = extern struct { slot: u32, padding: u32 = 0, bitmap: u64 };
+    var log = DirtyLog{ .slot = 0, .bitmap = @intFromPtr(bitmap.ptr) };
+    _ = kvm.ioctl(vm.vm_fd, kvm.KVM_GET_DIRTY_LOG, @intFromPtr(&log)) catch return errors.ioctlFailed("KVM_GET_DIRTY_LOG");
+    var dirty: u64 = 0;
+    const map = p.pageMap();
+    for (bitmap, 0..) |w, wi| {
+        var bits = w;
+        while (bits != 0) {
+            const b: u6 = @intCast(@ctz(bits));
+            bits &= bits - 1;
+            const page = wi * 64 + b;
+            const dst = vm.mem[page * 4096 ..][0..4096];
+            if ((map[page / 8] >> @intCast(page % 8)) & 1 != 0) @memcpy(dst, s.memory[page * 4096 ..][0..4096]) else @memset(dst, 0);
+            dirty += 1;
+        }
+    }
+    const t1 = vm_mod.monotonicNs();
+    var st: snapshot.RestoreTimes = .{};
+    try vcpuAndDevices(vm, p, &st);
+    times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns };
+    dirty_out.* = dirty;
 }

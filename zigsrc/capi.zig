@@ -702,6 +702,20 @@ fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: us
     try reset_mod.loop(vm, try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, @enumFromInt(@as(u32, @intCast(@intFromEnum(mode)))), o[0..count]);
 }
 
+/// Benchmark floor of a reset: the bare dirty-log read, page copies and state
+/// ioctls on a resettable VM (which ends up reset). *out_dirty = pages copied.
+pub export fn kvmlab_bench_reset_floor(h: ?*kvmlab_vm, out: ?*kvmlab_reset_times) callconv(.c) kvmlab_result {
+    return result(benchResetFloor(h, out));
+}
+fn benchResetFloor(h: ?*kvmlab_vm, out: ?*kvmlab_reset_times) errors.Error!void {
+    const vm = try asVm(h);
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    var rt: snapshot.RestoreTimes = .{};
+    var dirty: u64 = 0;
+    try bench.resetFloor(vm, &rt, &dirty);
+    o.* = .{ .dirty_pages = dirty, .log_ns = 0, .memory_ns = rt.memory_ns, .vcpu_ns = rt.vcpu_ns, .devices_ns = rt.devices_ns, .total_ns = rt.memory_ns + rt.vcpu_ns + rt.devices_ns };
+}
+
 /// TEST ONLY: makes shell-creation step `site` (1 create_vm, 2 memory, 3 slot,
 /// 4 irqchip, 5 pit, 6 vcpu, 7 vcpu_mmap, 8 cpuid) fail after passing `after`
 /// more times; site 0 disarms.
