@@ -24,6 +24,7 @@ __all__ = [
     "format_args",
     "build_zig",
     "guest_sdk_dir",
+    "ZIG_GUEST_FLAGS",
     "MAX_IMAGE_BYTES",
     "MAX_ARGS_BYTES",
 ]
@@ -191,11 +192,12 @@ def format_args(args: Mapping[str, object] | str | None) -> str:
 GUEST_SDK_FILES = ("rt.zig", "guest.ld")
 
 #: The flags the built-in guests are compiled with (build.zig): freestanding
-#: x86_64 for any CPU, small, no red zone (the host may interrupt anywhere),
-#: no PIC (linked at 0x100000), single-threaded, no stack probes.
+#: x86_64 for any CPU and without SSE/MMX (CPL0 guest code is emulated on
+#: kvm_pvm hosts, whose emulator stops on SSE instructions), small, no red
+#: zone, no PIC (linked at 0x100000), single-threaded, no stack probes.
 ZIG_GUEST_FLAGS = (
     "-target", "x86_64-freestanding-none",
-    "-mcpu=baseline",
+    "-mcpu=baseline-mmx-sse-sse2+soft_float",
     "-O", "ReleaseSmall",
     "-mno-red-zone",
     "-fstrip",
@@ -233,12 +235,10 @@ def guest_sdk_dir() -> Path:
 
 
 def _zig_command() -> list[str]:
-    try:
-        import ziglang  # noqa: F401  (only to check it is installed)
-    except ImportError:
-        raise GuestError(
-            "building a Zig guest needs the Zig compiler from PyPI: pip install ziglang==0.17.1"
-        ) from None
+    import importlib.util
+
+    if importlib.util.find_spec("ziglang") is None:
+        raise GuestError("building a Zig guest needs the Zig compiler from PyPI: pip install ziglang==0.17.1")
     return [sys.executable, "-m", "ziglang"]
 
 
@@ -268,8 +268,8 @@ def build_zig(
         }
 
     It is compiled with the packaged Zig (``python -m ziglang``, PyPI
-    ``ziglang``) for freestanding x86_64 (baseline CPU, ReleaseSmall, no red
-    zone), linked at 0x100000 with ``guest.ld`` and flattened with
+    ``ziglang``) for freestanding x86_64 (baseline CPU without SSE,
+    ReleaseSmall, no red zone; see :data:`ZIG_GUEST_FLAGS`), linked at 0x100000 with ``guest.ld`` and flattened with
     ``zig objcopy -O binary``: the same recipe as the built-in guests. Zig's
     cache lives in ``~/.cache/kvmlab/zig-guests`` (a rebuild of unchanged
     source takes well under a second). ``keep_dir``: also leave the source,

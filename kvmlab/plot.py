@@ -125,7 +125,7 @@ def host_label() -> str:
 
 
 def _groups(df, by: Sequence[str] | str | None, sep: str = " "):
-    """[(label, sub-frame)] for the columns in ``by`` that vary (all data if none)."""
+    """[(label, sub-frame)] per group of the ``by`` columns that vary."""
     if by is None:
         by = []
     elif isinstance(by, str):
@@ -133,6 +133,8 @@ def _groups(df, by: Sequence[str] | str | None, sep: str = " "):
     by = [c for c in by if c in df.columns]
     if not by or df.empty:
         return [("all", df)]
+    # Label by the columns that vary; with none varying, by the first one.
+    by = [c for c in by if df[c].nunique() > 1] or by[:1]
     out = []
     for key, sub in df.groupby(list(by), sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -167,13 +169,17 @@ def _title(fig, ax, what: str, title: str | None, own_figure: bool) -> None:
 
 
 def _log_axis(axis) -> None:
-    """Log scale with plain-number tick labels (``200``, ``1000``), minor ticks
-    labelled when the axis spans few decades."""
+    """Plain-number tick labels (``0.2``, ``600``, ``1000``) on a log axis;
+    minor ticks are labelled when the axis spans few decades."""
     from matplotlib import ticker
 
-    fmt = ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
-    axis.set_major_formatter(fmt)
-    axis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    class _Plain(ticker.LogFormatter):
+        def __call__(self, x, pos=None):
+            # LogFormatter decides which ticks get a label; print those plainly.
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    axis.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def _empty(ax, msg: str = "no restores yet") -> None:
@@ -297,7 +303,14 @@ def latency_over_time(
         df["seq"] = np.arange(len(df))
     unit, scale = choose_unit(df[value])
     for label, sub in _groups(df, by):
-        ax0.plot(sub["seq"], sub[value] / scale, marker=".", markersize=3, linewidth=0.8, label=label)
+        x = sub["seq"].to_numpy(dtype=float)
+        y = sub[value].to_numpy(dtype=float) / scale
+        # Break the line where a block of other groups' restores came in between
+        # (but not for groups that simply alternate).
+        d = np.diff(x)
+        gaps = np.flatnonzero(d > 3 * np.median(d)) + 1 if len(d) else np.array([], dtype=int)
+        x, y = np.insert(x, gaps, np.nan), np.insert(y, gaps, np.nan)
+        ax0.plot(x, y, marker=".", markersize=3, linewidth=0.8, label=label)
     miss = df[~df["hit"] & (df["mode"] == "pooled")]
     ax0.scatter(miss["seq"], miss[value] / scale, marker="x", color=MISS_COLOR, zorder=3, s=30,
                 label=f"pool miss ({len(miss)})")  # fmt: skip

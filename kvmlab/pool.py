@@ -309,9 +309,9 @@ class RestorePool:
                 waited += time.monotonic_ns() - t0
                 continue
             if isinstance(err, PoolExhaustedError) and wait_ns:
-                cap = self.pool_config.max_in_use
                 raise PoolExhaustedError(
-                    f"no VM was released within timeout_s={timeout_s} ({cap} in use, max_in_use={cap})"
+                    f"no VM was released within timeout_s={timeout_s} "
+                    f"(max_in_use={self.pool_config.max_in_use} VMs are in use)"
                 )
             raise err
         timing = {name: int(getattr(t, name)) for name, _f in ffi.typeof("kvmlab_restore_times").fields}

@@ -118,12 +118,17 @@ class Snapshot:
         """Checks and copies an encoded snapshot (from :meth:`to_bytes` or a file's bytes)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise SnapshotError(f"snapshot data must be bytes-like, got {type(data).__name__}")
-        try:
-            view = memoryview(data).cast("B")
-        except TypeError as e:  # e.g. a non-contiguous slice
-            raise SnapshotError(f"snapshot data must be one contiguous buffer: {e}") from None
         out = ffi.new("kvmlab_snapshot **")
-        _ffi.check(lib.kvmlab_snapshot_from_bytes(ffi.from_buffer("uint8_t[]", view), len(view), out))
+        # Every view of `data` is released before returning (or raising), so
+        # the caller can close an mmap it passed in.
+        with memoryview(data) as base:
+            try:
+                view = base.cast("B")
+            except TypeError as e:  # e.g. a non-contiguous slice
+                raise SnapshotError(f"snapshot data must be one contiguous buffer: {e}") from None
+            with view, ffi.from_buffer("uint8_t[]", view) as buf:
+                rc = lib.kvmlab_snapshot_from_bytes(buf, len(view), out)
+        _ffi.check(rc)
         return cls(out[0])
 
     @classmethod
@@ -195,6 +200,8 @@ class Snapshot:
         """Writes the snapshot to ``path`` atomically (temp file, fsync, rename),
         mode 0600, zero pages as holes. Missing parent directories are created 0700."""
         p = Path(path)
+        with self._lock:
+            self._live()  # a closed snapshot creates nothing
         if p.exists() and not p.is_file():
             raise SnapshotError(f"{p} exists and is not a regular file")
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -21,7 +22,6 @@ import pytest
 import snapshot_codec as C
 from conftest import EXIT7
 from kvmlab import (
-    BusyError,
     ClosedError,
     ConfigError,
     GuestCrashError,
@@ -135,19 +135,44 @@ def test_capture_waits_for_a_run_in_another_thread():
             assert vm2.run(timeout_s=0.1).reason == "timeout"  # still spinning
 
 
-def test_closed_snapshot():
+def test_closed_snapshot(tmp_path):
     with counter_at_checkpoint() as vm:
         snap = vm.snapshot()
     m = snap.memory
-    with pytest.raises(BusyError):
-        snap.close()  # a live view
-    m.release()
     snap.close()
     snap.close()  # idempotent
     assert snap.closed
+    with pytest.raises(ValueError):
+        m[0]  # the view handed out was released by close()
     for f in (lambda: snap.to_bytes(), lambda: snap.vcpu_state, lambda: snap.memory, lambda: Vm.restore(snap)):
         with pytest.raises(ClosedError):
             f()
+    with pytest.raises(ClosedError):
+        snap.save(tmp_path / "sub" / "never-written")
+    assert not (tmp_path / "sub").exists()
+
+
+def test_memory_views_never_dangle():
+    """Slices of snap.memory, or the view of a snapshot nobody holds any more,
+    keep the memory valid (this used to be a use-after-free: segfault)."""
+    import gc
+
+    with counter_at_checkpoint() as vm:
+        expect = vm.read_memory(0x400000, 64)
+        orphan = vm.snapshot().memory  # the Snapshot object is dropped at once
+        gc.collect()
+        assert bytes(orphan[0x400000 : 0x400000 + 64]) == expect
+        snap = vm.snapshot()
+        piece = snap.memory[0x400000 : 0x400000 + 64]
+        snap.close()
+        gc.collect()
+        assert bytes(piece) == expect  # still mapped: the slice holds it
+        owner = snap._owner
+        assert owner._handle is not None
+        del piece
+        gc.collect()
+        assert owner._handle is None  # freed with the last slice
+        del orphan
 
 
 # -- the format ----------------------------------------------------------------------
@@ -270,25 +295,23 @@ def test_save_writes_temp_fsyncs_then_renames(tmp_path):
     """)
     log = tmp_path / "strace.log"
     r = subprocess.run(
-        [strace, "-f", "-qq", "-o", str(log), "-e", "trace=openat,pwrite64,ftruncate,fsync,rename,renameat,renameat2",
+        [strace, "-f", "-qq", "-o", str(log), "-e", "trace=open,openat,pwrite64,ftruncate,fsync,rename,renameat,renameat2",
          sys.executable, "-c", code],
         capture_output=True, text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     if r.returncode != 0 and "ptrace" in (r.stderr or ""):
         pytest.skip(f"strace cannot trace here: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
-    lines = [ln for ln in log.read_text().splitlines() if "t.kvmsnap" in ln or "fsync" in ln or "pwrite" in ln]
-    tmp_open = next(i for i, ln in enumerate(lines) if "openat(" in ln and "t.kvmsnap.tmp-" in ln)
-    assert "O_CREAT" in lines[tmp_open] and "O_EXCL" in lines[tmp_open] and "0600" in lines[tmp_open]
-    fd = lines[tmp_open].rsplit("=", 1)[1].strip()
-    after = lines[tmp_open + 1 :]
+    calls = [re.sub(r"^\d+\s+", "", ln) for ln in log.read_text().splitlines()]  # drop the pid column
+    tmp_open = next(i for i, c in enumerate(calls) if c.startswith("open") and "t.kvmsnap.tmp-" in c)
+    assert all(flag in calls[tmp_open] for flag in ("O_CREAT", "O_EXCL", "0600"))
+    fd = calls[tmp_open].rsplit("=", 1)[1].strip()
     kinds = []
-    for ln in after:
-        call = ln.split(None, 1)[1] if ln.split(None, 1)[0].isdigit() else ln
-        name = call.split("(", 1)[0]
-        if name in ("pwrite64", "ftruncate", "fsync") and call.startswith(f"{name}({fd},"):
+    for c in calls[tmp_open + 1 :]:
+        name = c.split("(", 1)[0]
+        if name in ("pwrite64", "ftruncate", "fsync") and re.match(rf"{name}\({fd}[,)]", c):
             kinds.append(name)
-        elif name.startswith("rename") and "t.kvmsnap" in call:
+        elif name.startswith("rename") and "t.kvmsnap" in c:
             kinds.append("rename")
         elif name == "fsync":
             kinds.append("fsync-other")

@@ -104,7 +104,7 @@ pub fn message() [*:0]const u8 {
 /// Fails with `KvmFailed`, naming the ioctl and the errno it returned.
 pub fn ioctlFailed(what: []const u8) Error {
     const kvm = @import("kvm.zig");
-    return fail(error.KvmFailed, "{s} failed: {s}", .{ what, @tagName(kvm.last_errno) });
+    return fail(error.KvmFailed, "{s} failed: E{s}", .{ what, @tagName(kvm.last_errno) });
 }
 
 test "messages are NUL-terminated and cut when too long" {

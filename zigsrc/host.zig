@@ -36,6 +36,11 @@ pub fn get() errors.Error!*const Host {
                 if (open()) {
                     state.store(2, .release);
                 } else |e| {
+                    if (transient) {
+                        // EMFILE, ENOMEM...: the next call tries again.
+                        state.store(0, .release);
+                        return e;
+                    }
                     // Remember permanent failures, so a missing /dev/kvm fails fast and
                     // the message stays the same for every caller.
                     open_error = e;
@@ -50,13 +55,21 @@ pub fn get() errors.Error!*const Host {
     }
 }
 
+/// Whether the last open() failure may go away (resource limits).
+var transient = false;
+
 fn open() errors.Error!void {
+    transient = false;
     const rc = linux.open("/dev/kvm", .{ .ACCMODE = .RDWR, .CLOEXEC = true }, 0);
     switch (linux.errno(rc)) {
+        .MFILE, .NFILE, .NOMEM, .INTR, .AGAIN => |e| {
+            transient = true;
+            return errors.fail(error.KvmUnavailable, "cannot open /dev/kvm: E{s} (a resource limit: close files or raise RLIMIT_NOFILE, then retry)", .{@tagName(e)});
+        },
         .SUCCESS => {},
         .NOENT => return errors.fail(error.KvmUnavailable, "/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) or enable virtualization in the BIOS/hypervisor", .{}),
         .ACCES, .PERM => return errors.fail(error.KvmUnavailable, "/dev/kvm: permission denied: add yourself to group kvm (sudo usermod -aG kvm $USER) and log in again", .{}),
-        else => |e| return errors.fail(error.KvmUnavailable, "cannot open /dev/kvm: {s}", .{@tagName(e)}),
+        else => |e| return errors.fail(error.KvmUnavailable, "cannot open /dev/kvm: E{s}", .{@tagName(e)}),
     }
     const fd: linux.fd_t = @intCast(rc);
     errdefer _ = linux.close(fd);

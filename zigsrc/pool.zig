@@ -93,8 +93,19 @@ pub const Pool = struct {
     reuses: u64 = 0,
     resets: u64 = 0,
     closed: bool = false,
+    /// Set by the reaper once closing drained every shell; from then on a
+    /// release destroys its VM inline.
     worker_done: bool = false,
-    worker: ?std.Thread = null,
+    /// Set by close() after both threads stopped. The pool is freed by
+    /// whichever comes last, close() or the last release (both decide under
+    /// the lock, so exactly one frees).
+    close_done: bool = false,
+    /// Two threads: `refill` creates shells up to min_size (~0.5 ms each);
+    /// `reaper` destroys released VMs (~11 ms each on kvm_pvm, mostly a
+    /// wait) and resets parked ones. Separate, so a destroy backlog after a
+    /// burst never delays the refill.
+    refill: ?std.Thread = null,
+    reaper: ?std.Thread = null,
     created: u64 = 0,
     destroyed: u64 = 0,
     hits: u64 = 0,
@@ -126,11 +137,16 @@ pub const Pool = struct {
             allocator.destroy(p);
             return e;
         };
-        p.worker = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, workerLoop, .{p}) catch {
+        p.reaper = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, reaperLoop, .{p}) catch {
             p.destroyAll();
             allocator.destroy(p);
-            return errors.fail(error.OutOfMemory, "cannot start the pool worker thread", .{});
+            return errors.fail(error.OutOfMemory, "cannot start the pool's threads", .{});
         };
+        p.refill = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, refillLoop, .{p}) catch null;
+        if (p.refill == null) {
+            p.close();
+            return errors.fail(error.OutOfMemory, "cannot start the pool's threads", .{});
+        }
         return p;
     }
 
@@ -200,7 +216,7 @@ pub const Pool = struct {
             p.destroyed += 1;
             return;
         };
-        _ = c.pthread_cond_signal(&p.work);
+        _ = c.pthread_cond_broadcast(&p.work);
     }
 
     pub fn idleCount(p: *Pool) u32 {
@@ -254,7 +270,7 @@ pub const Pool = struct {
             p.misses += 1;
         }
         p.in_use += 1;
-        _ = c.pthread_cond_signal(&p.work); // refill after a take
+        _ = c.pthread_cond_broadcast(&p.work); // refill after a take
         p.unlockIt();
 
         const shell = vm orelse (Vm.create(p.cfg.memory_bytes, p.cfg.vcpus) catch |e| {
@@ -357,7 +373,7 @@ pub const Pool = struct {
                 p.endUse();
                 return;
             };
-            _ = c.pthread_cond_signal(&p.work);
+            _ = c.pthread_cond_broadcast(&p.work);
         } else {
             p.queueDead(vm);
         }
@@ -410,12 +426,42 @@ pub const Pool = struct {
         std.debug.assert(p.in_use > 0);
         p.in_use -= 1;
         _ = c.pthread_cond_signal(&p.room);
-        const free_now = p.worker_done and p.in_use == 0;
+        const free_now = p.close_done and p.in_use == 0;
         p.unlockIt();
         if (free_now) p.free();
     }
 
-    fn workerLoop(p: *Pool) void {
+    /// Keeps idle + creating at min_size.
+    fn refillLoop(p: *Pool) void {
+        p.lockIt();
+        while (!p.closed) {
+            if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
+                p.creating += 1;
+                p.unlockIt();
+                const made = Vm.create(p.cfg.memory_bytes, p.cfg.vcpus);
+                p.lockIt();
+                p.creating -= 1;
+                if (made) |vm| {
+                    p.created += 1;
+                    p.create_errors = 0;
+                    p.pushIdle(vm);
+                } else |_| {
+                    // Resource limits: back off instead of spinning; a take,
+                    // release or warm() wakes us and resets the counter.
+                    p.create_errors += 1;
+                    p.failures += 1;
+                }
+                continue;
+            }
+            var ts = realtimeIn(if (p.create_errors > 0) 200 * std.time.ns_per_ms else 5 * std.time.ns_per_s);
+            _ = c.pthread_cond_timedwait(&p.work, &p.lock, &ts);
+            p.create_errors = 0;
+        }
+        p.unlockIt();
+    }
+
+    /// Destroys released VMs and resets parked ones; drains everything on close.
+    fn reaperLoop(p: *Pool) void {
         p.lockIt();
         while (true) {
             if (p.dead.items.len > 0) {
@@ -441,27 +487,8 @@ pub const Pool = struct {
                 }
                 continue;
             }
-            if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
-                p.creating += 1;
-                p.unlockIt();
-                const made = Vm.create(p.cfg.memory_bytes, p.cfg.vcpus);
-                p.lockIt();
-                p.creating -= 1;
-                if (made) |vm| {
-                    p.created += 1;
-                    p.create_errors = 0;
-                    p.pushIdle(vm);
-                } else |_| {
-                    // Resource limits: back off instead of spinning; a take,
-                    // release or warm() resets the counter below.
-                    p.create_errors += 1;
-                    p.failures += 1;
-                }
-                continue;
-            }
-            var ts = realtimeIn(if (p.create_errors > 0) 200 * std.time.ns_per_ms else 5 * std.time.ns_per_s);
+            var ts = realtimeIn(5 * std.time.ns_per_s);
             _ = c.pthread_cond_timedwait(&p.work, &p.lock, &ts);
-            p.create_errors = 0;
         }
         // Closing: destroy idle and queued shells until none is left, then
         // report done in the same critical section as the last check, so a
@@ -496,8 +523,15 @@ pub const Pool = struct {
         _ = c.pthread_cond_broadcast(&p.work);
         _ = c.pthread_cond_broadcast(&p.room);
         p.unlockIt();
-        if (p.worker) |w| w.join();
+        // Refill first: once it stopped, nothing pushes idle shells any more,
+        // so the reaper's final drain is complete.
+        if (p.refill) |t| t.join();
         p.lockIt();
+        _ = c.pthread_cond_broadcast(&p.work);
+        p.unlockIt();
+        if (p.reaper) |t| t.join();
+        p.lockIt();
+        p.close_done = true;
         const free_now = p.in_use == 0;
         p.unlockIt();
         if (free_now) p.free();

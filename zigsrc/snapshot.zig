@@ -122,7 +122,7 @@ fn countPresent(map: []const u8) u64 {
 
 fn anonMap(bytes: u64) errors.Error![]align(4096) u8 {
     const addr = linux.mmap(null, bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
-    if (linux.errno(addr) != .SUCCESS) return errors.fail(error.OutOfMemory, "cannot map {d} MiB: {s}", .{ bytes >> 20, @tagName(linux.errno(addr)) });
+    if (linux.errno(addr) != .SUCCESS) return errors.fail(error.OutOfMemory, "cannot map {d} MiB: E{s}", .{ bytes >> 20, @tagName(linux.errno(addr)) });
     return @as([*]align(4096) u8, @ptrFromInt(addr))[0..bytes];
 }
 
@@ -425,7 +425,7 @@ pub fn fromBytes(data: []const u8) errors.Error!*Snapshot {
 /// is used in place (never read into the heap); the fd stays open for `map`.
 pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
     const rc = linux.open(path, .{ .ACCMODE = .RDONLY, .CLOEXEC = true, .NOFOLLOW = false }, 0);
-    if (linux.errno(rc) != .SUCCESS) return bad("cannot open {s}: {s}", .{ path, @tagName(linux.errno(rc)) });
+    if (linux.errno(rc) != .SUCCESS) return bad("cannot open {s}: E{s}", .{ path, @tagName(linux.errno(rc)) });
     const fd: linux.fd_t = @intCast(rc);
     var close_fd = true;
     defer if (close_fd) {
@@ -439,7 +439,7 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
     if (size > max_total_bytes) return bad("{d} bytes is over the {d}-byte limit", .{ size, max_total_bytes });
     if (size < header_bytes) return bad("truncated: {d} bytes, the header alone is {d}", .{ size, header_bytes });
     const addr = linux.mmap(null, size, .{ .READ = true }, .{ .TYPE = .PRIVATE }, fd, 0);
-    if (linux.errno(addr) != .SUCCESS) return bad("cannot map {s}: {s}", .{ path, @tagName(linux.errno(addr)) });
+    if (linux.errno(addr) != .SUCCESS) return bad("cannot map {s}: E{s}", .{ path, @tagName(linux.errno(addr)) });
     const file_map = @as([*]align(4096) u8, @ptrFromInt(addr))[0..size];
     errdefer _ = linux.munmap(file_map.ptr, file_map.len);
     const c = try check(file_map);
@@ -476,7 +476,7 @@ pub fn save(s: *const Snapshot, path: [*:0]const u8) errors.Error!void {
     var tmp_buf: [4096]u8 = undefined;
     const tmp = std.fmt.bufPrintSentinel(&tmp_buf, "{s}.tmp-{d}-{d}", .{ p, linux.getpid(), unixNs() }, 0) catch unreachable;
     const rc = linux.open(tmp.ptr, .{ .ACCMODE = .WRONLY, .CREAT = true, .EXCL = true, .CLOEXEC = true }, 0o600);
-    if (linux.errno(rc) != .SUCCESS) return errors.fail(error.Config, "cannot create {s}: {s}", .{ tmp, @tagName(linux.errno(rc)) });
+    if (linux.errno(rc) != .SUCCESS) return errors.fail(error.Config, "cannot create {s}: E{s}", .{ tmp, @tagName(linux.errno(rc)) });
     const fd: linux.fd_t = @intCast(rc);
     var ok = false;
     defer {
@@ -505,7 +505,7 @@ pub fn save(s: *const Snapshot, path: [*:0]const u8) errors.Error!void {
     }
     if (linux.errno(linux.ftruncate(fd, @intCast(total))) != .SUCCESS) return errors.fail(error.Config, "cannot size {s}", .{tmp});
     if (linux.errno(linux.fsync(fd)) != .SUCCESS) return errors.fail(error.Config, "fsync of {s} failed", .{tmp});
-    if (linux.errno(linux.rename(tmp.ptr, path)) != .SUCCESS) return errors.fail(error.Config, "cannot rename {s} to {s}: {s}", .{ tmp, p, @tagName(linux.errno(linux.rename(tmp.ptr, path))) });
+    if (linux.errno(linux.rename(tmp.ptr, path)) != .SUCCESS) return errors.fail(error.Config, "cannot rename {s} to {s}: E{s}", .{ tmp, p, @tagName(linux.errno(linux.rename(tmp.ptr, path))) });
     ok = true;
     // Make the rename durable.
     const dir_end = std.mem.lastIndexOfScalar(u8, p, '/');
@@ -526,7 +526,7 @@ fn pwriteAll(fd: linux.fd_t, bytes: []const u8, offset: u64, what: []const u8) e
         switch (linux.errno(rc)) {
             .SUCCESS => done += rc,
             .INTR => {},
-            else => |e| return errors.fail(error.Config, "writing {s} failed: {s}", .{ what, @tagName(e) }),
+            else => |e| return errors.fail(error.Config, "writing {s} failed: E{s}", .{ what, @tagName(e) }),
         }
     }
 }
@@ -548,7 +548,7 @@ pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, pac
         // Copy-on-write mapping of the file over guest memory: O(1) in memory
         // size. KVM's MMU notifier drops stale translations of the old pages.
         const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, f.fd, @intCast(f.offset));
-        if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: {s}", .{@tagName(linux.errno(addr))});
+        if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
         vm.source_page_map = allocator.dupe(u8, map) catch return error.OutOfMemory;
     } else {
         try copyPresent(vm.mem, memory, map, packed_layout, source_mapped);

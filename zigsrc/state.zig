@@ -480,7 +480,7 @@ pub fn restore(vm: *Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!voi
             cpuid_buf.padding = 0;
             @memcpy(std.mem.sliceAsBytes(cpuid_buf.entries[0..cpuid_buf.nent]), cpuid);
             _ = kvm.ioctl(v.fd, kvm.KVM_SET_CPUID2, @intFromPtr(&cpuid_buf)) catch
-                return errors.fail(error.Incompatible, "KVM_SET_CPUID2 with the snapshot's CPUID failed: {s}", .{@tagName(kvm.last_errno)});
+                return errors.fail(error.Incompatible, "KVM_SET_CPUID2 with the snapshot's CPUID failed: E{s}", .{@tagName(kvm.last_errno)});
         }
         try set(v.fd, kvm.KVM_SET_SREGS, try aligned(p.get(.sregs, idx).?), "KVM_SET_SREGS");
         try set(v.fd, kvm.KVM_SET_REGS, try aligned(p.get(.regs, idx).?), "KVM_SET_REGS");

@@ -107,7 +107,7 @@ pub const Vm = struct {
         try fault.check(.memory);
         const addr = linux.mmap(null, memory_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
         if (linux.errno(addr) != .SUCCESS)
-            return errors.fail(error.OutOfMemory, "cannot map {d} MiB of guest memory: {s}", .{ memory_bytes >> 20, @tagName(linux.errno(addr)) });
+            return errors.fail(error.OutOfMemory, "cannot map {d} MiB of guest memory: E{s}", .{ memory_bytes >> 20, @tagName(linux.errno(addr)) });
         vm.mem = @as([*]align(4096) u8, @ptrFromInt(addr))[0..memory_bytes];
         // Dirty logging from the start: it is free until the log is first
         // read (reset.zig), and enabling it later would be a slot change after
@@ -130,7 +130,7 @@ pub const Vm = struct {
             vm.vcpu_count = i + 1;
             try fault.check(.vcpu_mmap);
             const r = linux.mmap(null, vm.run_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .SHARED }, v.fd, 0);
-            if (linux.errno(r) != .SUCCESS) return errors.fail(error.KvmFailed, "mmap of kvm_run failed: {s}", .{@tagName(linux.errno(r))});
+            if (linux.errno(r) != .SUCCESS) return errors.fail(error.KvmFailed, "mmap of kvm_run failed: E{s}", .{@tagName(linux.errno(r))});
             v.run = @ptrFromInt(r);
             try fault.check(.cpuid);
             try host.setVcpuCpuid(v.fd, i);
@@ -333,7 +333,7 @@ pub const Vm = struct {
                     continue;
                 },
                 .FAULT => return vm.crash(index, "KVM_RUN failed: guest memory could not be accessed (EFAULT); if the VM was restored with strategy 'map', its snapshot file was probably truncated or replaced while mapped", .{}),
-                else => |e| return vm.crash(index, "KVM_RUN failed: {s}", .{@tagName(e)}),
+                else => |e| return vm.crash(index, "KVM_RUN failed: E{s}", .{@tagName(e)}),
             }
             switch (r.exit_reason) {
                 kvm.EXIT_IO => if (!vm.handleIo(index, r)) return,
@@ -489,7 +489,7 @@ pub const Vm = struct {
             r.immediate_exit = 0;
             switch (linux.errno(rc)) {
                 .INTR, .AGAIN, .SUCCESS => {},
-                else => |e| return errors.fail(error.KvmFailed, "completing pending I/O failed: {s}", .{@tagName(e)}),
+                else => |e| return errors.fail(error.KvmFailed, "completing pending I/O failed: E{s}", .{@tagName(e)}),
             }
         }
     }

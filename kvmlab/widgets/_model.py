@@ -1,0 +1,106 @@
+"""PoolModel: a RestorePool's state as traitlets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import traitlets
+
+from ..pool import PoolStats, RestorePool, RestoreTiming
+
+#: PoolStats fields mirrored as Int traits.
+COUNTERS = ("hits", "misses", "created", "destroyed", "failures", "restores", "releases", "pending_destroy")
+#: Counters of optional pool features (reset-on-release), shown once non-zero.
+EXTRA_COUNTERS = ("parked", "reuses", "resets")
+OCCUPANCY = ("idle", "in_use", "creating", "max_size", "min_size")
+
+
+class PoolModel(traitlets.HasTraits):
+    """The state a pool widget shows. Update it with :meth:`update` (from
+    ``pool.stats()`` and the newest ``pool.timings()`` record) or
+    :meth:`update_from` (reads the pool); observe the traits to render."""
+
+    # occupancy
+    idle = traitlets.Int(0)
+    in_use = traitlets.Int(0)
+    creating = traitlets.Int(0)
+    max_size = traitlets.Int(1)
+    min_size = traitlets.Int(0)
+    max_in_use = traitlets.Int(None, allow_none=True)
+    # counters
+    hits = traitlets.Int(0)
+    misses = traitlets.Int(0)
+    created = traitlets.Int(0)
+    destroyed = traitlets.Int(0)
+    failures = traitlets.Int(0)
+    restores = traitlets.Int(0)
+    releases = traitlets.Int(0)
+    pending_destroy = traitlets.Int(0)
+    parked = traitlets.Int(0)
+    reuses = traitlets.Int(0)
+    resets = traitlets.Int(0)
+    # the newest restore: RestoreTiming fields (ns), or {} before the first
+    last_restore = traitlets.Dict()
+    # shape
+    memory_mib = traitlets.Int(0)
+    vcpus = traitlets.Int(0)
+    # lifecycle of the widget's own actions
+    closed = traitlets.Bool(False)
+    warming = traitlets.Bool(False)
+    warm_target = traitlets.Int(0)
+    #: "" or the last error, as "ExceptionType: message"
+    error = traitlets.Unicode("")
+    #: a one-line human status ("warmed to 4 idle in 2.1 ms", ...)
+    status = traitlets.Unicode("")
+
+    def update(self, stats: PoolStats, last: RestoreTiming | None = None) -> None:
+        """Copies ``stats`` (and ``last``, if given) into the traits; observers
+        fire once per changed trait, after all are set."""
+        with self.hold_trait_notifications():
+            for name in OCCUPANCY + COUNTERS:
+                setattr(self, name, int(getattr(stats, name)))
+            for name in EXTRA_COUNTERS:
+                setattr(self, name, int(getattr(stats, name, 0) or 0))
+            self.max_in_use = stats.max_in_use
+            if last is not None:
+                d = {
+                    "seq": last.seq,
+                    "acquire_ns": last.acquire_ns,
+                    "memory_ns": last.memory_ns,
+                    "vcpu_ns": last.vcpu_ns,
+                    "devices_ns": last.devices_ns,
+                    "total_ns": last.total_ns,
+                    "first_run_ns": last.first_run_ns,
+                    "memory_bytes": last.memory_bytes,
+                    "hit": last.hit,
+                    "strategy": last.strategy,
+                }
+                if d != self.last_restore:
+                    self.last_restore = d
+
+    def update_from(self, pool: RestorePool) -> bool:
+        """Reads ``pool`` (stats, and the newest timing when restores changed).
+        Returns False (and sets :attr:`closed`) if the pool is closed."""
+        from ..errors import ClosedError
+
+        if pool.closed:
+            self.closed = True
+            return False
+        try:
+            stats = pool.stats()
+            last = None
+            # The newest record also changes after a restore (its first run's time).
+            if stats.restores:
+                recs = pool.timings(last=1)
+                last = recs[-1] if recs else None
+        except ClosedError:
+            self.closed = True
+            return False
+        self.memory_mib = pool.vm_config.memory_mib
+        self.vcpus = pool.vm_config.vcpus
+        self.update(stats, last)
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """The traits as a plain dict."""
+        return {name: getattr(self, name) for name in self.trait_names()}

@@ -1,0 +1,277 @@
+"""PoolMonitor: occupancy, counters, the last restore, and Warm on demand."""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+
+import ipywidgets as W
+
+from .. import plot
+from ..pool import RestorePool
+from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel
+from ._ticker import Ticker
+
+
+def fmt_ns(ns: float | None, unit: tuple[str, float] | None = None) -> str:
+    """``123456`` -> ``"123 µs"`` (unit chosen for the value unless given)."""
+    if ns is None:
+        return "–"
+    name, scale = unit or plot.choose_unit([ns])
+    v = ns / scale
+    return f"{v:.3g} {name}" if v < 1000 else f"{v:,.0f} {name}"
+
+
+def phase_bar_html(rec: dict) -> str:
+    """A restore's phases as a stacked HTML bar with the numbers."""
+    if not rec:
+        return "<i>no restore yet</i>"
+    phases = [(p, int(rec.get(f"{p}_ns") or 0)) for p in plot.PHASES]
+    whole = sum(v for _, v in phases) or 1
+    unit = plot.choose_unit([rec.get("total_ns") or whole])
+    segs = "".join(
+        f'<div title="{p}: {fmt_ns(v, unit)}" style="width:{100 * v / whole:.2f}%;background:{plot.PHASE_COLORS[p]};"></div>'
+        for p, v in phases
+        if v
+    )
+    legend = " &middot; ".join(
+        f'<span style="color:{plot.PHASE_COLORS[p]}">&#9632;</span> {p} {fmt_ns(v, unit)}' for p, v in phases
+    )
+    hit = "hit" if rec.get("hit") else '<b style="color:#d62728">miss</b>'
+    first = rec.get("first_run_ns")
+    first_txt = f", first run {fmt_ns(first)}" if first else ""
+    return (
+        f'<div class="kvmlab-last-restore">last restore #{rec.get("seq")} ({html.escape(str(rec.get("strategy")))}, {hit}): '
+        f"<b>{fmt_ns(rec.get('total_ns'), unit)}</b>{first_txt}"
+        f'<div style="display:flex;height:12px;width:100%;max-width:480px;border:1px solid #ccc;margin:3px 0">{segs}</div>'
+        f'<span style="font-size:90%">{legend}</span></div>'
+    )
+
+
+def counters_html(model: PoolModel) -> str:
+    cells = "".join(
+        f'<td style="padding:0 10px;text-align:center"><div style="font-size:130%"><b>{getattr(model, c)}</b></div>'
+        f'<div style="font-size:85%;color:#555">{c.replace("_", " ")}</div></td>'
+        for c in COUNTERS + tuple(c for c in EXTRA_COUNTERS if getattr(model, c))
+    )
+    return f'<table class="kvmlab-counters"><tr>{cells}</tr></table>'
+
+
+class PoolMonitor(W.VBox):
+    """A live view of a :class:`~kvmlab.RestorePool` with a Warm control.
+
+    Shows idle / in-use / capacity as bars with numbers, the counters of
+    ``pool.stats()`` and the phase breakdown of the newest restore. While the
+    widget is displayed a timer thread refreshes it every ``interval_s``
+    seconds (``start()``/``stop()`` control it; ``close()`` stops it);
+    :meth:`refresh` updates it at once.
+
+    **Warm**: the target box (bounded by ``max_size``) and the Warm button
+    create idle shells on a worker thread, so the kernel stays responsive;
+    the progress bar follows the idle count, and errors land in the status
+    line (and :attr:`PoolModel.error`). :meth:`warm` does the same from code.
+    """
+
+    def __init__(self, pool: RestorePool, *, interval_s: float = 1.0, autostart: bool = True, **kwargs) -> None:
+        if not isinstance(pool, RestorePool):
+            raise TypeError(f"PoolMonitor takes a RestorePool, got {type(pool).__name__}")
+        self.pool = pool
+        self.model = PoolModel()
+        self._autostart = autostart
+        self._refresh_lock = threading.Lock()
+        self._warm_lock = threading.Lock()
+        self._warm_thread: threading.Thread | None = None
+        self._ticker = Ticker(interval_s, self._tick)
+
+        self.header = W.HTML()
+        self.idle_bar = W.IntProgress(min=0, max=1, description="idle", bar_style="success")
+        self.idle_label = W.Label()
+        self.in_use_bar = W.IntProgress(min=0, max=1, description="in use", bar_style="info")
+        self.in_use_label = W.Label()
+        self.counters = W.HTML()
+        self.last_restore = W.HTML()
+        self.target = W.BoundedIntText(value=1, min=0, max=1, description="target", layout=W.Layout(width="170px"))
+        self.warm_button = W.Button(
+            description="Warm", icon="fire", button_style="warning",
+            tooltip="create idle shells until `target` are idle (runs off the kernel's thread)",
+        )  # fmt: skip
+        self.warm_progress = W.IntProgress(
+            min=0, max=1, value=0, description="", bar_style="", layout=W.Layout(visibility="hidden")
+        )
+        self.status = W.HTML()
+        self.warm_button.on_click(self._on_warm_click)
+
+        m = self.model
+        m.observe(self._render_header, names=["memory_mib", "vcpus", "closed"])
+        m.observe(self._render_occupancy, names=["idle", "in_use", "creating", "max_size", "min_size", "max_in_use"])
+        m.observe(self._render_counters, names=list(COUNTERS + EXTRA_COUNTERS))
+        m.observe(self._render_last, names=["last_restore"])
+        m.observe(self._render_status, names=["status", "error", "warming", "closed"])
+
+        super().__init__(
+            [
+                self.header,
+                W.HBox([self.idle_bar, self.idle_label]),
+                W.HBox([self.in_use_bar, self.in_use_label]),
+                self.counters,
+                self.last_restore,
+                W.HBox([self.target, self.warm_button, self.warm_progress]),
+                self.status,
+            ],
+            **kwargs,
+        )
+        self.add_class("kvmlab-pool-monitor")
+        self.refresh()
+        self.target.value = self.model.max_size
+        self._render_all()
+
+    # -- rendering (model -> view) -------------------------------------------------------
+
+    def _render_all(self) -> None:
+        self._render_header()
+        self._render_occupancy()
+        self._render_counters()
+        self._render_last()
+        self._render_status()
+
+    def _render_header(self, change=None) -> None:
+        m = self.model
+        state = ' <span style="color:#d62728">(closed)</span>' if m.closed else ""
+        self.header.value = f"<b>RestorePool</b> {m.memory_mib} MiB &times; {m.vcpus} vCPU{state}"
+
+    def _render_occupancy(self, change=None) -> None:
+        m = self.model
+        cap = max(m.max_size, 1)
+        self.idle_bar.max = cap
+        self.idle_bar.value = min(m.idle, cap)
+        self.idle_label.value = f"{m.idle} idle / {m.max_size} capacity (min {m.min_size}), {m.creating} creating"
+        limit = m.max_in_use
+        self.in_use_bar.max = max(limit or max(m.max_size, m.in_use), 1)
+        self.in_use_bar.value = min(m.in_use, self.in_use_bar.max)
+        self.in_use_label.value = f"{m.in_use} in use / {limit if limit else 'no'} limit"
+        self.target.max = m.max_size
+        # The warm progress bar reports the last warm until the pool moves on.
+        if not m.warming and self.warm_progress.layout.visibility != "hidden" and m.idle != self.warm_progress.value:
+            self.warm_progress.layout.visibility = "hidden"
+
+    def _render_counters(self, change=None) -> None:
+        self.counters.value = counters_html(self.model)
+
+    def _render_last(self, change=None) -> None:
+        self.last_restore.value = phase_bar_html(self.model.last_restore)
+
+    def _render_status(self, change=None) -> None:
+        m = self.model
+        self.warm_button.disabled = m.warming or m.closed
+        if m.error:
+            self.status.value = f'<span style="color:#d62728"><b>error:</b> {html.escape(m.error)}</span>'
+        elif m.closed:
+            self.status.value = "<i>the pool is closed</i>"
+        else:
+            self.status.value = html.escape(m.status)
+
+    # -- refreshing (pool -> model) ---------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Reads the pool now. Returns False once the pool is closed."""
+        with self._refresh_lock:
+            try:
+                return self.model.update_from(self.pool)
+            except Exception as e:  # noqa: BLE001 - show it, do not kill the timer
+                self.model.error = f"{type(e).__name__}: {e}"
+                return True
+
+    def _tick(self) -> bool:
+        ok = self.refresh()
+        return ok  # False stops the timer
+
+    def start(self) -> None:
+        """Starts the refresh timer (done automatically when displayed)."""
+        if not self.pool.closed:
+            self._ticker.start()
+
+    def stop(self) -> None:
+        """Stops the refresh timer."""
+        self._ticker.stop()
+
+    @property
+    def auto_refreshing(self) -> bool:
+        return self._ticker.running
+
+    def _repr_mimebundle_(self, **kwargs):
+        if self._autostart:
+            self.start()
+        return super()._repr_mimebundle_(**kwargs)
+
+    # -- warming -----------------------------------------------------------------------------
+
+    def _on_warm_click(self, _button) -> None:
+        self.warm(self.target.value)
+
+    def warm(self, target: int | None = None) -> threading.Thread:
+        """Warms the pool to ``target`` idle shells (default: the target box)
+        on a worker thread and returns it (``join()`` to wait). One warm runs
+        at a time; a second call while one runs returns the running thread."""
+        with self._warm_lock:
+            if self._warm_thread is not None and self._warm_thread.is_alive():
+                return self._warm_thread
+            target = int(self.target.value if target is None else target)
+            m = self.model
+            m.error = ""
+            m.warm_target = target
+            m.status = f"warming to {target} idle…"
+            m.warming = True
+            goal = max(min(target, m.max_size), 1)  # the pool stops at max_size
+            self.warm_progress.max = goal
+            self.warm_progress.value = min(m.idle, goal)
+            self.warm_progress.bar_style = "info"
+            self.warm_progress.layout.visibility = "visible"
+            t = threading.Thread(target=self._warm_worker, args=(target,), name="kvmlab-pool-warm", daemon=True)
+            self._warm_thread = t
+            t.start()
+            return t
+
+    def wait_warm(self, timeout_s: float | None = 30.0) -> None:
+        """Waits for a running warm to finish."""
+        t = self._warm_thread
+        if t is not None:
+            t.join(timeout_s)
+
+    def _warm_worker(self, target: int) -> None:
+        m = self.model
+        t0 = time.perf_counter()
+        try:
+            # One shell at a time, so the progress bar moves.
+            start = min(self.pool.idle_count(), target)
+            for k in range(start + 1, min(target, m.max_size) + 1):
+                self.pool.warm(k)
+                self.refresh()
+                self.warm_progress.value = min(self.model.idle, self.warm_progress.max)
+            self.pool.warm(target)  # the final word (also raises if closed)
+            self.refresh()
+            ms = (time.perf_counter() - t0) * 1e3
+            self.warm_progress.value = min(m.idle, self.warm_progress.max)
+            self.warm_progress.bar_style = "success"
+            m.status = f"{time.strftime('%H:%M:%S')} warmed to {min(target, m.max_size)}: {m.idle} idle in {ms:.1f} ms"
+        except Exception as e:  # noqa: BLE001 - shown in the widget, kept in model.error
+            self.warm_progress.bar_style = "danger"
+            m.status = ""
+            m.error = f"{type(e).__name__}: {e}"
+            self.refresh()
+        finally:
+            m.warming = False
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stops the timer and closes the widget (the pool stays open)."""
+        ticker = getattr(self, "_ticker", None)  # absent if __init__ failed (Widget.__del__ calls close)
+        if ticker is not None:
+            ticker.stop()
+        names = ("header", "idle_bar", "idle_label", "in_use_bar", "in_use_label", "counters",
+                 "last_restore", "target", "warm_button", "warm_progress", "status")  # fmt: skip
+        for w in [getattr(self, n, None) for n in names] + list(getattr(self, "children", ())):
+            if w is not None:
+                w.close()
+        super().close()

@@ -1,0 +1,46 @@
+"""A daemon thread calling a function every few seconds until stopped."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+
+class Ticker:
+    def __init__(self, interval_s: float, fn: Callable[[], object], name: str = "kvmlab-widget-refresh") -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval must be > 0 seconds, got {interval_s!r}")
+        self.interval_s = float(interval_s)
+        self._fn = fn
+        self._name = name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def start(self) -> None:
+        with self._lock:
+            if self.running:
+                return
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(self._stop,), name=self._name, daemon=True)
+            self._thread.start()
+
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval_s):
+            try:
+                if self._fn() is False:
+                    return
+            except Exception:  # noqa: BLE001 - the callback shows its own errors; never kill the loop
+                pass
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            self._stop.set()
+            t, self._thread = self._thread, None
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout_s)

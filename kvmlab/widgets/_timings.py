@@ -1,0 +1,157 @@
+"""RestoreTimings: a live matplotlib view of ``pool.timings()``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import threading
+from typing import TYPE_CHECKING, Callable
+
+import ipywidgets as W
+
+from .. import plot
+from ..errors import ClosedError
+from ..pool import RestorePool
+from ._ticker import Ticker
+
+if TYPE_CHECKING:
+    from ._monitor import PoolMonitor
+
+
+class RestoreTimings(W.VBox):
+    """A figure of the pool's newest ``last`` restores, re-rendered when new
+    restores happened: by default :func:`kvmlab.plot.restore_overview`
+    (latency over time with pool misses marked, and the per-phase breakdown).
+    ``plot_fn`` may be any function of a list of :class:`~kvmlab.RestoreTiming`
+    returning a Figure (e.g. ``kvmlab.plot.latency_distribution``).
+
+    The figure goes into an :class:`ipywidgets.Output` as a PNG; :attr:`figure`
+    and :attr:`records` hold the latest figure and data. It refreshes every
+    ``interval_s`` seconds while displayed (``close()`` stops that) and on
+    :meth:`refresh`.
+    """
+
+    def __init__(
+        self,
+        pool: RestorePool,
+        *,
+        last: int = 500,
+        interval_s: float = 2.0,
+        plot_fn: Callable | None = None,
+        autostart: bool = True,
+        dpi: int = 80,
+        **kwargs,
+    ) -> None:
+        if not isinstance(pool, RestorePool):
+            raise TypeError(f"RestoreTimings takes a RestorePool, got {type(pool).__name__}")
+        self.pool = pool
+        self.last = last
+        self.plot_fn = plot_fn or plot.restore_overview
+        self.dpi = dpi
+        self.figure = None
+        self.records: list = []
+        self.renders = 0
+        self._seen: int | None = None
+        self._autostart = autostart
+        self._lock = threading.Lock()
+        self._ticker = Ticker(interval_s, self._tick, name="kvmlab-timings-refresh")
+        self.caption = W.HTML()
+        self.output = W.Output()
+        super().__init__([self.caption, self.output], **kwargs)
+        self.add_class("kvmlab-restore-timings")
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Re-renders if restores happened since the last render (or ``force``).
+        Returns False once the pool is closed."""
+        with self._lock:
+            try:
+                restores = self.pool.stats().restores
+                if not force and restores == self._seen:
+                    return True
+                records = self.pool.timings(last=self.last)
+            except ClosedError:
+                self.caption.value = "<i>the pool is closed</i>"
+                return False
+            except Exception as e:  # noqa: BLE001 - shown in the widget
+                self.caption.value = f'<span style="color:#d62728">{html.escape(f"{type(e).__name__}: {e}")}</span>'
+                return True
+            self._seen = restores
+            self.records = records
+            try:
+                fig = self.plot_fn(records)
+                png = plot.to_png(fig, dpi=self.dpi)
+            except Exception as e:  # noqa: BLE001
+                self.caption.value = f'<span style="color:#d62728">plot failed: {html.escape(f"{type(e).__name__}: {e}")}</span>'
+                return True
+            self.figure = fig
+            self.renders += 1
+            misses = sum(1 for r in records if not r.hit)
+            self.caption.value = (
+                f"<b>restore timings</b>: {restores} restores so far, the newest {len(records)} shown"
+                f"{f', {misses} pool misses' if misses else ''}"
+            )
+            # Set the Output's outputs directly: works from any thread and without a frontend.
+            self.output.outputs = (
+                {
+                    "output_type": "display_data",
+                    "data": {
+                        "image/png": base64.b64encode(png).decode("ascii"),
+                        "text/plain": f"<Figure: {len(records)} restores>",
+                    },
+                    "metadata": {},
+                },
+            )
+            return True
+
+    def _tick(self) -> bool:
+        return self.refresh()
+
+    def start(self) -> None:
+        if not self.pool.closed:
+            self._ticker.start()
+
+    def stop(self) -> None:
+        self._ticker.stop()
+
+    @property
+    def auto_refreshing(self) -> bool:
+        return self._ticker.running
+
+    def _repr_mimebundle_(self, **kwargs):
+        if self._autostart:
+            self.start()
+        return super()._repr_mimebundle_(**kwargs)
+
+    def close(self) -> None:
+        ticker = getattr(self, "_ticker", None)  # absent if __init__ failed (Widget.__del__ calls close)
+        if ticker is not None:
+            ticker.stop()
+        for w in (getattr(self, "caption", None), getattr(self, "output", None)):
+            if w is not None:
+                w.close()
+        super().close()
+
+
+class _Dashboard(W.VBox):
+    def __init__(self, monitor: PoolMonitor, timings: RestoreTimings) -> None:
+        self.monitor = monitor
+        self.timings = timings
+        super().__init__([monitor, timings])
+
+    def refresh(self) -> None:
+        self.monitor.refresh()
+        self.timings.refresh()
+
+    def close(self) -> None:
+        self.monitor.close()
+        self.timings.close()
+        super().close()
+
+
+def dashboard(pool: RestorePool, **kwargs) -> W.VBox:
+    """A :class:`PoolMonitor` above a :class:`RestoreTimings` for ``pool``
+    (``.monitor``, ``.timings``; ``close()`` closes both)."""
+    from ._monitor import PoolMonitor
+
+    return _Dashboard(PoolMonitor(pool, **kwargs), RestoreTimings(pool))

@@ -1,0 +1,586 @@
+"""Corrupt, hostile and foreign snapshots: every check, one test per error kind.
+
+Corruptions are made by editing fields of a real ``to_bytes()`` output at the
+offsets drawn in ``zigsrc/snapshot.zig``. The header CRC (offset 64) covers
+bytes 0..64 and the section table, so a test of a check that comes after the
+checksums recomputes the CRC32Cs with the pure-Python helper in
+``snapshot_codec``; a test of an earlier check leaves them stale on purpose
+(which also shows that the earlier check runs first).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import conftest
+import snapshot_codec as C
+from kvmlab import Snapshot, SnapshotError, Vm, VmConfig, _ffi
+
+pytestmark = pytest.mark.kvm
+
+MiB = 1 << 20
+#: Largest snapshot the core accepts (snapshot.zig max_total_bytes).
+MAX_TOTAL = (4096 * MiB) + 4096 + (8 * MiB) + 4096
+#: "Fails fast": far below anything that reads or allocates guest memory.
+FAST_S = 0.25
+
+
+@pytest.fixture(scope="module")
+def good() -> bytes:
+    """A packed snapshot of an 8 MiB counter guest at its checkpoint."""
+    conftest._require_kvm()
+    with Vm.boot("counter", VmConfig(memory_mib=8), args={"steps": 4, "checkpoint_at": 2, "region_pages": 1}) as vm:
+        assert vm.run().reason == "checkpoint"
+        with vm.snapshot() as snap:
+            data = snap.to_bytes()
+    with Snapshot.from_bytes(data):  # the baseline is valid
+        pass
+    return data
+
+
+def rejected(data, match: str) -> SnapshotError:
+    """from_bytes(data) raises SnapshotError matching ``match``, quickly."""
+    t0 = time.perf_counter()
+    with pytest.raises(SnapshotError, match=match) as e:
+        Snapshot.from_bytes(data)
+    assert time.perf_counter() - t0 < FAST_S
+    return e.value
+
+
+def edit(data: bytes, fix_crc: bool = False, **fields: int) -> bytes:
+    """``data`` with header fields set (name -> value), optionally with a fresh header CRC."""
+    widths = {
+        "major": (C.OFF_MAJOR, 2), "minor": (C.OFF_MINOR, 2), "arch": (C.OFF_ARCH, 4),
+        "header_bytes": (C.OFF_HEADER_BYTES, 4), "count": (C.OFF_SECTION_COUNT, 4),
+        "memory_bytes": (C.OFF_MEMORY_BYTES, 8), "vcpus": (C.OFF_VCPUS, 4), "flags": (C.OFF_FLAGS, 4),
+        "total": (C.OFF_TOTAL, 8), "present": (C.OFF_PRESENT, 8),
+    }
+    buf = bytearray(data)
+    for name, value in fields.items():
+        off, w = widths[name]
+        buf[off : off + w] = value.to_bytes(w, "little")
+    if fix_crc:
+        C.fix_header_crc(buf)
+    return bytes(buf)
+
+
+def edit_section(data: bytes, index: int, fix_crc: bool = False, **fields: int) -> bytes:
+    buf = bytearray(data)
+    e = C.SECTION_TABLE + index * C.SECTION_ENTRY
+    for name, value in fields.items():
+        off, w = {"kind": (0, 4), "offset": (8, 8), "bytes": (16, 8), "crc": (24, 4)}[name]
+        buf[e + off : e + off + w] = value.to_bytes(w, "little")
+    if fix_crc:
+        C.fix_header_crc(buf)
+    return bytes(buf)
+
+
+# -- 1. size -------------------------------------------------------------------------
+
+
+def test_empty_input_is_truncated():
+    rejected(b"", "truncated: 0 bytes")
+
+
+def test_14_byte_input_claiming_a_huge_count_fails_fast():
+    # magic, version 1.0, then 0xffff...: a header cut after 14 bytes.
+    rejected(b"KVMLSNAP" + struct.pack("<HH", 1, 0) + b"\xff\xff", "truncated: 14 bytes")
+    # The same claim in a complete 4096-byte header: 2^32-1 sections, 2^64-1 bytes.
+    h = bytearray(4096)
+    h[:8] = b"KVMLSNAP"
+    struct.pack_into("<HHIII", h, 8, 1, 0, 1, 4096, 0xFFFF_FFFF)
+    struct.pack_into("<Q", h, C.OFF_TOTAL, 2**64 - 1)
+    rejected(bytes(h), "4294967295 sections")
+
+
+def test_truncated_snapshot(good):
+    rejected(good[:-1], f"truncated or padded: header says {len(good)} bytes, got {len(good) - 1}")
+    rejected(good[:4096], "truncated or padded")
+    rejected(good[:4095], "truncated: 4095 bytes")
+
+
+def test_padded_snapshot(good):
+    rejected(good + b"\0", f"header says {len(good)} bytes, got {len(good) + 1}")
+
+
+def test_size_over_limit_before_reading_anything(tmp_path):
+    """A 5 GiB sparse file: load() and from_bytes() of its mapping refuse it by size
+    alone (nothing of it is read: its pages are holes, so no header, no magic)."""
+    p = tmp_path / "huge.kvmsnap"
+    with open(p, "wb") as f:
+        f.truncate(5 << 30)
+    t0 = time.perf_counter()
+    with pytest.raises(SnapshotError, match=f"5368709120 bytes is over the {MAX_TOTAL}-byte limit"):
+        Snapshot.load(p)
+    assert time.perf_counter() - t0 < FAST_S
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        with memoryview(m) as view:
+            rejected(view, "over the .*-byte limit")
+    assert os.stat(p).st_blocks == 0  # still all holes: nothing was ever written
+
+
+# -- 2. magic, 3. version --------------------------------------------------------------
+
+
+def test_bad_magic(good):
+    rejected(b"KVMLSNAQ" + good[8:], "bad magic: not a kvmlab snapshot")
+    rejected(b"\x7fELF" + bytes(4092), "bad magic")
+
+
+def test_newer_minor_version_is_refused(good):
+    rejected(edit(good, minor=1, fix_crc=True), r"unsupported version 1\.1 \(this kvmlab reads 1\.0 \.\. 1\.0\)")
+
+
+def test_newer_major_version_is_refused(good):
+    rejected(edit(good, major=2, fix_crc=True), r"unsupported version 2\.0")
+    rejected(edit(good, major=0xFFFF, minor=0xFFFF), r"unsupported version 65535\.65535")
+
+
+def test_older_major_version_is_refused(good):
+    rejected(edit(good, major=0, fix_crc=True), r"unsupported version 0\.0")
+
+
+def test_other_architecture(good):
+    rejected(edit(good, arch=2, fix_crc=True), "architecture 2 is not x86_64")
+
+
+def test_header_size_field(good):
+    rejected(edit(good, header_bytes=8192, fix_crc=True), "header size is not 4096")
+
+
+# -- 4. section bounds ----------------------------------------------------------------------
+
+
+def test_section_count(good):
+    rejected(edit(good, count=3, fix_crc=True), "3 sections; version 1 has exactly 2")
+    rejected(edit(good, count=0, fix_crc=True), "0 sections")
+
+
+def test_section_kind(good):
+    rejected(edit_section(good, 0, kind=2, fix_crc=True), "section 0 has kind 2, expected 1")
+
+
+def test_section_outside_the_snapshot(good):
+    st, mem = C.sections(good)
+    rejected(edit_section(good, 1, bytes=1 << 40), r"section MEMORY \(offset %d, 1099511627776 bytes\) lies outside the %d-byte snapshot" % (mem.offset, len(good)))
+    rejected(edit_section(good, 0, offset=2**64 - 1), "section STATE .* lies outside")
+    rejected(edit_section(good, 0, offset=100), r"section STATE \(offset 100,")  # inside the header
+    # offset + bytes would overflow 64 bits: still "outside", no wrap-around.
+    rejected(edit_section(good, 1, offset=mem.offset, bytes=2**64 - mem.offset + 1), "section MEMORY .* lies outside")
+
+
+def test_state_section_over_its_limit(tmp_path):
+    # STATE larger than 8 MiB (the blob limit), inside a file that is big enough.
+    h = bytearray(4096)
+    h[:8] = b"KVMLSNAP"
+    struct.pack_into("<HHIII", h, 8, 1, 0, 1, 4096, 2)
+    total = 4096 + (9 * MiB)
+    struct.pack_into("<Q", h, C.OFF_TOTAL, total)
+    struct.pack_into("<IIQQ", h, C.SECTION_TABLE, 1, 0, 4096, 9 * MiB)
+    struct.pack_into("<IIQQ", h, C.SECTION_TABLE + 32, 2, 0, total, 0)
+    p = tmp_path / "big-state.kvmsnap"
+    with open(p, "wb") as f:
+        f.write(h)
+        f.truncate(total)
+    with pytest.raises(SnapshotError, match="STATE section of 9437184 bytes is over the limit"):
+        Snapshot.load(p)
+
+
+def test_memory_section_not_page_aligned(good):
+    st, mem = C.sections(good)
+    data = edit_section(good, 1, offset=mem.offset - 8, bytes=mem.bytes)
+    rejected(data, "MEMORY section is not page-aligned")
+
+
+def test_sections_overlap(good):
+    st, mem = C.sections(good)
+    rejected(edit_section(good, 0, bytes=mem.offset - st.offset + 4096), "STATE and MEMORY sections overlap")
+
+
+def test_memory_size_out_of_range(good):
+    rejected(edit(good, memory_bytes=4 * MiB), "memory size 4194304 bytes is out of range")
+    rejected(edit(good, memory_bytes=9 * MiB), "memory size 9437184 bytes is out of range")
+    rejected(edit(good, memory_bytes=8 << 30), "memory size 8589934592 bytes is out of range")
+
+
+def test_more_present_pages_than_the_guest_has(good):
+    rejected(edit(good, present=2049), "2049 present pages in a 2048-page guest")
+
+
+def test_unknown_flags(good):
+    rejected(edit(good, flags=0x3), "unknown flags 0x3")
+
+
+def test_memory_section_size_disagrees_with_the_header(good):
+    rejected(edit(good, present=C.u64(good, C.OFF_PRESENT) + 1), r"MEMORY section is \d+ bytes, expected \d+")
+    rejected(edit(good, flags=0), r"MEMORY section is \d+ bytes, expected 8388608")
+
+
+# -- 5. checksums ----------------------------------------------------------------------------
+
+
+def test_header_checksum_mismatch(good):
+    rejected(edit(good, vcpus=2), "checksum mismatch in the header")
+    buf = bytearray(good)
+    buf[C.OFF_HEADER_CRC] ^= 1
+    rejected(bytes(buf), "checksum mismatch in the header")
+    buf = bytearray(good)
+    buf[C.SECTION_TABLE + 28] ^= 0x80  # a reserved byte of the section table
+    rejected(bytes(buf), "checksum mismatch in the header")
+
+
+def test_state_section_checksum_mismatch(good):
+    st, _ = C.sections(good)
+    for off in (st.offset, st.offset + st.bytes // 2, st.offset + st.bytes - 1):
+        buf = bytearray(good)
+        buf[off] ^= 0x01
+        rejected(bytes(buf), "checksum mismatch in section STATE")
+
+
+def test_memory_section_checksum_mismatch(good):
+    _, mem = C.sections(good)
+    for off in (mem.offset, mem.offset + mem.bytes // 2, len(good) - 1):
+        buf = bytearray(good)
+        buf[off] ^= 0x80
+        rejected(bytes(buf), "checksum mismatch in section MEMORY")
+
+
+def test_saved_file_checksum_mismatch_names_the_file(good, tmp_path):
+    with Snapshot.from_bytes(good) as snap:
+        p = snap.save(tmp_path / "s.kvmsnap")
+    raw = bytearray(p.read_bytes())
+    st, mem = C.sections(raw)
+    page = 0x400000 // 4096  # the counter region: a present page
+    raw[mem.offset + page * 4096 + 8] ^= 0xFF
+    p.write_bytes(raw)
+    with pytest.raises(SnapshotError, match=f"{p}: snapshot: checksum mismatch in section MEMORY"):
+        Snapshot.load(p)
+
+
+# -- 6. semantic checks (CRCs recomputed so they pass) ------------------------------------------
+
+
+def test_vcpu_count_disagrees_with_state(good):
+    rejected(edit(good, vcpus=2, fix_crc=True), "header says 2 vCPUs, STATE 1")
+
+
+def test_memory_size_disagrees_with_state(good):
+    # 16 MiB in the header: the packed MEMORY size still matches, the STATE blob says 8.
+    rejected(edit(good, memory_bytes=16 * MiB, fix_crc=True), "STATE says 8388608 bytes of memory, the header 16777216")
+
+
+def test_page_map_disagrees_with_present_count(good):
+    header, recs = C.parse_state(C.state_of(good))
+    pm = C.find(recs, C.TAG_PAGE_MAP, C.VM_WIDE)
+    bits = bytearray(pm.data)
+    first_zero = next(i for i in range(len(bits) * 8) if not bits[i // 8] >> (i % 8) & 1)
+    bits[first_zero // 8] |= 1 << (first_zero % 8)
+    pm.data = bytes(bits)
+    n = C.u64(good, C.OFF_PRESENT)
+    rejected(C.with_state(good, C.build_state(header, recs)), f"page map has {n + 1} pages, the header {n}")
+
+
+# -- the check order -----------------------------------------------------------------------------
+
+
+def test_checks_run_in_the_documented_order(good):
+    """With several faults at once, the first check in the documented order
+    (size, magic, version, bounds, checksums, semantic) is the one reported."""
+    st, mem = C.sections(good)
+    semantic = edit(good, vcpus=2, fix_crc=True)
+    buf = bytearray(semantic)
+    buf[len(buf) - 1] ^= 1  # + MEMORY checksum
+    mem_crc = bytes(buf)
+    buf[st.offset + 40] ^= 1  # + STATE checksum
+    state_crc = bytes(buf)
+    buf[C.OFF_HEADER_CRC] ^= 1  # + header checksum
+    header_crc = bytes(buf)
+    bounds = edit_section(header_crc, 1, bytes=1 << 40)  # + section bounds
+    version = edit(bounds, major=9)  # + version
+    magic = b"XXXXXXXX" + version[8:]  # + magic
+    truncated = magic[:100]  # + size
+    for data, message in [
+        (semantic, "header says 2 vCPUs"),
+        (mem_crc, "checksum mismatch in section MEMORY"),
+        (state_crc, "checksum mismatch in section STATE"),
+        (header_crc, "checksum mismatch in the header"),
+        (bounds, "lies outside"),
+        (version, "unsupported version 9.0"),
+        (magic, "bad magic"),
+        (truncated, "truncated: 100 bytes"),
+    ]:
+        rejected(data, message)
+
+
+# -- not a snapshot at all ------------------------------------------------------------------------
+
+
+def test_load_refuses_a_directory(tmp_path):
+    with pytest.raises(SnapshotError, match="is not a regular file"):
+        Snapshot.load(tmp_path)
+    # The core refuses it too, without the Python pre-check.
+    out = _ffi.ffi.new("kvmlab_snapshot **")
+    with pytest.raises(SnapshotError, match="is not a regular file"):
+        _ffi.check(_ffi.lib.kvmlab_snapshot_load(os.fsencode(tmp_path), out))
+
+
+def test_load_refuses_dev_null():
+    with pytest.raises(SnapshotError, match="/dev/null is not a regular file"):
+        Snapshot.load("/dev/null")
+    out = _ffi.ffi.new("kvmlab_snapshot **")
+    with pytest.raises(SnapshotError, match="/dev/null is not a regular file"):
+        _ffi.check(_ffi.lib.kvmlab_snapshot_load(b"/dev/null", out))
+
+
+def test_load_refuses_a_fifo_without_blocking(tmp_path):
+    p = tmp_path / "fifo"
+    os.mkfifo(p)
+    t0 = time.perf_counter()
+    with pytest.raises(SnapshotError, match="is not a regular file"):
+        Snapshot.load(p)
+    assert time.perf_counter() - t0 < FAST_S
+
+
+def test_load_missing_file_and_bad_paths(tmp_path):
+    with pytest.raises(SnapshotError, match="cannot open snapshot .*No such file"):
+        Snapshot.load(tmp_path / "missing.kvmsnap")
+    with pytest.raises(SnapshotError, match="cannot open snapshot"):
+        Snapshot.load("bad\0path")
+
+
+def test_load_short_file(tmp_path):
+    p = tmp_path / "short.kvmsnap"
+    p.write_bytes(b"KVMLSNAP" + struct.pack("<HH", 1, 0) + b"\xff\xff")
+    with pytest.raises(SnapshotError, match="truncated: 14 bytes"):
+        Snapshot.load(p)
+
+
+def test_from_bytes_refuses_non_buffers():
+    for bad in ("KVMLSNAP", 12, None, [1, 2]):
+        with pytest.raises(SnapshotError, match="bytes-like"):
+            Snapshot.from_bytes(bad)  # type: ignore[arg-type]
+    with pytest.raises(SnapshotError, match="contiguous"):
+        Snapshot.from_bytes(memoryview(bytes(8192))[::2])
+
+
+# -- hostile vcpu_state (STATE) blobs, CRCs made valid ------------------------------------------------
+
+
+def _hostile_blobs(blob: bytes) -> dict[str, tuple[bytes, str]]:
+    header, recs = C.parse_state(blob)
+    n = len(recs)
+
+    def with_count(count: int) -> bytes:
+        b = bytearray(blob)
+        C.put32(b, 24, count)
+        return bytes(b)
+
+    def first_record(**f: int) -> bytes:
+        b = bytearray(blob)
+        off = C.STATE_HEADER
+        for name, value in f.items():
+            C.put32(b, off + {"tag": 0, "vcpu": 4, "bytes": 8}[name], value)
+        return bytes(b)
+
+    def without(tag: int) -> bytes:
+        return C.build_state(header, [r for r in recs if r.tag != tag])
+
+    b = bytearray(blob)
+    C.put16(b, 10, 1)
+    newer_minor = bytes(b)
+    b = bytearray(blob)
+    C.put32(b, 12, 0)
+    no_vcpus = bytes(b)
+    b = bytearray(blob)
+    C.put64(b, 16, 3 * MiB)
+    odd_memory = bytes(b)
+    return {
+        "bad-magic": (b"KVMLSTAX" + blob[8:], "vCPU state: bad magic"),
+        "huge-record-count": (with_count(0xFFFF_FFFF), "4294967295 records is over the limit of"),
+        "count-one-too-many": (with_count(n + 1), f"vCPU state: truncated in record {n}"),
+        "count-one-too-few": (with_count(n - 1), "vCPU state: 24 trailing bytes after the last record|trailing bytes"),
+        "truncated-mid-record": (blob[: len(blob) - 16], r"record \d+ \(\d+ bytes\) runs past the end"),
+        "truncated-header": (blob[:14], "vCPU state: truncated: 14 bytes, the header alone is 32"),
+        "huge-record-length": (first_record(bytes=0xFFFF_FFF8), r"record 0 \(4294967288 bytes\) runs past the end"),
+        "unknown-tag": (first_record(tag=99), "record 0 has unknown tag 99"),
+        "vcpu-out-of-range": (first_record(vcpu=5), r"record 0 \(regs\) names vCPU 5 of 1"),
+        "vm-wide-tag-on-a-vcpu": (first_record(vcpu=C.VM_WIDE), r"record 0 \(regs\) has vCPU 4294967295"),
+        "wrong-fixed-size": (C.build_state(header, [C.Record(1, 0, recs[0].data[:-8])] + recs[1:]), "record regs is 136 bytes, expected 144"),
+        "duplicate-record": (C.build_state(header, recs + [recs[0]]), "duplicate regs record for vCPU 0"),
+        "missing-record": (without(8), "missing mp_state record for vCPU 0"),
+        "missing-vm-record": (without(35), "missing pit2 record"),
+        "newer-minor": (newer_minor, r"vCPU state: unsupported version 1\.1"),
+        "zero-vcpus": (no_vcpus, "vCPU count 0 is out of range 1..8"),
+        "odd-memory-size": (odd_memory, "memory size 3145728 bytes is out of range"),
+    }
+
+
+HOSTILE_IDS = [
+    "bad-magic", "huge-record-count", "count-one-too-many", "count-one-too-few", "truncated-mid-record",
+    "truncated-header", "huge-record-length", "unknown-tag", "vcpu-out-of-range", "vm-wide-tag-on-a-vcpu",
+    "wrong-fixed-size", "duplicate-record", "missing-record", "missing-vm-record", "newer-minor",
+    "zero-vcpus", "odd-memory-size",
+]
+
+
+@pytest.mark.parametrize("kind", HOSTILE_IDS)
+def test_hostile_vcpu_state_via_from_bytes(good, kind):
+    """A STATE blob that is hostile, in a snapshot whose checksums are all valid:
+    from_bytes refuses it with a message naming the fault, and fast."""
+    blob, message = _hostile_blobs(C.state_of(good))[kind]
+    data = C.with_state(good, blob)
+    assert C.u32(data, C.OFF_HEADER_CRC) == C.header_crc(data)  # only the STATE contents are wrong
+    rejected(data, message)
+
+
+def test_hostile_ids_cover_every_case(good):
+    assert sorted(_hostile_blobs(C.state_of(good))) == sorted(HOSTILE_IDS)
+
+
+# -- property: random mutations never crash or hang ---------------------------------------------
+
+
+def _positions(n: int, good_sections) -> st.SearchStrategy[int]:
+    st_sec, mem = good_sections
+    hot = [0, 8, 10, 12, 16, 20, 24, 32, 36, 40, 48, 56, 64]
+    hot += [C.SECTION_TABLE + i for i in range(0, 64, 4)]
+    hot += [st_sec.offset + i for i in (0, 8, 12, 16, 24, 28, 32, 36, 40, 44)]
+    hot += [mem.offset, mem.offset - 1, n - 1]
+    return st.one_of(
+        st.sampled_from([h for h in hot if h < n]),
+        st.integers(8, 383),  # the header fields after the magic, and the section table
+        st.integers(st_sec.offset, st_sec.offset + st_sec.bytes - 1),  # the STATE blob
+        st.integers(0, n - 1),
+    )
+
+
+def _mutations(n: int, good_sections) -> st.SearchStrategy:
+    pos = _positions(n, good_sections)
+    interesting = st.sampled_from([0, 1, 2, 7, 0x7F, 0xFF, 0xFFFF, 0xFFFF_FFFF, 2**63, 2**64 - 1, n, n - 4096, 4096, 8 * MiB])
+    flip = st.tuples(st.just("flip"), pos, st.integers(0, 7))
+    overwrite = st.tuples(st.just("overwrite"), pos, st.binary(min_size=1, max_size=16))
+    field32 = st.tuples(st.just("field32"), pos, interesting)
+    # In-place edits are drawn more often than size changes, which most of the
+    # time just trip the size checks.
+    return st.lists(
+        st.one_of(
+            flip,
+            flip,
+            overwrite,
+            overwrite,
+            field32,
+            field32,
+            st.tuples(st.just("field64"), pos, interesting),
+            st.tuples(st.just("truncate"), st.one_of(st.integers(4096, n), st.integers(0, n))),
+            st.tuples(st.just("insert"), pos, st.binary(min_size=1, max_size=16)),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+
+
+def _apply(data: bytes, ops) -> bytearray:
+    buf = bytearray(data)
+    for op in ops:
+        kind = op[0]
+        if kind == "truncate":
+            del buf[op[1] :]
+        elif not buf:
+            continue
+        elif kind == "flip":
+            buf[op[1] % len(buf)] ^= 1 << op[2]
+        elif kind == "overwrite":
+            at = op[1] % len(buf)
+            buf[at : at + len(op[2])] = op[2]
+        elif kind == "insert":
+            buf[op[1] % (len(buf) + 1) : op[1] % (len(buf) + 1)] = op[2]
+        elif kind in ("field64", "field32"):
+            w = 8 if kind == "field64" else 4
+            at = op[1] % len(buf)
+            buf[at : at + w] = (op[2] % (1 << (8 * w))).to_bytes(w, "little")
+    return buf
+
+
+def _refresh_crcs(buf: bytearray) -> None:
+    """Makes the total size, the section CRCs and the header CRC valid again
+    where the section table still points inside the data (so mutations reach
+    the later checks)."""
+    if len(buf) < 4096:
+        return
+    C.put64(buf, C.OFF_TOTAL, len(buf))
+    for s in C.sections(buf)[:2]:
+        if s.offset <= len(buf) and s.bytes <= len(buf) - s.offset and s.bytes <= 16 * MiB:
+            C.put32(buf, s.entry + 24, C.crc32c(buf[s.offset : s.offset + s.bytes]))
+    C.fix_header_crc(buf)
+
+
+def _outcome(data: bytes) -> str:
+    """'ok' or 'SnapshotError'; anything else fails the test. Also bounded in time."""
+    t0 = time.perf_counter()
+    try:
+        snap = Snapshot.from_bytes(data)
+    except SnapshotError as e:
+        assert str(e), "a SnapshotError must say what is wrong"
+        return "SnapshotError"
+    finally:
+        assert time.perf_counter() - t0 < 2.0, "from_bytes took too long"
+    with snap:
+        # What loaded is self-consistent and encodes back to a loadable snapshot.
+        assert 8 * MiB <= snap.memory_bytes <= 4096 * MiB and 1 <= snap.vcpus <= 8
+        again = snap.to_bytes()
+        assert snap.vcpu_state[:8] == b"KVMLSTAT"
+    with Snapshot.from_bytes(again):
+        pass
+    return "ok"
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data())
+def test_random_mutations_load_or_raise_snapshot_error(good, fuzz_dir, data):
+    """Bit flips, truncations, overwrites and insertions anywhere (biased to
+    the header, section table and STATE records): from_bytes and load either
+    accept the result or raise SnapshotError, and agree with each other."""
+    ops = data.draw(_mutations(len(good), C.sections(good)))
+    buf = _apply(good, ops)
+    outcome = _outcome(bytes(buf))
+    p = fuzz_dir / "m.kvmsnap"
+    p.write_bytes(buf)
+    try:
+        with Snapshot.load(p):
+            via_load = "ok"
+    except SnapshotError:
+        via_load = "SnapshotError"
+    assert via_load == outcome
+
+
+@settings(max_examples=1300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data())
+def test_random_mutations_with_valid_checksums_load_or_raise_snapshot_error(good, data):
+    """The same mutations, then the total size and every CRC recomputed: they
+    now reach the section-size, STATE-record and semantic checks."""
+    ops = data.draw(_mutations(len(good), C.sections(good)))
+    buf = _apply(good, ops)
+    _refresh_crcs(buf)
+    _outcome(bytes(buf))
+
+
+def test_fuzz_baseline_is_reachable(good):
+    """The mutation helpers do reach deep checks: a field edit in the STATE
+    blob with refreshed CRCs is reported by the STATE parser, not a checksum."""
+    st_sec, _ = C.sections(good)
+    buf = _apply(good, [("field32", st_sec.offset + 24, 0xFFFF_FFFF)])
+    _refresh_crcs(buf)
+    with pytest.raises(SnapshotError, match="vCPU state: 4294967295 records"):
+        Snapshot.from_bytes(bytes(buf))
