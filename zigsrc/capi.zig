@@ -716,6 +716,29 @@ fn benchResetFloor(h: ?*kvmlab_vm, out: ?*kvmlab_reset_times) errors.Error!void 
     o.* = .{ .dirty_pages = dirty, .log_ns = 0, .memory_ns = rt.memory_ns, .vcpu_ns = rt.vcpu_ns, .devices_ns = rt.devices_ns, .total_ns = rt.memory_ns + rt.vcpu_ns + rt.devices_ns };
 }
 
+/// Benchmark: `count` pooled restores of `snap` driven from native code, each
+/// released right away; out_total_ns[i] = wall time of restore i as the C
+/// caller sees it (the baseline for measuring the Python API's overhead).
+/// Between restores it waits until the pool has an idle shell again (not
+/// timed), so every restore is a hit like a warmed Python loop's.
+pub export fn kvmlab_bench_pool_restores(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) callconv(.c) kvmlab_result {
+    return result(benchPoolRestores(h, snap, strategy, count, out_total_ns));
+}
+fn benchPoolRestores(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) errors.Error!void {
+    const p = try asPool(h);
+    const o = out_total_ns orelse return errors.fail(error.Config, "out is NULL", .{});
+    if (count > 1 << 20) return errors.fail(error.Config, "at most 2^20 restores", .{});
+    for (0..count) |i| {
+        var spins: usize = 0;
+        while (p.idleCount() == 0 and spins < 20_000) : (spins += 1) std.Thread.yield() catch {};
+        var vm_h: ?*kvmlab_vm = null;
+        const t0 = vm_mod.monotonicNs();
+        try poolRestoreSnapshot(h, snap, strategy, 0, 0, &vm_h, null);
+        o[i] = vm_mod.monotonicNs() - t0;
+        p.release(try asVm(vm_h));
+    }
+}
+
 /// TEST ONLY: makes shell-creation step `site` (1 create_vm, 2 memory, 3 slot,
 /// 4 irqchip, 5 pit, 6 vcpu, 7 vcpu_mmap, 8 cpuid) fail after passing `after`
 /// more times; site 0 disarms.
