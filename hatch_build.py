@@ -101,4 +101,7 @@ class ZigBuildHook(BuildHookInterface):
             raise RuntimeError(f"kvmlab: zig build did not produce {', '.join(missing)}")
         if not guests and "-Dguests=false" not in extra:
             raise RuntimeError(f"kvmlab: zig build produced no guest images in {prefix / 'guests'}")
-        return [(lib, LIBRARY), (header, HEADER)] + [(g, f"guests/{g.name}") for g in guests]
+        # The guest SDK (runtime + linker script) lets kvmlab.guests.build_zig
+        # compile user guests from an installed wheel.
+        sdk = [(root / "zigsrc" / "guests" / n, f"guest_sdk/{n}") for n in ("rt.zig", "guest.ld")]
+        return [(lib, LIBRARY), (header, HEADER)] + [(g, f"guests/{g.name}") for g in guests] + sdk
