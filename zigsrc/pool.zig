@@ -92,6 +92,8 @@ pub const Pool = struct {
     parked_len: u32 = 0,
     reuses: u64 = 0,
     resets: u64 = 0,
+    /// Taken off `dead` by the reaper and being destroyed right now.
+    destroying: u32 = 0,
     closed: bool = false,
     /// Set by the reaper once closing drained every shell; from then on a
     /// release destroys its VM inline.
@@ -354,7 +356,7 @@ pub const Pool = struct {
             .failures = p.failures,
             .restores = p.restores,
             .releases = p.releases,
-            .pending_destroy = p.dead.items.len,
+            .pending_destroy = p.dead.items.len + p.destroying,
             .parked = p.parked_len,
             .reuses = p.reuses,
             .resets = p.resets,
@@ -466,9 +468,11 @@ pub const Pool = struct {
         while (true) {
             if (p.dead.items.len > 0) {
                 const vm = p.dead.pop().?;
+                p.destroying += 1;
                 p.unlockIt();
                 vm.destroy();
                 p.lockIt();
+                p.destroying -= 1;
                 p.destroyed += 1;
                 continue;
             }
