@@ -107,7 +107,7 @@ def host_info() -> dict[str, Any]:
 class _Progress:
     """tqdm on stderr when available, else a line every 10%."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
+    def __init__(self, total: int, quiet: bool, unit: str = "restore") -> None:
         self.total, self.done, self.quiet = total, 0, quiet
         self._bar = None
         self._next = 0.1
@@ -115,7 +115,7 @@ class _Progress:
             try:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, unit="restore", file=sys.stderr, leave=False, dynamic_ncols=True)
+                self._bar = tqdm(total=total, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
             except ImportError:
                 pass
 

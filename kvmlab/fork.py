@@ -63,7 +63,7 @@ def raise_fd_limit(needed: int) -> int:
     if hard != resource.RLIM_INFINITY and want > hard:
         raise ConfigError(
             f"{needed} more file descriptors are needed but the hard limit is {hard} "
-            f"(each VM holds 1 + vcpus descriptors): raise it (ulimit -Hn, /etc/security/limits.conf)"
+            f"(each VM holds 2 + vcpus descriptors): raise it (ulimit -Hn, /etc/security/limits.conf)"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else max(want, min(hard, want)), hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -124,7 +124,7 @@ def fork_many(snap: Snapshot, n: int, *, threads: int | None = None, resettable:
 
     Measures the wall time until all are ready (restored, not yet run) and the
     growth of this process's RSS and PSS divided by ``n``. Raises the open-file
-    soft limit if needed (each VM holds 1 + vcpus descriptors).
+    soft limit if needed (each VM holds 2 + vcpus descriptors).
     """
     if not isinstance(snap, Snapshot):
         raise ConfigError(f"fork_many takes a Snapshot, got {type(snap).__name__}")
@@ -132,7 +132,7 @@ def fork_many(snap: Snapshot, n: int, *, threads: int | None = None, resettable:
         raise ConfigError("fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > 100_000:
         raise ConfigError(f"n must be an int in 1 .. 100000, got {n!r}")
-    raise_fd_limit(n * (1 + snap.vcpus))
+    raise_fd_limit(n * (2 + snap.vcpus))  # VM, vCPUs, and the snapshot file (dup) per VM
     threads = threads or min(8, (os.cpu_count() or 2) * 2)
     before = memory_usage()
     t0 = time.monotonic_ns()

@@ -7,7 +7,7 @@ const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 
 pub const gdt_gpa: u64 = 0x1000;
-pub const tss_gpa: u64 = 0x2000;
+pub const tss_gpa: u64 = 0xA000;
 pub const bootinfo_gpa: u64 = 0x3000;
 pub const bootinfo_args_offset: u64 = 64;
 pub const service_gpa: u64 = 0x4000;
@@ -37,12 +37,13 @@ const selector_kernel_data: u16 = 0x10;
 const selector_user_code: u16 = 0x18 | 3;
 const selector_user_data: u16 = 0x20 | 3;
 const selector_tss: u16 = 0x28;
-/// The TSS carries an I/O permission bitmap that allows ports 0..0x7ff
-/// (256 bytes, then the 0xff terminator byte). On hardware KVM, IOPL=3 already
-/// lets CPL3 code do port I/O; kvm_pvm strips IOPL from the real RFLAGS and
-/// emulates a faulting IN/OUT only if the TSS bitmap permits the port.
+/// The TSS carries an I/O permission bitmap that allows every port (8 KiB of
+/// zero bits, then the 0xff terminator byte), so any IN/OUT exits to the host,
+/// which serves its ports and reports the others by number. On hardware KVM,
+/// IOPL=3 already lets CPL3 code do port I/O; kvm_pvm strips IOPL from the
+/// real RFLAGS and emulates a faulting IN/OUT only if the bitmap permits it.
 const tss_iomap_offset: u32 = 104;
-const tss_iomap_bytes: u32 = 256;
+const tss_iomap_bytes: u32 = 8192;
 const tss_limit: u32 = tss_iomap_offset + tss_iomap_bytes; // includes the terminator byte
 
 pub const cr0_value: u64 = 0x8001_0033; // PG | WP | NE | ET | MP | PE
@@ -89,6 +90,7 @@ pub fn writeTables(mem: []u8, vcpus: u32, cpl: u32, args: []const u8) errors.Err
     // TSS: rsp0 at the bottom of the stack area, then the I/O bitmap (all
     // allowed ports zero) and its 0xff terminator.
     @memset(mem[@intCast(tss_gpa)..][0 .. tss_limit + 1], 0);
+    comptime std.debug.assert(tss_gpa + tss_limit + 1 <= pml4_gpa); // below the page tables
     put64(mem, tss_gpa + 4, 0x20000);
     std.mem.writeInt(u16, mem[@intCast(tss_gpa + 102)..][0..2], tss_iomap_offset, .little);
     mem[@intCast(tss_gpa + tss_limit)] = 0xff;

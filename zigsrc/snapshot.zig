@@ -550,6 +550,11 @@ pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, pac
         const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, f.fd, @intCast(f.offset));
         if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
         vm.source_page_map = allocator.dupe(u8, map) catch return error.OutOfMemory;
+        const dup = linux.dup(f.fd);
+        if (linux.errno(dup) == .SUCCESS) {
+            vm.source_fd = @intCast(dup);
+            vm.source_end = f.offset + vm.mem.len;
+        }
     } else {
         try copyPresent(vm.mem, memory, map, packed_layout, source_mapped);
     }

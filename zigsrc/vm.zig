@@ -87,6 +87,10 @@ pub const Vm = struct {
     /// wrote through write_memory (KVM's dirty log only sees guest writes).
     reset_snap: ?*snapshot.Snapshot = null,
     host_dirty: []u64 = &.{},
+    /// Map-restored VMs: a duplicate of the snapshot file's descriptor and the
+    /// file size the mapping needs (for crash messages).
+    source_fd: linux.fd_t = -1,
+    source_end: u64 = 0,
     /// Pool VMs: on release, reset and keep for reuse instead of destroying.
     park_on_release: bool = false,
 
@@ -161,6 +165,7 @@ pub const Vm = struct {
         if (vm.mem.len > 0) _ = linux.munmap(vm.mem.ptr, vm.mem.len);
         if (vm.console.len > 0) allocator.free(vm.console);
         if (vm.source_page_map) |m| allocator.free(m);
+        if (vm.source_fd >= 0) _ = linux.close(vm.source_fd);
         if (vm.host_dirty.len > 0) allocator.free(vm.host_dirty);
         if (vm.reset_snap) |sn| sn.release();
         allocator.destroy(vm);
@@ -472,6 +477,11 @@ pub const Vm = struct {
                 "; rip=0x{x} rsp=0x{x} rflags=0x{x} rax=0x{x} rbx=0x{x} rcx=0x{x} rdx=0x{x} rsi=0x{x} rdi=0x{x} cs=0x{x} cpl={d} cr0=0x{x} cr2=0x{x} cr3=0x{x} cr4=0x{x} efer=0x{x}",
                 .{ regs.rip, regs.rsp, regs.rflags, regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, sregs.cs.selector, sregs.cs.dpl, sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer },
             ) catch {};
+            // Hints for the common causes of a triple fault.
+            if (have_regs and sregs.cr2 >= vm.mem.len)
+                w.print(" (hint: the last page fault, cr2=0x{x}, is outside the {d} MiB of guest memory)", .{ sregs.cr2, vm.mem.len >> 20 }) catch {};
+            if (vm.source_page_map != null and vm.mappedFileTruncated())
+                w.print(" (hint: the snapshot file mapped as this VM's memory was truncated or replaced)", .{}) catch {};
             vm.crash_len = w.end;
         }
         _ = std.c.pthread_mutex_unlock(&vm.lock);
@@ -492,6 +502,15 @@ pub const Vm = struct {
                 else => |e| return errors.fail(error.KvmFailed, "completing pending I/O failed: E{s}", .{@tagName(e)}),
             }
         }
+    }
+
+    /// For map-restored VMs: whether the file behind guest memory is now
+    /// shorter than the mapping (pages past its end cannot be read).
+    pub fn mappedFileTruncated(vm: *Vm) bool {
+        if (vm.source_fd < 0) return false;
+        var st: linux.Statx = undefined;
+        if (linux.errno(linux.statx(vm.source_fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true }, &st)) != .SUCCESS) return false;
+        return st.size < vm.source_end;
     }
 
     pub fn getRegs(vm: *Vm, index: u32, regs: *kvm.Regs, sregs: *kvm.Sregs) errors.Error!void {

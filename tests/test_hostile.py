@@ -1,0 +1,133 @@
+"""Misbehaving guests, a snapshot file truncated under a map restore, and
+address-space limits: each gives a clear error or result, never a crash, and
+the pool keeps working."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import kvmlab
+from kvmlab import GuestCrashError, PoolConfig, RestorePool, Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+
+CFG = VmConfig(memory_mib=16)
+
+# Raw guests (flat images at 0x100000, CPL3).
+MMIO_WRITE = bytes.fromhex("48b80000000001000000" "c60001" "ebfe")  # mov rax, 1<<32; mov byte [rax], 1
+UNKNOWN_PORT = bytes.fromhex("66ba3412" "b001" "ee" "ebfe")  # mov dx, 0x1234; mov al, 1; out dx, al
+UNKNOWN_PORT_IN = bytes.fromhex("66ba7000" "ec" "ebfe")  # mov dx, 0x70; in al, dx
+BAD_CONSOLE_DESC = bytes.fromhex("66ba0205" "b8f0ffffff" "ef" "ebfe")  # console write, descriptor at 0xfffffff0
+
+
+@pytest.fixture(scope="module")
+def good():
+    vm = Vm.boot("counter", CFG, args={"steps": 4, "checkpoint_at": 2})
+    vm.run()
+    snap = vm.snapshot()
+    vm.close()
+    yield snap
+    snap.close()
+
+
+@pytest.mark.parametrize(
+    "image,match",
+    [
+        (MMIO_WRITE, r"cr2=0x100000000, is outside the 16 MiB of guest memory"),
+        (UNKNOWN_PORT, r"unknown I/O port 0x1234"),
+        (UNKNOWN_PORT_IN, r"read unknown I/O port 0x70"),
+        (BAD_CONSOLE_DESC, r"console write descriptor at 0xfffffff0 is outside guest memory"),
+    ],
+)
+def test_misbehaving_guest_is_reported_and_the_pool_keeps_working(good, image, match):
+    with RestorePool(CFG, PoolConfig(min_size=1, max_size=2)) as pool:
+        with Vm.boot(image, CFG) as bad:
+            with pytest.raises(GuestCrashError, match=match) as ei:
+                bad.run(timeout_s=5)
+            assert "rip=0x" in str(ei.value)
+            with pytest.raises(GuestCrashError):  # stays crashed
+                bad.run(timeout_s=1)
+        with pool.restore_snapshot(good) as rvm:
+            assert rvm.run_until_exit().exit_code == 0
+        assert pool.stats().failures == 0
+
+
+TRUNCATE_SCRIPT = textwrap.dedent(
+    r"""
+    import os, sys
+    import kvmlab
+    from kvmlab import GuestCrashError, SnapshotError, Snapshot, Vm, VmConfig
+    path = sys.argv[1]
+    vm = Vm.boot("memtouch", VmConfig(memory_mib=16), args={"pages": 512, "rounds": 3})
+    vm.run()
+    vm.snapshot().save(path)
+    vm.close()
+    snap = Snapshot.load(path)
+    mapped = Vm.restore(snap, "map")
+    os.truncate(path, 4096)          # someone truncates the file under us
+    outcomes = []
+    for what, call in [
+        ("read_memory", lambda: mapped.read_memory(0x400000, 4096 * 8)),
+        ("write_memory", lambda: mapped.write_memory(0x500000, b"x")),
+        ("snapshot", lambda: mapped.snapshot()),
+        ("run", lambda: mapped.run(timeout_s=5)),
+        ("copy restore", lambda: Vm.restore(snap, "copy")),
+        ("to_bytes", lambda: snap.to_bytes()),
+    ]:
+        try:
+            call()
+            outcomes.append(f"{what}: ok")
+        except (SnapshotError, GuestCrashError) as e:
+            outcomes.append(f"{what}: {type(e).__name__}: {e}")
+    print("\n".join(outcomes))
+    print("alive")
+    """
+)
+
+
+def test_truncating_a_mapped_snapshot_file_gives_errors_not_sigbus(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_SCRIPT, str(tmp_path / "m.kvmsnap")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, f"died with {p.returncode}: {p.stderr[-3000:]}"
+    out = p.stdout
+    assert out.strip().endswith("alive")
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines()[:-1])
+    for what in ("read_memory", "write_memory", "snapshot", "copy restore", "to_bytes"):
+        assert lines[what].startswith("SnapshotError") and "truncated" in lines[what], (what, lines[what])
+    assert lines["run"].startswith("GuestCrashError") and "truncated" in lines["run"], lines["run"]
+
+
+RLIMIT_AS_SCRIPT = textwrap.dedent(
+    """
+    import resource
+    import kvmlab
+    from kvmlab import KvmlabError, Vm, VmConfig
+    with Vm.boot("hello", VmConfig(memory_mib=8)) as vm:
+        vm.run()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, hard))   # 3 GiB of address space
+    try:
+        Vm.boot("hello", VmConfig(memory_mib=4096))
+        print("big: ok")
+    except KvmlabError as e:
+        print("big:", type(e).__name__, e)
+    with Vm.boot("hello", VmConfig(memory_mib=8)) as vm:      # small ones still work
+        print("small:", vm.run().console.strip())
+    """
+)
+
+
+def test_address_space_limit_gives_a_clear_error():
+    p = subprocess.run([sys.executable, "-c", RLIMIT_AS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    big, small = p.stdout.strip().splitlines()[-2:]
+    assert big.startswith("big: KvmlabMemoryError") and "4096 MiB" in big, big
+    assert small == "small: hello from kvmlab guest"
