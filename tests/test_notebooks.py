@@ -17,11 +17,21 @@ pytest.importorskip("ipykernel")
 
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 #: Per-notebook budgets (s) on this kind of machine, with room for noise.
-BUDGET_S = {"01_quickstart.ipynb": 60, "02_restore_latency.ipynb": 60, "03_write_your_own_guest.ipynb": 90}
+BUDGET_S = {
+    "01_quickstart.ipynb": 60,
+    "02_restore_latency.ipynb": 60,
+    "03_write_your_own_guest.ipynb": 90,
+    "04_benchmarks.ipynb": 90,
+}
 
 
-def test_the_three_notebooks_exist():
-    assert NAMES == ["01_quickstart.ipynb", "02_restore_latency.ipynb", "03_write_your_own_guest.ipynb"]
+def test_the_notebooks_exist():
+    assert NAMES == [
+        "01_quickstart.ipynb",
+        "02_restore_latency.ipynb",
+        "03_write_your_own_guest.ipynb",
+        "04_benchmarks.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -109,3 +119,19 @@ def test_03_write_your_own_guest(tmp_path, monkeypatch):
     assert "Guest(name='fib', flat" in text
     assert "undefined_name" in text  # the compile error is shown
     assert json.dumps(nb.metadata)  # serialisable
+
+
+@pytest.mark.kvm
+@pytest.mark.slow
+def test_04_benchmarks(tmp_path, monkeypatch):
+    nb = run_notebook("04_benchmarks.ipynb", tmp_path, monkeypatch)
+    text = text_of(nb)
+    assert "wrote results.json, results.md" in text
+    assert images(nb) >= 4  # restore, reset, cycle, fork (kvmlab.plot figures)
+    md = "\n".join(o["data"].get("text/markdown", "") for o in outputs(nb) if "data" in o)
+    assert "## Restore" in md and "## Targets" in md
+    html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
+    assert "met" in html  # the targets DataFrame
+    out = tmp_path / "notebooks" / "bench-quick"
+    assert (out / "results.json").is_file() and (out / "results.md").is_file()
+    assert {p.name for p in out.glob("*.png")} >= {"restore.png", "reset.png", "cycle.png", "fork.png"}

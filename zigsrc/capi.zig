@@ -407,7 +407,7 @@ pub export fn kvmlab_snapshot_to_bytes(h: ?*const kvmlab_snapshot, buf: ?[*]u8, 
 fn snapToBytes(h: ?*const kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
     const s = try asSnap(h);
     const o = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
-    const n: usize = @intCast(snapshot.encodedBytes(s, true));
+    const n: usize = @intCast(snapshot.encodedBytes(s));
     o.* = n;
     const b = buf orelse return;
     if (capacity < n) return errors.fail(error.Config, "buffer of {d} bytes is smaller than the {d}-byte snapshot", .{ capacity, n });
@@ -614,7 +614,7 @@ fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy
         const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
         var seq: u64 = 0;
         const t0 = vm_mod.monotonicNs();
-        if (p.reuse(s, wait_ns, &seq)) |vm| {
+        if (p.reuse(s, &seq)) |vm| {
             if (times) |t| t.* = .{ .acquire_ns = vm_mod.monotonicNs() - t0, .memory_ns = 0, .vcpu_ns = 0, .devices_ns = 0, .total_ns = vm_mod.monotonicNs() - t0, .mapped = @intFromBool(vm.source_page_map != null), .hit = 1, .seq = seq };
             o.* = @ptrCast(vm);
             return;

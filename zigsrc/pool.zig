@@ -384,8 +384,7 @@ pub const Pool = struct {
 
     /// Takes a parked VM that was restored from `snap` and reset since its
     /// release, if there is one: a restore that costs nothing but the lookup.
-    pub fn reuse(p: *Pool, snap: *const snapshot.Snapshot, wait_ns: u64, seq_out: *u64) ?*Vm {
-        _ = wait_ns;
+    pub fn reuse(p: *Pool, snap: *const snapshot.Snapshot, seq_out: *u64) ?*Vm {
         const t0 = vm_mod.monotonicNs();
         p.lockIt();
         var i: u32 = 0;

@@ -181,7 +181,7 @@ pub fn capture(vm: *Vm) errors.Error!*Snapshot {
         .created_unix_ns = unixNs(),
         .stored_bytes = 0,
     };
-    s.stored_bytes = encodedBytes(s, true);
+    s.stored_bytes = encodedBytes(s);
     return s;
 }
 
@@ -198,10 +198,9 @@ fn memoryOffset(blob_len: u64) u64 {
     return std.mem.alignForward(u64, header_bytes + blob_len, page);
 }
 
-/// Size of the packed encoding (`packed` = true) or the data actually stored
-/// by a full-layout file (holes excluded).
-pub fn encodedBytes(s: *const Snapshot, packed_layout: bool) u64 {
-    _ = packed_layout;
+/// Size of the packed encoding, which is also what a full-layout file stores
+/// (its zero pages are holes).
+pub fn encodedBytes(s: *const Snapshot) u64 {
     return memoryOffset(s.blob.len) + s.present_pages * page;
 }
 
@@ -255,7 +254,7 @@ fn headerCrc(h: *const [header_bytes]u8) u32 {
 
 /// The packed encoding, written into `out` (which must be encodedBytes long).
 pub fn toBytes(s: *const Snapshot, out: []u8) errors.Error!void {
-    std.debug.assert(out.len == encodedBytes(s, true));
+    std.debug.assert(out.len == encodedBytes(s));
     const map = s.parsed.pageMap();
     const pages = state.pageCount(s.parsed.memory_bytes);
     const mem_off = memoryOffset(s.blob.len);

@@ -1,0 +1,185 @@
+"""The kvmlab restore rows of ``kvmlab bench all`` and unicorn's restore of the
+same snapshot.
+
+For one case (guest memory size x sparse/dense), every path restores the same
+file-backed snapshot ``n`` times, interleaved (the order rotates every
+iteration) so the machine's noise hits all paths alike:
+
+* ``pooled-copy`` / ``pooled-map``: ``RestorePool.restore_snapshot`` from
+  Python into an idle shell of a settled pool, timed around the Python call;
+* ``native-copy`` / ``native-map``: the same pooled restore driven from native
+  code (``kvmlab_bench_pool_restores``, count 1 per call): the baseline of the
+  Python API overhead;
+* ``unpooled-copy`` / ``unpooled-map``: ``Vm.restore`` (shell made on demand);
+* ``floor-copy`` / ``floor-map``: ``kvmlab_bench_restore_floor``, the bare
+  ioctls and memory operations into a fresh shell made beforehand (untimed);
+* ``service-copy`` / ``service-map``: pooled restore of the ``service`` guest
+  (same size and density) plus its first answer, ``rvm.call(b"ping")``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from kvmlab.bench import _wait_settled, stats
+
+__all__ = ["KVMLAB_PATHS", "measure_case", "unicorn_restore"]
+
+KVMLAB_PATHS = (
+    "pooled-copy", "pooled-map", "native-copy", "native-map", "unpooled-copy", "unpooled-map",
+    "floor-copy", "floor-map", "service-copy", "service-map",
+)
+
+
+def _pooled(pool, snap, strategy: str) -> tuple[int, int]:
+    _wait_settled(pool)
+    t0 = time.perf_counter_ns()
+    rvm = pool.restore_snapshot(snap, strategy)
+    took = time.perf_counter_ns() - t0
+    core = rvm.restore_timing["total_ns"]
+    rvm.release()
+    return took, core
+
+
+def _native(pool, snap, strategy: str) -> tuple[int, int]:
+    from kvmlab import _ffi
+    from kvmlab.snapshot import strategy_code
+
+    out = _ffi.ffi.new("uint64_t[]", 1)
+    _wait_settled(pool)  # the same quiet pool as the Python path (the native loop only waits for an idle shell)
+    h = pool._enter()
+    try:
+        with snap._use() as sh:
+            _ffi.check(_ffi.lib.kvmlab_bench_pool_restores(h, sh, strategy_code(strategy), 1, out))
+    finally:
+        pool._exit()
+    return int(out[0]), int(out[0])
+
+
+def _unpooled(snap, strategy: str) -> tuple[int, int]:
+    from kvmlab import Vm
+
+    t0 = time.perf_counter_ns()
+    vm = Vm.restore(snap, strategy)
+    took = time.perf_counter_ns() - t0
+    core = vm.restore_timing["total_ns"]
+    vm.close()  # teardown on this thread, untimed
+    return took, core
+
+
+def _floor(snap, strategy: str) -> tuple[int, int]:
+    from kvmlab import _ffi
+    from kvmlab.snapshot import strategy_code
+
+    ffi, lib = _ffi.ffi, _ffi.lib
+    c = ffi.new("kvmlab_vm_config *", {"memory_bytes": snap.memory_bytes, "vcpus": snap.vcpus})
+    out = ffi.new("kvmlab_vm **")
+    _ffi.check(lib.kvmlab_vm_new(c, out))
+    t = ffi.new("kvmlab_restore_times *")
+    try:
+        with snap._use() as sh:
+            _ffi.check(lib.kvmlab_bench_restore_floor(out[0], sh, strategy_code(strategy), t))
+    finally:
+        lib.kvmlab_vm_free(out[0])
+    return int(t.total_ns), int(t.total_ns)
+
+
+def _service(pool, snap, strategy: str) -> tuple[int, int]:
+    _wait_settled(pool)
+    t0 = time.perf_counter_ns()
+    rvm = pool.restore_snapshot(snap, strategy)
+    try:
+        answer = rvm.call(b"ping")
+        took = time.perf_counter_ns() - t0
+    finally:
+        rvm.release()
+    if answer != b"ping":
+        raise RuntimeError(f"the restored service guest answered {answer!r}")
+    return took, took
+
+
+def measure_case(snap_path: Path, service_path: Path, n: int, warmup: int, paths, progress) -> dict[str, dict[str, Any]]:
+    """``warmup`` + ``n`` interleaved iterations of ``paths`` (a subset of
+    :data:`KVMLAB_PATHS`); returns per path the stats of the time figure (ns)
+    and of the core's own total (``core``)."""
+    from kvmlab import PoolConfig, RestorePool, Snapshot
+
+    out: dict[str, dict[str, list[int]]] = {p: {"t": [], "core": []} for p in paths}
+    with Snapshot.load(snap_path) as snap, Snapshot.load(service_path) as svc:
+        with RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)) as pool:
+            fns: dict[str, Callable[[], tuple[int, int]]] = {
+                "pooled-copy": lambda: _pooled(pool, snap, "copy"),
+                "pooled-map": lambda: _pooled(pool, snap, "map"),
+                "native-copy": lambda: _native(pool, snap, "copy"),
+                "native-map": lambda: _native(pool, snap, "map"),
+                "unpooled-copy": lambda: _unpooled(snap, "copy"),
+                "unpooled-map": lambda: _unpooled(snap, "map"),
+                "floor-copy": lambda: _floor(snap, "copy"),
+                "floor-map": lambda: _floor(snap, "map"),
+                "service-copy": lambda: _service(pool, svc, "copy"),
+                "service-map": lambda: _service(pool, svc, "map"),
+            }
+            order = [p for p in KVMLAB_PATHS if p in paths]
+            for i in range(-warmup, n):
+                k = i % len(order)
+                for p in order[k:] + order[:k]:
+                    t, core = fns[p]()
+                    if i >= 0:
+                        out[p]["t"].append(t)
+                        out[p]["core"].append(core)
+                    progress.update(1)
+            present = snap.present_pages
+    res = {p: dict(stats(v["t"]), core=stats(v["core"])) for p, v in out.items()}
+    res["_present_pages"] = present  # type: ignore[assignment]
+    return res
+
+
+def unicorn_restore(snap_path: Path, n: int, progress=None) -> dict[str, Any]:
+    """unicorn's restore of the same snapshot: a ``Uc`` (UC_MODE_64) with the
+    snapshot's memory size mapped; each restore is ``context_restore`` plus
+    ``mem_write`` of the snapshot's present (non-zero) pages, contiguous runs
+    written with one call each, from Python (buffers prepared beforehand,
+    untimed). Returns stats (ns) and what was written."""
+    import numpy as np
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn import x86_const as X
+
+    from kvmlab import Snapshot, Vm
+
+    with Snapshot.load(snap_path) as snap:
+        size = snap.memory_bytes
+        mem = np.frombuffer(snap.memory, dtype=np.uint64).reshape(-1, 512)
+        present = np.flatnonzero(mem.any(axis=1))
+        runs: list[tuple[int, bytes]] = []
+        if len(present):
+            breaks = np.flatnonzero(np.diff(present) != 1) + 1
+            for chunk in np.split(present, breaks):
+                a, b = int(chunk[0]), int(chunk[-1]) + 1
+                runs.append((a * 4096, bytes(snap.memory[a * 4096:b * 4096])))
+        del mem
+        with Vm.restore(snap, "map") as vm:
+            regs = vm.registers()
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, size)
+    names = {"rax": X.UC_X86_REG_RAX, "rbx": X.UC_X86_REG_RBX, "rcx": X.UC_X86_REG_RCX, "rdx": X.UC_X86_REG_RDX,
+             "rsi": X.UC_X86_REG_RSI, "rdi": X.UC_X86_REG_RDI, "rsp": X.UC_X86_REG_RSP, "rbp": X.UC_X86_REG_RBP,
+             "r8": X.UC_X86_REG_R8, "r9": X.UC_X86_REG_R9, "r10": X.UC_X86_REG_R10, "r11": X.UC_X86_REG_R11,
+             "r12": X.UC_X86_REG_R12, "r13": X.UC_X86_REG_R13, "r14": X.UC_X86_REG_R14, "r15": X.UC_X86_REG_R15,
+             "rip": X.UC_X86_REG_RIP}
+    for name, reg in names.items():
+        uc.reg_write(reg, regs[name])
+    ctx = uc.context_save()
+    for addr, data in runs:  # fault the host memory in once, like a warm kvmlab shell
+        uc.mem_write(addr, data)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        uc.context_restore(ctx)
+        for addr, data in runs:
+            uc.mem_write(addr, data)
+        times.append(time.perf_counter_ns() - t0)
+        if progress is not None:
+            progress.update(1)
+    return dict(stats(times), pages=int(len(present)), writes=len(runs))
