@@ -24,6 +24,26 @@ rounds with ``--dense-fraction`` of guest memory touched.
 
     kvmlab bench restore --memory-mib 64,256 --strategies copy,map --n 200 --json out.json
     python -c "import kvmlab.bench as b; b.main(['restore', '--n', '50'])"
+
+The other subcommands (each prints a table; ``--json PATH`` keeps everything):
+
+* ``kvmlab bench reset --dirty-pages 1,16,256,4096``: dirty-page reset of a
+  restored ``memtouch`` VM against the native reset floor
+  (``kvmlab_bench_reset_floor``) measured on the same VM in the same run, per
+  K, for copy and map restores (reset modes copy and drop); then the run+reset
+  cycle of one raw x86-64 loop in kvmlab (``reset_loop``) and in unicorn, per
+  loop count N, and where kvmlab overtakes unicorn (:func:`bench_reset`,
+  :func:`bench_cycle`).
+* ``kvmlab bench fork --n 100,1000``: ``fork_many`` of a 256 MiB service
+  snapshot: time until n VMs are ready and host memory per VM (:func:`bench_fork`).
+* ``kvmlab bench all``: everything against QEMU and unicorn, with JSON,
+  Markdown and PNG output; the code is the ``benchmarks`` package of the
+  source tree (``python -m benchmarks``), :func:`run_all` from Python.
+
+Note on the reset floor: ``kvmlab_bench_reset_floor`` restores memory and the
+KVM vCPU/VM state but not kvmlab's host-side vCPU status (exited /
+checkpointed), so a VM is reset once more, untimed, after each floor (that
+reset finds no dirty page).
 """
 
 from __future__ import annotations
@@ -629,7 +649,7 @@ def bench_reset(
     two see the same work. Returns ``{"rows": [...], "config": {...}}`` with
     per-row stats (ns) of the reset (core ``total_ns`` and the Python call),
     the floor and the run, and ``ratio`` = median reset / median floor."""
-    from . import Snapshot, Vm
+    from . import Snapshot
 
     chosen = [c for c in RESET_CONFIGS if configs is None or c[0] in configs]
     own_progress = progress is None

@@ -5,7 +5,10 @@ without outputs."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -132,6 +135,7 @@ def test_04_benchmarks(tmp_path, monkeypatch):
     assert "## Restore" in md and "## Targets" in md
     html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
     assert "met" in html  # the targets DataFrame
-    out = tmp_path / "notebooks" / "bench-quick"
+    out = Path(re.search(r"results\.md, .* to (\S+)", text).group(1))
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
     assert {p.name for p in out.glob("*.png")} >= {"restore.png", "reset.png", "cycle.png", "fork.png"}
+    shutil.rmtree(out)
