@@ -12,6 +12,7 @@ the caller's path) and the per-restore timing ring live in the Zig core
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -132,17 +133,8 @@ def _wait_ns(timeout_s: float | None) -> int:
     return max(1, int(min(timeout_s, 1e9) * 1e9))
 
 
-def _release(native_lock: Any, pool_handle: Any, vm_handle: Any) -> None:
-    # Never concurrently with kvmlab_pool_free: in the core both the last
-    # release after close and close itself may free the pool (a double free
-    # when they race), so the two are serialized here.
-    with native_lock:
-        lib.kvmlab_pool_release(pool_handle, vm_handle)
-
-
-def _free_pool(native_lock: Any, pool_handle: Any) -> None:
-    with native_lock:
-        lib.kvmlab_pool_free(pool_handle)
+#: Field names of kvmlab_restore_times, read once (restore is a hot path).
+_RESTORE_TIME_FIELDS = tuple(name for name, _f in ffi.typeof("kvmlab_restore_times").fields)
 
 
 class PooledRestoreVm(_VmHandle):
@@ -150,9 +142,11 @@ class PooledRestoreVm(_VmHandle):
     ``with`` block) hands it back; the pool destroys it off your thread."""
 
     def __init__(
-        self, handle: Any, config: VmConfig, guest: str, pool_handle: Any, timing: dict[str, int], native_lock: Any
+        self, handle: Any, config: VmConfig, guest: str, pool_handle: Any, timing: dict[str, int]
     ) -> None:
-        super().__init__(handle, config, guest, free=lambda h, p=pool_handle, lk=native_lock: _release(lk, p, h))
+        # The core frees the pool only after close() *and* the last release,
+        # deciding under its lock, so release needs no guard here.
+        super().__init__(handle, config, guest, free=functools.partial(lib.kvmlab_pool_release, pool_handle))
         self._pool_handle = pool_handle
         self._seq = timing["seq"]
         self._first_run_pending = True
@@ -203,8 +197,7 @@ class RestorePool:
         self._active = 0
         # Serializes kvmlab_pool_free with kvmlab_pool_release (see _release).
         # Reentrant: a finalizer may release a VM on a thread that holds it.
-        self._native_lock = threading.RLock()
-        self._finalizer = weakref.finalize(self, _free_pool, self._native_lock, self._handle)
+        self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
 
     # -- call guard -------------------------------------------------------------------
 
@@ -314,12 +307,12 @@ class RestorePool:
                     f"(max_in_use={self.pool_config.max_in_use} VMs are in use)"
                 )
             raise err
-        timing = {name: int(getattr(t, name)) for name, _f in ffi.typeof("kvmlab_restore_times").fields}
+        timing = {name: getattr(t, name) for name in _RESTORE_TIME_FIELDS}
         if waited:
             # Earlier wait slices; the core's record (pool.timings()) has the last one only.
             timing["acquire_ns"] += waited
             timing["total_ns"] += waited
-        return PooledRestoreVm(out[0], self.vm_config, guest, h, timing, self._native_lock)
+        return PooledRestoreVm(out[0], self.vm_config, guest, h, timing)
 
     def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
         """Restores from raw parts, as the reference API: ``memory`` is a dense

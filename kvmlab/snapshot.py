@@ -71,6 +71,29 @@ class _NativeOwner:
         lib.kvmlab_snapshot_free(h)
 
 
+class _InUse:
+    """``with snap._use() as handle:`` (a class of its own: restore is a hot path)."""
+
+    __slots__ = ("snap",)
+
+    def __init__(self, snap: "Snapshot") -> None:
+        self.snap = snap
+
+    def __enter__(self) -> Any:
+        snap = self.snap
+        with snap._lock:
+            h = snap._live()
+            snap._active += 1
+            return h
+
+    def __exit__(self, *exc: object) -> None:
+        snap = self.snap
+        with snap._lock:
+            snap._active -= 1
+            if snap._active == 0:
+                snap._idle.notify_all()
+
+
 class Snapshot:
     """A captured VM: guest memory plus all vCPU, device and host-side state.
 
@@ -166,25 +189,10 @@ class Snapshot:
             raise ClosedError("this snapshot is closed")
         return self._handle
 
-    def _use(self):
+    def _use(self) -> "_InUse":
         """Context manager: the live handle, kept valid until the block ends
         (several threads may use it at once; close() waits for them)."""
-        snap = self
-
-        class _Use:
-            def __enter__(self_inner):
-                with snap._lock:
-                    h = snap._live()
-                    snap._active += 1
-                    return h
-
-            def __exit__(self_inner, *exc):
-                with snap._lock:
-                    snap._active -= 1
-                    if snap._active == 0:
-                        snap._idle.notify_all()
-
-        return _Use()
+        return _InUse(self)
 
     def to_bytes(self) -> bytes:
         """The packed encoding (only non-zero pages), accepted by :meth:`from_bytes`."""

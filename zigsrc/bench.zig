@@ -107,4 +107,13 @@ pub fn resetFloor(vm: *Vm, times: *snapshot.RestoreTimes, dirty_out: *u64) error
     try vcpuAndDevices(vm, p, &st);
     times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns };
     dirty_out.* = dirty;
+    // kvmlab's own per-vCPU run state (not timed: bookkeeping, not KVM), so
+    // the VM really is back at the snapshot and the next run runs the guest.
+    for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
+        const hv = std.mem.bytesToValue(state.HostVcpu, p.get(.host_vcpu, @intCast(i)).?);
+        v.status = @enumFromInt(hv.status);
+        v.exit_code = hv.exit_code;
+        v.checkpoint_tag = hv.checkpoint_tag;
+    }
+    vm.crash_len = 0;
 }

@@ -272,8 +272,9 @@ pub const Pool = struct {
             p.misses += 1;
         }
         p.in_use += 1;
-        _ = c.pthread_cond_broadcast(&p.work); // refill after a take
         p.unlockIt();
+        // The refill is woken once this restore is done (below): waking it
+        // now makes it compete for the CPU with the restore itself.
 
         const shell = vm orelse (Vm.create(p.cfg.memory_bytes, p.cfg.vcpus) catch |e| {
             p.lockIt();
@@ -314,6 +315,7 @@ pub const Pool = struct {
             .strategy = if (src.file != null) 2 else 1,
         };
         p.timings_len = @min(p.timings_len + 1, timing_capacity);
+        _ = c.pthread_cond_broadcast(&p.work); // refill after a take
         p.unlockIt();
         seq_out.* = seq;
         return shell;
@@ -427,6 +429,7 @@ pub const Pool = struct {
         std.debug.assert(p.in_use > 0);
         p.in_use -= 1;
         _ = c.pthread_cond_signal(&p.room);
+        _ = c.pthread_cond_broadcast(&p.work);
         const free_now = p.close_done and p.in_use == 0;
         p.unlockIt();
         if (free_now) p.free();

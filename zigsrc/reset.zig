@@ -80,6 +80,9 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
     // drop mode: contiguous dirty pages go to one madvise call.
     var run_start: usize = 0;
     var run_len: usize = 0;
+    // copy mode from a file-backed snapshot: SIGBUS-safe reads, batched.
+    var batch: safe.Batch = .{};
+    const from_file = s.fileBacked();
     for (bitmap, vm.host_dirty, 0..) |*w, *h, wi| {
         var bits = w.* | h.*;
         h.* = 0;
@@ -98,7 +101,7 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
                     run_len = 1;
                 }
             } else if ((golden_map[page / 8] >> @intCast(page % 8)) & 1 != 0) {
-                try safe.copyMaybeMapped(dst, s.memory[off..][0..boot.page_bytes], s.fileBacked());
+                if (from_file) try batch.add(dst, s.memory[off..][0..boot.page_bytes]) else @memcpy(dst, s.memory[off..][0..boot.page_bytes]);
             } else {
                 @memset(dst, 0);
             }
@@ -106,6 +109,7 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
         }
     }
     dropRun(vm, run_start, run_len);
+    try batch.flush();
     const t2 = vm_mod.monotonicNs();
     var st: state.RestoreTimes = .{};
     try state.restore(vm, &s.parsed, &st);

@@ -31,6 +31,38 @@ fn unreadable(at: [*]const u8) errors.Error {
     return errors.fail(error.Snapshot, "memory at host address 0x{x} cannot be read: the snapshot file behind it was truncated or replaced while mapped; reload the snapshot", .{@intFromPtr(at)});
 }
 
+/// Copies many page-sized (or any same-sized) pieces in as few syscalls as
+/// possible: `pairs` are (dst, src) slices of equal length.
+pub const Batch = struct {
+    local: [max]std.posix.iovec = undefined,
+    remote: [max]std.posix.iovec_const = undefined,
+    len: usize = 0,
+    bytes: usize = 0,
+
+    const max = 512; // below IOV_MAX (1024)
+
+    pub fn add(b: *Batch, dst: []u8, src: []const u8) errors.Error!void {
+        std.debug.assert(dst.len == src.len);
+        if (b.len == max) try b.flush();
+        b.local[b.len] = .{ .base = dst.ptr, .len = dst.len };
+        b.remote[b.len] = .{ .base = src.ptr, .len = src.len };
+        b.len += 1;
+        b.bytes += dst.len;
+    }
+
+    pub fn flush(b: *Batch) errors.Error!void {
+        if (b.len == 0) return;
+        defer {
+            b.len = 0;
+            b.bytes = 0;
+        }
+        const rc = linux.process_vm_readv(linux.getpid(), b.local[0..b.len], b.remote[0..b.len], 0);
+        if (linux.errno(rc) == .SUCCESS and rc == b.bytes) return;
+        // Short or failed: redo piece by piece to name the unreadable one.
+        for (b.local[0..b.len], b.remote[0..b.len]) |l, r| try copy(l.base[0..l.len], r.base[0..r.len]);
+    }
+};
+
 /// Copies with memcpy when both sides are anonymous memory, else safely.
 pub fn copyMaybeMapped(dst: []u8, src: []const u8, mapped: bool) errors.Error!void {
     if (!mapped) {
