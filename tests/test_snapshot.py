@@ -26,7 +26,6 @@ from kvmlab import (
     ConfigError,
     GuestCrashError,
     Snapshot,
-    SnapshotError,
     Vm,
     VmConfig,
 )
@@ -39,9 +38,11 @@ COUNTER = {"steps": 4, "checkpoint_at": 2, "region_pages": 1}
 
 
 def counter_at_checkpoint(cfg: VmConfig = CFG, **args) -> Vm:
-    vm = Vm.boot("counter", cfg, args={**COUNTER, **args})
+    """A counter guest stopped at its checkpoint (a VM that can be snapshotted)."""
+    args = {**COUNTER, **args}
+    vm = Vm.boot("counter", cfg, args=args)
     r = vm.run()
-    assert (r.reason, r.checkpoint_tag) == ("checkpoint", (args or COUNTER).get("checkpoint_at", 2))
+    assert (r.reason, r.checkpoint_tag) == ("checkpoint", args["checkpoint_at"])
     return vm
 
 
@@ -126,11 +127,14 @@ def test_capture_waits_for_a_run_in_another_thread():
     with Vm.boot("spin", CFG) as vm:
         t = threading.Thread(target=vm.run, kwargs={"timeout_s": 0.3})
         t.start()
-        time.sleep(0.05)
+        while not vm._lock.locked() and t.is_alive():  # until run() holds the VM
+            time.sleep(0.001)
+        assert t.is_alive()
         t0 = time.monotonic()
         snap = vm.snapshot()
+        waited = time.monotonic() - t0
         t.join()
-        assert time.monotonic() - t0 > 0.1  # it waited for the run's deadline
+        assert waited > 0.1  # it waited for the run's deadline
         with snap, Vm.restore(snap) as vm2:
             assert vm2.run(timeout_s=0.1).reason == "timeout"  # still spinning
 

@@ -195,6 +195,23 @@ def test_exact_continuation(originals, guest, cpl, vcpus, variant):
     assert got["memory"] == exp["memory"]  # all guest memory, byte for byte
 
 
+def test_the_two_parts_the_pool_takes(originals):
+    """snap.memory and snap.vcpu_state are all a restore needs: a pool restores
+    from just those two (of a snapshot in memory and of a mapped file) and the
+    guest continues exactly."""
+    from kvmlab import PoolConfig, RestorePool
+
+    o = originals("counter", 3, 2)
+    with RestorePool(o.snap.config, PoolConfig(min_size=1, max_size=1)) as pool:
+        with pool.restore(o.snap.memory, o.snap.vcpu_state) as vm:
+            assert run_to_end(vm) == o.expected
+        with Snapshot.load(o.path) as s:
+            memory, state = s.memory, s.vcpu_state
+            with pool.restore(memory, state) as vm:
+                assert run_to_end(vm) == o.expected
+            memory.release()
+
+
 # -- independence ---------------------------------------------------------------------------------
 
 
