@@ -1487,15 +1487,9 @@ def _checked(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``main(["restore", "--n", "100"])``: the same as ``kvmlab bench restore --n 100``."""
-    p = argparse.ArgumentParser(prog="kvmlab")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_parser(sub)
-    args = p.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

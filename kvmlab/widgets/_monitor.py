@@ -11,7 +11,7 @@ import ipywidgets as W
 from .. import plot
 from ..pool import RestorePool
 from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel
-from ._ticker import Ticker
+from ._ticker import AutoRefresh, Ticker
 
 
 def fmt_ns(ns: float | None, unit: tuple[str, float] | None = None) -> str:
@@ -58,7 +58,7 @@ def counters_html(model: PoolModel) -> str:
     return f'<table class="kvmlab-counters"><tr>{cells}</tr></table>'
 
 
-class PoolMonitor(W.VBox):
+class PoolMonitor(AutoRefresh, W.VBox):
     """A live view of a :class:`~kvmlab.RestorePool` with a Warm control.
 
     Shows idle / in-use / capacity as bars with numbers, the counters of
@@ -181,28 +181,6 @@ class PoolMonitor(W.VBox):
             except Exception as e:  # noqa: BLE001 - show it, do not kill the timer
                 self.model.error = f"{type(e).__name__}: {e}"
                 return True
-
-    def _tick(self) -> bool:
-        ok = self.refresh()
-        return ok  # False stops the timer
-
-    def start(self) -> None:
-        """Starts the refresh timer (done automatically when displayed)."""
-        if not self.pool.closed:
-            self._ticker.start()
-
-    def stop(self) -> None:
-        """Stops the refresh timer."""
-        self._ticker.stop()
-
-    @property
-    def auto_refreshing(self) -> bool:
-        return self._ticker.running
-
-    def _repr_mimebundle_(self, **kwargs):
-        if self._autostart:
-            self.start()
-        return super()._repr_mimebundle_(**kwargs)
 
     # -- warming -----------------------------------------------------------------------------
 

@@ -44,3 +44,30 @@ class Ticker:
             t, self._thread = self._thread, None
         if t is not None and t is not threading.current_thread():
             t.join(timeout_s)
+
+
+class AutoRefresh:
+    """Mixin for widgets that refresh themselves while displayed: needs
+    ``self.pool``, ``self._ticker`` (a :class:`Ticker` calling ``self._tick``),
+    ``self._autostart`` and a ``refresh() -> bool`` (False stops the timer)."""
+
+    def _tick(self) -> bool:
+        return self.refresh()
+
+    def start(self) -> None:
+        """Starts the refresh timer (done automatically when displayed)."""
+        if not self.pool.closed:
+            self._ticker.start()
+
+    def stop(self) -> None:
+        """Stops the refresh timer."""
+        self._ticker.stop()
+
+    @property
+    def auto_refreshing(self) -> bool:
+        return self._ticker.running
+
+    def _repr_mimebundle_(self, **kwargs):
+        if self._autostart:
+            self.start()
+        return super()._repr_mimebundle_(**kwargs)

@@ -12,13 +12,13 @@ import ipywidgets as W
 from .. import plot
 from ..errors import ClosedError
 from ..pool import RestorePool
-from ._ticker import Ticker
+from ._ticker import AutoRefresh, Ticker
 
 if TYPE_CHECKING:
     from ._monitor import PoolMonitor
 
 
-class RestoreTimings(W.VBox):
+class RestoreTimings(AutoRefresh, W.VBox):
     """A figure of the pool's newest ``last`` restores, re-rendered when new
     restores happened: by default :func:`kvmlab.plot.restore_overview`
     (latency over time with pool misses marked, and the per-phase breakdown).
@@ -103,25 +103,6 @@ class RestoreTimings(W.VBox):
                 },
             )
             return True
-
-    def _tick(self) -> bool:
-        return self.refresh()
-
-    def start(self) -> None:
-        if not self.pool.closed:
-            self._ticker.start()
-
-    def stop(self) -> None:
-        self._ticker.stop()
-
-    @property
-    def auto_refreshing(self) -> bool:
-        return self._ticker.running
-
-    def _repr_mimebundle_(self, **kwargs):
-        if self._autostart:
-            self.start()
-        return super()._repr_mimebundle_(**kwargs)
 
     def close(self) -> None:
         ticker = getattr(self, "_ticker", None)  # absent if __init__ failed (Widget.__del__ calls close)
