@@ -302,6 +302,16 @@ class Snapshot:
         return self._info["file_backed"]
 
     @property
+    def damaged(self) -> bool:
+        """True when the file behind this loaded snapshot was truncated or
+        replaced while mapped: a read past its new end gave zeros instead of
+        crashing the process (SIGBUS), and kvmlab now refuses to use it."""
+        with self._lock:
+            info = ffi.new("kvmlab_snapshot_info *")
+            _ffi.check(lib.kvmlab_snapshot_get_info(self._live(), info))
+            return bool(info.damaged)
+
+    @property
     def path(self) -> Path | None:
         return self._path
 

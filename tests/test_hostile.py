@@ -83,6 +83,18 @@ TRUNCATE_SCRIPT = textwrap.dedent(
             outcomes.append(f"{what}: ok")
         except (SnapshotError, GuestCrashError) as e:
             outcomes.append(f"{what}: {type(e).__name__}: {e}")
+    # Python reading the zero-copy view past the new end: no SIGBUS, zeros,
+    # and the snapshot is marked damaged so kvmlab refuses it from now on.
+    assert not snap.damaged
+    tail = bytes(snap.memory[0x400000:0x400000 + 4096])
+    outcomes.append(f"memory view: {'zeros' if tail == bytes(4096) else 'data'}")
+    outcomes.append(f"damaged: {snap.damaged}")
+    for what, call in [("save after", lambda: snap.save(path + ".2")), ("restore after", lambda: Vm.restore(snap, "copy"))]:
+        try:
+            call()
+            outcomes.append(f"{what}: ok")
+        except (SnapshotError, GuestCrashError) as e:
+            outcomes.append(f"{what}: {type(e).__name__}: {e}")
     print("\n".join(outcomes))
     print("alive")
     """
@@ -103,6 +115,9 @@ def test_truncating_a_mapped_snapshot_file_gives_errors_not_sigbus(tmp_path):
     for what in ("read_memory", "write_memory", "snapshot", "copy restore", "to_bytes"):
         assert lines[what].startswith("SnapshotError") and "truncated" in lines[what], (what, lines[what])
     assert lines["run"].startswith("GuestCrashError") and "truncated" in lines["run"], lines["run"]
+    assert lines["memory view"] == "zeros" and lines["damaged"] == "True"
+    for what in ("save after", "restore after"):
+        assert lines[what].startswith("SnapshotError") and "truncated or replaced while mapped" in lines[what], lines[what]
 
 
 RLIMIT_AS_SCRIPT = textwrap.dedent(

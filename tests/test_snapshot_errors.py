@@ -604,7 +604,7 @@ def fuzz_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=1700, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=st.data())
 def test_random_mutations_load_or_raise_snapshot_error(good, fuzz_dir, data):
     """Bit flips, truncations, overwrites and insertions anywhere (biased to
@@ -623,7 +623,7 @@ def test_random_mutations_load_or_raise_snapshot_error(good, fuzz_dir, data):
     assert via_load == outcome
 
 
-@settings(max_examples=1300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=1100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=st.data())
 def test_random_mutations_with_valid_checksums_load_or_raise_snapshot_error(good, data):
     """The same mutations, then the total size and every CRC recomputed: they

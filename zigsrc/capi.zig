@@ -104,7 +104,9 @@ pub const kvmlab_snapshot_info = extern struct {
     state_bytes: u64,
     version_major: u16,
     version_minor: u16,
-    reserved: u32,
+    /// 1 when the file behind a loaded snapshot was truncated or replaced
+    /// while mapped (reads past its new end gave zeros): reload it.
+    damaged: u32,
     guest_name: [32]u8,
 };
 
@@ -396,6 +398,7 @@ pub export fn kvmlab_snapshot_save(h: ?*const kvmlab_snapshot, path: ?[*:0]const
 }
 fn snapSave(h: ?*const kvmlab_snapshot, path: ?[*:0]const u8) errors.Error!void {
     const s = try asSnap(h);
+    try s.checkIntact();
     try snapshot.save(s, path orelse return errors.fail(error.Config, "path is NULL", .{}));
 }
 
@@ -407,6 +410,7 @@ pub export fn kvmlab_snapshot_to_bytes(h: ?*const kvmlab_snapshot, buf: ?[*]u8, 
 fn snapToBytes(h: ?*const kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
     const s = try asSnap(h);
     const o = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    try s.checkIntact();
     const n: usize = @intCast(snapshot.encodedBytes(s));
     o.* = n;
     const b = buf orelse return;
@@ -455,7 +459,7 @@ fn snapInfo(h: ?*const kvmlab_snapshot, out: ?*kvmlab_snapshot_info) errors.Erro
         .state_bytes = s.blob.len,
         .version_major = snapshot.version_major,
         .version_minor = snapshot.version_minor,
-        .reserved = 0,
+        .damaged = @intFromBool(s.damaged.load(.acquire)),
         .guest_name = @splat(0),
     };
     const name = s.guestName();
@@ -608,6 +612,7 @@ pub export fn kvmlab_pool_restore_snapshot(h: ?*kvmlab_pool, snap: ?*const kvmla
 fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
     const p = try asPool(h);
     const s = try asSnap(snap);
+    try s.checkIntact();
     const park = flags & @intFromEnum(kvmlab_restore_flags.reset_on_release) != 0;
     const resettable = park or flags & @intFromEnum(kvmlab_restore_flags.resettable) != 0;
     if (park) {

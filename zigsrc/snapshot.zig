@@ -37,6 +37,7 @@ const boot = @import("boot.zig");
 const state = @import("state.zig");
 const vm_mod = @import("vm.zig");
 const safe = @import("safe.zig");
+const sigbus = @import("sigbus.zig");
 const Vm = vm_mod.Vm;
 
 const allocator = std.heap.c_allocator;
@@ -77,6 +78,10 @@ pub const Snapshot = struct {
     /// Owners: the handle given to the caller, plus each resettable VM that
     /// restores from it. Freed when the last one lets go.
     refs: std.atomic.Value(u32) = .init(1),
+    /// Set when a read of the file mapping faulted (the file shrank): the
+    /// page now reads as zeros, so the snapshot is no longer trustworthy.
+    damaged: std.atomic.Value(bool) = .init(false),
+    sigbus_slot: ?usize = null,
 
     pub fn retain(s: *Snapshot) *Snapshot {
         _ = s.refs.fetchAdd(1, .acq_rel);
@@ -87,7 +92,14 @@ pub const Snapshot = struct {
         if (s.refs.fetchSub(1, .acq_rel) == 1) s.destroy();
     }
 
+    /// Fails when the file behind a loaded snapshot was truncated or replaced.
+    pub fn checkIntact(s: *const Snapshot) errors.Error!void {
+        if (s.damaged.load(.acquire))
+            return errors.fail(error.Snapshot, "the snapshot file was truncated or replaced while mapped (a read past its new end faulted and read zeros); reload the snapshot", .{});
+    }
+
     fn destroy(s: *Snapshot) void {
+        sigbus.unregister(s.sigbus_slot);
         if (s.memory_owned and s.memory.len > 0) _ = linux.munmap(s.memory.ptr, s.memory.len);
         if (s.file_map.len > 0) _ = linux.munmap(s.file_map.ptr, s.file_map.len);
         if (s.fd >= 0) _ = linux.close(s.fd);
@@ -463,6 +475,7 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
         .created_unix_ns = c.created_unix_ns,
         .stored_bytes = stored,
     };
+    s.sigbus_slot = sigbus.register(@intFromPtr(file_map.ptr), file_map.len, &s.damaged);
     close_fd = false;
     return s;
 }
@@ -554,6 +567,7 @@ pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, pac
             vm.source_fd = @intCast(dup);
             vm.source_end = f.offset + vm.mem.len;
         }
+        if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged);
     } else {
         try copyPresent(vm.mem, memory, map, packed_layout, source_mapped);
     }
@@ -567,6 +581,7 @@ pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, pac
 
 /// Restores a snapshot into a fresh shell with the chosen memory strategy.
 pub fn restoreSnapshot(vm: *Vm, s: *const Snapshot, strategy: Strategy, times: *RestoreTimes) errors.Error!void {
+    try s.checkIntact();
     const use_map = switch (strategy) {
         .auto => s.fileBacked(),
         .map => if (s.fileBacked()) true else return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{}),

@@ -91,6 +91,9 @@ pub const Vm = struct {
     /// file size the mapping needs (for crash messages).
     source_fd: linux.fd_t = -1,
     source_end: u64 = 0,
+    /// A host read of the file-backed guest memory faulted (see sigbus.zig).
+    mem_damaged: std.atomic.Value(bool) = .init(false),
+    sigbus_slot: ?usize = null,
     /// Pool VMs: on release, reset and keep for reuse instead of destroying.
     park_on_release: bool = false,
 
@@ -166,6 +169,7 @@ pub const Vm = struct {
         if (vm.console.len > 0) allocator.free(vm.console);
         if (vm.source_page_map) |m| allocator.free(m);
         if (vm.source_fd >= 0) _ = linux.close(vm.source_fd);
+        @import("sigbus.zig").unregister(vm.sigbus_slot);
         if (vm.host_dirty.len > 0) allocator.free(vm.host_dirty);
         if (vm.reset_snap) |sn| sn.release();
         allocator.destroy(vm);
