@@ -22,11 +22,27 @@ from .snapshot import Snapshot
 from .vm import Vm
 from .config import VmConfig
 
-__all__ = ["SoakReport", "run_soak"]
+__all__ = ["SoakReport", "run_soak", "MAX_LIVE_VMS"]
+
+#: Bound on VMs alive at once: pool max_size 6 + 4 in use + the core's destroy
+#: backlog (64) + 4 being destroyed + shells being created, with slack.
+MAX_LIVE_VMS = 100
 
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _live_vms() -> int:
+    """KVM VMs this process holds (their fds), to prove the backlog is bounded."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:kvm-vm":
+                n += 1
+        except OSError:
+            pass
+    return n
 
 
 def _memory_digest(vm) -> bytes:
@@ -81,6 +97,8 @@ class SoakReport:
     rss_before: int = 0
     rss_after: int = 0
     final_stats: dict = field(default_factory=dict)
+    #: Most KVM VMs alive at once during the run (idle + in use + being destroyed).
+    max_live_vms: int = 0
 
     @property
     def ok(self) -> bool:
@@ -91,6 +109,7 @@ class SoakReport:
             and self.fds_after <= self.fds_before
             and self.mapped_after <= self.mapped_before + (64 << 20)
             and self.rss_after <= self.rss_before + (64 << 20)
+            and self.max_live_vms <= MAX_LIVE_VMS
         )
 
 
@@ -113,6 +132,9 @@ def _hammer(pool, snap, blob, golden, threads, seconds, seed, rep, close):
                     s = pool.stats()
                     assert s.idle <= s.max_size and s.in_use <= threads
                     local["stats"] += 1
+                    vms = _live_vms()
+                    with lock:
+                        rep.max_live_vms = max(rep.max_live_vms, vms)
                     continue
                 how = rnd.choice(("snapshot", "bytes", "parts"))
                 if how == "snapshot":

@@ -25,4 +25,5 @@ def test_soak():
     assert rep.fds_after <= rep.fds_before, (rep.fds_before, rep.fds_after)
     assert rep.mapped_after <= rep.mapped_before + (64 << 20), (rep.mapped_before, rep.mapped_after)
     assert rep.rss_after <= rep.rss_before + (64 << 20), (rep.rss_before, rep.rss_after)
+    assert rep.max_live_vms <= 100, rep.max_live_vms  # the destroy backlog is bounded
     assert rep.ok

@@ -1,11 +1,11 @@
 //! RestorePool: empty VM shells kept warm so a snapshot restores without
 //! paying for VM, memory slot, irqchip and vCPU creation on the caller's path.
 //!
-//! What it fixes in the reference (mimobox-vm's RestorePool): a worker thread
-//! refills idle shells up to `min_size` after takes *and* releases (bursts do
-//! not drain the pool), destroys released VMs off the caller's path (~11 ms
-//! each on kvm_pvm), records per-phase timings of every restore in a bounded
-//! ring, caps VMs in use (`max_in_use`), and checks a snapshot's shape against
+//! What it fixes in the reference (mimobox-vm's RestorePool): a refill thread
+//! keeps idle shells at `min_size` after takes *and* releases (bursts do not
+//! drain the pool), reaper threads destroy released VMs off the caller's path
+//! (~11 ms each on kvm_pvm; past a backlog of 64 the releasing caller
+//! helps), records per-phase timings of every restore in a bounded ring, caps VMs in use (`max_in_use`), and checks a snapshot's shape against
 //! the pool's before touching a shell.
 //!
 //! Invariants (asserted under the lock): idle + creating <= max_size;
@@ -26,6 +26,12 @@ const allocator = std.heap.c_allocator;
 const c = std.c;
 
 pub const max_pool_size: u32 = 256;
+/// Destroying a VM is mostly a wait in the kernel (~11 ms with an irqchip on
+/// kvm_pvm), so several reapers overlap those waits.
+pub const reaper_count = 4;
+/// Beyond this many queued destroys, release() destroys in the caller:
+/// bounded memory and descriptors instead of an unbounded backlog.
+pub const max_dead_backlog: usize = 64;
 pub const timing_capacity: usize = 4096;
 
 pub const Config = struct {
@@ -95,19 +101,18 @@ pub const Pool = struct {
     /// Taken off `dead` by the reaper and being destroyed right now.
     destroying: u32 = 0,
     closed: bool = false,
-    /// Set by the reaper once closing drained every shell; from then on a
-    /// release destroys its VM inline.
+    /// Set by close() once it drained every shell; from then on a release
+    /// destroys its VM inline.
     worker_done: bool = false,
     /// Set by close() after both threads stopped. The pool is freed by
     /// whichever comes last, close() or the last release (both decide under
     /// the lock, so exactly one frees).
     close_done: bool = false,
-    /// Two threads: `refill` creates shells up to min_size (~0.5 ms each);
-    /// `reaper` destroys released VMs (~11 ms each on kvm_pvm, mostly a
-    /// wait) and resets parked ones. Separate, so a destroy backlog after a
-    /// burst never delays the refill.
+    /// `refill` creates shells up to min_size (~0.5 ms each); the reapers
+    /// destroy released VMs (~11 ms each on kvm_pvm, mostly a wait) and reset
+    /// parked ones. Separate, so a destroy backlog never delays the refill.
     refill: ?std.Thread = null,
-    reaper: ?std.Thread = null,
+    reapers: [reaper_count]?std.Thread = @splat(null),
     created: u64 = 0,
     destroyed: u64 = 0,
     hits: u64 = 0,
@@ -139,13 +144,11 @@ pub const Pool = struct {
             allocator.destroy(p);
             return e;
         };
-        p.reaper = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, reaperLoop, .{p}) catch {
-            p.destroyAll();
-            allocator.destroy(p);
-            return errors.fail(error.OutOfMemory, "cannot start the pool's threads", .{});
-        };
+        for (&p.reapers) |*r| {
+            r.* = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, reaperLoop, .{p}) catch null;
+        }
         p.refill = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, refillLoop, .{p}) catch null;
-        if (p.refill == null) {
+        if (p.refill == null or p.reapers[0] == null) {
             p.close();
             return errors.fail(error.OutOfMemory, "cannot start the pool's threads", .{});
         }
@@ -378,6 +381,14 @@ pub const Pool = struct {
                 return;
             };
             _ = c.pthread_cond_broadcast(&p.work);
+        } else if (p.dead.items.len >= max_dead_backlog and !p.worker_done) {
+            // Backpressure: the reapers are behind; this caller pays.
+            p.destroying += 1;
+            p.unlockIt();
+            vm.destroy();
+            p.lockIt();
+            p.destroying -= 1;
+            p.destroyed += 1;
         } else {
             p.queueDead(vm);
         }
@@ -496,9 +507,28 @@ pub const Pool = struct {
             var ts = realtimeIn(5 * std.time.ns_per_s);
             _ = c.pthread_cond_timedwait(&p.work, &p.lock, &ts);
         }
-        // Closing: destroy idle and queued shells until none is left, then
-        // report done in the same critical section as the last check, so a
-        // concurrent release either queues before it or destroys inline after.
+        p.unlockIt();
+    }
+
+    /// Stops the threads and destroys idle, parked and queued shells; the pool
+    /// itself is freed now if no VM is out, else by the last release.
+    /// Idempotent.
+    pub fn close(p: *Pool) void {
+        p.lockIt();
+        if (p.closed) {
+            p.unlockIt();
+            return;
+        }
+        p.closed = true;
+        _ = c.pthread_cond_broadcast(&p.work);
+        _ = c.pthread_cond_broadcast(&p.room);
+        p.unlockIt();
+        if (p.refill) |t| t.join();
+        for (p.reapers) |r| if (r) |t| t.join();
+        // Drain what is left, and report done in the same critical section as
+        // the last check: a concurrent release either queued before it (and
+        // is destroyed here) or destroys inline after it (queueDead).
+        p.lockIt();
         while (true) {
             const vm = if (p.idle_len > 0) blk: {
                 p.idle_len -= 1;
@@ -513,31 +543,8 @@ pub const Pool = struct {
             p.destroyed += 1;
         }
         p.worker_done = true;
-        _ = c.pthread_cond_broadcast(&p.room);
-        p.unlockIt();
-    }
-
-    /// Stops the worker and frees idle shells; the pool itself is freed now if
-    /// no VM is out, else by the last release. Idempotent.
-    pub fn close(p: *Pool) void {
-        p.lockIt();
-        if (p.closed) {
-            p.unlockIt();
-            return;
-        }
-        p.closed = true;
-        _ = c.pthread_cond_broadcast(&p.work);
-        _ = c.pthread_cond_broadcast(&p.room);
-        p.unlockIt();
-        // Refill first: once it stopped, nothing pushes idle shells any more,
-        // so the reaper's final drain is complete.
-        if (p.refill) |t| t.join();
-        p.lockIt();
-        _ = c.pthread_cond_broadcast(&p.work);
-        p.unlockIt();
-        if (p.reaper) |t| t.join();
-        p.lockIt();
         p.close_done = true;
+        _ = c.pthread_cond_broadcast(&p.room);
         const free_now = p.in_use == 0;
         p.unlockIt();
         if (free_now) p.free();
