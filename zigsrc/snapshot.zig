@@ -27,8 +27,11 @@
 //! the present pages in page order, so the checksum costs what is stored.
 //!
 //! Checks, in this order, before anything is allocated: total size limit,
-//! magic, version, section bounds, checksums (header, STATE, then MEMORY using
-//! STATE's checked page map), then semantic checks (counts and sizes agree).
+//! magic, version, section bounds (and reserved bytes and padding all zero),
+//! checksums (header, STATE, then MEMORY using STATE's checked page map), then
+//! semantic checks (counts and sizes agree). `load` of a full-layout file also
+//! checks that no page the page map calls zero holds data (SEEK_DATA/SEEK_HOLE),
+//! since a `map` restore would show it.
 const std = @import("std");
 const linux = std.os.linux;
 const kvm = @import("kvm.zig");
@@ -136,6 +139,11 @@ fn anonMap(bytes: u64) errors.Error![]align(4096) u8 {
     const addr = linux.mmap(null, bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
     if (linux.errno(addr) != .SUCCESS) return errors.fail(error.OutOfMemory, "cannot map {d} MiB: E{s}", .{ bytes >> 20, @tagName(linux.errno(addr)) });
     return @as([*]align(4096) u8, @ptrFromInt(addr))[0..bytes];
+}
+
+fn allZero(bytes: []const u8) bool {
+    for (bytes) |b| if (b != 0) return false;
+    return true;
 }
 
 fn isZeroPage(p: *const [page]u8) bool {
@@ -370,6 +378,15 @@ pub fn check(data: []const u8) errors.Error!Checked {
     const packed_layout = flags & flag_packed != 0;
     const want_mem = if (packed_layout) present * page else memory_bytes;
     if (sections[1].bytes != want_mem) return bad("MEMORY section is {d} bytes, expected {d}", .{ sections[1].bytes, want_mem });
+    // Reserved space must be zero: bytes nobody checks could carry anything.
+    if (!allZero(h[68..section_table_offset]) or !allZero(h[section_table_offset + 2 * section_entry_bytes ..]))
+        return bad("reserved header bytes are not zero", .{});
+    for (0..2) |i| {
+        const e = h[section_table_offset + i * section_entry_bytes ..][0..section_entry_bytes];
+        if (!allZero(e[4..8]) or !allZero(e[28..32])) return bad("reserved section table bytes are not zero", .{});
+    }
+    if (!allZero(data[@intCast(sections[0].offset + sections[0].bytes)..@intCast(sections[1].offset)]))
+        return bad("the padding before the MEMORY section is not zero", .{});
     // 5. checksums
     if (std.mem.readInt(u32, h[64..68], .little) != headerCrc(h)) return bad("checksum mismatch in the header", .{});
     const blob = data[@intCast(sections[0].offset)..][0..@intCast(sections[0].bytes)];
@@ -460,6 +477,7 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
         _ = linux.munmap(file_map.ptr, file_map.len);
         return s;
     }
+    try checkHoles(fd, file_map, c);
     const blob = allocator.dupe(u8, c.blob) catch return error.OutOfMemory;
     errdefer allocator.free(blob);
     const s = allocator.create(Snapshot) catch return error.OutOfMemory;
@@ -478,6 +496,38 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
     s.sigbus_slot = sigbus.register(@intFromPtr(file_map.ptr), file_map.len, &s.damaged);
     close_fd = false;
     return s;
+}
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+
+/// A full-layout file's MEMORY checksum covers the present pages only, and a
+/// `map` restore shows every page of the file. So every page that the page
+/// map says is zero must really be zero: walk the file's data extents
+/// (SEEK_DATA/SEEK_HOLE: holes need no reading) and check the non-present
+/// pages inside them. Costs what the file stores beyond its present pages:
+/// nothing for a file written by save().
+fn checkHoles(fd: linux.fd_t, file_map: []const u8, c: Checked) errors.Error!void {
+    const map = c.parsed.pageMap();
+    const start = c.memory_offset;
+    const end = c.memory_offset + c.parsed.memory_bytes;
+    var at = start;
+    var buf: [page]u8 align(8) = undefined;
+    while (at < end) {
+        const d = linux.lseek(fd, @intCast(at), SEEK_DATA);
+        if (linux.errno(d) != .SUCCESS) break; // ENXIO: no data after `at`
+        if (d >= end) break;
+        var h = linux.lseek(fd, @intCast(d), SEEK_HOLE);
+        if (linux.errno(h) != .SUCCESS) h = end;
+        const stop = @min(h, end);
+        var pg = (d - start) / page;
+        while (start + pg * page < stop) : (pg += 1) {
+            if (isPresent(map, pg)) continue;
+            try safe.copy(&buf, file_map[@intCast(start + pg * page)..][0..page]);
+            if (!isZeroPage(&buf)) return bad("page {d} (guest address 0x{x}) holds data although the page map says it is zero: the file was modified", .{ pg, pg * page });
+        }
+        at = @max(stop, at + page);
+    }
 }
 
 /// Writes the full layout (zero pages as holes) atomically: a 0600 temp file

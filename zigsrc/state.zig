@@ -485,7 +485,18 @@ pub fn restore(vm: *Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!voi
         try set(v.fd, kvm.KVM_SET_SREGS, try aligned(p.get(.sregs, idx).?), "KVM_SET_SREGS");
         try set(v.fd, kvm.KVM_SET_REGS, try aligned(p.get(.regs, idx).?), "KVM_SET_REGS");
         if (p.get(.xsave, idx)) |x| {
-            try set(v.fd, kvm.KVM_SET_XSAVE, try aligned(x), "KVM_SET_XSAVE");
+            // KVM_SET_XSAVE reads this host's full XSAVE size (KVM_CAP_XSAVE2):
+            // a smaller record from another host is padded with zeros.
+            const host_bytes = xsaveBytes(vm.vm_fd);
+            if (x.len >= host_bytes) {
+                try set(v.fd, kvm.KVM_SET_XSAVE, try aligned(x), "KVM_SET_XSAVE");
+            } else {
+                const buf = allocator.alignedAlloc(u8, .@"64", host_bytes) catch return error.OutOfMemory;
+                defer allocator.free(buf);
+                @memset(buf, 0);
+                @memcpy(buf[0..x.len], x);
+                try set(v.fd, kvm.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE");
+            }
         } else try set(v.fd, kvm.KVM_SET_FPU, try aligned(p.get(.fpu, idx).?), "KVM_SET_FPU");
         if (p.get(.xcrs, idx)) |x| try set(v.fd, kvm.KVM_SET_XCRS, try aligned(x), "KVM_SET_XCRS");
         try restoreMsrs(v.fd, p.get(.msrs, idx).?);
