@@ -383,12 +383,7 @@ pub const Pool = struct {
             _ = c.pthread_cond_broadcast(&p.work);
         } else if (p.dead.items.len >= max_dead_backlog and !p.worker_done) {
             // Backpressure: the reapers are behind; this caller pays.
-            p.destroying += 1;
-            p.unlockIt();
-            vm.destroy();
-            p.lockIt();
-            p.destroying -= 1;
-            p.destroyed += 1;
+            p.destroyLocked(vm);
         } else {
             p.queueDead(vm);
         }
@@ -432,6 +427,17 @@ pub const Pool = struct {
         }
         p.unlockIt();
         return null;
+    }
+
+    /// With the lock held: destroys `vm` without holding the lock during the
+    /// (slow) destruction, counting it as pending meanwhile.
+    fn destroyLocked(p: *Pool, vm: *Vm) void {
+        p.destroying += 1;
+        p.unlockIt();
+        vm.destroy();
+        p.lockIt();
+        p.destroying -= 1;
+        p.destroyed += 1;
     }
 
     /// With the lock held: one VM fewer in use. Unlocks, and frees a closed
@@ -479,14 +485,8 @@ pub const Pool = struct {
     fn reaperLoop(p: *Pool) void {
         p.lockIt();
         while (true) {
-            if (p.dead.items.len > 0) {
-                const vm = p.dead.pop().?;
-                p.destroying += 1;
-                p.unlockIt();
-                vm.destroy();
-                p.lockIt();
-                p.destroying -= 1;
-                p.destroyed += 1;
+            if (p.dead.pop()) |vm| {
+                p.destroyLocked(vm);
                 continue;
             }
             if (p.closed) break;
@@ -537,10 +537,7 @@ pub const Pool = struct {
                 p.parked_len -= 1;
                 break :blk p.parked[p.parked_len];
             } else p.dead.pop() orelse p.to_reset.pop() orelse break;
-            p.unlockIt();
-            vm.destroy();
-            p.lockIt();
-            p.destroyed += 1;
+            p.destroyLocked(vm);
         }
         p.worker_done = true;
         p.close_done = true;
