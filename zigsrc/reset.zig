@@ -80,9 +80,11 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
     // drop mode: contiguous dirty pages go to one madvise call.
     var run_start: usize = 0;
     var run_len: usize = 0;
-    // copy mode from a file-backed snapshot: SIGBUS-safe reads, batched.
+    // copy mode from a file-backed snapshot: SIGBUS-safe reads (memcpy under
+    // kvmlab's SIGBUS handler, else batched process_vm_readv).
     var batch: safe.Batch = .{};
-    const from_file = s.fileBacked();
+    const guard = safe.Guard.init(&s.damaged);
+    const from_file = s.fileBacked() and !guard.fast;
     for (bitmap, vm.host_dirty, 0..) |*w, *h, wi| {
         var bits = w.* | h.*;
         h.* = 0;
@@ -110,6 +112,7 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
     }
     dropRun(vm, run_start, run_len);
     try batch.flush();
+    try guard.finish();
     const t2 = vm_mod.monotonicNs();
     var st: state.RestoreTimes = .{};
     try state.restore(vm, &s.parsed, &st);

@@ -28,6 +28,7 @@ pub fn copy(dst: []u8, src: []const u8) errors.Error!void {
 }
 
 fn unreadable(at: [*]const u8) errors.Error {
+    if (@intFromPtr(at) == 1) return errors.fail(error.Snapshot, "the snapshot file behind this memory was truncated or replaced while mapped (pages past its new end read as zeros); reload the snapshot", .{});
     return errors.fail(error.Snapshot, "memory at host address 0x{x} cannot be read: the snapshot file behind it was truncated or replaced while mapped; reload the snapshot", .{@intFromPtr(at)});
 }
 
@@ -62,6 +63,29 @@ pub const Batch = struct {
         for (b.local[0..b.len], b.remote[0..b.len]) |l, r| try copy(l.base[0..l.len], r.base[0..r.len]);
     }
 };
+
+/// Copies from memory that may be a mapping of a snapshot file, fast when it
+/// can be: with kvmlab's SIGBUS handler installed, memcpy (a lost page reads
+/// as zeros and raises `damaged`, checked by finish()); otherwise through the
+/// kernel (process_vm_readv), which reports such a page as an error.
+pub const Guard = struct {
+    fast: bool,
+    damaged: *const std.atomic.Value(bool),
+
+    pub fn init(damaged: *const std.atomic.Value(bool)) Guard {
+        return .{ .fast = @import("sigbus.zig").active(), .damaged = damaged };
+    }
+
+    pub fn copy(g: *const Guard, dst: []u8, src: []const u8) errors.Error!void {
+        if (g.fast) @memcpy(dst, src) else try copyFn(dst, src);
+    }
+
+    pub fn finish(g: *const Guard) errors.Error!void {
+        if (g.damaged.load(.acquire)) return unreadable(@ptrFromInt(1));
+    }
+};
+
+const copyFn = copy;
 
 /// Copies with memcpy when both sides are anonymous memory, else safely.
 pub fn copyMaybeMapped(dst: []u8, src: []const u8, mapped: bool) errors.Error!void {

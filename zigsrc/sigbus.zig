@@ -40,6 +40,17 @@ pub fn unregister(slot: ?usize) void {
     starts[i].store(0, .release);
 }
 
+/// Whether kvmlab's handler is the one installed now (someone may have
+/// replaced it since). When it is, a plain memcpy from a registered mapping
+/// cannot kill the process: a lost page reads as zeros and sets the owner's
+/// damaged flag, which the caller checks afterwards.
+pub fn active() bool {
+    if (!installed.load(.acquire)) return false;
+    var cur: linux.Sigaction = undefined;
+    if (linux.errno(linux.sigaction(.BUS, null, &cur)) != .SUCCESS) return false;
+    return cur.flags & linux.SA.SIGINFO != 0 and cur.handler.sigaction == &onSigbus;
+}
+
 fn install() void {
     if (installed.swap(true, .acq_rel)) return;
     var act = linux.Sigaction{
