@@ -147,7 +147,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += _md_table(["n", "ready (all n)", "per VM", "PSS / VM", "MemAvailable / VM", "after 1 call: PSS / MemAvail per VM", "close all"], rows)
         lines += ["", f"Reference: zeroboot, bare-metal KVM, 256 MiB guest: {ref['n']:,} forks in {ref['ready_ms']} ms at "
                   f"~{ref['kb_per_vm']} KB each. Limits here: open files {cfg['limits'].get('nofile_soft')}/"
-                  f"{cfg['limits'].get('nofile_hard')} (soft/hard, 1 + vCPUs per VM), vm.max_map_count "
+                  f"{cfg['limits'].get('nofile_hard')} (soft/hard, 2 + vCPUs per map-restored VM), vm.max_map_count "
                   f"{cfg['limits'].get('max_map_count', '?')}."]
         for r in fk["rows"]:
             if r["error"]:

@@ -1260,7 +1260,7 @@ def format_fork(result: dict[str, Any]) -> str:
                          f"{r['host_per_vm']['median'] / 1000:,.0f} KB/VM by MemAvailable, "
                          f"{r['pss_per_vm']['median'] / 1000:,.0f} KB/VM by PSS")
     lines.append(
-        f"limits: open files {lim.get('nofile_soft')}/{lim.get('nofile_hard')} (soft/hard; each VM holds 1 + vCPUs fds, "
+        f"limits: open files {lim.get('nofile_soft')}/{lim.get('nofile_hard')} (soft/hard; each VM holds 1 + vCPUs fds, plus 1 for a map-restored snapshot file, "
         "raised up to the hard limit automatically; raise the hard one with ulimit -Hn or /etc/security/limits.conf), "
         f"vm.max_map_count {lim.get('max_map_count', '?')} (each VM maps its memory and vCPU run area; "
         "raise with sysctl vm.max_map_count=N), "
