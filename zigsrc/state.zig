@@ -276,8 +276,19 @@ const Irqchip = extern struct {
     chip: [512]u8 = @splat(0),
 };
 
-/// XSAVE buffer size this host needs (KVM_CAP_XSAVE2), or 0 without XSAVE.
+/// XSAVE buffer size this host needs (KVM_CAP_XSAVE2), or 0 without XSAVE;
+/// the same for every VM of this host, so asked once.
+var xsave_cache = std.atomic.Value(u32).init(std.math.maxInt(u32));
+
 pub fn xsaveBytes(vm_fd: linux.fd_t) u32 {
+    const cached = xsave_cache.load(.acquire);
+    if (cached != std.math.maxInt(u32)) return cached;
+    const v = xsaveBytesUncached(vm_fd);
+    xsave_cache.store(v, .release);
+    return v;
+}
+
+fn xsaveBytesUncached(vm_fd: linux.fd_t) u32 {
     const x2 = kvm.ioctl(vm_fd, kvm.KVM_CHECK_EXTENSION, kvm.CAP_XSAVE2) catch 0;
     if (x2 >= kvm.XSAVE_LEGACY_BYTES and x2 <= max_xsave_bytes) return @intCast(x2);
     const x = kvm.ioctl(vm_fd, kvm.KVM_CHECK_EXTENSION, kvm.CAP_XSAVE) catch 0;
@@ -544,8 +555,9 @@ fn aligned(data: []const u8) errors.Error![]const u8 {
 
 fn restoreMsrs(fd: linux.fd_t, data: []const u8) errors.Error!void {
     const entries = std.mem.bytesAsSlice(kvm.MsrEntry, data);
-    const buf = allocator.create(MsrBuf(max_msrs)) catch return error.OutOfMemory;
-    defer allocator.destroy(buf);
+    // On the stack (16 KiB): restore is a hot path, no allocation.
+    var storage: MsrBuf(max_msrs) = undefined;
+    const buf = &storage;
     buf.nmsrs = @intCast(entries.len);
     buf.pad = 0;
     for (entries, 0..) |e, k| buf.entries[k] = e;
