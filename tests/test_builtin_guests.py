@@ -7,6 +7,8 @@ import pytest
 
 from kvmlab import GuestCrashError, Vm, VmConfig
 
+from snapshot_codec import crc32c  # the tests' one CRC32C
+
 pytestmark = pytest.mark.kvm
 
 STEP_RE = re.compile(r"step (\d+) checksum 0x[0-9a-f]+\Z")
@@ -153,13 +155,6 @@ def test_crash():
             vm.run()
 
 
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
 
 
 def service_call(vm, seq: int, opcode: int, payload: bytes, status: int = 0) -> bytes:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fd_count
+from snapshot_codec import crc32c  # the tests' one CRC32C
 from kvmlab import (
     ClosedError,
     ConfigError,
@@ -64,14 +65,6 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def crc32c(data: bytes) -> int:
-    """CRC32C (Castagnoli), reflected polynomial 0x82f63b78, bitwise."""
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
 
 
 def accounted(s: PoolStats) -> bool:
