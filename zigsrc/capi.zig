@@ -630,7 +630,7 @@ fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy
         .map => if (s.fileBacked()) true else return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{}),
         .copy => false,
     };
-    const file: ?snapshot.FileSource = if (use_map) .{ .fd = s.fd, .offset = s.memory_offset } else null;
+    const file: ?snapshot.FileSource = if (use_map) .{ .fd = s.fd, .offset = s.memory_offset, .snap = s } else null;
     try poolFinish(p, .{ .parsed = &s.parsed, .memory = s.memory, .packed_layout = false, .source_mapped = s.fileBacked(), .file = file }, wait_ns, out, times);
     if (resettable) {
         const vm = try asVm(out.?.*);

@@ -83,8 +83,12 @@ pub const Stats = extern struct {
 pub const Pool = struct {
     cfg: Config,
     lock: c.pthread_mutex_t = .{},
-    /// Wakes the worker (work to do, or closing).
-    work: c.pthread_cond_t = .{},
+    /// Wakes the refill thread (a shell was taken, or closing). Separate from
+    /// `reap` so that a take wakes one thread, not all five: waking every
+    /// thread right after a restore made them compete with the caller.
+    refill_cv: c.pthread_cond_t = .{},
+    /// Wakes one reaper per queued VM (or all, when closing).
+    reap_cv: c.pthread_cond_t = .{},
     /// Wakes restores waiting for max_in_use room, and close() waiting for the worker.
     room: c.pthread_cond_t = .{},
     idle: [max_pool_size]*Vm = undefined,
@@ -221,7 +225,7 @@ pub const Pool = struct {
             p.destroyed += 1;
             return;
         };
-        _ = c.pthread_cond_broadcast(&p.work);
+        _ = c.pthread_cond_signal(&p.reap_cv);
     }
 
     pub fn idleCount(p: *Pool) u32 {
@@ -318,7 +322,7 @@ pub const Pool = struct {
             .strategy = if (src.file != null) 2 else 1,
         };
         p.timings_len = @min(p.timings_len + 1, timing_capacity);
-        _ = c.pthread_cond_broadcast(&p.work); // refill after a take
+        _ = c.pthread_cond_signal(&p.refill_cv); // refill after a take
         p.unlockIt();
         seq_out.* = seq;
         return shell;
@@ -380,7 +384,7 @@ pub const Pool = struct {
                 p.endUse();
                 return;
             };
-            _ = c.pthread_cond_broadcast(&p.work);
+            _ = c.pthread_cond_signal(&p.reap_cv);
         } else if (p.dead.items.len >= max_dead_backlog and !p.worker_done) {
             // Backpressure: the reapers are behind; this caller pays.
             p.destroyLocked(vm);
@@ -446,14 +450,22 @@ pub const Pool = struct {
         std.debug.assert(p.in_use > 0);
         p.in_use -= 1;
         _ = c.pthread_cond_signal(&p.room);
-        _ = c.pthread_cond_broadcast(&p.work);
+        _ = c.pthread_cond_signal(&p.refill_cv); // a failed restore may have taken a shell
         const free_now = p.close_done and p.in_use == 0;
         p.unlockIt();
         if (free_now) p.free();
     }
 
+    /// Background work yields to the threads doing restores: on a small
+    /// machine the refill and reapers would otherwise compete with the
+    /// caller right after each restore (nice 10; Linux nices threads).
+    fn lowerPriority() void {
+        _ = linux.syscall3(.setpriority, 0, @as(usize, @intCast(linux.gettid())), 10);
+    }
+
     /// Keeps idle + creating at min_size.
     fn refillLoop(p: *Pool) void {
+        lowerPriority();
         p.lockIt();
         while (!p.closed) {
             if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
@@ -475,7 +487,7 @@ pub const Pool = struct {
                 continue;
             }
             var ts = realtimeIn(if (p.create_errors > 0) 200 * std.time.ns_per_ms else 5 * std.time.ns_per_s);
-            _ = c.pthread_cond_timedwait(&p.work, &p.lock, &ts);
+            _ = c.pthread_cond_timedwait(&p.refill_cv, &p.lock, &ts);
             p.create_errors = 0;
         }
         p.unlockIt();
@@ -483,6 +495,7 @@ pub const Pool = struct {
 
     /// Destroys released VMs and resets parked ones; drains everything on close.
     fn reaperLoop(p: *Pool) void {
+        lowerPriority();
         p.lockIt();
         while (true) {
             if (p.dead.pop()) |vm| {
@@ -505,7 +518,7 @@ pub const Pool = struct {
                 continue;
             }
             var ts = realtimeIn(5 * std.time.ns_per_s);
-            _ = c.pthread_cond_timedwait(&p.work, &p.lock, &ts);
+            _ = c.pthread_cond_timedwait(&p.reap_cv, &p.lock, &ts);
         }
         p.unlockIt();
     }
@@ -520,7 +533,8 @@ pub const Pool = struct {
             return;
         }
         p.closed = true;
-        _ = c.pthread_cond_broadcast(&p.work);
+        _ = c.pthread_cond_broadcast(&p.refill_cv);
+        _ = c.pthread_cond_broadcast(&p.reap_cv);
         _ = c.pthread_cond_broadcast(&p.room);
         p.unlockIt();
         if (p.refill) |t| t.join();

@@ -597,7 +597,7 @@ fn pwriteAll(fd: linux.fd_t, bytes: []const u8, offset: u64, what: []const u8) e
 pub const RestoreTimes = struct { memory_ns: u64 = 0, vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
 
 /// Restores into a fresh shell (never run, zeroed memory) of the same shape.
-pub const FileSource = struct { fd: linux.fd_t, offset: u64 };
+pub const FileSource = struct { fd: linux.fd_t, offset: u64, snap: *Snapshot };
 
 pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, packed_layout: bool, source_mapped: bool, file: ?FileSource, times: *RestoreTimes) errors.Error!void {
     if (parsed.memory_bytes != vm.mem.len or parsed.vcpus != vm.vcpu_count)
@@ -611,12 +611,10 @@ pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, pac
         // size. KVM's MMU notifier drops stale translations of the old pages.
         const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, f.fd, @intCast(f.offset));
         if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
-        vm.source_page_map = allocator.dupe(u8, map) catch return error.OutOfMemory;
-        const dup = linux.dup(f.fd);
-        if (linux.errno(dup) == .SUCCESS) {
-            vm.source_fd = @intCast(dup);
-            vm.source_end = f.offset + vm.mem.len;
-        }
+        vm.source_snap = f.snap.retain();
+        vm.source_page_map = map;
+        vm.source_fd = f.fd;
+        vm.source_end = f.offset + vm.mem.len;
         if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged);
     } else {
         try copyPresent(vm.mem, memory, map, packed_layout, source_mapped);
@@ -638,7 +636,7 @@ pub fn restoreSnapshot(vm: *Vm, s: *const Snapshot, strategy: Strategy, times: *
         .copy => false,
     };
     if (use_map) {
-        try restoreInto(vm, &s.parsed, s.memory, false, true, .{ .fd = s.fd, .offset = s.memory_offset }, times);
+        try restoreInto(vm, &s.parsed, s.memory, false, true, .{ .fd = s.fd, .offset = s.memory_offset, .snap = @constCast(s) }, times);
     } else {
         try restoreInto(vm, &s.parsed, s.memory, false, s.fileBacked(), null, times);
     }

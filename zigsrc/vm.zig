@@ -81,16 +81,19 @@ pub const Vm = struct {
     guest_name: [32]u8 = @splat(0),
     /// When guest memory is a private mapping of a snapshot file: the file's
     /// page map (pages that may be non-zero without being resident). Owned.
-    source_page_map: ?[]u8 = null,
+    source_page_map: ?[]const u8 = null,
     /// Set when the VM can be reset to the snapshot it was restored from
     /// (reset.zig): the snapshot (retained) and a bitmap of pages the host
     /// wrote through write_memory (KVM's dirty log only sees guest writes).
     reset_snap: ?*snapshot.Snapshot = null,
     host_dirty: []u64 = &.{},
-    /// Map-restored VMs: a duplicate of the snapshot file's descriptor and the
-    /// file size the mapping needs (for crash messages).
+    /// Map-restored VMs: the snapshot file's descriptor (owned by
+    /// `source_snap`) and the file size the mapping needs (for crash messages).
     source_fd: linux.fd_t = -1,
     source_end: u64 = 0,
+    /// Map-restored VMs keep their snapshot (retained): its page map and
+    /// file descriptor above belong to it, no copies on the restore path.
+    source_snap: ?*snapshot.Snapshot = null,
     /// A host read of the file-backed guest memory faulted (see sigbus.zig).
     mem_damaged: std.atomic.Value(bool) = .init(false),
     sigbus_slot: ?usize = null,
@@ -167,8 +170,7 @@ pub const Vm = struct {
         if (vm.vm_fd >= 0) _ = linux.close(vm.vm_fd);
         if (vm.mem.len > 0) _ = linux.munmap(vm.mem.ptr, vm.mem.len);
         if (vm.console.len > 0) allocator.free(vm.console);
-        if (vm.source_page_map) |m| allocator.free(m);
-        if (vm.source_fd >= 0) _ = linux.close(vm.source_fd);
+        if (vm.source_snap) |sn| sn.release();
         @import("sigbus.zig").unregister(vm.sigbus_slot);
         if (vm.host_dirty.len > 0) allocator.free(vm.host_dirty);
         if (vm.reset_snap) |sn| sn.release();
