@@ -222,7 +222,6 @@ class _VmHandle:
                 # A signal (Ctrl-C) stopped the vCPUs: Python runs its handler
                 # here (KeyboardInterrupt propagates); otherwise resume.
                 elapsed += int(out.elapsed_ns)
-                self._check_signals()
             out.elapsed_ns += elapsed
             if rc != 0:
                 err = _ffi.error_for(rc)
@@ -242,14 +241,6 @@ class _VmHandle:
                 console_dropped=int(out.console_dropped_bytes),
                 elapsed_ns=int(out.elapsed_ns),
             )
-
-    @staticmethod
-    def _check_signals() -> None:
-        """Gives Python a chance to run pending signal handlers."""
-        import signal as _signal
-
-        if threading.current_thread() is threading.main_thread():
-            _signal.getsignal(_signal.SIGINT)  # any bytecode boundary runs pending handlers
 
     def interrupt(self) -> None:
         """Stops a ``run()`` in progress on another thread (it returns

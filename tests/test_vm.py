@@ -265,3 +265,29 @@ def test_console_split_between_runs():
         b = vm.run()
     assert (a.reason, b.reason) == ("checkpoint", "exit")
     assert a.console + b.console == "\u00e9"
+
+
+CTRL_C_SCRIPT = """
+import os, signal, threading, time
+from kvmlab import Vm, VmConfig
+vm = Vm.boot(b"\\xeb\\xfe", VmConfig(memory_mib=8))
+threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+t0 = time.monotonic()
+try:
+    vm.run(timeout_s=None)          # no deadline: only the signal can end it
+    print("not interrupted")
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - t0:.1f} s")
+print("then", vm.run(timeout_s=0.2).reason)   # the VM is still usable and resumes
+"""
+
+
+def test_ctrl_c_interrupts_a_run_without_deadline():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", CTRL_C_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    first, second = p.stdout.strip().splitlines()
+    assert first.startswith("interrupted after") and float(first.split()[-2]) < 5, first
+    assert second == "then timeout"

@@ -28,7 +28,6 @@ pub fn copy(dst: []u8, src: []const u8) errors.Error!void {
 }
 
 fn unreadable(at: [*]const u8) errors.Error {
-    if (@intFromPtr(at) == 1) return errors.fail(error.Snapshot, "the snapshot file behind this memory was truncated or replaced while mapped (pages past its new end read as zeros); reload the snapshot", .{});
     return errors.fail(error.Snapshot, "memory at host address 0x{x} cannot be read: the snapshot file behind it was truncated or replaced while mapped; reload the snapshot", .{@intFromPtr(at)});
 }
 
@@ -64,10 +63,10 @@ pub const Batch = struct {
     }
 };
 
-/// Copies from memory that may be a mapping of a snapshot file, fast when it
-/// can be: with kvmlab's SIGBUS handler installed, memcpy (a lost page reads
-/// as zeros and raises `damaged`, checked by finish()); otherwise through the
-/// kernel (process_vm_readv), which reports such a page as an error.
+/// For bulk copies out of a snapshot file mapping: `fast` when kvmlab's
+/// SIGBUS handler is installed, so plain memcpy is safe (a lost page reads as
+/// zeros and raises `damaged`, checked by finish()); otherwise callers use
+/// copy()/Batch, which go through the kernel (process_vm_readv).
 pub const Guard = struct {
     fast: bool,
     damaged: *const std.atomic.Value(bool),
@@ -76,16 +75,11 @@ pub const Guard = struct {
         return .{ .fast = @import("sigbus.zig").active(), .damaged = damaged };
     }
 
-    pub fn copy(g: *const Guard, dst: []u8, src: []const u8) errors.Error!void {
-        if (g.fast) @memcpy(dst, src) else try copyFn(dst, src);
-    }
-
     pub fn finish(g: *const Guard) errors.Error!void {
-        if (g.damaged.load(.acquire)) return unreadable(@ptrFromInt(1));
+        if (g.damaged.load(.acquire))
+            return errors.fail(error.Snapshot, "the snapshot file behind this memory was truncated or replaced while mapped (pages past its new end read as zeros); reload the snapshot", .{});
     }
 };
-
-const copyFn = copy;
 
 /// Copies with memcpy when both sides are anonymous memory, else safely.
 pub fn copyMaybeMapped(dst: []u8, src: []const u8, mapped: bool) errors.Error!void {
