@@ -141,23 +141,39 @@ class PooledRestoreVm(_VmHandle):
     """A VM restored by a :class:`RestorePool`. ``release()`` (or leaving the
     ``with`` block) hands it back; the pool destroys it off your thread."""
 
-    def __init__(
-        self, handle: Any, config: VmConfig, guest: str, pool_handle: Any, timing: dict[str, int]
-    ) -> None:
+    def __init__(self, handle: Any, pool: "RestorePool", guest: str, times: Any, waited_ns: int = 0) -> None:
         # The core frees the pool only after close() *and* the last release,
         # deciding under its lock, so release needs no guard here.
-        super().__init__(handle, config, guest, free=functools.partial(lib.kvmlab_pool_release, pool_handle))
-        self._pool_handle = pool_handle
-        self._seq = timing["seq"]
+        super().__init__(handle, pool.vm_config, guest, free=pool._release_vm)
+        self._pool_handle = pool._release_vm.args[0]
         self._first_run_pending = True
-        self.restore_timing = timing
+        # The core's kvmlab_restore_times, turned into a dict on first use:
+        # the restore call itself only keeps the struct (a hot path).
+        self._times = times
+        self._waited_ns = waited_ns
+        self._timing: dict[str, int] | None = None
+
+    @property
+    def restore_timing(self) -> dict[str, int]:
+        """This restore's record: integer nanoseconds per phase (``acquire_ns``,
+        ``memory_ns``, ``vcpu_ns``, ``devices_ns``, ``total_ns``), ``hit``,
+        ``strategy``, ``mapped``, ``memory_bytes``, ``seq``."""
+        if self._timing is None:
+            t = self._times
+            timing = {name: int(getattr(t, name)) for name in _RESTORE_TIME_FIELDS}
+            if self._waited_ns:
+                # Earlier wait slices; the core's record (pool.timings()) has the last one only.
+                timing["acquire_ns"] += self._waited_ns
+                timing["total_ns"] += self._waited_ns
+            self._timing = timing
+        return self._timing
 
     def run(self, timeout_s: float | None = 10.0) -> RunResult:
         r = super().run(timeout_s)
         if self._first_run_pending:
             self._first_run_pending = False
             # The pool stays allocated while this VM is out, so its handle is valid.
-            lib.kvmlab_pool_note_first_run(self._pool_handle, self._seq, r.elapsed_ns)
+            lib.kvmlab_pool_note_first_run(self._pool_handle, self._times.seq, r.elapsed_ns)
         return r
 
     def release(self) -> None:
@@ -195,8 +211,9 @@ class RestorePool:
         # a freed pool.
         self._cond = threading.Condition()
         self._active = 0
-        # Serializes kvmlab_pool_free with kvmlab_pool_release (see _release).
-        # Reentrant: a finalizer may release a VM on a thread that holds it.
+        # The free function of every VM this pool hands out (made once: restore
+        # is a hot path).
+        self._release_vm = functools.partial(lib.kvmlab_pool_release, self._handle)
         self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
 
     # -- call guard -------------------------------------------------------------------
@@ -307,12 +324,7 @@ class RestorePool:
                     f"(max_in_use={self.pool_config.max_in_use} VMs are in use)"
                 )
             raise err
-        timing = {name: getattr(t, name) for name in _RESTORE_TIME_FIELDS}
-        if waited:
-            # Earlier wait slices; the core's record (pool.timings()) has the last one only.
-            timing["acquire_ns"] += waited
-            timing["total_ns"] += waited
-        return PooledRestoreVm(out[0], self.vm_config, guest, h, timing)
+        return PooledRestoreVm(out[0], self, guest, t, waited)
 
     def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
         """Restores from raw parts, as the reference API: ``memory`` is a dense

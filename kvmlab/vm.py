@@ -44,6 +44,8 @@ SERVICE_TAG = 0x5E5E0001
 SERVICE_MAX_BYTES = 4096
 SERVICE_OPS = {"echo": 1, "crc32c": 2, "reverse": 3}
 
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
 GuestSpec = Union[str, "os.PathLike[str]", Guest, bytes, bytearray]
 
 
@@ -148,8 +150,8 @@ class _VmHandle:
 
     Subclasses obtain a handle (boot, restore, pool) and pass it here together
     with ``free``, the callable that releases it (``lib.kvmlab_vm_free`` by
-    default). ``close()`` calls it once; a ``weakref.finalize`` backstop calls
-    it if the object is dropped without ``close()``.
+    default). ``close()`` calls it once; an ``ffi.gc`` destructor calls it if
+    the object is dropped without ``close()``.
     """
 
     def __init__(
@@ -160,13 +162,16 @@ class _VmHandle:
         *,
         free: Callable[[Any], None] | None = None,
     ) -> None:
-        self._handle = handle
+        # cffi's own destructor (ffi.gc) frees the handle if this object is
+        # dropped without close(); ffi.release() in close() runs it once, now.
+        # (Cheaper than weakref.finalize: construction is on the restore hot path.)
+        self._handle = ffi.gc(handle, free or lib.kvmlab_vm_free)
         self._config = config
         self._guest = guest
         self._lock = threading.Lock()
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Made on first console read: construction is on the restore hot path.
+        self._decoder: codecs.IncrementalDecoder | None = None
         self._reset_timings: list[ResetTiming] = []
-        self._finalizer = weakref.finalize(self, free or lib.kvmlab_vm_free, handle)
 
     # -- state ----------------------------------------------------------------
 
@@ -264,6 +269,8 @@ class _VmHandle:
             total += got
             if got < len(buf):
                 break
+        if self._decoder is None:
+            self._decoder = _Utf8Decoder(errors="replace")
         text = self._decoder.decode(b"".join(chunks), final=final)
         return text, total
 
@@ -359,7 +366,8 @@ class _VmHandle:
         self._reset_timings.append(t)
         if len(self._reset_timings) > 4096:
             del self._reset_timings[:-4096]
-        self._decoder.reset()
+        if self._decoder is not None:
+            self._decoder.reset()
         return t
 
     def reset_timings(self) -> list[ResetTiming]:
@@ -464,10 +472,11 @@ class _VmHandle:
         """Frees the VM. Idempotent; waits for a ``run()`` in another thread."""
         self.interrupt()  # a run() without deadline on another thread would hold the lock forever
         with self._lock:
-            if self._handle is None:
+            h = self._handle
+            if h is None:
                 return
             self._handle = None
-            self._finalizer()
+            ffi.release(h)
 
     def __enter__(self):
         return self

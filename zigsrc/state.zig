@@ -85,6 +85,13 @@ pub const Parsed = struct {
     memory_bytes: u64,
     per_vcpu: [boot.max_vcpus][tag_slots]?[]const u8,
     vm: [tag_slots]?[]const u8,
+    /// Memo of the host checks of this blob, which depend only on the blob
+    /// and on this host (both fixed), and sit on the restore hot path: a
+    /// loaded snapshot pays for them on its first restore only. Bit 63: the
+    /// blob passed checkHost; bit 62: sameAsShell was computed; bit i < 8:
+    /// vCPU i's CPUID equals a fresh shell's (KVM_SET_CPUID2 is skipped).
+    /// A cache, not state: mutated through @constCast from const readers.
+    memo: std.atomic.Value(u64) = .init(0),
 
     pub fn get(p: *const Parsed, tag: Tag, vcpu: u32) ?[]const u8 {
         const i = tagIndex(tag);
@@ -416,6 +423,18 @@ fn effectiveCpuid(vcpu_fd: linux.fd_t) errors.Error![]const kvm.CpuidEntry2 {
 /// 0x80000001) or an XSAVE size that a fresh vCPU of this host does not have.
 /// `vcpu_fd` is a vCPU of the shell that has not run yet.
 pub fn checkHost(p: *const Parsed, vm_fd: linux.fd_t, vcpu_fd: linux.fd_t) errors.Error!void {
+    if (p.memo.load(.acquire) & memo_host_ok != 0) return;
+    try checkHostUncached(p, vm_fd, vcpu_fd);
+    _ = @constCast(&p.memo).fetchOr(memo_host_ok, .acq_rel);
+}
+
+const memo_host_ok: u64 = 1 << 63;
+comptime {
+    std.debug.assert(boot.max_vcpus <= 62); // one memo bit per vCPU below the flags
+}
+const memo_cpuid_known: u64 = 1 << 62;
+
+fn checkHostUncached(p: *const Parsed, vm_fd: linux.fd_t, vcpu_fd: linux.fd_t) errors.Error!void {
     const have_all = try effectiveCpuid(vcpu_fd);
     const want = std.mem.bytesAsSlice(kvm.CpuidEntry2, p.get(.cpuid, 0).?);
     for (want) |e| {
@@ -437,6 +456,28 @@ pub fn checkHost(p: *const Parsed, vm_fd: linux.fd_t, vcpu_fd: linux.fd_t) error
         const have = xsaveBytes(vm_fd);
         if (x.len > have) return errors.fail(error.Incompatible, "snapshot XSAVE state is {d} bytes; this host's KVM takes {d}", .{ x.len, have });
     }
+}
+
+/// sameAsShell for vCPU `idx` of `p`, computed for all vCPUs once per blob.
+fn cpuidSameAsShell(p: *const Parsed, idx: u32) bool {
+    var m = p.memo.load(.acquire);
+    if (m & memo_cpuid_known == 0) {
+        var bits: u64 = memo_cpuid_known;
+        // effective is set by checkHost, which every restore calls first; if
+        // it is not, sameAsShell says false and nothing is memoized.
+        if (!effectiveKnown()) return false;
+        for (0..p.vcpus) |i| {
+            if (sameAsShell(p.get(.cpuid, @intCast(i)).?, @intCast(i))) bits |= @as(u64, 1) << @intCast(i);
+        }
+        m = @constCast(&p.memo).fetchOr(bits, .acq_rel) | bits;
+    }
+    return m & (@as(u64, 1) << @intCast(idx)) != 0;
+}
+
+fn effectiveKnown() bool {
+    _ = std.c.pthread_mutex_lock(&effective_lock);
+    defer _ = std.c.pthread_mutex_unlock(&effective_lock);
+    return effective != null;
 }
 
 /// True when `cpuid` (a snapshot's record for vCPU `idx`) equals what a fresh
@@ -486,7 +527,7 @@ pub fn restore(vm: *Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!voi
         // A shell already has this host's CPUID; skip the ioctl (~7-12 us on
         // kvm_pvm) when the snapshot was taken with the same.
         const cpuid = p.get(.cpuid, idx).?;
-        if (!sameAsShell(cpuid, idx)) {
+        if (!cpuidSameAsShell(p, idx)) {
             cpuid_buf.nent = @intCast(cpuid.len / @sizeOf(kvm.CpuidEntry2));
             cpuid_buf.padding = 0;
             @memcpy(std.mem.sliceAsBytes(cpuid_buf.entries[0..cpuid_buf.nent]), cpuid);
