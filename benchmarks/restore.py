@@ -13,6 +13,9 @@ iteration) so the machine's noise hits all paths alike:
 * ``unpooled-copy`` / ``unpooled-map``: ``Vm.restore`` (shell made on demand);
 * ``floor-copy`` / ``floor-map``: ``kvmlab_bench_restore_floor``, the bare
   ioctls and memory operations into a fresh shell made beforehand (untimed);
+* ``floor-idle-copy`` / ``floor-idle-map``: the same into an idle shell of a
+  second settled pool, as old as the pooled paths' shells (the like-for-like
+  floor of a pooled restore; ``kvmlab.bench.floor_restore``);
 * ``service-copy`` / ``service-map``: pooled restore of the ``service`` guest
   (same size and density) plus its first answer, ``rvm.call(b"ping")``.
 """
@@ -23,13 +26,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from kvmlab.bench import _wait_settled, stats
+from kvmlab.bench import _wait_settled, floor_restore, stats
 
 __all__ = ["KVMLAB_PATHS", "measure_case", "unicorn_restore"]
 
 KVMLAB_PATHS = (
     "pooled-copy", "pooled-map", "native-copy", "native-map", "unpooled-copy", "unpooled-map",
-    "floor-copy", "floor-map", "service-copy", "service-map",
+    "floor-copy", "floor-map", "floor-idle-copy", "floor-idle-map", "service-copy", "service-map",
 )
 
 
@@ -69,21 +72,9 @@ def _unpooled(snap, strategy: str) -> tuple[int, int]:
     return took, core
 
 
-def _floor(snap, strategy: str) -> tuple[int, int]:
-    from kvmlab import _ffi
-    from kvmlab.snapshot import strategy_code
-
-    ffi, lib = _ffi.ffi, _ffi.lib
-    c = ffi.new("kvmlab_vm_config *", {"memory_bytes": snap.memory_bytes, "vcpus": snap.vcpus})
-    out = ffi.new("kvmlab_vm **")
-    _ffi.check(lib.kvmlab_vm_new(c, out))
-    t = ffi.new("kvmlab_restore_times *")
-    try:
-        with snap._use() as sh:
-            _ffi.check(lib.kvmlab_bench_restore_floor(out[0], sh, strategy_code(strategy), t))
-    finally:
-        lib.kvmlab_vm_free(out[0])
-    return int(t.total_ns), int(t.total_ns)
+def _floor(snap, strategy: str, pool=None) -> tuple[int, int]:
+    call, times = floor_restore(snap, strategy, pool)
+    return call, times["total_ns"]
 
 
 def _service(pool, snap, strategy: str) -> tuple[int, int]:
@@ -108,7 +99,10 @@ def measure_case(snap_path: Path, service_path: Path, n: int, warmup: int, paths
 
     out: dict[str, dict[str, list[int]]] = {p: {"t": [], "core": []} for p in paths}
     with Snapshot.load(snap_path) as snap, Snapshot.load(service_path) as svc:
-        with RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)) as pool:
+        cfg = PoolConfig(min_size=1, max_size=2)
+        # The idle-shell floors take from a pool of their own, so their shells
+        # wait about as long as the pooled paths' do.
+        with RestorePool(snap.config, cfg) as pool, RestorePool(snap.config, cfg) as floor_pool:
             fns: dict[str, Callable[[], tuple[int, int]]] = {
                 "pooled-copy": lambda: _pooled(pool, snap, "copy"),
                 "pooled-map": lambda: _pooled(pool, snap, "map"),
@@ -118,6 +112,8 @@ def measure_case(snap_path: Path, service_path: Path, n: int, warmup: int, paths
                 "unpooled-map": lambda: _unpooled(snap, "map"),
                 "floor-copy": lambda: _floor(snap, "copy"),
                 "floor-map": lambda: _floor(snap, "map"),
+                "floor-idle-copy": lambda: _floor(snap, "copy", floor_pool),
+                "floor-idle-map": lambda: _floor(snap, "map", floor_pool),
                 "service-copy": lambda: _service(pool, svc, "copy"),
                 "service-map": lambda: _service(pool, svc, "map"),
             }

@@ -744,6 +744,19 @@ fn benchPoolRestores(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: 
     }
 }
 
+/// Benchmark: takes an idle shell from the pool without restoring into it,
+/// for kvmlab_bench_restore_floor into a pooled shell (shells get slower to
+/// restore into as they wait: a fresh shell would flatter the floor). The
+/// shell counts as in use; hand it back with kvmlab_pool_release.
+pub export fn kvmlab_bench_pool_take_shell(h: ?*kvmlab_pool, out: ?*?*kvmlab_vm) callconv(.c) kvmlab_result {
+    return result(benchPoolTakeShell(h, out));
+}
+fn benchPoolTakeShell(h: ?*kvmlab_pool, out: ?*?*kvmlab_vm) errors.Error!void {
+    const p = try asPool(h);
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = @ptrCast(try p.takeIdle());
+}
+
 /// TEST ONLY: makes shell-creation step `site` (1 create_vm, 2 memory, 3 slot,
 /// 4 irqchip, 5 pit, 6 vcpu, 7 vcpu_mmap, 8 cpuid) fail after passing `after`
 /// more times; site 0 disarms.

@@ -234,6 +234,22 @@ pub const Pool = struct {
         return p.idle_len;
     }
 
+    /// Benchmarks only: takes an idle shell as a restore would, without
+    /// restoring into it (so the floor can be measured into a shell of the
+    /// same age as a pooled restore gets). The caller releases it.
+    pub fn takeIdle(p: *Pool) errors.Error!*Vm {
+        p.lockIt();
+        defer p.unlockIt();
+        if (p.closed) return errors.fail(error.Closed, "the pool is closed", .{});
+        if (p.idle_len == 0) return errors.fail(error.Busy, "the pool has no idle shell; warm it first", .{});
+        if (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)
+            return errors.fail(error.PoolExhausted, "{d} VMs are in use (max_in_use={d})", .{ p.in_use, p.cfg.max_in_use });
+        p.idle_len -= 1;
+        p.in_use += 1;
+        _ = c.pthread_cond_signal(&p.refill_cv);
+        return p.idle[p.idle_len];
+    }
+
     pub const Source = struct {
         parsed: *const state.Parsed,
         memory: []const u8,
