@@ -246,7 +246,8 @@ pub const Pool = struct {
             return errors.fail(error.PoolExhausted, "{d} VMs are in use (max_in_use={d})", .{ p.in_use, p.cfg.max_in_use });
         p.idle_len -= 1;
         p.in_use += 1;
-        _ = c.pthread_cond_signal(&p.refill_cv);
+        // No refill signal here: as in restore(), a refill woken now would
+        // compete with the measured work; the release (endUse) wakes it.
         return p.idle[p.idle_len];
     }
 

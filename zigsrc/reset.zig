@@ -83,7 +83,7 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
     // copy mode from a file-backed snapshot: SIGBUS-safe reads (memcpy under
     // kvmlab's SIGBUS handler, else batched process_vm_readv).
     var batch: safe.Batch = .{};
-    const guard = safe.Guard.init(&s.damaged);
+    const guard = safe.Guard.init(&s.damaged, s.sigbus_slot != null);
     const from_file = s.fileBacked() and !guard.fast;
     for (bitmap, vm.host_dirty, 0..) |*w, *h, wi| {
         var bits = w.* | h.*;

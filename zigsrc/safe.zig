@@ -63,16 +63,18 @@ pub const Batch = struct {
     }
 };
 
-/// For bulk copies out of a snapshot file mapping: `fast` when kvmlab's
-/// SIGBUS handler is installed, so plain memcpy is safe (a lost page reads as
-/// zeros and raises `damaged`, checked by finish()); otherwise callers use
-/// copy()/Batch, which go through the kernel (process_vm_readv).
+/// For bulk copies out of a snapshot file mapping: `fast` when the mapping
+/// is registered with kvmlab's SIGBUS handler and that handler is installed,
+/// so plain memcpy is safe (a lost page reads as zeros and raises `damaged`,
+/// checked by finish()); otherwise callers use copy()/Batch, which go through
+/// the kernel (process_vm_readv). An unregistered mapping (the handler's
+/// table was full) must never be read with memcpy: its SIGBUS is not caught.
 pub const Guard = struct {
     fast: bool,
     damaged: *const std.atomic.Value(bool),
 
-    pub fn init(damaged: *const std.atomic.Value(bool)) Guard {
-        return .{ .fast = @import("sigbus.zig").active(), .damaged = damaged };
+    pub fn init(damaged: *const std.atomic.Value(bool), registered: bool) Guard {
+        return .{ .fast = registered and @import("sigbus.zig").active(), .damaged = damaged };
     }
 
     pub fn finish(g: *const Guard) errors.Error!void {
@@ -98,4 +100,15 @@ test "safe copy copies and reports unreadable memory" {
     try std.testing.expectEqualSlices(u8, &a, &b);
     const bogus: [*]const u8 = @ptrFromInt(0x10);
     try std.testing.expectError(error.Snapshot, copy(b[0..8], bogus[0..8]));
+}
+
+test "Guard uses memcpy only for mappings the SIGBUS handler knows" {
+    var damaged = std.atomic.Value(bool).init(false);
+    const sigbus = @import("sigbus.zig");
+    const slot = sigbus.register(0x7000_0000_0000, 4096, &damaged); // installs the handler
+    defer sigbus.unregister(slot);
+    try std.testing.expect(Guard.init(&damaged, slot != null).fast);
+    try std.testing.expect(!Guard.init(&damaged, false).fast);
+    damaged.store(true, .release);
+    try std.testing.expectError(error.Snapshot, Guard.init(&damaged, true).finish());
 }
