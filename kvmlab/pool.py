@@ -141,10 +141,12 @@ class PooledRestoreVm(_VmHandle):
     """A VM restored by a :class:`RestorePool`. ``release()`` (or leaving the
     ``with`` block) hands it back; the pool destroys it off your thread."""
 
+    __slots__ = ("_pool_handle", "_first_run_pending", "_times", "_waited_ns", "_timing")
+
     def __init__(self, handle: Any, pool: "RestorePool", guest: str, times: Any, waited_ns: int = 0) -> None:
         # The core frees the pool only after close() *and* the last release,
         # deciding under its lock, so release needs no guard here.
-        super().__init__(handle, pool.vm_config, guest, free=pool._release_vm)
+        _VmHandle.__init__(self, handle, pool.vm_config, guest, pool._release_vm)
         self._pool_handle = pool._release_vm.args[0]
         self._first_run_pending = True
         # The core's kvmlab_restore_times, turned into a dict on first use:
@@ -209,7 +211,8 @@ class RestorePool:
         self._handle = out[0]
         # Calls in flight: close() waits for them, so no native call ever sees
         # a freed pool.
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # a plain Lock: _enter/_exit are on the restore hot path
+        self._drained = threading.Condition(self._lock)
         self._active = 0
         # The free function of every VM this pool hands out (made once: restore
         # is a hot path).
@@ -219,17 +222,18 @@ class RestorePool:
     # -- call guard -------------------------------------------------------------------
 
     def _enter(self) -> Any:
-        with self._cond:
-            if self._handle is None:
+        with self._lock:
+            h = self._handle
+            if h is None:
                 raise ClosedError("this RestorePool is closed")
             self._active += 1
-            return self._handle
+            return h
 
     def _exit(self) -> None:
-        with self._cond:
+        with self._lock:
             self._active -= 1
-            if self._active == 0:
-                self._cond.notify_all()
+            if self._active == 0 and self._handle is None:
+                self._drained.notify_all()  # close() is waiting
 
     # -- filling ----------------------------------------------------------------------
 
@@ -298,11 +302,21 @@ class RestorePool:
         """Runs ``call(handle, out, times, wait_ns)``. A wait for room under
         ``max_in_use`` is done in slices of at most 50 ms, so that ``close()``
         on another thread never waits for a long ``timeout_s`` to expire."""
+        out = ffi.new("kvmlab_vm **")
+        t = ffi.new("kvmlab_restore_times *")
+        if timeout_s is None:
+            # The common case, kept short: no wait, one native call.
+            h = self._enter()
+            try:
+                rc = call(h, out, t, 0)
+            finally:
+                self._exit()
+            if rc:
+                raise _ffi.error_for(rc)
+            return PooledRestoreVm(out[0], self, guest, t)
         wait_ns = _wait_ns(timeout_s)
         deadline = time.monotonic_ns() + wait_ns
         waited = 0
-        out = ffi.new("kvmlab_vm **")
-        t = ffi.new("kvmlab_restore_times *")
         while True:
             h = self._enter()
             try:
@@ -373,13 +387,27 @@ class RestorePool:
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
         code = strategy_code(strategy)
         flags = (1 if resettable else 0) | (2 if reset_on_release else 0)
-        _wait_ns(timeout_s)  # validate before touching the snapshot
+        if timeout_s is not None:
+            _wait_ns(timeout_s)  # validate before touching the snapshot
+            with snap._use() as sh:
+                return self._finish(
+                    lambda h, out, t, wait: lib.kvmlab_pool_restore_snapshot(h, sh, code, wait, flags, out, t),
+                    snap.guest,
+                    timeout_s,
+                )
+        # The common case inline (no wait, one native call): every Python frame
+        # here costs microseconds, since the caches are cold after the ioctls.
+        out = ffi.new("kvmlab_vm **")
+        t = ffi.new("kvmlab_restore_times *")
         with snap._use() as sh:
-            return self._finish(
-                lambda h, out, t, wait: lib.kvmlab_pool_restore_snapshot(h, sh, code, wait, flags, out, t),
-                snap.guest,
-                timeout_s,
-            )
+            h = self._enter()
+            try:
+                rc = lib.kvmlab_pool_restore_snapshot(h, sh, code, 0, flags, out, t)
+            finally:
+                self._exit()
+        if rc:
+            raise _ffi.error_for(rc)
+        return PooledRestoreVm(out[0], self, snap.guest, t)
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -391,12 +419,12 @@ class RestorePool:
         """Stops the worker and destroys idle shells. VMs still out stay usable;
         releasing the last one frees the pool. Idempotent; waits for calls in
         flight on other threads (they finish or raise ClosedError)."""
-        with self._cond:
+        with self._lock:
             if self._handle is None:
                 return
             self._handle = None
             while self._active:
-                self._cond.wait()
+                self._drained.wait()
         self._finalizer()
 
     def __enter__(self) -> "RestorePool":

@@ -90,7 +90,7 @@ class _InUse:
         snap = self.snap
         with snap._lock:
             snap._active -= 1
-            if snap._active == 0:
+            if snap._active == 0 and snap._closing:
                 snap._idle.notify_all()
 
 
@@ -110,6 +110,7 @@ class Snapshot:
         self._lock = threading.Lock()
         # Native calls in flight (restores from other threads): close() waits.
         self._active = 0
+        self._closing = False  # close() waits on _idle: only then is there anyone to notify
         self._idle = threading.Condition(self._lock)
         self._views: list[weakref.ref[memoryview]] = []
         self._owner = _NativeOwner(handle)
@@ -337,6 +338,7 @@ class Snapshot:
         with self._lock:
             if self._handle is None:
                 return
+            self._closing = True
             while self._active:
                 self._idle.wait()
             for ref in self._views:

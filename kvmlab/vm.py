@@ -150,28 +150,34 @@ class _VmHandle:
 
     Subclasses obtain a handle (boot, restore, pool) and pass it here together
     with ``free``, the callable that releases it (``lib.kvmlab_vm_free`` by
-    default). ``close()`` calls it once; an ``ffi.gc`` destructor calls it if
-    the object is dropped without ``close()``.
+    default). ``close()`` calls it once; ``__del__`` calls it if the object is
+    dropped without ``close()``.
     """
 
-    def __init__(
-        self,
-        handle: Any,
-        config: VmConfig,
-        guest: str,
-        *,
-        free: Callable[[Any], None] | None = None,
-    ) -> None:
-        # cffi's own destructor (ffi.gc) frees the handle if this object is
-        # dropped without close(); ffi.release() in close() runs it once, now.
-        # (Cheaper than weakref.finalize: construction is on the restore hot path.)
-        self._handle = ffi.gc(handle, free or lib.kvmlab_vm_free)
+    # Slots, a plain __del__ instead of a finalizer object, no keyword
+    # arguments: a pooled restore builds one of these on its hot path, right
+    # after the KVM ioctls, when every cache is cold (each of those measured
+    # several microseconds there).
+    __slots__ = ("_handle", "_free", "_config", "_guest", "_lock", "_decoder", "_reset_timings", "__weakref__")
+
+    def __init__(self, handle: Any, config: VmConfig, guest: str, free: Callable[[Any], None] | None = None) -> None:
+        self._handle = handle
+        self._free = free or lib.kvmlab_vm_free
         self._config = config
         self._guest = guest
         self._lock = threading.Lock()
-        # Made on first console read: construction is on the restore hot path.
-        self._decoder: codecs.IncrementalDecoder | None = None
-        self._reset_timings: list[ResetTiming] = []
+        self._decoder: codecs.IncrementalDecoder | None = None  # made on first console read
+        self._reset_timings: list[ResetTiming] | None = None  # made on first reset
+
+    def __del__(self) -> None:
+        # Dropped without close(): nothing else can reference this object now.
+        h = getattr(self, "_handle", None)  # unset if __init__ never ran
+        if h is not None:
+            self._handle = None
+            try:
+                self._free(h)
+            except Exception:  # noqa: BLE001 - interpreter shutdown: the process frees everything
+                pass
 
     # -- state ----------------------------------------------------------------
 
@@ -363,6 +369,8 @@ class _VmHandle:
         with self._lock:
             _ffi.check(lib.kvmlab_vm_reset(self._live(), code, out))
         t = ResetTiming(**{name: int(getattr(out, name)) for name, _f in ffi.typeof("kvmlab_reset_times").fields})
+        if self._reset_timings is None:
+            self._reset_timings = []
         self._reset_timings.append(t)
         if len(self._reset_timings) > 4096:
             del self._reset_timings[:-4096]
@@ -372,7 +380,7 @@ class _VmHandle:
 
     def reset_timings(self) -> list[ResetTiming]:
         """The newest 4096 :meth:`reset` records of this VM, oldest first."""
-        return list(self._reset_timings)
+        return list(self._reset_timings or ())
 
     def reset_loop(
         self,
@@ -476,7 +484,7 @@ class _VmHandle:
             if h is None:
                 return
             self._handle = None
-            ffi.release(h)
+            self._free(h)
 
     def __enter__(self):
         return self
@@ -513,6 +521,8 @@ def _resolve_guest(guest: GuestSpec) -> Guest:
 
 class Vm(_VmHandle):
     """A VM running a guest. Create one with :meth:`Vm.boot`."""
+
+    __slots__ = ("restore_timing",)
 
     @classmethod
     def boot(

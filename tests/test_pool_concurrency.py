@@ -365,7 +365,7 @@ RACE_SCRIPT = textwrap.dedent(
         pool = RestorePool(cfg, PoolConfig(min_size=0, max_size=1))
         rvm = pool.restore_snapshot(snap)
         ph, vh = pool._handle, rvm._handle
-        pool._finalizer.detach(); _ffi.ffi.gc(vh, None)  # freed by hand below
+        pool._finalizer.detach(); rvm._handle = None  # freed by hand below
         go = threading.Barrier(2)
         def release(d=(i % 60) * 5000):
             go.wait()
