@@ -39,6 +39,9 @@ The other subcommands (each prints a table; ``--json PATH`` keeps everything):
   :func:`bench_cycle`).
 * ``kvmlab bench fork --n 100,1000``: ``fork_many`` of a 256 MiB service
   snapshot: time until n VMs are ready and host memory per VM (:func:`bench_fork`).
+* ``kvmlab bench age --ages-ms 0,1,3,10,30,100``: the restore floor into a
+  fresh shell that first waited that long: what waiting in a pool costs a
+  shell (:func:`bench_shell_age`), the reason for the ``floor-idle`` path.
 * ``kvmlab bench all``: everything against QEMU and unicorn, with JSON,
   Markdown and PNG output; the code is the ``benchmarks`` package of the
   source tree (``python -m benchmarks``), :func:`run_all` from Python.
@@ -73,6 +76,8 @@ __all__ = [
     "bench_reset",
     "bench_cycle",
     "bench_fork",
+    "bench_shell_age",
+    "floor_restore",
     "stats",
     "run_all",
 ]
@@ -100,14 +105,23 @@ def percentile(values: Sequence[int | float], q: float) -> float:
     return float(s[k])
 
 
-def _int_list(text: str) -> list[int]:
+def _number_list(text: str, kind: type = int) -> list:
     try:
-        out = [int(x) for x in text.split(",") if x.strip()]
+        out = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
     if not out:
         raise argparse.ArgumentTypeError("expected at least one value")
     return out
+
+
+def _int_list(text: str) -> list[int]:
+    return _number_list(text, int)
+
+
+def _float_list(text: str) -> list[float]:
+    return _number_list(text, float)
 
 
 def _strategy_list(text: str) -> list[str]:
@@ -298,16 +312,17 @@ def _one_unpooled(snap, case: Case, i: int, run: bool) -> Record:
     return rec
 
 
-def floor_restore(snap, strategy: str, pool=None) -> tuple[int, dict[str, int]]:
+def floor_restore(snap, strategy: str, pool=None, age_s: float = 0.0) -> tuple[int, dict[str, int]]:
     """The restore floor of ``snap`` (``kvmlab_bench_restore_floor``: only the
     bare ioctls and memory operations) into an empty shell: an idle shell of
     ``pool`` (a settled pool of the snapshot's shape, like a pooled restore
-    gets) or, without ``pool``, a fresh shell made just before. Getting and
-    freeing the shell are untimed. Returns (Python call ns, the core's phase ns).
+    gets) or, without ``pool``, a fresh shell made just before (``age_s``: it
+    waits that long first). Getting and freeing the shell are untimed.
+    Returns (Python call ns, the core's phase ns).
 
     Why both: the same ioctls cost more in a shell that has waited in a pool
     than in one made a moment ago (its kernel structures have gone cold: on
-    this kind of machine +10-20 us after ~10 ms, +50 us after 30 ms), so only
+    this kind of machine 1.2-1.4x after 10 ms: ``kvmlab bench age``), so only
     the idle-shell floor isolates what a pooled restore adds."""
     from . import _ffi
     from .snapshot import strategy_code
@@ -319,6 +334,8 @@ def floor_restore(snap, strategy: str, pool=None) -> tuple[int, dict[str, int]]:
         c = ffi.new("kvmlab_vm_config *", {"memory_bytes": snap.memory_bytes, "vcpus": snap.vcpus})
         _ffi.check(lib.kvmlab_vm_new(c, out))
         free = lib.kvmlab_vm_free
+        if age_s > 0:
+            time.sleep(age_s)
     else:
         _wait_settled(pool)
         ph = pool._enter()
@@ -1332,6 +1349,102 @@ def cmd_bench_fork(args: argparse.Namespace) -> int:
     return 0 if not any(r["error"] for r in res["rows"]) else 1
 
 
+# == kvmlab bench age ========================================================================
+
+#: Shell ages (ms) measured by default: a fresh shell up to one that waited ~1/10 s.
+AGES_MS = (0, 1, 3, 10, 30, 100)
+
+
+def bench_shell_age(
+    ages_ms: Sequence[float] = AGES_MS,
+    *,
+    memory_mib: int = 256,
+    strategy: str = "map",
+    n: int = 40,
+    warmup: int = 2,
+    progress: "_Progress | None" = None,
+    tmp_dir: Path | None = None,
+) -> dict[str, Any]:
+    """What waiting costs a shell: the restore floor (:func:`floor_restore`)
+    of a ``counter`` snapshot into a fresh shell that first sleeps ``age``
+    ms, for every age, interleaved (the order rotates), ``n`` times each.
+    Returns per age the stats (ns) of ``total``, ``memory``, ``vcpu`` and
+    ``devices`` and the ratio of the medians to age 0 (this run)."""
+    from . import Snapshot
+
+    ages = sorted(set(float(a) for a in ages_ms))
+    own = progress is None
+    if progress is None:
+        progress = _Progress(len(ages) * (n + warmup), True)
+    samples: dict[float, dict[str, list[int]]] = {a: {k: [] for k in ("total", "memory", "vcpu", "devices")} for a in ages}
+    with tempfile.TemporaryDirectory(prefix="kvmlab-bench-age-", dir=tmp_dir) as tmp:
+        progress.describe(f"age: snapshot counter {memory_mib} MiB")
+        _label, path, _present = make_snapshot("sparse", memory_mib, Path(tmp), 0.25)
+        with Snapshot.load(path) as snap:
+            progress.describe(f"age: {strategy} floor into shells of {len(ages)} ages")
+            for i in range(-warmup, n):
+                k = i % len(ages)
+                for age in ages[k:] + ages[:k]:
+                    _call, t = floor_restore(snap, strategy, age_s=age / 1000)
+                    if i >= 0:
+                        for key in samples[age]:
+                            samples[age][key].append(t[f"{key}_ns"])
+                    progress.update(1)
+    if own:
+        progress.close()
+    base = {key: stats(samples[ages[0]][key])["median"] for key in samples[ages[0]]}
+    rows = []
+    for age in ages:
+        row: dict[str, Any] = {"age_ms": age}
+        for key, v in samples[age].items():
+            row[key] = stats(v)
+            row[f"{key}_ratio"] = ratio(row[key]["median"], base[key])
+        rows.append(row)
+    return {"config": {"memory_mib": memory_mib, "strategy": strategy, "n": n, "warmup": warmup}, "rows": rows}
+
+
+def format_age(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    lines = [
+        f"restore floor ({cfg['strategy']}, {cfg['memory_mib']} MiB counter snapshot) into a fresh shell that "
+        f"waited 'age' ms first; n={cfg['n']} per age, interleaved; median (min-max); ratio = median / median at the "
+        "first age (this run)",
+        "",
+    ]
+    header = ["age", "total", "memory", "vcpu", "devices", "total ratio", "memory ratio", "vcpu ratio"]
+    body = [
+        [f"{r['age_ms']:g} ms", fmt_stat(r["total"]), fmt_stat(r["memory"]), fmt_stat(r["vcpu"]), fmt_stat(r["devices"]),
+         f"{r['total_ratio']:.2f}x", f"{r['memory_ratio']:.2f}x", f"{r['vcpu_ratio']:.2f}x"]
+        for r in result["rows"]
+    ]
+    lines += _table(header, body)
+    return "\n".join(lines)
+
+
+def cmd_bench_age(args: argparse.Namespace) -> int:
+    from .errors import KvmlabError
+
+    if args.n < 1 or args.warmup < 0 or not args.ages_ms or min(args.ages_ms) < 0 or max(args.ages_ms) > 10_000:
+        print("kvmlab bench age: --n >= 1, --warmup >= 0, ages in 0..10000 ms", file=sys.stderr)
+        return 2
+    host = host_info()
+    progress = _Progress(len(set(args.ages_ms)) * (args.n + args.warmup), args.quiet)
+    try:
+        res = bench_shell_age(args.ages_ms, memory_mib=args.memory_mib, strategy=args.strategy, n=args.n,
+                              warmup=args.warmup, progress=progress)
+    except KvmlabError as e:
+        progress.close()
+        print(f"kvmlab bench age: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    progress.close()
+    print(_host_line(host))
+    print(format_age(res))
+    if args.json:
+        _write_json(args.json, {"host": host, "unix_time": time.time(), "age": res})
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 # == kvmlab bench all ========================================================================
 
 
@@ -1449,6 +1562,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     fk.add_argument("--json", metavar="PATH", help="write the results as JSON")
     fk.add_argument("--quiet", action="store_true", help="no progress on stderr")
     fk.set_defaults(func=_checked_fork(cmd_bench_fork))
+
+    ag = sub.add_parser(
+        "age",
+        help="what waiting costs a shell: the restore floor into shells that waited 0..100 ms",
+        description=(
+            "The restore floor (bare ioctls and memory operations) into a fresh shell that first waits "
+            "AGE ms, for every age, interleaved: shows why a pooled restore is compared with the floor "
+            "into an idle pooled shell (floor-idle in kvmlab bench restore)."
+        ),
+    )
+    ag.add_argument("--ages-ms", type=_float_list, default=list(AGES_MS), metavar="LIST",
+                    help="shell ages in ms, comma-separated (default 0,1,3,10,30,100)")
+    ag.add_argument("--memory-mib", type=int, default=256, help="guest memory (default 256)")
+    ag.add_argument("--strategy", choices=["copy", "map"], default="map", help="memory strategy (default map)")
+    ag.add_argument("--n", type=int, default=40, help="restores per age (default 40)")
+    ag.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first (default 2)")
+    ag.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ag.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ag.set_defaults(func=cmd_bench_age)
 
     al = sub.add_parser(
         "all",

@@ -41,6 +41,7 @@ __all__ = [
     "reset_vs_floor",
     "cycle_crossover",
     "fork_density",
+    "floor_vs_shell_age",
 ]
 
 #: The phases of a restore, in order (columns ``<phase>_ns``).
@@ -572,6 +573,36 @@ def fork_density(rows: Sequence[dict], *, title: str | None = None):
     right.set_title("host memory per VM", fontsize=9)
     right.grid(True, axis="y", alpha=0.3)
     right.legend(fontsize=8)
+    return fig
+
+
+def floor_vs_shell_age(rows: Sequence[dict], *, title: str | None = None, ax=None):
+    """Restore floor against how long the shell waited before it (symlog x):
+    median total with its min–max band, and the memory and vCPU phases.
+    ``rows``: ``kvmlab.bench.bench_shell_age(...)["rows"]``."""
+    import numpy as np
+
+    fig, ax0 = _new_figure(ax, size=(7.0, 4.2))
+    _title(fig, ax0, "Restore floor vs shell age (same run)", title, ax is None)
+    if not rows:
+        _empty(ax0, "no restores")
+        return fig
+    rows = sorted(rows, key=lambda r: r["age_ms"])
+    unit, scale = choose_unit([r["total"]["max"] for r in rows])
+    age = np.array([r["age_ms"] for r in rows], dtype=float)
+    med = np.array([r["total"]["median"] for r in rows]) / scale
+    (line,) = ax0.plot(age, med, marker="o", color="#7f7f7f", label="floor total (median)")
+    ax0.fill_between(age, np.array([r["total"]["min"] for r in rows]) / scale,
+                     np.array([r["total"]["max"] for r in rows]) / scale, color=line.get_color(), alpha=0.12, label="min–max")
+    for phase in ("memory", "vcpu"):
+        ax0.plot(age, np.array([r[phase]["median"] for r in rows]) / scale, marker=".", linestyle="--",
+                 color=PHASE_COLORS[phase], label=f"{phase} (median)")
+    ax0.set_xscale("symlog", linthresh=1.0)
+    ax0.set_xlabel("shell age before the restore (ms, symlog)")
+    ax0.set_ylabel(f"time ({unit})")
+    ax0.set_ylim(bottom=0)
+    ax0.grid(True, which="both", alpha=0.3)
+    ax0.legend(fontsize=8)
     return fig
 
 

@@ -90,6 +90,28 @@ def test_bench_fork_smoke(tmp_path, capsys):
     assert row["n"] == 5 and row["error"] is None and row["ready"]["median"] > 0
 
 
+@pytest.mark.kvm
+def test_bench_age_smoke_and_plot(tmp_path, capsys):
+    from matplotlib.figure import Figure
+
+    from kvmlab import plot
+
+    out = tmp_path / "age.json"
+    rc = bench.main(["age", "--ages-ms", "5,0", "--n", "2", "--warmup", "0", "--memory-mib", "16",
+                     "--json", str(out), "--quiet"])
+    assert rc == 0
+    assert "into a fresh shell that waited" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["age"]["rows"]
+    assert [r["age_ms"] for r in rows] == [0, 5]  # sorted; ratios are to the first
+    assert rows[0]["total_ratio"] == 1.0
+    for r in rows:
+        assert r["total"]["n"] == 2 and r["total"]["min"] >= r["memory"]["min"] > 0
+    fig = plot.floor_vs_shell_age(rows)
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 3
+    assert bench.main(["age", "--ages-ms", "-1"]) == 2
+    assert bench.main(["age", "--n", "0"]) == 2
+
+
 def test_bench_all_is_a_cli_command(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "all", "--help"])
