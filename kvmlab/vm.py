@@ -46,6 +46,11 @@ SERVICE_OPS = {"echo": 1, "crc32c": 2, "reverse": 3}
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
+#: Orders interrupt() (which runs without the VM's lock, so that it can stop a
+#: run() holding it) before close() frees the handle. One for all VMs: both
+#: hold it only for an instant, and a per-VM lock would cost every restore.
+_INTERRUPT_LOCK = threading.Lock()
+
 GuestSpec = Union[str, "os.PathLike[str]", Guest, bytes, bytearray]
 
 
@@ -256,9 +261,12 @@ class _VmHandle:
     def interrupt(self) -> None:
         """Stops a ``run()`` in progress on another thread (it returns
         ``reason == "timeout"``; the next run resumes). Safe from any thread."""
-        h = self._handle
-        if h is not None:
-            lib.kvmlab_vm_interrupt(h)
+        # Under _INTERRUPT_LOCK: close() on another thread cannot free the
+        # handle between this read and the native call.
+        with _INTERRUPT_LOCK:
+            h = self._handle
+            if h is not None:
+                lib.kvmlab_vm_interrupt(h)
 
     def _take_console(self, h: Any, final: bool) -> tuple[str, int]:
         """Moves the console bytes out of the core; returns (text, bytes)."""
@@ -483,7 +491,8 @@ class _VmHandle:
             h = self._handle
             if h is None:
                 return
-            self._handle = None
+            with _INTERRUPT_LOCK:  # an interrupt() in flight finishes first
+                self._handle = None
             self._free(h)
 
     def __enter__(self):

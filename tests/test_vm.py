@@ -208,6 +208,39 @@ def test_close_interrupts_a_run_in_another_thread(timeout_s):
         vm.run()
 
 
+def test_interrupt_from_other_threads_while_closing():
+    """interrupt() is documented safe from any thread: hammered from two
+    threads while the VM runs and is closed, it never touches a freed handle
+    (close() takes the handle away under the lock interrupt() holds) and no
+    one deadlocks."""
+    for _ in range(5):
+        vm = Vm.boot(LOOP_FOREVER, CFG)
+        stop = threading.Event()
+        errors = []
+
+        def hammer():
+            try:
+                while not stop.is_set():
+                    vm.interrupt()
+                    time.sleep(0.0001)  # as often as a real caller would, and then some
+            except Exception as e:  # noqa: BLE001 - any exception fails the test below
+                errors.append(e)
+
+        runner = threading.Thread(target=lambda: vm.run(timeout_s=5.0))
+        hammers = [threading.Thread(target=hammer) for _ in range(2)]
+        runner.start()
+        for h in hammers:
+            h.start()
+        time.sleep(0.05)
+        vm.close()
+        time.sleep(0.02)  # the hammers keep calling interrupt() on the closed VM
+        stop.set()
+        for t in [runner, *hammers]:
+            t.join(10)
+            assert not t.is_alive()
+        assert errors == [] and vm.closed
+
+
 def test_interrupt_then_resume():
     vm = Vm.boot(LOOP_FOREVER, CFG)
     results = []
