@@ -68,7 +68,7 @@ def markdown(res: dict[str, Any]) -> str:
                  "row 3 uses the `service` guest of the same size (dense: 25% of its pages filled by the host before "
                  "the snapshot). Present (non-zero) pages: "
                  + ", ".join(f"{c['case']} {c['present_pages']:,}" for c in cases) + ".")
-    lines.append("Rows 1, 2 and 3 are timed around the Python call; 1n and 4 natively. Row 5 is timed from QEMU's "
+    lines.append("Rows 1, 2 and 3 are timed around the Python call; 1n natively; 4 and 4i around their bare native call (from Python, no wrapper). Row 5 is timed from QEMU's "
                  "process start to QMP `query-status` = running (a PVH guest of the same memory size that "
                  "filled 25% of its RAM when dense, saved stopped with QMP `migrate`); row 6 is "
                  "`context_restore` + `mem_write` of the snapshot's present pages, from Python.")

@@ -444,10 +444,11 @@ def format_report(host: dict[str, Any], rows: list[dict[str, Any]], n: int, floo
         "ratios compare medians (p50) of this run",
         "pooled = idle shell of a settled pool; unpooled = Vm.restore (shell made on demand: 'acquire'); "
         "floor = bare ioctls/memory ops into a fresh shell; floor-idle = the same into an idle shell of a settled pool",
+        "call = around the Python call (floors: around the bare native call); total = the core's own restore time",
     ]
     if floor_note:
         lines.append(f"floor: {floor_note}")
-    cols = ["total", "acquire", "memory", "vcpu", "devices", "first_run"]
+    cols = ["call", "total", "acquire", "memory", "vcpu", "devices", "first_run"]
     header = ["guest", "MiB", "strategy", "path"] + cols + ["hits"]
     table = [header]
     by_key: dict[tuple, dict[str, dict]] = {}
@@ -466,40 +467,44 @@ def format_report(host: dict[str, Any], rows: list[dict[str, Any]], n: int, floo
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append("ratios of total p50 (this run):")
+    lines.append("ratios of p50 (this run); call = around the Python call (restore to ready as your code sees it; "
+                 "for the floors, around their bare native call), core = the core's own total:")
     for (guest, mem, strategy), paths in by_key.items():
         p = paths.get("pooled")
-        u = paths.get("unpooled")
-        f = paths.get("floor")
-        fi = paths.get("floor-idle")
         if not p:
             continue
-        parts = []
-        if u:
-            ratio = p["total"][50] / u["total"][50]
-            parts.append(f"pooled/unpooled {ratio:.3f} ({u['total'][50] / p['total'][50]:.1f}x faster)")
-        if fi:
-            parts.append(f"pooled/floor-idle {p['total'][50] / fi['total'][50]:.2f}x")
-        if f:
-            parts.append(f"pooled/floor {p['total'][50] / f['total'][50]:.2f}x")
-        if f and fi:
-            parts.append(f"floor-idle/floor {fi['total'][50] / f['total'][50]:.2f}x (cold shell)")
-        lines.append(f"  {guest:>10} {mem:>5} MiB {strategy:<4}  " + "; ".join(parts))
+        for measure, label in (("call", "call"), ("total", "core")):
+            parts = []
+            if "unpooled" in paths:
+                u = paths["unpooled"][measure][50]
+                parts.append(f"pooled/unpooled {p[measure][50] / u:.3f} ({u / p[measure][50]:.1f}x faster)")
+            for other in ("floor-idle", "floor"):
+                if other in paths:
+                    parts.append(f"pooled/{other} {p[measure][50] / paths[other][measure][50]:.2f}x")
+            if "floor" in paths and "floor-idle" in paths:
+                parts.append(f"floor-idle/floor {paths['floor-idle'][measure][50] / paths['floor'][measure][50]:.2f}x (cold shell)")
+            lines.append(f"  {guest:>10} {mem:>5} MiB {strategy:<4} {label}  " + "; ".join(parts))
     target = by_key.get(("counter", 256, "map"))
     lines.append("")
     if target and "pooled" in target:
-        p = target["pooled"]["total"][50]
+        # Judged on the Python call (restore to ready), against the floor into
+        # a shell as old as the pooled path's; the other readings alongside.
+        p = target["pooled"]
         msgs = []
         if "floor-idle" in target:
-            # Like for like: the floor into a shell as old as the pooled path's.
-            r = p / target["floor-idle"]["total"][50]
-            msgs.append(f"pooled/floor-idle {r:.2f}x (target <= {TARGET_FLOOR_RATIO}x: {'met' if r <= TARGET_FLOOR_RATIO else 'MISSED'})")
+            r = p["call"][50] / target["floor-idle"]["call"][50]
+            also = [f"core {p['total'][50] / target['floor-idle']['total'][50]:.2f}x"]
+            if "floor" in target:
+                also.append(f"vs the fresh-shell floor: call {p['call'][50] / target['floor']['call'][50]:.2f}x, "
+                            f"core {p['total'][50] / target['floor']['total'][50]:.2f}x")
+            msgs.append(f"pooled/floor-idle {r:.2f}x (target <= {TARGET_FLOOR_RATIO}x: {'met' if r <= TARGET_FLOOR_RATIO else 'MISSED'}; "
+                        + "; ".join(also) + ")")
         else:
             msgs.append("pooled/floor: no floor in this run")
         if "unpooled" in target:
-            s = target["unpooled"]["total"][50] / p
-            msgs.append(f"{s:.1f}x faster than unpooled (target >= {TARGET_SPEEDUP}x: {'met' if s >= TARGET_SPEEDUP else 'MISSED'})")
-        lines.append("targets, pooled map restore of 256 MiB (counter): " + "; ".join(msgs))
+            sp = target["unpooled"]["call"][50] / p["call"][50]
+            msgs.append(f"{sp:.1f}x faster than unpooled (target >= {TARGET_SPEEDUP}x: {'met' if sp >= TARGET_SPEEDUP else 'MISSED'})")
+        lines.append("targets, pooled map restore of 256 MiB (counter), Python call: " + "; ".join(msgs))
     else:
         lines.append("targets: need --memory-mib with 256 and --strategies with map to report them")
     return "\n".join(lines)
