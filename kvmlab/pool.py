@@ -147,6 +147,7 @@ class PooledRestoreVm(_VmHandle):
         # The core frees the pool only after close() *and* the last release,
         # deciding under its lock, so release needs no guard here.
         _VmHandle.__init__(self, handle, pool.vm_config, guest, pool._release_vm)
+        # The raw pool handle (valid while this VM is out, even after close()).
         self._pool_handle = pool._release_vm.args[0]
         self._first_run_pending = True
         # The core's kvmlab_restore_times, turned into a dict on first use:
@@ -304,16 +305,6 @@ class RestorePool:
         on another thread never waits for a long ``timeout_s`` to expire."""
         out = ffi.new("kvmlab_vm **")
         t = ffi.new("kvmlab_restore_times *")
-        if timeout_s is None:
-            # The common case, kept short: no wait, one native call.
-            h = self._enter()
-            try:
-                rc = call(h, out, t, 0)
-            finally:
-                self._exit()
-            if rc:
-                raise _ffi.error_for(rc)
-            return PooledRestoreVm(out[0], self, guest, t)
         wait_ns = _wait_ns(timeout_s)
         deadline = time.monotonic_ns() + wait_ns
         waited = 0
