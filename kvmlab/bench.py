@@ -1333,25 +1333,37 @@ def format_fork(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_bench_fork(args: argparse.Namespace) -> int:
+def _run_and_report(name: str, args: argparse.Namespace, progress: "_Progress",
+                    run: Callable[["_Progress"], dict[str, Any]], fmt: Callable[[dict[str, Any]], str]) -> dict[str, Any] | None:
+    """One ``kvmlab bench NAME`` measurement: ``run(progress)``, then the host
+    line and ``fmt(result)`` on stdout and, with ``--json``, the result under
+    ``NAME``. None (message on stderr) if the core raised."""
     from .errors import KvmlabError
 
     host = host_info()
-    progress = _Progress(len(args.n) * args.reps, args.quiet, unit="fork set")
     try:
-        res = bench_fork(args.n, memory_mib=args.memory_mib, reps=args.reps, threads=args.threads,
-                         call=not args.no_call, progress=progress)
+        res = run(progress)
     except KvmlabError as e:
         progress.close()
-        print(f"kvmlab bench fork: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        print(f"kvmlab bench {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
     progress.close()
     print(_host_line(host))
-    print(format_fork(res))
+    print(fmt(res))
     if args.json:
-        _write_json(args.json, {"host": host, "unix_time": time.time(), "fork": res})
+        _write_json(args.json, {"host": host, "unix_time": time.time(), name: res})
         print(f"\nwrote {args.json}")
-    return 0 if not any(r["error"] for r in res["rows"]) else 1
+    return res
+
+
+def cmd_bench_fork(args: argparse.Namespace) -> int:
+    res = _run_and_report(
+        "fork", args, _Progress(len(args.n) * args.reps, args.quiet, unit="fork set"),
+        lambda progress: bench_fork(args.n, memory_mib=args.memory_mib, reps=args.reps, threads=args.threads,
+                                    call=not args.no_call, progress=progress),
+        format_fork,
+    )
+    return 1 if res is None or any(r["error"] for r in res["rows"]) else 0
 
 
 # == kvmlab bench age ========================================================================
@@ -1427,27 +1439,16 @@ def format_age(result: dict[str, Any]) -> str:
 
 
 def cmd_bench_age(args: argparse.Namespace) -> int:
-    from .errors import KvmlabError
-
     if args.n < 1 or args.warmup < 0 or not args.ages_ms or min(args.ages_ms) < 0 or max(args.ages_ms) > 10_000:
         print("kvmlab bench age: --n >= 1, --warmup >= 0, ages in 0..10000 ms", file=sys.stderr)
         return 2
-    host = host_info()
-    progress = _Progress(len(set(args.ages_ms)) * (args.n + args.warmup), args.quiet)
-    try:
-        res = bench_shell_age(args.ages_ms, memory_mib=args.memory_mib, strategy=args.strategy, n=args.n,
-                              warmup=args.warmup, progress=progress)
-    except KvmlabError as e:
-        progress.close()
-        print(f"kvmlab bench age: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    progress.close()
-    print(_host_line(host))
-    print(format_age(res))
-    if args.json:
-        _write_json(args.json, {"host": host, "unix_time": time.time(), "age": res})
-        print(f"\nwrote {args.json}")
-    return 0
+    res = _run_and_report(
+        "age", args, _Progress(len(set(args.ages_ms)) * (args.n + args.warmup), args.quiet),
+        lambda progress: bench_shell_age(args.ages_ms, memory_mib=args.memory_mib, strategy=args.strategy,
+                                         n=args.n, warmup=args.warmup, progress=progress),
+        format_age,
+    )
+    return 1 if res is None else 0
 
 
 # == kvmlab bench all ========================================================================
