@@ -49,7 +49,7 @@ def test_floor_into_an_idle_pooled_shell_keeps_the_accounting(tmp_path):
     """``floor_restore(snap, strategy, pool)`` takes an idle shell of ``pool``
     (kvmlab_bench_pool_take_shell), measures the bare restore into it and
     hands the shell back: the pool's stats end where a restore+release would."""
-    from kvmlab import BusyError, ClosedError, PoolConfig, RestorePool, Snapshot, Vm, VmConfig
+    from kvmlab import BusyError, ClosedError, PoolConfig, PoolExhaustedError, RestorePool, Snapshot, Vm, VmConfig
 
     cfg = VmConfig(memory_mib=16)
     with Vm.boot("counter", cfg, args={"steps": 4, "checkpoint_at": 2}) as vm:
@@ -71,5 +71,11 @@ def test_floor_into_an_idle_pooled_shell_keeps_the_accounting(tmp_path):
             assert empty.stats().in_use == 0
         with pytest.raises(ClosedError):
             bench.floor_restore(snap, "copy", empty)
+        with RestorePool(cfg, PoolConfig(min_size=1, max_size=2, max_in_use=1)) as capped:
+            with capped.restore_snapshot(snap):
+                bench._wait_settled(capped)
+                with pytest.raises(PoolExhaustedError, match="max_in_use=1"):
+                    bench.floor_restore(snap, "copy", capped)
+                assert capped.stats().in_use == 1
         call_ns, times = bench.floor_restore(snap, "copy")  # a fresh shell, no pool
         assert times["total_ns"] > 0
