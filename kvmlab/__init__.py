@@ -11,23 +11,7 @@ does not open /dev/kvm; run ``kvmlab doctor`` to check a host.
 
 from . import errors, guests
 from .config import VmConfig
-from .errors import (
-    BoundsError,
-    BusyError,
-    ClosedError,
-    ConfigError,
-    GuestCrashError,
-    GuestError,
-    GuestTimeoutError,
-    IncompatibleError,
-    InternalError,
-    KvmError,
-    KvmlabError,
-    KvmlabMemoryError,
-    KvmUnavailableError,
-    PoolExhaustedError,
-    SnapshotError,
-)
+from .errors import *  # noqa: F403 - every exception class, listed once in errors.__all__
 from .fork import ForkSet, fork_many
 from .guests import Guest
 from .pool import PoolConfig, PooledRestoreVm, PoolStats, RestorePool, RestoreTiming, timings_frame
@@ -50,19 +34,5 @@ __all__ = [
     "Guest",
     "guests",
     "errors",
-    "KvmlabError",
-    "KvmlabMemoryError",
-    "KvmUnavailableError",
-    "KvmError",
-    "ConfigError",
-    "GuestError",
-    "GuestCrashError",
-    "GuestTimeoutError",
-    "SnapshotError",
-    "ClosedError",
-    "BusyError",
-    "BoundsError",
-    "PoolExhaustedError",
-    "IncompatibleError",
-    "InternalError",
+    *errors.__all__,
 ]

@@ -305,7 +305,7 @@ fn readMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.Error!vo
     const src = try vm.guestSlice(gpa, len);
     if (len == 0) return;
     const dst = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
-    try safe.copyMaybeMapped(dst[0..len], src, vm.source_page_map != null);
+    try safe.copyMaybeMapped(dst[0..len], src, vm.mapped());
 }
 
 pub export fn kvmlab_vm_write_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) callconv(.c) kvmlab_result {
@@ -314,7 +314,7 @@ pub export fn kvmlab_vm_write_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8
 fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.Error!void {
     const vm = try asVm(h);
     const dst = try vm.guestSlice(gpa, len);
-    if (vm.source_page_map != null and len > 0) {
+    if (vm.mapped() and len > 0) {
         // Writing a private file page reads it first (copy-on-write): make
         // sure that read cannot fault.
         var probe: [1]u8 = undefined;
@@ -323,18 +323,6 @@ fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.E
     }
     @memcpy(dst, try bytesOf(buf, len));
     vm.noteHostWrite(gpa, len);
-}
-
-/// The guest memory mapping (valid until the VM is freed), for zero-copy views.
-pub export fn kvmlab_vm_memory(h: ?*kvmlab_vm, out_ptr: ?*?[*]u8, out_bytes: ?*u64) callconv(.c) kvmlab_result {
-    return result(memoryView(h, out_ptr, out_bytes));
-}
-fn memoryView(h: ?*kvmlab_vm, out_ptr: ?*?[*]u8, out_bytes: ?*u64) errors.Error!void {
-    const vm = try asVm(h);
-    const p = out_ptr orelse return errors.fail(error.Config, "out is NULL", .{});
-    const n = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
-    p.* = vm.mem.ptr;
-    n.* = vm.mem.len;
 }
 
 pub export fn kvmlab_vm_get_regs(h: ?*kvmlab_vm, vcpu: u32, out: ?*kvmlab_regs) callconv(.c) kvmlab_result {
@@ -492,7 +480,7 @@ fn vmRestore(h: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, out: ?*?*kvm
         .vcpu_ns = rt.vcpu_ns,
         .devices_ns = rt.devices_ns,
         .total_ns = t2 - t0,
-        .mapped = @intFromBool(vm.source_page_map != null),
+        .mapped = @intFromBool(vm.mapped()),
         .hit = 0,
         .seq = 0,
     };
@@ -507,11 +495,6 @@ fn asPool(h: ?*kvmlab_pool) errors.Error!*pool_mod.Pool {
 fn poolConfig(cfg: ?*const kvmlab_pool_config) errors.Error!pool_mod.Config {
     const c = cfg orelse return errors.fail(error.Config, "config is NULL", .{});
     return .{ .memory_bytes = c.memory_bytes, .vcpus = c.vcpus, .min_size = c.min_size, .max_size = c.max_size, .max_in_use = c.max_in_use };
-}
-
-/// Validates a pool configuration without creating anything.
-pub export fn kvmlab_pool_config_check(cfg: ?*const kvmlab_pool_config) callconv(.c) kvmlab_result {
-    return result(pool_mod.Pool.checkConfig(poolConfig(cfg) catch |e| return errors.toResult(e)));
 }
 
 /// Creates a pool and warms min_size shells before returning.
@@ -620,17 +603,12 @@ fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy
         var seq: u64 = 0;
         const t0 = vm_mod.monotonicNs();
         if (p.reuse(s, &seq)) |vm| {
-            if (times) |t| t.* = .{ .acquire_ns = vm_mod.monotonicNs() - t0, .memory_ns = 0, .vcpu_ns = 0, .devices_ns = 0, .total_ns = vm_mod.monotonicNs() - t0, .mapped = @intFromBool(vm.source_page_map != null), .hit = 1, .seq = seq };
+            if (times) |t| t.* = .{ .acquire_ns = vm_mod.monotonicNs() - t0, .memory_ns = 0, .vcpu_ns = 0, .devices_ns = 0, .total_ns = vm_mod.monotonicNs() - t0, .mapped = @intFromBool(vm.mapped()), .hit = 1, .seq = seq };
             o.* = @ptrCast(vm);
             return;
         }
     }
-    const use_map = switch (strategy) {
-        .auto => s.fileBacked(),
-        .map => if (s.fileBacked()) true else return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{}),
-        .copy => false,
-    };
-    const file: ?snapshot.FileSource = if (use_map) .{ .fd = s.fd, .offset = s.memory_offset, .snap = s } else null;
+    const file: ?*snapshot.Snapshot = if (try s.useMap(@enumFromInt(@as(u32, @intCast(@intFromEnum(strategy)))))) s else null;
     try poolFinish(p, .{ .parsed = &s.parsed, .memory = s.memory, .packed_layout = false, .source_mapped = s.fileBacked(), .file = file }, wait_ns, out, times);
     if (resettable) {
         const vm = try asVm(out.?.*);
@@ -778,11 +756,7 @@ fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: k
     const vm = try asVm(vm_handle);
     const s = try asSnap(snap);
     const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
-    const use_map = switch (strategy) {
-        .auto => s.fileBacked(),
-        .map => if (s.fileBacked()) true else return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot", .{}),
-        .copy => false,
-    };
+    const use_map = try s.useMap(@enumFromInt(@as(u32, @intCast(@intFromEnum(strategy)))));
     var rt: snapshot.RestoreTimes = .{};
     try bench.restoreFloor(vm, s, use_map, &rt);
     o.* = .{ .acquire_ns = 0, .memory_ns = rt.memory_ns, .vcpu_ns = rt.vcpu_ns, .devices_ns = rt.devices_ns, .total_ns = rt.memory_ns + rt.vcpu_ns + rt.devices_ns, .mapped = @intFromBool(use_map), .hit = 0, .seq = 0 };

@@ -91,11 +91,6 @@ pub fn setMessage(comptime fmt: []const u8, args: anytype) void {
     message_buf[message_len] = 0;
 }
 
-pub fn clear() void {
-    message_len = 0;
-    message_buf[0] = 0;
-}
-
 pub fn message() [*:0]const u8 {
     if (message_len == 0) return "";
     return @ptrCast(&message_buf);

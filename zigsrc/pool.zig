@@ -257,7 +257,8 @@ pub const Pool = struct {
         packed_layout: bool,
         /// The memory is a mapping of a file (copy with SIGBUS-safe reads).
         source_mapped: bool,
-        file: ?snapshot.FileSource,
+        /// Map this loaded snapshot's file instead of copying `memory`.
+        file: ?*snapshot.Snapshot,
     };
 
     /// Takes an idle shell (or creates one) and restores into it. On any

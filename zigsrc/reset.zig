@@ -65,7 +65,9 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
     if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
     defer vm.running.store(false, .release);
     const use_drop = switch (mode) {
-        .drop => if (vm.source_page_map != null) true else return errors.fail(error.Config, "reset mode 'drop' needs a VM restored with strategy 'map'", .{}),
+        // Dropping private pages shows the mapped file's: only right when that
+        // file is the snapshot this VM resets to.
+        .drop => if (vm.source_snap == s) true else return errors.fail(error.Config, "reset mode 'drop' needs a VM restored with strategy 'map' from the snapshot it resets to", .{}),
         .copy, .auto => false,
     };
     const t0 = vm_mod.monotonicNs();
@@ -102,7 +104,7 @@ pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
                     run_start = page;
                     run_len = 1;
                 }
-            } else if ((golden_map[page / 8] >> @intCast(page % 8)) & 1 != 0) {
+            } else if (snapshot.isPresent(golden_map, page)) {
                 if (from_file) try batch.add(dst, s.memory[off..][0..boot.page_bytes]) else @memcpy(dst, s.memory[off..][0..boot.page_bytes]);
             } else {
                 @memset(dst, 0);

@@ -97,8 +97,7 @@ pub const Snapshot = struct {
 
     /// Fails when the file behind a loaded snapshot was truncated or replaced.
     pub fn checkIntact(s: *const Snapshot) errors.Error!void {
-        if (s.damaged.load(.acquire))
-            return errors.fail(error.Snapshot, "the snapshot file was truncated or replaced while mapped (a read past its new end faulted and read zeros); reload the snapshot", .{});
+        if (s.damaged.load(.acquire)) return safe.truncated();
     }
 
     fn destroy(s: *Snapshot) void {
@@ -108,6 +107,15 @@ pub const Snapshot = struct {
         if (s.fd >= 0) _ = linux.close(s.fd);
         allocator.free(s.blob);
         allocator.destroy(s);
+    }
+
+    /// Whether `strategy` maps this snapshot's file (else its memory is copied).
+    pub fn useMap(s: *const Snapshot, strategy: Strategy) errors.Error!bool {
+        return switch (strategy) {
+            .auto => s.fileBacked(),
+            .map => if (s.fileBacked()) true else errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{}),
+            .copy => false,
+        };
     }
 
     pub fn fileBacked(s: *const Snapshot) bool {
@@ -125,7 +133,8 @@ fn bad(comptime fmt: []const u8, args: anytype) errors.Error {
     return errors.fail(error.Snapshot, "snapshot: " ++ fmt, args);
 }
 
-fn isPresent(map: []const u8, i: u64) bool {
+/// Bit `i` of a page map (state.zig's page_map record): page i may be non-zero.
+pub fn isPresent(map: []const u8, i: u64) bool {
     return (map[@intCast(i / 8)] >> @intCast(i % 8)) & 1 != 0;
 }
 
@@ -175,15 +184,12 @@ pub fn capture(vm: *Vm) errors.Error!*Snapshot {
     var present: u64 = 0;
     var i: u64 = 0;
     while (i < pages) : (i += 1) {
-        const maybe = (resident[@intCast(i)] & 1) != 0 or (if (vm.source_page_map) |m| isPresent(m, i) else false);
+        const maybe = (resident[@intCast(i)] & 1) != 0 or (if (vm.source_snap) |sn| isPresent(sn.parsed.pageMap(), i) else false);
         if (!maybe) continue;
         const dst: *[page]u8 = @ptrCast(memory[@intCast(i * page)..][0..page]);
         // A map-restored VM's memory is a file mapping: copy it safely first.
-        try safe.copyMaybeMapped(dst, vm.mem[@intCast(i * page)..][0..page], vm.source_page_map != null);
-        if (isZeroPage(dst)) {
-            @memset(dst, 0);
-            continue;
-        }
+        try safe.copyMaybeMapped(dst, vm.mem[@intCast(i * page)..][0..page], vm.mapped());
+        if (isZeroPage(dst)) continue;
         map[@intCast(i / 8)] |= @as(u8, 1) << @intCast(i % 8);
         present += 1;
     }
@@ -211,9 +217,7 @@ fn unixNs() u64 {
     return @as(u64, @intCast(ts.sec)) * std.time.ns_per_s + @as(u64, @intCast(ts.nsec));
 }
 
-fn stateOffset() u64 {
-    return header_bytes;
-}
+
 fn memoryOffset(blob_len: u64) u64 {
     return std.mem.alignForward(u64, header_bytes + blob_len, page);
 }
@@ -251,7 +255,7 @@ fn writeHeader(h: *[header_bytes]u8, s: *const Snapshot, flags: u32, total: u64,
     std.mem.writeInt(u64, h[40..48], s.created_unix_ns, .little);
     std.mem.writeInt(u64, h[48..56], total, .little);
     std.mem.writeInt(u64, h[56..64], s.present_pages, .little);
-    writeSection(h, 0, kind_state, stateOffset(), s.blob.len, Crc32c.hash(s.blob));
+    writeSection(h, 0, kind_state, header_bytes, s.blob.len, Crc32c.hash(s.blob));
     writeSection(h, 1, kind_memory, memoryOffset(s.blob.len), mem_bytes, mem_crc);
     std.mem.writeInt(u32, h[64..68], headerCrc(h), .little);
 }
@@ -597,27 +601,23 @@ fn pwriteAll(fd: linux.fd_t, bytes: []const u8, offset: u64, what: []const u8) e
 pub const RestoreTimes = struct { memory_ns: u64 = 0, vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
 
 /// Restores into a fresh shell (never run, zeroed memory) of the same shape.
-pub const FileSource = struct { fd: linux.fd_t, offset: u64, snap: *Snapshot };
-
-pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, packed_layout: bool, source_mapped: bool, file: ?FileSource, times: *RestoreTimes) errors.Error!void {
+/// `file`: map that loaded snapshot's memory over guest memory instead of
+/// copying `memory`.
+pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, packed_layout: bool, source_mapped: bool, file: ?*Snapshot, times: *RestoreTimes) errors.Error!void {
     if (parsed.memory_bytes != vm.mem.len or parsed.vcpus != vm.vcpu_count)
         return errors.fail(error.Snapshot, "snapshot is {d} MiB with {d} vCPU(s); the VM shell is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, vm.mem.len >> 20, vm.vcpu_count });
     if (vm.booted) return errors.fail(error.Busy, "restore needs an empty VM shell", .{});
     try state.checkHost(parsed, vm.vm_fd, vm.vcpus[0].fd);
     const t0 = vm_mod.monotonicNs();
-    const map = parsed.pageMap();
     if (file) |f| {
         // Copy-on-write mapping of the file over guest memory: O(1) in memory
         // size. KVM's MMU notifier drops stale translations of the old pages.
-        const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, f.fd, @intCast(f.offset));
+        const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, f.fd, @intCast(f.memory_offset));
         if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
-        vm.source_snap = f.snap.retain();
-        vm.source_page_map = map;
-        vm.source_fd = f.fd;
-        vm.source_end = f.offset + vm.mem.len;
+        vm.source_snap = f.retain();
         if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged);
     } else {
-        try copyPresent(vm.mem, memory, map, packed_layout, source_mapped);
+        try copyPresent(vm.mem, memory, parsed.pageMap(), packed_layout, source_mapped);
     }
     const t1 = vm_mod.monotonicNs();
     var st: state.RestoreTimes = .{};
@@ -628,18 +628,9 @@ pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, pac
 }
 
 /// Restores a snapshot into a fresh shell with the chosen memory strategy.
-pub fn restoreSnapshot(vm: *Vm, s: *const Snapshot, strategy: Strategy, times: *RestoreTimes) errors.Error!void {
+pub fn restoreSnapshot(vm: *Vm, s: *Snapshot, strategy: Strategy, times: *RestoreTimes) errors.Error!void {
     try s.checkIntact();
-    const use_map = switch (strategy) {
-        .auto => s.fileBacked(),
-        .map => if (s.fileBacked()) true else return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{}),
-        .copy => false,
-    };
-    if (use_map) {
-        try restoreInto(vm, &s.parsed, s.memory, false, true, .{ .fd = s.fd, .offset = s.memory_offset, .snap = @constCast(s) }, times);
-    } else {
-        try restoreInto(vm, &s.parsed, s.memory, false, s.fileBacked(), null, times);
-    }
+    try restoreInto(vm, &s.parsed, s.memory, false, s.fileBacked(), if (try s.useMap(strategy)) s else null, times);
 }
 
 test "check order: size, magic, version, bounds" {

@@ -85,10 +85,9 @@ pub const Parsed = struct {
     memory_bytes: u64,
     per_vcpu: [boot.max_vcpus][tag_slots]?[]const u8,
     vm: [tag_slots]?[]const u8,
-    /// Memo of the host checks of this blob, which depend only on the blob
-    /// and on this host (both fixed), and sit on the restore hot path: a
-    /// loaded snapshot pays for them on its first restore only. Bit 63: the
-    /// blob passed checkHost; bit 62: sameAsShell was computed; bit i < 8:
+    /// Memo of checkHost, which depends only on the blob and on this host
+    /// (both fixed) and sits on the restore hot path: a loaded snapshot pays
+    /// for it on its first restore only. Bit 63: the blob passed; bit i:
     /// vCPU i's CPUID equals a fresh shell's (KVM_SET_CPUID2 is skipped).
     /// A cache, not state: mutated through @constCast from const readers.
     memo: std.atomic.Value(u64) = .init(0),
@@ -424,18 +423,27 @@ fn effectiveCpuid(vcpu_fd: linux.fd_t) errors.Error![]const kvm.CpuidEntry2 {
 /// `vcpu_fd` is a vCPU of the shell that has not run yet.
 pub fn checkHost(p: *const Parsed, vm_fd: linux.fd_t, vcpu_fd: linux.fd_t) errors.Error!void {
     if (p.memo.load(.acquire) & memo_host_ok != 0) return;
-    try checkHostUncached(p, vm_fd, vcpu_fd);
-    _ = @constCast(&p.memo).fetchOr(memo_host_ok, .acq_rel);
+    const have_all = try effectiveCpuid(vcpu_fd);
+    try checkFeatures(p, vm_fd, have_all);
+    var bits: u64 = memo_host_ok;
+    for (0..p.vcpus) |i| {
+        if (sameAsShell(p.get(.cpuid, @intCast(i)).?, have_all, @intCast(i))) bits |= @as(u64, 1) << @intCast(i);
+    }
+    _ = @constCast(&p.memo).fetchOr(bits, .acq_rel);
 }
 
 const memo_host_ok: u64 = 1 << 63;
 comptime {
-    std.debug.assert(boot.max_vcpus <= 62); // one memo bit per vCPU below the flags
+    std.debug.assert(boot.max_vcpus < 63); // one memo bit per vCPU below the flag
 }
-const memo_cpuid_known: u64 = 1 << 62;
 
-fn checkHostUncached(p: *const Parsed, vm_fd: linux.fd_t, vcpu_fd: linux.fd_t) errors.Error!void {
-    const have_all = try effectiveCpuid(vcpu_fd);
+/// vCPU `idx`'s CPUID record equals a fresh shell's (memoized by checkHost;
+/// false, so KVM_SET_CPUID2 is issued, if checkHost has not run on `p`).
+fn cpuidSameAsShell(p: *const Parsed, idx: u32) bool {
+    return p.memo.load(.acquire) & (@as(u64, 1) << @intCast(idx)) != 0;
+}
+
+fn checkFeatures(p: *const Parsed, vm_fd: linux.fd_t, have_all: []const kvm.CpuidEntry2) errors.Error!void {
     const want = std.mem.bytesAsSlice(kvm.CpuidEntry2, p.get(.cpuid, 0).?);
     for (want) |e| {
         const checked = (e.function == 1 and e.index == 0) or (e.function == 7 and e.index == 0) or e.function == 0x8000_0001;
@@ -458,37 +466,12 @@ fn checkHostUncached(p: *const Parsed, vm_fd: linux.fd_t, vcpu_fd: linux.fd_t) e
     }
 }
 
-/// sameAsShell for vCPU `idx` of `p`, computed for all vCPUs once per blob.
-fn cpuidSameAsShell(p: *const Parsed, idx: u32) bool {
-    var m = p.memo.load(.acquire);
-    if (m & memo_cpuid_known == 0) {
-        var bits: u64 = memo_cpuid_known;
-        // effective is set by checkHost, which every restore calls first; if
-        // it is not, sameAsShell says false and nothing is memoized.
-        if (!effectiveKnown()) return false;
-        for (0..p.vcpus) |i| {
-            if (sameAsShell(p.get(.cpuid, @intCast(i)).?, @intCast(i))) bits |= @as(u64, 1) << @intCast(i);
-        }
-        m = @constCast(&p.memo).fetchOr(bits, .acq_rel) | bits;
-    }
-    return m & (@as(u64, 1) << @intCast(idx)) != 0;
-}
-
-fn effectiveKnown() bool {
-    _ = std.c.pthread_mutex_lock(&effective_lock);
-    defer _ = std.c.pthread_mutex_unlock(&effective_lock);
-    return effective != null;
-}
-
 /// True when `cpuid` (a snapshot's record for vCPU `idx`) equals what a fresh
 /// shell's vCPU `idx` presents: the effective CPUID with that vCPU's APIC id.
-fn sameAsShell(cpuid: []const u8, idx: u32) bool {
-    _ = std.c.pthread_mutex_lock(&effective_lock);
-    defer _ = std.c.pthread_mutex_unlock(&effective_lock);
-    const eff = effective orelse return false;
+fn sameAsShell(cpuid: []const u8, effective_entries: []const kvm.CpuidEntry2, idx: u32) bool {
     const want = std.mem.bytesAsSlice(kvm.CpuidEntry2, cpuid);
-    if (want.len != eff.nent) return false;
-    for (want, eff.entries[0..eff.nent]) |w_unaligned, e0| {
+    if (want.len != effective_entries.len) return false;
+    for (want, effective_entries) |w_unaligned, e0| {
         var w: kvm.CpuidEntry2 = w_unaligned;
         var e = e0;
         if (e.function == 1) {

@@ -79,20 +79,13 @@ pub const Vm = struct {
     crash_msg: [900]u8 = undefined,
     /// The built-in or user guest's name (for snapshots and messages).
     guest_name: [32]u8 = @splat(0),
-    /// When guest memory is a private mapping of a snapshot file: the file's
-    /// page map (pages that may be non-zero without being resident). Owned.
-    source_page_map: ?[]const u8 = null,
     /// Set when the VM can be reset to the snapshot it was restored from
     /// (reset.zig): the snapshot (retained) and a bitmap of pages the host
     /// wrote through write_memory (KVM's dirty log only sees guest writes).
     reset_snap: ?*snapshot.Snapshot = null,
     host_dirty: []u64 = &.{},
-    /// Map-restored VMs: the snapshot file's descriptor (owned by
-    /// `source_snap`) and the file size the mapping needs (for crash messages).
-    source_fd: linux.fd_t = -1,
-    source_end: u64 = 0,
-    /// Map-restored VMs keep their snapshot (retained): its page map and
-    /// file descriptor above belong to it, no copies on the restore path.
+    /// Map-restored VMs: guest memory is a private mapping of this
+    /// snapshot's file (retained; its page map and fd are used from there).
     source_snap: ?*snapshot.Snapshot = null,
     /// A host read of the file-backed guest memory faulted (see sigbus.zig).
     mem_damaged: std.atomic.Value(bool) = .init(false),
@@ -168,10 +161,11 @@ pub const Vm = struct {
             if (v.fd >= 0) _ = linux.close(v.fd);
         }
         if (vm.vm_fd >= 0) _ = linux.close(vm.vm_fd);
+        // Out of the SIGBUS table before the range is unmapped (it may be reused).
+        @import("sigbus.zig").unregister(vm.sigbus_slot);
         if (vm.mem.len > 0) _ = linux.munmap(vm.mem.ptr, vm.mem.len);
         if (vm.console.len > 0) allocator.free(vm.console);
         if (vm.source_snap) |sn| sn.release();
-        @import("sigbus.zig").unregister(vm.sigbus_slot);
         if (vm.host_dirty.len > 0) allocator.free(vm.host_dirty);
         if (vm.reset_snap) |sn| sn.release();
         allocator.destroy(vm);
@@ -249,6 +243,9 @@ pub const Vm = struct {
         const elapsed = monotonicNs() - start;
         if (spawn_failed) return errors.fail(error.OutOfMemory, "cannot start a host thread for a vCPU", .{});
         if (vm.crash_len > 0) return vm.crashError();
+        // A host read of file-backed guest memory (e.g. a console write) hit
+        // a page lost to truncation and got zeros from the SIGBUS handler.
+        if (vm.mem_damaged.load(.acquire)) return @import("safe.zig").truncated();
         return vm.outcome(elapsed);
     }
 
@@ -486,7 +483,7 @@ pub const Vm = struct {
             // Hints for the common causes of a triple fault.
             if (have_regs and sregs.cr2 >= vm.mem.len)
                 w.print(" (hint: the last page fault, cr2=0x{x}, is outside the {d} MiB of guest memory)", .{ sregs.cr2, vm.mem.len >> 20 }) catch {};
-            if (vm.source_page_map != null and vm.mappedFileTruncated())
+            if (vm.mappedFileTruncated())
                 w.print(" (hint: the snapshot file mapped as this VM's memory was truncated or replaced)", .{}) catch {};
             vm.crash_len = w.end;
         }
@@ -513,10 +510,15 @@ pub const Vm = struct {
     /// For map-restored VMs: whether the file behind guest memory is now
     /// shorter than the mapping (pages past its end cannot be read).
     pub fn mappedFileTruncated(vm: *Vm) bool {
-        if (vm.source_fd < 0) return false;
+        const sn = vm.source_snap orelse return false;
         var st: linux.Statx = undefined;
-        if (linux.errno(linux.statx(vm.source_fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true }, &st)) != .SUCCESS) return false;
-        return st.size < vm.source_end;
+        if (linux.errno(linux.statx(sn.fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true }, &st)) != .SUCCESS) return false;
+        return st.size < sn.memory_offset + vm.mem.len;
+    }
+
+    /// Guest memory is a private mapping of a snapshot file (a `map` restore).
+    pub fn mapped(vm: *const Vm) bool {
+        return vm.source_snap != null;
     }
 
     pub fn getRegs(vm: *Vm, index: u32, regs: *kvm.Regs, sregs: *kvm.Sregs) errors.Error!void {
