@@ -65,7 +65,7 @@ def raise_fd_limit(needed: int) -> int:
             f"{needed} more file descriptors are needed but the hard limit is {hard} "
             f"(each VM holds 2 + vcpus descriptors): raise it (ulimit -Hn, /etc/security/limits.conf)"
         )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else max(want, min(hard, want)), hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 

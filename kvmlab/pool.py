@@ -171,13 +171,12 @@ class PooledRestoreVm(_VmHandle):
             self._timing = timing
         return self._timing
 
-    def run(self, timeout_s: float | None = 10.0) -> RunResult:
-        r = super().run(timeout_s)
+    def _after_run(self, h: Any, result: RunResult) -> None:
         if self._first_run_pending:
             self._first_run_pending = False
-            # The pool stays allocated while this VM is out, so its handle is valid.
-            lib.kvmlab_pool_note_first_run(self._pool_handle, self._times.seq, r.elapsed_ns)
-        return r
+            # Under the VM's lock with the VM not yet released: the pool is
+            # still allocated (the last release after close() frees it).
+            lib.kvmlab_pool_note_first_run(self._pool_handle, self._times.seq, result.elapsed_ns)
 
     def release(self) -> None:
         """Returns this VM's accounting to the pool. Idempotent."""

@@ -90,8 +90,8 @@ class _InUse:
         snap = self.snap
         with snap._lock:
             snap._active -= 1
-            if snap._active == 0 and snap._closing:
-                snap._idle.notify_all()
+            if snap._active == 0 and snap._handle is None:
+                snap._idle.notify_all()  # close() is waiting
 
 
 class Snapshot:
@@ -110,7 +110,6 @@ class Snapshot:
         self._lock = threading.Lock()
         # Native calls in flight (restores from other threads): close() waits.
         self._active = 0
-        self._closing = False  # close() waits on _idle: only then is there anyone to notify
         self._idle = threading.Condition(self._lock)
         self._views: list[weakref.ref[memoryview]] = []
         self._owner = _NativeOwner(handle)
@@ -338,7 +337,7 @@ class Snapshot:
         with self._lock:
             if self._handle is None:
                 return
-            self._closing = True
+            self._handle = None  # new users get ClosedError from here on
             while self._active:
                 self._idle.wait()
             for ref in self._views:
@@ -350,7 +349,6 @@ class Snapshot:
                 except BufferError:
                     pass  # exported (e.g. to numpy): the owner keeps the memory alive
             self._views.clear()
-            self._handle = None
             self._finalizer()
 
     def __enter__(self) -> "Snapshot":

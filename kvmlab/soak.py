@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 
 from .fork import memory_usage
 from .pool import PoolConfig, RestorePool
-from .snapshot import Snapshot
 from .vm import Vm
 from .config import VmConfig
 

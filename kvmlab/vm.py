@@ -20,13 +20,12 @@ import codecs
 import math
 import os
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from . import _ffi
 from .config import VmConfig
-from .errors import BoundsError, ClosedError, ConfigError, GuestCrashError, GuestError, GuestTimeoutError, InternalError
+from .errors import BoundsError, ClosedError, ConfigError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args
 from .guests import names as guest_names
 
@@ -134,10 +133,6 @@ def _check_range(gpa: int, n: int, memory_bytes: int) -> None:
             f"guest range 0x{gpa:x}+{n} is outside guest memory (0x0..0x{memory_bytes:x}); "
             f"addresses are guest-physical, 0 <= gpa and gpa + length <= {memory_bytes}"
         )
-
-
-def _has_field(struct: str, field: str) -> bool:
-    return any(name == field for name, _f in ffi.typeof(struct).fields)
 
 
 def _new_handle(config: VmConfig) -> Any:
@@ -248,8 +243,8 @@ class _VmHandle:
             reason = REASONS.get(out.reason)
             if reason is None:
                 raise InternalError(f"the core returned unknown run reason {out.reason}")
-            console, _ = self._take_console(h, final=(reason == "exit"))
-            return RunResult(
+            console, _ = self._take_console(h, final=(reason == "exit"), pending=int(out.console_bytes))
+            result = RunResult(
                 reason=reason,
                 exit_code=int(out.exit_code),
                 checkpoint_tag=int(out.checkpoint_tag),
@@ -257,6 +252,11 @@ class _VmHandle:
                 console_dropped=int(out.console_dropped_bytes),
                 elapsed_ns=int(out.elapsed_ns),
             )
+            self._after_run(h, result)
+            return result
+
+    def _after_run(self, h: Any, result: RunResult) -> None:
+        """Called by run() with the lock held and the handle live."""
 
     def interrupt(self) -> None:
         """Stops a ``run()`` in progress on another thread (it returns
@@ -268,8 +268,11 @@ class _VmHandle:
             if h is not None:
                 lib.kvmlab_vm_interrupt(h)
 
-    def _take_console(self, h: Any, final: bool) -> tuple[str, int]:
-        """Moves the console bytes out of the core; returns (text, bytes)."""
+    def _take_console(self, h: Any, final: bool, pending: int | None = None) -> tuple[str, int]:
+        """Moves the console bytes out of the core; returns (text, bytes).
+        ``pending``: the core's count of waiting bytes when known (0: no call)."""
+        if pending == 0:
+            return (self._decoder.decode(b"", final=final) if self._decoder is not None else ""), 0
         chunks = []
         total = 0
         n = ffi.new("size_t *")
@@ -486,7 +489,8 @@ class _VmHandle:
 
     def close(self) -> None:
         """Frees the VM. Idempotent; waits for a ``run()`` in another thread."""
-        self.interrupt()  # a run() without deadline on another thread would hold the lock forever
+        if self._lock.locked():
+            self.interrupt()  # a run() without deadline on another thread would hold the lock forever
         with self._lock:
             h = self._handle
             if h is None:
@@ -569,10 +573,9 @@ class Vm(_VmHandle):
                 "cpl": cpl,
             }
             name = g.name.encode("utf-8", errors="replace")
-            if _has_field("kvmlab_boot_options", "name"):  # kept for snapshots by newer cores
-                name_buf = ffi.from_buffer("uint8_t[]", name)
-                fields["name"] = name_buf
-                fields["name_bytes"] = len(name)
+            name_buf = ffi.from_buffer("uint8_t[]", name)  # kept for snapshots
+            fields["name"] = name_buf
+            fields["name_bytes"] = len(name)
             opts = ffi.new("kvmlab_boot_options *", fields)
             _ffi.check(lib.kvmlab_vm_boot(handle, opts))
         except BaseException:
