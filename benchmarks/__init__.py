@@ -20,7 +20,7 @@ Then the dirty-page reset against its floor, the run+reset cycle against
 unicorn and fork density (``kvmlab.bench``). Writes ``results.json``,
 ``results.md`` and PNG plots (``kvmlab.plot``) into the output directory.
 
-    python -m benchmarks --out bench-results            # full run (~10-15 min here)
+    python -m benchmarks --out bench-results            # full run (~4 min here)
     python -m benchmarks --quick --out /tmp/quick       # reduced repetitions
     kvmlab bench all --quick                            # the same code
     >>> import benchmarks; res = benchmarks.run_all("out", quick=True)

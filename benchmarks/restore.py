@@ -2,8 +2,10 @@
 same snapshot.
 
 For one case (guest memory size x sparse/dense), every path restores the same
-file-backed snapshot ``n`` times, interleaved (the order rotates every
-iteration) so the machine's noise hits all paths alike:
+file-backed snapshot ``n`` times, interleaved (a new random order every
+iteration, each path timed only once every pool's background work is done;
+every path that takes shells has a pool of its own) so the machine's noise
+hits all paths alike:
 
 * ``pooled-copy`` / ``pooled-map``: ``RestorePool.restore_snapshot`` from
   Python into an idle shell of a settled pool, timed around the Python call;
@@ -22,11 +24,13 @@ iteration) so the machine's noise hits all paths alike:
 
 from __future__ import annotations
 
+import contextlib
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from kvmlab.bench import _wait_settled, floor_restore, stats
+from kvmlab.bench import _wait_settled, floor_restore, settle, stats
 
 __all__ = ["KVMLAB_PATHS", "measure_case", "unicorn_restore"]
 
@@ -99,28 +103,32 @@ def measure_case(snap_path: Path, service_path: Path, n: int, warmup: int, paths
 
     out: dict[str, dict[str, list[int]]] = {p: {"t": [], "core": []} for p in paths}
     with Snapshot.load(snap_path) as snap, Snapshot.load(service_path) as svc:
-        cfg = PoolConfig(min_size=1, max_size=2)
-        # The idle-shell floors take from a pool of their own, so their shells
-        # wait about as long as the pooled paths' do.
-        with RestorePool(snap.config, cfg) as pool, RestorePool(snap.config, cfg) as floor_pool:
+        order = [p for p in KVMLAB_PATHS if p in paths]
+        with contextlib.ExitStack() as stack:
+            # Every path that takes shells has a pool of its own, used once per
+            # iteration, so all their shells wait about as long.
+            pool = {p: stack.enter_context(RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)))
+                    for p in order if not p.startswith(("unpooled", "floor-copy", "floor-map"))}
             fns: dict[str, Callable[[], tuple[int, int]]] = {
-                "pooled-copy": lambda: _pooled(pool, snap, "copy"),
-                "pooled-map": lambda: _pooled(pool, snap, "map"),
-                "native-copy": lambda: _native(pool, snap, "copy"),
-                "native-map": lambda: _native(pool, snap, "map"),
+                "pooled-copy": lambda: _pooled(pool["pooled-copy"], snap, "copy"),
+                "pooled-map": lambda: _pooled(pool["pooled-map"], snap, "map"),
+                "native-copy": lambda: _native(pool["native-copy"], snap, "copy"),
+                "native-map": lambda: _native(pool["native-map"], snap, "map"),
                 "unpooled-copy": lambda: _unpooled(snap, "copy"),
                 "unpooled-map": lambda: _unpooled(snap, "map"),
                 "floor-copy": lambda: _floor(snap, "copy"),
                 "floor-map": lambda: _floor(snap, "map"),
-                "floor-idle-copy": lambda: _floor(snap, "copy", floor_pool),
-                "floor-idle-map": lambda: _floor(snap, "map", floor_pool),
-                "service-copy": lambda: _service(pool, svc, "copy"),
-                "service-map": lambda: _service(pool, svc, "map"),
+                "floor-idle-copy": lambda: _floor(snap, "copy", pool["floor-idle-copy"]),
+                "floor-idle-map": lambda: _floor(snap, "map", pool["floor-idle-map"]),
+                "service-copy": lambda: _service(pool["service-copy"], svc, "copy"),
+                "service-map": lambda: _service(pool["service-map"], svc, "map"),
             }
-            order = [p for p in KVMLAB_PATHS if p in paths]
             for i in range(-warmup, n):
-                k = i % len(order)
-                for p in order[k:] + order[:k]:
+                rng = random.Random(i)  # a new order every iteration, the same in every run
+                for p in rng.sample(order, len(order)):
+                    # The previous path's background work (a VM being destroyed,
+                    # a shell being made) is over before any path is timed.
+                    settle(*pool.values())
                     t, core = fns[p]()
                     if i >= 0:
                         out[p]["t"].append(t)

@@ -46,10 +46,10 @@ The other subcommands (each prints a table; ``--json PATH`` keeps everything):
   Markdown and PNG output; the code is the ``benchmarks`` package of the
   source tree (``python -m benchmarks``), :func:`run_all` from Python.
 
-Note on the reset floor: ``kvmlab_bench_reset_floor`` restores memory and the
-KVM vCPU/VM state but not kvmlab's host-side vCPU status (exited /
-checkpointed), so a VM is reset once more, untimed, after each floor (that
-reset finds no dirty page).
+Note on the reset floor: ``kvmlab_bench_reset_floor`` restores memory, the
+KVM vCPU/VM state and kvmlab's host-side vCPU status, but not the console
+kept from the snapshot, so a VM is reset once more, untimed, after each floor
+(that reset finds no dirty page).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ import json
 import math
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -241,6 +242,12 @@ def make_snapshot(kind: str, memory_mib: int, out_dir: Path, dense_fraction: flo
         snap.close()
 
 
+def settle(*pools, timeout_s: float = 60.0) -> None:
+    """Waits until every pool's background work is done (see _wait_settled)."""
+    for pool in pools:
+        _wait_settled(pool, timeout_s)
+
+
 def _wait_settled(pool, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -334,8 +341,11 @@ def floor_restore(snap, strategy: str, pool=None, age_s: float = 0.0) -> tuple[i
         c = ffi.new("kvmlab_vm_config *", {"memory_bytes": snap.memory_bytes, "vcpus": snap.vcpus})
         _ffi.check(lib.kvmlab_vm_new(c, out))
         free = lib.kvmlab_vm_free
-        if age_s > 0:
-            time.sleep(age_s)
+        # Busy-wait, not sleep: an idle CPU would cool this thread's caches
+        # too, and only the shell's waiting is to be measured.
+        end = time.perf_counter() + age_s
+        while time.perf_counter() < end:
+            pass
     else:
         _wait_settled(pool)
         ph = pool._enter()
@@ -382,9 +392,11 @@ def run_case(case: Case, n: int, warmup: int, run: bool, with_floor: bool, progr
                 paths.append(lambda i: _one_floor(snap, case, i))
                 paths.append(lambda i: _one_floor(snap, case, i, floor_pool))
             for i in range(-warmup, n):
-                # Rotate the order so no path always runs right after another one.
-                k = i % len(paths)
-                for fn in paths[k:] + paths[:k]:
+                rng = random.Random(i)  # a new order every iteration, the same in every run
+                for fn in rng.sample(paths, len(paths)):
+                    # The previous path's background work (a VM being
+                    # destroyed, a shell being made) is over before any path is timed.
+                    settle(pool, floor_pool)
                     rec = fn(i)
                     if i >= 0:
                         records.append(rec)
@@ -668,7 +680,7 @@ def reset_floor_once(vm) -> dict[str, int]:
     with vm._lock:
         _ffi.check(lib.kvmlab_bench_reset_floor(vm._live(), out))
     t = {name: int(getattr(out, name)) for name, _f in ffi.typeof("kvmlab_reset_times").fields}
-    vm.reset("copy")  # untimed fix-up (finds no dirty page): restores the host-side vCPU status
+    vm.reset("copy")  # untimed fix-up (finds no dirty page): puts back the snapshot's console
     return t
 
 
@@ -1384,7 +1396,8 @@ def bench_shell_age(
 ) -> dict[str, Any]:
     """What waiting costs a shell: the restore floor (:func:`floor_restore`)
     of a ``counter`` snapshot into a fresh shell that first sleeps ``age``
-    ms, for every age, interleaved (the order rotates), ``n`` times each.
+    ms (busy-waiting), for every age, in a new random order each round,
+    ``n`` times each.
     Returns per age the stats (ns) of ``total``, ``memory``, ``vcpu`` and
     ``devices`` and the ratio of the medians to age 0 (this run)."""
     from . import Snapshot
@@ -1400,8 +1413,7 @@ def bench_shell_age(
         with Snapshot.load(path) as snap:
             progress.describe(f"age: {strategy} floor into shells of {len(ages)} ages")
             for i in range(-warmup, n):
-                k = i % len(ages)
-                for age in ages[k:] + ages[:k]:
+                for age in random.Random(i).sample(ages, len(ages)):
                     _call, t = floor_restore(snap, strategy, age_s=age / 1000)
                     if i >= 0:
                         for key in samples[age]:
