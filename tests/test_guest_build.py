@@ -103,6 +103,11 @@ def test_missing_sdk_is_explained(tmp_path, monkeypatch):
     (tmp_path / "rt.zig").write_text("")
     (tmp_path / "guest.ld").write_text("")
     assert g.guest_sdk_dir() == tmp_path
+    # Found nowhere: the error says where it looked and what to set.
+    monkeypatch.setattr(g, "GUEST_SDK_FILES", ("absent-everywhere.zig",))
+    with pytest.raises(GuestError, match="KVMLAB_GUEST_SDK") as e:
+        g.guest_sdk_dir()
+    assert str(tmp_path) in str(e.value)
 
 
 @pytest.mark.kvm

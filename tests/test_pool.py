@@ -285,20 +285,29 @@ def test_min_size_zero_pool_starts_empty():
 def test_idle_count_never_raises_while_closing_concurrently():
     pool = RestorePool(CFG, PoolConfig(min_size=1, max_size=2))
     seen = []
+    after_close = []
+    errors = []
     stop = threading.Event()
+    closed = threading.Event()
 
     def poll():
-        while not stop.is_set():
-            seen.append(pool.idle_count())
+        try:
+            while not stop.is_set():
+                (after_close if closed.is_set() else seen).append(pool.idle_count())
+        except BaseException as e:  # noqa: BLE001 - a raise is exactly what this test looks for
+            errors.append(e)
 
     t = threading.Thread(target=poll)
     t.start()
     time.sleep(0.05)
     pool.close()
+    closed.set()
     time.sleep(0.02)
     stop.set()
     t.join(10)
+    assert errors == []
     assert seen and set(seen) <= {0, 1, 2}
+    assert after_close and set(after_close) == {0}
     assert pool.idle_count() == 0
 
 
@@ -718,6 +727,44 @@ def test_close_wakes_a_restore_waiting_for_room(ref):
     assert len(got) == 1 and isinstance(got[0], ClosedError), got
     check_continuation(a, ref)
     a.release()
+
+
+# -- reset and reuse -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["copy", "map"])
+def test_reset_on_release_parks_and_reuses(ref, loaded, strategy):
+    """reset_on_release: the release hands the VM to the pool's worker, which
+    resets it to the snapshot and parks it; the next restore of the same
+    snapshot takes it back (strategy "reuse", no shell) and it continues
+    exactly like the original. Another snapshot does not get it."""
+    with RestorePool(CFG, PoolConfig(min_size=1, max_size=2)) as pool:
+        rvm = pool.restore_snapshot(loaded, strategy, reset_on_release=True)
+        assert rvm.run_until_exit(timeout_s=30).exit_code == 0  # dirties memory, leaves the checkpoint
+        rvm.release()
+        s = wait_stats(pool, lambda s: s.parked == 1 and s.in_use == 0 and s.resets == 1)
+        assert (s.reuses, s.releases) == (0, 1)
+        again = pool.restore_snapshot(loaded, strategy, reset_on_release=True)
+        s = pool.stats()
+        assert (s.reuses, s.parked, s.in_use) == (1, 0, 1)
+        assert pool.timings()[-1].strategy == "reuse" and again.restore_timing["hit"] == 1
+        check_continuation(again, ref)
+        again.release()
+        wait_stats(pool, lambda s: s.parked == 1 and s.resets == 2)
+        with Snapshot.load(ref.path) as other:  # same file, another Snapshot: not the parked one's
+            fresh = pool.restore_snapshot(other, strategy, reset_on_release=True)
+            assert pool.stats().reuses == 1 and pool.timings()[-1].strategy == strategy
+            fresh.release()
+
+
+def test_pooled_vm_reset_in_place(ref, loaded):
+    """A pooled VM restored resettable=True goes back to the snapshot with
+    reset(): the same continuation again."""
+    with RestorePool(CFG, PoolConfig(min_size=1, max_size=2)) as pool:
+        with pool.restore_snapshot(loaded, "map", resettable=True) as rvm:
+            for _ in range(2):
+                check_continuation(rvm, ref)
+                assert rvm.reset().dirty_pages > 0
 
 
 # -- timings -------------------------------------------------------------------------------

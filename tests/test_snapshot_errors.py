@@ -456,6 +456,9 @@ def _hostile_blobs(blob: bytes) -> dict[str, tuple[bytes, str]]:
     def without(tag: int) -> bytes:
         return C.build_state(header, [r for r in recs if r.tag != tag])
 
+    def replaced(tag: int, data: bytes) -> bytes:
+        return C.build_state(header, [C.Record(r.tag, r.vcpu, data) if r.tag == tag else r for r in recs])
+
     b = bytearray(blob)
     C.put16(b, 10, 1)
     newer_minor = bytes(b)
@@ -483,6 +486,10 @@ def _hostile_blobs(blob: bytes) -> dict[str, tuple[bytes, str]]:
         "newer-minor": (newer_minor, r"vCPU state: unsupported version 1\.1"),
         "zero-vcpus": (no_vcpus, "vCPU count 0 is out of range 1..8"),
         "odd-memory-size": (odd_memory, "memory size 3145728 bytes is out of range"),
+        # The per-record limits of docs/security.md: 64 KiB XSAVE, 1,024 MSRs, 256 CPUID entries.
+        "oversized-xsave": (replaced(4, bytes((64 << 10) + 64)), "XSAVE record of 65600 bytes"),
+        "oversized-msrs": (replaced(6, bytes(1025 * 16)), "MSR record of 16400 bytes"),
+        "oversized-cpuid": (replaced(11, bytes(257 * 40)), "CPUID record of 10280 bytes"),
     }
 
 
@@ -490,7 +497,7 @@ HOSTILE_IDS = [
     "bad-magic", "huge-record-count", "count-one-too-many", "count-one-too-few", "truncated-mid-record",
     "truncated-header", "huge-record-length", "unknown-tag", "vcpu-out-of-range", "vm-wide-tag-on-a-vcpu",
     "wrong-fixed-size", "duplicate-record", "missing-record", "missing-vm-record", "newer-minor",
-    "zero-vcpus", "odd-memory-size",
+    "zero-vcpus", "odd-memory-size", "oversized-xsave", "oversized-msrs", "oversized-cpuid",
 ]
 
 

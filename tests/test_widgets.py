@@ -71,10 +71,9 @@ def test_model_keeps_the_last_restore():
 
 @pytest.fixture(scope="module")
 def service_snap():
-    from conftest import kvm_problem
+    from conftest import _require_kvm
 
-    if kvm_problem() is not None:
-        pytest.skip(kvm_problem())
+    _require_kvm()  # fails (not skips) under KVMLAB_REQUIRE_KVM=1
     with kvmlab.Vm.boot("service", kvmlab.VmConfig(memory_mib=16)) as vm:
         vm.run()
         snap = vm.snapshot()

@@ -5,7 +5,9 @@
 //!   python -m ziglang build test                  replays the seed corpus
 //!   python -m ziglang build test --fuzz=20M       fuzzes (see docs/reliability.md)
 //!
-//! Seeds (zigsrc/fuzz_corpus/) are real snapshots made by tests/make_fuzz_corpus.py.
+//! Seeds (zigsrc/fuzz_corpus/) are real snapshots of built-in guests saved by
+//! kvmlab (`Snapshot.save`; the .state seed is a snapshot's `vcpu_state`):
+//! after a format change, save new ones the same way.
 const std = @import("std");
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
@@ -29,7 +31,8 @@ fn oneInput(_: void, smith: *std.testing.Smith) anyerror!void {
     const n = smith.slice(&buf);
     const input = buf[0..n];
     // Whatever the bytes, each parser either accepts them or returns its
-    // error; a crash, hang or leak is a bug.
+    // error; a crash or hang is a bug (leaks are not seen: the parsers use
+    // the C allocator).
     if (snapshot.fromBytes(input)) |s| {
         std.debug.assert(s.parsed.vcpus >= 1 and s.parsed.vcpus <= boot.max_vcpus);
         s.release();
