@@ -21,9 +21,11 @@ to an exception class; :func:`check` raises it with the core's message.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import cffi
 
@@ -234,3 +236,14 @@ def check(rc: int) -> None:
     if rc == 0:
         return
     raise error_for(rc)
+
+
+@functools.cache
+def field_names(ctype: str) -> tuple[str, ...]:
+    """The field names of a struct of the header, in order (looked up once)."""
+    return tuple(name for name, _f in ffi.typeof(ctype).fields)
+
+
+def as_dict(cdata: Any, ctype: str) -> dict[str, int]:
+    """A struct of integers as a dict (``ctype`` names its type)."""
+    return {name: int(getattr(cdata, name)) for name in field_names(ctype)}

@@ -363,7 +363,7 @@ def floor_restore(snap, strategy: str, pool=None, age_s: float = 0.0) -> tuple[i
             _ffi.check(rc)
     finally:
         free(out[0])
-    return call, {name: int(getattr(t, name)) for name, _f in ffi.typeof("kvmlab_restore_times").fields}
+    return call, _ffi.as_dict(t, "kvmlab_restore_times")
 
 
 def _one_floor(snap, case: Case, i: int, pool=None) -> Record:
@@ -679,7 +679,7 @@ def reset_floor_once(vm) -> dict[str, int]:
     out = ffi.new("kvmlab_reset_times *")
     with vm._lock:
         _ffi.check(lib.kvmlab_bench_reset_floor(vm._live(), out))
-    t = {name: int(getattr(out, name)) for name, _f in ffi.typeof("kvmlab_reset_times").fields}
+    t = _ffi.as_dict(out, "kvmlab_reset_times")
     vm.reset("copy")  # untimed fix-up (finds no dirty page): puts back the snapshot's console
     return t
 

@@ -133,17 +133,15 @@ def _wait_ns(timeout_s: float | None) -> int:
     return max(1, int(min(timeout_s, 1e9) * 1e9))
 
 
-#: Field names of kvmlab_restore_times, read once (restore is a hot path).
-_RESTORE_TIME_FIELDS = tuple(name for name, _f in ffi.typeof("kvmlab_restore_times").fields)
 
 
 class PooledRestoreVm(_VmHandle):
     """A VM restored by a :class:`RestorePool`. ``release()`` (or leaving the
     ``with`` block) hands it back; the pool destroys it off your thread."""
 
-    __slots__ = ("_pool_handle", "_first_run_pending", "_times", "_waited_ns", "_timing")
+    __slots__ = ("_pool_handle", "_first_run_pending", "_times", "_timing")
 
-    def __init__(self, handle: Any, pool: "RestorePool", guest: str, times: Any, waited_ns: int = 0) -> None:
+    def __init__(self, handle: Any, pool: "RestorePool", guest: str, times: Any) -> None:
         # The core frees the pool only after close() *and* the last release,
         # deciding under its lock, so release needs no guard here.
         _VmHandle.__init__(self, handle, pool.vm_config, guest, pool._release_vm)
@@ -153,7 +151,6 @@ class PooledRestoreVm(_VmHandle):
         # The core's kvmlab_restore_times, turned into a dict on first use:
         # the restore call itself only keeps the struct (a hot path).
         self._times = times
-        self._waited_ns = waited_ns
         self._timing: dict[str, int] | None = None
 
     @property
@@ -162,13 +159,7 @@ class PooledRestoreVm(_VmHandle):
         ``memory_ns``, ``vcpu_ns``, ``devices_ns``, ``total_ns``), ``hit``,
         ``strategy``, ``mapped``, ``memory_bytes``, ``seq``."""
         if self._timing is None:
-            t = self._times
-            timing = {name: int(getattr(t, name)) for name in _RESTORE_TIME_FIELDS}
-            if self._waited_ns:
-                # Earlier wait slices; the core's record (pool.timings()) has the last one only.
-                timing["acquire_ns"] += self._waited_ns
-                timing["total_ns"] += self._waited_ns
-            self._timing = timing
+            self._timing = _ffi.as_dict(self._times, "kvmlab_restore_times")
         return self._timing
 
     def _after_run(self, h: Any, result: RunResult) -> None:
@@ -328,7 +319,12 @@ class RestorePool:
                     f"(max_in_use={self.pool_config.max_in_use} VMs are in use)"
                 )
             raise err
-        return PooledRestoreVm(out[0], self, guest, t, waited)
+        if waited:
+            # Earlier wait slices (our copy of the record; the core's ring,
+            # pool.timings(), has the last slice only).
+            t.acquire_ns += waited
+            t.total_ns += waited
+        return PooledRestoreVm(out[0], self, guest, t)
 
     def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
         """Restores from raw parts, as the reference API: ``memory`` is a dense

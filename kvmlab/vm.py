@@ -17,6 +17,7 @@ thread waits until the run returns.
 from __future__ import annotations
 
 import codecs
+import collections
 import math
 import os
 import threading
@@ -167,7 +168,7 @@ class _VmHandle:
         self._guest = guest
         self._lock = threading.Lock()
         self._decoder: codecs.IncrementalDecoder | None = None  # made on first console read
-        self._reset_timings: list[ResetTiming] | None = None  # made on first reset
+        self._reset_timings: collections.deque[ResetTiming] | None = None  # made on first reset
 
     def __del__(self) -> None:
         # Dropped without close(): nothing else can reference this object now.
@@ -379,14 +380,12 @@ class _VmHandle:
         out = ffi.new("kvmlab_reset_times *")
         with self._lock:
             _ffi.check(lib.kvmlab_vm_reset(self._live(), code, out))
-        t = ResetTiming(**{name: int(getattr(out, name)) for name, _f in ffi.typeof("kvmlab_reset_times").fields})
-        if self._reset_timings is None:
-            self._reset_timings = []
-        self._reset_timings.append(t)
-        if len(self._reset_timings) > 4096:
-            del self._reset_timings[:-4096]
-        if self._decoder is not None:
-            self._decoder.reset()
+            t = ResetTiming(**_ffi.as_dict(out, "kvmlab_reset_times"))
+            if self._reset_timings is None:
+                self._reset_timings = collections.deque(maxlen=4096)
+            self._reset_timings.append(t)
+            if self._decoder is not None:
+                self._decoder.reset()
         return t
 
     def reset_timings(self) -> list[ResetTiming]:
@@ -483,7 +482,7 @@ class _VmHandle:
         with self._lock:
             h = self._live()
             _ffi.check(lib.kvmlab_vm_get_regs(h, vcpu, out))
-        return {name: int(getattr(out, name)) for name, _f in ffi.typeof("kvmlab_regs").fields if name != "reserved"}
+        return {k: v for k, v in _ffi.as_dict(out, "kvmlab_regs").items() if k != "reserved"}
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -610,5 +609,5 @@ class Vm(_VmHandle):
             except BaseException:
                 vm.close()
                 raise
-        vm.restore_timing = {name: int(getattr(t, name)) for name, _f in ffi.typeof("kvmlab_restore_times").fields}
+        vm.restore_timing = _ffi.as_dict(t, "kvmlab_restore_times")
         return vm
