@@ -100,7 +100,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"memtouch pages=K rounds=2 restored at round 1's checkpoint, {cfg['memory_mib']} MiB; per row "
                   f"n={cfg['n']} resets and n floors alternating on the same VM after the same run. Config = restore "
                   "strategy / reset mode ('mem-snap': an in-memory snapshot, the others are file-backed). "
-                  "reset = the core's reset time, call = around the Python call, run = the next run (round 2 + exit).", ""]
+                  "reset / floor = the core's reset time / the floor's; call / floor = around the Python call of reset() / around "
+                  "the floor's bare native call; run = the next run (round 2 + exit).", ""]
         lines += _md_table(
             ["K", "config", "dirty pages", "reset", "floor", "reset / floor", "call / floor", "run", f"≤ {cfg['target_ratio']}x"],
             [[str(r["dirty_pages_target"]), r["config"], str(r["dirty_pages"]), fmt_stat(r["reset"]), fmt_stat(r["floor"]),
