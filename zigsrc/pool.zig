@@ -340,7 +340,7 @@ pub const Pool = struct {
             .strategy = if (src.file != null) 2 else 1,
         };
         p.timings_len = @min(p.timings_len + 1, timing_capacity);
-        _ = c.pthread_cond_signal(&p.refill_cv); // refill after a take
+        p.wakeRefillIfLow(); // refill after a take
         p.unlockIt();
         seq_out.* = seq;
         return shell;
@@ -468,10 +468,16 @@ pub const Pool = struct {
         std.debug.assert(p.in_use > 0);
         p.in_use -= 1;
         _ = c.pthread_cond_signal(&p.room);
-        _ = c.pthread_cond_signal(&p.refill_cv); // a failed restore may have taken a shell
+        p.wakeRefillIfLow(); // a failed restore took a shell, or a backoff may end
         const free_now = p.close_done and p.in_use == 0;
         p.unlockIt();
         if (free_now) p.free();
+    }
+
+    /// With the lock held: wakes the refill thread only when it has work (a
+    /// wake costs a context switch on a small machine, at every release).
+    fn wakeRefillIfLow(p: *Pool) void {
+        if (p.idle_len + p.creating < p.cfg.min_size) _ = c.pthread_cond_signal(&p.refill_cv);
     }
 
     /// Background work yields to the threads doing restores: on a small
