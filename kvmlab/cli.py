@@ -250,18 +250,12 @@ def snapshot_header(raw: bytes) -> dict[str, Any]:
     }
 
 
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
-
-
 def cmd_snapshot_info(args: argparse.Namespace) -> int:
     """Loads a snapshot file (every check, every checksum) and prints its
     header and sections; exit code 1 with the reason if it is not valid."""
     from .errors import KvmlabError
     from .snapshot import Snapshot
+    from .units import fmt_size
 
     path = args.path
     try:
@@ -306,8 +300,8 @@ def cmd_snapshot_info(args: argparse.Namespace) -> int:
         ("vcpus", str(info["vcpus"])),
         ("created", info["created_at"]),
         ("layout", layout),
-        ("present pages", f"{info['present_pages']} of {pages} ({_size(info['present_pages'] * 4096)})"),
-        ("stored bytes", f"{info['stored_bytes']} ({_size(info['stored_bytes'])} on disk; file size {st.st_size})"),
+        ("present pages", f"{info['present_pages']} of {pages} ({fmt_size(info['present_pages'] * 4096)})"),
+        ("stored bytes", f"{info['stored_bytes']} ({fmt_size(info['stored_bytes'])} on disk; file size {st.st_size})"),
         ("state bytes", str(info["state_bytes"])),
         ("header crc32c", f"0x{hdr['header_crc32c']:08x} {status}"),
     ]

@@ -24,7 +24,9 @@ import math
 import os
 import socket
 from dataclasses import asdict, is_dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from .units import choose_unit, is_missing
 
 __all__ = [
     "PHASES",
@@ -49,7 +51,6 @@ PHASES = ("acquire", "memory", "vcpu", "devices")
 PHASE_COLORS = {"acquire": "#8c8c8c", "memory": "#1f77b4", "vcpu": "#ff7f0e", "devices": "#2ca02c"}
 MISS_COLOR = "#d62728"
 
-_UNITS = (("ns", 1.0), ("µs", 1e3), ("ms", 1e6), ("s", 1e9))
 
 
 # -- data ----------------------------------------------------------------------------
@@ -95,20 +96,6 @@ def frame(data: Any):
         else:
             df["memory_mib"] = 0
     return df.reset_index(drop=True)
-
-
-def choose_unit(values_ns: Iterable[float]) -> tuple[str, float]:
-    """(unit, nanoseconds per unit) that reads best for ``values_ns``: the
-    largest of ns/µs/ms/s under which the median is at least 1."""
-    vals = sorted(float(v) for v in values_ns if v is not None and not math.isnan(float(v)))
-    if not vals:
-        return "µs", 1e3
-    mid = vals[len(vals) // 2]
-    unit = _UNITS[0]
-    for u in _UNITS:
-        if mid >= u[1]:
-            unit = u
-    return unit
 
 
 @functools.lru_cache(maxsize=1)
@@ -389,13 +376,6 @@ def restore_overview(data: Any, *, title: str | None = None):
 # figure a median with min and max, in ns) rather than raw timing records.
 
 
-def _nan(x: Any) -> bool:
-    try:
-        return x is None or math.isnan(float(x))
-    except (TypeError, ValueError):
-        return True
-
-
 def benchmark_bars(
     rows: Sequence[dict],
     *,
@@ -425,13 +405,13 @@ def benchmark_bars(
     per = max(len([r for r in rows if r[panel] == p]) for p in panels)
     fig = Figure(figsize=(6.0 * ncols, 0.8 + 0.32 * per * nrows + 0.6 * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    vals = [float(r["median_ns"]) for r in rows if not _nan(r.get("median_ns"))]
+    vals = [float(r["median_ns"]) for r in rows if not is_missing(r.get("median_ns"))]
     unit, scale = choose_unit(vals or [1e3])
     for ax, name in zip(axes, panels):
         sub = [r for r in rows if r[panel] == name]
         ys = np.arange(len(sub))[::-1]
         for y, r in zip(ys, sub):
-            if _nan(r.get("median_ns")):
+            if is_missing(r.get("median_ns")):
                 ax.text(0.02, y, f"{r[label]}: {r.get('skipped') or 'not measured'}"[:90], va="center",
                         fontsize=7, color="gray", transform=ax.get_yaxis_transform())
                 continue

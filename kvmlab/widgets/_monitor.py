@@ -10,17 +10,9 @@ import ipywidgets as W
 
 from .. import plot
 from ..pool import RestorePool
+from ..units import choose_unit, fmt_time
 from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel
 from ._ticker import AutoRefresh, Ticker
-
-
-def fmt_ns(ns: float | None, unit: tuple[str, float] | None = None) -> str:
-    """``123456`` -> ``"123 µs"`` (unit chosen for the value unless given)."""
-    if ns is None:
-        return "–"
-    name, scale = unit or plot.choose_unit([ns])
-    v = ns / scale
-    return f"{v:.3g} {name}" if v < 1000 else f"{v:,.0f} {name}"
 
 
 def phase_bar_html(rec: dict) -> str:
@@ -29,21 +21,21 @@ def phase_bar_html(rec: dict) -> str:
         return "<i>no restore yet</i>"
     phases = [(p, int(rec.get(f"{p}_ns") or 0)) for p in plot.PHASES]
     whole = sum(v for _, v in phases) or 1
-    unit = plot.choose_unit([rec.get("total_ns") or whole])
+    unit = choose_unit([rec.get("total_ns") or whole])
     segs = "".join(
-        f'<div title="{p}: {fmt_ns(v, unit)}" style="width:{100 * v / whole:.2f}%;background:{plot.PHASE_COLORS[p]};"></div>'
+        f'<div title="{p}: {fmt_time(v, unit)}" style="width:{100 * v / whole:.2f}%;background:{plot.PHASE_COLORS[p]};"></div>'
         for p, v in phases
         if v
     )
     legend = " &middot; ".join(
-        f'<span style="color:{plot.PHASE_COLORS[p]}">&#9632;</span> {p} {fmt_ns(v, unit)}' for p, v in phases
+        f'<span style="color:{plot.PHASE_COLORS[p]}">&#9632;</span> {p} {fmt_time(v, unit)}' for p, v in phases
     )
     hit = "hit" if rec.get("hit") else '<b style="color:#d62728">miss</b>'
     first = rec.get("first_run_ns")
-    first_txt = f", first run {fmt_ns(first)}" if first else ""
+    first_txt = f", first run {fmt_time(first)}" if first else ""
     return (
         f'<div class="kvmlab-last-restore">last restore #{rec.get("seq")} ({html.escape(str(rec.get("strategy")))}, {hit}): '
-        f"<b>{fmt_ns(rec.get('total_ns'), unit)}</b>{first_txt}"
+        f"<b>{fmt_time(rec.get('total_ns'), unit)}</b>{first_txt}"
         f'<div style="display:flex;height:12px;width:100%;max-width:480px;border:1px solid #ccc;margin:3px 0">{segs}</div>'
         f'<span style="font-size:90%">{legend}</span></div>'
     )
