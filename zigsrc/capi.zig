@@ -165,6 +165,12 @@ pub export fn kvmlab_abi_version() callconv(.c) u32 {
     return abi_version;
 }
 
+/// The version of the Zig compiler that built this library ("0.17.1"), for
+/// `kvmlab --version` and bug reports.
+pub export fn kvmlab_zig_version() callconv(.c) [*:0]const u8 {
+    return @import("builtin").zig_version_string;
+}
+
 /// Size of a struct as the library sees it, or 0 for an unknown id.
 pub export fn kvmlab_struct_size(id: c_int) callconv(.c) usize {
     const e = std.enums.fromInt(kvmlab_struct_id, id) orelse return 0;
