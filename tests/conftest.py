@@ -1,9 +1,14 @@
-"""Shared test setup.
+"""Shared test setup: the tests' one support module.
 
 Tests that need KVM carry the ``kvm`` marker (or use the ``kvm`` fixture).
 Without a usable /dev/kvm they are skipped, unless ``KVMLAB_REQUIRE_KVM=1``
 (CI on a KVM host), in which case they fail. There are no mocks: KVM tests run
 real guests.
+
+Constants (``MiB``, the VM shapes ``CFG``/``CFG_MIN``, raw guests) and the
+snapshot fixtures shared by several files live here, once; what kvmlab itself
+defines (``SERVICE_TAG``, memory limits) is imported from kvmlab. Test files
+import constants with ``from conftest import ...``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ import os
 
 import pytest
 
+from kvmlab.config import MIN_MEMORY_MIB, VmConfig
+from kvmlab.vm import SERVICE_TAG
+
 REQUIRE_KVM = os.environ.get("KVMLAB_REQUIRE_KVM") == "1"
+
+MiB = 1 << 20
+#: The usual test VM shape, and the smallest one kvmlab accepts.
+CFG = VmConfig(memory_mib=16)
+CFG_MIN = VmConfig(memory_mib=MIN_MEMORY_MIB)
 
 #: Raw x86_64 guests (flat images loaded at 0x100000).
 EXIT7 = bytes.fromhex("66ba0005b807000000ef")  # mov dx,0x500; mov eax,7; out dx,eax
@@ -70,3 +83,27 @@ def kvm() -> None:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+# -- snapshot fixtures shared by several test files ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def service_snap():
+    """The service guest (16 MiB) waiting at its service checkpoint, in memory."""
+    _require_kvm()  # fails (not skips) under KVMLAB_REQUIRE_KVM=1
+    from kvmlab import Vm
+
+    with Vm.boot("service", CFG) as vm:
+        r = vm.run(timeout_s=10)
+        assert (r.reason, r.checkpoint_tag) == ("checkpoint", SERVICE_TAG)
+        assert "service ready" in r.console
+        snap = vm.snapshot()
+    yield snap
+    snap.close()
+
+
+@pytest.fixture(scope="session")
+def service_file(service_snap, tmp_path_factory):
+    """``service_snap`` saved to a file (Snapshot.load it for map restores)."""
+    return service_snap.save(tmp_path_factory.mktemp("service") / "service.kvmsnap")

@@ -10,12 +10,12 @@ import textwrap
 
 import pytest
 
+from conftest import CFG
 import kvmlab
 from kvmlab import GuestCrashError, PoolConfig, RestorePool, Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
 
-CFG = VmConfig(memory_mib=16)
 
 # Raw guests (flat images at 0x100000, CPL3).
 MMIO_WRITE = bytes.fromhex("48b80000000001000000" "c60001" "ebfe")  # mov rax, 1<<32; mov byte [rax], 1

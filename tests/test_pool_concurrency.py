@@ -20,13 +20,12 @@ import time
 
 import pytest
 
-from conftest import fd_count
+from conftest import CFG, fd_count
 from kvmlab import ClosedError, PoolConfig, PooledRestoreVm, RestorePool, Snapshot, Vm, VmConfig
-from test_pool import ROOT, SERVICE_TAG, accounted, crc32c, settled, wait_stats
+from test_pool import ROOT, accounted, crc32c, settled, wait_stats
 
 pytestmark = pytest.mark.kvm
 
-CFG = VmConfig(memory_mib=16)
 SHORT = {"steps": 4, "checkpoint_at": 2}
 
 
@@ -44,16 +43,6 @@ def short(tmp_path_factory):
         path = snap.save(tmp_path_factory.mktemp("conc") / "counter-short.kvmsnap")
         after = vm.run_until_exit().console
     yield snap, path, after
-    snap.close()
-
-
-@pytest.fixture(scope="module")
-def service_snap():
-    with Vm.boot("service", CFG) as vm:
-        r = vm.run(timeout_s=10)
-        assert (r.reason, r.checkpoint_tag) == ("checkpoint", SERVICE_TAG)
-        snap = vm.snapshot()
-    yield snap
     snap.close()
 
 

@@ -20,7 +20,8 @@ import time
 import pytest
 
 import snapshot_codec as C
-from conftest import EXIT7
+from conftest import CFG_MIN as CFG
+from conftest import EXIT7, MiB
 from kvmlab import (
     ClosedError,
     ConfigError,
@@ -32,8 +33,6 @@ from kvmlab import (
 
 pytestmark = pytest.mark.kvm
 
-MiB = 1 << 20
-CFG = VmConfig(memory_mib=8)
 COUNTER = {"steps": 4, "checkpoint_at": 2, "region_pages": 1}
 
 

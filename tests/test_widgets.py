@@ -69,18 +69,6 @@ def test_model_keeps_the_last_restore():
 
 
 
-@pytest.fixture(scope="module")
-def service_snap():
-    from conftest import _require_kvm
-
-    _require_kvm()  # fails (not skips) under KVMLAB_REQUIRE_KVM=1
-    with kvmlab.Vm.boot("service", kvmlab.VmConfig(memory_mib=16)) as vm:
-        vm.run()
-        snap = vm.snapshot()
-    yield snap
-    snap.close()
-
-
 @pytest.fixture
 def pool(kvm, service_snap):
     p = kvmlab.RestorePool(service_snap.config, kvmlab.PoolConfig(min_size=1, max_size=5))
