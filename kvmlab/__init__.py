@@ -6,11 +6,12 @@
     hello from kvmlab guest
 
 Importing kvmlab loads the native core (``kvmlab/_native/libkvmlab.so``) but
-does not open /dev/kvm; run ``kvmlab doctor`` to check a host.
+does not open /dev/kvm; ``kvmlab.doctor()`` (or ``kvmlab doctor``) checks a host.
 """
 
 from . import errors, guests
 from .config import VmConfig
+from .doctor import DoctorReport, doctor
 from .errors import *  # noqa: F403 - every exception class, listed once in errors.__all__
 from .fork import ForkSet, fork_many
 from .guests import Guest
@@ -19,6 +20,8 @@ from .snapshot import Snapshot
 from .vm import RunResult, Vm
 
 __all__ = [
+    "doctor",
+    "DoctorReport",
     "fork_many",
     "ForkSet",
     "Snapshot",
