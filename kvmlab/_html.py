@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from typing import Iterable
 
-__all__ = ["COLOR", "escape", "table", "bar", "badge", "box", "pre"]
+__all__ = ["COLOR", "escape", "table", "bar", "badge", "box", "legend", "phases", "pre"]
 
 #: Role -> CSS colour (JupyterLab variable, fallback for other frontends).
 COLOR = {
@@ -59,11 +59,12 @@ def table(rows: Iterable[tuple[object, ...]], header: tuple[str, ...] | None = N
 
 
 def bar(parts: Iterable[tuple[str, float, str]], total: float, width_px: int = 320) -> str:
-    """A horizontal bar of ``(label, value, colour role)`` segments out of
-    ``total``; the labels are the segments' tooltips."""
+    """A horizontal bar of ``(label, value, colour)`` segments out of
+    ``total`` (a colour is a :data:`COLOR` role or a CSS colour); the labels
+    are the segments' tooltips."""
     total = max(float(total), 1e-12)
     segs = "".join(
-        f'<div title="{escape(label)}" style="width:{100 * min(max(v, 0) / total, 1):.2f}%;background:{COLOR[role]}"></div>'
+        f'<div title="{escape(label)}" style="width:{100 * min(max(v, 0) / total, 1):.2f}%;background:{COLOR.get(role, role)}"></div>'
         for label, v, role in parts
         if v > 0
     )
@@ -77,6 +78,26 @@ def badge(status: str) -> str:
     """``status`` (ok / warn / fail / info) as a coloured word."""
     role = status if status in COLOR else "muted"
     return f'<b style="color:{COLOR[role]}">{escape(status)}</b>'
+
+
+def legend(parts: Iterable[tuple[str, str, str]]) -> str:
+    """``(label, text, colour)`` as a line of coloured squares with text."""
+    return " &middot; ".join(
+        f'<span style="color:{COLOR.get(c, c)}">&#9632;</span> {escape(label)} {escape(text)}' for label, text, c in parts
+    )
+
+
+def phases(title: str, values_ns: dict[str, int], colors: dict[str, str], total_ns: int, note: str = "", cls: str = "") -> str:
+    """A record's phases as a stacked bar, a legend and the total."""
+    from .units import choose_unit, fmt_time
+
+    unit = choose_unit([total_ns])
+    body = (
+        f"total <b>{escape(fmt_time(total_ns))}</b>{escape(note)}"
+        + bar([(f"{p}: {fmt_time(v, unit)}", v, colors[p]) for p, v in values_ns.items()], max(total_ns, sum(values_ns.values())))
+        + f'<span style="font-size:90%">{legend((p, fmt_time(v, unit), colors[p]) for p, v in values_ns.items())}</span>'
+    )
+    return box(title, body, cls)
 
 
 def pre(text: str) -> str:

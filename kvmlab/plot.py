@@ -49,6 +49,9 @@ __all__ = [
 #: The phases of a restore, in order (columns ``<phase>_ns``).
 PHASES = ("acquire", "memory", "vcpu", "devices")
 PHASE_COLORS = {"acquire": "#8c8c8c", "memory": "#1f77b4", "vcpu": "#ff7f0e", "devices": "#2ca02c"}
+#: Phases of a reset (:class:`kvmlab.vm.ResetTiming`) and their colours.
+RESET_PHASES = ("log", "memory", "vcpu", "devices")
+RESET_PHASE_COLORS = {**PHASE_COLORS, "log": "#9467bd"}
 MISS_COLOR = "#d62728"
 
 

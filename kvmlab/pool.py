@@ -93,6 +93,33 @@ class PoolStats:
     reuses: int = 0
     resets: int = 0
 
+    def __repr__(self) -> str:
+        limit = f"/{self.max_in_use}" if self.max_in_use else ""
+        return (
+            f"PoolStats(idle={self.idle}/{self.max_size}, in_use={self.in_use}{limit}, creating={self.creating}, "
+            f"restores={self.restores} (hits {self.hits}, misses {self.misses}), failures={self.failures}, "
+            f"created={self.created}, destroyed={self.destroyed})"
+        )
+
+    def _repr_html_(self, title: str = "PoolStats") -> str:
+        from . import _html
+
+        capacity = max(self.max_size, self.idle + self.in_use + self.creating, 1)
+        parts = [("in use", self.in_use, "brand"), ("idle", self.idle, "ok"), ("creating", self.creating, "warn")]
+        occupancy = (
+            f'<div class="kvmlab-occupancy">{self.idle} idle, {self.in_use} in use, {self.creating} creating; '
+            f"capacity {self.max_size} (min {self.min_size}), in use limit {self.max_in_use or 'none'}</div>"
+        )
+        legend = _html.legend((name, str(v), role) for name, v, role in parts)
+        counters = [
+            (c.replace("_", " "), getattr(self, c))
+            for c in ("restores", "hits", "misses", "failures", "created", "destroyed", "releases", "pending_destroy",
+                      "parked", "reuses", "resets")  # fmt: skip
+            if getattr(self, c) or c in ("restores", "hits", "misses", "failures")
+        ]
+        body = _html.bar(parts, capacity) + occupancy + legend + _html.table(counters)
+        return _html.box(title, body, "kvmlab-pool-stats")
+
 
 @dataclass(frozen=True)
 class RestoreTiming:
@@ -427,3 +454,13 @@ class RestorePool:
             f"<RestorePool {self.vm_config.memory_mib} MiB x {self.vm_config.vcpus} vCPU idle={s.idle} "
             f"in_use={s.in_use} max_size={s.max_size} restores={s.restores}>"
         )
+
+    def _repr_html_(self) -> str:
+        """Occupancy as a bar, and the counters (``pool.stats()``)."""
+        from . import _html
+
+        shape = f"RestorePool {self.vm_config.memory_mib} MiB x {self.vm_config.vcpus} vCPU"
+        try:
+            return self.stats()._repr_html_(title=shape)
+        except ClosedError:
+            return _html.box(f"{shape} (closed)", "")

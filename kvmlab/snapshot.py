@@ -364,3 +364,20 @@ class Snapshot:
             f"present_pages={self.present_pages} stored_bytes={self.stored_bytes}{where}"
             f"{' closed' if self.closed else ''}>"
         )
+
+    def _repr_html_(self) -> str:
+        from . import _html
+        from .units import fmt_size
+
+        pages = self.memory_bytes // 4096
+        rows = [
+            ("guest", self.guest or "(unnamed)"),
+            ("memory", f"{fmt_size(self.memory_bytes)}, {self.vcpus} vCPU"),
+            ("present pages", f"{self.present_pages} of {pages} ({fmt_size(self.present_pages * 4096)})"),
+            ("stored", fmt_size(self.stored_bytes)),
+            ("file", str(self._path) if self._path else "none (in memory; save and load it to restore with map)"),
+            ("created", self.created_at.isoformat(timespec="seconds")),
+        ]
+        bar = _html.bar([(f"{self.present_pages} present pages", self.present_pages, "brand")], pages)
+        title = f"Snapshot{' (closed)' if self.closed else ''}"
+        return _html.box(title, bar + _html.table(rows), "kvmlab-snapshot")

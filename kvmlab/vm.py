@@ -65,6 +65,14 @@ class ResetTiming:
     devices_ns: int
     total_ns: int
 
+    def _repr_html_(self) -> str:
+        from . import _html
+        from .plot import RESET_PHASES, RESET_PHASE_COLORS
+
+        values = {p: getattr(self, f"{p}_ns") for p in RESET_PHASES}
+        note = f", {self.dirty_pages} dirty pages put back"
+        return _html.phases("ResetTiming", values, RESET_PHASE_COLORS, self.total_ns, note, "kvmlab-reset-timing")
+
 
 @dataclass(frozen=True)
 class LoopResult:
@@ -108,6 +116,36 @@ class RunResult:
     def lines(self) -> list[str]:
         """``console`` split into lines."""
         return self.console.splitlines()
+
+    def __repr__(self) -> str:
+        # The console stays out (it can be 1 MiB): its size only.
+        from .units import fmt_time
+
+        what = {"exit": f", exit_code={self.exit_code}", "checkpoint": f", checkpoint_tag={self.checkpoint_tag:#x}"}
+        lines = self.console.count("\n") + (not self.console.endswith("\n") if self.console else 0)
+        dropped = f", {self.console_dropped} dropped" if self.console_dropped else ""
+        return (
+            f"RunResult(reason={self.reason!r}{what.get(self.reason, '')}, elapsed={fmt_time(self.elapsed_ns)}, "
+            f"console=<{lines} lines, {len(self.console)} chars{dropped}>)"
+        )
+
+    def _repr_html_(self, last_lines: int = 12) -> str:
+        """The result, with the console folded to its last ``last_lines`` lines."""
+        from . import _html
+        from .units import fmt_time
+
+        rows = [("reason", self.reason), ("elapsed", fmt_time(self.elapsed_ns))]
+        if self.reason == "exit":
+            rows.append(("exit code", self.exit_code))
+        if self.reason == "checkpoint":
+            rows.append(("checkpoint tag", f"{self.checkpoint_tag:#x}"))
+        if self.console_dropped:
+            rows.append(("console dropped", f"{self.console_dropped} bytes beyond the 1 MiB kept"))
+        lines = self.lines
+        folded = len(lines) - last_lines
+        note = f"console: {len(lines)} lines" + (f", the last {last_lines} shown ({folded} folded)" if folded > 0 else "")
+        body = _html.table(rows) + f"<div>{_html.escape(note)}</div>" + (_html.pre("\n".join(lines[-last_lines:])) if lines else "")
+        return _html.box("RunResult", body, "kvmlab-run-result")
 
 
 def _timeout_ns(timeout_s: float | None) -> int:
