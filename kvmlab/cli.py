@@ -28,6 +28,7 @@ from .doctor import INFO_CAPS, REQUIRED_CAPS, cpl_loop_image  # re-exported (old
 __all__ = [
     "main",
     "build_parser",
+    "version_text",
     "REQUIRED_CAPS",
     "INFO_CAPS",
     "PLUGIN_MODULES",
@@ -196,8 +197,37 @@ def _add_plugins(sub: Any) -> None:
         add_parser(sub)
 
 
+def version_text() -> str:
+    """``kvmlab 0.1.0 (core ABI 1, built with Zig 0.17.1)``: what a bug report needs.
+
+    Reads the ABI and Zig versions from the loaded library itself (not from
+    the Python side's expectations), so a mismatched build shows.
+    """
+    from . import __version__
+
+    try:
+        from . import _ffi
+    except ImportError as e:
+        return f"kvmlab {__version__} (native core not loadable: {e})"
+    zig = _ffi.ffi.string(_ffi.lib.kvmlab_zig_version()).decode("ascii", errors="replace")
+    return f"kvmlab {__version__} (core ABI {int(_ffi.lib.kvmlab_abi_version())}, built with Zig {zig})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: prints :func:`version_text` and exits (loads the core only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmlab", description="KVM VM snapshot/restore experiments.")
+    p.add_argument("--version", action=_VersionAction, help="print kvmlab's, the core's ABI and Zig versions, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

@@ -68,4 +68,18 @@ def test_usage_errors():
     with pytest.raises(SystemExit):
         cli.main(["nope"])
 
+def test_version_names_kvmlab_the_core_abi_and_zig():
+    from importlib import metadata
 
+    from kvmlab import _ffi
+
+    r = subprocess.run([sys.executable, "-m", "kvmlab", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    m = re.fullmatch(r"kvmlab (\S+) \(core ABI (\d+), built with Zig (\d+\.\d+\.\d+)\)\n", r.stdout)
+    assert m, r.stdout
+    assert m.group(1) == kvmlab.__version__ == metadata.version("kvmlab")
+    assert int(m.group(2)) == _ffi.ABI_VERSION
+    try:  # the build requires ziglang==X; the core must report that X
+        assert m.group(3) == metadata.version("ziglang")
+    except metadata.PackageNotFoundError:
+        pass

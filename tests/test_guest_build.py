@@ -110,6 +110,14 @@ def test_missing_sdk_is_explained(tmp_path, monkeypatch):
     assert str(tmp_path) in str(e.value)
 
 
+def test_missing_zig_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ziglang", None)  # find_spec() -> None: as if not installed
+    with pytest.raises(GuestError, match=r"kvmlab\[guests\]"):
+        build_zig(HELLO, name="no_zig")
+
+
 @pytest.mark.kvm
 def test_boot_snapshot_restore_a_built_guest():
     g = build_zig(COUNTDOWN, name="countdown")
