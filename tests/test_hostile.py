@@ -84,8 +84,8 @@ TRUNCATE_SCRIPT = textwrap.dedent(
         except (SnapshotError, GuestCrashError) as e:
             outcomes.append(f"{what}: {type(e).__name__}: {e}")
     # Python reading the zero-copy view past the new end: no SIGBUS, zeros,
-    # and the snapshot is marked damaged so kvmlab refuses it from now on.
-    assert not snap.damaged
+    # and the snapshot is marked damaged so kvmlab refuses it from now on
+    # (the copy restore above already saw the file's new size).
     tail = bytes(snap.memory[0x400000:0x400000 + 4096])
     outcomes.append(f"memory view: {'zeros' if tail == bytes(4096) else 'data'}")
     outcomes.append(f"damaged: {snap.damaged}")

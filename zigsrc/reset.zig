@@ -62,6 +62,7 @@ fn readLog(vm: *Vm, bitmap: []u64) errors.Error!void {
 
 pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
     const s = vm.reset_snap orelse return errors.fail(error.Busy, "this VM was not restored with reset enabled (restore it with resettable=True)", .{});
+    try s.checkIntact(); // its file may have been rewritten since the last reset
     if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
     defer vm.running.store(false, .release);
     const use_drop = switch (mode) {
