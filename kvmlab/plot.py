@@ -375,7 +375,7 @@ def restore_overview(data: Any, *, title: str | None = None):
 
 # -- benchmark summaries (kvmlab bench all) -----------------------------------------------
 #
-# These take the summarized figures of ``kvmlab.bench`` / ``benchmarks`` (every
+# These take the summarized figures of ``kvmlab.bench.report`` (every
 # figure a median with min and max, in ns) rather than raw timing records.
 
 
@@ -440,7 +440,7 @@ def benchmark_bars(
 def reset_vs_floor(rows: Sequence[dict], *, title: str | None = None, ax=None):
     """Reset time against dirty pages K (log-log): one line per reset
     configuration (median, min–max band) and the floor measured on the same
-    VMs (dashed). ``rows``: ``kvmlab.bench.bench_reset(...)["rows"]``."""
+    VMs (dashed). ``rows``: ``kvmlab.bench.report.reset_rows(...)``."""
     import numpy as np
 
     fig, ax0 = _new_figure(ax, size=(7.5, 4.4))
@@ -475,10 +475,11 @@ def reset_vs_floor(rows: Sequence[dict], *, title: str | None = None, ax=None):
     return fig
 
 
-def cycle_crossover(rows: Sequence[dict], *, title: str | None = None, ax=None):
+def cycle_crossover(rows: Sequence[dict], *, crossover: float | None = None, title: str | None = None, ax=None):
     """Time per run+reset cycle against guest work N (log-log) for kvmlab and
-    unicorn (median, min–max band), with the crossover marked.
-    ``rows``: ``kvmlab.bench.bench_cycle(...)["rows"]``."""
+    unicorn (median, min–max band), with the ``crossover`` N marked.
+    ``rows``: dicts with ``iterations`` and ``kvmlab`` / ``unicorn`` stats
+    (``kvmlab.bench.report.cycle_rows``)."""
     import numpy as np
 
     fig, ax0 = _new_figure(ax, size=(7.0, 4.2))
@@ -498,15 +499,10 @@ def cycle_crossover(rows: Sequence[dict], *, title: str | None = None, ax=None):
         hi = np.array([r[key]["max"] for r in rows]) / scale
         ax0.plot(n, med, marker="o", color=color, label=name)
         ax0.fill_between(n, lo, hi, color=color, alpha=0.07)
-    if len(series) == 2:
-        from kvmlab.bench import crossover
-
-        cx = crossover(list(rows))
-        at = cx.get("estimate") or cx.get("n")
-        if at:
-            ax0.axvline(at, color="gray", linestyle=":", linewidth=1)
-            ax0.annotate(f"crossover N≈{at:,.0f}", (at, ax0.get_ylim()[1]), xytext=(4, -12),
-                         textcoords="offset points", fontsize=7, color="gray")
+    if len(series) == 2 and crossover:
+        ax0.axvline(crossover, color="gray", linestyle=":", linewidth=1)
+        ax0.annotate(f"crossover N≈{crossover:,.0f}", (crossover, ax0.get_ylim()[1]), xytext=(4, -12),
+                     textcoords="offset points", fontsize=7, color="gray")
     ax0.set_xscale("log")
     ax0.set_yscale("log")
     _log_axis(ax0.yaxis)
@@ -518,7 +514,7 @@ def cycle_crossover(rows: Sequence[dict], *, title: str | None = None, ax=None):
 
 
 def fork_density(rows: Sequence[dict], *, title: str | None = None):
-    """Two panels for ``kvmlab.bench.bench_fork(...)["rows"]``: wall time until
+    """Two panels for ``kvmlab.bench.report.fork_rows(...)``: wall time until
     n VMs are ready (median, min–max) and host memory per VM (PSS growth and
     MemAvailable drop per VM)."""
     import numpy as np
@@ -562,7 +558,7 @@ def fork_density(rows: Sequence[dict], *, title: str | None = None):
 def floor_vs_shell_age(rows: Sequence[dict], *, title: str | None = None, ax=None):
     """Restore floor against how long the shell waited before it (symlog x):
     median total with its min–max band, and the memory and vCPU phases.
-    ``rows``: ``kvmlab.bench.bench_shell_age(...)["rows"]``."""
+    ``rows``: ``kvmlab.bench.report.age_rows(...)``."""
     import numpy as np
 
     fig, ax0 = _new_figure(ax, size=(7.0, 4.2))
