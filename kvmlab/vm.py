@@ -260,39 +260,43 @@ class _VmHandle:
         exception holds the output before the crash).
         """
         timeout_ns = _timeout_ns(timeout_s)
-        out = ffi.new("kvmlab_run_result *")
         with self._lock:
-            h = self._live()
-            elapsed = 0
-            while True:
-                left = 0 if timeout_ns == 0 else max(1, timeout_ns - elapsed)
-                rc = lib.kvmlab_vm_run(h, left, out)
-                if rc != 0 or REASONS.get(out.reason) != "interrupted":
-                    break
-                # A signal (Ctrl-C) stopped the vCPUs: Python runs its handler
-                # here (KeyboardInterrupt propagates); otherwise resume.
-                elapsed += int(out.elapsed_ns)
-            out.elapsed_ns += elapsed
-            if rc != 0:
-                err = _ffi.error_for(rc)
-                console, _ = self._take_console(h, final=True)
-                if console:
-                    err.console = console  # type: ignore[attr-defined]
-                raise err
-            reason = REASONS.get(out.reason)
-            if reason is None:
-                raise InternalError(f"the core returned unknown run reason {out.reason}")
-            console, _ = self._take_console(h, final=(reason == "exit"), pending=int(out.console_bytes))
-            result = RunResult(
-                reason=reason,
-                exit_code=int(out.exit_code),
-                checkpoint_tag=int(out.checkpoint_tag),
-                console=console,
-                console_dropped=int(out.console_dropped_bytes),
-                elapsed_ns=int(out.elapsed_ns),
-            )
-            self._after_run(h, result)
-            return result
+            return self._run_locked(self._live(), timeout_ns)
+
+    def _run_locked(self, h: Any, timeout_ns: int) -> RunResult:
+        """run() with the lock held and ``h`` live (call() runs this way
+        between its write and its read: one operation)."""
+        out = ffi.new("kvmlab_run_result *")
+        elapsed = 0
+        while True:
+            left = 0 if timeout_ns == 0 else max(1, timeout_ns - elapsed)
+            rc = lib.kvmlab_vm_run(h, left, out)
+            if rc != 0 or REASONS.get(out.reason) != "interrupted":
+                break
+            # A signal (Ctrl-C) stopped the vCPUs: Python runs its handler
+            # here (KeyboardInterrupt propagates); otherwise resume.
+            elapsed += int(out.elapsed_ns)
+        out.elapsed_ns += elapsed
+        if rc != 0:
+            err = _ffi.error_for(rc)
+            console, _ = self._take_console(h, final=True)
+            if console:
+                err.console = console  # type: ignore[attr-defined]
+            raise err
+        reason = REASONS.get(out.reason)
+        if reason is None:
+            raise InternalError(f"the core returned unknown run reason {out.reason}")
+        console, _ = self._take_console(h, final=(reason == "exit"), pending=int(out.console_bytes))
+        result = RunResult(
+            reason=reason,
+            exit_code=int(out.exit_code),
+            checkpoint_tag=int(out.checkpoint_tag),
+            console=console,
+            console_dropped=int(out.console_dropped_bytes),
+            elapsed_ns=int(out.elapsed_ns),
+        )
+        self._after_run(h, result)
+        return result
 
     def _after_run(self, h: Any, result: RunResult) -> None:
         """Called by run() with the lock held and the handle live."""
@@ -369,6 +373,10 @@ class _VmHandle:
         ``"reverse"``. The guest must be waiting at its service checkpoint
         (tag 0x5e5e0001); raises :class:`GuestTimeoutError` if it does not
         answer within ``timeout_s``.
+
+        One operation under the VM's lock (write the request, run, read the
+        answer): calls from several threads on one VM are served one at a
+        time, each caller gets its own answer.
         """
         code = SERVICE_OPS.get(op)
         if code is None:
@@ -376,14 +384,21 @@ class _VmHandle:
         data = bytes(payload)
         if len(data) > SERVICE_MAX_BYTES:
             raise ConfigError(f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}")
-        hdr = self.read_memory(SERVICE_GPA, 16)
-        seq = (int.from_bytes(hdr[8:12], "little") + 1) & 0xFFFFFFFF
-        self.write_memory(SERVICE_GPA + 0x1000, data)
-        self.write_memory(
-            SERVICE_GPA,
-            len(data).to_bytes(4, "little") + b"\0\0\0\0" + seq.to_bytes(4, "little") + b"\0\0\0\0" + code.to_bytes(4, "little"),
-        )
-        r = self.run(timeout_s)
+        timeout_ns = _timeout_ns(timeout_s)
+        with self._lock:
+            h = self._live()
+            hdr = self._read(h, SERVICE_GPA, 16)
+            seq = (int.from_bytes(hdr[8:12], "little") + 1) & 0xFFFFFFFF
+            self._write(h, SERVICE_GPA + 0x1000, data)
+            self._write(
+                h,
+                SERVICE_GPA,
+                len(data).to_bytes(4, "little") + b"\0\0\0\0" + seq.to_bytes(4, "little") + b"\0\0\0\0" + code.to_bytes(4, "little"),
+            )
+            r = self._run_locked(h, timeout_ns)
+            head = self._read(h, SERVICE_GPA, 0x18)
+            n = int.from_bytes(head[4:8], "little")
+            answer = self._read(h, SERVICE_GPA + 0x2000, min(n, SERVICE_MAX_BYTES))
         if r.reason != "checkpoint" or r.checkpoint_tag != SERVICE_TAG:
             err = GuestTimeoutError(
                 f"guest {self._guest} did not answer the service request (run ended with {r.reason}"
@@ -391,14 +406,12 @@ class _VmHandle:
             )
             err.console = r.console  # type: ignore[attr-defined]
             raise err
-        head = self.read_memory(SERVICE_GPA, 0x18)
-        n = int.from_bytes(head[4:8], "little")
         if int.from_bytes(head[12:16], "little") != seq or n > SERVICE_MAX_BYTES:
             raise GuestError(f"guest {self._guest} answered out of protocol (sequence or length wrong)")
         status = int.from_bytes(head[0x14:0x18], "little")
         if status == 1:
             raise GuestError(f"guest {self._guest} does not know op {op!r}")
-        return self.read_memory(SERVICE_GPA + 0x2000, n)
+        return answer
 
     # -- reset -----------------------------------------------------------------------------
 
@@ -496,10 +509,14 @@ class _VmHandle:
     def read_memory(self, gpa: int, n: int) -> bytes:
         """``n`` bytes of guest memory at guest-physical address ``gpa``."""
         _check_range(gpa, n, self.memory_bytes)
-        buf = bytearray(n)
         with self._lock:
-            h = self._live()
-            _ffi.check(lib.kvmlab_vm_read_memory(h, gpa, ffi.from_buffer("uint8_t[]", buf), n))
+            return self._read(self._live(), gpa, n)
+
+    @staticmethod
+    def _read(h: Any, gpa: int, n: int) -> bytes:
+        """read_memory with the lock held, ``h`` live and the range checked."""
+        buf = bytearray(n)
+        _ffi.check(lib.kvmlab_vm_read_memory(h, gpa, ffi.from_buffer("uint8_t[]", buf), n))
         return bytes(buf)
 
     def write_memory(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
@@ -509,8 +526,12 @@ class _VmHandle:
         view = memoryview(data).cast("B")
         _check_range(gpa, len(view), self.memory_bytes)
         with self._lock:
-            h = self._live()
-            _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", view), len(view)))
+            self._write(self._live(), gpa, view)
+
+    @staticmethod
+    def _write(h: Any, gpa: int, data: bytes | memoryview) -> None:
+        """write_memory with the lock held, ``h`` live and the range checked."""
+        _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", data), len(data)))
 
     def registers(self, vcpu: int = 0) -> dict[str, int]:
         """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``)."""
