@@ -83,7 +83,9 @@ def widget_states(nb) -> dict:
 def test_01_quickstart(tmp_path, monkeypatch):
     nb = run_notebook("01_quickstart.ipynb", tmp_path, monkeypatch)
     text = text_of(nb)
-    assert "kvmlab can run on this host." in text
+    html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
+    assert "kvmlab-doctor" in html and "kvmlab can run on this host." in html  # kvmlab.doctor()'s report
+    assert "<DoctorReport ok:" in text
     assert "b'11 olleh'" in text
     assert images(nb) >= 2  # the two kvmlab.plot figures (RestoreTimings draws into a widget)
     states = widget_states(nb)
