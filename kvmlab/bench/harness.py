@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +25,23 @@ FREE_BASE = 0x400000  # first byte the guests may use (docs/guest-protocol.md)
 
 
 class Progress:
-    """A ``tqdm.auto`` bar on stderr (a widget in notebooks); nothing when ``quiet``."""
+    """The bar of a benchmark run (kvmlab's ``tqdm.auto`` bar: a widget in
+    notebooks); nothing when ``quiet``. ``describe`` names the current step."""
 
     def __init__(self, total: int, quiet: bool = False, unit: str = "step") -> None:
-        assert total >= 0, total
-        self._bar = None
-        if not quiet:
-            from tqdm.auto import tqdm
+        from .._progress import bar
 
-            self._bar = tqdm(total=total, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+        assert total >= 0, total
+        self._bar = bar(total, "kvmlab bench", unit, not quiet)
 
     def describe(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.set_description(text)
+        self._bar.set_postfix_str(text)
 
     def update(self, k: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(k)
+        self._bar.update(k)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._bar.close()
 
 
 def host_info() -> dict[str, Any]:
