@@ -20,11 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import _progress
-from .errors import ConfigError, KvmlabError
+from .config import check_int
+from .errors import ConfigError, KvmlabError, KvmlabMemoryError
 from .snapshot import Snapshot
 from .vm import Vm
 
 __all__ = ["fork_many", "ForkSet", "memory_usage", "raise_fd_limit"]
+
+
+#: Most restoring threads fork_many starts (each restore is mostly waiting on KVM).
+MAX_THREADS = 256
 
 
 def memory_usage() -> dict[str, int]:
@@ -162,7 +167,7 @@ def fork_many(
         raise ConfigError(f"n must be an int in 1 .. 100000, got {n!r}")
     _progress.check(progress)
     raise_fd_limit(n * (2 + snap.vcpus))  # VM, vCPUs, and the snapshot file (dup) per VM
-    threads = threads or min(8, (os.cpu_count() or 2) * 2)
+    threads = min(8, (os.cpu_count() or 2) * 2) if threads is None else check_int("threads", threads, 1, MAX_THREADS)
     before = memory_usage()
     t0 = time.monotonic_ns()
     out = ForkSet()
@@ -175,6 +180,14 @@ def fork_many(
     except KvmlabError:
         out.close()
         raise
+    except RuntimeError as e:  # "can't start new thread": a host limit (RLIMIT_NPROC, address space)
+        out.close()
+        err = KvmlabMemoryError(
+            f"fork_many could not start its {threads} threads ({e}): pass fewer threads= or raise the "
+            "host's thread/memory limits (ulimit -u, ulimit -v)"
+        )
+        err.check = "host_threads"  # type: ignore[attr-defined]
+        raise err from None
     ready = time.monotonic_ns() - t0
     after = memory_usage()
     out.stats = ForkStats(

@@ -13,7 +13,6 @@ the caller's path) and the per-restore timing ring live in the Zig core
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 import weakref
@@ -21,7 +20,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from . import _ffi
-from .config import VmConfig
+from .config import U32_MAX, VmConfig, bad_argument, check_int
+from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
 from .vm import RunResult, _VmHandle
@@ -41,12 +41,8 @@ MAX_POOL_SIZE = 256
 _WAIT_SLICE_NS = 50_000_000
 
 
-def _int(name: str, v: object, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"PoolConfig {name} must be an int, got {v!r}")
-    if v < lo:
-        raise ConfigError(f"PoolConfig {name}={v} must be >= {lo}")
-    return v
+def _int(name: str, v: object, lo: int, hi: int = U32_MAX) -> int:
+    return check_int(f"PoolConfig {name}", v, lo, hi)
 
 
 @dataclass(frozen=True)
@@ -62,11 +58,17 @@ class PoolConfig:
         _int("min_size", self.min_size, 0)
         _int("max_size", self.max_size, 0)
         if self.max_size == 0:
-            raise ConfigError("PoolConfig max_size must be at least 1")
+            bad_argument("argument_range", "PoolConfig max_size", "PoolConfig max_size must be at least 1")
         if self.max_size > MAX_POOL_SIZE:
-            raise ConfigError(f"PoolConfig max_size={self.max_size} is over the limit of {MAX_POOL_SIZE}")
+            bad_argument(
+                "argument_range", "PoolConfig max_size",
+                f"PoolConfig max_size={self.max_size} is over the limit of {MAX_POOL_SIZE}",
+            )
         if self.min_size > self.max_size:
-            raise ConfigError(f"PoolConfig min_size={self.min_size} is larger than max_size={self.max_size}")
+            bad_argument(
+                "argument_range", "PoolConfig min_size",
+                f"PoolConfig min_size={self.min_size} is larger than max_size={self.max_size}",
+            )
         if self.max_in_use is not None:
             _int("max_in_use", self.max_in_use, 1)
 
@@ -152,12 +154,6 @@ def _bytes_view(data: object, what: str) -> memoryview:
         raise SnapshotError(f"{what} must be bytes-like (bytes, bytearray, memoryview), got {type(data).__name__}") from None
 
 
-def _wait_ns(timeout_s: float | None) -> int:
-    if timeout_s is None:
-        return 0
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0 or math.isnan(timeout_s):
-        raise ConfigError(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
-    return max(1, int(min(timeout_s, 1e9) * 1e9))
 
 
 
@@ -257,8 +253,7 @@ class RestorePool:
 
     def warm(self, target: int) -> None:
         """Creates shells until at least ``min(target, max_size)`` are idle."""
-        if isinstance(target, bool) or not isinstance(target, int) or target < 0:
-            raise ConfigError(f"warm target must be a non-negative int, got {target!r}")
+        check_int("target", target, 0, 2**63)
         h = self._enter()
         try:
             _ffi.check(lib.kvmlab_pool_warm(h, min(target, 2**32 - 1)))
@@ -290,7 +285,7 @@ class RestorePool:
 
     def timings(self, last: int | None = None) -> list[RestoreTiming]:
         """Per-restore phase records, oldest first (the core keeps the newest 4096)."""
-        cap = 4096 if last is None else max(0, min(int(last), 4096))
+        cap = 4096 if last is None else min(check_int("last", last, 0, 2**63), 4096)
         h = self._enter()
         try:
             buf = ffi.new("kvmlab_pool_timing[]", max(cap, 1))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _ffi
-from .config import VmConfig
+from .config import VmConfig, check_path
 from .errors import ClosedError, ConfigError, SnapshotError
 
 __all__ = ["Snapshot", "STRATEGIES"]
@@ -161,7 +161,7 @@ class Snapshot:
         The memory is used in place, so a ``map`` restore shares the file's
         pages copy-on-write; the file is never written.
         """
-        p = Path(path)
+        p = Path(check_path("path", path))
         # Refuse anything but a regular file before the core opens it (opening
         # a FIFO would block; a device or directory is never a snapshot).
         try:
@@ -207,7 +207,7 @@ class Snapshot:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the snapshot to ``path`` atomically (temp file, fsync, rename),
         mode 0600, zero pages as holes. Missing parent directories are created 0700."""
-        p = Path(path)
+        p = Path(check_path("path", path))
         with self._lock:
             self._live()  # a closed snapshot creates nothing
         if p.exists() and not p.is_file():

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from . import _ffi
-from .config import VmConfig
+from .config import VmConfig, check_buffer
+from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import BoundsError, ClosedError, ConfigError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args
 from .guests import names as guest_names
@@ -146,21 +147,6 @@ class RunResult:
         note = f"console: {len(lines)} lines" + (f", the last {last_lines} shown ({folded} folded)" if folded > 0 else "")
         body = _html.table(rows) + f"<div>{_html.escape(note)}</div>" + (_html.pre("\n".join(lines[-last_lines:])) if lines else "")
         return _html.box("RunResult", body, "kvmlab-run-result")
-
-
-def _timeout_ns(timeout_s: float | None) -> int:
-    """Seconds (or None = no deadline) -> the core's ``timeout_ns`` (0 = none)."""
-    if timeout_s is None:
-        return 0
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
-        raise ConfigError(f"timeout_s must be a number of seconds or None, got {timeout_s!r}")
-    if not math.isfinite(timeout_s):
-        if timeout_s > 0:
-            return 0
-        raise ConfigError(f"timeout_s must be > 0 (or None for no deadline), got {timeout_s!r}")
-    if timeout_s <= 0:
-        raise ConfigError(f"timeout_s must be > 0 (or None for no deadline), got {timeout_s!r}")
-    return max(1, int(timeout_s * 1_000_000_000))
 
 
 def _check_range(gpa: int, n: int, memory_bytes: int) -> None:
@@ -521,9 +507,7 @@ class _VmHandle:
 
     def write_memory(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Writes ``data`` into guest memory at guest-physical address ``gpa``."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ConfigError(f"data must be bytes-like, got {type(data).__name__}")
-        view = memoryview(data).cast("B")
+        view = check_buffer("data", data)
         _check_range(gpa, len(view), self.memory_bytes)
         with self._lock:
             self._write(self._live(), gpa, view)

@@ -65,3 +65,114 @@ def test_concurrent_calls_on_one_vm_each_get_their_own_answer(service_snap, make
         sys.setswitchinterval(switch)
         if pool:
             pool.close()
+
+
+# -- item 8: bad arguments and host limits ---------------------------------------------------
+
+
+def raises_check(check: str, call) -> None:
+    """``call()`` raises a KvmlabError whose ``check`` id is ``check``."""
+    from kvmlab import KvmlabError
+
+    with pytest.raises(KvmlabError) as e:
+        call()
+    assert getattr(e.value, "check", None) == check, (e.value, getattr(e.value, "check", None))
+
+
+BAD_TIMEOUTS = [(1e12, "argument_range"), (1e300, "argument_range"), (float("nan"), "argument_range"),
+                (-1, "argument_range"), (0, "argument_range"), (-float("inf"), "argument_range"),
+                ("2", "argument_type"), (True, "argument_type")]  # fmt: skip
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("timeout_s,check", BAD_TIMEOUTS, ids=[repr(t) for t, _ in BAD_TIMEOUTS])
+def test_bad_timeouts_give_a_config_error(service_snap, timeout_s, check):
+    from kvmlab import PoolConfig, RestorePool, Vm
+
+    with Vm.restore(service_snap, "copy", resettable=True) as vm:
+        raises_check(check, lambda: vm.run(timeout_s))
+        raises_check(check, lambda: vm.run_until_exit(timeout_s))
+        raises_check(check, lambda: vm.call(b"x", timeout_s=timeout_s))
+        raises_check(check, lambda: vm.reset_loop([b"x"], run_timeout_s=timeout_s))
+        assert vm.call(b"unharmed") == b"unharmed"
+    with RestorePool(CFG, PoolConfig(min_size=0, max_size=1)) as pool:
+        raises_check(check, lambda: pool.restore_snapshot(service_snap, timeout_s=timeout_s))
+        assert pool.stats().restores == 0
+
+
+@pytest.mark.parametrize(
+    "kw", [{"max_in_use": 2**32}, {"max_in_use": 2**64}, {"min_size": 2**40}, {"max_size": 2**32}],
+    ids=["max_in_use=2**32", "max_in_use=2**64", "min_size=2**40", "max_size=2**32"],
+)
+def test_out_of_range_pool_config_ints(kw):
+    from kvmlab import PoolConfig
+
+    raises_check("argument_range", lambda: PoolConfig(**kw))
+
+
+@pytest.mark.kvm
+def test_pool_argument_ints(service_snap):
+    from kvmlab import PoolConfig, RestorePool
+
+    with RestorePool(CFG, PoolConfig(min_size=0, max_size=1)) as pool:
+        raises_check("argument_type", lambda: pool.timings(last="2"))
+        raises_check("argument_range", lambda: pool.timings(last=-1))
+        raises_check("argument_type", lambda: pool.warm(1.0))
+        assert pool.timings(last=2**62) == []
+
+
+@pytest.mark.kvm
+def test_save_and_load_refuse_a_path_with_a_nul_byte(service_snap, tmp_path):
+    from kvmlab import Snapshot
+
+    raises_check("argument_path", lambda: service_snap.save(tmp_path / "x.kvmsnap\0evil"))
+    raises_check("argument_path", lambda: service_snap.save(""))
+    raises_check("argument_type", lambda: service_snap.save(12))
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even x.kvmsnap
+    raises_check("argument_path", lambda: Snapshot.load(str(tmp_path / "x\0y")))
+
+
+@pytest.mark.kvm
+def test_write_memory_with_a_strided_buffer(service_snap):
+    from kvmlab import Vm
+
+    with Vm.restore(service_snap, "copy") as vm:
+        raises_check("argument_buffer", lambda: vm.write_memory(0x900000, memoryview(b"abcdef")[::2]))
+        raises_check("argument_type", lambda: vm.write_memory(0x900000, "text"))
+        vm.write_memory(0x900000, bytes(memoryview(b"abcdef")[::2]))  # what the message says to do
+        assert vm.read_memory(0x900000, 3) == b"ace"
+
+
+@pytest.mark.kvm
+def test_fork_many_bad_threads(service_file):
+    from kvmlab import Snapshot, fork_many
+
+    with Snapshot.load(service_file) as snap:
+        raises_check("argument_range", lambda: fork_many(snap, 2, threads=-1))
+        raises_check("argument_range", lambda: fork_many(snap, 2, threads=0))
+        raises_check("argument_type", lambda: fork_many(snap, 2, threads="2"))
+        raises_check("argument_range", lambda: fork_many(snap, 2, threads=10**6))
+
+
+@pytest.mark.kvm
+def test_fork_many_when_no_thread_can_start(service_file):
+    """A host limit on threads (here: address space too small for a thread
+    stack) is a KvmlabMemoryError with check "host_threads", not RuntimeError."""
+    p = run_script(
+        """
+        import resource, sys, threading
+        from kvmlab import KvmlabMemoryError, Snapshot, fork_many
+        snap = Snapshot.load(sys.argv[1])
+        with open("/proc/self/status") as f:
+            vm_kb = next(int(l.split()[1]) for l in f if l.startswith("VmSize:"))
+        threading.stack_size(1 << 30)  # every new thread wants 1 GiB of address space
+        resource.setrlimit(resource.RLIMIT_AS, ((vm_kb << 10) + (512 << 20), resource.RLIM_INFINITY))
+        try:
+            fork_many(snap, 4, threads=2, progress=False)
+        except KvmlabMemoryError as e:
+            print("check", e.check)
+        """,
+        str(service_file),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "check host_threads", (p.stdout, p.stderr[-2000:])
