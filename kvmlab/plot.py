@@ -44,6 +44,8 @@ __all__ = [
     "cycle_crossover",
     "fork_density",
     "floor_vs_shell_age",
+    "reset_vs_dirty_pages",
+    "fork_ready_vs_n",
 ]
 
 #: The phases of a restore, in order (columns ``<phase>_ns``).
@@ -582,6 +584,102 @@ def floor_vs_shell_age(rows: Sequence[dict], *, title: str | None = None, ax=Non
     ax0.set_ylim(bottom=0)
     ax0.grid(True, which="both", alpha=0.3)
     ax0.legend(fontsize=8)
+    return fig
+
+
+def _records(data: Any, needed: Sequence[str], aliases: dict[str, str] | None = None):
+    """``data`` (records, dicts or a DataFrame) as a DataFrame with the
+    ``needed`` columns (``aliases``: other column name -> needed name)."""
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        df = data.copy()
+    else:
+        df = pd.DataFrame([asdict(r) if is_dataclass(r) and not isinstance(r, type) else dict(r) for r in data or ()])
+    for other, name in (aliases or {}).items():
+        if name not in df.columns and other in df.columns:
+            df[name] = df[other]
+    missing = [c for c in needed if c not in df.columns]
+    if len(df) and missing:
+        raise ValueError(f"the data needs the columns {', '.join(missing)}; it has {', '.join(map(str, df.columns))}")
+    return df
+
+
+def _median_line(ax, df, x: str, y: str, scale: float, color: str, label: str) -> None:
+    """Every point faintly, the median per x as a line."""
+    ax.scatter(df[x], df[y] / scale, s=10, alpha=0.35, color=color, linewidths=0)
+    med = df.groupby(x, sort=True)[y].median() / scale
+    ax.plot(med.index, med.values, marker="o", color=color, label=label)
+
+
+def reset_vs_dirty_pages(data: Any, *, title: str | None = None, ax=None):
+    """Reset time against the pages each reset put back (log-log): every reset
+    as a point, the median per page count as a line.
+
+    Args:
+        data: :class:`~kvmlab.vm.ResetTiming` records (``vm.reset_timings()``),
+            :class:`~kvmlab.vm.LoopResult` records (``vm.reset_loop(...)``), or
+            dicts / a DataFrame with ``dirty_pages`` and ``total_ns`` (or ``reset_ns``).
+        title: the figure's title.
+        ax: draw into this Axes instead of a new figure.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    df = _records(data, ("dirty_pages", "total_ns"), {"reset_ns": "total_ns"})
+    fig, ax0 = _new_figure(ax)
+    _title(fig, ax0, "Reset time vs dirty pages", title, ax is None)
+    if df.empty:
+        _empty(ax0, "no resets yet")
+        return fig
+    unit, scale = choose_unit(df["total_ns"])
+    df = df.assign(dirty_pages=df["dirty_pages"].clip(lower=1))  # log axis: a reset of 0 pages sits at 1
+    _median_line(ax0, df, "dirty_pages", "total_ns", scale, PHASE_COLORS["memory"], "reset (median)")
+    ax0.set_xscale("log")
+    ax0.set_yscale("log")
+    _log_axis(ax0.xaxis)
+    _log_axis(ax0.yaxis)
+    ax0.set_xlabel("dirty pages put back (log scale)")
+    ax0.set_ylabel(f"reset time ({unit}, log scale)")
+    ax0.grid(True, which="both", alpha=0.3)
+    ax0.legend(fontsize=8)
+    return fig
+
+
+def fork_ready_vs_n(data: Any, *, title: str | None = None, ax=None):
+    """``fork_many`` ready time against n: every run as a point, the median
+    per n as a line, and the median time per VM on a second axis.
+
+    Args:
+        data: ``ForkSet.stats`` records (:class:`~kvmlab.fork.ForkStats`) or
+            dicts / a DataFrame with ``n`` and ``ready_ns``.
+        title: the figure's title.
+        ax: draw into this Axes instead of a new figure.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    df = _records(data, ("n", "ready_ns"))
+    fig, ax0 = _new_figure(ax)
+    _title(fig, ax0, "fork_many: time until n VMs are ready", title, ax is None)
+    if df.empty:
+        _empty(ax0, "no forks yet")
+        return fig
+    unit, scale = choose_unit(df["ready_ns"])
+    _median_line(ax0, df, "n", "ready_ns", scale, PHASE_COLORS["memory"], "all n ready (median)")
+    ax0.set_xlabel("n (VMs)")
+    ax0.set_ylabel(f"ready time ({unit})")
+    ax0.set_ylim(bottom=0)
+    ax0.grid(True, alpha=0.3)
+    per_vm = (df["ready_ns"] / df["n"]).groupby(df["n"], sort=True).median()
+    vm_unit, vm_scale = choose_unit(per_vm)
+    ax1 = ax0.twinx()
+    ax1.plot(per_vm.index, per_vm.values / vm_scale, linestyle="--", marker=".", color=PHASE_COLORS["vcpu"], label="per VM (median)")
+    ax1.set_ylabel(f"per VM ({vm_unit})")
+    ax1.set_ylim(bottom=0)
+    lines = ax0.get_legend_handles_labels()
+    more = ax1.get_legend_handles_labels()
+    ax0.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
     return fig
 
 

@@ -25,6 +25,7 @@ BUDGET_S = {
     "02_restore_latency.ipynb": 60,
     "03_write_your_own_guest.ipynb": 90,
     "04_benchmarks.ipynb": 90,
+    "06_reset_and_fork.ipynb": 60,
 }
 
 
@@ -34,6 +35,7 @@ def test_the_notebooks_exist():
         "02_restore_latency.ipynb",
         "03_write_your_own_guest.ipynb",
         "04_benchmarks.ipynb",
+        "06_reset_and_fork.ipynb",
     ]
 
 
@@ -141,3 +143,18 @@ def test_04_benchmarks(tmp_path, monkeypatch):
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
     assert {p.name for p in out.glob("*.png")} >= {"restore.png", "reset.png", "cycle.png", "fork.png"}
     shutil.rmtree(out)
+
+
+@pytest.mark.kvm
+@pytest.mark.slow
+def test_06_reset_and_fork(tmp_path, monkeypatch):
+    nb = run_notebook("06_reset_and_fork.ipynb", tmp_path, monkeypatch)
+    text = text_of(nb)
+    assert "round 2 pages 64 sum 0x" in text and "'done'" in text
+    assert "ResetTiming(dirty_pages=" in text and "ForkStats(n=8" in text
+    assert "b'vm 0', b'vm 1', b'vm 2'" in text
+    assert images(nb) >= 2  # reset time vs dirty pages, fork ready time vs n
+    html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
+    assert "kvmlab-reset-timing" in html and "kvmlab-run-result" in html  # the rich reprs
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert " µs" not in prose and " ms " not in prose  # no hard-coded figures
