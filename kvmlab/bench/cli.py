@@ -244,7 +244,8 @@ def _other_parsers(sub: Any) -> None:
     dc = sub.add_parser("docs", help="generate the README headline table and docs/performance.md from a saved run",
                         description="Rewrites the generated block of the README's Performance part and "
                                     "docs/performance.md from the results.json of a `kvmlab bench all` run.")
-    dc.add_argument("--results", default="docs/results/bench-all.json", help="a saved run (default docs/results/bench-all.json)")
+    dc.add_argument("--results", default="docs/results/results.json",
+                    help="a saved run (default docs/results/results.json, from kvmlab bench all --out docs/results)")
     dc.add_argument("--readme", default="README.md", help="the README to update (default README.md)")
     dc.add_argument("--performance", default="docs/performance.md", help="the page to write (default docs/performance.md)")
     dc.set_defaults(func=cmd_docs)

@@ -209,7 +209,7 @@ def load(path: str | os.PathLike[str]) -> Results:
         raise ConfigError(f"{p} is not a kvmlab results file (no 'parts'); pass the results.json a benchmark wrote")
     try:
         return Results.from_dict(doc)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{p} is a damaged results file ({type(e).__name__}: {e}); re-run the benchmark") from None
