@@ -11,7 +11,6 @@ what the host allows, the baseline of the targets.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from .settle import wait_settled
 

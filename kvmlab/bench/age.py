@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ._native import restore_floor
-from .harness import Progress, host_info, make_snapshot, versions
+from .harness import Progress, make_snapshot, measure
 from .results import Part, Results
 
 __all__ = ["AGES_MS", "AGE_KEYS", "AGE_METRICS", "age_part", "bench_age"]
@@ -54,13 +53,5 @@ def age_part(ages_ms: Sequence[float] = AGES_MS, *, memory_mib: int = 256, strat
 def bench_age(ages_ms: Sequence[float] = AGES_MS, *, memory_mib: int = 256, strategy: str = "map", n: int = 40,
               warmup: int = 2, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench age`` as a function."""
-    res = Results("age", host=host_info(), versions=versions(), command=command)
-    progress = Progress(len(set(ages_ms)) * (n + warmup), quiet)
-    t0 = time.monotonic()
-    try:
-        res.parts["age"] = age_part(ages_ms, memory_mib=memory_mib, strategy=strategy, n=n, warmup=warmup,
-                                    progress=progress)
-    finally:
-        progress.close()
-    res.seconds = time.monotonic() - t0
-    return res
+    return measure("age", len(set(ages_ms)) * (n + warmup), quiet, command, lambda progress: {
+        "age": age_part(ages_ms, memory_mib=memory_mib, strategy=strategy, n=n, warmup=warmup, progress=progress)})

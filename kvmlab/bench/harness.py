@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = [
     "PAGE_BYTES",
@@ -18,6 +19,7 @@ __all__ = [
     "make_service_snapshot",
     "make_memtouch_snapshot",
     "fill_pages",
+    "measure",
 ]
 
 PAGE_BYTES = 4096
@@ -145,3 +147,20 @@ def make_memtouch_snapshot(pages: int, memory_mib: int, out_dir: Path):
         with vm.snapshot() as snap:
             path = snap.save(out_dir / f"memtouch-{pages}p-{memory_mib}mib.kvmsnap")
     return Snapshot.load(path)
+
+
+def measure(benchmark: str, total_steps: int, quiet: bool, command: str | None,
+            run: Callable[[Progress], dict[str, Any]]):
+    """One benchmark run: a progress bar of ``total_steps``, ``run(progress)``
+    returning its parts (name -> Part), host, versions and duration around it."""
+    from .results import Results
+
+    res = Results(benchmark, host=host_info(), versions=versions(), command=command)
+    progress = Progress(total_steps, quiet)
+    t0 = time.monotonic()
+    try:
+        res.parts.update(run(progress))
+    finally:
+        progress.close()
+    res.seconds = time.monotonic() - t0
+    return res

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._native import reset_floor
-from .harness import Progress, host_info, make_memtouch_snapshot, versions
+from .harness import Progress, make_memtouch_snapshot, measure
 from .peers.unicorn import UnicornCycle, unicorn_available
 from .results import Part, Results
 from .targets import reset_verdicts
@@ -271,18 +271,14 @@ def bench_reset(dirty_pages: Sequence[int] = (1, 16, 256, 4096), *, memory_mib: 
                 command: str | None = None) -> Results:
     """``kvmlab bench reset`` as a function: the reset part, then (unless
     ``cycle_iterations`` is empty) the cycle part; verdicts of the reset target."""
-    res = Results("reset", host=host_info(), versions=versions(), command=command)
-    total = len(dirty_pages) * len(RESET_CONFIGS) * (n + warmup) * 2 + len(cycle_iterations) * cycle_batches * 2
-    progress = Progress(total, quiet)
-    t0 = time.monotonic()
-    try:
-        res.parts["reset"] = reset_part(dirty_pages, memory_mib=memory_mib, n=n, warmup=warmup, progress=progress)
+    def run(progress: Progress) -> dict[str, Part]:
+        parts = {"reset": reset_part(dirty_pages, memory_mib=memory_mib, n=n, warmup=warmup, progress=progress)}
         if cycle_iterations:
-            res.parts["cycle"] = cycle_part(cycle_iterations, pages=cycle_pages, memory_mib=cycle_memory_mib,
-                                            batches=cycle_batches, progress=progress)
-    finally:
-        progress.close()
-    res.seconds = time.monotonic() - t0
+            parts["cycle"] = cycle_part(cycle_iterations, pages=cycle_pages, memory_mib=cycle_memory_mib,
+                                        batches=cycle_batches, progress=progress)
+        return parts
+
+    total = len(dirty_pages) * len(RESET_CONFIGS) * (n + warmup) * 2 + len(cycle_iterations) * cycle_batches * 2
+    res = measure("reset", total, quiet, command, run)
     res.verdicts = reset_verdicts(res.parts["reset"].summary())
     return res
-

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ._native import floors_available, pool_restore, restore_floor
-from .harness import Progress, host_info, make_service_snapshot, make_snapshot, versions
+from .harness import Progress, make_service_snapshot, make_snapshot, measure
 from .settle import settle
 from .results import Part, Results
 from .targets import restore_verdicts
@@ -167,34 +167,29 @@ def bench_restore(memory_mib: Sequence[int] = (64, 256), *, strategies: Sequence
     """``kvmlab bench restore`` as a function: the paths pooled, unpooled,
     floor and floor-idle (``floor=False``: no floors) for every memory size,
     strategy and the sparse (and, ``dense``, dense) snapshot."""
-    paths = ["pooled", "unpooled"]
-    skipped = {}
-    if floor and floors_available():
-        paths += ["floor", "floor-idle"]
-    else:
-        skipped["floor"] = "--no-floor" if not floor else "this native core has no benchmark floors (rebuild: pip install -e .)"
+    paths = ["pooled", "unpooled"] + (["floor", "floor-idle"] if floor and floors_available() else [])
     kinds = ["sparse"] + (["dense"] if dense else [])
-    res = Results("restore", host=host_info(), versions=versions(), command=command, skipped=skipped)
-    progress = Progress(len(kinds) * len(memory_mib) * len(strategies) * len(paths) * (n + warmup), quiet, "restore")
-    records: list[dict[str, Any]] = []
-    t0 = time.monotonic()
-    try:
+
+    def run(progress: Progress) -> dict[str, Part]:
+        records: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory(prefix="kvmlab-bench-") as tmp:
             for mem in memory_mib:
                 for kind in kinds:
                     progress.describe(f"{mem} MiB {kind}")
                     guest, path, _present = make_snapshot(kind, mem, Path(tmp), dense_fraction)
-                    cell = {"memory_mib": mem, "density": kind, "guest": guest}
-                    records += measure_restores(path, cell, paths=paths, strategies=strategies, n=n, warmup=warmup,
+                    records += measure_restores(path, {"memory_mib": mem, "density": kind, "guest": guest},
+                                                paths=paths, strategies=strategies, n=n, warmup=warmup,
                                                 run_first=run_first, progress=progress)
-    finally:
-        progress.close()
-    res.seconds = time.monotonic() - t0
-    part = Part("restore", RESTORE_KEYS, RESTORE_METRICS, records,
-                config={"memory_mib": list(memory_mib), "strategies": list(strategies), "n": n, "warmup": warmup,
-                        "dense": dense, "dense_fraction": dense_fraction, "run_first": run_first, "paths": paths})
-    res.parts["restore"] = part
-    res.verdicts = restore_verdicts(part.summary())
+        return {"restore": Part("restore", RESTORE_KEYS, RESTORE_METRICS, records, config={
+            "memory_mib": list(memory_mib), "strategies": list(strategies), "n": n, "warmup": warmup, "dense": dense,
+            "dense_fraction": dense_fraction, "run_first": run_first, "paths": paths})}
+
+    res = measure("restore", len(kinds) * len(memory_mib) * len(strategies) * len(paths) * (n + warmup), quiet,
+                  command, run)
+    if "floor" not in paths:
+        res.skipped["floor"] = ("--no-floor" if not floor else
+                                "this native core has no benchmark floors (rebuild: pip install -e .)")
+    res.verdicts = restore_verdicts(res.parts["restore"].summary())
     return res
 
 
