@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,6 +189,24 @@ def test_qmp_read_times_out_on_a_silent_qemu():
         theirs.close()
         with pytest.raises(qp.QmpError, match="closed"):
             ch.read()
+
+
+def test_a_stuck_qemu_fails_its_rows_instead_of_hanging(tmp_path):
+    """A QEMU that starts but never speaks QMP: the peer gives up after its
+    QMP timeout, kills the process and the error says what happened."""
+    fake = tmp_path / "qemu-stuck"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'QEMU emulator version 0 (stuck)' && exit 0\n"
+                    "exec sleep 60\n")
+    fake.chmod(0o755)
+    assert qp.qemu_problem(str(fake)) is None
+    peer = qp.QemuPeer(tmp_path, str(fake), qmp_timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(qp.QmpTimeoutError):
+        peer.measure(16, "sparse", reps=1)
+    assert time.monotonic() - t0 < 5
+    pid = os.getpid()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert not [c for c in children if b"sleep" in Path(f"/proc/{c}/cmdline").read_bytes()]  # killed, reaped
 
 
 def test_migrate_uri_quotes_the_path(tmp_path):

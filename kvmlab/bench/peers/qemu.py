@@ -187,6 +187,7 @@ class _Qemu:
     """A QEMU process with its QMP monitor on stdin/stdout."""
 
     def __init__(self, argv: list[str], pass_fds: tuple[int, ...] = (), timeout_s: float = QMP_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
         self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   bufsize=0, pass_fds=pass_fds)
         try:
@@ -219,8 +220,8 @@ class _Qemu:
             except (OSError, ValueError):
                 pass
             try:
-                self.p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+                self.p.wait(timeout=min(10.0, self.timeout_s))
+            except subprocess.TimeoutExpired:  # stuck: it does not get to hang the run
                 self.p.kill()
                 self.p.wait()
         for f in (self.p.stdin, self.p.stdout, self.p.stderr):
@@ -234,8 +235,9 @@ class _Qemu:
 class QemuPeer:
     """Saved VMs of given sizes/densities and timed ``-incoming`` restores."""
 
-    def __init__(self, work_dir: Path, binary: str = "qemu-system-x86_64") -> None:
+    def __init__(self, work_dir: Path, binary: str = "qemu-system-x86_64", qmp_timeout_s: float = QMP_TIMEOUT_S) -> None:
         self.dir = Path(work_dir)
+        self.qmp_timeout_s = qmp_timeout_s
         self.binary = shutil.which(binary) or binary
         self.version = qemu_version(self.binary)
 
@@ -257,7 +259,7 @@ class QemuPeer:
         kernel.write_bytes(pvh_elf(fill))
         state = self.dir / f"qemu-{tag}.migstate"
         t0 = time.monotonic()
-        q = _Qemu(self.argv(kernel, memory_mib))
+        q = _Qemu(self.argv(kernel, memory_mib), timeout_s=self.qmp_timeout_s)
         try:
             while True:
                 regs = q.hmp("info registers")
@@ -294,7 +296,8 @@ class QemuPeer:
         try:
             t0 = time.perf_counter_ns()
             deadline = time.monotonic() + timeout_s
-            q = _Qemu(self.argv(saved["kernel"], memory_mib) + ["-incoming", f"fd:{fd}"], pass_fds=(fd,))
+            q = _Qemu(self.argv(saved["kernel"], memory_mib) + ["-incoming", f"fd:{fd}"], pass_fds=(fd,),
+                      timeout_s=self.qmp_timeout_s)
             try:
                 while True:
                     status = q.cmd("query-status")["status"]
