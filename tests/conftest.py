@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,9 @@ from kvmlab.config import MIN_MEMORY_MIB, VmConfig
 from kvmlab.vm import SERVICE_TAG
 
 REQUIRE_KVM = os.environ.get("KVMLAB_REQUIRE_KVM") == "1"
+#: The source checkout's path when the suite tests an installed wheel (.ci/run sets it): the
+#: kvmlab under test must not come from there, and tests marked ``checkout`` are skipped.
+INSTALLED_NOT_FROM = os.environ.get("KVMLAB_TEST_INSTALLED")
 
 MiB = 1 << 20
 #: The usual test VM shape, and the smallest one kvmlab accepts.
@@ -70,7 +74,27 @@ def _require_kvm() -> None:
     pytest.skip(problem)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    import kvmlab
+
+    where = Path(kvmlab.__file__).resolve().parent
+    if INSTALLED_NOT_FROM and where.is_relative_to(Path(INSTALLED_NOT_FROM).resolve()):
+        raise pytest.UsageError(
+            f"KVMLAB_TEST_INSTALLED={INSTALLED_NOT_FROM}: this run must test an installed kvmlab, "
+            f"but it imports {where} (run pytest outside the checkout, with the wheel installed)"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import kvmlab
+
+    kind = "installed (KVMLAB_TEST_INSTALLED)" if INSTALLED_NOT_FROM else "any"
+    return f"kvmlab under test: {kvmlab.__version__} from {Path(kvmlab.__file__).resolve().parent} [{kind}]"
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if INSTALLED_NOT_FROM and item.get_closest_marker("checkout") is not None:
+        pytest.skip("needs the source checkout (README.md, zigsrc/); this run tests the installed wheel")
     if item.get_closest_marker("kvm") is not None:
         _require_kvm()
 

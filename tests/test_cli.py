@@ -44,6 +44,7 @@ def _shape(text: str) -> list[str]:
 
 
 @pytest.mark.kvm
+@pytest.mark.checkout
 def test_readme_quickstart_output_matches_the_demo():
     readme = (Path(kvmlab.__file__).resolve().parent.parent / "README.md").read_text()
     sample = re.search(r"```text\n(\$ kvmlab demo\n.*?)```", readme, re.S)

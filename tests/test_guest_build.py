@@ -58,6 +58,7 @@ def test_builds_a_guest_image():
     assert g.image == kvmlab.Guest.builtin("hello").image  # byte for byte
 
 
+@pytest.mark.checkout
 @pytest.mark.parametrize("name", ["counter", "service"])
 def test_same_recipe_as_the_builtin_guests(name):
     src = REPO / "zigsrc" / "guests" / f"{name}.zig"
