@@ -1,7 +1,7 @@
 """Tables, plots and documents of a :class:`~kvmlab.bench.results.Results`.
 
 Every table is a pandas DataFrame of formatted figures, printed with
-``to_string`` (terminal) or ``to_markdown`` (reports, docs); every figure is
+``to_markdown`` (a plain layout for terminals, pipe tables for reports and docs); every figure is
 formatted by :mod:`kvmlab.units`; every ratio is of medians of one run.
 :func:`write_docs` generates the README's headline table and
 ``docs/performance.md`` from a saved run.
@@ -32,7 +32,8 @@ PEER_LABELS = {"qemu": "QEMU microvm -incoming (process start to running)",
 def _table(df, md: bool) -> str:
     if df is None or not len(df):
         return "(no rows)"
-    return df.to_markdown(index=False) if md else df.to_string(index=False)
+    # The terminal gets tabulate's "simple" layout (text columns left-aligned).
+    return df.to_markdown(index=False, tablefmt="pipe" if md else "simple")
 
 
 def _stats(part: Part) -> dict[tuple, dict[str, float]]:
@@ -218,7 +219,7 @@ def _header(res: Results) -> list[str]:
     h, v = res.host, res.versions
     mods = ", ".join(h.get("kvm_modules") or []) or "none"
     nested = " (nested, paravirtual KVM: guest CPL0 code is emulated)" if "kvm_pvm" in (h.get("kvm_modules") or []) else ""
-    took = "" if res.seconds is None or math.isnan(res.seconds) else f"; took {res.seconds:.0f} s"
+    took = "" if res.seconds is None or math.isnan(res.seconds) else f"; took {res.seconds:.1f} s"
     return [f"- host: {h.get('cpu')}, {h.get('cpus')} CPUs, kernel {h.get('kernel')}, KVM modules: {mods}{nested}",
             f"- software: Python {v.get('python')}, kvmlab {v.get('kvmlab')} (ABI {v.get('abi')}), "
             f"unicorn {v.get('unicorn') or 'absent'}, QEMU {_qemu_version(res) or 'absent'}",

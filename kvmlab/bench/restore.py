@@ -33,13 +33,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..plot import PHASES  # the core's phases of a restore, in order (said once, there)
 from ._native import floors_available, pool_restore, restore_floor
 from .harness import Progress, make_service_snapshot, make_snapshot, measure
 from .settle import settle
 from .results import Part, Results
 from .targets import restore_verdicts
 
-__all__ = ["PATHS", "PATH_LABELS", "PHASES", "RESTORE_KEYS", "RESTORE_METRICS", "measure_restores", "bench_restore"]
+__all__ = ["PATHS", "PATH_LABELS", "RESTORE_KEYS", "RESTORE_METRICS", "measure_restores", "bench_restore"]
 
 #: Every restore path, in report order, with what it is in words.
 PATH_LABELS = {
@@ -51,8 +52,6 @@ PATH_LABELS = {
     "floor-idle": "floor into an idle pooled shell (as old as the pool's)",
 }
 PATHS = tuple(PATH_LABELS)
-#: The core's phases of a restore (``<phase>_ns``), in order.
-PHASES = ("acquire", "memory", "vcpu", "devices")
 RESTORE_KEYS = ["memory_mib", "density", "guest", "path", "strategy"]
 RESTORE_METRICS = ["call_ns", "total_ns", *(f"{p}_ns" for p in PHASES), "first_run_ns"]
 STRATEGIES = ("copy", "map")
