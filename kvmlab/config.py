@@ -49,7 +49,8 @@ def check_int(argument: str, v: object, lo: int, hi: int) -> int:
     if not _is_int(v):
         bad_argument("argument_type", argument, f"{argument} must be an int, got {v!r} ({type(v).__name__})")
     if not lo <= v <= hi:  # type: ignore[operator]
-        bad_argument("argument_range", argument, f"{argument}={v} is out of range: use {lo} .. {hi}")
+        use = f"{lo} .. {hi}" if hi <= U32_MAX else f"an int >= {lo}"
+        bad_argument("argument_range", argument, f"{argument}={v} is out of range: use {use}")
     return v  # type: ignore[return-value]
 
 

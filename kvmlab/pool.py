@@ -12,7 +12,7 @@ the caller's path) and the per-restore timing ring live in the Zig core
 
 from __future__ import annotations
 
-import functools
+import os
 import threading
 import time
 import weakref
@@ -158,6 +158,40 @@ def _bytes_view(data: object, what: str) -> memoryview:
 
 
 
+class _Release:
+    """The free function of the VMs a pool hands out: gives a VM back to the
+    pool. In the child of os.fork() the pool is forgotten (``pool_handle``
+    None) and this does nothing: the pool's worker thread does not exist there
+    and its lock may have been held at the fork."""
+
+    __slots__ = ("pool_handle",)
+
+    def __init__(self, pool_handle: Any) -> None:
+        self.pool_handle = pool_handle
+
+    def __call__(self, vm_handle: Any) -> None:
+        h = self.pool_handle
+        if h is not None:
+            lib.kvmlab_pool_release(h, vm_handle)
+
+
+#: The pools of this process, forgotten in the child of os.fork().
+_LIVE_POOLS: "weakref.WeakSet[RestorePool]" = weakref.WeakSet()
+
+
+def _forget_pools_after_fork() -> None:
+    """os.fork() child: every inherited pool reads as closed and is never
+    freed or called natively (its worker thread is not in the child; its
+    shells' memory and descriptors go when the child exits). The child makes
+    its own pools."""
+    for pool in list(_LIVE_POOLS):
+        pool._forget()
+    _LIVE_POOLS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
 class PooledRestoreVm(_VmHandle):
     """A VM restored by a :class:`RestorePool`. ``release()`` (or leaving the
     ``with`` block) hands it back; the pool destroys it off your thread."""
@@ -168,8 +202,9 @@ class PooledRestoreVm(_VmHandle):
         # The core frees the pool only after close() *and* the last release,
         # deciding under its lock, so release needs no guard here.
         _VmHandle.__init__(self, handle, pool.vm_config, guest, pool._release_vm)
-        # The raw pool handle (valid while this VM is out, even after close()).
-        self._pool_handle = pool._release_vm.args[0]
+        # The pool's release function; its pool_handle stays valid while this
+        # VM is out, even after close() (None in a fork's child).
+        self._pool_handle = pool._release_vm
         self._first_run_pending = True
         # The core's kvmlab_restore_times, turned into a dict on first use:
         # the restore call itself only keeps the struct (a hot path).
@@ -180,9 +215,16 @@ class PooledRestoreVm(_VmHandle):
     def restore_timing(self) -> dict[str, int]:
         """This restore's record: integer nanoseconds per phase (``acquire_ns``,
         ``memory_ns``, ``vcpu_ns``, ``devices_ns``, ``total_ns``), ``hit``,
-        ``strategy``, ``mapped``, ``memory_bytes``, ``seq``."""
+        ``strategy`` (``"copy"``, ``"map"`` or ``"reuse"``, as in
+        :meth:`RestorePool.timings`), ``mapped``, ``memory_bytes``, ``seq``."""
         if self._timing is None:
-            self._timing = _ffi.as_dict(self._times, "kvmlab_restore_times")
+            d = _ffi.as_dict(self._times, "kvmlab_restore_times")
+            # A reuse (reset_on_release) restores nothing: the core leaves the
+            # three restore phases 0, which a real restore never does.
+            reused = d["memory_ns"] == d["vcpu_ns"] == d["devices_ns"] == 0
+            d["strategy"] = "reuse" if reused else "map" if d["mapped"] else "copy"
+            d["memory_bytes"] = self.memory_bytes
+            self._timing = d
         return self._timing
 
     def _after_run(self, h: Any, result: RunResult) -> None:
@@ -190,7 +232,9 @@ class PooledRestoreVm(_VmHandle):
             self._first_run_pending = False
             # Under the VM's lock with the VM not yet released: the pool is
             # still allocated (the last release after close() frees it).
-            lib.kvmlab_pool_note_first_run(self._pool_handle, self._times.seq, result.elapsed_ns)
+            ph = self._pool_handle.pool_handle
+            if ph is not None:
+                lib.kvmlab_pool_note_first_run(ph, self._times.seq, result.elapsed_ns)
 
     def release(self) -> None:
         """Returns this VM's accounting to the pool. Idempotent."""
@@ -230,8 +274,18 @@ class RestorePool:
         self._active = 0
         # The free function of every VM this pool hands out (made once: restore
         # is a hot path).
-        self._release_vm = functools.partial(lib.kvmlab_pool_release, self._handle)
+        self._release_vm = _Release(self._handle)
         self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
+        _LIVE_POOLS.add(self)
+
+    def _forget(self) -> None:
+        """In the child of os.fork(): closed, never freed (see _forget_pools_after_fork)."""
+        self._finalizer.detach()
+        self._release_vm.pool_handle = None
+        self._handle = None
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._drained = threading.Condition(self._lock)
+        self._active = 0
 
     # -- call guard -------------------------------------------------------------------
 
@@ -253,7 +307,7 @@ class RestorePool:
 
     def warm(self, target: int) -> None:
         """Creates shells until at least ``min(target, max_size)`` are idle."""
-        check_int("target", target, 0, 2**63)
+        check_int("warm target", target, 0, 2**63)
         h = self._enter()
         try:
             _ffi.check(lib.kvmlab_pool_warm(h, min(target, 2**32 - 1)))

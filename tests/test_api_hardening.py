@@ -176,3 +176,81 @@ def test_fork_many_when_no_thread_can_start(service_file):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip() == "check host_threads", (p.stdout, p.stderr[-2000:])
+
+
+# -- item 9: os.fork() with live pools -----------------------------------------------------
+
+
+@pytest.mark.kvm
+def test_a_forked_child_uses_kvmlab_and_exits_cleanly(service_file):
+    """The child of os.fork() (multiprocessing's fork start method, Dask
+    workers) inherits pools whose worker threads do not exist in it: it
+    restores from its own new pool and exits 0 (it died with SIGABRT at exit
+    when the inherited pool's cleanup joined the missing threads)."""
+    p = run_script(
+        """
+        import os, sys
+        from kvmlab import ClosedError, PoolConfig, RestorePool, Snapshot, Vm
+        snap = Snapshot.load(sys.argv[1])
+        pool = RestorePool(snap.config, PoolConfig(min_size=2, max_size=4))
+        held = pool.restore_snapshot(snap)            # a VM out of the pool at fork time
+        assert held.call(b"parent") == b"parent"
+        # faulthandler's watchdog thread would hang the child at exit (a
+        # Python matter, not kvmlab's): off around the fork, subprocess.run's
+        # timeout bounds the test meanwhile.
+        faulthandler.cancel_dump_traceback_later()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                assert pool.closed                      # the inherited pool is forgotten ...
+                try:
+                    pool.restore_snapshot(snap)
+                    raise AssertionError("an inherited pool restored")
+                except ClosedError:
+                    pass
+                held.release()                          # ... and so are its VMs (no call into it)
+                with RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)) as mine:
+                    with mine.restore_snapshot(snap) as vm:
+                        assert vm.call(b"child") == b"child"
+                with Vm.restore(snap, "map") as vm:
+                    assert vm.call(b"child map") == b"child map"
+            except BaseException as e:
+                print("child failed:", repr(e), flush=True)
+                os._exit(3)
+            sys.exit(0)                                 # normal interpreter exit: finalizers run
+        _, status = os.waitpid(pid, 0)
+        assert held.call(b"parent again") == b"parent again"   # the parent's pool is untouched
+        held.release()
+        pool.close()
+        print("child status", os.waitstatus_to_exitcode(status))
+        """,
+        str(service_file),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "child status 0" in p.stdout, (p.stdout, p.stderr[-3000:])
+
+
+# -- item 10: documented promises --------------------------------------------------------
+
+
+@pytest.mark.kvm
+def test_restore_timing_has_every_documented_key(service_snap, service_file):
+    from kvmlab import PoolConfig, RestorePool, Snapshot
+    from test_pool import wait_stats
+
+    keys = {"acquire_ns", "memory_ns", "vcpu_ns", "devices_ns", "total_ns", "hit", "strategy", "mapped",
+            "memory_bytes", "seq"}  # fmt: skip
+    with RestorePool(CFG, PoolConfig(min_size=1, max_size=2)) as pool, Snapshot.load(service_file) as fs:
+        for snap, strategy in ((service_snap, "copy"), (fs, "map"), (fs, "copy")):
+            with pool.restore_snapshot(snap, strategy) as vm:
+                t = vm.restore_timing
+                assert set(t) == keys
+                assert (t["strategy"], t["memory_bytes"]) == (strategy, CFG.memory_bytes)
+                assert [r.strategy for r in pool.timings() if r.seq == t["seq"]] == [strategy]
+        with pool.restore_snapshot(fs, reset_on_release=True) as vm:
+            vm.call(b"dirty")
+        wait_stats(pool, lambda s: s.parked == 1)
+        with pool.restore_snapshot(fs, reset_on_release=True) as vm:
+            t = vm.restore_timing
+            assert (t["strategy"], t["memory_bytes"]) == ("reuse", CFG.memory_bytes)
+            assert [r.strategy for r in pool.timings() if r.seq == t["seq"]] == ["reuse"]
