@@ -137,8 +137,13 @@ def test_04_benchmarks(tmp_path, monkeypatch):
     assert images(nb) >= 4  # restore, reset, cycle, fork (kvmlab.plot figures)
     md = "\n".join(o["data"].get("text/markdown", "") for o in outputs(nb) if "data" in o)
     assert "## Restore" in md and "## Targets" in md
-    html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
-    assert "met" in html  # the targets DataFrame
+    # The targets DataFrame: a "met" column, one row per target and cell,
+    # each met True, False or None (not judged).
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "verdict_frame()" in c.source]
+    html = "".join(o["data"].get("text/html", "") for o in cell.outputs if "data" in o)
+    assert "<th>met</th>" in re.search(r"<thead>.*?</thead>", html, re.S).group(0)
+    rows = re.findall(r"<tr>(.*?)</tr>", re.search(r"<tbody>.*?</tbody>", html, re.S).group(0), re.S)
+    assert rows and {re.findall(r"<td>(.*?)</td>", r)[-1] for r in rows} <= {"True", "False", "None"}
     out = Path(re.search(r"results\.md, .* to (\S+)", text).group(1))
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
     assert {p.name for p in out.glob("*.png")} >= {"restore.png", "reset.png", "cycle.png", "fork.png"}

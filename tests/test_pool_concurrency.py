@@ -383,15 +383,17 @@ def test_core_refill_is_not_starved_by_the_destroy_backlog(short):
     pc = PoolConfig(min_size=2, max_size=10)
     with RestorePool(CFG, pc) as pool:
         pool.warm(pc.max_size)
-        vms = [pool.restore_snapshot(snap) for _ in range(8)]
+        # A backlog: 24 VMs that ran (slow to destroy, milliseconds each) are
+        # released at once, just before the take; the release only queues them.
+        vms = [pool.restore_snapshot(snap) for _ in range(24)]
         for v in vms:
-            v.run_until_exit()  # a VM that ran is slow to destroy here
+            v.run_until_exit()
+        for v in vms:
             v.release()
         a = pool.restore_snapshot(snap)
         b = pool.restore_snapshot(snap)  # idle 0 < min_size: the worker should refill now
         at_take = pool.stats()
-        if at_take.pending_destroy < 3:
-            pytest.skip(f"destruction is fast here (backlog {at_take.pending_destroy}); ordering not observable")
+        assert at_take.pending_destroy >= 3, f"no destroy backlog was forced: {at_take}"
         s = wait_stats(pool, lambda s: s.idle >= pc.min_size, timeout_s=60)
         destroyed_first = s.destroyed - at_take.destroyed
         a.release()

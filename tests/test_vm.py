@@ -260,7 +260,6 @@ def test_console_putc_bytes_arrive():
     with Vm.boot(PUTC_FOREVER, CFG) as vm:
         r = vm.run(timeout_s=0.3)
     assert r.reason == "timeout"
-    assert r.console_dropped > 0 or len(r.console) <= MiB
     assert set(r.console) <= {"x"}
     assert len(r.console) >= 100 and r.console_dropped == 0
 
