@@ -152,7 +152,7 @@ def fork_many(
 
     Returns:
         A :class:`ForkSet` (a list of the VMs) with ``stats`` (ready time,
-        memory per VM); close it (or use ``with``) to free the VMs.
+            memory per VM); close it (or use ``with``) to free the VMs.
 
     Raises:
         ConfigError: ``snap`` is not file-backed, ``n`` is out of range, or the

@@ -605,21 +605,26 @@ def _records(data: Any, needed: Sequence[str], aliases: dict[str, str] | None = 
     return df
 
 
-def _median_line(ax, df, x: str, y: str, scale: float, color: str, label: str) -> None:
-    """Every point faintly, the median per x as a line."""
+def _median_line(ax, df, x: str, y: str, scale: float, color: str, label: str, by: str | None = None) -> None:
+    """Every point faintly, the medians per ``by`` (default: per x) as a line."""
     ax.scatter(df[x], df[y] / scale, s=10, alpha=0.35, color=color, linewidths=0)
-    med = df.groupby(x, sort=True)[y].median() / scale
-    ax.plot(med.index, med.values, marker="o", color=color, label=label)
+    if by is not None and by not in df.columns:
+        raise ValueError(f"by={by!r} is not a column of the data ({', '.join(map(str, df.columns))})")
+    med = df[[x, y]].groupby(df[by or x].to_numpy()).median().sort_values(x)
+    ax.plot(med[x], med[y] / scale, marker="o", color=color, label=label)
 
 
-def reset_vs_dirty_pages(data: Any, *, title: str | None = None, ax=None):
+def reset_vs_dirty_pages(data: Any, *, by: str | None = None, title: str | None = None, ax=None):
     """Reset time against the pages each reset put back (log-log): every reset
-    as a point, the median per page count as a line.
+    as a point, the medians as a line.
 
     Args:
         data: :class:`~kvmlab.vm.ResetTiming` records (``vm.reset_timings()``),
             :class:`~kvmlab.vm.LoopResult` records (``vm.reset_loop(...)``), or
             dicts / a DataFrame with ``dirty_pages`` and ``total_ns`` (or ``reset_ns``).
+        by: a column naming each run's setting (e.g. the pages the guest was
+            told to write): one median point per value, at its median page
+            count. Default: one per distinct ``dirty_pages``.
         title: the figure's title.
         ax: draw into this Axes instead of a new figure.
 
@@ -634,7 +639,7 @@ def reset_vs_dirty_pages(data: Any, *, title: str | None = None, ax=None):
         return fig
     unit, scale = choose_unit(df["total_ns"])
     df = df.assign(dirty_pages=df["dirty_pages"].clip(lower=1))  # log axis: a reset of 0 pages sits at 1
-    _median_line(ax0, df, "dirty_pages", "total_ns", scale, PHASE_COLORS["memory"], "reset (median)")
+    _median_line(ax0, df, "dirty_pages", "total_ns", scale, PHASE_COLORS["memory"], "reset (median)", by)
     ax0.set_xscale("log")
     ax0.set_yscale("log")
     _log_axis(ax0.xaxis)

@@ -48,7 +48,16 @@ def _int(name: str, v: object, lo: int, hi: int = U32_MAX) -> int:
 @dataclass(frozen=True)
 class PoolConfig:
     """Pool bounds. ``max_size`` caps idle shells; ``max_in_use`` (None =
-    unlimited) caps VMs handed out at once."""
+    unlimited) caps VMs handed out at once.
+
+    Attributes:
+        min_size: idle shells the worker keeps ready (refilled in the background).
+        max_size: idle shells at most (1 .. 256).
+        max_in_use: VMs handed out at once at most (None: no limit).
+
+    Raises:
+        ConfigError: a bound is not an int or out of range.
+    """
 
     min_size: int = 1
     max_size: int = 4
@@ -75,7 +84,18 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class PoolStats:
-    """A frozen view of the pool's counters (one consistent read)."""
+    """A frozen view of the pool's counters (one consistent read).
+
+    Attributes:
+        idle: empty shells ready now.
+        in_use: restored VMs handed out and not released.
+        creating: shells being made by the worker.
+        hits: restores that took an idle shell; ``misses`` made one on the spot.
+        failures: restores that failed (the shell is destroyed).
+        created: shells made so far; ``destroyed`` shells or VMs destroyed.
+        pending_destroy: released VMs waiting for the worker to destroy them.
+        parked: VMs kept for reuse (``reset_on_release``); ``reuses``/``resets`` count them.
+    """
 
     idle: int
     in_use: int
@@ -243,7 +263,21 @@ class PooledRestoreVm(_VmHandle):
 
 class RestorePool:
     """A pool of empty KVM shells of one :class:`VmConfig`; creating it warms
-    ``min_size`` shells (so errors surface here)."""
+    ``min_size`` shells (so errors surface here).
+
+    A worker thread in the core keeps ``min_size`` shells idle and destroys
+    released VMs off the caller's thread. Use it as a context manager or call
+    :meth:`close`.
+
+    Args:
+        vm_config: the shape of every shell (default ``VmConfig()``); restored
+            snapshots must have this memory size and vCPU count.
+        pool_config: the pool's bounds (default ``PoolConfig()``).
+
+    Raises:
+        ConfigError: an argument is not a ``VmConfig`` / ``PoolConfig``.
+        KvmUnavailableError: /dev/kvm cannot be used (run ``kvmlab doctor``).
+    """
 
     def __init__(self, vm_config: VmConfig | None = None, pool_config: PoolConfig | None = None) -> None:
         vm_config = vm_config or VmConfig()
@@ -306,7 +340,15 @@ class RestorePool:
     # -- filling ----------------------------------------------------------------------
 
     def warm(self, target: int) -> None:
-        """Creates shells until at least ``min(target, max_size)`` are idle."""
+        """Creates shells until at least ``min(target, max_size)`` are idle.
+
+        Args:
+            target: idle shells wanted (capped at ``max_size``).
+
+        Raises:
+            ConfigError: ``target`` is not a non-negative int.
+            ClosedError: the pool is closed.
+        """
         check_int("warm target", target, 0, 2**63)
         h = self._enter()
         try:
@@ -326,7 +368,14 @@ class RestorePool:
             self._exit()
 
     def stats(self) -> PoolStats:
-        """A consistent snapshot of the counters."""
+        """A consistent snapshot of the counters.
+
+        Returns:
+            A frozen :class:`PoolStats` (in a notebook: an occupancy bar and the counters).
+
+        Raises:
+            ClosedError: the pool is closed.
+        """
         h = self._enter()
         try:
             s = ffi.new("kvmlab_pool_stats *")
@@ -338,7 +387,17 @@ class RestorePool:
         return PoolStats(**d)
 
     def timings(self, last: int | None = None) -> list[RestoreTiming]:
-        """Per-restore phase records, oldest first (the core keeps the newest 4096)."""
+        """Per-restore phase records, oldest first (the core keeps the newest 4096).
+
+        Args:
+            last: only the newest ``last`` records (default: all kept).
+
+        Returns:
+            :class:`RestoreTiming` records; :func:`timings_frame` makes a DataFrame of them.
+
+        Raises:
+            ClosedError: the pool is closed.
+        """
         cap = 4096 if last is None else min(check_int("last", last, 0, 2**63), 4096)
         h = self._enter()
         try:
@@ -403,9 +462,24 @@ class RestorePool:
         return PooledRestoreVm(out[0], self, guest, t)
 
     def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
-        """Restores from raw parts, as the reference API: ``memory`` is a dense
-        buffer of guest memory (e.g. ``snap.memory``), ``vcpu_state`` the state
-        blob (``snap.vcpu_state``). ``timeout_s`` waits for room under ``max_in_use``."""
+        """Restores from raw parts, as the reference API.
+
+        Args:
+            memory: a dense buffer of guest memory (e.g. ``snap.memory``).
+            vcpu_state: the state blob (``snap.vcpu_state``).
+            timeout_s: how long to wait for room under ``max_in_use`` (None: fail at once).
+
+        Returns:
+            The restored :class:`PooledRestoreVm`; release it (or use ``with``).
+
+        Raises:
+            PoolExhaustedError: ``max_in_use`` VMs are out (and none came back
+                within ``timeout_s``).
+            IncompatibleError: the snapshot needs CPU features or a shape this
+                pool's shells do not have.
+            ClosedError: the pool (or snapshot) is closed.
+            SnapshotError: the parts are not bytes-like or do not fit the pool's shape.
+        """
         mem = _bytes_view(memory, "memory")
         st = _bytes_view(vcpu_state, "vcpu_state")
         return self._finish(
@@ -417,7 +491,23 @@ class RestorePool:
         )
 
     def restore_from_bytes(self, data, timeout_s: float | None = None) -> PooledRestoreVm:
-        """Restores from a full self-describing snapshot (``snap.to_bytes()``)."""
+        """Restores from a full self-describing snapshot (``snap.to_bytes()``).
+
+        Args:
+            data: the encoded snapshot.
+            timeout_s: how long to wait for room under ``max_in_use`` (None: fail at once).
+
+        Returns:
+            The restored :class:`PooledRestoreVm`; release it (or use ``with``).
+
+        Raises:
+            PoolExhaustedError: ``max_in_use`` VMs are out (and none came back
+                within ``timeout_s``).
+            IncompatibleError: the snapshot needs CPU features or a shape this
+                pool's shells do not have.
+            ClosedError: the pool (or snapshot) is closed.
+            SnapshotError: ``data`` is not a valid snapshot.
+        """
         view = _bytes_view(data, "data")
         return self._finish(
             lambda h, out, t, wait: lib.kvmlab_pool_restore_bytes(
@@ -444,7 +534,28 @@ class RestorePool:
         ``reset_on_release=True``: releasing the VM does not destroy it; the
         pool's worker resets it to ``snap`` and keeps it, and the next
         ``restore_snapshot(snap, reset_on_release=True)`` takes it back
-        (``restore_timing`` strategy ``"reuse"``, no shell or restore needed)."""
+        (``restore_timing`` strategy ``"reuse"``, no shell or restore needed).
+
+        Args:
+            snap: the snapshot (its shape must be the pool's).
+            strategy: ``"copy"``, ``"map"`` or ``"auto"``.
+            timeout_s: how long to wait for room under ``max_in_use`` (None: fail at once).
+            resettable: the VM supports ``reset()``.
+            reset_on_release: park the VM for reuse instead of destroying it.
+
+        Returns:
+            The restored :class:`PooledRestoreVm`, continuing where ``snap``
+                was taken; release it (or use ``with``).
+
+        Raises:
+            PoolExhaustedError: ``max_in_use`` VMs are out (and none came back
+                within ``timeout_s``).
+            IncompatibleError: the snapshot needs CPU features or a shape this
+                pool's shells do not have.
+            ClosedError: the pool (or snapshot) is closed.
+            SnapshotError: ``snap`` is not a Snapshot.
+            ConfigError: an unknown ``strategy`` or a bad ``timeout_s``.
+        """
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
         code = strategy_code(strategy)

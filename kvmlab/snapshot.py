@@ -138,7 +138,18 @@ class Snapshot:
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Snapshot":
-        """Checks and copies an encoded snapshot (from :meth:`to_bytes` or a file's bytes)."""
+        """Checks and copies an encoded snapshot (from :meth:`to_bytes` or a file's bytes).
+
+        Args:
+            data: the encoded snapshot, one contiguous bytes-like buffer.
+
+        Returns:
+            A new in-memory :class:`Snapshot` (not file-backed).
+
+        Raises:
+            SnapshotError: ``data`` is not bytes-like, or not a valid snapshot
+                (bad header, section or checksum; the message says which).
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise SnapshotError(f"snapshot data must be bytes-like, got {type(data).__name__}")
         out = ffi.new("kvmlab_snapshot **")
@@ -160,6 +171,17 @@ class Snapshot:
 
         The memory is used in place, so a ``map`` restore shares the file's
         pages copy-on-write; the file is never written.
+
+        Args:
+            path: a file written by :meth:`save`.
+
+        Returns:
+            A file-backed :class:`Snapshot` (restores can use ``strategy="map"``).
+
+        Raises:
+            SnapshotError: the file cannot be opened, is not a regular file, or
+                is not a valid snapshot (the message names the file and the check).
+            ConfigError: ``path`` is not a path.
         """
         p = Path(check_path("path", path))
         # Refuse anything but a regular file before the core opens it (opening
@@ -195,7 +217,14 @@ class Snapshot:
         return _InUse(self)
 
     def to_bytes(self) -> bytes:
-        """The packed encoding (only non-zero pages), accepted by :meth:`from_bytes`."""
+        """The packed encoding (only non-zero pages), accepted by :meth:`from_bytes`.
+
+        Returns:
+            The encoded snapshot.
+
+        Raises:
+            ClosedError: the snapshot is closed.
+        """
         with self._lock:
             h = self._live()
             n = ffi.new("size_t *")
@@ -206,7 +235,19 @@ class Snapshot:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the snapshot to ``path`` atomically (temp file, fsync, rename),
-        mode 0600, zero pages as holes. Missing parent directories are created 0700."""
+        mode 0600, zero pages as holes. Missing parent directories are created 0700.
+
+        Args:
+            path: the file to write (replaced if it exists).
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path` (load it with :meth:`load`).
+
+        Raises:
+            SnapshotError: ``path`` exists and is not a regular file, or writing failed.
+            ConfigError: a missing parent directory cannot be created.
+            ClosedError: the snapshot is closed.
+        """
         p = Path(check_path("path", path))
         with self._lock:
             self._live()  # a closed snapshot creates nothing

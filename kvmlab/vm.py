@@ -244,6 +244,18 @@ class _VmHandle:
         ``run()`` resumes. A guest crash raises :class:`GuestCrashError` (the
         message names the cause and the registers; ``.console`` on the
         exception holds the output before the crash).
+
+        Args:
+            timeout_s: seconds before the run stops with ``reason == "timeout"``;
+                None: no deadline (Ctrl-C or :meth:`interrupt` still stop it).
+
+        Returns:
+            A :class:`RunResult`: why the run ended, the console output, the time.
+
+        Raises:
+            GuestCrashError: the guest crashed (triple fault, bad exit).
+            ConfigError: ``timeout_s`` is not a positive number or None.
+            ClosedError: the VM is closed.
         """
         timeout_ns = _timeout_ns(timeout_s)
         with self._lock:
@@ -324,9 +336,17 @@ class _VmHandle:
         """Runs through checkpoints until the guest exits, within ``timeout_s``
         seconds in total.
 
-        Returns a :class:`RunResult` with reason ``"exit"`` whose console and
-        elapsed time cover all runs. Raises :class:`GuestTimeoutError` if the
-        guest does not exit in time (or halts; ``.console`` holds the output).
+        Args:
+            timeout_s: seconds for all runs together (None: no deadline).
+
+        Returns:
+            A :class:`RunResult` with reason ``"exit"`` whose console and
+                elapsed time cover all runs.
+
+        Raises:
+            GuestTimeoutError: the guest did not exit in time, or halted
+                (``.console`` on the exception holds the output).
+            GuestCrashError: the guest crashed.
         """
         _timeout_ns(timeout_s)  # validate
         deadline = None if timeout_s is None or math.isinf(timeout_s) else timeout_s
@@ -412,7 +432,20 @@ class _VmHandle:
         (restore it with ``resettable=True``): only pages written since the
         restore or the previous reset are put back (KVM's dirty log plus host
         writes), then vCPU and device state. ``mode``: ``"copy"`` pages back,
-        ``"drop"`` private pages (map-restored VMs), ``"auto"``."""
+        ``"drop"`` private pages (map-restored VMs), ``"auto"``.
+
+        Args:
+            mode: ``"auto"``, ``"copy"`` or ``"drop"``.
+
+        Returns:
+            A :class:`ResetTiming`: pages put back and nanoseconds per phase
+                (also kept in :meth:`reset_timings`).
+
+        Raises:
+            BusyError: the VM was not restored with ``resettable=True``.
+            ConfigError: an unknown ``mode``, or ``"drop"`` on a VM that is not map-restored.
+            ClosedError: the VM is closed.
+        """
         code = self._reset_mode(mode)
         out = ffi.new("kvmlab_reset_times *")
         with self._lock:
@@ -483,7 +516,13 @@ class _VmHandle:
         """Captures this stopped VM (memory and all vCPU/device/host state).
 
         Call between runs (e.g. after a checkpoint); the VM keeps going
-        unaffected. Returns a :class:`kvmlab.Snapshot`.
+        unaffected.
+
+        Returns:
+            A :class:`kvmlab.Snapshot` in memory (``save()`` it for map restores).
+
+        Raises:
+            ClosedError: the VM is closed.
         """
         from .snapshot import Snapshot
 
@@ -493,7 +532,12 @@ class _VmHandle:
     # -- memory and registers -----------------------------------------------------
 
     def read_memory(self, gpa: int, n: int) -> bytes:
-        """``n`` bytes of guest memory at guest-physical address ``gpa``."""
+        """``n`` bytes of guest memory at guest-physical address ``gpa``.
+
+        Raises:
+            BoundsError: the range is outside guest memory.
+            ClosedError: the VM is closed.
+        """
         _check_range(gpa, n, self.memory_bytes)
         with self._lock:
             return self._read(self._live(), gpa, n)
@@ -506,7 +550,13 @@ class _VmHandle:
         return bytes(buf)
 
     def write_memory(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Writes ``data`` into guest memory at guest-physical address ``gpa``."""
+        """Writes ``data`` into guest memory at guest-physical address ``gpa``.
+
+        Raises:
+            BoundsError: the range is outside guest memory.
+            ConfigError: ``data`` is not bytes-like.
+            ClosedError: the VM is closed.
+        """
         view = check_buffer("data", data)
         _check_range(gpa, len(view), self.memory_bytes)
         with self._lock:
@@ -593,6 +643,20 @@ class Vm(_VmHandle):
         static ELF, a :class:`Guest`, or raw bytes. ``args`` are passed to the
         guest as ``key=value`` text; ``cpl`` is 3 (native speed) or 0 (emulated
         on paravirtual KVM hosts such as kvm_pvm).
+
+        Args:
+            guest: what to boot (see above).
+            cfg: memory size and vCPUs (default ``VmConfig()``).
+            args: arguments for the guest (a mapping or ``"k=v k=v"`` text).
+            cpl: the privilege level the guest starts at, 3 or 0.
+
+        Returns:
+            The new :class:`Vm`, stopped before its first instruction.
+
+        Raises:
+            GuestError: an unknown built-in name or an unusable image.
+            ConfigError: a bad ``cfg``, ``args`` or ``cpl``.
+            KvmUnavailableError: /dev/kvm cannot be used (run ``kvmlab doctor``).
         """
         if cfg is None:
             cfg = VmConfig()
@@ -635,6 +699,19 @@ class Vm(_VmHandle):
         offer the CPU features the guest saw (:class:`IncompatibleError` if not).
         ``resettable=True`` lets :meth:`reset` put it back to ``snap`` later.
         ``vm.restore_timing`` holds the per-phase nanoseconds.
+
+        Args:
+            snap: the snapshot.
+            strategy: ``"copy"``, ``"map"`` or ``"auto"``.
+            resettable: make :meth:`reset` available.
+
+        Returns:
+            A new :class:`Vm`, continuing where ``snap`` was taken.
+
+        Raises:
+            IncompatibleError: the host lacks CPU features the guest saw.
+            ConfigError: ``snap`` is not a Snapshot, or an unknown ``strategy``.
+            ClosedError: ``snap`` is closed.
         """
         from .snapshot import Snapshot, strategy_code
 

@@ -249,3 +249,12 @@ def test_fork_ready_vs_n_draws_ready_and_per_vm():
     assert list(per_vm.get_ydata()) == pytest.approx([2, 2])  # ms per VM
     assert "ms" in fig.axes[0].get_ylabel() and "per VM" in fig.axes[1].get_ylabel()
     assert "no forks" in kp.fork_ready_vs_n([]).axes[0].texts[0].get_text()
+
+
+def test_reset_vs_dirty_pages_by_a_setting():
+    rows = [{"pages": 1, "dirty_pages": k, "total_ns": t} for k, t in ((3, 40_000), (4, 80_000), (3, 50_000))]
+    rows += [{"pages": 64, "dirty_pages": 66, "total_ns": 90_000}]
+    line = kp.reset_vs_dirty_pages(rows, by="pages").axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [3, 66] and list(line.get_ydata()) == pytest.approx([50, 90])
+    with pytest.raises(ValueError, match="nope"):
+        kp.reset_vs_dirty_pages(rows, by="nope")
