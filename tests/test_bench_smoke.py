@@ -142,6 +142,9 @@ def test_docs_generator_rewrites_only_its_block(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ConfigError):
         report.write_docs(tmp_path / "r.json", readme, tmp_path / "p.md")
+    Results("age").save(tmp_path / "age.json")  # a run without restores cannot make the headline
+    with pytest.raises(ConfigError):
+        report.write_docs(tmp_path / "age.json", readme, tmp_path / "p.md")
 
 
 def test_cycle_code_and_pvh_elf():

@@ -417,8 +417,8 @@ def write_docs(results_path: str | Path, readme: str | Path = "README.md",
     from ..errors import ConfigError
 
     res = load(results_path)
-    if "restore" not in res.parts:
-        raise ConfigError(f"{results_path} has no restore part; pass the results.json of `kvmlab bench all`")
+    if "restore" not in res.parts or not res.parts["restore"].records:
+        raise ConfigError(f"{results_path} has no restore measurements; pass the results.json of `kvmlab bench all`")
     readme = Path(readme)
     doc = readme.read_text()
     pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
