@@ -114,6 +114,8 @@ def test_results_round_trip_and_compare(tmp_path):
     row = cmp[(cmp["path"] == "pooled") & (cmp["metric"] == "call_ns")].iloc[0]
     assert (row["a"], row["b"], row["ratio"]) == (100, 200, 2.0)
     assert "pooled" in bench.markdown(a) and "| target" in bench.markdown(a)
+    assert repr(a) == "<Results restore: parts restore (9); 2 of 2 targets met>"  # short: no records
+    assert "<table" in a._repr_html_() and "within 1.5x" in a._repr_html_()
 
 
 def test_results_files_that_cannot_be_read(tmp_path):
