@@ -16,8 +16,10 @@ thread waits until the run returns.
 
 from __future__ import annotations
 
+import array
 import codecs
 import collections
+import itertools
 import math
 import os
 import threading
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from . import _ffi
-from .config import VmConfig, check_buffer
+from .config import VmConfig, bad_argument, check_buffer
 from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import BoundsError, ClosedError, ConfigError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args
@@ -168,6 +170,20 @@ def _new_handle(config: VmConfig) -> Any:
     if out[0] == ffi.NULL:
         raise InternalError("kvmlab_vm_new succeeded but returned no VM")
     return out[0]
+
+
+def _loop_result(r: Any) -> LoopResult:
+    """One ``kvmlab_loop_result`` as a :class:`LoopResult`."""
+    return LoopResult(
+        reason=REASONS.get(int(r.reason), "?"),
+        exit_code=int(r.exit_code),
+        checkpoint_tag=int(r.checkpoint_tag),
+        crashed=bool(r.crashed),
+        run_ns=int(r.run_ns),
+        reset_ns=int(r.reset_ns),
+        dirty_pages=int(r.dirty_pages),
+        console_bytes=int(r.console_bytes),
+    )
 
 
 class _VmHandle:
@@ -468,14 +484,26 @@ class _VmHandle:
         input_gpa: int = 0x400000,
         run_timeout_s: float | None = 1.0,
         mode: str = "auto",
+        length_prefix: bool = False,
     ) -> list[LoopResult]:
         """For each input (all the same length, bytes-like): write it at
         ``input_gpa``, run until the guest stops (or ``run_timeout_s``),
         record the outcome, reset. The loop runs in the native core; Python
-        is not on the per-iteration path. The VM must be resettable."""
+        is not on the per-iteration path. The VM must be resettable.
+
+        ``length_prefix=True``: the input protocol of docs/guest-protocol.md:
+        inputs may differ in length (and be empty); each is written as its
+        length (u32 little-endian) at ``input_gpa`` and its bytes right after."""
+        if not isinstance(length_prefix, bool):
+            bad_argument("argument_type", "length_prefix", f"length_prefix must be True or False, got {length_prefix!r}")
         items = [bytes(x) for x in inputs]
         if not items:
             return []
+        if length_prefix:
+            offsets = array.array("Q", itertools.accumulate((len(x) for x in items), initial=0))
+            out, _console, done = self._reset_loop_var(b"".join(items), offsets, input_gpa, _timeout_ns(run_timeout_s),
+                                                       0, mode)
+            return [_loop_result(r) for r in out[0:done]]
         size = len(items[0])
         if size == 0 or any(len(x) != size for x in items):
             raise ConfigError("reset_loop inputs must be non-empty and all the same length")
@@ -492,19 +520,32 @@ class _VmHandle:
             )
             # The loop leaves console output of its runs behind; drop it.
             self._take_console(self._live(), final=True)
-        return [
-            LoopResult(
-                reason=REASONS.get(int(r.reason), "?"),
-                exit_code=int(r.exit_code),
-                checkpoint_tag=int(r.checkpoint_tag),
-                crashed=bool(r.crashed),
-                run_ns=int(r.run_ns),
-                reset_ns=int(r.reset_ns),
-                dirty_pages=int(r.dirty_pages),
-                console_bytes=int(r.console_bytes),
+        return [_loop_result(r) for r in out]
+
+    def _reset_loop_var(
+        self, blob: bytes, offsets: Any, input_gpa: int, timeout_ns: int, console_stride: int = 0, mode: str = "auto"
+    ) -> tuple[Any, bytearray, int]:
+        """The native loop over inputs of different lengths, input i being
+        ``blob[offsets[i]:offsets[i+1]]`` (``offsets``: a buffer of count + 1
+        uint64), each written as the input protocol says (u32 LE length at
+        ``input_gpa``, then the bytes). Returns (``kvmlab_loop_result[count]``,
+        the first ``console_stride`` console bytes of each run, inputs done)."""
+        code = self._reset_mode(mode)
+        offs = ffi.from_buffer("uint64_t[]", offsets)
+        count = len(offs) - 1
+        out = ffi.new("kvmlab_loop_result[]", max(count, 1))
+        console = bytearray(count * console_stride)
+        con = ffi.from_buffer("uint8_t[]", console) if console else ffi.NULL
+        done = ffi.new("size_t *")
+        with self._lock:
+            h = self._live()
+            rc = lib.kvmlab_vm_reset_loop_var(
+                h, ffi.from_buffer("uint8_t[]", blob), offs, count, input_gpa, timeout_ns, code, out, con,
+                console_stride, done,
             )
-            for r in out
-        ]
+            self._take_console(h, final=True)  # output beyond console_stride
+            _ffi.check(rc)
+        return out, console, int(done[0])
 
     def _enable_reset(self, snap) -> None:
         with snap._use() as sh, self._lock:

@@ -692,6 +692,31 @@ fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: us
     try reset_mod.loop(vm, try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, @enumFromInt(@as(u32, @intCast(@intFromEnum(mode)))), o[0..count]);
 }
 
+/// kvmlab_vm_reset_loop for inputs of different lengths: input i is
+/// inputs[offsets[i] .. offsets[i+1]] (`count` + 1 offsets, never decreasing;
+/// each input at most 1 MiB). Each is written as its length (u32 LE) at
+/// `input_gpa` and its bytes right after (docs/guest-protocol.md, input
+/// protocol), then run, recorded and reset. With `console_stride` > 0 (at most
+/// 1 MiB), the first `console_stride` bytes of run i's console output go to
+/// console[i * console_stride ..]; out[i].console_bytes is how many it wrote.
+/// *out_done = how many inputs were done.
+pub export fn kvmlab_vm_reset_loop_var(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: kvmlab_reset_mode, out: ?[*]kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) callconv(.c) kvmlab_result {
+    return result(resetLoopVar(h, inputs, offsets, count, input_gpa, timeout_ns, mode, out, console, console_stride, out_done));
+}
+fn resetLoopVar(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: kvmlab_reset_mode, out: ?[*]kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) errors.Error!void {
+    const vm = try asVm(h);
+    const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
+    d.* = 0;
+    if (count == 0) return;
+    if (count > 1 << 24 or console_stride > vm_mod.console_capacity_bytes)
+        return errors.fail(error.Config, "reset_loop_var takes at most 2^24 inputs and a console_stride of at most 1 MiB", .{});
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const offs = (offsets orelse return errors.fail(error.Config, "offsets is NULL", .{}))[0 .. count + 1];
+    if (offs[count] > 1 << 32) return errors.fail(error.Config, "reset_loop_var takes at most 4 GiB of inputs", .{});
+    const con: []u8 = if (console_stride == 0) &.{} else (console orelse return errors.fail(error.Config, "console is NULL", .{}))[0 .. count * console_stride];
+    d.* = try reset_mod.loopVar(vm, try bytesOf(inputs, @intCast(offs[count])), offs, input_gpa, timeout_ns, @enumFromInt(@as(u32, @intCast(@intFromEnum(mode)))), o[0..count], con, console_stride);
+}
+
 /// Benchmark floor of a reset: the bare dirty-log read, page copies and state
 /// ioctls on a resettable VM (which ends up reset). *out_dirty = pages copied.
 pub export fn kvmlab_bench_reset_floor(h: ?*kvmlab_vm, out: ?*kvmlab_reset_times) callconv(.c) kvmlab_result {

@@ -151,20 +151,60 @@ pub fn loop(vm: *Vm, inputs: []const u8, input_bytes: usize, input_gpa: u64, tim
         const dst = try vm.guestSlice(input_gpa, input_bytes);
         @memcpy(dst, inputs[i * input_bytes ..][0..input_bytes]);
         vm.noteHostWrite(input_gpa, input_bytes);
-        r.* = std.mem.zeroes(LoopResult);
-        if (vm.run(timeout_ns)) |o| {
-            r.reason = @intFromEnum(o.reason);
-            r.exit_code = o.exit_code;
-            r.checkpoint_tag = o.checkpoint_tag;
-            r.run_ns = o.elapsed_ns;
-        } else |e| switch (e) {
-            error.GuestCrash => r.crashed = 1,
-            else => return e,
-        }
-        r.console_bytes = vm.console_len + vm.console_dropped;
-        var t: Times = .{};
-        try reset(vm, mode, &t);
-        r.reset_ns = t.total_ns;
-        r.dirty_pages = t.dirty_pages;
+        try runOne(vm, r, timeout_ns, mode, &.{});
     }
+}
+
+/// Longest input of `loopVar` (its u32 length prefix not counted).
+pub const max_var_input_bytes: u64 = 1 << 20;
+
+/// `loop` for inputs of different lengths (the input protocol of
+/// docs/guest-protocol.md): input i is inputs[offsets[i]..offsets[i+1]]
+/// (`offsets` has out.len + 1 entries, never decreasing, the last one
+/// inputs.len). Each is written as its length (u32 LE) at `input_gpa` and its
+/// bytes right after. With `console_stride` > 0, the first `console_stride`
+/// bytes of run i's console output go to console[i * console_stride ..].
+/// Returns how many inputs were done.
+pub fn loopVar(vm: *Vm, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
+    if (vm.reset_snap == null) return errors.fail(error.Busy, "this VM was not restored with reset enabled", .{});
+    if (offsets.len != out.len + 1 or offsets[out.len] != inputs.len)
+        return errors.fail(error.Config, "offsets must be {d} entries up to the inputs' {d} bytes", .{ out.len + 1, inputs.len });
+    if (console.len != out.len * console_stride) return errors.fail(error.Config, "console must be count * console_stride bytes", .{});
+    var longest: u64 = 0;
+    for (offsets[0..out.len], offsets[1..]) |a, b| {
+        if (b < a) return errors.fail(error.Config, "offsets must not decrease", .{});
+        longest = @max(longest, b - a);
+    }
+    if (longest > max_var_input_bytes) return errors.fail(error.Config, "an input is {d} bytes; at most {d}", .{ longest, max_var_input_bytes });
+    _ = try vm.guestSlice(input_gpa, 4 + longest);
+    for (out, 0..) |*r, i| {
+        const input = inputs[@intCast(offsets[i])..@intCast(offsets[i + 1])];
+        const dst = try vm.guestSlice(input_gpa, 4 + input.len);
+        std.mem.writeInt(u32, dst[0..4], @intCast(input.len), .little);
+        @memcpy(dst[4..], input);
+        vm.noteHostWrite(input_gpa, 4 + input.len);
+        try runOne(vm, r, timeout_ns, mode, console[i * console_stride ..][0..console_stride]);
+    }
+    return out.len;
+}
+
+/// One iteration of either loop, the input already written: run, record,
+/// keep the first console.len bytes of output, reset.
+fn runOne(vm: *Vm, r: *LoopResult, timeout_ns: u64, mode: Mode, console: []u8) errors.Error!void {
+    r.* = std.mem.zeroes(LoopResult);
+    if (vm.run(timeout_ns)) |o| {
+        r.reason = @intFromEnum(o.reason);
+        r.exit_code = o.exit_code;
+        r.checkpoint_tag = o.checkpoint_tag;
+        r.run_ns = o.elapsed_ns;
+    } else |e| switch (e) {
+        error.GuestCrash => r.crashed = 1,
+        else => return e,
+    }
+    r.console_bytes = vm.console_len + vm.console_dropped;
+    if (console.len > 0) _ = vm.consoleTake(console);
+    var t: Times = .{};
+    try reset(vm, mode, &t);
+    r.reset_ns = t.total_ns;
+    r.dirty_pages = t.dirty_pages;
 }
