@@ -190,7 +190,7 @@ def test_a_forked_child_uses_kvmlab_and_exits_cleanly(service_file):
     p = run_script(
         """
         import os, sys
-        from kvmlab import ClosedError, PoolConfig, RestorePool, Snapshot, Vm
+        from kvmlab import ClosedError, KvmlabError, PoolConfig, RestorePool, Snapshot, Vm
         snap = Snapshot.load(sys.argv[1])
         pool = RestorePool(snap.config, PoolConfig(min_size=2, max_size=4))
         held = pool.restore_snapshot(snap)            # a VM out of the pool at fork time
@@ -207,6 +207,11 @@ def test_a_forked_child_uses_kvmlab_and_exits_cleanly(service_file):
                     pool.restore_snapshot(snap)
                     raise AssertionError("an inherited pool restored")
                 except ClosedError:
+                    pass
+                try:                                    # KVM binds a VM to its creator's process
+                    held.call(b"inherited")
+                    raise AssertionError("an inherited VM ran in the child")
+                except KvmlabError:
                     pass
                 held.release()                          # ... and so are its VMs (no call into it)
                 with RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)) as mine:
