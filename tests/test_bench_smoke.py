@@ -240,6 +240,18 @@ def test_bench_subcommands_exist(capsys):
         bench.run_all("/nonexistent/never", skip="everything")
 
 
+@pytest.mark.parametrize("call", [
+    lambda: bench.bench_restore([7]), lambda: bench.bench_restore([16], n=0), lambda: bench.bench_restore([16], strategies=["x"]),
+    lambda: bench.bench_restore([16], dense_fraction=0), lambda: bench.bench_reset([0]),
+    lambda: bench.bench_reset([1 << 20], memory_mib=16), lambda: bench.bench_reset([1], cycle_pages=5000),
+    lambda: bench.bench_fork([0]), lambda: bench.bench_fork([1], reps=0), lambda: bench.bench_age([-1]),
+    lambda: bench.bench_age([1], strategy="x"), lambda: bench.run_all("/nonexistent/never", n=0),
+])
+def test_bad_arguments_are_config_errors_before_any_work(call):
+    with pytest.raises(ConfigError):
+        call()
+
+
 @pytest.mark.kvm
 def test_bench_reset_smoke(tmp_path, capsys):
     out = tmp_path / "reset.json"

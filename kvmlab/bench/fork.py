@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._native import kvm_memslots
-from .harness import Progress, make_service_snapshot, measure
+from .harness import Progress, check_args, make_service_snapshot, measure
 from .results import Part, Results
 
 __all__ = ["ZEROBOOT_REFERENCE", "FORK_KEYS", "FORK_METRICS", "fork_part", "fork_limits", "bench_fork"]
@@ -106,6 +106,7 @@ def fork_part(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: i
 def bench_fork(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: int = 3, threads: int | None = None,
                call: bool = True, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench fork`` as a function; an n a host limit stopped is in ``errors``."""
+    check_args("fork", {"VM counts and reps must be >= 1": not ns or any(n < 1 for n in ns) or reps < 1})
     res = measure("fork", len(ns) * reps, quiet, command, lambda progress: {"fork": fork_part(
         ns, memory_mib=memory_mib, reps=reps, threads=threads, call=call, progress=progress)})
     res.errors = {f"fork n={k}": v for k, v in res.parts["fork"].notes["errors"].items()}
