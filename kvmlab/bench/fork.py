@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +29,9 @@ FORK_METRICS = ["ready_ns", "ready_per_vm_ns", "rss_per_vm_bytes", "pss_per_vm_b
 
 def fork_limits() -> dict[str, Any]:
     """The host limits that bound how many VMs one process can hold."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    out: dict[str, Any] = {"nofile_soft": soft, "nofile_hard": hard, "kvm_memslots_per_vm": kvm_memslots()}
-    try:
-        out["max_map_count"] = int(Path("/proc/sys/vm/max_map_count").read_text())
-    except OSError:
-        out["max_map_count"] = None
-    return out
+    from ..doctor import host_limits
+
+    return {**host_limits(), "kvm_memslots_per_vm": kvm_memslots()}
 
 
 def _one_set(snap, n: int, threads: int | None, call: bool) -> dict[str, Any]:
@@ -44,7 +39,7 @@ def _one_set(snap, n: int, threads: int | None, call: bool) -> dict[str, Any]:
     from ..fork import memory_usage
 
     gc.collect()
-    vms = fork_many(snap, n, threads=threads)
+    vms = fork_many(snap, n, threads=threads, progress=False)  # no bar inside the timed loop
     rec: dict[str, Any] = {}
     try:
         st = vms.stats
