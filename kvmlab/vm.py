@@ -20,7 +20,6 @@ import array
 import codecs
 import collections
 import itertools
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -364,26 +363,29 @@ class _VmHandle:
                 (``.console`` on the exception holds the output).
             GuestCrashError: the guest crashed.
         """
-        _timeout_ns(timeout_s)  # validate
-        deadline = None if timeout_s is None or math.isinf(timeout_s) else timeout_s
+        total_ns = _timeout_ns(timeout_s)  # 0: no deadline
         consoles: list[str] = []
         dropped = 0
         elapsed = 0
-        while True:
-            left = None if deadline is None else max(deadline - elapsed / 1e9, 1e-6)
-            r = self.run(left)
-            consoles.append(r.console)
-            dropped += r.console_dropped
-            elapsed += r.elapsed_ns
-            if r.reason == "exit":
-                return RunResult("exit", r.exit_code, r.checkpoint_tag, "".join(consoles), dropped, elapsed)
-            if r.reason in ("timeout", "halt") or (deadline is not None and elapsed >= deadline * 1e9):
-                what = "halted (hlt with interrupts off) instead of exiting" if r.reason == "halt" else (
-                    f"did not exit within {timeout_s} s"
-                )
-                err = GuestTimeoutError(f"guest {self._guest} {what}; pass a larger timeout_s or check the guest")
-                err.console = "".join(consoles)  # type: ignore[attr-defined]
-                raise err
+        # One operation under the VM's lock: another thread's run() cannot
+        # take a checkpoint's output in between.
+        with self._lock:
+            h = self._live()
+            while True:
+                r = self._run_locked(h, 0 if total_ns == 0 else max(total_ns - elapsed, 1000))
+                consoles.append(r.console)
+                dropped += r.console_dropped
+                elapsed += r.elapsed_ns
+                if r.reason == "exit":
+                    return RunResult("exit", r.exit_code, r.checkpoint_tag, "".join(consoles), dropped, elapsed)
+                if r.reason in ("timeout", "halt") or (total_ns and elapsed >= total_ns):
+                    break
+        what = "halted (hlt with interrupts off) instead of exiting" if r.reason == "halt" else (
+            f"did not exit within {timeout_s} s"
+        )
+        err = GuestTimeoutError(f"guest {self._guest} {what}; pass a larger timeout_s or check the guest")
+        err.console = "".join(consoles)  # type: ignore[attr-defined]
+        raise err
 
     # -- the service guest -----------------------------------------------------------
 

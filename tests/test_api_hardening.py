@@ -5,6 +5,7 @@ live pools leaves a child that can use kvmlab and exits cleanly (item 9)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -259,3 +260,29 @@ def test_restore_timing_has_every_documented_key(service_snap, service_file):
             t = vm.restore_timing
             assert (t["strategy"], t["memory_bytes"]) == ("reuse", CFG.memory_bytes)
             assert [r.strategy for r in pool.timings() if r.seq == t["seq"]] == ["reuse"]
+
+
+@pytest.mark.kvm
+def test_run_until_exit_is_one_operation():
+    """Two threads run one guest with 40 checkpoints to its exit: one of them
+    gets the whole output in order, the other the exit at once (the runs of
+    two callers interleaved, each getting every other round, before)."""
+    from kvmlab import Vm
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with Vm.boot("memtouch", CFG, args={"pages": 1, "rounds": 40}) as vm:
+            results: list = []
+            threads = [threading.Thread(target=lambda: results.append(vm.run_until_exit(timeout_s=60))) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert len(results) == 2 and all(r.reason == "exit" for r in results)
+            whole, rest = sorted(results, key=lambda r: -len(r.console))
+            rounds = [int(x) for x in re.findall(r"round (\d+) pages", whole.console)]
+            assert rounds == sorted(rounds) and len(rounds) >= 39, whole.console[-500:]
+            assert rest.console == ""
+    finally:
+        sys.setswitchinterval(switch)
