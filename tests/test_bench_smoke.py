@@ -196,6 +196,59 @@ def test_qmp_read_times_out_on_a_silent_qemu():
             ch.read()
 
 
+FAKE_QEMU = r"""#!PYTHON
+import json, subprocess, sys
+if sys.argv[1:] == ["--version"]:
+    print("QEMU emulator version 0.0 (fake QMP peer)")
+    sys.exit(0)
+incoming = "-incoming" in sys.argv
+status = "paused" if incoming else "running"
+def send(msg):
+    sys.stdout.write(json.dumps(msg) + "\n"); sys.stdout.flush()
+send({"QMP": {"version": {}, "capabilities": []}})
+for line in sys.stdin:
+    req = json.loads(line)
+    name, args = req["execute"], req.get("arguments", {})
+    send({"event": "NOISE"})  # events come in between; the peer skips them
+    if name == "human-monitor-command":
+        send({"return": "RIP=0 HLT=1"})
+    elif name == "migrate":
+        subprocess.run(["/bin/sh", "-c", args["uri"][len("exec:"):]], input=b"VMSTATE", check=True)
+        send({"return": {}})
+    elif name == "query-migrate":
+        send({"return": {"status": "completed", "ram": {"normal": 3, "duplicate": 7}}})
+    elif name == "query-status":
+        send({"return": {"status": status}})
+    elif name == "cont":
+        status = "running"
+        send({"return": {}})
+    elif name == "quit":
+        send({"return": {}})
+        break
+    else:
+        send({"return": {}})
+"""
+
+
+def test_qemu_peer_saves_and_restores_through_qmp(tmp_path):
+    """The QEMU peer's whole QMP conversation (boot, halt check, stop, migrate
+    to a quoted path, -incoming restore, cont) against a fake QMP peer: QEMU
+    itself is not installed by kvmlab."""
+    import sys
+
+    fake = tmp_path / "qemu-fake"
+    fake.write_text(FAKE_QEMU.replace("PYTHON", sys.executable))
+    fake.chmod(0o755)
+    work = tmp_path / "dir with 'quotes' and spaces"
+    work.mkdir()
+    peer = qp.QemuPeer(work, str(fake), qmp_timeout_s=10)
+    assert "fake QMP peer" in peer.version
+    recs = peer.measure(16, "dense", reps=2)
+    assert [r["i"] for r in recs] == [0, 1] and all(r["restore_ns"] > 0 for r in recs)
+    assert recs[0]["state_bytes"] == len(b"VMSTATE") and recs[0]["fill_pages"] == (16 << 20) // 4096 // 4
+    assert list(work.iterdir()) == []  # kernel and state files removed
+
+
 def test_a_stuck_qemu_fails_its_rows_instead_of_hanging(tmp_path):
     """A QEMU that starts but never speaks QMP: the peer gives up after its
     QMP timeout, kills the process and the error says what happened."""
