@@ -59,8 +59,18 @@ def memory_usage() -> dict[str, int]:
 
 def raise_fd_limit(needed: int) -> int:
     """Raises the soft RLIMIT_NOFILE towards the hard limit so ``needed`` more
-    descriptors fit. Returns the new soft limit; raises ConfigError if the
-    hard limit is too low (raise it with ``ulimit -Hn`` or limits.conf)."""
+    descriptors fit.
+
+    Args:
+        needed: descriptors about to be opened.
+
+    Returns:
+        The soft limit now.
+
+    Raises:
+        ConfigError: the hard limit is too low (raise it with ``ulimit -Hn``
+            or /etc/security/limits.conf).
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd"))
     want = in_use + needed + 64

@@ -160,7 +160,14 @@ class RestoreTiming:
 
 
 def timings_frame(records: Iterable[RestoreTiming]):
-    """``pool.timings()`` as a pandas DataFrame (one row per restore)."""
+    """``pool.timings()`` as a pandas DataFrame (one row per restore).
+
+    Args:
+        records: :class:`RestoreTiming` records.
+
+    Returns:
+        A DataFrame with one column per :class:`RestoreTiming` field.
+    """
     import pandas as pd
 
     rows = [asdict(r) for r in records]
@@ -591,7 +598,8 @@ class RestorePool:
     def close(self) -> None:
         """Stops the worker and destroys idle shells. VMs still out stay usable;
         releasing the last one frees the pool. Idempotent; waits for calls in
-        flight on other threads (they finish or raise ClosedError)."""
+        flight on other threads (they finish or raise ClosedError).
+        """
         with self._lock:
             if self._handle is None:
                 return
