@@ -73,7 +73,7 @@ def _cluster(n_workers: int) -> tuple[Any, Any]:
     from .. import distributed as d
 
     dask = d._dask()
-    cluster = dask.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = dask.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
     client = dask.Client(cluster)
     client.wait_for_workers(n_workers)
     return cluster, client
