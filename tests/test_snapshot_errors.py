@@ -617,7 +617,7 @@ def fuzz_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-@settings(max_examples=1700, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=1700, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(data=st.data())
 def test_random_mutations_load_or_raise_snapshot_error(good, fuzz_dir, data):
     """Bit flips, truncations, overwrites and insertions anywhere (biased to
