@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from . import _ffi
-from .config import U32_MAX, VmConfig, bad_argument, check_int
+from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
@@ -175,10 +175,13 @@ def timings_frame(records: Iterable[RestoreTiming]):
 
 
 def _bytes_view(data: object, what: str) -> memoryview:
+    """config.check_buffer, raising SnapshotError (what restores document) with the same check id."""
     try:
-        return memoryview(data).cast("B")  # type: ignore[arg-type]
-    except TypeError:
-        raise SnapshotError(f"{what} must be bytes-like (bytes, bytearray, memoryview), got {type(data).__name__}") from None
+        return check_buffer(what, data)
+    except ConfigError as e:
+        err = SnapshotError(str(e))
+        err.check, err.argument = e.check, e.argument  # type: ignore[attr-defined]
+        raise err from None
 
 
 

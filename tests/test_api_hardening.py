@@ -286,3 +286,18 @@ def test_run_until_exit_is_one_operation():
             assert rest.console == ""
     finally:
         sys.setswitchinterval(switch)
+
+
+@pytest.mark.kvm
+def test_pool_restore_parts_with_a_strided_buffer(service_snap):
+    from kvmlab import PoolConfig, RestorePool, SnapshotError
+
+    with RestorePool(CFG, PoolConfig(min_size=0, max_size=1)) as pool:
+        state = service_snap.vcpu_state
+        with pytest.raises(SnapshotError) as e:
+            pool.restore(memoryview(bytes(2 * CFG.memory_bytes))[::2], state)
+        assert e.value.check == "argument_buffer"
+        with pytest.raises(SnapshotError) as e:
+            pool.restore(12345, state)
+        assert e.value.check == "argument_type"
+        assert pool.stats().restores == 0
