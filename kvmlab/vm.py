@@ -316,7 +316,10 @@ class _VmHandle:
 
     def interrupt(self) -> None:
         """Stops a ``run()`` in progress on another thread (it returns
-        ``reason == "timeout"``; the next run resumes). Safe from any thread."""
+        ``reason == "timeout"``; the next run resumes), or a whole
+        :meth:`reset_loop`. Safe from any thread; no effect on later calls.
+        (A call that has not reached the native core yet may miss it; use
+        :meth:`close` to stop for good.)"""
         # Under _INTERRUPT_LOCK: close() on another thread cannot free the
         # handle between this read and the native call.
         with _INTERRUPT_LOCK:
@@ -495,7 +498,15 @@ class _VmHandle:
 
         ``length_prefix=True``: the input protocol of docs/guest-protocol.md:
         inputs may differ in length (and be empty); each is written as its
-        length (u32 little-endian) at ``input_gpa`` and its bytes right after."""
+        length (u32 little-endian) at ``input_gpa`` and its bytes right after.
+
+        Stopping: Ctrl-C (any signal whose handler raises) ends the whole loop
+        with that exception; :meth:`interrupt` from another thread ends it
+        and the list returned is shorter than ``inputs`` (the inputs done so
+        far); :meth:`close` ends it with :class:`ClosedError`. Either way the
+        VM is reset to its snapshot after the last input it ran. A signal
+        whose handler returns lets the loop go on (that input is run again).
+        """
         if not isinstance(length_prefix, bool):
             bad_argument("argument_type", "length_prefix", f"length_prefix must be True or False, got {length_prefix!r}")
         items = [bytes(x) for x in inputs]
@@ -511,18 +522,40 @@ class _VmHandle:
             raise ConfigError("reset_loop inputs must be non-empty and all the same length")
         _check_range(input_gpa, size, self.memory_bytes)
         code = self._reset_mode(mode)
-        packed = b"".join(items)
+        timeout_ns = _timeout_ns(run_timeout_s)
+        packed = memoryview(b"".join(items))
         out = ffi.new("kvmlab_loop_result[]", len(items))
+        done = self._drive_loop(len(items), out, lambda h, start, n_out: lib.kvmlab_vm_reset_loop(
+            h, ffi.from_buffer("uint8_t[]", packed[start * size :]), size, len(items) - start, input_gpa,
+            timeout_ns, code, out + start, n_out,
+        ))
+        return [_loop_result(r) for r in out[0:done]]
+
+    def _drive_loop(self, count: int, out: Any, call: Callable[[Any, int, Any], int]) -> int:
+        """Runs a native reset loop, ``call(handle, start, out_done) -> rc``
+        over inputs ``start ..``, until all ``count`` are done or it was
+        stopped; returns how many are done (``out[:done]``)."""
+        done = ffi.new("size_t *")
+        n_done = 0
         with self._lock:
-            _ffi.check(
-                lib.kvmlab_vm_reset_loop(
-                    self._live(), ffi.from_buffer("uint8_t[]", packed), size, len(items), input_gpa,
-                    _timeout_ns(run_timeout_s), code, out,
-                )
-            )
-            # The loop leaves console output of its runs behind; drop it.
-            self._take_console(self._live(), final=True)
-        return [_loop_result(r) for r in out]
+            h = self._live()
+            while n_done < count:
+                rc = call(h, n_done, done)
+                # The loop leaves console output of its runs behind; drop it.
+                self._take_console(h, final=True)
+                _ffi.check(rc)
+                n = int(done[0])
+                n_done += n
+                if n_done == count:
+                    break
+                if n > 0 and REASONS.get(int(out[n_done - 1].reason)) == "interrupted":
+                    # A signal stopped the loop: Python runs its handler here
+                    # (KeyboardInterrupt propagates); if it returns, that
+                    # input runs again (the VM was reset after it).
+                    n_done -= 1
+                    continue
+                break  # interrupt(): the inputs done so far
+        return n_done
 
     def _reset_loop_var(
         self, blob: bytes, offsets: Any, input_gpa: int, timeout_ns: int, console_stride: int = 0, mode: str = "auto"
@@ -531,23 +564,20 @@ class _VmHandle:
         ``blob[offsets[i]:offsets[i+1]]`` (``offsets``: a buffer of count + 1
         uint64), each written as the input protocol says (u32 LE length at
         ``input_gpa``, then the bytes). Returns (``kvmlab_loop_result[count]``,
-        the first ``console_stride`` console bytes of each run, inputs done)."""
+        the first ``console_stride`` console bytes of each run, inputs done:
+        fewer than count when the loop was stopped, see :meth:`reset_loop`)."""
         code = self._reset_mode(mode)
         offs = ffi.from_buffer("uint64_t[]", offsets)
         count = len(offs) - 1
         out = ffi.new("kvmlab_loop_result[]", max(count, 1))
         console = bytearray(count * console_stride)
         con = ffi.from_buffer("uint8_t[]", console) if console else ffi.NULL
-        done = ffi.new("size_t *")
-        with self._lock:
-            h = self._live()
-            rc = lib.kvmlab_vm_reset_loop_var(
-                h, ffi.from_buffer("uint8_t[]", blob), offs, count, input_gpa, timeout_ns, code, out, con,
-                console_stride, done,
-            )
-            self._take_console(h, final=True)  # output beyond console_stride
-            _ffi.check(rc)
-        return out, console, int(done[0])
+        data = ffi.from_buffer("uint8_t[]", blob)
+        done = self._drive_loop(count, out, lambda h, start, n_out: lib.kvmlab_vm_reset_loop_var(
+            h, data, offs + start, count - start, input_gpa, timeout_ns, code, out + start,
+            con + start * console_stride if console else ffi.NULL, console_stride, n_out,
+        ))
+        return out, console, done
 
     def _enable_reset(self, snap) -> None:
         with snap._use() as sh, self._lock:
@@ -623,9 +653,18 @@ class _VmHandle:
     # -- lifetime --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the VM. Idempotent; waits for a ``run()`` in another thread."""
-        if self._lock.locked():
-            self.interrupt()  # a run() without deadline on another thread would hold the lock forever
+        """Frees the VM. Idempotent. A ``run()`` in progress on another thread
+        stops at once (it returns ``reason == "timeout"``; one that had not
+        begun raises :class:`ClosedError`), a ``reset_loop()`` raises
+        :class:`ClosedError`; close waits for them to return."""
+        # Latched in the core before waiting for the lock, whether or not a
+        # run holds it yet: a run that has not reached KVM_RUN sees it on entry
+        # (an interrupt() there could be missed, and close() would wait forever
+        # for a run without deadline).
+        with _INTERRUPT_LOCK:
+            h = self._handle
+            if h is not None:
+                lib.kvmlab_vm_begin_close(h)
         with self._lock:
             h = self._handle
             if h is None:

@@ -286,10 +286,21 @@ fn vmRun(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*kvmlab_run_result) errors.Error
 }
 
 /// Stops a run() in progress on another thread at the vCPUs' next exit (it
-/// returns reason 3, timeout; the next run resumes). Thread-safe; no-op when idle.
+/// returns reason 3, timeout; the next run resumes), or a whole reset loop.
+/// A request made once the call began is never lost (even before its vCPUs
+/// entered the guest). Thread-safe; no effect on later calls when idle.
 pub export fn kvmlab_vm_interrupt(h: ?*kvmlab_vm) callconv(.c) void {
     const vm = asVm(h) catch return;
-    if (vm.running.load(.acquire)) vm.kickAll();
+    vm.interrupt();
+}
+
+/// Begins closing a VM (call it before kvmlab_vm_free when a run or reset
+/// loop may be in progress on another thread): latched, so a run in progress
+/// stops at its next exit to the host and every later run or reset loop fails
+/// with KVMLAB_CLOSED at once. Thread-safe; irreversible.
+pub export fn kvmlab_vm_begin_close(h: ?*kvmlab_vm) callconv(.c) void {
+    const vm = asVm(h) catch return;
+    vm.beginClose();
 }
 
 /// Moves up to `capacity` console bytes into `buf`; *out_bytes = how many.
@@ -680,16 +691,21 @@ fn vmReset(h: ?*kvmlab_vm, mode: kvmlab_reset_mode, out: ?*kvmlab_reset_times) e
 
 /// For each of `count` inputs (`input_bytes` each, packed in `inputs`):
 /// write it at `input_gpa`, run (deadline `timeout_ns`, 0 = none), record,
-/// reset. Results go to `out[count]`.
-pub export fn kvmlab_vm_reset_loop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: kvmlab_reset_mode, out: ?[*]kvmlab_loop_result) callconv(.c) kvmlab_result {
-    return result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out));
+/// reset. Results go to `out[count]`; *out_done = how many inputs were done
+/// (fewer than `count` when kvmlab_vm_interrupt or a signal such as SIGINT
+/// stopped the whole loop: the last result's reason is then 3 or 4; the VM is
+/// reset either way). Fails with KVMLAB_CLOSED when the VM began closing.
+pub export fn kvmlab_vm_reset_loop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: kvmlab_reset_mode, out: ?[*]kvmlab_loop_result, out_done: ?*usize) callconv(.c) kvmlab_result {
+    return result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out, out_done));
 }
-fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: kvmlab_reset_mode, out: ?[*]kvmlab_loop_result) errors.Error!void {
+fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: kvmlab_reset_mode, out: ?[*]kvmlab_loop_result, out_done: ?*usize) errors.Error!void {
     const vm = try asVm(h);
+    const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
+    d.* = 0;
     if (count == 0) return;
     if (count > 1 << 24 or input_bytes > 1 << 20) return errors.fail(error.Config, "reset_loop takes at most 2^24 inputs of at most 1 MiB", .{});
     const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
-    try reset_mod.loop(vm, try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, @enumFromInt(@as(u32, @intCast(@intFromEnum(mode)))), o[0..count]);
+    d.* = try reset_mod.loop(vm, try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, @enumFromInt(@as(u32, @intCast(@intFromEnum(mode)))), o[0..count]);
 }
 
 /// kvmlab_vm_reset_loop for inputs of different lengths: input i is

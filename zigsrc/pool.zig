@@ -424,6 +424,8 @@ pub const Pool = struct {
             if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) break;
             p.parked_len -= 1;
             p.parked[i] = p.parked[p.parked_len];
+            // Its previous owner's close() latched `closing`: a new owner.
+            vm.closing.store(false, .seq_cst);
             p.in_use += 1;
             p.reuses += 1;
             p.restores += 1;

@@ -142,17 +142,25 @@ pub const LoopResult = extern struct {
 
 /// For each input: write it at `input_gpa`, run until the guest stops (or
 /// `timeout_ns`), record the outcome, reset. Python is not on this path.
-pub fn loop(vm: *Vm, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!void {
+/// Returns how many inputs were done: fewer than `out.len` when the loop was
+/// stopped as a whole, by interrupt() or a foreign signal (Ctrl-C: the last
+/// result says `interrupted`) or because the VM is closing (error.Closed).
+/// The VM is reset after the last input either way.
+pub fn loop(vm: *Vm, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!usize {
     if (vm.reset_snap == null) return errors.fail(error.Busy, "this VM was not restored with reset enabled", .{});
     if (input_bytes == 0 or inputs.len % input_bytes != 0 or inputs.len / input_bytes != out.len)
         return errors.fail(error.Config, "inputs ({d} bytes) must be {d} inputs of {d} bytes", .{ inputs.len, out.len, input_bytes });
     _ = try vm.guestSlice(input_gpa, input_bytes);
+    // One operation: an interrupt() or close() during any run or reset of
+    // the loop ends the whole loop, not just the current input's run.
+    vm.beginOperation();
     for (out, 0..) |*r, i| {
         const dst = try vm.guestSlice(input_gpa, input_bytes);
         @memcpy(dst, inputs[i * input_bytes ..][0..input_bytes]);
         vm.noteHostWrite(input_gpa, input_bytes);
-        try runOne(vm, r, timeout_ns, mode, &.{});
+        if (try runOne(vm, r, timeout_ns, mode, &.{}, i)) return i + 1;
     }
+    return out.len;
 }
 
 /// Longest input of `loopVar` (its u32 length prefix not counted).
@@ -164,7 +172,7 @@ pub const max_var_input_bytes: u64 = 1 << 20;
 /// inputs.len). Each is written as its length (u32 LE) at `input_gpa` and its
 /// bytes right after. With `console_stride` > 0, the first `console_stride`
 /// bytes of run i's console output go to console[i * console_stride ..].
-/// Returns how many inputs were done.
+/// Returns how many inputs were done (stopping as `loop` does).
 pub fn loopVar(vm: *Vm, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
     if (vm.reset_snap == null) return errors.fail(error.Busy, "this VM was not restored with reset enabled", .{});
     if (offsets.len != out.len + 1 or offsets[out.len] != inputs.len)
@@ -177,22 +185,24 @@ pub fn loopVar(vm: *Vm, inputs: []const u8, offsets: []const u64, input_gpa: u64
     }
     if (longest > max_var_input_bytes) return errors.fail(error.Config, "an input is {d} bytes; at most {d}", .{ longest, max_var_input_bytes });
     _ = try vm.guestSlice(input_gpa, 4 + longest);
+    vm.beginOperation();
     for (out, 0..) |*r, i| {
         const input = inputs[@intCast(offsets[i])..@intCast(offsets[i + 1])];
         const dst = try vm.guestSlice(input_gpa, 4 + input.len);
         std.mem.writeInt(u32, dst[0..4], @intCast(input.len), .little);
         @memcpy(dst[4..], input);
         vm.noteHostWrite(input_gpa, 4 + input.len);
-        try runOne(vm, r, timeout_ns, mode, console[i * console_stride ..][0..console_stride]);
+        if (try runOne(vm, r, timeout_ns, mode, console[i * console_stride ..][0..console_stride], i)) return i + 1;
     }
     return out.len;
 }
 
-/// One iteration of either loop, the input already written: run, record,
-/// keep the first console.len bytes of output, reset.
-fn runOne(vm: *Vm, r: *LoopResult, timeout_ns: u64, mode: Mode, console: []u8) errors.Error!void {
+/// Iteration `i` of either loop, the input already written: run, record,
+/// keep the first console.len bytes of output, reset. True when the whole
+/// loop must stop (interrupt() or a signal); error.Closed when the VM is closing.
+fn runOne(vm: *Vm, r: *LoopResult, timeout_ns: u64, mode: Mode, console: []u8, i: usize) errors.Error!bool {
     r.* = std.mem.zeroes(LoopResult);
-    if (vm.run(timeout_ns)) |o| {
+    if (vm.runStep(timeout_ns)) |o| {
         r.reason = @intFromEnum(o.reason);
         r.exit_code = o.exit_code;
         r.checkpoint_tag = o.checkpoint_tag;
@@ -207,4 +217,6 @@ fn runOne(vm: *Vm, r: *LoopResult, timeout_ns: u64, mode: Mode, console: []u8) e
     try reset(vm, mode, &t);
     r.reset_ns = t.total_ns;
     r.dirty_pages = t.dirty_pages;
+    if (vm.closing.load(.seq_cst)) return errors.fail(error.Closed, "the VM was closed during reset_loop (after {d} inputs)", .{i + 1});
+    return r.reason == @intFromEnum(vm_mod.Reason.interrupted) or vm.stopRequested();
 }
