@@ -544,7 +544,12 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
         .file_id = file_id,
         .memory_crc = c.memory_crc,
     };
-    s.sigbus_slot = sigbus.register(@intFromPtr(file_map.ptr), file_map.len, &s.damaged);
+    // A mapping the SIGBUS handler does not cover is refused: a lost page
+    // of it (the file truncated) would kill the process.
+    s.sigbus_slot = sigbus.register(@intFromPtr(file_map.ptr), file_map.len, &s.damaged) orelse {
+        allocator.destroy(s); // the errdefers free the blob and the mapping
+        return sigbus.unprotected();
+    };
     close_fd = false;
     return s;
 }
@@ -665,7 +670,7 @@ pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, pac
         const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, f.fd, @intCast(f.memory_offset));
         if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
         vm.source_snap = f.retain();
-        if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged);
+        if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged) orelse return sigbus.unprotected();
     } else {
         try copyPresent(vm.mem, memory, parsed.pageMap(), packed_layout, source_mapped);
     }
