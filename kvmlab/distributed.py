@@ -33,7 +33,6 @@ import os
 import threading
 import uuid
 import weakref
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -41,7 +40,7 @@ import pandas as pd
 
 from . import _ffi, _progress
 from .config import VmConfig, bad_argument, check_int, timeout_ns
-from .errors import ConfigError, GuestCrashError, KvmlabError
+from .errors import ConfigError, GuestCrashError, GuestError, KvmlabError
 from .guests import INPUT_GPA, PARSER_WAIT_TAG
 from .snapshot import Snapshot
 from .vm import REASONS, Vm
@@ -95,18 +94,17 @@ def parser_snapshot(memory_mib: int = 64, input_gpa: int = INPUT_GPA) -> Snapsho
     with Vm.boot("parser", VmConfig(memory_mib=memory_mib), args={"input_gpa": input_gpa}) as vm:
         r = vm.run(timeout_s=10)
         if r.reason != "checkpoint" or r.checkpoint_tag != PARSER_WAIT_TAG:
-            raise KvmlabError(f"the parser guest did not reach its input checkpoint ({r.reason}): {r.console!r}")
+            raise GuestError(f"the parser guest did not reach its input checkpoint ({r.reason}): {r.console!r}")
         return vm.snapshot()
 
 
-def _encoded(snap: Snapshot | str | os.PathLike[str]) -> bytes:
-    """The snapshot's encoding: what travels to the workers."""
+def _encoded(snap: Snapshot | str | os.PathLike[str]) -> tuple[bytes, int]:
+    """The snapshot's encoding (what travels to the workers) and its memory size."""
     if isinstance(snap, Snapshot):
-        return snap.to_bytes()
+        return snap.to_bytes(), snap.memory_bytes
     if isinstance(snap, (str, os.PathLike)):
-        with Snapshot.load(snap):  # checked here, so a bad file fails on the client
-            pass
-        return Path(snap).read_bytes()
+        with Snapshot.load(snap) as loaded:  # checked here, so a bad file fails on the client
+            return loaded.to_bytes(), loaded.memory_bytes
     bad_argument("argument_type", "snap", f"snap must be a Snapshot or a snapshot file path, got {type(snap).__name__}")
 
 
@@ -423,8 +421,7 @@ def run_inputs(
     A tqdm bar shows progress once the call has run for a second
     (``progress=False``: none).
     """
-    data = _encoded(snap)
-    memory_bytes = snap.memory_bytes if isinstance(snap, Snapshot) else Snapshot.from_bytes(data).memory_bytes
+    data, memory_bytes = _encoded(snap)
     deadline_ns = _check_limits(memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
     _progress.check(progress)
     items = _check_inputs(inputs, max_input_bytes)
@@ -467,7 +464,7 @@ def map_vms(
     if not callable(fn):
         bad_argument("argument_type", "fn", f"fn must be callable as fn(vm, item), got {type(fn).__name__}")
     check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
-    data = _encoded(snap)
+    data, _memory_bytes = _encoded(snap)
     items = list(items)
     if not items:
         return []

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import MiB
-from kvmlab import ConfigError, GuestCrashError, Vm, distributed
+from kvmlab import ConfigError, GuestCrashError, Snapshot, Vm, VmConfig, distributed
 from kvmlab.guests import parser_outcome
 
 distributed_mod = pytest.importorskip("distributed")
@@ -142,11 +142,18 @@ def test_results_equal_the_in_process_run(campaign, snap, inputs):
     assert local[STABLE].equals(campaign[STABLE])
 
 
-def test_console_is_kept_per_input(snap, client):
-    # parser prints nothing after its checkpoint; the hello-like output of the
-    # boot is not part of the snapshot's runs.
-    df = distributed.run_inputs(snap, [b"", b"\x01\x00"], client=client)
-    assert df["console"].tolist() == ["", ""]
+def test_console_is_kept_per_input_and_a_path_works(client, tmp_path):
+    # counter resumed from its checkpoint prints its last step and "done"; the
+    # input goes where counter does not look.
+    with Vm.boot("counter", VmConfig(memory_mib=MEMORY_MIB), args={"steps": 2, "checkpoint_at": 1}) as vm:
+        assert vm.run(timeout_s=10).reason == "checkpoint"
+        path = vm.snapshot().save(tmp_path / "counter.kvmsnap")
+    with Snapshot.load(path) as snap, Vm.restore(snap) as ref:
+        want = ref.run(timeout_s=10).console
+    assert "step 2 checksum" in want and len(want) <= distributed.CONSOLE_BYTES
+    df = distributed.run_inputs(path, [b"", b"abc"], client=client, input_gpa=8 * MiB)
+    assert df["console"].tolist() == [want, want]
+    assert df["reason"].tolist() == ["exit", "exit"]
 
 
 def test_map_vms_each_call_sees_the_snapshot(snap, client):
