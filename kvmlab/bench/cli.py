@@ -59,9 +59,11 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _finish(name: str, run: Callable[[], Results], args: argparse.Namespace) -> int:
-    """Runs one benchmark; prints its report; saves it with --json. Exit code
-    1 (message on stderr) if the core raised or a part failed."""
+def _finish(name: str, run: Callable[[], Results], args: argparse.Namespace,
+            show: Callable[[Results], str] = text) -> int:
+    """Runs one benchmark; prints ``show(results)`` (the text report); saves
+    it with --json. Exit code 2 for a bad argument, 1 (message on stderr) if
+    the core raised or a part failed."""
     try:
         res = run()
     except ConfigError as e:  # a bad argument: a usage error
@@ -70,7 +72,7 @@ def _finish(name: str, run: Callable[[], Results], args: argparse.Namespace) -> 
     except KvmlabError as e:
         print(f"kvmlab bench {name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(text(res))
+    print(show(res))
     if getattr(args, "json", None):
         res.save(args.json)
         print(f"wrote {args.json}")
@@ -106,20 +108,13 @@ def cmd_age(args: argparse.Namespace) -> int:
 
 
 def cmd_all(args: argparse.Namespace) -> int:
-    try:
-        res = run_all(args.out, args.quick, memory_mib=args.memory_mib, n=args.n, qemu_n=args.qemu_n, qemu=args.qemu,
-                      skip=args.skip, fork_n=args.fork_n, quiet=args.quiet, no_plots=args.no_plots,
-                      command=_command(args))
-    except ConfigError as e:
-        print(f"{e}", file=sys.stderr)
-        return 2
-    except KvmlabError as e:
-        print(f"kvmlab bench all: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(markdown(res))
-    plots = "".join(f", {name}.png" for name in res.figures)
-    print(f"wrote {Path(args.out) / 'results.json'}, results.md{plots}")
-    return 1 if res.errors else 0
+    def show(res: Results) -> str:
+        plots = "".join(f", {name}.png" for name in res.figures)
+        return f"{markdown(res)}\nwrote {Path(args.out) / 'results.json'}, results.md{plots}"
+
+    return _finish("all", lambda: run_all(
+        args.out, args.quick, memory_mib=args.memory_mib, n=args.n, qemu_n=args.qemu_n, qemu=args.qemu, skip=args.skip,
+        fork_n=args.fork_n, quiet=args.quiet, no_plots=args.no_plots, command=_command(args)), args, show)
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
