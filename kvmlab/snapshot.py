@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _ffi
-from .config import VmConfig, check_path
+from .config import VmConfig, check_choice, check_path
 from .errors import ClosedError, ConfigError, SnapshotError
 
 __all__ = ["Snapshot", "STRATEGIES"]
@@ -36,10 +36,7 @@ STRATEGIES = {"auto": 0, "copy": 1, "map": 2}
 
 
 def strategy_code(strategy: str) -> int:
-    try:
-        return STRATEGIES[strategy]
-    except (KeyError, TypeError):
-        raise ConfigError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}") from None
+    return check_choice("strategy", strategy, STRATEGIES)
 
 
 class _NativeOwner:

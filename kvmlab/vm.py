@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from . import _ffi
-from .config import VmConfig, bad_argument, check_buffer
+from .config import VmConfig, bad_argument, check_buffer, check_choice, check_int, check_type
 from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import BoundsError, ClosedError, ConfigError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args
@@ -153,7 +153,7 @@ class RunResult:
 def _check_range(gpa: int, n: int, memory_bytes: int) -> None:
     for what, v in (("gpa", gpa), ("length", n)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{what} must be an int, got {v!r}")
+            bad_argument("argument_type", what, f"{what} must be an int, got {v!r}")
     if gpa < 0 or n < 0 or gpa + n > memory_bytes:
         raise BoundsError(
             f"guest range 0x{gpa:x}+{n} is outside guest memory (0x0..0x{memory_bytes:x}); "
@@ -405,12 +405,13 @@ class _VmHandle:
         answer): calls from several threads on one VM are served one at a
         time, each caller gets its own answer.
         """
-        code = SERVICE_OPS.get(op)
-        if code is None:
-            raise ConfigError(f"op={op!r}: use one of {', '.join(SERVICE_OPS)}")
-        data = bytes(payload)
+        code = check_choice("op", op, SERVICE_OPS)
+        data = bytes(check_buffer("payload", payload))
         if len(data) > SERVICE_MAX_BYTES:
-            raise ConfigError(f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}")
+            bad_argument(
+                "argument_range", "payload",
+                f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}",
+            )
         timeout_ns = _timeout_ns(timeout_s)
         with self._lock:
             h = self._live()
@@ -443,10 +444,7 @@ class _VmHandle:
     # -- reset -----------------------------------------------------------------------------
 
     def _reset_mode(self, mode: str) -> int:
-        try:
-            return RESET_MODES[mode]
-        except (KeyError, TypeError):
-            raise ConfigError(f"mode={mode!r}: use one of {', '.join(RESET_MODES)}") from None
+        return check_choice("mode", mode, RESET_MODES)
 
     def reset(self, mode: str = "auto") -> ResetTiming:
         """Puts this VM back to exactly the snapshot it was restored from
@@ -642,8 +640,7 @@ class _VmHandle:
 
     def registers(self, vcpu: int = 0) -> dict[str, int]:
         """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``)."""
-        if isinstance(vcpu, bool) or not isinstance(vcpu, int) or not 0 <= vcpu < self.vcpus:
-            raise ConfigError(f"vcpu={vcpu!r} does not exist: this VM has vCPUs 0 .. {self.vcpus - 1}")
+        check_int("vcpu", vcpu, 0, self.vcpus - 1)
         out = ffi.new("kvmlab_regs *")
         with self._lock:
             h = self._live()
@@ -742,10 +739,9 @@ class Vm(_VmHandle):
         """
         if cfg is None:
             cfg = VmConfig()
-        if not isinstance(cfg, VmConfig):
-            raise ConfigError(f"cfg must be a VmConfig, got {type(cfg).__name__}")
+        check_type("cfg", cfg, VmConfig)
         if isinstance(cpl, bool) or cpl not in (0, 3):
-            raise ConfigError(f"cpl={cpl!r}: kvmlab guests run at CPL 3 (default) or 0")
+            bad_argument("argument_value", "cpl", f"cpl={cpl!r}: kvmlab guests run at CPL 3 (default) or 0")
         g = _resolve_guest(guest)
         arg_text = format_args(args).encode("ascii")
 
@@ -797,8 +793,7 @@ class Vm(_VmHandle):
         """
         from .snapshot import Snapshot, strategy_code
 
-        if not isinstance(snap, Snapshot):
-            raise ConfigError(f"Vm.restore takes a Snapshot, got {type(snap).__name__}")
+        check_type("snap", snap, Snapshot, "a Snapshot (Snapshot.load, vm.snapshot(), Snapshot.from_bytes)")
         code = strategy_code(strategy)
         out = ffi.new("kvmlab_vm **")
         t = ffi.new("kvmlab_restore_times *")
