@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from ._native import reset_floor_available
 from .fork import fork_part
-from .harness import Progress, check_args, host_info, make_service_snapshot, make_snapshot, versions
+from .harness import DENSE_FRACTION, Progress, check_args, host_info, make_service_snapshot, make_snapshot, versions
 from .peers.unicorn import unicorn_available, unicorn_restore
 from .peers.qemu import QemuPeer, qemu_problem
 from .reset import RESET_CONFIGS, cycle_part, reset_part
@@ -46,7 +46,6 @@ QUICK = {"n": 5, "warmup": 1, "qemu_n": 2, "unicorn_n": 5, "reset_k": [1, 16, 25
          "reset_warmup": 1, "cycle_n": [1, 100, 10_000], "cycle_batches": 2, "cycle_batch_s": 0.02,
          "fork_n": [10], "fork_reps": 1}
 PEER_KEYS = ["memory_mib", "density"]
-DENSE_FRACTION = 0.25
 
 
 def _skipped(skip: Sequence[str], qemu: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from .age import AGES_MS, bench_age
 from .all import PARTS, run_all
 from .campaign import campaign_parser
 from .fork import bench_fork
+from .harness import DENSE_FRACTION
 from .report import markdown, text, write_docs
 from .reset import bench_reset
 from .restore import bench_restore
@@ -146,7 +147,8 @@ def _restore_parser(sub: Any) -> None:
     r.add_argument("--n", type=int, default=200, help="measured restores per path and case (default 200)")
     r.add_argument("--warmup", type=int, default=3, help="unmeasured restores first (default 3)")
     r.add_argument("--dense", action="store_true", help="also a dense snapshot: memtouch with --dense-fraction touched")
-    r.add_argument("--dense-fraction", type=float, default=0.25, help="fraction of memory touched (default 0.25)")
+    r.add_argument("--dense-fraction", type=float, default=DENSE_FRACTION,
+                   help=f"fraction of memory touched (default {DENSE_FRACTION})")
     r.add_argument("--no-run", action="store_true", help="do not run restored VMs (no first_run figures)")
     r.add_argument("--no-floor", action="store_true", help="skip the floor paths")
     _common(r)
