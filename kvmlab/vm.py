@@ -383,10 +383,14 @@ class _VmHandle:
                     return RunResult("exit", r.exit_code, r.checkpoint_tag, "".join(consoles), dropped, elapsed)
                 if r.reason in ("timeout", "halt") or (total_ns and elapsed >= total_ns):
                     break
-        what = "halted (hlt with interrupts off) instead of exiting" if r.reason == "halt" else (
-            f"did not exit within {timeout_s} s"
-        )
-        err = GuestTimeoutError(f"guest {self._guest} {what}; pass a larger timeout_s or check the guest")
+        if r.reason == "halt":
+            check, what = "guest_halted", "halted (hlt with interrupts off) instead of exiting; check the guest"
+        elif total_ns == 0:  # no deadline: interrupt() or close() from another thread
+            check, what = "run_stopped", "was stopped by interrupt() or close() before it exited"
+        else:
+            check, what = "deadline", f"did not exit within {timeout_s} s; pass a larger timeout_s or check the guest"
+        err = GuestTimeoutError(f"guest {self._guest} {what}")
+        err.check = check  # type: ignore[attr-defined]
         err.console = "".join(consoles)  # type: ignore[attr-defined]
         raise err
 

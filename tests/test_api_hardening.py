@@ -337,3 +337,36 @@ def test_every_bad_argument_has_a_check_id(service_snap, service_file):
             for check, call in cases:
                 raises_check(check, call)
             assert vm.call(b"fine") == b"fine"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("stop", ["interrupt", "close"])
+def test_one_operation_runs_stop_at_interrupt_and_close(stop):
+    """run_until_exit() and call() hold the VM's lock across runs, yet
+    interrupt() and close() from another thread end them at once."""
+    import time
+
+    from conftest import LOOP_FOREVER
+    from kvmlab import GuestTimeoutError, KvmlabError, Vm
+
+    for name, call in (("run_until_exit", lambda vm: vm.run_until_exit(None)),
+                       ("call", lambda vm: vm.call(b"x", timeout_s=None))):  # fmt: skip
+        vm = Vm.boot(LOOP_FOREVER, CFG)
+        raised: list[BaseException] = []
+
+        def run(vm=vm, call=call) -> None:
+            try:
+                call(vm)
+            except KvmlabError as e:
+                raised.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.3)  # the guest is spinning inside the operation
+        getattr(vm, stop)()
+        t.join(10)
+        assert not t.is_alive(), name
+        assert len(raised) == 1 and isinstance(raised[0], GuestTimeoutError), (name, raised)
+        if name == "run_until_exit":
+            assert raised[0].check == "run_stopped"
+        vm.close()
