@@ -232,48 +232,51 @@ def _records(out: Any, n: int) -> np.ndarray:
     return np.frombuffer(_ffi.ffi.buffer(out, n * dtype.itemsize), dtype=dtype).copy()
 
 
-def _missing(n: int, dtype: type) -> Any:
-    """A nullable integer column of ``n`` missing values (Int64 / UInt64)."""
-    return pd.arrays.IntegerArray(np.zeros(n, dtype=dtype), np.ones(n, dtype=bool))
-
-
-def _frame(first: int, n: int, worker: str) -> pd.DataFrame:
-    """An all-error frame of ``n`` rows (filled in by the caller)."""
+def _frame(first: int, n: int, worker: str, loop: np.ndarray | None = None, console: bytes = b"",
+           crashes: dict[int, dict[str, Any]] | None = None, message: str = "") -> pd.DataFrame:
+    """The rows of a batch of ``n`` inputs: the first ``len(loop)`` from the
+    native loop's records (and ``console``, ``CONSOLE_BYTES`` per input), the
+    rest error rows saying ``message``; ``crashes``: row -> its crash fields."""
+    done = 0 if loop is None else len(loop)
+    reason = np.full(n, _ERROR, dtype=np.int8)
+    ints = {c: np.zeros(n, dtype=np.int64) for c in ("exit_code", "checkpoint_tag", "run_ns", "dirty_pages")}
+    known = {c: np.zeros(n, dtype=bool) for c in ("exit_code", "checkpoint_tag")}
+    texts = {"console": np.full(n, "", dtype=object), "message": np.full(n, message, dtype=object)}
+    regs = {r: np.zeros(n, dtype=np.uint64) for r in CRASH_REGISTERS}
+    crashed = np.zeros(n, dtype=bool)
+    if loop is not None:
+        codes = _REASON_TABLE[np.minimum(loop["reason"], len(_REASON_TABLE) - 1)]
+        codes[loop["crashed"] != 0] = _CRASH
+        reason[:done] = codes
+        for col, what in (("exit_code", "exit"), ("checkpoint_tag", "checkpoint")):
+            known[col][:done] = codes == RESULT_REASONS.index(what)
+            ints[col][:done] = loop[col]
+        ints["run_ns"][:done] = loop["run_ns"]
+        ints["dirty_pages"][:done] = loop["dirty_pages"]
+        for i in np.flatnonzero(loop["console_bytes"]):
+            k = min(int(loop["console_bytes"][i]), CONSOLE_BYTES)
+            texts["console"][i] = console[i * CONSOLE_BYTES:i * CONSOLE_BYTES + k].decode("utf-8", "replace")
+        texts["message"][:done][codes == _ERROR] = "the run was interrupted by a signal to the worker"
+        texts["message"][done:] = "not run: the loop was stopped (interrupt or close) before this input"
+    for i, row in (crashes or {}).items():
+        texts["message"][i] = row["message"]
+        if "crash_rip" in row:
+            crashed[i] = True
+            for r in CRASH_REGISTERS:
+                regs[r][i] = row[f"crash_{r}"]
     cols: dict[str, Any] = {
         "input_index": np.arange(first, first + n, dtype=np.int64),
-        "reason": pd.Categorical.from_codes(np.full(n, _ERROR, dtype=np.int8), categories=list(RESULT_REASONS)),
-        "exit_code": _missing(n, np.int64),
-        "checkpoint_tag": _missing(n, np.int64),
-        "console": np.full(n, "", dtype=object),
-        "run_ns": np.zeros(n, dtype=np.int64),
-        "dirty_pages": np.zeros(n, dtype=np.int64),
+        "reason": pd.Categorical.from_codes(reason, categories=list(RESULT_REASONS)),
+        "exit_code": pd.arrays.IntegerArray(ints["exit_code"], ~known["exit_code"]),
+        "checkpoint_tag": pd.arrays.IntegerArray(ints["checkpoint_tag"], ~known["checkpoint_tag"]),
+        "console": texts["console"],
+        "run_ns": ints["run_ns"],
+        "dirty_pages": ints["dirty_pages"],
         "worker": np.full(n, worker, dtype=object),
-        "message": np.full(n, "", dtype=object),
+        "message": texts["message"],
+        **{f"crash_{r}": pd.arrays.IntegerArray(regs[r], ~crashed) for r in CRASH_REGISTERS},
     }
-    for r in CRASH_REGISTERS:
-        cols[f"crash_{r}"] = _missing(n, np.uint64)
     return pd.DataFrame(cols, columns=list(COLUMNS))
-
-
-def _fill(df: pd.DataFrame, loop: np.ndarray, console: bytearray, done: int) -> None:
-    """Rows 0 .. done-1 from the native loop's records (the rest stay errors)."""
-    codes = _REASON_TABLE[np.minimum(loop["reason"][:done], len(_REASON_TABLE) - 1)]
-    codes[loop["crashed"][:done] != 0] = _CRASH
-    reason = np.full(len(df), _ERROR, dtype=np.int8)
-    reason[:done] = codes
-    df["reason"] = pd.Categorical.from_codes(reason, categories=list(RESULT_REASONS))
-    rows = np.arange(done)
-    is_exit = codes == RESULT_REASONS.index("exit")
-    is_ckpt = codes == RESULT_REASONS.index("checkpoint")
-    df.loc[rows[is_exit], "exit_code"] = loop["exit_code"][:done][is_exit].astype(np.int64)
-    df.loc[rows[is_ckpt], "checkpoint_tag"] = loop["checkpoint_tag"][:done][is_ckpt].astype(np.int64)
-    df.loc[rows, "run_ns"] = loop["run_ns"][:done].astype(np.int64)
-    df.loc[rows, "dirty_pages"] = loop["dirty_pages"][:done].astype(np.int64)
-    for i in np.flatnonzero(loop["console_bytes"][:done]):
-        n = min(int(loop["console_bytes"][i]), CONSOLE_BYTES)
-        df.at[int(i), "console"] = bytes(console[i * CONSOLE_BYTES:i * CONSOLE_BYTES + n]).decode("utf-8", "replace")
-    df.loc[rows[codes == _ERROR], "message"] = "the run was interrupted by a signal to the worker"
-    df.loc[done:, "message"] = "not run: the loop was stopped (interrupt or close) before this input"
 
 
 def _run_python(vm: Vm, data: bytes, input_gpa: int, timeout_s: float) -> dict[str, Any]:
@@ -306,29 +309,24 @@ def _batch(res: _Resident, first: int, blob: bytes, offsets: np.ndarray, input_g
     """One batch: the native loop over the inputs on one VM, one frame."""
     n = len(offsets) - 1
     worker = _worker_name()
-    df = _frame(first, n, worker)
     try:
         with res.vm() as vm:
             out, console, done = vm._reset_loop_var(blob, offsets, input_gpa, deadline_ns, CONSOLE_BYTES)
             loop = _records(out, done)
-            _fill(df, loop, console, done)
             # The loop keeps no crash message or registers: run each crash
             # again through the Python path (crashes are rare), then reset.
-            for i in np.flatnonzero(loop["crashed"][:done]):
+            crashes = {}
+            for i in np.flatnonzero(loop["crashed"]):
                 row = _run_python(vm, blob[int(offsets[i]):int(offsets[i + 1])], input_gpa, deadline_ns / 1e9)
                 vm.reset()
-                if row["reason"] != "crash":
-                    row = {"message": f"the crash did not repeat (the replay ended with {row['reason']}): "
-                                      "the guest is not deterministic"}
-                for col, value in row.items():
-                    if col == "message" or col.startswith("crash_"):
-                        df.at[int(i), col] = value
+                crashes[int(i)] = row if row["reason"] == "crash" else {
+                    "message": f"the crash did not repeat (the replay ended with {row['reason']}): "
+                               "the guest is not deterministic"}
     except KvmlabError as e:
         # A host failure (or a snapshot this host cannot run): this batch's
         # rows say so; its VM is not reused; other batches are unaffected.
-        df = _frame(first, n, worker)
-        df["message"] = f"{type(e).__name__}: {e}"
-    return df
+        return _frame(first, n, worker, message=f"{type(e).__name__}: {e}")
+    return _frame(first, n, worker, loop, bytes(console), crashes)
 
 
 def _run_batch(data: bytes, key: str, first: int, blob: bytes, offsets: np.ndarray, input_gpa: int,

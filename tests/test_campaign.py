@@ -285,7 +285,7 @@ def test_bench_campaign_smoke(tmp_path, capsys):
                    "--quiet", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    for path in ("native loop", "1 worker", "2 workers", "cold worker, first batch"):
+    for path in ("native loop", "1 worker", "2 workers", "cold worker, first batch", "fresh worker process"):
         assert path in text
     res = load(out)
     verdicts = {v["target"]: v for v in res.verdicts}
