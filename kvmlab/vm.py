@@ -643,7 +643,18 @@ class _VmHandle:
         _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", data), len(data)))
 
     def registers(self, vcpu: int = 0) -> dict[str, int]:
-        """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``)."""
+        """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``).
+
+        Args:
+            vcpu: which vCPU (0 .. vcpus-1).
+
+        Returns:
+            Register name -> value.
+
+        Raises:
+            ConfigError: no such vCPU.
+            ClosedError: the VM is closed.
+        """
         check_int("vcpu", vcpu, 0, self.vcpus - 1)
         out = ffi.new("kvmlab_regs *")
         with self._lock:
