@@ -408,6 +408,19 @@ class _VmHandle:
         One operation under the VM's lock (write the request, run, read the
         answer): calls from several threads on one VM are served one at a
         time, each caller gets its own answer.
+
+        Args:
+            payload: the request, at most 4096 bytes.
+            op: ``"echo"``, ``"crc32c"`` or ``"reverse"``.
+            timeout_s: seconds to wait for the answer.
+
+        Returns:
+            The guest's answer.
+
+        Raises:
+            GuestTimeoutError: no answer in time (not the service guest, or not waiting).
+            GuestError: the guest answered out of protocol or does not know ``op``.
+            ConfigError: an unknown ``op`` or a payload over 4096 bytes.
         """
         code = check_choice("op", op, SERVICE_OPS)
         data = bytes(check_buffer("payload", payload))
@@ -508,6 +521,22 @@ class _VmHandle:
         far); :meth:`close` ends it with :class:`ClosedError`. Either way the
         VM is reset to its snapshot after the last input it ran. A signal
         whose handler returns lets the loop go on (that input is run again).
+
+        Args:
+            inputs: bytes-like inputs (all the same length unless ``length_prefix``).
+            input_gpa: where each input is written in guest memory.
+            run_timeout_s: seconds per run before it counts as a hang (``reason == "timeout"``).
+            mode: the reset's ``mode`` (see :meth:`reset`).
+            length_prefix: write each input after its u32 length (the input protocol).
+
+        Returns:
+            One :class:`LoopResult` per input run, in order.
+
+        Raises:
+            BusyError: the VM is not resettable.
+            BoundsError: an input does not fit at ``input_gpa``.
+            ConfigError: no inputs of one length (without ``length_prefix``), or a bad argument.
+            ClosedError: the VM was closed (also during the loop).
         """
         if not isinstance(length_prefix, bool):
             bad_argument("argument_type", "length_prefix", f"length_prefix must be True or False, got {length_prefix!r}")
