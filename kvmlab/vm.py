@@ -535,7 +535,7 @@ class _VmHandle:
         Raises:
             BusyError: the VM is not resettable.
             BoundsError: an input does not fit at ``input_gpa``.
-            ConfigError: no inputs of one length (without ``length_prefix``), or a bad argument.
+            ConfigError: inputs of different lengths or empty (without ``length_prefix``), or a bad argument.
             ClosedError: the VM was closed (also during the loop).
         """
         if not isinstance(length_prefix, bool):
