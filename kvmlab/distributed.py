@@ -428,17 +428,22 @@ def run_inputs(
     with _client(client) as c, _progress.bar(len(items), "inputs", "input", progress) as bar:
         key, snap_fut = _ship(c, data)
         run = uuid.uuid4().hex[:12]
-        futures = {}
-        for first in range(0, len(items), batch_size):
-            blob, offsets = _pack(items[first:first + batch_size])
-            f = c.submit(_run_batch, snap_fut, key, first, blob, offsets, input_gpa, deadline_ns,
-                         key=f"kvmlab-batch-{run}-{first}", pure=False)
-            futures[f] = first
+        futures: dict[Any, int] = {}
         frames = {}
-        for f in _dask().as_completed(list(futures)):
-            frames[futures[f]] = f.result()
-            bar.update(len(frames[futures[f]]))
-            f.release()
+        try:
+            for first in range(0, len(items), batch_size):
+                blob, offsets = _pack(items[first:first + batch_size])
+                f = c.submit(_run_batch, snap_fut, key, first, blob, offsets, input_gpa, deadline_ns,
+                             key=f"kvmlab-batch-{run}-{first}", pure=False)
+                futures[f] = first
+            for f in _dask().as_completed(list(futures)):
+                frames[futures[f]] = f.result()
+                bar.update(len(frames[futures[f]]))
+                f.release()
+        except BaseException:
+            # Ctrl-C or a failed batch: the cluster stops working on this call.
+            c.cancel(list(futures))
+            raise
     df = pd.concat([frames[k] for k in sorted(frames)], ignore_index=True)
     # Exactly once, in order: Dask's retries after a lost worker must not duplicate or drop.
     assert df["input_index"].tolist() == list(range(len(items))), "every input exactly once"
@@ -468,9 +473,14 @@ def map_vms(
         return []
     with _client(client) as c:
         key, snap_fut = _ship(c, data)
-        futures = [c.submit(_map_chunk, snap_fut, key, fn, items[i:i + batch_size], pure=False)
-                   for i in range(0, len(items), batch_size)]
-        return [x for chunk in c.gather(futures) for x in chunk]
+        futures = []
+        try:
+            futures += [c.submit(_map_chunk, snap_fut, key, fn, items[i:i + batch_size], pure=False)
+                        for i in range(0, len(items), batch_size)]
+            return [x for chunk in c.gather(futures) for x in chunk]
+        except BaseException:
+            c.cancel(futures)  # Ctrl-C or an exception from fn: stop the rest
+            raise
 
 
 def local_run(snap: Snapshot, inputs: Iterable[bytes], *, input_gpa: int = INPUT_GPA,

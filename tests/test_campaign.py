@@ -169,6 +169,14 @@ def test_map_vms_each_call_sees_the_snapshot(snap, client):
     got = distributed.map_vms(snap, fn, list(range(1, 40)), client=client, batch_size=8)
     assert got == [(0, 1)] * 39  # never sees a previous call's write
 
+    def bad(vm, item):
+        if item == 3:
+            raise ValueError("item 3")
+        return item
+
+    with pytest.raises(ValueError):
+        distributed.map_vms(snap, bad, range(10), client=client, batch_size=2)
+
 
 def test_host_failure_in_a_batch_gives_error_rows(client):
     # A snapshot no worker has yet: the next VM each worker makes is its first.
