@@ -20,8 +20,6 @@ from conftest import MiB
 from kvmlab import ConfigError, GuestCrashError, Snapshot, Vm, VmConfig, distributed
 from kvmlab.guests import parser_outcome
 
-distributed_mod = pytest.importorskip("distributed")
-
 pytestmark = pytest.mark.kvm
 
 MEMORY_MIB = 16
@@ -70,15 +68,20 @@ def snap():
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with distributed_mod.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+def dask():
+    return pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster(dask):
+    with dask.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
                                       dashboard_address=":0") as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def client(cluster):
-    with distributed_mod.Client(cluster) as c:
+def client(cluster, dask):
+    with dask.Client(cluster) as c:
         c.wait_for_workers(2)
         yield c
 
@@ -91,6 +94,15 @@ def inputs():
 @pytest.fixture(scope="module")
 def campaign(snap, client, inputs):
     return distributed.run_inputs(snap, inputs, client=client, batch_size=64, run_timeout_s=TIMEOUT_S)
+
+
+def test_parser_guest_follows_its_rule_in_a_local_reset_loop(snap, inputs):
+    """The guest alone (no Dask): the native variable-length loop against the
+    parser's specification, input by input."""
+    with Vm.restore(snap, resettable=True) as vm:
+        local = vm.reset_loop(inputs, input_gpa=distributed.INPUT_GPA, run_timeout_s=TIMEOUT_S, length_prefix=True)
+    got = [("crash", None) if r.crashed else (r.reason, r.exit_code if r.reason == "exit" else None) for r in local]
+    assert got == expected(inputs)
 
 
 def test_matches_the_parser_rule(campaign, inputs):
