@@ -342,8 +342,12 @@ class Snapshot:
     @property
     def damaged(self) -> bool:
         """True when the file behind this loaded snapshot was truncated or
-        replaced while mapped: a read past its new end gave zeros instead of
-        crashing the process (SIGBUS), and kvmlab now refuses to use it."""
+        rewritten in place since it was loaded (asking checks the file now:
+        its header, size and mtime), or a read past a truncated end gave
+        zeros instead of crashing the process (SIGBUS). kvmlab then refuses to
+        use the snapshot; load the file again. A file renamed over the path
+        does not count: the snapshot keeps the file it loaded.
+        (docs/security.md: the trust boundary.)"""
         with self._lock:
             info = ffi.new("kvmlab_snapshot_info *")
             _ffi.check(lib.kvmlab_snapshot_get_info(self._live(), info))

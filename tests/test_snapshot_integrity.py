@@ -126,7 +126,7 @@ def flip_code_page(path) -> None:
 
 def test_a_page_rewritten_in_place_is_refused_by_save_and_reset(two_files, tmp_path):
     """Only guest memory rewritten (the header untouched): save and to_bytes
-    see it at once (the file's mtime/ctime, and the MEMORY checksum of what
+    see it at once (the file's mtime, and the MEMORY checksum of what
     they read), resets within a millisecond (docs/security.md)."""
     a, _ = two_files
     with Snapshot.load(a) as s, Vm.restore(s, "map", resettable=True) as vm:
@@ -149,3 +149,19 @@ def test_restores_see_a_page_rewritten_in_place_within_a_millisecond(two_files):
         with pytest.raises(SnapshotError):
             Vm.restore(s, "copy")
         assert s.damaged
+
+
+def test_a_file_renamed_over_the_path_leaves_the_snapshot_whole(two_files, tmp_path):
+    """docs/security.md: a replaced path does not affect a loaded snapshot."""
+    a, b = two_files
+    with Snapshot.load(a) as s:
+        before = s.to_bytes()
+        tmp = tmp_path / "other"
+        tmp.write_bytes(b.read_bytes())
+        os.replace(tmp, a)  # a new file at the path; the loaded one is unlinked
+        assert not s.damaged
+        assert s.to_bytes() == before
+        with Vm.restore(s, "map") as vm:
+            assert vm.call(b"still the old file") == b"still the old file"
+        s.save(a)  # save() to the path it was loaded from: a rename over it too
+        assert not s.damaged and s.to_bytes() == before

@@ -87,7 +87,7 @@ pub const Snapshot = struct {
     sigbus_slot: ?usize = null,
     /// File-backed snapshots: what statx said of the file at load, and the
     /// MEMORY checksum it was checked against. A rewrite in place keeps the
-    /// inode (the fd) but changes the size or mtime/ctime; save/toBytes
+    /// inode (the fd) but changes the size or mtime; save/toBytes
     /// also compare the checksum.
     file_id: FileId = .{},
     memory_crc: u32 = 0,
@@ -111,7 +111,7 @@ pub const Snapshot = struct {
     /// use fails too. The restore and reset hot paths: the mapped header and
     /// section table against the copy from load (a few dozen ns; another
     /// snapshot written over the file differs there, a truncated header page
-    /// reads as zeros), and the file's size/mtime/ctime (statx, ~5 us under
+    /// reads as zeros), and the file's size and mtime (statx, ~5 us under
     /// kvm_pvm) at most every `stat_interval_ns`.
     pub fn checkIntact(s: *const Snapshot) errors.Error!void {
         return s.check(false);
@@ -136,7 +136,7 @@ pub const Snapshot = struct {
     fn changed(s: *const Snapshot, size_now: u64) errors.Error {
         @constCast(&s.damaged).store(true, .release);
         if (size_now < s.file_id.size) return safe.truncated();
-        return errors.fail(error.Snapshot, "the snapshot file was rewritten after it was loaded (its header, size or mtime/ctime changed); load it again", .{});
+        return errors.fail(error.Snapshot, "the snapshot file was rewritten after it was loaded (its header, size or mtime changed); load it again", .{});
     }
 
     fn destroy(s: *Snapshot) void {
@@ -341,18 +341,18 @@ pub fn toBytes(s: *const Snapshot, out: []u8) errors.Error!void {
 const Section = struct { offset: u64, bytes: u64, crc: u32 };
 
 /// The parts of a file's status that a write changes (the inode cannot:
-/// the snapshot holds its fd). Timestamps have the file system's granularity.
+/// the snapshot holds its fd). Not ctime: renaming another file over the
+/// path (what save() does) unlinks this one, which changes its ctime but
+/// not its content. mtime has the file system's timestamp granularity.
 pub const FileId = struct {
     size: u64 = 0,
     mtime_sec: i64 = 0,
     mtime_nsec: u32 = 0,
-    ctime_sec: i64 = 0,
-    ctime_nsec: u32 = 0,
 
     pub fn of(fd: linux.fd_t) error{Stat}!FileId {
         var st: linux.Statx = undefined;
-        if (linux.errno(linux.statx(fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true, .MTIME = true, .CTIME = true }, &st)) != .SUCCESS) return error.Stat;
-        return .{ .size = st.size, .mtime_sec = st.mtime.sec, .mtime_nsec = st.mtime.nsec, .ctime_sec = st.ctime.sec, .ctime_nsec = st.ctime.nsec };
+        if (linux.errno(linux.statx(fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true, .MTIME = true }, &st)) != .SUCCESS) return error.Stat;
+        return .{ .size = st.size, .mtime_sec = st.mtime.sec, .mtime_nsec = st.mtime.nsec };
     }
 };
 
