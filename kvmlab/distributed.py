@@ -90,7 +90,15 @@ _REASON_TABLE = np.array([RESULT_REASONS.index(_REASON_OF_RUN.get(REASONS.get(c,
 
 
 def parser_snapshot(memory_mib: int = 64, input_gpa: int = INPUT_GPA) -> Snapshot:
-    """Boots the built-in ``parser`` guest and snapshots it at its input checkpoint."""
+    """The built-in ``parser`` guest booted and snapshotted at its input checkpoint.
+
+    Args:
+        memory_mib: guest memory.
+        input_gpa: where the parser reads its input (passed as its argument).
+
+    Returns:
+        A :class:`~kvmlab.Snapshot` in memory, ready for :func:`run_inputs`.
+    """
     with Vm.boot("parser", VmConfig(memory_mib=memory_mib), args={"input_gpa": input_gpa}) as vm:
         r = vm.run(timeout_s=10)
         if r.reason != "checkpoint" or r.checkpoint_tag != PARSER_WAIT_TAG:
@@ -295,9 +303,22 @@ def _run_python(vm: Vm, data: bytes, input_gpa: int, timeout_s: float) -> dict[s
 
 
 def replay(snap: Snapshot, data: bytes, *, input_gpa: int = INPUT_GPA, run_timeout_s: float = 1.0) -> dict[str, Any]:
-    """Runs one input on a fresh VM restored from ``snap`` in this process (no
-    Dask, no reset loop): a finding reproduced. Returns the row's fields
-    (``reason``, ``exit_code``, ``message`` and ``crash_<register>`` for a crash, ...)."""
+    """Runs one input on a fresh VM restored from ``snap``, in this process: a finding reproduced.
+
+    No Dask and no reset loop: a plain ``Vm.restore``, the input written by
+    the input protocol, ``run()``.
+
+    Args:
+        snap: the campaign's snapshot.
+        data: the input.
+        input_gpa: where the input goes in guest memory.
+        run_timeout_s: a run that has not stopped by then is a ``timeout``.
+
+    Returns:
+        The row's fields: ``reason``, and ``exit_code``/``checkpoint_tag``/
+            ``console``/``run_ns``, or for a crash ``message`` and every
+            ``crash_<register>``.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         bad_argument("argument_type", "data", f"data must be bytes-like, got {type(data).__name__}")
     with Vm.restore(snap) as vm:
@@ -406,18 +427,39 @@ def run_inputs(
     max_input_bytes: int = 4096,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Runs every input from ``snap``'s state on the Dask cluster of ``client``
-    (``None``: a LocalCluster for this call) and returns one row per input, in
-    input order: ``input_index, reason, exit_code, checkpoint_tag, console,
-    run_ns, dirty_pages, worker, message`` and ``crash_<register>`` columns.
+    """Runs every input from ``snap``'s state on a Dask cluster, one row per input.
 
-    ``reason`` is ``exit`` (``exit_code`` set), ``checkpoint`` (the guest
-    stopped at a checkpoint; ``checkpoint_tag`` set), ``crash`` (``message``
-    and the registers from a replay on the same worker), ``timeout`` (no stop
-    within ``run_timeout_s``, or a halt) or ``error`` (a host failure:
-    ``message``). ``console`` keeps the first 256 bytes of each run's output.
-    A tqdm bar shows progress once the call has run for a second
-    (``progress=False``: none).
+    Each worker loads the snapshot once and runs batches of inputs in the
+    native reset loop (input protocol: a u32 LE length at ``input_gpa``, then
+    the bytes). A worker that dies mid-campaign costs only its batches, which
+    Dask runs again elsewhere: the result still has every input once, with the
+    same values (``run_ns``, ``dirty_pages`` and ``worker`` aside).
+
+    Args:
+        snap: a :class:`~kvmlab.Snapshot` (in memory or file-backed) or a
+            snapshot file path, of a guest waiting for input.
+        inputs: bytes-like inputs, each at most ``max_input_bytes``.
+        client: a ``distributed.Client``; None starts a LocalCluster (worker
+            processes, one per CPU, one thread each) for this call.
+        input_gpa: where the input goes in guest memory.
+        batch_size: inputs per Dask task (1 .. 65536).
+        run_timeout_s: a run that has not stopped by then is a ``timeout``.
+        max_input_bytes: the longest input allowed (at most 1 MiB).
+        progress: a tqdm bar once the call has run for a second.
+
+    Returns:
+        A pandas DataFrame in input order with the columns of :data:`COLUMNS`:
+            ``reason`` is ``exit`` (``exit_code`` set), ``checkpoint``
+            (``checkpoint_tag`` set), ``crash`` (``message`` and the
+            ``crash_<register>`` columns, from running the input again on the
+            same worker), ``timeout`` (no stop in time, or a halt) or
+            ``error`` (a host failure in the batch: ``message`` names it);
+            ``console`` holds the first 256 bytes of the run's output.
+
+    Raises:
+        ConfigError: a bad argument (``.argument`` names it), or Dask is not
+            installed (``pip install "kvmlab[dist]"``).
+        SnapshotError: ``snap`` is a path that is not a valid snapshot file.
     """
     data, memory_bytes = _encoded(snap)
     deadline_ns = _check_limits(memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
@@ -458,12 +500,26 @@ def map_vms(
     client: Any = None,
     batch_size: int = 64,
 ) -> list[Any]:
-    """``[fn(vm, item) for item in items]``, run on the cluster, each call on a VM
-    in ``snap``'s state (a worker's resettable VM, reset after each call).
+    """``[fn(vm, item) for item in items]`` on the cluster, each call on a VM in ``snap``'s state.
 
-    The flexible Python path: ``fn`` may read and write memory, run, call... It
-    must be picklable (a module-level function) and its results too. An
-    exception from ``fn`` is raised here."""
+    The flexible Python path: ``fn`` may read and write guest memory, run the
+    guest, call it... Each worker keeps a resettable VM restored from the
+    snapshot and resets it after every call.
+
+    Args:
+        snap: a :class:`~kvmlab.Snapshot` or a snapshot file path.
+        fn: ``fn(vm, item)``; Dask pickles it (and its results).
+        items: the items, in order.
+        client: a ``distributed.Client``; None starts a LocalCluster for this call.
+        batch_size: items per Dask task.
+
+    Returns:
+        The results of ``fn``, in the order of ``items``.
+
+    Raises:
+        ConfigError: a bad argument, or Dask is not installed.
+        Exception: the first exception ``fn`` raised (the other tasks are cancelled).
+    """
     if not callable(fn):
         bad_argument("argument_type", "fn", f"fn must be callable as fn(vm, item), got {type(fn).__name__}")
     check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
@@ -485,8 +541,11 @@ def map_vms(
 
 def local_run(snap: Snapshot, inputs: Iterable[bytes], *, input_gpa: int = INPUT_GPA,
               run_timeout_s: float = 1.0, max_input_bytes: int = 4096, batch_size: int = 1024) -> pd.DataFrame:
-    """The rows of :func:`run_inputs` from one VM in this process, without Dask
-    (the in-process baseline; ``worker`` is ``local-<pid>``)."""
+    """The rows of :func:`run_inputs` from one VM in this process, without Dask.
+
+    The in-process baseline of a campaign (``worker`` is ``local-<pid>``);
+    the arguments are those of :func:`run_inputs`.
+    """
     deadline_ns = _check_limits(snap.memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
     items = _check_inputs(inputs, max_input_bytes)
     res = _Resident(snap, owned=False)
