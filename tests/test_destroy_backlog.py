@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from kvmlab import PoolConfig, RestorePool, Vm, VmConfig
+from conftest import CFG_MIN as CFG
+from kvmlab import PoolConfig, RestorePool, Vm
 
 pytestmark = pytest.mark.kvm
 
 #: zigsrc/pool.zig: max_dead_backlog and reaper_count.
 MAX_DEAD_BACKLOG = 64
 REAPERS = 4
-CFG = VmConfig(memory_mib=8)
 
 
 @pytest.fixture(scope="module")
