@@ -600,6 +600,10 @@ class _VmHandle:
         code = self._reset_mode(mode)
         offs = ffi.from_buffer("uint64_t[]", offsets)
         count = len(offs) - 1
+        # The core reads inputs[0 .. offsets[count]]: that must be this buffer.
+        if count < 0 or offs[count] != len(blob):
+            bad_argument("argument_range", "offsets", f"offsets must be count + 1 entries ending at the inputs' "
+                                                      f"{len(blob)} bytes")
         out = ffi.new("kvmlab_loop_result[]", max(count, 1))
         console = bytearray(count * console_stride)
         con = ffi.from_buffer("uint8_t[]", console) if console else ffi.NULL
