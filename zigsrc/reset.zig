@@ -154,7 +154,10 @@ pub fn loop(vm: *Vm, inputs: []const u8, input_bytes: usize, input_gpa: u64, tim
     // One operation: an interrupt() or close() during any run or reset of
     // the loop ends the whole loop, not just the current input's run.
     vm.beginOperation();
+    const signals = vm_mod.ForeignSignals.block(); // for the whole loop, runs and resets
+    defer signals.unblock();
     for (out, 0..) |*r, i| {
+        if (stoppedBySignal(r)) return i + 1;
         const dst = try vm.guestSlice(input_gpa, input_bytes);
         @memcpy(dst, inputs[i * input_bytes ..][0..input_bytes]);
         vm.noteHostWrite(input_gpa, input_bytes);
@@ -186,7 +189,10 @@ pub fn loopVar(vm: *Vm, inputs: []const u8, offsets: []const u64, input_gpa: u64
     if (longest > max_var_input_bytes) return errors.fail(error.Config, "an input is {d} bytes; at most {d}", .{ longest, max_var_input_bytes });
     _ = try vm.guestSlice(input_gpa, 4 + longest);
     vm.beginOperation();
+    const signals = vm_mod.ForeignSignals.block(); // for the whole loop, runs and resets
+    defer signals.unblock();
     for (out, 0..) |*r, i| {
+        if (stoppedBySignal(r)) return i + 1;
         const input = inputs[@intCast(offsets[i])..@intCast(offsets[i + 1])];
         const dst = try vm.guestSlice(input_gpa, 4 + input.len);
         std.mem.writeInt(u32, dst[0..4], @intCast(input.len), .little);
@@ -195,6 +201,16 @@ pub fn loopVar(vm: *Vm, inputs: []const u8, offsets: []const u64, input_gpa: u64
         if (try runOne(vm, r, timeout_ns, mode, console[i * console_stride ..][0..console_stride], i)) return i + 1;
     }
     return out.len;
+}
+
+/// A signal (Ctrl-C) came while the loop was outside KVM_RUN, e.g. during
+/// a reset (it waits blocked, see vm.ForeignSignals): input i is not run and
+/// its result says `interrupted`, as when the signal stops a run.
+fn stoppedBySignal(r: *LoopResult) bool {
+    if (!vm_mod.ForeignSignals.pending()) return false;
+    r.* = std.mem.zeroes(LoopResult);
+    r.reason = @intFromEnum(vm_mod.Reason.interrupted);
+    return true;
 }
 
 /// Iteration `i` of either loop, the input already written: run, record,
