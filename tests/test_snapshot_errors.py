@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import conftest
 from conftest import MiB
 import snapshot_codec as C
-from kvmlab import Snapshot, SnapshotError, Vm, VmConfig, _ffi
+from kvmlab import ConfigError, Snapshot, SnapshotError, Vm, VmConfig, _ffi
 
 pytestmark = pytest.mark.kvm
 
@@ -415,8 +415,9 @@ def test_load_refuses_a_fifo_without_blocking(tmp_path):
 def test_load_missing_file_and_bad_paths(tmp_path):
     with pytest.raises(SnapshotError, match="cannot open snapshot .*No such file"):
         Snapshot.load(tmp_path / "missing.kvmsnap")
-    with pytest.raises(SnapshotError, match="cannot open snapshot"):
+    with pytest.raises(ConfigError) as e:  # a bad argument, checked before the file system
         Snapshot.load("bad\0path")
+    assert e.value.check == "argument_path"
 
 
 def test_load_short_file(tmp_path):
