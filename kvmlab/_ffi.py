@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: The C ABI version this binding was written for (``abi_version`` in capi.zig).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 def _fix_hint() -> str:

@@ -22,7 +22,7 @@ const fault = @import("fault.zig");
 const safe = @import("safe.zig");
 
 /// Bumped on any incompatible change of a signature or struct below.
-pub const abi_version: u32 = 1;
+pub const abi_version: u32 = 2;
 
 pub const kvmlab_result = errors.Result;
 
