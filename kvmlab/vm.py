@@ -10,8 +10,11 @@ adds :meth:`Vm.boot`. Other ways to obtain a handle (restore from a snapshot,
 pools) subclass :class:`_VmHandle` the same way.
 
 Threading: one lock per VM. ``run()`` holds it for the whole native call (cffi
-releases the GIL meanwhile), so ``close()`` or memory access from another
-thread waits until the run returns.
+releases the GIL meanwhile), and every multi-step operation holds it for all
+its steps (``call()``: write, run, read; ``run_until_exit()``: every run), so
+memory access from another thread waits until they return, and concurrent
+callers each get their own answer. ``interrupt()`` and ``close()`` do not
+wait for the lock first: they stop a run in progress at once.
 """
 
 from __future__ import annotations
