@@ -243,3 +243,37 @@ def test_ctrl_c_between_two_runs_of_a_reset_loop_is_not_lost():
     assert p.returncode == 0, p.stderr[-3000:]
     assert "not interrupted" not in p.stdout
     assert float(p.stdout.split()[-2]) < 0.5, p.stdout
+
+
+SIGNAL_DURING_EXITS = """
+    import random, signal, threading, time
+    from kvmlab import Vm, VmConfig
+    # putc forever: one I/O exit per byte, served on the run's thread outside KVM_RUN.
+    vm = Vm.boot(bytes.fromhex("b078e6e9ebfc"), VmConfig(memory_mib=8))  # mov al, 'x'; out 0xe9, al; jmp
+    main = threading.main_thread().ident
+    rnd = random.Random(5)
+    worst = 0.0
+    for i in range({tries}):
+        def send():
+            global sent
+            sent = time.monotonic()
+            signal.pthread_kill(main, signal.SIGINT)
+        threading.Timer(rnd.uniform(0.01, 0.05), send).start()
+        try:
+            vm.run(timeout_s=None)
+            print("not interrupted")
+        except KeyboardInterrupt:
+            worst = max(worst, time.monotonic() - sent)
+    print(f"worst {{worst:.3f}} s")
+"""
+
+
+def test_ctrl_c_while_a_run_serves_io_exits_is_not_lost():
+    """run(None) of a guest that exits to the host for every byte it prints:
+    a SIGINT that lands while the thread serves an exit waits blocked and
+    ends the run at the next KVM_RUN (before: its handler ran there unseen and
+    the run went on forever, within 40 tries here)."""
+    p = _script(SIGNAL_DURING_EXITS.format(tries=40))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "not interrupted" not in p.stdout
+    assert float(p.stdout.split()[-2]) < 0.5, p.stdout
