@@ -59,7 +59,7 @@ def _native(pool, snap, strategy: str) -> tuple[int, int]:
     h = pool._enter()
     try:
         with snap._use() as sh:
-            _ffi.check(_ffi.lib.kvmlab_bench_pool_restores(h, sh, strategy_code(strategy), 1, out))
+            _ffi.check(_ffi.testing.kvmlab_bench_pool_restores(h, sh, strategy_code(strategy), 1, out))
     finally:
         pool._exit()
     return int(out[0]), int(out[0])

@@ -280,8 +280,8 @@ def floor_available() -> bool:
     from . import _ffi
 
     try:
-        getattr(_ffi.lib, "kvmlab_bench_restore_floor")
-        getattr(_ffi.lib, "kvmlab_bench_pool_take_shell")
+        getattr(_ffi.testing, "kvmlab_bench_restore_floor")
+        getattr(_ffi.testing, "kvmlab_bench_pool_take_shell")
         getattr(_ffi.lib, "kvmlab_vm_new")
         getattr(_ffi.lib, "kvmlab_vm_free")
     except AttributeError:
@@ -350,7 +350,7 @@ def floor_restore(snap, strategy: str, pool=None, age_s: float = 0.0) -> tuple[i
         _wait_settled(pool)
         ph = pool._enter()
         try:
-            _ffi.check(lib.kvmlab_bench_pool_take_shell(ph, out))
+            _ffi.check(_ffi.testing.kvmlab_bench_pool_take_shell(ph, out))
         except BaseException:
             pool._exit()
             raise
@@ -358,7 +358,7 @@ def floor_restore(snap, strategy: str, pool=None, age_s: float = 0.0) -> tuple[i
     try:
         with snap._use() as sh:
             t0 = time.perf_counter_ns()
-            rc = lib.kvmlab_bench_restore_floor(out[0], sh, strategy_code(strategy), t)
+            rc = _ffi.testing.kvmlab_bench_restore_floor(out[0], sh, strategy_code(strategy), t)
             call = time.perf_counter_ns() - t0
             _ffi.check(rc)
     finally:
@@ -681,7 +681,7 @@ def reset_floor_once(vm) -> dict[str, int]:
     with vm._lock:
         h = vm._live()
         t0 = time.perf_counter_ns()
-        rc = lib.kvmlab_bench_reset_floor(h, out)
+        rc = _ffi.testing.kvmlab_bench_reset_floor(h, out)
         call = time.perf_counter_ns() - t0
         _ffi.check(rc)
     t = _ffi.as_dict(out, "kvmlab_reset_times")
@@ -693,7 +693,7 @@ def reset_floor_once(vm) -> dict[str, int]:
 def reset_floor_available() -> bool:
     from . import _ffi
 
-    return hasattr(_ffi.lib, "kvmlab_bench_reset_floor")
+    return hasattr(_ffi.testing, "kvmlab_bench_reset_floor")
 
 
 def make_memtouch_snapshot(pages: int, memory_mib: int, out_dir: Path):

@@ -66,7 +66,20 @@ class GuestTimeoutError(KvmlabError, TimeoutError):
 
 
 class SnapshotError(KvmlabError):
-    """A snapshot is malformed, corrupt, or does not fit this VM."""
+    """A snapshot is malformed, corrupt, or does not fit this VM.
+
+    ``check`` names the check that refused it, machine-readable, from the
+    core's ``kvmlab_check`` enum (e.g. ``"magic"``, ``"state_crc"``,
+    ``"memory_crc"``, ``"shape"``, ``"damaged"``; the steps are listed in
+    ``zigsrc/snapshot.zig`` and ``zigsrc/state.zig``), or None.
+    """
+
+    def __init__(self, *args: object, check: str | None = None) -> None:
+        super().__init__(*args)
+        self.check = check
+
+    def __reduce__(self):  # keep ``check`` across pickling (multiprocessing)
+        return (_snapshot_error, (self.args, self.check))
 
 
 class ClosedError(KvmlabError):
@@ -91,3 +104,7 @@ class IncompatibleError(KvmlabError):
 
 class InternalError(KvmlabError):
     """A bug in kvmlab: please report it with the message."""
+
+
+def _snapshot_error(args: tuple, check: str | None) -> SnapshotError:
+    return SnapshotError(*args, check=check)

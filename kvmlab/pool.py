@@ -31,7 +31,8 @@ __all__ = ["PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRes
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-STRATEGY_NAMES = {1: "copy", 2: "map", 3: "reuse"}
+#: ``kvmlab_pool_timing.strategy`` -> name (``kvmlab_strategy``, read from the header).
+STRATEGY_NAMES = _ffi.enum_names("kvmlab_strategy")
 
 #: The core's limit on ``PoolConfig.max_size`` (``max_pool_size`` in zigsrc/pool.zig).
 MAX_POOL_SIZE = 256

@@ -604,22 +604,19 @@ def test_shell_creation_failure_rolls_back(ref):
     assert out["final"] == {"in_use": 0, "failures": 2, "restores": 1}
 
 
-FAULT_SITES = ["create_vm", "memory", "slot", "irqchip", "pit", "vcpu", "vcpu_mmap", "cpuid"]
+from test_faults import FAULT_SITE, SITES as FAULT_SITES  # noqa: E402  (names from kvmlab_testing.h)
 
 
 @pytest.fixture
 def fault_inject():
-    """The core's test switch (kvmlab_fault_inject): fail one shell-creation step."""
+    """The core's test switch (kvmlab_fault_inject, testing group): fail one shell-creation step."""
     from kvmlab import _ffi
 
-    if not hasattr(_ffi.lib, "kvmlab_fault_inject"):
-        pytest.skip("this core has no kvmlab_fault_inject")
-
     def arm(site: str, after: int = 0) -> None:
-        _ffi.check(_ffi.lib.kvmlab_fault_inject(FAULT_SITES.index(site) + 1, after))
+        _ffi.check(_ffi.testing.kvmlab_fault_inject(FAULT_SITE[site], after))
 
     yield arm
-    _ffi.lib.kvmlab_fault_inject(0, 0)
+    _ffi.testing.kvmlab_fault_inject(FAULT_SITE["none"], 0)
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
