@@ -26,6 +26,8 @@ test {
     _ = @import("safe.zig");
     _ = @import("shell.zig");
     _ = @import("state.zig");
+    _ = @import("state_test.zig");
+    _ = @import("snapshot_test.zig");
     _ = @import("snapshot.zig");
     _ = @import("restore.zig");
     _ = @import("reset.zig");
