@@ -33,5 +33,6 @@ test {
     _ = @import("reset.zig");
     _ = @import("machine.zig");
     _ = @import("pool.zig");
+    _ = @import("pool_test.zig");
     inline for (product) |m| _ = m;
 }
