@@ -17,6 +17,9 @@
 //! injection: kvmlab_testing.h) out of the library; `nm -D` then shows only
 //! the product ABI of kvmlab.h. Default on: `kvmlab bench` ships in the wheel.
 //! The CPU defaults to `baseline` (portable artifacts); -Dcpu=native opts in.
+//! Wheels are built with -Dtarget=x86_64-linux-gnu.2.28 (hatch_build.py): the
+//! library then needs no glibc symbol newer than 2.28 (manylinux_2_28).
+//! Only x86_64 Linux targets are accepted: the core is x86_64 KVM code.
 //!
 //! The Python build hook (hatch_build.py) runs this and copies zig-out into
 //! kvmlab/_native/.
@@ -24,10 +27,16 @@ const std = @import("std");
 
 /// Built-in guests: each is zigsrc/guests/<name>.zig, linked at 1 MiB and
 /// flattened to a raw image (see docs/guest-protocol.md).
-const guest_names = [_][]const u8{ "hello", "counter", "memtouch", "spin", "crash", "service" };
+const guest_names = [_][]const u8{ "hello", "counter", "memtouch", "spin", "crash", "service", "parser" };
 
 pub fn build(b: *std.Build) void {
     const target = b.standardTargetOptions(.{ .default_target = .{ .cpu_model = .baseline } });
+    // KVM ioctl numbers and register layouts in zigsrc/ are x86_64's: refuse
+    // other targets (including the default one on a non-x86_64 machine).
+    if (target.result.cpu.arch != .x86_64 or target.result.os.tag != .linux) std.process.fatal(
+        "kvmlab: the core is x86_64 Linux KVM code; target {s}-{s} is not supported (build on an x86_64 Linux machine)",
+        .{ @tagName(target.result.cpu.arch), @tagName(target.result.os.tag) },
+    );
     const optimize = b.standardOptimizeOption(.{ .preferred_optimize_mode = .safe });
     const with_guests = b.option(bool, "guests", "Build the guest images (default: true)") orelse true;
     const with_testing = b.option(bool, "testing", "Export the testing group: benchmark floors, fault injection (default: true)") orelse true;

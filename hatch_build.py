@@ -1,14 +1,23 @@
 """Hatchling build hook: compile the Zig core and put it into the package.
 
-Runs ``<python> -m ziglang build -Dcpu=baseline --release=safe --prefix <tmp>``
-(``ziglang==0.17.1`` comes from ``[build-system] requires``) and then
+Runs ``<python> -m ziglang build -Dtarget=x86_64-linux-gnu.2.28 -Dcpu=baseline
+--release=safe --prefix <tmp>`` (``ziglang==0.17.1`` comes from
+``[build-system] requires``) and then
 
 * for a regular wheel: force-includes the fresh artifacts as
   ``kvmlab/_native/libkvmlab.so``, ``kvmlab/_native/kvmlab.h`` and
   ``kvmlab/_native/guests/<name>.bin`` and tags the wheel
-  ``py3-none-<platform>`` (no CPython extension: cffi ABI mode);
+  ``py3-none-manylinux_2_28_x86_64`` (no CPython extension: cffi ABI mode);
 * for an editable install (``pip install -e .``): replaces
   ``kvmlab/_native/`` in the source tree (git-ignored) with them.
+
+The target is explicit so the wheel runs on every glibc >= 2.28 distribution
+(Debian 10+/11, Ubuntu 20.04+, RHEL 8+), whatever the build machine's glibc:
+Zig links against its own glibc 2.28 symbol stubs, and Zig's std uses no newer
+libc function when told the target glibc is 2.28 (with 2.36 it calls
+``arc4random_buf``). ``-Dcpu=baseline``: no instruction beyond x86-64 v1.
+The core is x86_64 KVM code (ioctl numbers, register layouts), so a build on
+any other machine or OS is refused here, before Zig starts.
 
 Environment knobs:
   KVMLAB_ZIG_ARGS    extra arguments for ``zig build`` (split on whitespace),
@@ -18,10 +27,10 @@ Environment knobs:
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +44,21 @@ HEADER = "kvmlab.h"
 TESTING_HEADER = "kvmlab_testing.h"  # the testing export group (kvmlab bench, fault tests)
 
 
-def _platform_tag() -> str:
-    # e.g. "linux-x86_64" -> "linux_x86_64"
-    return sysconfig.get_platform().replace("-", "_").replace(".", "_")
+#: The oldest glibc the library links against; the wheel tag says the same.
+GLIBC = (2, 28)
+ZIG_TARGET = f"x86_64-linux-gnu.{GLIBC[0]}.{GLIBC[1]}"
+WHEEL_TAG = f"py3-none-manylinux_{GLIBC[0]}_{GLIBC[1]}_x86_64"
+
+
+def _refuse_foreign_machine() -> None:
+    """kvmlab's core drives x86_64 KVM: stop early, with the reason, elsewhere."""
+    machine = platform.machine()
+    if sys.platform != "linux" or machine not in ("x86_64", "AMD64"):
+        raise RuntimeError(
+            f"kvmlab: cannot build on {sys.platform}/{machine}: kvmlab's core drives x86_64 KVM "
+            f"and is built only on x86_64 Linux (it needs /dev/kvm of an x86_64 host at run time too). "
+            f"Install the manylinux x86_64 wheel on an x86_64 Linux machine instead."
+        )
 
 
 class ZigBuildHook(BuildHookInterface):
@@ -46,13 +67,14 @@ class ZigBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel":
             return
+        _refuse_foreign_machine()
         root = Path(self.root)
         self._tmp = Path(tempfile.mkdtemp(prefix="kvmlab-zig-"))
         prefix = self._tmp / "prefix"
         artifacts = self._zig_build(root, prefix)
 
         build_data["pure_python"] = False
-        build_data["tag"] = f"py3-none-{_platform_tag()}"
+        build_data["tag"] = WHEEL_TAG
 
         if version == "editable":
             dest = root / NATIVE
@@ -77,6 +99,7 @@ class ZigBuildHook(BuildHookInterface):
         extra = os.environ.get("KVMLAB_ZIG_ARGS", "").split()
         cmd = [
             sys.executable, "-m", "ziglang", "build",
+            f"-Dtarget={ZIG_TARGET}",
             "-Dcpu=baseline",
             "--release=safe",
             "--prefix", str(prefix),

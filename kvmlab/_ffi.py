@@ -22,14 +22,18 @@ At import this module checks that the library and the header agree:
   ``kvmlab_struct_size(id)`` equals ``ffi.sizeof("kvmlab_<x>")``;
 * every result code of the header has an exception class.
 
-Any mismatch, or a missing library, raises ``ImportError`` telling how to
-rebuild. Loading the library does not open /dev/kvm.
+Any mismatch, or a missing library, raises ``ImportError`` saying what to do:
+rebuild (a source checkout) or reinstall/report (an installed wheel). On
+anything but x86_64 Linux the import fails and says so. Loading the library
+does not open /dev/kvm.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +65,32 @@ __all__ = [
 #: The C ABI version this binding was written for (``abi_version`` in capi/common.zig).
 ABI_VERSION = 2
 
-_REBUILD_HINT = "rebuild the native core: pip install -e . (from the kvmlab source tree)"
+
+
+def _fix_hint() -> str:
+    """What to do when the native core does not load, for this kind of install."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "build.zig").is_file() and (checkout / "zigsrc").is_dir():
+        return (
+            f"this is a source checkout ({checkout}): rebuild the native core with "
+            "`python -m ziglang build native -Dcpu=baseline --release=safe` or `pip install -e .` there"
+        )
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("kvmlab").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    issues = next((u.split(",", 1)[1].strip() for u in urls if u.lower().startswith("issues,")), "")
+    where = f" at {issues}" if issues else ""
+    return (
+        "this is an installed kvmlab: reinstall it (`pip install --force-reinstall kvmlab`); "
+        f"if that does not help, report this message{where}"
+    )
+
+
+#: What a load failure tells the user to do (rebuild a checkout, or reinstall / report a wheel).
+_REBUILD_HINT = _fix_hint()
 
 #: Where the build puts the native artifacts. ``KVMLAB_NATIVE_DIR`` overrides it
 #: (for trying a library built elsewhere).
@@ -111,6 +140,11 @@ def _read_enum(ffi_: cffi.FFI, ctype: str) -> dict[int, str]:
 
 
 def _load() -> tuple[cffi.FFI, Any, cffi.FFI, Any, dict[str, int]]:
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        raise ImportError(
+            f"kvmlab runs only on x86_64 Linux (its core drives x86_64 KVM through /dev/kvm); "
+            f"this is {sys.platform}/{platform.machine()}"
+        )
     missing = [str(p) for p in (HEADER_PATH, TESTING_HEADER_PATH, LIBRARY_PATH) if not p.is_file()]
     if missing:
         raise ImportError(f"kvmlab's native core is missing ({', '.join(missing)}): {_REBUILD_HINT}")

@@ -22,9 +22,12 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from .doctor import INFO_CAPS, REQUIRED_CAPS, cpl_loop_image  # re-exported (older imports)
+
 __all__ = [
     "main",
     "build_parser",
+    "version_text",
     "REQUIRED_CAPS",
     "INFO_CAPS",
     "PLUGIN_MODULES",
@@ -32,187 +35,34 @@ __all__ = [
     "snapshot_header",
 ]
 
-#: KVM capabilities kvmlab needs: (name, KVM_CAP_* number).
-REQUIRED_CAPS = [
-    ("IRQCHIP", 0),
-    ("USER_MEMORY", 3),
-    ("EXT_CPUID", 7),
-    ("MP_STATE", 14),
-    ("PIT2", 33),
-    ("IMMEDIATE_EXIT", 136),
-]
-#: Capabilities shown for information (snapshot features, limits).
-INFO_CAPS = [
-    ("XSAVE", 55),
-    ("XSAVE2", 208),
-    ("XCRS", 56),
-    ("VCPU_EVENTS", 41),
-    ("DEBUGREGS", 50),
-    ("ADJUST_CLOCK", 39),
-    ("GET_TSC_KHZ", 61),
-    ("MANUAL_DIRTY_LOG_PROTECT2", 168),
-    ("DIRTY_LOG_RING", 192),
-    ("MAX_VCPUS", 66),
-    ("NR_MEMSLOTS", 10),
-]
-
-#: Loop iterations of the CPL probe (two instructions each).
-CPL_PROBE_ITERATIONS = 100_000
-#: CPL0/CPL3 time ratio above which CPL0 counts as emulated.
-CPL_EMULATED_RATIO = 10.0
-
-
-def cpl_loop_image(iterations: int) -> bytes:
-    """x86_64: ``mov ecx, N; 1: dec ecx; jnz 1b; mov dx, 0x500; xor eax, eax; out dx, eax``."""
-    return (
-        b"\xb9" + iterations.to_bytes(4, "little")  # mov ecx, N
-        + b"\xff\xc9"  # dec ecx
-        + b"\x75\xfc"  # jnz -4
-        + b"\x66\xba\x00\x05"  # mov dx, 0x500
-        + b"\x31\xc0"  # xor eax, eax
-        + b"\xef"  # out dx, eax
-    )
-
-
-class _Table:
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str]] = []
-
-    def add(self, check: str, status: str, detail: str = "") -> None:
-        self.rows.append((check, status, detail))
-
-    def render(self) -> str:
-        w0 = max(len(r[0]) for r in self.rows)
-        w1 = max(len(r[1]) for r in self.rows)
-        return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in self.rows)
-
-
-def _ms(ns: int) -> str:
-    return f"{ns / 1e6:.2f} ms"
-
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Checks whether kvmlab can run here; exit code 0 when it can."""
-    t = _Table()
-    ok = True
+    """Prints :func:`kvmlab.doctor` (``--json``: its ``to_dict()``); exit code 0
+    when kvmlab can run here."""
+    from .doctor import doctor
 
-    # The native core.
-    try:
-        from . import _ffi
-    except ImportError as e:
-        t.add("native core", "MISSING", str(e))
-        print(t.render())
-        return 1
-    t.add("native core", "ok", f"{_ffi.LIBRARY_PATH} (ABI {_ffi.ABI_VERSION})")
-
-    # /dev/kvm.
-    dev = "/dev/kvm"
-    if not os.path.exists(dev):
-        t.add("/dev/kvm", "MISSING", "no KVM: enable virtualization (VT-x/AMD-V, nested) and load kvm_intel/kvm_amd")
-        print(t.render())
-        return 1
-    if not os.access(dev, os.R_OK | os.W_OK):
-        t.add("/dev/kvm", "NO ACCESS", "add your user to the 'kvm' group (sudo usermod -aG kvm $USER, then log in again)")
-        print(t.render())
-        return 1
-    t.add("/dev/kvm", "ok", "present and accessible")
-
-    from .errors import KvmlabError
-
-    ffi, lib = _ffi.ffi, _ffi.lib
-    info = ffi.new("kvmlab_host_info *")
-    try:
-        _ffi.check(lib.kvmlab_host_info_get(info))
-    except KvmlabError as e:
-        t.add("KVM API", "FAILED", str(e))
-        print(t.render())
-        return 1
-    t.add("KVM API version", "ok" if info.api_version == 12 else "UNUSUAL", str(info.api_version))
-    t.add("host CPUID entries", "ok", str(info.cpuid_entries))
-
-    value = ffi.new("uint64_t *")
-
-    def cap(number: int) -> int | None:
-        try:
-            _ffi.check(lib.kvmlab_host_check_extension(number, value))
-        except KvmlabError:
-            return None
-        return int(value[0])
-
-    for name, number in REQUIRED_CAPS:
-        v = cap(number)
-        if v:
-            t.add(f"cap {name}", "ok", f"required ({v})")
-        else:
-            ok = False
-            t.add(f"cap {name}", "MISSING", "required by kvmlab")
-    for name, number in INFO_CAPS:
-        v = cap(number)
-        t.add(f"cap {name}", "yes" if v else "no", f"{v}" if v else "optional")
-
-    # Boot a guest at CPL3 and CPL0: does kvmlab run, and is CPL0 emulated?
-    from .vm import Vm
-
-    times: dict[int, int] = {}
-    for cpl in (3, 0):
-        try:
-            with Vm.boot(cpl_loop_image(CPL_PROBE_ITERATIONS), cpl=cpl) as vm:
-                r = vm.run(timeout_s=30.0)
-        except KvmlabError as e:
-            t.add(f"guest at CPL{cpl}", "FAILED", str(e))
-            if cpl == 3:
-                ok = False
-            continue
-        if r.reason != "exit" or r.exit_code != 0:
-            t.add(f"guest at CPL{cpl}", "FAILED", f"reason {r.reason}, exit code {r.exit_code}")
-            if cpl == 3:
-                ok = False
-            continue
-        times[cpl] = r.elapsed_ns
-        t.add(f"guest at CPL{cpl}", "ok", f"{CPL_PROBE_ITERATIONS} loop iterations in {_ms(r.elapsed_ns)}")
-    if 3 in times and 0 in times:
-        ratio = times[0] / max(times[3], 1)
-        if ratio > CPL_EMULATED_RATIO:
-            t.add("CPL0 speed", "emulated", f"CPL0 emulated (ratio {ratio:.0f}x): keep CPL0 guests short; CPL3 runs natively")
-        else:
-            t.add("CPL0 speed", "native", f"CPL0 native (ratio {ratio:.1f}x)")
-
-    print(t.render())
-    print()
-    print("kvmlab can run on this host." if ok else "kvmlab cannot run on this host: fix the rows above.")
-    return 0 if ok else 1
+    report = doctor()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.to_text())
+    return 0 if report.ok else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Boots the counter guest, runs to its checkpoint, then to the exit."""
-    from .config import VmConfig
+    """Runs :func:`kvmlab.demo.run_demo` and prints its report."""
+    from .demo import run_demo
     from .errors import KvmlabError
-    from .vm import Vm
 
-    steps, at = args.steps, args.checkpoint_at
-    cfg = VmConfig(memory_mib=args.memory_mib, vcpus=args.vcpus)
+    print(f"kvmlab demo: restore the service guest from a snapshot, {args.n} times per path")
     try:
-        with Vm.boot("counter", cfg, args={"steps": steps, "checkpoint_at": at}) as vm:
-            first = vm.run(timeout_s=10.0)
-            results = [first]
-            if first.reason == "checkpoint":
-                results.append(vm.run(timeout_s=10.0))
+        result = run_demo(n=args.n, memory_mib=args.memory_mib, pool_size=args.pool_size)
     except KvmlabError as e:
         print(f"demo failed: {type(e).__name__}: {e}", file=sys.stderr)
         print("run `kvmlab doctor` to check this host", file=sys.stderr)
         return 1
-    console = "".join(r.console for r in results)
-    lines = console.splitlines()
-    print(f"guest:    counter (steps={steps} checkpoint_at={at})")
-    print(f"memory:   {cfg.memory_mib} MiB, vcpus: {cfg.vcpus}")
-    for i, r in enumerate(results, 1):
-        detail = f"tag {r.checkpoint_tag}" if r.reason == "checkpoint" else f"code {r.exit_code}"
-        print(f"run {i}:    {r.reason} ({detail}) in {_ms(r.elapsed_ns)}")
-    print(f"console:  {len(lines)} lines, last ones:")
-    for line in lines[-args.lines:]:
-        print(f"  | {line}")
-    last = results[-1]
-    return 0 if last.reason == "exit" and last.exit_code == 0 else 1
+    print(result.to_text())
+    return 0
 
 
 def snapshot_header(raw: bytes) -> dict[str, Any]:
@@ -248,18 +98,12 @@ def snapshot_header(raw: bytes) -> dict[str, Any]:
     }
 
 
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
-
-
 def cmd_snapshot_info(args: argparse.Namespace) -> int:
     """Loads a snapshot file (every check, every checksum) and prints its
     header and sections; exit code 1 with the reason if it is not valid."""
     from .errors import KvmlabError
     from .snapshot import Snapshot
+    from .units import fmt_size
 
     path = args.path
     try:
@@ -304,8 +148,8 @@ def cmd_snapshot_info(args: argparse.Namespace) -> int:
         ("vcpus", str(info["vcpus"])),
         ("created", info["created_at"]),
         ("layout", layout),
-        ("present pages", f"{info['present_pages']} of {pages} ({_size(info['present_pages'] * 4096)})"),
-        ("stored bytes", f"{info['stored_bytes']} ({_size(info['stored_bytes'])} on disk; file size {st.st_size})"),
+        ("present pages", f"{info['present_pages']} of {pages} ({fmt_size(info['present_pages'] * 4096)})"),
+        ("stored bytes", f"{info['stored_bytes']} ({fmt_size(info['stored_bytes'])} on disk; file size {st.st_size})"),
         ("state bytes", str(info["state_bytes"])),
         ("header crc32c", f"0x{hdr['header_crc32c']:08x} {status}"),
     ]
@@ -351,8 +195,37 @@ def _add_plugins(sub: Any) -> None:
         add_parser(sub)
 
 
+def version_text() -> str:
+    """``kvmlab 0.1.0 (core ABI 1, built with Zig 0.17.1)``: what a bug report needs.
+
+    Reads the ABI and Zig versions from the loaded library itself (not from
+    the Python side's expectations), so a mismatched build shows.
+    """
+    from . import __version__
+
+    try:
+        from . import _ffi
+    except ImportError as e:
+        return f"kvmlab {__version__} (native core not loadable: {e})"
+    zig = _ffi.ffi.string(_ffi.lib.kvmlab_zig_version()).decode("ascii", errors="replace")
+    return f"kvmlab {__version__} (core ABI {int(_ffi.lib.kvmlab_abi_version())}, built with Zig {zig})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: prints :func:`version_text` and exits (loads the core only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmlab", description="KVM VM snapshot/restore experiments.")
+    p.add_argument("--version", action=_VersionAction, help="print kvmlab's, the core's ABI and Zig versions, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -361,13 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=fn)
         return sp
 
-    add("doctor", cmd_doctor, "check that KVM works for kvmlab on this host")
-    demo = add("demo", cmd_demo, "boot the counter guest, run to a checkpoint, continue to exit")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--checkpoint-at", type=int, default=10)
+    doc = add("doctor", cmd_doctor, "check that KVM works for kvmlab on this host, and what limits it")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo = add("demo", cmd_demo, "restore the service guest from a snapshot, unpooled and pooled, and time it")
+    demo.add_argument("--n", type=int, default=100, help="restores per path (default 100)")
     demo.add_argument("--memory-mib", type=int, default=64)
-    demo.add_argument("--vcpus", type=int, default=1)
-    demo.add_argument("--lines", type=int, default=5, help="console lines to show")
+    demo.add_argument("--pool-size", type=int, default=8, help="warm shells in the pool (default 8)")
 
     snap = sub.add_parser("snapshot", help="inspect snapshot files", description="inspect snapshot files")
     snap_sub = snap.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND")

@@ -1,12 +1,22 @@
-"""VM configuration."""
+"""VM configuration, and the checks of every argument at the API boundary.
+
+A bad argument raises :class:`~kvmlab.errors.ConfigError` whose ``check``
+attribute is a machine-readable id (``"argument_type"``, ``"argument_range"``,
+``"argument_path"``, ``"argument_buffer"``) and whose ``argument`` names the
+parameter; the message says what to pass instead. The helpers below are the
+one place these checks are written.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from typing import NoReturn
 
 from .errors import ConfigError
 
-__all__ = ["VmConfig", "MIN_MEMORY_MIB", "MAX_MEMORY_MIB", "MAX_VCPUS"]
+__all__ = ["VmConfig", "MIN_MEMORY_MIB", "MAX_MEMORY_MIB", "MAX_VCPUS", "MAX_TIMEOUT_S"]
 
 #: Limits of docs/guest-protocol.md (the core enforces them too).
 MIN_MEMORY_MIB = 8
@@ -14,8 +24,77 @@ MAX_MEMORY_MIB = 4096
 MAX_VCPUS = 8
 
 
+#: The longest deadline accepted (~31 years; the core counts u64 nanoseconds).
+#: None (or +inf) means no deadline.
+MAX_TIMEOUT_S = 1e9
+
+#: Largest value of a u32 field of the C ABI.
+U32_MAX = 2**32 - 1
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def bad_argument(check: str, argument: str, message: str) -> NoReturn:
+    """Raises ConfigError(message) with ``.check`` and ``.argument`` set."""
+    err = ConfigError(message)
+    err.check = check  # type: ignore[attr-defined]
+    err.argument = argument  # type: ignore[attr-defined]
+    raise err
+
+
+def check_int(argument: str, v: object, lo: int, hi: int) -> int:
+    """``v`` as an int in ``lo .. hi`` (bool is not an int here)."""
+    if not _is_int(v):
+        bad_argument("argument_type", argument, f"{argument} must be an int, got {v!r} ({type(v).__name__})")
+    if not lo <= v <= hi:  # type: ignore[operator]
+        use = f"{lo} .. {hi}" if hi <= U32_MAX else f"an int >= {lo}"
+        bad_argument("argument_range", argument, f"{argument}={v} is out of range: use {use}")
+    return v  # type: ignore[return-value]
+
+
+def timeout_ns(timeout_s: object, argument: str = "timeout_s") -> int:
+    """Seconds -> the core's ``timeout_ns`` (0 = no deadline: None or +inf)."""
+    if timeout_s is None:
+        return 0
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        bad_argument("argument_type", argument, f"{argument} must be a number of seconds or None, got {timeout_s!r}")
+    if timeout_s == math.inf:
+        return 0
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:  # also refuses nan
+        bad_argument(
+            "argument_range", argument,
+            f"{argument}={timeout_s!r} is out of range: use 0 < seconds <= {MAX_TIMEOUT_S:g}, or None for no deadline",
+        )
+    return max(1, int(timeout_s * 1_000_000_000))
+
+
+def check_path(argument: str, path: object) -> str:
+    """A file system path (str or PathLike) as str; a NUL byte would cut it short."""
+    try:
+        p = os.fspath(path)  # type: ignore[arg-type]
+    except TypeError:
+        bad_argument("argument_type", argument, f"{argument} must be a path (str or os.PathLike), got {type(path).__name__}")
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if "\0" in p or not p:
+        bad_argument("argument_path", argument, f"{argument}={p!r} is empty or contains a NUL byte: pass a plain path")
+    return p
+
+
+def check_buffer(argument: str, data: object) -> memoryview:
+    """A bytes-like object as a flat byte view (no copy)."""
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        bad_argument("argument_type", argument, f"{argument} must be bytes-like (bytes, bytearray, memoryview), got {type(data).__name__}")
+    if not view.c_contiguous:
+        bad_argument(
+            "argument_buffer", argument,
+            f"{argument} is a non-contiguous buffer (e.g. a strided slice): pass bytes({argument}) or a contiguous copy",
+        )
+    return view.cast("B")
 
 
 @dataclass(frozen=True)

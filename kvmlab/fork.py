@@ -19,11 +19,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .errors import ConfigError, KvmlabError
+from . import _progress
+from .config import check_int
+from .errors import ConfigError, KvmlabError, KvmlabMemoryError
 from .snapshot import Snapshot
 from .vm import Vm
 
 __all__ = ["fork_many", "ForkSet", "memory_usage", "raise_fd_limit"]
+
+
+#: Most restoring threads fork_many starts (each restore is mostly waiting on KVM).
+MAX_THREADS = 256
 
 
 def memory_usage() -> dict[str, int]:
@@ -106,11 +112,19 @@ class ForkSet(list):
     def pss_bytes_per_vm(self) -> float:
         return self.stats.pss_bytes_per_vm
 
+    #: Whether close() shows a progress bar (fork_many's ``progress``).
+    progress: bool = True
+
     def close(self) -> None:
+        """Frees every VM (in parallel; ~11 ms each on kvm_pvm, so a bar shows
+        for large sets unless ``progress`` is False)."""
         vms = list(self)
         self.clear()
-        with ThreadPoolExecutor(max_workers=max(1, min(32, len(vms)))) as ex:
-            list(ex.map(lambda v: v.close(), vms))
+        with _progress.bar(len(vms), "closing VMs", "VM", self.progress) as bar, ThreadPoolExecutor(
+            max_workers=max(1, min(32, len(vms)))
+        ) as ex:
+            for _ in ex.map(lambda v: v.close(), vms):
+                bar.update()
 
     def __enter__(self) -> "ForkSet":
         return self
@@ -119,12 +133,31 @@ class ForkSet(list):
         self.close()
 
 
-def fork_many(snap: Snapshot, n: int, *, threads: int | None = None, resettable: bool = False) -> ForkSet:
+def fork_many(
+    snap: Snapshot, n: int, *, threads: int | None = None, resettable: bool = False, progress: bool = True
+) -> ForkSet:
     """Restores ``n`` VMs from one file-backed snapshot with the ``map`` strategy.
 
     Measures the wall time until all are ready (restored, not yet run) and the
     growth of this process's RSS and PSS divided by ``n``. Raises the open-file
     soft limit if needed (each VM holds 2 + vcpus descriptors).
+
+    Args:
+        snap: a file-backed snapshot (``Snapshot.load(path)``).
+        n: how many VMs (1 .. 100000).
+        threads: restoring threads (default: 2 per CPU, at most 8).
+        resettable: make every VM resettable (``vm.reset()``).
+        progress: show a progress bar (tqdm.auto) once it takes over a second;
+            also for the returned set's ``close()``.
+
+    Returns:
+        A :class:`ForkSet` (a list of the VMs) with ``stats`` (ready time,
+            memory per VM); close it (or use ``with``) to free the VMs.
+
+    Raises:
+        ConfigError: ``snap`` is not file-backed, ``n`` is out of range, or the
+            hard open-file limit is too low for ``n`` VMs.
+        KvmlabError: a restore failed (the VMs made so far are freed).
     """
     if not isinstance(snap, Snapshot):
         raise ConfigError(f"fork_many takes a Snapshot, got {type(snap).__name__}")
@@ -132,18 +165,29 @@ def fork_many(snap: Snapshot, n: int, *, threads: int | None = None, resettable:
         raise ConfigError("fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > 100_000:
         raise ConfigError(f"n must be an int in 1 .. 100000, got {n!r}")
+    _progress.check(progress)
     raise_fd_limit(n * (2 + snap.vcpus))  # VM, vCPUs, and the snapshot file (dup) per VM
-    threads = threads or min(8, (os.cpu_count() or 2) * 2)
+    threads = min(8, (os.cpu_count() or 2) * 2) if threads is None else check_int("threads", threads, 1, MAX_THREADS)
     before = memory_usage()
     t0 = time.monotonic_ns()
     out = ForkSet()
+    out.progress = progress
     try:
-        with ThreadPoolExecutor(max_workers=threads) as ex:
+        with _progress.bar(n, "fork_many", "VM", progress) as bar, ThreadPoolExecutor(max_workers=threads) as ex:
             for vm in ex.map(lambda _i: Vm.restore(snap, "map", resettable=resettable), range(n)):
                 out.append(vm)
+                bar.update()
     except KvmlabError:
         out.close()
         raise
+    except RuntimeError as e:  # "can't start new thread": a host limit (RLIMIT_NPROC, address space)
+        out.close()
+        err = KvmlabMemoryError(
+            f"fork_many could not start its {threads} threads ({e}): pass fewer threads= or raise the "
+            "host's thread/memory limits (ulimit -u, ulimit -v)"
+        )
+        err.check = "host_threads"  # type: ignore[attr-defined]
+        raise err from None
     ready = time.monotonic_ns() - t0
     after = memory_usage()
     out.stats = ForkStats(

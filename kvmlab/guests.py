@@ -238,7 +238,10 @@ def _zig_command() -> list[str]:
     import importlib.util
 
     if importlib.util.find_spec("ziglang") is None:
-        raise GuestError("building a Zig guest needs the Zig compiler from PyPI: pip install ziglang==0.17.1")
+        raise GuestError(
+            "building a Zig guest needs the Zig compiler from PyPI: pip install \"kvmlab[guests]\" "
+            "(it brings ziglang==0.17.1)"
+        )
     return [sys.executable, "-m", "ziglang"]
 
 

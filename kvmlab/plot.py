@@ -24,7 +24,9 @@ import math
 import os
 import socket
 from dataclasses import asdict, is_dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from .units import choose_unit, is_missing
 
 __all__ = [
     "PHASES",
@@ -42,14 +44,18 @@ __all__ = [
     "cycle_crossover",
     "fork_density",
     "floor_vs_shell_age",
+    "reset_vs_dirty_pages",
+    "fork_ready_vs_n",
 ]
 
 #: The phases of a restore, in order (columns ``<phase>_ns``).
 PHASES = ("acquire", "memory", "vcpu", "devices")
 PHASE_COLORS = {"acquire": "#8c8c8c", "memory": "#1f77b4", "vcpu": "#ff7f0e", "devices": "#2ca02c"}
+#: Phases of a reset (:class:`kvmlab.vm.ResetTiming`) and their colours.
+RESET_PHASES = ("log", "memory", "vcpu", "devices")
+RESET_PHASE_COLORS = {**PHASE_COLORS, "log": "#9467bd"}
 MISS_COLOR = "#d62728"
 
-_UNITS = (("ns", 1.0), ("µs", 1e3), ("ms", 1e6), ("s", 1e9))
 
 
 # -- data ----------------------------------------------------------------------------
@@ -95,20 +101,6 @@ def frame(data: Any):
         else:
             df["memory_mib"] = 0
     return df.reset_index(drop=True)
-
-
-def choose_unit(values_ns: Iterable[float]) -> tuple[str, float]:
-    """(unit, nanoseconds per unit) that reads best for ``values_ns``: the
-    largest of ns/µs/ms/s under which the median is at least 1."""
-    vals = sorted(float(v) for v in values_ns if v is not None and not math.isnan(float(v)))
-    if not vals:
-        return "µs", 1e3
-    mid = vals[len(vals) // 2]
-    unit = _UNITS[0]
-    for u in _UNITS:
-        if mid >= u[1]:
-            unit = u
-    return unit
 
 
 @functools.lru_cache(maxsize=1)
@@ -385,15 +377,8 @@ def restore_overview(data: Any, *, title: str | None = None):
 
 # -- benchmark summaries (kvmlab bench all) -----------------------------------------------
 #
-# These take the summarized figures of ``kvmlab.bench`` / ``benchmarks`` (every
+# These take the summarized figures of ``kvmlab.bench.report`` (every
 # figure a median with min and max, in ns) rather than raw timing records.
-
-
-def _nan(x: Any) -> bool:
-    try:
-        return x is None or math.isnan(float(x))
-    except (TypeError, ValueError):
-        return True
 
 
 def benchmark_bars(
@@ -425,13 +410,13 @@ def benchmark_bars(
     per = max(len([r for r in rows if r[panel] == p]) for p in panels)
     fig = Figure(figsize=(6.0 * ncols, 0.8 + 0.32 * per * nrows + 0.6 * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    vals = [float(r["median_ns"]) for r in rows if not _nan(r.get("median_ns"))]
+    vals = [float(r["median_ns"]) for r in rows if not is_missing(r.get("median_ns"))]
     unit, scale = choose_unit(vals or [1e3])
     for ax, name in zip(axes, panels):
         sub = [r for r in rows if r[panel] == name]
         ys = np.arange(len(sub))[::-1]
         for y, r in zip(ys, sub):
-            if _nan(r.get("median_ns")):
+            if is_missing(r.get("median_ns")):
                 ax.text(0.02, y, f"{r[label]}: {r.get('skipped') or 'not measured'}"[:90], va="center",
                         fontsize=7, color="gray", transform=ax.get_yaxis_transform())
                 continue
@@ -457,7 +442,7 @@ def benchmark_bars(
 def reset_vs_floor(rows: Sequence[dict], *, title: str | None = None, ax=None):
     """Reset time against dirty pages K (log-log): one line per reset
     configuration (median, min–max band) and the floor measured on the same
-    VMs (dashed). ``rows``: ``kvmlab.bench.bench_reset(...)["rows"]``."""
+    VMs (dashed). ``rows``: ``kvmlab.bench.report.reset_rows(...)``."""
     import numpy as np
 
     fig, ax0 = _new_figure(ax, size=(7.5, 4.4))
@@ -492,10 +477,11 @@ def reset_vs_floor(rows: Sequence[dict], *, title: str | None = None, ax=None):
     return fig
 
 
-def cycle_crossover(rows: Sequence[dict], *, title: str | None = None, ax=None):
+def cycle_crossover(rows: Sequence[dict], *, crossover: float | None = None, title: str | None = None, ax=None):
     """Time per run+reset cycle against guest work N (log-log) for kvmlab and
-    unicorn (median, min–max band), with the crossover marked.
-    ``rows``: ``kvmlab.bench.bench_cycle(...)["rows"]``."""
+    unicorn (median, min–max band), with the ``crossover`` N marked.
+    ``rows``: dicts with ``iterations`` and ``kvmlab`` / ``unicorn`` stats
+    (``kvmlab.bench.report.cycle_rows``)."""
     import numpy as np
 
     fig, ax0 = _new_figure(ax, size=(7.0, 4.2))
@@ -515,15 +501,10 @@ def cycle_crossover(rows: Sequence[dict], *, title: str | None = None, ax=None):
         hi = np.array([r[key]["max"] for r in rows]) / scale
         ax0.plot(n, med, marker="o", color=color, label=name)
         ax0.fill_between(n, lo, hi, color=color, alpha=0.07)
-    if len(series) == 2:
-        from kvmlab.bench import crossover
-
-        cx = crossover(list(rows))
-        at = cx.get("estimate") or cx.get("n")
-        if at:
-            ax0.axvline(at, color="gray", linestyle=":", linewidth=1)
-            ax0.annotate(f"crossover N≈{at:,.0f}", (at, ax0.get_ylim()[1]), xytext=(4, -12),
-                         textcoords="offset points", fontsize=7, color="gray")
+    if len(series) == 2 and crossover:
+        ax0.axvline(crossover, color="gray", linestyle=":", linewidth=1)
+        ax0.annotate(f"crossover N≈{crossover:,.0f}", (crossover, ax0.get_ylim()[1]), xytext=(4, -12),
+                     textcoords="offset points", fontsize=7, color="gray")
     ax0.set_xscale("log")
     ax0.set_yscale("log")
     _log_axis(ax0.yaxis)
@@ -535,7 +516,7 @@ def cycle_crossover(rows: Sequence[dict], *, title: str | None = None, ax=None):
 
 
 def fork_density(rows: Sequence[dict], *, title: str | None = None):
-    """Two panels for ``kvmlab.bench.bench_fork(...)["rows"]``: wall time until
+    """Two panels for ``kvmlab.bench.report.fork_rows(...)``: wall time until
     n VMs are ready (median, min–max) and host memory per VM (PSS growth and
     MemAvailable drop per VM)."""
     import numpy as np
@@ -579,7 +560,7 @@ def fork_density(rows: Sequence[dict], *, title: str | None = None):
 def floor_vs_shell_age(rows: Sequence[dict], *, title: str | None = None, ax=None):
     """Restore floor against how long the shell waited before it (symlog x):
     median total with its min–max band, and the memory and vCPU phases.
-    ``rows``: ``kvmlab.bench.bench_shell_age(...)["rows"]``."""
+    ``rows``: ``kvmlab.bench.report.age_rows(...)``."""
     import numpy as np
 
     fig, ax0 = _new_figure(ax, size=(7.0, 4.2))
@@ -603,6 +584,107 @@ def floor_vs_shell_age(rows: Sequence[dict], *, title: str | None = None, ax=Non
     ax0.set_ylim(bottom=0)
     ax0.grid(True, which="both", alpha=0.3)
     ax0.legend(fontsize=8)
+    return fig
+
+
+def _records(data: Any, needed: Sequence[str], aliases: dict[str, str] | None = None):
+    """``data`` (records, dicts or a DataFrame) as a DataFrame with the
+    ``needed`` columns (``aliases``: other column name -> needed name)."""
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        df = data.copy()
+    else:
+        df = pd.DataFrame([asdict(r) if is_dataclass(r) and not isinstance(r, type) else dict(r) for r in data or ()])
+    for other, name in (aliases or {}).items():
+        if name not in df.columns and other in df.columns:
+            df[name] = df[other]
+    missing = [c for c in needed if c not in df.columns]
+    if len(df) and missing:
+        raise ValueError(f"the data needs the columns {', '.join(missing)}; it has {', '.join(map(str, df.columns))}")
+    return df
+
+
+def _median_line(ax, df, x: str, y: str, scale: float, color: str, label: str, by: str | None = None) -> None:
+    """Every point faintly, the medians per ``by`` (default: per x) as a line."""
+    ax.scatter(df[x], df[y] / scale, s=10, alpha=0.35, color=color, linewidths=0)
+    if by is not None and by not in df.columns:
+        raise ValueError(f"by={by!r} is not a column of the data ({', '.join(map(str, df.columns))})")
+    med = df[[x, y]].groupby(df[by or x].to_numpy()).median().sort_values(x)
+    ax.plot(med[x], med[y] / scale, marker="o", color=color, label=label)
+
+
+def reset_vs_dirty_pages(data: Any, *, by: str | None = None, title: str | None = None, ax=None):
+    """Reset time against the pages each reset put back (log-log): every reset
+    as a point, the medians as a line.
+
+    Args:
+        data: :class:`~kvmlab.vm.ResetTiming` records (``vm.reset_timings()``),
+            :class:`~kvmlab.vm.LoopResult` records (``vm.reset_loop(...)``), or
+            dicts / a DataFrame with ``dirty_pages`` and ``total_ns`` (or ``reset_ns``).
+        by: a column naming each run's setting (e.g. the pages the guest was
+            told to write): one median point per value, at its median page
+            count. Default: one per distinct ``dirty_pages``.
+        title: the figure's title.
+        ax: draw into this Axes instead of a new figure.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    df = _records(data, ("dirty_pages", "total_ns"), {"reset_ns": "total_ns"})
+    fig, ax0 = _new_figure(ax)
+    _title(fig, ax0, "Reset time vs dirty pages", title, ax is None)
+    if df.empty:
+        _empty(ax0, "no resets yet")
+        return fig
+    unit, scale = choose_unit(df["total_ns"])
+    df = df.assign(dirty_pages=df["dirty_pages"].clip(lower=1))  # log axis: a reset of 0 pages sits at 1
+    _median_line(ax0, df, "dirty_pages", "total_ns", scale, PHASE_COLORS["memory"], "reset (median)", by)
+    ax0.set_xscale("log")
+    ax0.set_yscale("log")
+    _log_axis(ax0.xaxis)
+    _log_axis(ax0.yaxis)
+    ax0.set_xlabel("dirty pages put back (log scale)")
+    ax0.set_ylabel(f"reset time ({unit}, log scale)")
+    ax0.grid(True, which="both", alpha=0.3)
+    ax0.legend(fontsize=8)
+    return fig
+
+
+def fork_ready_vs_n(data: Any, *, title: str | None = None, ax=None):
+    """``fork_many`` ready time against n: every run as a point, the median
+    per n as a line, and the median time per VM on a second axis.
+
+    Args:
+        data: ``ForkSet.stats`` records (:class:`~kvmlab.fork.ForkStats`) or
+            dicts / a DataFrame with ``n`` and ``ready_ns``.
+        title: the figure's title.
+        ax: draw into this Axes instead of a new figure.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    df = _records(data, ("n", "ready_ns"))
+    fig, ax0 = _new_figure(ax)
+    _title(fig, ax0, "fork_many: time until n VMs are ready", title, ax is None)
+    if df.empty:
+        _empty(ax0, "no forks yet")
+        return fig
+    unit, scale = choose_unit(df["ready_ns"])
+    _median_line(ax0, df, "n", "ready_ns", scale, PHASE_COLORS["memory"], "all n ready (median)")
+    ax0.set_xlabel("n (VMs)")
+    ax0.set_ylabel(f"ready time ({unit})")
+    ax0.set_ylim(bottom=0)
+    ax0.grid(True, alpha=0.3)
+    per_vm = (df["ready_ns"] / df["n"]).groupby(df["n"], sort=True).median()
+    vm_unit, vm_scale = choose_unit(per_vm)
+    ax1 = ax0.twinx()
+    ax1.plot(per_vm.index, per_vm.values / vm_scale, linestyle="--", marker=".", color=PHASE_COLORS["vcpu"], label="per VM (median)")
+    ax1.set_ylabel(f"per VM ({vm_unit})")
+    ax1.set_ylim(bottom=0)
+    lines = ax0.get_legend_handles_labels()
+    more = ax1.get_legend_handles_labels()
+    ax0.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
     return fig
 
 

@@ -12,8 +12,7 @@ the caller's path) and the per-restore timing ring live in the Zig core
 
 from __future__ import annotations
 
-import functools
-import math
+import os
 import threading
 import time
 import weakref
@@ -21,7 +20,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from . import _ffi
-from .config import VmConfig
+from .config import U32_MAX, VmConfig, bad_argument, check_int
+from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
 from .vm import RunResult, _VmHandle
@@ -42,18 +42,23 @@ MAX_POOL_SIZE = 256
 _WAIT_SLICE_NS = 50_000_000
 
 
-def _int(name: str, v: object, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"PoolConfig {name} must be an int, got {v!r}")
-    if v < lo:
-        raise ConfigError(f"PoolConfig {name}={v} must be >= {lo}")
-    return v
+def _int(name: str, v: object, lo: int, hi: int = U32_MAX) -> int:
+    return check_int(f"PoolConfig {name}", v, lo, hi)
 
 
 @dataclass(frozen=True)
 class PoolConfig:
     """Pool bounds. ``max_size`` caps idle shells; ``max_in_use`` (None =
-    unlimited) caps VMs handed out at once."""
+    unlimited) caps VMs handed out at once.
+
+    Attributes:
+        min_size: idle shells the worker keeps ready (refilled in the background).
+        max_size: idle shells at most (1 .. 256).
+        max_in_use: VMs handed out at once at most (None: no limit).
+
+    Raises:
+        ConfigError: a bound is not an int or out of range.
+    """
 
     min_size: int = 1
     max_size: int = 4
@@ -63,18 +68,35 @@ class PoolConfig:
         _int("min_size", self.min_size, 0)
         _int("max_size", self.max_size, 0)
         if self.max_size == 0:
-            raise ConfigError("PoolConfig max_size must be at least 1")
+            bad_argument("argument_range", "PoolConfig max_size", "PoolConfig max_size must be at least 1")
         if self.max_size > MAX_POOL_SIZE:
-            raise ConfigError(f"PoolConfig max_size={self.max_size} is over the limit of {MAX_POOL_SIZE}")
+            bad_argument(
+                "argument_range", "PoolConfig max_size",
+                f"PoolConfig max_size={self.max_size} is over the limit of {MAX_POOL_SIZE}",
+            )
         if self.min_size > self.max_size:
-            raise ConfigError(f"PoolConfig min_size={self.min_size} is larger than max_size={self.max_size}")
+            bad_argument(
+                "argument_range", "PoolConfig min_size",
+                f"PoolConfig min_size={self.min_size} is larger than max_size={self.max_size}",
+            )
         if self.max_in_use is not None:
             _int("max_in_use", self.max_in_use, 1)
 
 
 @dataclass(frozen=True)
 class PoolStats:
-    """A frozen view of the pool's counters (one consistent read)."""
+    """A frozen view of the pool's counters (one consistent read).
+
+    Attributes:
+        idle: empty shells ready now.
+        in_use: restored VMs handed out and not released.
+        creating: shells being made by the worker.
+        hits: restores that took an idle shell; ``misses`` made one on the spot.
+        failures: restores that failed (the shell is destroyed).
+        created: shells made so far; ``destroyed`` shells or VMs destroyed.
+        pending_destroy: released VMs waiting for the worker to destroy them.
+        parked: VMs kept for reuse (``reset_on_release``); ``reuses``/``resets`` count them.
+    """
 
     idle: int
     in_use: int
@@ -93,6 +115,33 @@ class PoolStats:
     parked: int = 0
     reuses: int = 0
     resets: int = 0
+
+    def __repr__(self) -> str:
+        limit = f"/{self.max_in_use}" if self.max_in_use else ""
+        return (
+            f"PoolStats(idle={self.idle}/{self.max_size}, in_use={self.in_use}{limit}, creating={self.creating}, "
+            f"restores={self.restores} (hits {self.hits}, misses {self.misses}), failures={self.failures}, "
+            f"created={self.created}, destroyed={self.destroyed})"
+        )
+
+    def _repr_html_(self, title: str = "PoolStats") -> str:
+        from . import _html
+
+        capacity = max(self.max_size, self.idle + self.in_use + self.creating, 1)
+        parts = [("in use", self.in_use, "brand"), ("idle", self.idle, "ok"), ("creating", self.creating, "warn")]
+        occupancy = (
+            f'<div class="kvmlab-occupancy">{self.idle} idle, {self.in_use} in use, {self.creating} creating; '
+            f"capacity {self.max_size} (min {self.min_size}), in use limit {self.max_in_use or 'none'}</div>"
+        )
+        legend = _html.legend((name, str(v), role) for name, v, role in parts)
+        counters = [
+            (c.replace("_", " "), getattr(self, c))
+            for c in ("restores", "hits", "misses", "failures", "created", "destroyed", "releases", "pending_destroy",
+                      "parked", "reuses", "resets")  # fmt: skip
+            if getattr(self, c) or c in ("restores", "hits", "misses", "failures")
+        ]
+        body = _html.bar(parts, capacity) + occupancy + legend + _html.table(counters)
+        return _html.box(title, body, "kvmlab-pool-stats")
 
 
 @dataclass(frozen=True)
@@ -126,14 +175,42 @@ def _bytes_view(data: object, what: str) -> memoryview:
         raise SnapshotError(f"{what} must be bytes-like (bytes, bytearray, memoryview), got {type(data).__name__}") from None
 
 
-def _wait_ns(timeout_s: float | None) -> int:
-    if timeout_s is None:
-        return 0
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0 or math.isnan(timeout_s):
-        raise ConfigError(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
-    return max(1, int(min(timeout_s, 1e9) * 1e9))
 
 
+
+
+class _Release:
+    """The free function of the VMs a pool hands out: gives a VM back to the
+    pool. In the child of os.fork() the pool is forgotten (``pool_handle``
+    None) and this does nothing: the pool's worker thread does not exist there
+    and its lock may have been held at the fork."""
+
+    __slots__ = ("pool_handle",)
+
+    def __init__(self, pool_handle: Any) -> None:
+        self.pool_handle = pool_handle
+
+    def __call__(self, vm_handle: Any) -> None:
+        h = self.pool_handle
+        if h is not None:
+            lib.kvmlab_pool_release(h, vm_handle)
+
+
+#: The pools of this process, forgotten in the child of os.fork().
+_LIVE_POOLS: "weakref.WeakSet[RestorePool]" = weakref.WeakSet()
+
+
+def _forget_pools_after_fork() -> None:
+    """os.fork() child: every inherited pool reads as closed and is never
+    freed or called natively (its worker thread is not in the child; its
+    shells' memory and descriptors go when the child exits). The child makes
+    its own pools."""
+    for pool in list(_LIVE_POOLS):
+        pool._forget()
+    _LIVE_POOLS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 class PooledRestoreVm(_VmHandle):
@@ -146,8 +223,9 @@ class PooledRestoreVm(_VmHandle):
         # The core frees the pool only after close() *and* the last release,
         # deciding under its lock, so release needs no guard here.
         _VmHandle.__init__(self, handle, pool.vm_config, guest, pool._release_vm)
-        # The raw pool handle (valid while this VM is out, even after close()).
-        self._pool_handle = pool._release_vm.args[0]
+        # The pool's release function; its pool_handle stays valid while this
+        # VM is out, even after close() (None in a fork's child).
+        self._pool_handle = pool._release_vm
         self._first_run_pending = True
         # The core's kvmlab_restore_times, turned into a dict on first use:
         # the restore call itself only keeps the struct (a hot path).
@@ -158,9 +236,16 @@ class PooledRestoreVm(_VmHandle):
     def restore_timing(self) -> dict[str, int]:
         """This restore's record: integer nanoseconds per phase (``acquire_ns``,
         ``memory_ns``, ``vcpu_ns``, ``devices_ns``, ``total_ns``), ``hit``,
-        ``strategy``, ``mapped``, ``memory_bytes``, ``seq``."""
+        ``strategy`` (``"copy"``, ``"map"`` or ``"reuse"``, as in
+        :meth:`RestorePool.timings`), ``mapped``, ``memory_bytes``, ``seq``."""
         if self._timing is None:
-            self._timing = _ffi.as_dict(self._times, "kvmlab_restore_times")
+            d = _ffi.as_dict(self._times, "kvmlab_restore_times")
+            # A reuse (reset_on_release) restores nothing: the core leaves the
+            # three restore phases 0, which a real restore never does.
+            reused = d["memory_ns"] == d["vcpu_ns"] == d["devices_ns"] == 0
+            d["strategy"] = "reuse" if reused else "map" if d["mapped"] else "copy"
+            d["memory_bytes"] = self.memory_bytes
+            self._timing = d
         return self._timing
 
     def _after_run(self, h: Any, result: RunResult) -> None:
@@ -168,7 +253,9 @@ class PooledRestoreVm(_VmHandle):
             self._first_run_pending = False
             # Under the VM's lock with the VM not yet released: the pool is
             # still allocated (the last release after close() frees it).
-            lib.kvmlab_pool_note_first_run(self._pool_handle, self._times.seq, result.elapsed_ns)
+            ph = self._pool_handle.pool_handle
+            if ph is not None:
+                lib.kvmlab_pool_note_first_run(ph, self._times.seq, result.elapsed_ns)
 
     def release(self) -> None:
         """Returns this VM's accounting to the pool. Idempotent."""
@@ -177,7 +264,21 @@ class PooledRestoreVm(_VmHandle):
 
 class RestorePool:
     """A pool of empty KVM shells of one :class:`VmConfig`; creating it warms
-    ``min_size`` shells (so errors surface here)."""
+    ``min_size`` shells (so errors surface here).
+
+    A worker thread in the core keeps ``min_size`` shells idle and destroys
+    released VMs off the caller's thread. Use it as a context manager or call
+    :meth:`close`.
+
+    Args:
+        vm_config: the shape of every shell (default ``VmConfig()``); restored
+            snapshots must have this memory size and vCPU count.
+        pool_config: the pool's bounds (default ``PoolConfig()``).
+
+    Raises:
+        ConfigError: an argument is not a ``VmConfig`` / ``PoolConfig``.
+        KvmUnavailableError: /dev/kvm cannot be used (run ``kvmlab doctor``).
+    """
 
     def __init__(self, vm_config: VmConfig | None = None, pool_config: PoolConfig | None = None) -> None:
         vm_config = vm_config or VmConfig()
@@ -208,8 +309,18 @@ class RestorePool:
         self._active = 0
         # The free function of every VM this pool hands out (made once: restore
         # is a hot path).
-        self._release_vm = functools.partial(lib.kvmlab_pool_release, self._handle)
+        self._release_vm = _Release(self._handle)
         self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
+        _LIVE_POOLS.add(self)
+
+    def _forget(self) -> None:
+        """In the child of os.fork(): closed, never freed (see _forget_pools_after_fork)."""
+        self._finalizer.detach()
+        self._release_vm.pool_handle = None
+        self._handle = None
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._drained = threading.Condition(self._lock)
+        self._active = 0
 
     # -- call guard -------------------------------------------------------------------
 
@@ -230,9 +341,16 @@ class RestorePool:
     # -- filling ----------------------------------------------------------------------
 
     def warm(self, target: int) -> None:
-        """Creates shells until at least ``min(target, max_size)`` are idle."""
-        if isinstance(target, bool) or not isinstance(target, int) or target < 0:
-            raise ConfigError(f"warm target must be a non-negative int, got {target!r}")
+        """Creates shells until at least ``min(target, max_size)`` are idle.
+
+        Args:
+            target: idle shells wanted (capped at ``max_size``).
+
+        Raises:
+            ConfigError: ``target`` is not a non-negative int.
+            ClosedError: the pool is closed.
+        """
+        check_int("warm target", target, 0, 2**63)
         h = self._enter()
         try:
             _ffi.check(lib.kvmlab_pool_warm(h, min(target, 2**32 - 1)))
@@ -251,7 +369,14 @@ class RestorePool:
             self._exit()
 
     def stats(self) -> PoolStats:
-        """A consistent snapshot of the counters."""
+        """A consistent snapshot of the counters.
+
+        Returns:
+            A frozen :class:`PoolStats` (in a notebook: an occupancy bar and the counters).
+
+        Raises:
+            ClosedError: the pool is closed.
+        """
         h = self._enter()
         try:
             s = ffi.new("kvmlab_pool_stats *")
@@ -263,8 +388,18 @@ class RestorePool:
         return PoolStats(**d)
 
     def timings(self, last: int | None = None) -> list[RestoreTiming]:
-        """Per-restore phase records, oldest first (the core keeps the newest 4096)."""
-        cap = 4096 if last is None else max(0, min(int(last), 4096))
+        """Per-restore phase records, oldest first (the core keeps the newest 4096).
+
+        Args:
+            last: only the newest ``last`` records (default: all kept).
+
+        Returns:
+            :class:`RestoreTiming` records; :func:`timings_frame` makes a DataFrame of them.
+
+        Raises:
+            ClosedError: the pool is closed.
+        """
+        cap = 4096 if last is None else min(check_int("last", last, 0, 2**63), 4096)
         h = self._enter()
         try:
             buf = ffi.new("kvmlab_pool_timing[]", max(cap, 1))
@@ -328,9 +463,24 @@ class RestorePool:
         return PooledRestoreVm(out[0], self, guest, t)
 
     def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
-        """Restores from raw parts, as the reference API: ``memory`` is a dense
-        buffer of guest memory (e.g. ``snap.memory``), ``vcpu_state`` the state
-        blob (``snap.vcpu_state``). ``timeout_s`` waits for room under ``max_in_use``."""
+        """Restores from raw parts, as the reference API.
+
+        Args:
+            memory: a dense buffer of guest memory (e.g. ``snap.memory``).
+            vcpu_state: the state blob (``snap.vcpu_state``).
+            timeout_s: how long to wait for room under ``max_in_use`` (None: fail at once).
+
+        Returns:
+            The restored :class:`PooledRestoreVm`; release it (or use ``with``).
+
+        Raises:
+            PoolExhaustedError: ``max_in_use`` VMs are out (and none came back
+                within ``timeout_s``).
+            IncompatibleError: the snapshot needs CPU features or a shape this
+                pool's shells do not have.
+            ClosedError: the pool (or snapshot) is closed.
+            SnapshotError: the parts are not bytes-like or do not fit the pool's shape.
+        """
         mem = _bytes_view(memory, "memory")
         st = _bytes_view(vcpu_state, "vcpu_state")
         return self._finish(
@@ -342,7 +492,23 @@ class RestorePool:
         )
 
     def restore_from_bytes(self, data, timeout_s: float | None = None) -> PooledRestoreVm:
-        """Restores from a full self-describing snapshot (``snap.to_bytes()``)."""
+        """Restores from a full self-describing snapshot (``snap.to_bytes()``).
+
+        Args:
+            data: the encoded snapshot.
+            timeout_s: how long to wait for room under ``max_in_use`` (None: fail at once).
+
+        Returns:
+            The restored :class:`PooledRestoreVm`; release it (or use ``with``).
+
+        Raises:
+            PoolExhaustedError: ``max_in_use`` VMs are out (and none came back
+                within ``timeout_s``).
+            IncompatibleError: the snapshot needs CPU features or a shape this
+                pool's shells do not have.
+            ClosedError: the pool (or snapshot) is closed.
+            SnapshotError: ``data`` is not a valid snapshot.
+        """
         view = _bytes_view(data, "data")
         return self._finish(
             lambda h, out, t, wait: lib.kvmlab_pool_restore_bytes(
@@ -369,7 +535,28 @@ class RestorePool:
         ``reset_on_release=True``: releasing the VM does not destroy it; the
         pool's worker resets it to ``snap`` and keeps it, and the next
         ``restore_snapshot(snap, reset_on_release=True)`` takes it back
-        (``restore_timing`` strategy ``"reuse"``, no shell or restore needed)."""
+        (``restore_timing`` strategy ``"reuse"``, no shell or restore needed).
+
+        Args:
+            snap: the snapshot (its shape must be the pool's).
+            strategy: ``"copy"``, ``"map"`` or ``"auto"``.
+            timeout_s: how long to wait for room under ``max_in_use`` (None: fail at once).
+            resettable: the VM supports ``reset()``.
+            reset_on_release: park the VM for reuse instead of destroying it.
+
+        Returns:
+            The restored :class:`PooledRestoreVm`, continuing where ``snap``
+                was taken; release it (or use ``with``).
+
+        Raises:
+            PoolExhaustedError: ``max_in_use`` VMs are out (and none came back
+                within ``timeout_s``).
+            IncompatibleError: the snapshot needs CPU features or a shape this
+                pool's shells do not have.
+            ClosedError: the pool (or snapshot) is closed.
+            SnapshotError: ``snap`` is not a Snapshot.
+            ConfigError: an unknown ``strategy`` or a bad ``timeout_s``.
+        """
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
         code = strategy_code(strategy)
@@ -428,3 +615,13 @@ class RestorePool:
             f"<RestorePool {self.vm_config.memory_mib} MiB x {self.vm_config.vcpus} vCPU idle={s.idle} "
             f"in_use={s.in_use} max_size={s.max_size} restores={s.restores}>"
         )
+
+    def _repr_html_(self) -> str:
+        """Occupancy as a bar, and the counters (``pool.stats()``)."""
+        from . import _html
+
+        shape = f"RestorePool {self.vm_config.memory_mib} MiB x {self.vm_config.vcpus} vCPU"
+        try:
+            return self.stats()._repr_html_(title=shape)
+        except ClosedError:
+            return _html.box(f"{shape} (closed)", "")

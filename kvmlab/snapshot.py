@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _ffi
-from .config import VmConfig
+from .config import VmConfig, check_path
 from .errors import ClosedError, ConfigError, SnapshotError
 
 __all__ = ["Snapshot", "STRATEGIES"]
@@ -139,7 +139,18 @@ class Snapshot:
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Snapshot":
-        """Checks and copies an encoded snapshot (from :meth:`to_bytes` or a file's bytes)."""
+        """Checks and copies an encoded snapshot (from :meth:`to_bytes` or a file's bytes).
+
+        Args:
+            data: the encoded snapshot, one contiguous bytes-like buffer.
+
+        Returns:
+            A new in-memory :class:`Snapshot` (not file-backed).
+
+        Raises:
+            SnapshotError: ``data`` is not bytes-like, or not a valid snapshot
+                (bad header, section or checksum; the message says which).
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise SnapshotError(f"snapshot data must be bytes-like, got {type(data).__name__}")
         out = ffi.new("kvmlab_snapshot **")
@@ -161,8 +172,19 @@ class Snapshot:
 
         The memory is used in place, so a ``map`` restore shares the file's
         pages copy-on-write; the file is never written.
+
+        Args:
+            path: a file written by :meth:`save`.
+
+        Returns:
+            A file-backed :class:`Snapshot` (restores can use ``strategy="map"``).
+
+        Raises:
+            SnapshotError: the file cannot be opened, is not a regular file, or
+                is not a valid snapshot (the message names the file and the check).
+            ConfigError: ``path`` is not a path.
         """
-        p = Path(path)
+        p = Path(check_path("path", path))
         # Refuse anything but a regular file before the core opens it (opening
         # a FIFO would block; a device or directory is never a snapshot).
         try:
@@ -196,7 +218,14 @@ class Snapshot:
         return _InUse(self)
 
     def to_bytes(self) -> bytes:
-        """The packed encoding (only non-zero pages), accepted by :meth:`from_bytes`."""
+        """The packed encoding (only non-zero pages), accepted by :meth:`from_bytes`.
+
+        Returns:
+            The encoded snapshot.
+
+        Raises:
+            ClosedError: the snapshot is closed.
+        """
         with self._lock:
             h = self._live()
             n = ffi.new("size_t *")
@@ -207,8 +236,20 @@ class Snapshot:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the snapshot to ``path`` atomically (temp file, fsync, rename),
-        mode 0600, zero pages as holes. Missing parent directories are created 0700."""
-        p = Path(path)
+        mode 0600, zero pages as holes. Missing parent directories are created 0700.
+
+        Args:
+            path: the file to write (replaced if it exists).
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path` (load it with :meth:`load`).
+
+        Raises:
+            SnapshotError: ``path`` exists and is not a regular file, or writing failed.
+            ConfigError: a missing parent directory cannot be created.
+            ClosedError: the snapshot is closed.
+        """
+        p = Path(check_path("path", path))
         with self._lock:
             self._live()  # a closed snapshot creates nothing
         if p.exists() and not p.is_file():
@@ -365,3 +406,20 @@ class Snapshot:
             f"present_pages={self.present_pages} stored_bytes={self.stored_bytes}{where}"
             f"{' closed' if self.closed else ''}>"
         )
+
+    def _repr_html_(self) -> str:
+        from . import _html
+        from .units import fmt_size
+
+        pages = self.memory_bytes // 4096
+        rows = [
+            ("guest", self.guest or "(unnamed)"),
+            ("memory", f"{fmt_size(self.memory_bytes)}, {self.vcpus} vCPU"),
+            ("present pages", f"{self.present_pages} of {pages} ({fmt_size(self.present_pages * 4096)})"),
+            ("stored", fmt_size(self.stored_bytes)),
+            ("file", str(self._path) if self._path else "none (in memory; save and load it to restore with map)"),
+            ("created", self.created_at.isoformat(timespec="seconds")),
+        ]
+        bar = _html.bar([(f"{self.present_pages} present pages", self.present_pages, "brand")], pages)
+        title = f"Snapshot{' (closed)' if self.closed else ''}"
+        return _html.box(title, bar + _html.table(rows), "kvmlab-snapshot")

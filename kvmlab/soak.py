@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from . import _progress
 from .fork import memory_usage
 from .pool import PoolConfig, RestorePool
 from .vm import Vm
@@ -112,7 +113,7 @@ class SoakReport:
         )
 
 
-def _hammer(pool, snap, blob, golden, threads, seconds, seed, rep, close):
+def _hammer(pool, snap, blob, golden, threads, seconds, seed, rep, close, progress=False, desc="soak"):
     """`threads` threads doing restore/run/release/warm/stats on `pool`."""
     lock = threading.Lock()
     stop = time.monotonic() + seconds
@@ -167,16 +168,34 @@ def _hammer(pool, snap, blob, golden, threads, seconds, seed, rep, close):
     ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in ts:
         t.start()
-    for t in ts:
-        t.join()
+    with _progress.bar(round(seconds, 1), desc, "s", progress) as bar:
+        t0 = time.monotonic()
+        for t in ts:
+            while t.is_alive():
+                t.join(0.5)
+                bar.update(round(min(time.monotonic() - t0, seconds), 1) - bar.n)
 
     if close:
         pool.close()
 
 
-def run_soak(seconds: float = 60.0, threads: int = 4, memory_mib: int = 16, seed: int = 1) -> SoakReport:
+def run_soak(
+    seconds: float = 60.0, threads: int = 4, memory_mib: int = 16, seed: int = 1, progress: bool = True
+) -> SoakReport:
     """Runs the soak; tolerance for 'back to the start': no extra fds, and at
-    most 64 MiB more mapped memory and RSS (allocator caches, Python heap)."""
+    most 64 MiB more mapped memory and RSS (allocator caches, Python heap).
+
+    Args:
+        seconds: how long the threads hammer the pool (after a warm-up).
+        threads: threads restoring, running, releasing, warming concurrently.
+        memory_mib: guest memory.
+        seed: seeds each thread's random choice of operations.
+        progress: show a progress bar in seconds (tqdm.auto).
+
+    Returns:
+        A :class:`SoakReport`; ``ok`` is False if anything went wrong.
+    """
+    _progress.check(progress)
     cfg = VmConfig(memory_mib=memory_mib)
     boot = Vm.boot("counter", cfg, args={"steps": 6, "checkpoint_at": 3})
     boot.run()
@@ -195,7 +214,7 @@ def run_soak(seconds: float = 60.0, threads: int = 4, memory_mib: int = 16, seed
     rep.rss_before = memory_usage()["rss_bytes"]
 
     pool = RestorePool(cfg, PoolConfig(min_size=2, max_size=6))
-    _hammer(pool, snap, blob, golden, threads, seconds, seed, rep, close=False)
+    _hammer(pool, snap, blob, golden, threads, seconds, seed, rep, close=False, progress=progress)
 
     # Counters add up once the reaper caught up.
     deadline = time.monotonic() + 120

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from . import _ffi
-from .config import VmConfig
+from .config import VmConfig, check_buffer
+from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import BoundsError, ClosedError, ConfigError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args
 from .guests import names as guest_names
@@ -64,6 +65,14 @@ class ResetTiming:
     vcpu_ns: int
     devices_ns: int
     total_ns: int
+
+    def _repr_html_(self) -> str:
+        from . import _html
+        from .plot import RESET_PHASES, RESET_PHASE_COLORS
+
+        values = {p: getattr(self, f"{p}_ns") for p in RESET_PHASES}
+        note = f", {self.dirty_pages} dirty pages put back"
+        return _html.phases("ResetTiming", values, RESET_PHASE_COLORS, self.total_ns, note, "kvmlab-reset-timing")
 
 
 @dataclass(frozen=True)
@@ -110,20 +119,35 @@ class RunResult:
         """``console`` split into lines."""
         return self.console.splitlines()
 
+    def __repr__(self) -> str:
+        # The console stays out (it can be 1 MiB): its size only.
+        from .units import fmt_time
 
-def _timeout_ns(timeout_s: float | None) -> int:
-    """Seconds (or None = no deadline) -> the core's ``timeout_ns`` (0 = none)."""
-    if timeout_s is None:
-        return 0
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
-        raise ConfigError(f"timeout_s must be a number of seconds or None, got {timeout_s!r}")
-    if not math.isfinite(timeout_s):
-        if timeout_s > 0:
-            return 0
-        raise ConfigError(f"timeout_s must be > 0 (or None for no deadline), got {timeout_s!r}")
-    if timeout_s <= 0:
-        raise ConfigError(f"timeout_s must be > 0 (or None for no deadline), got {timeout_s!r}")
-    return max(1, int(timeout_s * 1_000_000_000))
+        what = {"exit": f", exit_code={self.exit_code}", "checkpoint": f", checkpoint_tag={self.checkpoint_tag:#x}"}
+        lines = self.console.count("\n") + (not self.console.endswith("\n") if self.console else 0)
+        dropped = f", {self.console_dropped} dropped" if self.console_dropped else ""
+        return (
+            f"RunResult(reason={self.reason!r}{what.get(self.reason, '')}, elapsed={fmt_time(self.elapsed_ns)}, "
+            f"console=<{lines} lines, {len(self.console)} chars{dropped}>)"
+        )
+
+    def _repr_html_(self, last_lines: int = 12) -> str:
+        """The result, with the console folded to its last ``last_lines`` lines."""
+        from . import _html
+        from .units import fmt_time
+
+        rows = [("reason", self.reason), ("elapsed", fmt_time(self.elapsed_ns))]
+        if self.reason == "exit":
+            rows.append(("exit code", self.exit_code))
+        if self.reason == "checkpoint":
+            rows.append(("checkpoint tag", f"{self.checkpoint_tag:#x}"))
+        if self.console_dropped:
+            rows.append(("console dropped", f"{self.console_dropped} bytes beyond the 1 MiB kept"))
+        lines = self.lines
+        folded = len(lines) - last_lines
+        note = f"console: {len(lines)} lines" + (f", the last {last_lines} shown ({folded} folded)" if folded > 0 else "")
+        body = _html.table(rows) + f"<div>{_html.escape(note)}</div>" + (_html.pre("\n".join(lines[-last_lines:])) if lines else "")
+        return _html.box("RunResult", body, "kvmlab-run-result")
 
 
 def _check_range(gpa: int, n: int, memory_bytes: int) -> None:
@@ -221,41 +245,57 @@ class _VmHandle:
         ``run()`` resumes. A guest crash raises :class:`GuestCrashError` (the
         message names the cause and the registers; ``.console`` on the
         exception holds the output before the crash).
+
+        Args:
+            timeout_s: seconds before the run stops with ``reason == "timeout"``;
+                None: no deadline (Ctrl-C or :meth:`interrupt` still stop it).
+
+        Returns:
+            A :class:`RunResult`: why the run ended, the console output, the time.
+
+        Raises:
+            GuestCrashError: the guest crashed (triple fault, bad exit).
+            ConfigError: ``timeout_s`` is not a positive number or None.
+            ClosedError: the VM is closed.
         """
         timeout_ns = _timeout_ns(timeout_s)
-        out = ffi.new("kvmlab_run_result *")
         with self._lock:
-            h = self._live()
-            elapsed = 0
-            while True:
-                left = 0 if timeout_ns == 0 else max(1, timeout_ns - elapsed)
-                rc = lib.kvmlab_vm_run(h, left, out)
-                if rc != 0 or REASONS.get(out.reason) != "interrupted":
-                    break
-                # A signal (Ctrl-C) stopped the vCPUs: Python runs its handler
-                # here (KeyboardInterrupt propagates); otherwise resume.
-                elapsed += int(out.elapsed_ns)
-            out.elapsed_ns += elapsed
-            if rc != 0:
-                err = _ffi.error_for(rc)
-                console, _ = self._take_console(h, final=True)
-                if console:
-                    err.console = console  # type: ignore[attr-defined]
-                raise err
-            reason = REASONS.get(out.reason)
-            if reason is None:
-                raise InternalError(f"the core returned unknown run reason {out.reason}")
-            console, _ = self._take_console(h, final=(reason == "exit"), pending=int(out.console_bytes))
-            result = RunResult(
-                reason=reason,
-                exit_code=int(out.exit_code),
-                checkpoint_tag=int(out.checkpoint_tag),
-                console=console,
-                console_dropped=int(out.console_dropped_bytes),
-                elapsed_ns=int(out.elapsed_ns),
-            )
-            self._after_run(h, result)
-            return result
+            return self._run_locked(self._live(), timeout_ns)
+
+    def _run_locked(self, h: Any, timeout_ns: int) -> RunResult:
+        """run() with the lock held and ``h`` live (call() runs this way
+        between its write and its read: one operation)."""
+        out = ffi.new("kvmlab_run_result *")
+        elapsed = 0
+        while True:
+            left = 0 if timeout_ns == 0 else max(1, timeout_ns - elapsed)
+            rc = lib.kvmlab_vm_run(h, left, out)
+            if rc != 0 or REASONS.get(out.reason) != "interrupted":
+                break
+            # A signal (Ctrl-C) stopped the vCPUs: Python runs its handler
+            # here (KeyboardInterrupt propagates); otherwise resume.
+            elapsed += int(out.elapsed_ns)
+        out.elapsed_ns += elapsed
+        if rc != 0:
+            err = _ffi.error_for(rc)
+            console, _ = self._take_console(h, final=True)
+            if console:
+                err.console = console  # type: ignore[attr-defined]
+            raise err
+        reason = REASONS.get(out.reason)
+        if reason is None:
+            raise InternalError(f"the core returned unknown run reason {out.reason}")
+        console, _ = self._take_console(h, final=(reason == "exit"), pending=int(out.console_bytes))
+        result = RunResult(
+            reason=reason,
+            exit_code=int(out.exit_code),
+            checkpoint_tag=int(out.checkpoint_tag),
+            console=console,
+            console_dropped=int(out.console_dropped_bytes),
+            elapsed_ns=int(out.elapsed_ns),
+        )
+        self._after_run(h, result)
+        return result
 
     def _after_run(self, h: Any, result: RunResult) -> None:
         """Called by run() with the lock held and the handle live."""
@@ -297,9 +337,17 @@ class _VmHandle:
         """Runs through checkpoints until the guest exits, within ``timeout_s``
         seconds in total.
 
-        Returns a :class:`RunResult` with reason ``"exit"`` whose console and
-        elapsed time cover all runs. Raises :class:`GuestTimeoutError` if the
-        guest does not exit in time (or halts; ``.console`` holds the output).
+        Args:
+            timeout_s: seconds for all runs together (None: no deadline).
+
+        Returns:
+            A :class:`RunResult` with reason ``"exit"`` whose console and
+                elapsed time cover all runs.
+
+        Raises:
+            GuestTimeoutError: the guest did not exit in time, or halted
+                (``.console`` on the exception holds the output).
+            GuestCrashError: the guest crashed.
         """
         _timeout_ns(timeout_s)  # validate
         deadline = None if timeout_s is None or math.isinf(timeout_s) else timeout_s
@@ -332,6 +380,10 @@ class _VmHandle:
         ``"reverse"``. The guest must be waiting at its service checkpoint
         (tag 0x5e5e0001); raises :class:`GuestTimeoutError` if it does not
         answer within ``timeout_s``.
+
+        One operation under the VM's lock (write the request, run, read the
+        answer): calls from several threads on one VM are served one at a
+        time, each caller gets its own answer.
         """
         code = SERVICE_OPS.get(op)
         if code is None:
@@ -339,14 +391,21 @@ class _VmHandle:
         data = bytes(payload)
         if len(data) > SERVICE_MAX_BYTES:
             raise ConfigError(f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}")
-        hdr = self.read_memory(SERVICE_GPA, 16)
-        seq = (int.from_bytes(hdr[8:12], "little") + 1) & 0xFFFFFFFF
-        self.write_memory(SERVICE_GPA + 0x1000, data)
-        self.write_memory(
-            SERVICE_GPA,
-            len(data).to_bytes(4, "little") + b"\0\0\0\0" + seq.to_bytes(4, "little") + b"\0\0\0\0" + code.to_bytes(4, "little"),
-        )
-        r = self.run(timeout_s)
+        timeout_ns = _timeout_ns(timeout_s)
+        with self._lock:
+            h = self._live()
+            hdr = self._read(h, SERVICE_GPA, 16)
+            seq = (int.from_bytes(hdr[8:12], "little") + 1) & 0xFFFFFFFF
+            self._write(h, SERVICE_GPA + 0x1000, data)
+            self._write(
+                h,
+                SERVICE_GPA,
+                len(data).to_bytes(4, "little") + b"\0\0\0\0" + seq.to_bytes(4, "little") + b"\0\0\0\0" + code.to_bytes(4, "little"),
+            )
+            r = self._run_locked(h, timeout_ns)
+            head = self._read(h, SERVICE_GPA, 0x18)
+            n = int.from_bytes(head[4:8], "little")
+            answer = self._read(h, SERVICE_GPA + 0x2000, min(n, SERVICE_MAX_BYTES))
         if r.reason != "checkpoint" or r.checkpoint_tag != SERVICE_TAG:
             err = GuestTimeoutError(
                 f"guest {self._guest} did not answer the service request (run ended with {r.reason}"
@@ -354,14 +413,12 @@ class _VmHandle:
             )
             err.console = r.console  # type: ignore[attr-defined]
             raise err
-        head = self.read_memory(SERVICE_GPA, 0x18)
-        n = int.from_bytes(head[4:8], "little")
         if int.from_bytes(head[12:16], "little") != seq or n > SERVICE_MAX_BYTES:
             raise GuestError(f"guest {self._guest} answered out of protocol (sequence or length wrong)")
         status = int.from_bytes(head[0x14:0x18], "little")
         if status == 1:
             raise GuestError(f"guest {self._guest} does not know op {op!r}")
-        return self.read_memory(SERVICE_GPA + 0x2000, n)
+        return answer
 
     # -- reset -----------------------------------------------------------------------------
 
@@ -376,7 +433,20 @@ class _VmHandle:
         (restore it with ``resettable=True``): only pages written since the
         restore or the previous reset are put back (KVM's dirty log plus host
         writes), then vCPU and device state. ``mode``: ``"copy"`` pages back,
-        ``"drop"`` private pages (map-restored VMs), ``"auto"``."""
+        ``"drop"`` private pages (map-restored VMs), ``"auto"``.
+
+        Args:
+            mode: ``"auto"``, ``"copy"`` or ``"drop"``.
+
+        Returns:
+            A :class:`ResetTiming`: pages put back and nanoseconds per phase
+                (also kept in :meth:`reset_timings`).
+
+        Raises:
+            BusyError: the VM was not restored with ``resettable=True``.
+            ConfigError: an unknown ``mode``, or ``"drop"`` on a VM that is not map-restored.
+            ClosedError: the VM is closed.
+        """
         code = self._reset_mode(mode)
         out = ffi.new("kvmlab_reset_times *")
         with self._lock:
@@ -447,7 +517,13 @@ class _VmHandle:
         """Captures this stopped VM (memory and all vCPU/device/host state).
 
         Call between runs (e.g. after a checkpoint); the VM keeps going
-        unaffected. Returns a :class:`kvmlab.Snapshot`.
+        unaffected.
+
+        Returns:
+            A :class:`kvmlab.Snapshot` in memory (``save()`` it for map restores).
+
+        Raises:
+            ClosedError: the VM is closed.
         """
         from .snapshot import Snapshot
 
@@ -457,23 +533,40 @@ class _VmHandle:
     # -- memory and registers -----------------------------------------------------
 
     def read_memory(self, gpa: int, n: int) -> bytes:
-        """``n`` bytes of guest memory at guest-physical address ``gpa``."""
+        """``n`` bytes of guest memory at guest-physical address ``gpa``.
+
+        Raises:
+            BoundsError: the range is outside guest memory.
+            ClosedError: the VM is closed.
+        """
         _check_range(gpa, n, self.memory_bytes)
-        buf = bytearray(n)
         with self._lock:
-            h = self._live()
-            _ffi.check(lib.kvmlab_vm_read_memory(h, gpa, ffi.from_buffer("uint8_t[]", buf), n))
+            return self._read(self._live(), gpa, n)
+
+    @staticmethod
+    def _read(h: Any, gpa: int, n: int) -> bytes:
+        """read_memory with the lock held, ``h`` live and the range checked."""
+        buf = bytearray(n)
+        _ffi.check(lib.kvmlab_vm_read_memory(h, gpa, ffi.from_buffer("uint8_t[]", buf), n))
         return bytes(buf)
 
     def write_memory(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Writes ``data`` into guest memory at guest-physical address ``gpa``."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ConfigError(f"data must be bytes-like, got {type(data).__name__}")
-        view = memoryview(data).cast("B")
+        """Writes ``data`` into guest memory at guest-physical address ``gpa``.
+
+        Raises:
+            BoundsError: the range is outside guest memory.
+            ConfigError: ``data`` is not bytes-like.
+            ClosedError: the VM is closed.
+        """
+        view = check_buffer("data", data)
         _check_range(gpa, len(view), self.memory_bytes)
         with self._lock:
-            h = self._live()
-            _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", view), len(view)))
+            self._write(self._live(), gpa, view)
+
+    @staticmethod
+    def _write(h: Any, gpa: int, data: bytes | memoryview) -> None:
+        """write_memory with the lock held, ``h`` live and the range checked."""
+        _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", data), len(data)))
 
     def registers(self, vcpu: int = 0) -> dict[str, int]:
         """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``)."""
@@ -551,6 +644,20 @@ class Vm(_VmHandle):
         static ELF, a :class:`Guest`, or raw bytes. ``args`` are passed to the
         guest as ``key=value`` text; ``cpl`` is 3 (native speed) or 0 (emulated
         on paravirtual KVM hosts such as kvm_pvm).
+
+        Args:
+            guest: what to boot (see above).
+            cfg: memory size and vCPUs (default ``VmConfig()``).
+            args: arguments for the guest (a mapping or ``"k=v k=v"`` text).
+            cpl: the privilege level the guest starts at, 3 or 0.
+
+        Returns:
+            The new :class:`Vm`, stopped before its first instruction.
+
+        Raises:
+            GuestError: an unknown built-in name or an unusable image.
+            ConfigError: a bad ``cfg``, ``args`` or ``cpl``.
+            KvmUnavailableError: /dev/kvm cannot be used (run ``kvmlab doctor``).
         """
         if cfg is None:
             cfg = VmConfig()
@@ -593,6 +700,19 @@ class Vm(_VmHandle):
         offer the CPU features the guest saw (:class:`IncompatibleError` if not).
         ``resettable=True`` lets :meth:`reset` put it back to ``snap`` later.
         ``vm.restore_timing`` holds the per-phase nanoseconds.
+
+        Args:
+            snap: the snapshot.
+            strategy: ``"copy"``, ``"map"`` or ``"auto"``.
+            resettable: make :meth:`reset` available.
+
+        Returns:
+            A new :class:`Vm`, continuing where ``snap`` was taken.
+
+        Raises:
+            IncompatibleError: the host lacks CPU features the guest saw.
+            ConfigError: ``snap`` is not a Snapshot, or an unknown ``strategy``.
+            ClosedError: ``snap`` is closed.
         """
         from .snapshot import Snapshot, strategy_code
 

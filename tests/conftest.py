@@ -1,9 +1,14 @@
-"""Shared test setup.
+"""Shared test setup: the tests' one support module.
 
 Tests that need KVM carry the ``kvm`` marker (or use the ``kvm`` fixture).
 Without a usable /dev/kvm they are skipped, unless ``KVMLAB_REQUIRE_KVM=1``
 (CI on a KVM host), in which case they fail. There are no mocks: KVM tests run
 real guests.
+
+Constants (``MiB``, the VM shapes ``CFG``/``CFG_MIN``, raw guests) and the
+snapshot fixtures shared by several files live here, once; what kvmlab itself
+defines (``SERVICE_TAG``, memory limits) is imported from kvmlab. Test files
+import constants with ``from conftest import ...``.
 """
 
 from __future__ import annotations
@@ -11,10 +16,22 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
+from kvmlab.config import MIN_MEMORY_MIB, VmConfig
+from kvmlab.vm import SERVICE_TAG
+
 REQUIRE_KVM = os.environ.get("KVMLAB_REQUIRE_KVM") == "1"
+#: The source checkout's path when the suite tests an installed wheel (.ci/run sets it): the
+#: kvmlab under test must not come from there, and tests marked ``checkout`` are skipped.
+INSTALLED_NOT_FROM = os.environ.get("KVMLAB_TEST_INSTALLED")
+
+MiB = 1 << 20
+#: The usual test VM shape, and the smallest one kvmlab accepts.
+CFG = VmConfig(memory_mib=16)
+CFG_MIN = VmConfig(memory_mib=MIN_MEMORY_MIB)
 
 #: Raw x86_64 guests (flat images loaded at 0x100000).
 EXIT7 = bytes.fromhex("66ba0005b807000000ef")  # mov dx,0x500; mov eax,7; out dx,eax
@@ -57,7 +74,27 @@ def _require_kvm() -> None:
     pytest.skip(problem)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    import kvmlab
+
+    where = Path(kvmlab.__file__).resolve().parent
+    if INSTALLED_NOT_FROM and where.is_relative_to(Path(INSTALLED_NOT_FROM).resolve()):
+        raise pytest.UsageError(
+            f"KVMLAB_TEST_INSTALLED={INSTALLED_NOT_FROM}: this run must test an installed kvmlab, "
+            f"but it imports {where} (run pytest outside the checkout, with the wheel installed)"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import kvmlab
+
+    kind = "installed (KVMLAB_TEST_INSTALLED)" if INSTALLED_NOT_FROM else "any"
+    return f"kvmlab under test: {kvmlab.__version__} from {Path(kvmlab.__file__).resolve().parent} [{kind}]"
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if INSTALLED_NOT_FROM and item.get_closest_marker("checkout") is not None:
+        pytest.skip("needs the source checkout (README.md, zigsrc/); this run tests the installed wheel")
     if item.get_closest_marker("kvm") is not None:
         _require_kvm()
 
@@ -70,3 +107,27 @@ def kvm() -> None:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+# -- snapshot fixtures shared by several test files ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def service_snap():
+    """The service guest (16 MiB) waiting at its service checkpoint, in memory."""
+    _require_kvm()  # fails (not skips) under KVMLAB_REQUIRE_KVM=1
+    from kvmlab import Vm
+
+    with Vm.boot("service", CFG) as vm:
+        r = vm.run(timeout_s=10)
+        assert (r.reason, r.checkpoint_tag) == ("checkpoint", SERVICE_TAG)
+        assert "service ready" in r.console
+        snap = vm.snapshot()
+    yield snap
+    snap.close()
+
+
+@pytest.fixture(scope="session")
+def service_file(service_snap, tmp_path_factory):
+    """``service_snap`` saved to a file (Snapshot.load it for map restores)."""
+    return service_snap.save(tmp_path_factory.mktemp("service") / "service.kvmsnap")

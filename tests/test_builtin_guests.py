@@ -7,6 +7,7 @@ import pytest
 
 from kvmlab import GuestCrashError, Vm, VmConfig
 
+from conftest import CFG, SERVICE_TAG
 from snapshot_codec import crc32c  # the tests' one CRC32C
 
 pytestmark = pytest.mark.kvm
@@ -14,8 +15,6 @@ pytestmark = pytest.mark.kvm
 STEP_RE = re.compile(r"step (\d+) checksum 0x[0-9a-f]+\Z")
 DONE_RE = re.compile(r"done vcpu (\d+) checksum 0x[0-9a-f]+\Z")
 ROUND_RE = re.compile(r"round (\d+) pages (\d+) sum 0x[0-9a-f]+\Z")
-SERVICE_TAG = 0x5E5E0001
-CFG = VmConfig(memory_mib=16)
 
 
 def run_counter(**kw):

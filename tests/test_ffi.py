@@ -83,7 +83,21 @@ def _import_with_native_dir(native_dir: Path) -> subprocess.CompletedProcess:
 def test_missing_library_is_an_import_error_with_a_fix(tmp_path):
     r = _import_with_native_dir(tmp_path)
     assert r.returncode != 0
-    assert "ImportError" in r.stderr and "pip install -e ." in r.stderr
+    # The fix fits the install: rebuild a source checkout, reinstall/report a wheel.
+    assert "ImportError" in r.stderr and _ffi._REBUILD_HINT in r.stderr
+
+
+def test_an_installed_copy_is_told_to_reinstall_not_rebuild(tmp_path):
+    # The package without its source tree around it (as from a wheel) and without its core.
+    shutil.copytree(Path(kvmlab.__file__).parent, tmp_path / "kvmlab", ignore=shutil.ignore_patterns("_native"))
+    env = dict(os.environ, KVMLAB_NATIVE_DIR=str(tmp_path / "none"))
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run(
+        [sys.executable, "-c", "import kvmlab"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+    )
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "pip install --force-reinstall kvmlab" in r.stderr, r.stderr
+    assert "ziglang build" not in r.stderr
 
 
 def test_struct_size_mismatch_is_an_import_error(tmp_path):

@@ -8,24 +8,13 @@ import os
 import pytest
 
 import kvmlab
-from kvmlab import ConfigError, Snapshot, Vm, VmConfig, fork_many
+from kvmlab import ConfigError, Snapshot, fork_many
 
 pytestmark = pytest.mark.kvm
 
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(scope="module")
-def service_file(tmp_path_factory):
-    vm = Vm.boot("service", VmConfig(memory_mib=64))
-    r = vm.run()
-    assert r.reason == "checkpoint"
-    path = tmp_path_factory.mktemp("fork") / "service.kvmsnap"
-    vm.snapshot().save(path)
-    vm.close()
-    return path
 
 
 def test_fork_many_gives_independent_vms_sharing_the_file(service_file):

@@ -58,6 +58,7 @@ def test_builds_a_guest_image():
     assert g.image == kvmlab.Guest.builtin("hello").image  # byte for byte
 
 
+@pytest.mark.checkout
 @pytest.mark.parametrize("name", ["counter", "service"])
 def test_same_recipe_as_the_builtin_guests(name):
     src = REPO / "zigsrc" / "guests" / f"{name}.zig"
@@ -108,6 +109,14 @@ def test_missing_sdk_is_explained(tmp_path, monkeypatch):
     with pytest.raises(GuestError, match="KVMLAB_GUEST_SDK") as e:
         g.guest_sdk_dir()
     assert str(tmp_path) in str(e.value)
+
+
+def test_missing_zig_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ziglang", None)  # find_spec() -> None: as if not installed
+    with pytest.raises(GuestError, match=r"kvmlab\[guests\]"):
+        build_zig(HELLO, name="no_zig")
 
 
 @pytest.mark.kvm

@@ -10,12 +10,12 @@ import textwrap
 
 import pytest
 
+from conftest import CFG
 import kvmlab
 from kvmlab import GuestCrashError, PoolConfig, RestorePool, Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
 
-CFG = VmConfig(memory_mib=16)
 
 # Raw guests (flat images at 0x100000, CPL3).
 MMIO_WRITE = bytes.fromhex("48b80000000001000000" "c60001" "ebfe")  # mov rax, 1<<32; mov byte [rax], 1
@@ -84,8 +84,8 @@ TRUNCATE_SCRIPT = textwrap.dedent(
         except (SnapshotError, GuestCrashError) as e:
             outcomes.append(f"{what}: {type(e).__name__}: {e}")
     # Python reading the zero-copy view past the new end: no SIGBUS, zeros,
-    # and the snapshot is marked damaged so kvmlab refuses it from now on.
-    assert not snap.damaged
+    # and the snapshot is marked damaged so kvmlab refuses it from now on
+    # (the copy restore above already saw the file's new size).
     tail = bytes(snap.memory[0x400000:0x400000 + 4096])
     outcomes.append(f"memory view: {'zeros' if tail == bytes(4096) else 'data'}")
     outcomes.append(f"damaged: {snap.damaged}")

@@ -5,12 +5,12 @@ import time
 
 import pytest
 
+from conftest import CFG_MIN as CFG
 from conftest import EXIT7, fd_count
 from kvmlab import GuestError, Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
 
-CFG = VmConfig(memory_mib=8)
 CYCLES = 1000
 
 

@@ -25,6 +25,7 @@ BUDGET_S = {
     "02_restore_latency.ipynb": 60,
     "03_write_your_own_guest.ipynb": 90,
     "04_benchmarks.ipynb": 90,
+    "06_reset_and_fork.ipynb": 60,
 }
 
 
@@ -34,6 +35,7 @@ def test_the_notebooks_exist():
         "02_restore_latency.ipynb",
         "03_write_your_own_guest.ipynb",
         "04_benchmarks.ipynb",
+        "06_reset_and_fork.ipynb",
     ]
 
 
@@ -83,7 +85,9 @@ def widget_states(nb) -> dict:
 def test_01_quickstart(tmp_path, monkeypatch):
     nb = run_notebook("01_quickstart.ipynb", tmp_path, monkeypatch)
     text = text_of(nb)
-    assert "kvmlab can run on this host." in text
+    html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
+    assert "kvmlab-doctor" in html and "kvmlab can run on this host." in html  # kvmlab.doctor()'s report
+    assert "<DoctorReport ok:" in text
     assert "b'11 olleh'" in text
     assert images(nb) >= 2  # the two kvmlab.plot figures (RestoreTimings draws into a widget)
     states = widget_states(nb)
@@ -133,9 +137,29 @@ def test_04_benchmarks(tmp_path, monkeypatch):
     assert images(nb) >= 4  # restore, reset, cycle, fork (kvmlab.plot figures)
     md = "\n".join(o["data"].get("text/markdown", "") for o in outputs(nb) if "data" in o)
     assert "## Restore" in md and "## Targets" in md
-    html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
-    assert "met" in html  # the targets DataFrame
+    # The targets DataFrame: a "met" column, one row per target and cell,
+    # each met True, False or None (not judged).
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "verdict_frame()" in c.source]
+    html = "".join(o["data"].get("text/html", "") for o in cell.outputs if "data" in o)
+    assert "<th>met</th>" in re.search(r"<thead>.*?</thead>", html, re.S).group(0)
+    rows = re.findall(r"<tr>(.*?)</tr>", re.search(r"<tbody>.*?</tbody>", html, re.S).group(0), re.S)
+    assert rows and {re.findall(r"<td>(.*?)</td>", r)[-1] for r in rows} <= {"True", "False", "None"}
     out = Path(re.search(r"results\.md, .* to (\S+)", text).group(1))
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
     assert {p.name for p in out.glob("*.png")} >= {"restore.png", "reset.png", "cycle.png", "fork.png"}
     shutil.rmtree(out)
+
+
+@pytest.mark.kvm
+@pytest.mark.slow
+def test_06_reset_and_fork(tmp_path, monkeypatch):
+    nb = run_notebook("06_reset_and_fork.ipynb", tmp_path, monkeypatch)
+    text = text_of(nb)
+    assert "round 2 pages 64 sum 0x" in text and "'done'" in text
+    assert "ResetTiming(dirty_pages=" in text and "ForkStats(n=8" in text
+    assert "b'vm 0', b'vm 1', b'vm 2'" in text
+    assert images(nb) >= 2  # reset time vs dirty pages, fork ready time vs n
+    html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
+    assert "kvmlab-reset-timing" in html and "kvmlab-run-result" in html  # the rich reprs
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert " µs" not in prose and " ms " not in prose  # no hard-coded figures

@@ -214,3 +214,47 @@ def test_plots_of_a_real_pool():
     fig = kp.phase_breakdown(timings, by="strategy")
     assert len(fig.axes[0].containers) == 4
     assert kp.to_png(kp.restore_overview(timings)).startswith(b"\x89PNG")
+
+
+# -- reset and fork (notebook 06) ------------------------------------------------------
+
+
+def test_reset_vs_dirty_pages_draws_medians_per_page_count():
+    from kvmlab.vm import LoopResult, ResetTiming
+
+    loops = [LoopResult("exit", 0, 0, False, 1000, t, k, 0) for k, t in ((3, 50_000), (3, 70_000), (66, 80_000), (1026, 900_000))]
+    fig = kp.reset_vs_dirty_pages(loops)
+    ax = fig.axes[0]
+    line = ax.get_lines()[0]
+    assert list(line.get_xdata()) == [3, 66, 1026]
+    assert list(line.get_ydata()) == pytest.approx([60, 80, 900])  # µs medians
+    assert ax.get_xscale() == ax.get_yscale() == "log" and "µs" in ax.get_ylabel()
+    # ResetTiming records (total_ns) and an Axes of the caller work too.
+    from matplotlib.figure import Figure as F
+
+    host = F()
+    ax2 = host.add_subplot()
+    assert kp.reset_vs_dirty_pages([ResetTiming(0, 1, 1, 1, 1, 4_000)], ax=ax2) is host
+    assert list(ax2.get_lines()[0].get_xdata()) == [1]  # 0 pages drawn at 1 on the log axis
+    assert "no resets" in kp.reset_vs_dirty_pages([]).axes[0].texts[0].get_text()
+    with pytest.raises(ValueError, match="dirty_pages"):
+        kp.reset_vs_dirty_pages([{"total_ns": 5}])
+
+
+def test_fork_ready_vs_n_draws_ready_and_per_vm():
+    rows = [{"n": 10, "ready_ns": 10e6}, {"n": 10, "ready_ns": 30e6}, {"n": 100, "ready_ns": 200e6}]
+    fig = kp.fork_ready_vs_n(rows)
+    ready, per_vm = fig.axes[0].get_lines()[0], fig.axes[1].get_lines()[0]
+    assert list(ready.get_xdata()) == [10, 100] and list(ready.get_ydata()) == pytest.approx([20, 200])  # ms
+    assert list(per_vm.get_ydata()) == pytest.approx([2, 2])  # ms per VM
+    assert "ms" in fig.axes[0].get_ylabel() and "per VM" in fig.axes[1].get_ylabel()
+    assert "no forks" in kp.fork_ready_vs_n([]).axes[0].texts[0].get_text()
+
+
+def test_reset_vs_dirty_pages_by_a_setting():
+    rows = [{"pages": 1, "dirty_pages": k, "total_ns": t} for k, t in ((3, 40_000), (4, 80_000), (3, 50_000))]
+    rows += [{"pages": 64, "dirty_pages": 66, "total_ns": 90_000}]
+    line = kp.reset_vs_dirty_pages(rows, by="pages").axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [3, 66] and list(line.get_ydata()) == pytest.approx([50, 90])
+    with pytest.raises(ValueError, match="nope"):
+        kp.reset_vs_dirty_pages(rows, by="nope")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fd_count
+from conftest import CFG, fd_count
 from snapshot_codec import crc32c  # the tests' one CRC32C
 from kvmlab import (
     ClosedError,
@@ -44,10 +44,7 @@ from kvmlab import (
 
 pytestmark = pytest.mark.kvm
 
-MiB = 1 << 20
-CFG = VmConfig(memory_mib=16)
 COUNTER_ARGS = {"steps": 20, "checkpoint_at": 10}
-SERVICE_TAG = 0x5E5E0001
 #: Upper bound for background work (refill, destruction) to catch up. Generous:
 #: the machine is shared; a VM that ran takes ~11-25 ms to destroy here.
 SETTLE_S = 60.0
@@ -823,17 +820,6 @@ def test_timings_frame_empty():
 
 
 # -- the service guest ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def service_snap():
-    with Vm.boot("service", CFG) as vm:
-        r = vm.run(timeout_s=10)
-        assert (r.reason, r.checkpoint_tag) == ("checkpoint", SERVICE_TAG)
-        assert "service ready" in r.console
-        snap = vm.snapshot()
-    yield snap
-    snap.close()
 
 
 def test_service_guest_calls(service_snap):

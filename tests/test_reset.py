@@ -7,13 +7,12 @@ import hashlib
 
 import pytest
 
+from conftest import CFG
 import kvmlab
-from kvmlab import BusyError, ConfigError, Snapshot, Vm, VmConfig
+from kvmlab import BusyError, ConfigError, Snapshot, Vm
 
 pytestmark = pytest.mark.kvm
 
-MIB = 1 << 20
-CFG = VmConfig(memory_mib=16)
 
 
 def _mem_hash(vm) -> str:

@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import conftest
+from conftest import MiB
 import snapshot_codec as C
 from kvmlab import Snapshot, SnapshotError, Vm, VmConfig, _ffi
 
 pytestmark = pytest.mark.kvm
 
-MiB = 1 << 20
 #: Largest snapshot the core accepts (snapshot.zig max_total_bytes).
 MAX_TOTAL = (4096 * MiB) + 4096 + (8 * MiB) + 4096
 #: "Fails fast": far below anything that reads or allocates guest memory.

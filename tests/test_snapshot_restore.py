@@ -21,13 +21,12 @@ import pytest
 
 import conftest
 import snapshot_codec as C
-from conftest import fd_count
+from conftest import MiB, fd_count
 from kvmlab import ConfigError, IncompatibleError, Snapshot, SnapshotError, Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
 
 ROOT = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
 MEMORY_MIB = 16
 
 #: (guest, cpl) -> guest args. CPL0 is emulated on kvm_pvm hosts: few steps there.

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from conftest import EXIT7, LOOP_FOREVER, UD2
+from conftest import CFG_MIN as CFG
+from conftest import EXIT7, LOOP_FOREVER, MiB, UD2
 from kvmlab import (
     BoundsError,
     ClosedError,
@@ -21,8 +22,6 @@ from kvmlab import (
 
 pytestmark = pytest.mark.kvm
 
-CFG = VmConfig(memory_mib=8)
-MiB = 1 << 20
 # mov al, 'x'; 1: out 0xe9, al; jmp 1b
 PUTC_FOREVER = b"\xb0\x78\xe6\xe9\xeb\xfc"
 # mov dx, 0x502; mov eax, 0x400000; 1: out dx, eax; jmp 1b  (descriptor written by the test)
@@ -261,7 +260,6 @@ def test_console_putc_bytes_arrive():
     with Vm.boot(PUTC_FOREVER, CFG) as vm:
         r = vm.run(timeout_s=0.3)
     assert r.reason == "timeout"
-    assert r.console_dropped > 0 or len(r.console) <= MiB
     assert set(r.console) <= {"x"}
     assert len(r.console) >= 100 and r.console_dropped == 0
 

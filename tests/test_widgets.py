@@ -69,18 +69,6 @@ def test_model_keeps_the_last_restore():
 
 
 
-@pytest.fixture(scope="module")
-def service_snap():
-    from conftest import _require_kvm
-
-    _require_kvm()  # fails (not skips) under KVMLAB_REQUIRE_KVM=1
-    with kvmlab.Vm.boot("service", kvmlab.VmConfig(memory_mib=16)) as vm:
-        vm.run()
-        snap = vm.snapshot()
-    yield snap
-    snap.close()
-
-
 @pytest.fixture
 def pool(kvm, service_snap):
     p = kvmlab.RestorePool(service_snap.config, kvmlab.PoolConfig(min_size=1, max_size=5))
@@ -175,10 +163,19 @@ def test_warm_with_a_bad_target_shows_the_error(monitor):
     assert "warm target" in monitor.status.value
 
 
-def test_warm_while_warming_returns_the_running_thread(monitor):
+def test_warm_while_warming_returns_the_running_thread(monitor, pool, monkeypatch):
+    # The first warm is held at its first pool.warm() until the second call
+    # was made, so it is surely still running then.
+    gate = threading.Event()
+    real_warm = pool.warm
+    monkeypatch.setattr(pool, "warm", lambda n: (gate.wait(10), real_warm(n))[1])
     t1 = monitor.warm(5)
     t2 = monitor.warm(5)
-    assert t1 is t2 or not t1.is_alive()
+    assert t1 is t2 and t1.is_alive()
+    gate.set()
+    monitor.wait_warm(10)
+    assert not t1.is_alive() and pool.idle_count() == 5
+    assert monitor.warm(5) is not t1  # a later call starts a new warm
     monitor.wait_warm(10)
 
 

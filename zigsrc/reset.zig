@@ -145,6 +145,7 @@ fn putBack(vm: *shell.Vm, r: *Resettable, log: []const u64, use_drop: bool) erro
 /// `mapped_from`: the snapshot whose file the VM's memory maps (a `map`
 /// restore), if any.
 pub fn reset(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, mode: Mode, times: *Times) errors.Error!void {
+    try r.snap.checkIntact(); // its file may have been rewritten since the last reset
     if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
     defer vm.running.store(false, .release);
     const use_drop = switch (mode) {

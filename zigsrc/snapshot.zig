@@ -125,6 +125,12 @@ pub const Snapshot = struct {
     /// page now reads as zeros, so the snapshot is no longer trustworthy.
     damaged: std.atomic.Value(bool) = .init(false),
     sigbus_slot: ?usize = null,
+    /// File-backed snapshots: what statx said of the file at load, and the
+    /// MEMORY checksum it was checked against. A rewrite in place keeps the
+    /// inode (the fd) but changes the size or mtime/ctime: checkIntact sees
+    /// it with one statx (~1 us), save/toBytes also compare the checksum.
+    file_id: FileId = .{},
+    memory_crc: u32 = 0,
 
     pub fn retain(s: *Snapshot) *Snapshot {
         _ = s.refs.fetchAdd(1, .acq_rel);
@@ -135,9 +141,17 @@ pub const Snapshot = struct {
         if (s.refs.fetchSub(1, .acq_rel) == 1) s.destroy();
     }
 
-    /// Fails when the file behind a loaded snapshot was truncated or replaced.
+    /// Fails when the file behind a loaded snapshot was truncated or replaced,
+    /// or rewritten in place since load (its size, mtime or ctime changed);
+    /// marks it damaged then, so every later use fails too. Check id `damaged`.
     pub fn checkIntact(s: *const Snapshot) errors.Error!void {
         if (s.damaged.load(.acquire)) return safe.truncated();
+        if (s.fd < 0) return;
+        const now = FileId.of(s.fd) catch return;
+        if (std.meta.eql(now, s.file_id)) return;
+        @constCast(&s.damaged).store(true, .release);
+        if (now.size < s.file_id.size) return safe.truncated();
+        return errors.failCheck(.damaged, "the snapshot file was rewritten after it was loaded (its mtime/ctime or size changed); load it again", .{});
     }
 
     fn destroy(s: *Snapshot) void {
@@ -324,7 +338,34 @@ pub fn toBytes(s: *const Snapshot, out: []u8) errors.Error!void {
         crc.update(dst);
         k += 1;
     }
-    writeHeader(out[0..header_bytes], s, @intFromEnum(Flag.packed_memory), out.len, s.present_pages * page, crc.final());
+    const mem_crc = crc.final();
+    try checkRead(s, mem_crc);
+    writeHeader(out[0..header_bytes], s, @intFromEnum(Flag.packed_memory), out.len, s.present_pages * page, mem_crc);
+}
+
+/// The parts of a file's status that a write changes (the inode cannot:
+/// the snapshot holds its fd). Timestamps have the file system's granularity.
+pub const FileId = struct {
+    size: u64 = 0,
+    mtime_sec: i64 = 0,
+    mtime_nsec: u32 = 0,
+    ctime_sec: i64 = 0,
+    ctime_nsec: u32 = 0,
+
+    pub fn of(fd: linux.fd_t) error{Stat}!FileId {
+        var st: linux.Statx = undefined;
+        if (linux.errno(linux.statx(fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true, .MTIME = true, .CTIME = true }, &st)) != .SUCCESS) return error.Stat;
+        return .{ .size = st.size, .mtime_sec = st.mtime.sec, .mtime_nsec = st.mtime.nsec, .ctime_sec = st.ctime.sec, .ctime_nsec = st.ctime.nsec };
+    }
+};
+
+/// Save and toBytes read all of memory: a read that hit a truncated page, or
+/// memory whose checksum is not the one checked at load (the file was
+/// rewritten in place), must not become a new file with valid checksums.
+fn checkRead(s: *const Snapshot, mem_crc: u32) errors.Error!void {
+    try s.checkIntact();
+    if (s.fileBacked() and mem_crc != s.memory_crc)
+        return errors.failCheck(.damaged, "the snapshot file's memory changed after it was loaded (checksum 0x{x}, 0x{x} at load): load it again", .{ mem_crc, s.memory_crc });
 }
 
 /// Test/fuzz helper: recomputes the section and header CRCs of an encoded
@@ -358,6 +399,7 @@ pub const Checked = struct {
     memory_offset: u64,
     present_pages: u64,
     created_unix_ns: u64,
+    memory_crc: u32,
 };
 
 /// The steps of `check`, in the order they run. Each refuses with its own id.
@@ -403,6 +445,7 @@ pub fn check(data: []const u8) errors.Error!Checked {
         .memory_offset = p.memory_section().offset,
         .present_pages = p.h.present_pages,
         .created_unix_ns = p.h.created_unix_ns,
+        .memory_crc = p.memory_section().crc32c,
     };
 }
 
@@ -520,6 +563,8 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
     if (linux.errno(linux.statx(fd, "", linux.AT.EMPTY_PATH, .{ .TYPE = true, .SIZE = true, .BLOCKS = true }, &st)) != .SUCCESS)
         return bad(.file, "cannot stat {s}", .{path});
     if (st.mode & linux.S.IFMT != linux.S.IFREG) return bad(.file, "{s} is not a regular file", .{path});
+    // Before reading: a write from here on shows at the first use.
+    const file_id = FileId.of(fd) catch return bad(.file, "cannot stat {s}", .{path});
     const size = st.size;
     if (size > max_total_bytes) return bad(.size, "{d} bytes is over the {d}-byte limit", .{ size, max_total_bytes });
     if (size < header_bytes) return bad(.size, "truncated: {d} bytes, the header alone is {d}", .{ size, header_bytes });
@@ -549,6 +594,8 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
         .present_pages = c.present_pages,
         .created_unix_ns = c.created_unix_ns,
         .stored_bytes = stored,
+        .file_id = file_id,
+        .memory_crc = c.memory_crc,
     };
     s.sigbus_slot = sigbus.register(@intFromPtr(file_map.ptr), file_map.len, &s.damaged);
     close_fd = false;
@@ -607,7 +654,9 @@ pub fn save(s: *const Snapshot, path: [*:0]const u8) errors.Error!void {
     const mem_off = memoryOffset(s.blob.len);
     const total = mem_off + s.parsed.memory_bytes;
     var hdr: [header_bytes]u8 align(8) = undefined;
-    writeHeader(&hdr, s, 0, total, s.parsed.memory_bytes, memoryCrc(s.memory, map, pages, false));
+    const mem_crc = memoryCrc(s.memory, map, pages, false);
+    try checkRead(s, mem_crc);
+    writeHeader(&hdr, s, 0, total, s.parsed.memory_bytes, mem_crc);
     try pwriteAll(fd, &hdr, 0, tmp);
     try pwriteAll(fd, s.blob, header_bytes, tmp);
     // Runs of present pages, one write each; zero pages stay holes.
@@ -624,6 +673,7 @@ pub fn save(s: *const Snapshot, path: [*:0]const u8) errors.Error!void {
     }
     if (linux.errno(linux.ftruncate(fd, @intCast(total))) != .SUCCESS) return errors.fail(error.Config, "cannot size {s}", .{tmp});
     if (linux.errno(linux.fsync(fd)) != .SUCCESS) return errors.fail(error.Config, "fsync of {s} failed", .{tmp});
+    try s.checkIntact(); // the pages written were read after the checksum
     if (linux.errno(linux.rename(tmp.ptr, path)) != .SUCCESS) return errors.fail(error.Config, "cannot rename {s} to {s}: E{s}", .{ tmp, p, @tagName(linux.errno(linux.rename(tmp.ptr, path))) });
     ok = true;
     // Make the rename durable.

@@ -8,54 +8,40 @@ import time
 
 import ipywidgets as W
 
-from .. import plot
+from .. import _html, plot
+from .._html import COLOR
 from ..pool import RestorePool
+from ..units import choose_unit, fmt_time
 from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel
 from ._ticker import AutoRefresh, Ticker
-
-
-def fmt_ns(ns: float | None, unit: tuple[str, float] | None = None) -> str:
-    """``123456`` -> ``"123 µs"`` (unit chosen for the value unless given)."""
-    if ns is None:
-        return "–"
-    name, scale = unit or plot.choose_unit([ns])
-    v = ns / scale
-    return f"{v:.3g} {name}" if v < 1000 else f"{v:,.0f} {name}"
 
 
 def phase_bar_html(rec: dict) -> str:
     """A restore's phases as a stacked HTML bar with the numbers."""
     if not rec:
         return "<i>no restore yet</i>"
-    phases = [(p, int(rec.get(f"{p}_ns") or 0)) for p in plot.PHASES]
-    whole = sum(v for _, v in phases) or 1
-    unit = plot.choose_unit([rec.get("total_ns") or whole])
-    segs = "".join(
-        f'<div title="{p}: {fmt_ns(v, unit)}" style="width:{100 * v / whole:.2f}%;background:{plot.PHASE_COLORS[p]};"></div>'
-        for p, v in phases
-        if v
-    )
-    legend = " &middot; ".join(
-        f'<span style="color:{plot.PHASE_COLORS[p]}">&#9632;</span> {p} {fmt_ns(v, unit)}' for p, v in phases
-    )
-    hit = "hit" if rec.get("hit") else '<b style="color:#d62728">miss</b>'
+    phases = {p: int(rec.get(f"{p}_ns") or 0) for p in plot.PHASES}
+    whole = sum(phases.values()) or 1
+    unit = choose_unit([rec.get("total_ns") or whole])
+    hit = "hit" if rec.get("hit") else f'<b style="color:{COLOR["fail"]}">miss</b>'
     first = rec.get("first_run_ns")
-    first_txt = f", first run {fmt_ns(first)}" if first else ""
+    first_txt = f", first run {fmt_time(first)}" if first else ""
+    segments = [(f"{p}: {fmt_time(v, unit)}", v, plot.PHASE_COLORS[p]) for p, v in phases.items()]
+    legend = _html.legend((p, fmt_time(v, unit), plot.PHASE_COLORS[p]) for p, v in phases.items())
     return (
         f'<div class="kvmlab-last-restore">last restore #{rec.get("seq")} ({html.escape(str(rec.get("strategy")))}, {hit}): '
-        f"<b>{fmt_ns(rec.get('total_ns'), unit)}</b>{first_txt}"
-        f'<div style="display:flex;height:12px;width:100%;max-width:480px;border:1px solid #ccc;margin:3px 0">{segs}</div>'
-        f'<span style="font-size:90%">{legend}</span></div>'
+        f"<b>{fmt_time(rec.get('total_ns'), unit)}</b>{first_txt}"
+        f'{_html.bar(segments, whole, 480)}<span style="font-size:90%">{legend}</span></div>'
     )
 
 
 def counters_html(model: PoolModel) -> str:
     cells = "".join(
         f'<td style="padding:0 10px;text-align:center"><div style="font-size:130%"><b>{getattr(model, c)}</b></div>'
-        f'<div style="font-size:85%;color:#555">{c.replace("_", " ")}</div></td>'
+        f'<div style="font-size:85%;color:{COLOR["muted"]}">{c.replace("_", " ")}</div></td>'
         for c in COUNTERS + tuple(c for c in EXTRA_COUNTERS if getattr(model, c))
     )
-    return f'<table class="kvmlab-counters"><tr>{cells}</tr></table>'
+    return f'<table class="kvmlab-counters" style="color:{COLOR["text"]}"><tr>{cells}</tr></table>'
 
 
 class PoolMonitor(AutoRefresh, W.VBox):
@@ -137,7 +123,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
 
     def _render_header(self, change=None) -> None:
         m = self.model
-        state = ' <span style="color:#d62728">(closed)</span>' if m.closed else ""
+        state = f' <span style="color:{COLOR["fail"]}">(closed)</span>' if m.closed else ""
         self.header.value = f"<b>RestorePool</b> {m.memory_mib} MiB &times; {m.vcpus} vCPU{state}"
 
     def _render_occupancy(self, change=None) -> None:
@@ -165,7 +151,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
         m = self.model
         self.warm_button.disabled = m.warming or m.closed
         if m.error:
-            self.status.value = f'<span style="color:#d62728"><b>error:</b> {html.escape(m.error)}</span>'
+            self.status.value = f'<span style="color:{COLOR["fail"]}"><b>error:</b> {html.escape(m.error)}</span>'
         elif m.closed:
             self.status.value = "<i>the pool is closed</i>"
         else:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import ipywidgets as W
 
 from .. import plot
+from .._html import COLOR
 from ..errors import ClosedError
 from ..pool import RestorePool
 from ._ticker import AutoRefresh, Ticker
@@ -74,7 +75,7 @@ class RestoreTimings(AutoRefresh, W.VBox):
                 self.caption.value = "<i>the pool is closed</i>"
                 return False
             except Exception as e:  # noqa: BLE001 - shown in the widget
-                self.caption.value = f'<span style="color:#d62728">{html.escape(f"{type(e).__name__}: {e}")}</span>'
+                self.caption.value = f'<span style="color:{COLOR["fail"]}">{html.escape(f"{type(e).__name__}: {e}")}</span>'
                 return True
             self._seen = restores
             self.records = records
@@ -82,7 +83,7 @@ class RestoreTimings(AutoRefresh, W.VBox):
                 fig = self.plot_fn(records)
                 png = plot.to_png(fig, dpi=self.dpi)
             except Exception as e:  # noqa: BLE001
-                self.caption.value = f'<span style="color:#d62728">plot failed: {html.escape(f"{type(e).__name__}: {e}")}</span>'
+                self.caption.value = f'<span style="color:{COLOR["fail"]}">plot failed: {html.escape(f"{type(e).__name__}: {e}")}</span>'
                 return True
             self.figure = fig
             self.renders += 1

@@ -195,6 +195,12 @@ pub export fn kvmlab_abi_version() callconv(.c) u32 {
     return abi_version;
 }
 
+/// The version of the Zig compiler that built this library ("0.17.1"), for
+/// `kvmlab --version` and bug reports.
+pub export fn kvmlab_zig_version() callconv(.c) [*:0]const u8 {
+    return @import("builtin").zig_version_string;
+}
+
 /// Size of a struct as the library sees it, or 0 for an unknown id. Every
 /// id is kvmlab_struct_id's tag name prefixed `kvmlab_`.
 pub export fn kvmlab_struct_size(id: c_int) callconv(.c) usize {

@@ -23,20 +23,24 @@ interrupts off, looping). The machine code (GNU as, Intel syntax)::
             jmp  halt
 
 The saved VM: boot, wait until the vCPU is halted (``info registers`` shows
-``HLT=1``), QMP ``stop``, ``migrate`` to a file (``exec:cat > FILE``). The
+``HLT=1``), QMP ``stop``, ``migrate`` to a file (``exec:cat > FILE``, the path quoted). The
 restore: ``qemu-system-x86_64 <same options> -incoming fd:N`` with the file
 open as fd N, QMP over stdio; time from ``Popen`` to QMP ``query-status`` ==
 ``running`` (the source was stopped, so the incoming VM ends paused and gets a
 ``cont``, counted in the time).
 
 QEMU is not installed by kvmlab: ``apt-get install qemu-system-x86`` (Debian,
-Ubuntu). Without it the rows are skipped with that message.
+Ubuntu). Without it the rows are skipped with that message. Every QMP read
+has a timeout (:data:`QMP_TIMEOUT_S`): a stuck QEMU fails its rows, it does
+not hang the run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import shlex
 import shutil
 import struct
 import subprocess
@@ -44,7 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["pvh_elf", "QemuPeer", "qemu_problem", "INSTALL_HINT"]
+__all__ = ["pvh_elf", "QemuPeer", "qemu_problem", "qemu_version", "migrate_uri", "QmpChannel", "QmpError",
+           "QmpTimeoutError", "INSTALL_HINT", "QMP_TIMEOUT_S"]
 
 INSTALL_HINT = "install QEMU with: apt-get install qemu-system-x86 (Debian/Ubuntu; the package kvmlab's benchmark uses)"
 
@@ -103,40 +108,106 @@ def qemu_version(binary: str = "qemu-system-x86_64") -> str:
 
 
 class QmpError(RuntimeError):
-    pass
+    """QEMU failed, exited, or answered QMP with an error."""
 
 
-class _Qmp:
-    """A QEMU process with its QMP monitor on stdin/stdout."""
+class QmpTimeoutError(QmpError, TimeoutError):
+    """QEMU did not answer QMP in time (a stuck QEMU must not hang ``bench all``)."""
 
-    def __init__(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
-        self.p = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-            pass_fds=pass_fds,
-        )
-        self.greeting = self._read()
-        self.cmd("qmp_capabilities")
 
-    def _read(self) -> dict[str, Any]:
-        while True:
-            line = self.p.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                self.p.wait(timeout=10)
-                err = self.p.stderr.read().strip() if self.p.stderr else ""  # type: ignore[union-attr]
-                raise QmpError(f"QEMU exited (code {self.p.returncode}): {err[-800:] or 'no message'}")
-            msg = json.loads(line)
-            if "event" in msg:
+#: Longest wait for one QMP answer (s).
+QMP_TIMEOUT_S = 30.0
+#: Largest QMP message read (bytes): an answer longer than this is an error, not a hang.
+QMP_MAX_LINE_BYTES = 1 << 20
+
+
+def migrate_uri(state: Path) -> str:
+    """The QMP ``migrate`` URI that writes the VM's state to ``state``: QEMU
+    runs the text after ``exec:`` with ``/bin/sh -c``, so the path is quoted."""
+    return f"exec:cat > {shlex.quote(str(state))}"
+
+
+class QmpChannel:
+    """QMP (one JSON object per line) over a readable fd and a writable file,
+    every read bounded by ``timeout_s``: :class:`QmpTimeoutError` instead of
+    waiting forever. ``on_eof()`` says why the other side went away."""
+
+    def __init__(self, rfd: int, wfile, timeout_s: float = QMP_TIMEOUT_S, on_eof=None) -> None:
+        assert timeout_s > 0, timeout_s
+        self.rfd, self.wfile, self.timeout_s = rfd, wfile, timeout_s
+        self.on_eof = on_eof or (lambda: "QMP channel closed")
+        self._buf = b""
+
+    def _line(self) -> bytes:
+        deadline = time.monotonic() + self.timeout_s
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QmpTimeoutError(f"QEMU did not answer QMP within {self.timeout_s:g} s; it is stuck or too "
+                                      "slow here: check that it runs (qemu-system-x86_64 -accel kvm) on this host")
+            ready, _, _ = select.select([self.rfd], [], [], left)
+            if not ready:
                 continue
-            return msg
+            try:
+                chunk = os.read(self.rfd, 65536)
+            except OSError as e:
+                raise QmpError(f"{self.on_eof()} ({e.strerror})") from None
+            if not chunk:
+                raise QmpError(self.on_eof())
+            self._buf += chunk
+            if len(self._buf) > QMP_MAX_LINE_BYTES:
+                raise QmpError(f"a QMP message over {QMP_MAX_LINE_BYTES} bytes; not a QMP monitor?")
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def read(self) -> dict[str, Any]:
+        """The next message that is not an event."""
+        while True:
+            line = self._line().strip()
+            if not line:
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                raise QmpError(f"not a QMP message: {line[:200]!r}") from None
+            if "event" not in msg:
+                return msg
 
     def cmd(self, name: str, **arguments: Any) -> Any:
         req = {"execute": name, "arguments": arguments} if arguments else {"execute": name}
-        self.p.stdin.write(json.dumps(req) + "\n")  # type: ignore[union-attr]
-        self.p.stdin.flush()  # type: ignore[union-attr]
-        msg = self._read()
+        self.wfile.write((json.dumps(req) + "\n").encode())
+        self.wfile.flush()
+        msg = self.read()
         if "error" in msg:
             raise QmpError(f"QMP {name}: {msg['error'].get('desc', msg['error'])}")
         return msg.get("return")
+
+
+class _Qemu:
+    """A QEMU process with its QMP monitor on stdin/stdout."""
+
+    def __init__(self, argv: list[str], pass_fds: tuple[int, ...] = (), timeout_s: float = QMP_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  bufsize=0, pass_fds=pass_fds)
+        try:
+            self.qmp = QmpChannel(self.p.stdout.fileno(), self.p.stdin, timeout_s, self._exited)  # type: ignore[union-attr]
+            self.greeting = self.qmp.read()
+            self.qmp.cmd("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
+
+    def _exited(self) -> str:
+        try:
+            self.p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return "QEMU closed its QMP channel but did not exit"
+        err = self.p.stderr.read().decode(errors="replace").strip() if self.p.stderr else ""  # type: ignore[union-attr]
+        return f"QEMU exited (code {self.p.returncode}): {err[-800:] or 'no message'}"
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        return self.qmp.cmd(name, **arguments)
 
     def hmp(self, line: str) -> str:
         return self.cmd("human-monitor-command", **{"command-line": line})
@@ -144,12 +215,13 @@ class _Qmp:
     def close(self) -> None:
         if self.p.poll() is None:
             try:
-                self.cmd("quit")
-            except (QmpError, OSError, ValueError):
+                self.p.stdin.write(b'{"execute": "quit"}\n')  # type: ignore[union-attr]
+                self.p.stdin.flush()  # type: ignore[union-attr]
+            except (OSError, ValueError):
                 pass
             try:
-                self.p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+                self.p.wait(timeout=min(10.0, self.timeout_s))
+            except subprocess.TimeoutExpired:  # stuck: it does not get to hang the run
                 self.p.kill()
                 self.p.wait()
         for f in (self.p.stdin, self.p.stdout, self.p.stderr):
@@ -163,8 +235,9 @@ class _Qmp:
 class QemuPeer:
     """Saved VMs of given sizes/densities and timed ``-incoming`` restores."""
 
-    def __init__(self, work_dir: Path, binary: str = "qemu-system-x86_64") -> None:
+    def __init__(self, work_dir: Path, binary: str = "qemu-system-x86_64", qmp_timeout_s: float = QMP_TIMEOUT_S) -> None:
         self.dir = Path(work_dir)
+        self.qmp_timeout_s = qmp_timeout_s
         self.binary = shutil.which(binary) or binary
         self.version = qemu_version(self.binary)
 
@@ -186,7 +259,7 @@ class QemuPeer:
         kernel.write_bytes(pvh_elf(fill))
         state = self.dir / f"qemu-{tag}.migstate"
         t0 = time.monotonic()
-        q = _Qmp(self.argv(kernel, memory_mib))
+        q = _Qemu(self.argv(kernel, memory_mib), timeout_s=self.qmp_timeout_s)
         try:
             while True:
                 regs = q.hmp("info registers")
@@ -197,7 +270,7 @@ class QemuPeer:
                 time.sleep(0.02)
             boot_s = time.monotonic() - t0
             q.cmd("stop")
-            q.cmd("migrate", uri=f"exec:cat > {state}")
+            q.cmd("migrate", uri=migrate_uri(state))
             while True:
                 info = q.cmd("query-migrate")
                 if info.get("status") in ("completed", "failed", "cancelled"):
@@ -216,17 +289,22 @@ class QemuPeer:
             "ram_zero_pages": ram.get("duplicate"),
         }
 
-    def restore_once(self, saved: dict[str, Any], memory_mib: int, check: bool = False) -> int:
+    def restore_once(self, saved: dict[str, Any], memory_mib: int, check: bool = False,
+                     timeout_s: float = 120.0) -> int:
         """One ``-incoming`` restore; nanoseconds from process start to running."""
         fd = os.open(saved["state"], os.O_RDONLY)
         try:
             t0 = time.perf_counter_ns()
-            q = _Qmp(self.argv(saved["kernel"], memory_mib) + ["-incoming", f"fd:{fd}"], pass_fds=(fd,))
+            deadline = time.monotonic() + timeout_s
+            q = _Qemu(self.argv(saved["kernel"], memory_mib) + ["-incoming", f"fd:{fd}"], pass_fds=(fd,),
+                      timeout_s=self.qmp_timeout_s)
             try:
                 while True:
                     status = q.cmd("query-status")["status"]
                     if status == "running":
                         break
+                    if time.monotonic() > deadline:
+                        raise QmpTimeoutError(f"the incoming VM was still {status!r} after {timeout_s:g} s")
                     if status in ("paused", "postmigrate", "prelaunch"):
                         q.cmd("cont")
                     elif status != "inmigrate":
@@ -243,3 +321,22 @@ class QemuPeer:
         finally:
             os.close(fd)
         return took
+
+    def measure(self, memory_mib: int, density: str, reps: int, progress=None) -> list[dict[str, Any]]:
+        """Saves a VM of ``memory_mib`` (dense: 25% of its RAM filled) and
+        restores it ``reps`` times; one record per restore (``restore_ns``)."""
+        saved = self.save(memory_mib, 0.25 if density == "dense" else 0.0)
+        try:
+            if progress is not None:
+                progress.update(1)
+            out = []
+            for i in range(reps):
+                ns = self.restore_once(saved, memory_mib, check=(i == 0))
+                out.append({"i": i, "restore_ns": ns, "fill_pages": saved["fill_pages"],
+                            "state_bytes": saved["state_bytes"], "version": self.version})
+                if progress is not None:
+                    progress.update(1)
+            return out
+        finally:
+            for f in (saved["state"], saved["kernel"]):
+                Path(f).unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""kvmlab's peers on the same machine: QEMU (:mod:`.qemu`) and unicorn (:mod:`.unicorn`)."""
