@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import conftest
 from conftest import MiB
 import snapshot_codec as C
-from kvmlab import Snapshot, SnapshotError, Vm, VmConfig, _ffi
+from kvmlab import ConfigError, Snapshot, SnapshotError, Vm, VmConfig, _ffi
 
 pytestmark = pytest.mark.kvm
 
@@ -78,7 +78,7 @@ def edit_section(data: bytes, index: int, fix_crc: bool = False, **fields: int) 
     buf = bytearray(data)
     e = C.SECTION_TABLE + index * C.SECTION_ENTRY
     for name, value in fields.items():
-        off, w = {"kind": (0, 4), "offset": (8, 8), "bytes": (16, 8), "crc": (24, 4)}[name]
+        off, w = C.SECTION_FIELDS[name]
         buf[e + off : e + off + w] = value.to_bytes(w, "little")
     if fix_crc:
         C.fix_header_crc(buf)
@@ -147,8 +147,8 @@ def test_checks_finish_before_guest_memory_is_allocated(good, tmp_path):
     C.put32(h, C.OFF_FLAGS, 0)  # full layout: MEMORY is all 4 GiB, holes
     C.put64(h, C.OFF_TOTAL, total)
     st, mem = C.sections(h)
-    C.put64(h, mem.entry + 8, mem_off)
-    C.put64(h, mem.entry + 16, 4 << 30)
+    C.put64(h, mem.entry + C.SECTION_FIELDS["offset"][0], mem_off)
+    C.put64(h, mem.entry + C.SECTION_FIELDS["bytes"][0], 4 << 30)
     C.fix_header_crc(h)
     p = tmp_path / "4g.kvmsnap"
     with open(p, "wb") as f:
@@ -431,9 +431,9 @@ def test_load_missing_file_and_bad_paths(tmp_path):
     with pytest.raises(SnapshotError) as e:
         Snapshot.load(tmp_path / "missing.kvmsnap")
     assert e.value.check == "file"
-    with pytest.raises(SnapshotError) as e:
+    with pytest.raises(ConfigError) as e:
         Snapshot.load("bad\0path")
-    assert e.value.check == "file"
+    assert e.value.check == "argument_path"
 
 
 def test_load_short_file(tmp_path):
@@ -606,7 +606,7 @@ def _refresh_crcs(buf: bytearray) -> None:
     C.put64(buf, C.OFF_TOTAL, len(buf))
     for s in C.sections(buf)[:2]:
         if s.offset <= len(buf) and s.bytes <= len(buf) - s.offset and s.bytes <= 16 * MiB:
-            C.put32(buf, s.entry + 24, C.crc32c(buf[s.offset : s.offset + s.bytes]))
+            C.put32(buf, s.entry + C.SECTION_FIELDS["crc"][0], C.crc32c(buf[s.offset : s.offset + s.bytes]))
     C.fix_header_crc(buf)
 
 
