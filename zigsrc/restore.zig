@@ -148,6 +148,12 @@ pub fn restoreInto(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed
     }
     if (vm.booted) return errors.fail(error.Busy, "restore needs an empty VM shell", .{});
     try state.checkHost(parsed, vm.vm_fd, vm.vcpus[0].fd);
+    try bare(vm, mapping, parsed, src, times);
+}
+
+/// The bare operations of a restore into a fresh shell, timed per phase: the
+/// memory source's apply, then state.apply.
+fn bare(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed, src: MemorySource, times: *Times) errors.Error!void {
     const t0 = shell.monotonicNs();
     try src.apply(vm, mapping);
     const t1 = shell.monotonicNs();
@@ -156,18 +162,13 @@ pub fn restoreInto(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed
     times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns };
 }
 
-/// The restore floor: the bare operations of restoreInto (the memory
-/// source's apply, then state.apply), none of its checks. Benchmarks divide
+/// The restore floor: the bare operations of restoreInto (`bare`), none of
+/// its checks. Benchmarks divide
 /// a restore's time by this; `vm` is a fresh shell of the snapshot's shape.
 pub fn floor(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed, src: MemorySource, times: *Times) errors.Error!void {
     if (vm.booted or !src.freshShell()) return errors.fail(error.Config, "the floor needs a fresh shell and a copy or map source", .{});
     try checkShape(vm, parsed);
-    const t0 = shell.monotonicNs();
-    try src.apply(vm, mapping);
-    const t1 = shell.monotonicNs();
-    var st: state.RestoreTimes = .{};
-    try state.apply(vm, parsed, &st);
-    times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns };
+    try bare(vm, mapping, parsed, src, times);
 }
 
 test "restore: every strategy but auto is a memory source, by name" {
