@@ -87,7 +87,7 @@ pub const Stats = extern struct {
 pub const Pool = PoolOf(machine.Factory);
 
 /// A pool over the items `F` makes: `F.Item`, `F.Source` (with strategy()),
-/// create, destroy, restoreInto, resetForReuse, resetsTo, resettable.
+/// create, destroy, restoreInto, resetForReuse, reopen, resetsTo, resettable.
 /// Generic so the accounting is tested without KVM (see the tests).
 pub fn PoolOf(comptime F: type) type {
     return struct {
@@ -438,6 +438,7 @@ pub fn PoolOf(comptime F: type) type {
                 if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) break;
                 p.parked_len -= 1;
                 p.parked[i] = p.parked[p.parked_len];
+                F.reopen(vm);
                 p.parking.put(allocator, vm, {}) catch {}; // no room: destroyed at release instead
                 p.in_use += 1;
                 p.reuses += 1;
