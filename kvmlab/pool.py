@@ -570,7 +570,8 @@ class RestorePool:
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
         code = strategy_code(strategy)
-        flags = (1 if resettable else 0) | (2 if reset_on_release else 0)
+        flag = _ffi.enum_values("kvmlab_restore_flags")  # bits, named by the header
+        flags = (flag["resettable"] if resettable else 0) | (flag["reset_on_release"] if reset_on_release else 0)
         if timeout_s is not None:
             _wait_ns(timeout_s)  # validate before touching the snapshot
             with snap._use() as sh:

@@ -676,17 +676,18 @@ def _stage(data: bytes) -> str:
     try:
         Snapshot.from_bytes(data).close()
     except SnapshotError as e:
-        msg = str(e)
+        check = e.check
     else:
         assert _outcome(data) == "ok"
         return "ok"
     assert time.perf_counter() - t0 < 2.0, "from_bytes took too long"
-    if msg.startswith("vCPU state: "):
-        return "state"  # the STATE parser: blob header, records, completeness
-    if "checksum mismatch" in msg:
+    assert check is not None, "every refusal of the core names its check"
+    if check in ("header_crc", "state_crc", "memory_crc"):
         return "checksum"
-    if any(w in msg for w in ("STATE says", "page map has", "vCPUs, STATE")):
+    if check in ("state_memory", "page_count", "vcpu_count"):
         return "cross"  # after the parser: the header against STATE
+    if check.startswith("state_") and check != "state_limit":
+        return "state"  # the STATE parser: blob header, records, completeness
     return "layout"
 
 
