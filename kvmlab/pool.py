@@ -5,8 +5,10 @@
     ...     rvm.run()
     >>> pool.stats(), pool.timings()
 
-The pool, its worker thread (refill to ``min_size``, destroy released VMs off
-the caller's path) and the per-restore timing ring live in the Zig core
+The pool, its worker threads (refill to ``min_size``, destroy released VMs off
+the caller's path; past a backlog of 64 released VMs a release destroys its
+VM on the caller's thread, which bounds memory and descriptors) and the
+per-restore timing ring live in the Zig core
 (``zigsrc/pool.zig``); this module is a thin, thread-safe wrapper.
 """
 
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from . import _ffi
-from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int
+from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int, check_type
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
@@ -225,7 +227,8 @@ os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 class PooledRestoreVm(_VmHandle):
     """A VM restored by a :class:`RestorePool`. ``release()`` (or leaving the
-    ``with`` block) hands it back; the pool destroys it off your thread."""
+    ``with`` block) hands it back; the pool destroys it off your thread (on
+    it when 64 released VMs already wait to be destroyed)."""
 
     __slots__ = ("_pool_handle", "_first_run_pending", "_times", "_timing")
 
@@ -277,8 +280,8 @@ class RestorePool:
     ``min_size`` shells (so errors surface here).
 
     A worker thread in the core keeps ``min_size`` shells idle and destroys
-    released VMs off the caller's thread. Use it as a context manager or call
-    :meth:`close`.
+    released VMs off the caller's thread (past a backlog of 64, on it). Use it
+    as a context manager or call :meth:`close`.
 
     Args:
         vm_config: the shape of every shell (default ``VmConfig()``); restored
@@ -293,10 +296,8 @@ class RestorePool:
     def __init__(self, vm_config: VmConfig | None = None, pool_config: PoolConfig | None = None) -> None:
         vm_config = vm_config or VmConfig()
         pool_config = pool_config or PoolConfig()
-        if not isinstance(vm_config, VmConfig):
-            raise ConfigError(f"vm_config must be a VmConfig, got {type(vm_config).__name__}")
-        if not isinstance(pool_config, PoolConfig):
-            raise ConfigError(f"pool_config must be a PoolConfig, got {type(pool_config).__name__}")
+        check_type("vm_config", vm_config, VmConfig)
+        check_type("pool_config", pool_config, PoolConfig)
         self.vm_config = vm_config
         self.pool_config = pool_config
         c = ffi.new(

@@ -1,5 +1,4 @@
 //! The C ABI of libkvmlab: snapshot handles (kvmlab_snapshot).
-const std = @import("std");
 const errors = @import("../errors.zig");
 const snapshot = @import("../snapshot.zig");
 const common = @import("common.zig");
@@ -100,7 +99,7 @@ pub export fn kvmlab_snapshot_get_info(h: ?*const kvmlab_snapshot, out: ?*kvmlab
 fn snapInfo(h: ?*const kvmlab_snapshot, out: ?*kvmlab_snapshot_info) errors.Error!void {
     const s = try asSnap(h);
     const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
-    s.checkIntact() catch {}; // sets `damaged` when the file changed since load
+    s.checkFile() catch {}; // sets `damaged` when the file changed since load
     o.* = .{
         .memory_bytes = s.parsed.memory_bytes,
         .vcpus = s.parsed.vcpus,
