@@ -13,6 +13,9 @@
 //!                                              the source tree (editable installs)
 //!
 //! Options: -Dguests=false skips the guest images (library + header only).
+//! -Dtesting=false leaves the testing export group (benchmark floors, fault
+//! injection: kvmlab_testing.h) out of the library; `nm -D` then shows only
+//! the product ABI of kvmlab.h. Default on: `kvmlab bench` ships in the wheel.
 //! The CPU defaults to `baseline` (portable artifacts); -Dcpu=native opts in.
 //! Wheels are built with -Dtarget=x86_64-linux-gnu.2.28 (hatch_build.py): the
 //! library then needs no glibc symbol newer than 2.28 (manylinux_2_28).
@@ -36,6 +39,7 @@ pub fn build(b: *std.Build) void {
     );
     const optimize = b.standardOptimizeOption(.{ .preferred_optimize_mode = .safe });
     const with_guests = b.option(bool, "guests", "Build the guest images (default: true)") orelse true;
+    const with_testing = b.option(bool, "testing", "Export the testing group: benchmark floors, fault injection (default: true)") orelse true;
 
     // --- core shared library -------------------------------------------------
     const core_mod = b.createModule(.{
@@ -46,12 +50,15 @@ pub fn build(b: *std.Build) void {
         .strip = optimize != .debug,
         .pic = true,
     });
+    const options = b.addOptions();
+    options.addOption(bool, "testing", with_testing);
+    core_mod.addOptions("build_options", options);
     const lib = b.addLibrary(.{ .name = "kvmlab", .linkage = .dynamic, .root_module = core_mod });
     b.installArtifact(lib);
 
-    // --- header generated from the C ABI declarations --------------------------
-    // gen_header.zig imports capi.zig and reflects over its pub decls, so it is
-    // compiled (for the build host) with the same libc setting as the core.
+    // --- headers generated from the C ABI declarations -------------------------
+    // gen_header.zig imports capi/*.zig and reflects over their pub decls, so
+    // it is compiled (for the build host) with the same libc setting as the core.
     const gen_mod = b.createModule(.{
         .root_source_file = b.path("zigsrc/gen_header.zig"),
         .target = b.graph.host,
@@ -63,6 +70,11 @@ pub fn build(b: *std.Build) void {
     gen_run.expectExitCode(0);
     const header = gen_run.captureStdOut(.{});
     b.getInstallStep().dependOn(&b.addInstallFileWithDir(header, .header, "kvmlab.h").step);
+    const gen_testing = b.addRunArtifact(gen);
+    gen_testing.addArg("--group=testing");
+    gen_testing.expectExitCode(0);
+    const testing_header = gen_testing.captureStdOut(.{});
+    b.getInstallStep().dependOn(&b.addInstallFileWithDir(testing_header, .header, "kvmlab_testing.h").step);
 
     // --- guests ---------------------------------------------------------------
     // No SSE in guests: kvm_pvm emulates CPL0 code, and its emulator stops
@@ -80,6 +92,7 @@ pub fn build(b: *std.Build) void {
     const native = b.addUpdateSourceFiles();
     native.addCopyFileToSource(lib.getEmittedBin(), "kvmlab/_native/libkvmlab.so");
     native.addCopyFileToSource(header, "kvmlab/_native/kvmlab.h");
+    native.addCopyFileToSource(testing_header, "kvmlab/_native/kvmlab_testing.h");
     if (with_guests) for (guest_names) |name| {
         const gmod = b.createModule(.{
             .root_source_file = b.path(b.fmt("zigsrc/guests/{s}.zig", .{name})),
@@ -112,6 +125,7 @@ pub fn build(b: *std.Build) void {
         .optimize = optimize,
         .link_libc = true,
     });
+    test_mod.addOptions("build_options", options);
     // LLVM: `zig build test --fuzz=N` needs its coverage instrumentation
     // (the self-hosted backend emits none: "pcs_len was zero").
     const tests = b.addTest(.{ .name = "core-tests", .root_module = test_mod, .use_llvm = true });
@@ -126,27 +140,57 @@ pub fn build(b: *std.Build) void {
     });
     test_step.dependOn(&b.addRunArtifact(gen_tests).step);
 
-    // kvmlab.h must compile as C11 and agree with Zig on every struct size,
-    // field offset and enum value: gen_header --check-c emits _Static_asserts.
-    const check_run = b.addRunArtifact(gen);
-    check_run.addArg("--check-c");
-    check_run.expectExitCode(0);
+    // Both headers must compile as C11 and agree with Zig on every struct
+    // size, field offset and enum value: gen_header --check-c emits _Static_asserts.
     const check_dir = b.addWriteFiles();
     _ = check_dir.addCopyFile(header, "kvmlab.h");
-    const check_c = check_dir.addCopyFile(check_run.captureStdOut(.{}), "header_check.c");
+    _ = check_dir.addCopyFile(testing_header, "kvmlab_testing.h");
     const check_mod = b.createModule(.{
         .target = target,
         .optimize = .debug,
         .link_libc = true,
     });
-    check_mod.addCSourceFile(.{
-        .file = check_c,
-        .flags = &.{ "-std=c11", "-Wall", "-Wextra", "-Werror" },
-    });
+    for ([_][]const u8{ "product", "testing" }) |group| {
+        const check_run = b.addRunArtifact(gen);
+        check_run.addArg(b.fmt("--group={s}", .{group}));
+        check_run.addArg("--check-c");
+        check_run.expectExitCode(0);
+        const check_c = check_dir.addCopyFile(check_run.captureStdOut(.{}), b.fmt("header_check_{s}.c", .{group}));
+        check_mod.addCSourceFile(.{
+            .file = check_c,
+            .flags = &.{ "-std=c11", "-Wall", "-Wextra", "-Werror" },
+        });
+    }
     const check_obj = b.addObject(.{ .name = "header_check", .root_module = check_mod });
     test_step.dependOn(&check_obj.step);
 
+    // With -Dtesting=false the library exports exactly the product header's
+    // functions: check_exports.zig compares its dynamic symbols with kvmlab.h.
+    const product_mod = b.createModule(.{
+        .root_source_file = b.path("zigsrc/capi.zig"),
+        .target = target,
+        .optimize = optimize,
+        .link_libc = true,
+        .strip = true,
+        .pic = true,
+    });
+    const product_options = b.addOptions();
+    product_options.addOption(bool, "testing", false);
+    product_mod.addOptions("build_options", product_options);
+    const product_lib = b.addLibrary(.{ .name = "kvmlab-product", .linkage = .dynamic, .root_module = product_mod });
+    const exports_mod = b.createModule(.{
+        .root_source_file = b.path("zigsrc/check_exports.zig"),
+        .target = b.graph.host,
+        .optimize = .debug,
+    });
+    const exports_run = b.addRunArtifact(b.addExecutable(.{ .name = "check_exports", .root_module = exports_mod }));
+    exports_run.addFileArg(product_lib.getEmittedBin());
+    exports_run.addFileArg(header);
+    exports_run.expectExitCode(0);
+    test_step.dependOn(&exports_run.step);
+
     // Only the header (no library, no guests): `zig build header`.
-    const header_step = b.step("header", "Generate zig-out/include/kvmlab.h only");
+    const header_step = b.step("header", "Generate zig-out/include/kvmlab.h and kvmlab_testing.h only");
     header_step.dependOn(&b.addInstallFileWithDir(header, .header, "kvmlab.h").step);
+    header_step.dependOn(&b.addInstallFileWithDir(testing_header, .header, "kvmlab_testing.h").step);
 }

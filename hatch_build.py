@@ -43,6 +43,7 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 NATIVE = "kvmlab/_native"
 LIBRARY = "libkvmlab.so"
 HEADER = "kvmlab.h"
+TESTING_HEADER = "kvmlab_testing.h"  # the testing export group (kvmlab bench, fault tests)
 
 
 #: The oldest glibc the library links against; the wheel tag says the same.
@@ -120,8 +121,9 @@ class ZigBuildHook(BuildHookInterface):
 
         lib = prefix / "lib" / LIBRARY
         header = prefix / "include" / HEADER
+        testing_header = prefix / "include" / TESTING_HEADER
         guests = sorted((prefix / "guests").glob("*.bin"))
-        missing = [str(p) for p in (lib, header) if not p.is_file()]
+        missing = [str(p) for p in (lib, header, testing_header) if not p.is_file()]
         if missing:
             raise RuntimeError(f"kvmlab: zig build did not produce {', '.join(missing)}")
         if not guests and "-Dguests=false" not in extra:
@@ -129,4 +131,4 @@ class ZigBuildHook(BuildHookInterface):
         # The guest SDK (runtime + linker script) lets kvmlab.guests.build_zig
         # compile user guests from an installed wheel.
         sdk = [(root / "zigsrc" / "guests" / n, f"guest_sdk/{n}") for n in ("rt.zig", "guest.ld")]
-        return [(lib, LIBRARY), (header, HEADER)] + [(g, f"guests/{g.name}") for g in guests] + sdk
+        return [(lib, LIBRARY), (header, HEADER), (testing_header, TESTING_HEADER)] + [(g, f"guests/{g.name}") for g in guests] + sdk

@@ -1,24 +1,31 @@
 """The binding to libkvmlab: the only module that imports cffi.
 
 ABI mode: the generated header ``_native/kvmlab.h`` (rendered from
-``zigsrc/capi.zig``, no preprocessor lines) is given to ``ffi.cdef`` as is, and
+``zigsrc/capi/``, no preprocessor lines) is given to ``ffi.cdef`` as is, and
 ``_native/libkvmlab.so`` is opened with ``ffi.dlopen``. Every function and
 struct in the header is therefore reachable as ``lib.<name>`` and
 ``ffi.new("kvmlab_<struct> *")`` without changes here.
 
+The testing export group (benchmark floors, fault injection), declared in
+``_native/kvmlab_testing.h``, is a separate lib object, :data:`testing`, used
+only by ``kvmlab.bench`` and the fault tests; :data:`lib` has the product ABI.
+
+Names come from the header, never from tables here: :func:`enum_names` and
+:func:`enum_values` read any ``kvmlab_*`` enum through cffi, with the exact
+spelling gen_header.zig emits (``KVMLAB_<TYPE>_<TAG>``; ``KVMLAB_<TAG>`` for
+``kvmlab_result``).
+
 At import this module checks that the library and the header agree:
 
 * ``kvmlab_abi_version()`` equals :data:`ABI_VERSION`;
-* for every enumerator of ``kvmlab_struct_id``, ``kvmlab_struct_size(id)``
-  equals ``ffi.sizeof`` of the matching ``kvmlab_*`` struct.
+* for every enumerator ``KVMLAB_STRUCT_ID_<X>`` of ``kvmlab_struct_id``,
+  ``kvmlab_struct_size(id)`` equals ``ffi.sizeof("kvmlab_<x>")``;
+* every result code of the header has an exception class.
 
 Any mismatch, or a missing library, raises ``ImportError`` saying what to do:
 rebuild (a source checkout) or reinstall/report (an installed wheel). On
 anything but x86_64 Linux the import fails and says so. Loading the library
 does not open /dev/kvm.
-
-Result codes: :data:`RESULTS` is the one table mapping each code of the C ABI
-to an exception class; :func:`check` raises it with the core's message.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,19 +45,26 @@ __all__ = [
     "ABI_VERSION",
     "NATIVE_DIR",
     "HEADER_PATH",
+    "TESTING_HEADER_PATH",
     "LIBRARY_PATH",
     "GUESTS_DIR",
     "RESULTS",
     "ffi",
     "lib",
+    "testing",
+    "testing_ffi",
     "check",
     "error_for",
+    "enum_names",
+    "enum_values",
     "last_error_message",
     "struct_ids",
+    "struct_from_bytes",
 ]
 
-#: The C ABI version this binding was written for (``abi_version`` in capi.zig).
+#: The C ABI version this binding was written for (``abi_version`` in capi/common.zig).
 ABI_VERSION = 2
+
 
 
 def _fix_hint() -> str:
@@ -83,106 +96,69 @@ _REBUILD_HINT = _fix_hint()
 #: (for trying a library built elsewhere).
 NATIVE_DIR = Path(os.environ.get("KVMLAB_NATIVE_DIR") or Path(__file__).resolve().parent / "_native")
 HEADER_PATH = NATIVE_DIR / "kvmlab.h"
+TESTING_HEADER_PATH = NATIVE_DIR / "kvmlab_testing.h"
 LIBRARY_PATH = NATIVE_DIR / "libkvmlab.so"
 GUESTS_DIR = NATIVE_DIR / "guests"
 
-#: The one table of result codes (zigsrc/errors.zig ``Result``):
-#: code -> (name, exception class). 0 is success.
-RESULTS: dict[int, tuple[str, type[_errors.KvmlabError] | None]] = {
-    0: ("ok", None),
-    -1: ("out_of_memory", _errors.KvmlabMemoryError),
-    -2: ("kvm_unavailable", _errors.KvmUnavailableError),
-    -3: ("kvm_failed", _errors.KvmError),
-    -4: ("config", _errors.ConfigError),
-    -5: ("guest", _errors.GuestError),
-    -6: ("guest_crash", _errors.GuestCrashError),
-    -7: ("timeout", _errors.GuestTimeoutError),
-    -8: ("snapshot", _errors.SnapshotError),
-    -9: ("closed", _errors.ClosedError),
-    -10: ("busy", _errors.BusyError),
-    -11: ("bounds", _errors.BoundsError),
-    -12: ("pool_exhausted", _errors.PoolExhaustedError),
-    -13: ("incompatible", _errors.IncompatibleError),
-    -99: ("internal", _errors.InternalError),
+#: The exception class of each result name of the header (``kvmlab_result``);
+#: a code the header adds later still raises a :class:`KvmlabError`.
+_ERROR_CLASSES: dict[str, type[_errors.KvmlabError]] = {
+    "out_of_memory": _errors.KvmlabMemoryError,
+    "kvm_unavailable": _errors.KvmUnavailableError,
+    "kvm_failed": _errors.KvmError,
+    "config": _errors.ConfigError,
+    "guest": _errors.GuestError,
+    "guest_crash": _errors.GuestCrashError,
+    "timeout": _errors.GuestTimeoutError,
+    "snapshot": _errors.SnapshotError,
+    "closed": _errors.ClosedError,
+    "busy": _errors.BusyError,
+    "bounds": _errors.BoundsError,
+    "pool_exhausted": _errors.PoolExhaustedError,
+    "incompatible": _errors.IncompatibleError,
+    "internal": _errors.InternalError,
 }
 
 
-def _normalize_enumerator(name: str, *prefixes: str) -> str:
-    """``KVMLAB_RESULT_OUT_OF_MEMORY`` -> ``out_of_memory`` (given the prefixes)."""
-    n = name.lower()
-    for p in prefixes:
-        if n.startswith(p):
-            return n[len(p):]
-    return n
+def _enum_prefix(ctype: str) -> str:
+    """The constant prefix gen_header.zig gives the enum ``ctype`` (``enumPrefix``)."""
+    return "KVMLAB_" if ctype == "kvmlab_result" else ctype.upper() + "_"
 
 
-def _enum_elements(ffi_: cffi.FFI, header: str, type_name: str) -> dict[str, int] | None:
-    """Enumerators of the C enum ``type_name`` (typedef or tag), or None if absent."""
-    for spelling in (type_name, "enum " + type_name):
-        try:
-            t = ffi_.typeof(spelling)
-        except (ffi_.error, cffi.CDefError):
-            continue
-        if t.kind == "enum":
-            return {name: int(value) for name, value in t.relements.items()}
-    # Not an enum type in the header: look for named constants carrying the
-    # type's name as prefix (e.g. `#define`-free `static const int`s are not
-    # possible in a cdef, but an anonymous enum is).
-    prefix = type_name.upper() + "_"
-    found: dict[str, int] = {}
-    for m in re.finditer(r"\b(%s\w+)\s*=" % re.escape(prefix), header, flags=re.IGNORECASE):
-        try:
-            found[m.group(1)] = int(ffi_.integer_const(m.group(1)))
-        except (ffi_.error, AttributeError, KeyError):
-            pass
-    return found or None
+def _read_enum(ffi_: cffi.FFI, ctype: str) -> dict[int, str]:
+    """``{value: name}`` of the header's enum ``ctype``, names as in capi (lower case)."""
+    t = ffi_.typeof(ctype)
+    if t.kind != "enum":
+        raise ImportError(f"{ctype} is not an enum in the header: {_REBUILD_HINT}")
+    prefix = _enum_prefix(ctype)
+    out: dict[int, str] = {}
+    for value, constant in t.elements.items():
+        if not constant.startswith(prefix):
+            raise ImportError(f"{ctype} constant {constant} lacks the prefix {prefix}: {_REBUILD_HINT}")
+        out[int(value)] = constant[len(prefix):].lower()
+    return dict(sorted(out.items()))
 
 
-def _struct_typedefs(ffi_: cffi.FFI) -> set[str]:
-    """Names ``kvmlab_*`` that the header declares as complete structs."""
-    typedefs, structs, _unions = ffi_.list_types()
-    names = set()
-    for n in typedefs:
-        if not n.startswith("kvmlab_"):
-            continue
-        t = ffi_.typeof(n)
-        if t.kind == "struct" and t.fields is not None:
-            names.add(n)
-    for n in structs:
-        if n.startswith("kvmlab_") and ffi_.typeof("struct " + n).fields is not None:
-            names.add(n)
-    return names
-
-
-def _struct_for_enumerator(enumerator: str, struct_names: set[str]) -> str | None:
-    """Matches ``KVMLAB_STRUCT_ID_VM_CONFIG`` (any spelling) to ``kvmlab_vm_config``."""
-    e = enumerator.lower()
-    best = None
-    for s in struct_names:
-        suffix = s[len("kvmlab_"):]
-        if e == suffix or e.endswith("_" + suffix):
-            if best is None or len(suffix) > len(best) - len("kvmlab_"):
-                best = s
-    return best
-
-
-def _load() -> tuple[cffi.FFI, object, dict[str, int]]:
+def _load() -> tuple[cffi.FFI, Any, cffi.FFI, Any, dict[str, int]]:
     if sys.platform != "linux" or platform.machine() != "x86_64":
         raise ImportError(
             f"kvmlab runs only on x86_64 Linux (its core drives x86_64 KVM through /dev/kvm); "
             f"this is {sys.platform}/{platform.machine()}"
         )
-    if not HEADER_PATH.is_file() or not LIBRARY_PATH.is_file():
-        missing = [str(p) for p in (HEADER_PATH, LIBRARY_PATH) if not p.is_file()]
+    missing = [str(p) for p in (HEADER_PATH, TESTING_HEADER_PATH, LIBRARY_PATH) if not p.is_file()]
+    if missing:
         raise ImportError(f"kvmlab's native core is missing ({', '.join(missing)}): {_REBUILD_HINT}")
-    header = HEADER_PATH.read_text(encoding="utf-8")
     ffi_ = cffi.FFI()
+    testing_ffi_ = cffi.FFI()
     try:
-        ffi_.cdef(header)
+        ffi_.cdef(HEADER_PATH.read_text(encoding="utf-8"))
+        testing_ffi_.include(ffi_)
+        testing_ffi_.cdef(TESTING_HEADER_PATH.read_text(encoding="utf-8"))
     except (cffi.CDefError, cffi.FFIError) as e:
-        raise ImportError(f"kvmlab's header {HEADER_PATH} cannot be parsed ({e}): {_REBUILD_HINT}") from e
+        raise ImportError(f"kvmlab's headers in {NATIVE_DIR} cannot be parsed ({e}): {_REBUILD_HINT}") from e
     try:
         lib_ = ffi_.dlopen(str(LIBRARY_PATH))
+        testing_ = testing_ffi_.dlopen(str(LIBRARY_PATH))
     except OSError as e:
         raise ImportError(f"cannot load kvmlab's native core {LIBRARY_PATH} ({e}): {_REBUILD_HINT}") from e
 
@@ -195,44 +171,48 @@ def _load() -> tuple[cffi.FFI, object, dict[str, int]]:
             f"kvmlab's native core has ABI version {version} but this Python package expects "
             f"{ABI_VERSION}: {_REBUILD_HINT}"
         )
-
-    ids = _enum_elements(ffi_, header, "kvmlab_struct_id")
-    if not ids:
-        raise ImportError(f"{HEADER_PATH} has no kvmlab_struct_id enum: {_REBUILD_HINT}")
-    structs = _struct_typedefs(ffi_)
     by_struct: dict[str, int] = {}
-    for enumerator, sid in ids.items():
-        s = _struct_for_enumerator(enumerator, structs)
-        if s is None:
-            raise ImportError(
-                f"{HEADER_PATH}: struct id {enumerator}={sid} names no kvmlab_* struct in the header: {_REBUILD_HINT}"
-            )
+    for sid, name in _read_enum(ffi_, "kvmlab_struct_id").items():
+        struct_name = "kvmlab_" + name
+        try:
+            mine = ffi_.sizeof(struct_name)
+        except (cffi.FFIError, cffi.CDefError) as e:
+            raise ImportError(f"{HEADER_PATH}: struct id {name} names no struct {struct_name}: {_REBUILD_HINT}") from e
         native = int(lib_.kvmlab_struct_size(sid))
-        mine = ffi_.sizeof(s)
         if native != mine:
             raise ImportError(
-                f"struct {s} is {native} bytes in {LIBRARY_PATH.name} but {mine} bytes in "
+                f"struct {struct_name} is {native} bytes in {LIBRARY_PATH.name} but {mine} bytes in "
                 f"{HEADER_PATH.name}: the header and the library are from different builds; {_REBUILD_HINT}"
             )
-        by_struct[s] = sid
-
-    codes = _enum_elements(ffi_, header, "kvmlab_result")
-    if codes:
-        known = {name: code for code, (name, _cls) in RESULTS.items()}
-        for enumerator, code in codes.items():
-            name = _normalize_enumerator(enumerator, "kvmlab_result_", "kvmlab_")
-            if name in known and known[name] != code:
-                raise ImportError(
-                    f"result code {enumerator} is {code} in {HEADER_PATH.name} but kvmlab expects "
-                    f"{known[name]}: {_REBUILD_HINT}"
-                )
-            if code not in RESULTS:
-                # A code added to the core after this binding: still raise a KvmlabError.
-                RESULTS[code] = (name, _errors.KvmlabError)
-    return ffi_, lib_, by_struct
+        by_struct[struct_name] = sid
+    return ffi_, lib_, testing_ffi_, testing_, by_struct
 
 
-ffi, lib, _STRUCT_IDS = _load()
+ffi, lib, testing_ffi, testing, _STRUCT_IDS = _load()
+
+
+@functools.cache
+def enum_names(ctype: str) -> dict[int, str]:
+    """``{value: name}`` of a ``kvmlab_*`` enum of either header, e.g.
+    ``enum_names("kvmlab_run_reason")[0] == "exit"``."""
+    try:
+        return _read_enum(ffi, ctype)
+    except (cffi.FFIError, cffi.CDefError):
+        return _read_enum(testing_ffi, ctype)
+
+
+@functools.cache
+def enum_values(ctype: str) -> dict[str, int]:
+    """``{name: value}`` of a ``kvmlab_*`` enum, in declaration order of values."""
+    return {name: value for value, name in sorted(enum_names(ctype).items())}
+
+
+#: ``{code: (name, exception class)}`` for every result code of the header
+#: (0 is success: class None).
+RESULTS: dict[int, tuple[str, type[_errors.KvmlabError] | None]] = {
+    code: (name, None if code == 0 else _ERROR_CLASSES.get(name, _errors.KvmlabError))
+    for code, name in enum_names("kvmlab_result").items()
+}
 
 
 def struct_ids() -> dict[str, int]:
@@ -249,13 +229,18 @@ def last_error_message() -> str:
 
 
 def error_for(rc: int, message: str | None = None) -> _errors.KvmlabError:
-    """The exception for result code ``rc`` (not raised)."""
+    """The exception for result code ``rc`` (not raised). A snapshot error
+    carries the id of the check that failed (``SnapshotError.check``), read
+    from the core on this thread like the message."""
     name, cls = RESULTS.get(rc, (f"unknown result {rc}", _errors.KvmlabError))
     if cls is None:
         raise ValueError("result code 0 is success, not an error")
     text = message if message is not None else last_error_message()
     if not text:
         text = f"kvmlab core call failed ({name})"
+    if issubclass(cls, _errors.SnapshotError):
+        check_id = enum_names("kvmlab_check").get(int(lib.kvmlab_last_error_check()))
+        return cls(text, check=None if check_id == "none" else check_id)
     return cls(text)
 
 
@@ -269,6 +254,17 @@ def check(rc: int) -> None:
     if rc == 0:
         return
     raise error_for(rc)
+
+
+def struct_from_bytes(ctype: str, raw: bytes | bytearray | memoryview) -> Any:
+    """A ``ctype *`` holding a copy of the struct at the start of ``raw``
+    (e.g. ``kvmlab_snapshot_header``: read fields by name, not offset)."""
+    n = ffi.sizeof(ctype)
+    if len(raw) < n:
+        raise ValueError(f"{ctype} is {n} bytes, got {len(raw)}")
+    p = ffi.new(ctype + " *")
+    ffi.memmove(p, bytes(raw[:n]), n)
+    return p
 
 
 @functools.cache

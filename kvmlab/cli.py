@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import json
 import os
-import struct
 import sys
 from typing import Any, Callable, Sequence
 
@@ -66,36 +65,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Section kinds of the snapshot format (zigsrc/snapshot.zig).
-SECTION_KINDS = {1: "STATE", 2: "MEMORY"}
-ARCHES = {1: "x86_64"}
-
-
 def snapshot_header(raw: bytes) -> dict[str, Any]:
-    """Decodes the 4096-byte snapshot file header (layout drawn in
-    ``zigsrc/snapshot.zig``) for display. It checks nothing: call it only on a
-    file :meth:`kvmlab.Snapshot.load` accepted."""
-    if len(raw) < 384:
-        raise ValueError(f"a snapshot header is 4096 bytes, got {len(raw)}")
-    major, minor, arch, header_bytes, count = struct.unpack_from("<HHIII", raw, 8)
-    memory_bytes, vcpus, flags, created, total, present, crc = struct.unpack_from("<QIIQQQI", raw, 24)
+    """Decodes a snapshot file's header (``kvmlab_snapshot_header`` of the C
+    ABI, read through cffi; names of kinds and arches from its enums) for
+    display. It checks nothing: call it only on a file
+    :meth:`kvmlab.Snapshot.load` accepted."""
+    from . import _ffi
+
+    h = _ffi.struct_from_bytes("kvmlab_snapshot_header", raw)
+    kinds = _ffi.enum_names("kvmlab_section_kind")
+    arches = _ffi.enum_names("kvmlab_arch")
+    packed = _ffi.enum_values("kvmlab_snapshot_flag")["packed_memory"]
     sections = []
-    for i in range(min(count, 8)):
-        kind, _r, offset, size, scrc, _r2 = struct.unpack_from("<IIQQII", raw, 128 + 32 * i)
-        sections.append({"index": i, "kind": SECTION_KINDS.get(kind, f"kind {kind}"), "offset": offset, "bytes": size, "crc32c": scrc})
+    for i in range(min(h.section_count, len(h.sections))):
+        e = h.sections[i]
+        kind = kinds.get(e.kind, f"kind {e.kind}").upper()
+        sections.append({"index": i, "kind": kind, "offset": e.offset, "bytes": e.bytes, "crc32c": e.crc32c})
     return {
-        "magic": raw[:8].decode("ascii", "replace"),
-        "version": f"{major}.{minor}",
-        "arch": ARCHES.get(arch, f"arch {arch}"),
-        "header_bytes": header_bytes,
-        "memory_bytes": memory_bytes,
-        "vcpus": vcpus,
-        "flags": flags,
-        "layout": "packed" if flags & 1 else "full",
-        "created_unix_ns": created,
-        "total_bytes": total,
-        "present_pages": present,
-        "header_crc32c": crc,
+        "magic": bytes(h.magic).decode("ascii", "replace"),
+        "version": f"{h.version_major}.{h.version_minor}",
+        "arch": arches.get(h.arch, f"arch {h.arch}"),
+        "header_bytes": h.header_bytes,
+        "memory_bytes": h.memory_bytes,
+        "vcpus": h.vcpus,
+        "flags": h.flags,
+        "layout": "packed" if h.flags & packed else "full",
+        "created_unix_ns": h.created_unix_ns,
+        "total_bytes": h.total_bytes,
+        "present_pages": h.present_pages,
+        "header_crc32c": h.header_crc32c,
         "sections": sections,
     }
 

@@ -28,7 +28,23 @@ __all__ = [
 
 
 class KvmlabError(Exception):
-    """Base class of every kvmlab error."""
+    """Base class of every kvmlab error.
+
+    ``check`` is a machine-readable id of what refused the call, or None: for
+    a :class:`SnapshotError` the core's failed check (``kvmlab_check``), for a
+    :class:`ConfigError` the argument check (``argument_range``, ...).
+    Tests and callers match on it, not on the message.
+    """
+
+    check: str | None = None
+
+    def __init__(self, *args: object, check: str | None = None) -> None:
+        super().__init__(*args)
+        if check is not None:
+            self.check = check
+
+    def __reduce__(self):  # keep ``check`` (and other attributes) across pickling
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class KvmlabMemoryError(KvmlabError, MemoryError):
@@ -66,7 +82,13 @@ class GuestTimeoutError(KvmlabError, TimeoutError):
 
 
 class SnapshotError(KvmlabError):
-    """A snapshot is malformed, corrupt, or does not fit this VM."""
+    """A snapshot is malformed, corrupt, or does not fit this VM.
+
+    ``check`` names the check that refused it, from the core's
+    ``kvmlab_check`` enum (e.g. ``"magic"``, ``"state_crc"``,
+    ``"memory_crc"``, ``"shape"``, ``"damaged"``; the steps are listed in
+    ``zigsrc/snapshot.zig`` and ``zigsrc/state.zig``), or None.
+    """
 
 
 class ClosedError(KvmlabError):
@@ -91,3 +113,9 @@ class IncompatibleError(KvmlabError):
 
 class InternalError(KvmlabError):
     """A bug in kvmlab: please report it with the message."""
+
+
+def _rebuild(cls: type, args: tuple, attrs: dict) -> KvmlabError:
+    err = cls(*args)
+    err.__dict__.update(attrs)
+    return err

@@ -33,7 +33,8 @@ __all__ = ["PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRes
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-STRATEGY_NAMES = {1: "copy", 2: "map", 3: "reuse"}
+#: ``kvmlab_pool_timing.strategy`` -> name (``kvmlab_strategy``, read from the header).
+STRATEGY_NAMES = _ffi.enum_names("kvmlab_strategy")
 
 #: The core's limit on ``PoolConfig.max_size`` (``max_pool_size`` in zigsrc/pool.zig).
 MAX_POOL_SIZE = 256
@@ -570,7 +571,8 @@ class RestorePool:
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
         code = strategy_code(strategy)
-        flags = (1 if resettable else 0) | (2 if reset_on_release else 0)
+        flag = _ffi.enum_values("kvmlab_restore_flags")  # bits, named by the header
+        flags = (flag["resettable"] if resettable else 0) | (flag["reset_on_release"] if reset_on_release else 0)
         if timeout_s is not None:
             _wait_ns(timeout_s)  # validate before touching the snapshot
             with snap._use() as sh:

@@ -31,8 +31,9 @@ __all__ = ["Snapshot", "STRATEGIES"]
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-#: Memory strategies of a restore (``kvmlab_strategy``).
-STRATEGIES = {"auto": 0, "copy": 1, "map": 2}
+#: Memory strategies of a restore, name -> ``kvmlab_strategy`` (read from the
+#: header; ``reuse`` is chosen by a pool, and the core refuses it from callers).
+STRATEGIES = _ffi.enum_values("kvmlab_strategy")
 
 
 def strategy_code(strategy: str) -> int:
@@ -187,9 +188,9 @@ class Snapshot:
             st = p.stat()
         except (OSError, ValueError) as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise SnapshotError(f"cannot open snapshot {p}: {why}") from None
+            raise SnapshotError(f"cannot open snapshot {p}: {why}", check="file") from None
         if not stat.S_ISREG(st.st_mode):
-            raise SnapshotError(f"{p} is not a regular file; a snapshot is a file written by Snapshot.save")
+            raise SnapshotError(f"{p} is not a regular file; a snapshot is a file written by Snapshot.save", check="file")
         out = ffi.new("kvmlab_snapshot **")
         try:
             _ffi.check(lib.kvmlab_snapshot_load(os.fsencode(p), out))
@@ -197,7 +198,7 @@ class Snapshot:
             # The core's message says what is wrong; add which file, once.
             msg = str(e)
             if str(p) not in msg:
-                raise SnapshotError(f"{p}: {msg}") from None
+                raise SnapshotError(f"{p}: {msg}", check=e.check) from None
             raise
         return cls(out[0], path=p)
 

@@ -40,8 +40,8 @@ __all__ = ["Vm", "RunResult", "ResetTiming", "LoopResult", "REASONS"]
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-#: ``kvmlab_run_result.reason`` -> name.
-REASONS = {0: "exit", 1: "checkpoint", 2: "halt", 3: "timeout", 4: "interrupted"}
+#: ``kvmlab_run_result.reason`` -> name (``kvmlab_run_reason``, read from the header).
+REASONS = _ffi.enum_names("kvmlab_run_reason")
 
 #: The service protocol (docs/guest-protocol.md).
 SERVICE_GPA = 0x4000
@@ -93,7 +93,8 @@ class LoopResult:
     console_bytes: int
 
 
-RESET_MODES = {"auto": 0, "copy": 1, "drop": 2}
+#: Reset memory modes, name -> ``kvmlab_reset_mode`` (read from the header).
+RESET_MODES = _ffi.enum_values("kvmlab_reset_mode")
 
 
 @dataclass(frozen=True)

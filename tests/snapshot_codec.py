@@ -1,10 +1,13 @@
-"""A small, independent reader/writer of the snapshot format, for tests only.
+"""A small reader/writer of the snapshot format, for tests only.
 
-It follows the layout drawn in ``zigsrc/snapshot.zig`` (file header and section
-table) and ``zigsrc/state.zig`` (the STATE blob), so tests can craft corrupt or
-hostile snapshots from a real ``to_bytes()`` output: edit a field, then (for
-checks that come after the checksums) recompute the CRC32Cs with
-:func:`crc32c`. Nothing here calls the native core.
+The file header and section table are ``kvmlab_snapshot_header`` and
+``kvmlab_snapshot_section`` of the C ABI: every offset, size, kind and flag
+here is read from the generated header through cffi (``_ffi.ffi``), none is
+written by hand. The STATE blob (``zigsrc/state.zig``) is not in the ABI; its
+few constants are below. Tests craft corrupt or hostile snapshots from a real
+``to_bytes()`` output: edit a field, then (for checks that come after the
+checksums) recompute the CRC32Cs with :func:`crc32c`. Nothing here calls the
+native core.
 """
 
 from __future__ import annotations
@@ -12,28 +15,45 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-HEADER_BYTES = 4096
-PAGE = 4096
-SECTION_TABLE = 128
-SECTION_ENTRY = 32
-MAX_SECTIONS = 8
-KIND_STATE, KIND_MEMORY = 1, 2
-FLAG_PACKED = 1
+from kvmlab import _ffi
 
-# Header field offsets (snapshot.zig).
-OFF_MAGIC = 0
-OFF_MAJOR = 8
-OFF_MINOR = 10
-OFF_ARCH = 12
-OFF_HEADER_BYTES = 16
-OFF_SECTION_COUNT = 20
-OFF_MEMORY_BYTES = 24
-OFF_VCPUS = 32
-OFF_FLAGS = 36
-OFF_CREATED = 40
-OFF_TOTAL = 48
-OFF_PRESENT = 56
-OFF_HEADER_CRC = 64
+_HEADER = "kvmlab_snapshot_header"
+_SECTION = "kvmlab_snapshot_section"
+
+
+def _off(field: str) -> int:
+    return _ffi.ffi.offsetof(_HEADER, field)
+
+
+HEADER_BYTES = 4096  # the header block (the struct, then zeros): snapshot.zig header_bytes
+PAGE = 4096
+SECTION_TABLE = _off("sections")
+SECTION_ENTRY = _ffi.ffi.sizeof(_SECTION)
+MAX_SECTIONS = len(_ffi.ffi.new(_HEADER + " *").sections)
+KIND_STATE = _ffi.enum_values("kvmlab_section_kind")["state"]
+KIND_MEMORY = _ffi.enum_values("kvmlab_section_kind")["memory"]
+FLAG_PACKED = _ffi.enum_values("kvmlab_snapshot_flag")["packed_memory"]
+
+# Header field offsets, from the ABI struct.
+OFF_MAGIC = _off("magic")
+OFF_MAJOR = _off("version_major")
+OFF_MINOR = _off("version_minor")
+OFF_ARCH = _off("arch")
+OFF_HEADER_BYTES = _off("header_bytes")
+OFF_SECTION_COUNT = _off("section_count")
+OFF_MEMORY_BYTES = _off("memory_bytes")
+OFF_VCPUS = _off("vcpus")
+OFF_FLAGS = _off("flags")
+OFF_CREATED = _off("created_unix_ns")
+OFF_TOTAL = _off("total_bytes")
+OFF_PRESENT = _off("present_pages")
+OFF_HEADER_CRC = _off("header_crc32c")
+_SEC_KIND = _ffi.ffi.offsetof(_SECTION, "kind")
+_SEC_OFFSET = _ffi.ffi.offsetof(_SECTION, "offset")
+_SEC_BYTES = _ffi.ffi.offsetof(_SECTION, "bytes")
+_SEC_CRC = _ffi.ffi.offsetof(_SECTION, "crc32c")
+#: Section table entry fields: name -> (offset in the entry, width).
+SECTION_FIELDS = {"kind": (_SEC_KIND, 4), "offset": (_SEC_OFFSET, 8), "bytes": (_SEC_BYTES, 8), "crc": (_SEC_CRC, 4)}
 
 # STATE blob (state.zig).
 STATE_HEADER = 32
@@ -109,18 +129,20 @@ class Section:
 
 
 def sections(data) -> list[Section]:
-    n = min(u32(data, OFF_SECTION_COUNT), MAX_SECTIONS)
+    """The section table, read through the ABI struct."""
+    h = _ffi.struct_from_bytes(_HEADER, data)
     out = []
-    for i in range(n):
-        e = SECTION_TABLE + i * SECTION_ENTRY
-        out.append(Section(i, u32(data, e), u64(data, e + 8), u64(data, e + 16), u32(data, e + 24)))
+    for i in range(min(h.section_count, MAX_SECTIONS)):
+        e = h.sections[i]
+        out.append(Section(i, e.kind, e.offset, e.bytes, e.crc32c))
     return out
 
 
 def header_crc(data) -> int:
-    """The header CRC: bytes 0..64, the CRC field as zero, then up to the end of the section table."""
-    end = SECTION_TABLE + MAX_SECTIONS * SECTION_ENTRY
-    return crc32c(bytes(data[68:end]), crc32c(bytes(data[:64]) + b"\0\0\0\0"))
+    """The header CRC: CRC32C of the header struct with its CRC field zero."""
+    end = _ffi.ffi.sizeof(_HEADER)
+    crc_end = OFF_HEADER_CRC + 4
+    return crc32c(bytes(data[crc_end:end]), crc32c(bytes(data[:OFF_HEADER_CRC]) + b"\0\0\0\0"))
 
 
 def fix_header_crc(buf: bytearray) -> bytearray:
@@ -149,10 +171,10 @@ def with_state(data, blob: bytes) -> bytes:
     out += blob
     out += bytes(mem_off - len(out))
     out += mem_bytes
-    put64(out, st.entry + 8, HEADER_BYTES)
-    put64(out, st.entry + 16, len(blob))
-    put32(out, st.entry + 24, crc32c(blob))
-    put64(out, mem.entry + 8, mem_off)
+    put64(out, st.entry + _SEC_OFFSET, HEADER_BYTES)
+    put64(out, st.entry + _SEC_BYTES, len(blob))
+    put32(out, st.entry + _SEC_CRC, crc32c(blob))
+    put64(out, mem.entry + _SEC_OFFSET, mem_off)
     put64(out, OFF_TOTAL, len(out))
     return bytes(fix_header_crc(out))
 

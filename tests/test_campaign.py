@@ -196,8 +196,8 @@ def test_host_failure_in_a_batch_gives_error_rows(client):
         victim = sorted(client.scheduler_info()["workers"])[0]
         from kvmlab import _ffi
 
-        def arm():  # the core's test switch: the next VM creation fails
-            return _ffi.lib.kvmlab_fault_inject(1, 0)
+        def arm():  # the core's test switch (testing export group): the next VM creation fails
+            return _ffi.testing.kvmlab_fault_inject(_ffi.enum_values("kvmlab_fault_site")["create_vm"], 0)
 
         assert client.run(arm, workers=[victim]) == {victim: 0}
         inputs = make_inputs(256, seed=2, hangs=0)

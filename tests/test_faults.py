@@ -14,7 +14,9 @@ from kvmlab import KvmError, PoolConfig, RestorePool, Vm, VmConfig, _ffi
 
 pytestmark = pytest.mark.kvm
 
-SITES = ["create_vm", "memory", "slot", "irqchip", "pit", "vcpu", "vcpu_mmap", "cpuid"]
+#: Shell-creation steps the core can fail (kvmlab_fault_site of kvmlab_testing.h).
+FAULT_SITE = _ffi.enum_values("kvmlab_fault_site")
+SITES = [name for name in FAULT_SITE if name != "none"]
 CFG = VmConfig(memory_mib=16, vcpus=2)
 EXIT7 = bytes.fromhex("66ba0005b807000000ef")
 
@@ -31,11 +33,11 @@ def _maps() -> int:
 @pytest.fixture(autouse=True)
 def _disarm():
     yield
-    _ffi.lib.kvmlab_fault_inject(0, 0)
+    _ffi.testing.kvmlab_fault_inject(FAULT_SITE["none"], 0)
 
 
 def inject(site: str, after: int = 0) -> None:
-    _ffi.check(_ffi.lib.kvmlab_fault_inject(SITES.index(site) + 1, after))
+    _ffi.check(_ffi.testing.kvmlab_fault_inject(FAULT_SITE[site], after))
 
 
 @pytest.mark.parametrize("site", SITES)

@@ -14,8 +14,8 @@ from kvmlab import _ffi, errors
 def test_abi_version_and_struct_sizes():
     assert _ffi.lib.kvmlab_abi_version() == _ffi.ABI_VERSION == 2
     ids = _ffi.struct_ids()
-    # Every struct of the ABI 1 header is checked at import.
-    for name in ["kvmlab_vm_config", "kvmlab_boot_options", "kvmlab_run_result", "kvmlab_regs", "kvmlab_host_info"]:
+    # Every struct of the header is checked at import.
+    for name in ["kvmlab_vm_config", "kvmlab_boot_options", "kvmlab_run_result", "kvmlab_regs", "kvmlab_host_info", "kvmlab_snapshot_header"]:
         assert name in ids
     for name, sid in ids.items():
         assert _ffi.lib.kvmlab_struct_size(sid) == _ffi.ffi.sizeof(name)
@@ -102,6 +102,7 @@ def test_an_installed_copy_is_told_to_reinstall_not_rebuild(tmp_path):
 
 def test_struct_size_mismatch_is_an_import_error(tmp_path):
     shutil.copy(_ffi.LIBRARY_PATH, tmp_path / "libkvmlab.so")
+    shutil.copy(_ffi.TESTING_HEADER_PATH, tmp_path / "kvmlab_testing.h")
     header = _ffi.HEADER_PATH.read_text()
     # Grow kvmlab_run_result by one field: the header no longer matches the library.
     grown, n = re.subn(r"(\buint64_t\s+console_dropped_bytes\s*;)", r"\1 uint64_t extra_field;", header, count=1)
@@ -110,3 +111,49 @@ def test_struct_size_mismatch_is_an_import_error(tmp_path):
     r = _import_with_native_dir(tmp_path)
     assert r.returncode != 0
     assert "kvmlab_run_result" in r.stderr and _ffi._REBUILD_HINT in r.stderr
+
+
+def test_enum_names_come_from_the_header():
+    assert _ffi.enum_names("kvmlab_run_reason") == {0: "exit", 1: "checkpoint", 2: "halt", 3: "timeout", 4: "interrupted"}
+    assert list(_ffi.enum_values("kvmlab_strategy")) == ["auto", "copy", "map", "reuse"]
+    assert _ffi.enum_values("kvmlab_reset_mode") == {"auto": 0, "copy": 1, "drop": 2}
+    assert _ffi.RESULTS[-8][0] == "snapshot" and _ffi.RESULTS[-8][1] is errors.SnapshotError
+    checks = _ffi.enum_values("kvmlab_check")
+    assert checks["none"] == 0 and {"magic", "header_crc", "state_crc", "memory_crc", "holes", "shape", "damaged"} <= set(checks)
+    # The testing group's enum is read through its own header.
+    assert "vcpu_mmap" in _ffi.enum_values("kvmlab_fault_site")
+    # The binding reads the spellings gen_header emits, nothing else.
+    assert _ffi._enum_prefix("kvmlab_result") == "KVMLAB_"
+    assert _ffi._enum_prefix("kvmlab_run_reason") == "KVMLAB_RUN_REASON_"
+
+
+def test_snapshot_error_carries_the_check_id():
+    with pytest.raises(errors.SnapshotError) as e:
+        kvmlab.Snapshot.from_bytes(b"x" * 5000)
+    assert e.value.check == "total_bytes" or e.value.check == "magic"
+    import pickle
+
+    again = pickle.loads(pickle.dumps(e.value))
+    assert again.check == e.value.check and str(again) == str(e.value)
+
+
+def _header_functions(path: Path) -> set[str]:
+    return set(re.findall(r"\b(kvmlab_\w+)\(", path.read_text()))
+
+
+def test_product_and_testing_groups_are_apart():
+    product = _header_functions(_ffi.HEADER_PATH)
+    testing = _header_functions(_ffi.TESTING_HEADER_PATH)
+    assert product and testing and not product & testing
+    assert not any(n.startswith(("kvmlab_bench_", "kvmlab_fault_")) for n in product)
+    assert all(n.startswith(("kvmlab_bench_", "kvmlab_fault_")) for n in testing)
+    for name in testing:  # only through the testing lib object
+        assert not hasattr(_ffi.lib, name) and hasattr(_ffi.testing, name)
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm on this host")
+    out = subprocess.run([nm, "-D", "--defined-only", str(_ffi.LIBRARY_PATH)], capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.split() and line.split()[-1].startswith("kvmlab_")}
+    # The shipped library (built with the testing group) exports exactly both headers.
+    assert exported == product | testing
+

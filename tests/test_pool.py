@@ -228,10 +228,12 @@ def test_shape_mismatch_names_both_shapes(shapes, snap_shape, pool_cfg, words, h
 
 def test_parts_memory_size_mismatch(ref):
     with RestorePool(CFG, PoolConfig(min_size=0, max_size=1)) as pool:
-        with pytest.raises(SnapshotError, match="memory buffer is 4096 bytes"):
+        with pytest.raises(SnapshotError) as e:
             pool.restore(bytes(4096), ref.snap.vcpu_state)
-        with pytest.raises(SnapshotError):
+        assert e.value.check == "shape"
+        with pytest.raises(SnapshotError) as e:
             pool.restore(ref.snap.memory, b"not a state blob")
+        assert e.value.check == "state_size"
         with pytest.raises(SnapshotError, match="bytes-like"):
             pool.restore(12345, ref.snap.vcpu_state)  # type: ignore[arg-type]
         assert pool.stats().restores == 0 and pool.stats().in_use == 0
@@ -601,19 +603,19 @@ def test_shell_creation_failure_rolls_back(ref):
     assert out["final"] == {"in_use": 0, "failures": 2, "restores": 1}
 
 
-FAULT_SITES = ["create_vm", "memory", "slot", "irqchip", "pit", "vcpu", "vcpu_mmap", "cpuid"]
+from test_faults import FAULT_SITE, SITES as FAULT_SITES  # noqa: E402  (names from kvmlab_testing.h)
 
 
 @pytest.fixture
 def fault_inject():
-    """The core's test switch (kvmlab_fault_inject): fail one shell-creation step."""
+    """The core's test switch (kvmlab_fault_inject, testing group): fail one shell-creation step."""
     from kvmlab import _ffi
 
     def arm(site: str, after: int = 0) -> None:
-        _ffi.check(_ffi.lib.kvmlab_fault_inject(FAULT_SITES.index(site) + 1, after))
+        _ffi.check(_ffi.testing.kvmlab_fault_inject(FAULT_SITE[site], after))
 
     yield arm
-    _ffi.lib.kvmlab_fault_inject(0, 0)
+    _ffi.testing.kvmlab_fault_inject(FAULT_SITE["none"], 0)
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])

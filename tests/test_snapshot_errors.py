@@ -45,12 +45,15 @@ def good() -> bytes:
     return data
 
 
-def rejected(data, match: str) -> SnapshotError:
-    """from_bytes(data) raises SnapshotError matching ``match``, quickly."""
+def rejected(data, check: str) -> SnapshotError:
+    """from_bytes(data) raises SnapshotError from the check ``check`` (the
+    core's id, ``SnapshotError.check``), quickly, with a message."""
     t0 = time.perf_counter()
-    with pytest.raises(SnapshotError, match=match) as e:
+    with pytest.raises(SnapshotError) as e:
         Snapshot.from_bytes(data)
     assert time.perf_counter() - t0 < FAST_S
+    assert e.value.check == check, str(e.value)
+    assert str(e.value)
     return e.value
 
 
@@ -75,7 +78,7 @@ def edit_section(data: bytes, index: int, fix_crc: bool = False, **fields: int) 
     buf = bytearray(data)
     e = C.SECTION_TABLE + index * C.SECTION_ENTRY
     for name, value in fields.items():
-        off, w = {"kind": (0, 4), "offset": (8, 8), "bytes": (16, 8), "crc": (24, 4)}[name]
+        off, w = C.SECTION_FIELDS[name]
         buf[e + off : e + off + w] = value.to_bytes(w, "little")
     if fix_crc:
         C.fix_header_crc(buf)
@@ -86,28 +89,28 @@ def edit_section(data: bytes, index: int, fix_crc: bool = False, **fields: int) 
 
 
 def test_empty_input_is_truncated():
-    rejected(b"", "truncated: 0 bytes")
+    rejected(b"", "size")
 
 
 def test_14_byte_input_claiming_a_huge_count_fails_fast():
     # magic, version 1.0, then 0xffff...: a header cut after 14 bytes.
-    rejected(b"KVMLSNAP" + struct.pack("<HH", 1, 0) + b"\xff\xff", "truncated: 14 bytes")
+    rejected(b"KVMLSNAP" + struct.pack("<HH", 1, 0) + b"\xff\xff", "size")
     # The same claim in a complete 4096-byte header: 2^32-1 sections, 2^64-1 bytes.
     h = bytearray(4096)
     h[:8] = b"KVMLSNAP"
     struct.pack_into("<HHIII", h, 8, 1, 0, 1, 4096, 0xFFFF_FFFF)
     struct.pack_into("<Q", h, C.OFF_TOTAL, 2**64 - 1)
-    rejected(bytes(h), "4294967295 sections")
+    rejected(bytes(h), "section_count")
 
 
 def test_truncated_snapshot(good):
-    rejected(good[:-1], f"truncated or padded: header says {len(good)} bytes, got {len(good) - 1}")
-    rejected(good[:4096], "truncated or padded")
-    rejected(good[:4095], "truncated: 4095 bytes")
+    rejected(good[:-1], "total_bytes")
+    rejected(good[:4096], "total_bytes")
+    rejected(good[:4095], "size")
 
 
 def test_padded_snapshot(good):
-    rejected(good + b"\0", f"header says {len(good)} bytes, got {len(good) + 1}")
+    rejected(good + b"\0", "total_bytes")
 
 
 def test_size_over_limit_before_reading_anything(tmp_path):
@@ -117,12 +120,13 @@ def test_size_over_limit_before_reading_anything(tmp_path):
     with open(p, "wb") as f:
         f.truncate(5 << 30)
     t0 = time.perf_counter()
-    with pytest.raises(SnapshotError, match=f"5368709120 bytes is over the {MAX_TOTAL}-byte limit"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(p)
+    assert e.value.check == "size"
     assert time.perf_counter() - t0 < FAST_S
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         with memoryview(m) as view:
-            rejected(view, "over the .*-byte limit")
+            rejected(view, "size")
     assert os.stat(p).st_blocks == 0  # still all holes: nothing was ever written
 
 
@@ -143,8 +147,8 @@ def test_checks_finish_before_guest_memory_is_allocated(good, tmp_path):
     C.put32(h, C.OFF_FLAGS, 0)  # full layout: MEMORY is all 4 GiB, holes
     C.put64(h, C.OFF_TOTAL, total)
     st, mem = C.sections(h)
-    C.put64(h, mem.entry + 8, mem_off)
-    C.put64(h, mem.entry + 16, 4 << 30)
+    C.put64(h, mem.entry + C.SECTION_FIELDS["offset"][0], mem_off)
+    C.put64(h, mem.entry + C.SECTION_FIELDS["bytes"][0], 4 << 30)
     C.fix_header_crc(h)
     p = tmp_path / "4g.kvmsnap"
     with open(p, "wb") as f:
@@ -153,8 +157,9 @@ def test_checks_finish_before_guest_memory_is_allocated(good, tmp_path):
         f.truncate(total)
     base = rss_anon()
     t0 = time.perf_counter()
-    with pytest.raises(SnapshotError, match="STATE says 8388608 bytes of memory, the header 4294967296"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(p)
+    assert e.value.check == "state_memory"
     assert time.perf_counter() - t0 < FAST_S
     assert rss_anon() - base < 4 * MiB
     assert os.stat(p).st_blocks * 512 < 1 * MiB
@@ -164,50 +169,50 @@ def test_checks_finish_before_guest_memory_is_allocated(good, tmp_path):
 
 
 def test_bad_magic(good):
-    rejected(b"KVMLSNAQ" + good[8:], "bad magic: not a kvmlab snapshot")
-    rejected(b"\x7fELF" + bytes(4092), "bad magic")
+    rejected(b"KVMLSNAQ" + good[8:], "magic")
+    rejected(b"\x7fELF" + bytes(4092), "magic")
 
 
 def test_newer_minor_version_is_refused(good):
-    rejected(edit(good, minor=1, fix_crc=True), r"unsupported version 1\.1 \(this kvmlab reads 1\.0 \.\. 1\.0\)")
+    rejected(edit(good, minor=1, fix_crc=True), "version")
 
 
 def test_newer_major_version_is_refused(good):
-    rejected(edit(good, major=2, fix_crc=True), r"unsupported version 2\.0")
-    rejected(edit(good, major=0xFFFF, minor=0xFFFF), r"unsupported version 65535\.65535")
+    rejected(edit(good, major=2, fix_crc=True), "version")
+    rejected(edit(good, major=0xFFFF, minor=0xFFFF), "version")
 
 
 def test_older_major_version_is_refused(good):
-    rejected(edit(good, major=0, fix_crc=True), r"unsupported version 0\.0")
+    rejected(edit(good, major=0, fix_crc=True), "version")
 
 
 def test_other_architecture(good):
-    rejected(edit(good, arch=2, fix_crc=True), "architecture 2 is not x86_64")
+    rejected(edit(good, arch=2, fix_crc=True), "arch")
 
 
 def test_header_size_field(good):
-    rejected(edit(good, header_bytes=8192, fix_crc=True), "header size is not 4096")
+    rejected(edit(good, header_bytes=8192, fix_crc=True), "header_size")
 
 
 # -- 4. section bounds ----------------------------------------------------------------------
 
 
 def test_section_count(good):
-    rejected(edit(good, count=3, fix_crc=True), "3 sections; version 1 has exactly 2")
-    rejected(edit(good, count=0, fix_crc=True), "0 sections")
+    rejected(edit(good, count=3, fix_crc=True), "section_count")
+    rejected(edit(good, count=0, fix_crc=True), "section_count")
 
 
 def test_section_kind(good):
-    rejected(edit_section(good, 0, kind=2, fix_crc=True), "section 0 has kind 2, expected 1")
+    rejected(edit_section(good, 0, kind=2, fix_crc=True), "section_kind")
 
 
 def test_section_outside_the_snapshot(good):
     st, mem = C.sections(good)
-    rejected(edit_section(good, 1, bytes=1 << 40), r"section MEMORY \(offset %d, 1099511627776 bytes\) lies outside the %d-byte snapshot" % (mem.offset, len(good)))
-    rejected(edit_section(good, 0, offset=2**64 - 1), "section STATE .* lies outside")
-    rejected(edit_section(good, 0, offset=100), r"section STATE \(offset 100,")  # inside the header
+    rejected(edit_section(good, 1, bytes=1 << 40), "section_bounds")
+    rejected(edit_section(good, 0, offset=2**64 - 1), "section_bounds")
+    rejected(edit_section(good, 0, offset=100), "section_bounds")  # inside the header
     # offset + bytes would overflow 64 bits: still "outside", no wrap-around.
-    rejected(edit_section(good, 1, offset=mem.offset, bytes=2**64 - mem.offset + 1), "section MEMORY .* lies outside")
+    rejected(edit_section(good, 1, offset=mem.offset, bytes=2**64 - mem.offset + 1), "section_bounds")
 
 
 def test_state_section_over_its_limit(tmp_path):
@@ -223,51 +228,52 @@ def test_state_section_over_its_limit(tmp_path):
     with open(p, "wb") as f:
         f.write(h)
         f.truncate(total)
-    with pytest.raises(SnapshotError, match="STATE section of 9437184 bytes is over the limit"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(p)
+    assert e.value.check == "state_limit"
 
 
 def test_memory_section_not_page_aligned(good):
     st, mem = C.sections(good)
     data = edit_section(good, 1, offset=mem.offset - 8, bytes=mem.bytes)
-    rejected(data, "MEMORY section is not page-aligned")
+    rejected(data, "memory_alignment")
 
 
 def test_sections_overlap(good):
     st, mem = C.sections(good)
-    rejected(edit_section(good, 0, bytes=mem.offset - st.offset + 4096), "STATE and MEMORY sections overlap")
+    rejected(edit_section(good, 0, bytes=mem.offset - st.offset + 4096), "section_overlap")
 
 
 def test_memory_size_out_of_range(good):
-    rejected(edit(good, memory_bytes=4 * MiB), "memory size 4194304 bytes is out of range")
-    rejected(edit(good, memory_bytes=9 * MiB), "memory size 9437184 bytes is out of range")
-    rejected(edit(good, memory_bytes=8 << 30), "memory size 8589934592 bytes is out of range")
+    rejected(edit(good, memory_bytes=4 * MiB), "memory_size")
+    rejected(edit(good, memory_bytes=9 * MiB), "memory_size")
+    rejected(edit(good, memory_bytes=8 << 30), "memory_size")
 
 
 def test_more_present_pages_than_the_guest_has(good):
-    rejected(edit(good, present=2049), "2049 present pages in a 2048-page guest")
+    rejected(edit(good, present=2049), "present_pages")
 
 
 def test_unknown_flags(good):
-    rejected(edit(good, flags=0x3), "unknown flags 0x3")
+    rejected(edit(good, flags=0x3), "flags")
 
 
 def test_memory_section_size_disagrees_with_the_header(good):
-    rejected(edit(good, present=C.u64(good, C.OFF_PRESENT) + 1), r"MEMORY section is \d+ bytes, expected \d+")
-    rejected(edit(good, flags=0), r"MEMORY section is \d+ bytes, expected 8388608")
+    rejected(edit(good, present=C.u64(good, C.OFF_PRESENT) + 1), "memory_section_size")
+    rejected(edit(good, flags=0), "memory_section_size")
 
 
 # -- 5. checksums ----------------------------------------------------------------------------
 
 
 def test_header_checksum_mismatch(good):
-    rejected(edit(good, vcpus=2), "checksum mismatch in the header")
+    rejected(edit(good, vcpus=2), "header_crc")
     buf = bytearray(good)
     buf[C.OFF_HEADER_CRC] ^= 1
-    rejected(bytes(buf), "checksum mismatch in the header")
+    rejected(bytes(buf), "header_crc")
     buf = bytearray(good)
     buf[C.SECTION_TABLE + 28] ^= 0x80  # a reserved byte of the section table: structure check first
-    rejected(bytes(buf), "reserved section table bytes are not zero")
+    rejected(bytes(buf), "reserved")
 
 
 def test_state_section_checksum_mismatch(good):
@@ -275,7 +281,7 @@ def test_state_section_checksum_mismatch(good):
     for off in (st.offset, st.offset + st.bytes // 2, st.offset + st.bytes - 1):
         buf = bytearray(good)
         buf[off] ^= 0x01
-        rejected(bytes(buf), "checksum mismatch in section STATE")
+        rejected(bytes(buf), "state_crc")
 
 
 def test_memory_section_checksum_mismatch(good):
@@ -283,7 +289,7 @@ def test_memory_section_checksum_mismatch(good):
     for off in (mem.offset, mem.offset + mem.bytes // 2, len(good) - 1):
         buf = bytearray(good)
         buf[off] ^= 0x80
-        rejected(bytes(buf), "checksum mismatch in section MEMORY")
+        rejected(bytes(buf), "memory_crc")
 
 
 def test_saved_file_checksum_mismatch_names_the_file(good, tmp_path):
@@ -294,8 +300,10 @@ def test_saved_file_checksum_mismatch_names_the_file(good, tmp_path):
     page = 0x400000 // 4096  # the counter region: a present page
     raw[mem.offset + page * 4096 + 8] ^= 0xFF
     p.write_bytes(raw)
-    with pytest.raises(SnapshotError, match=f"{p}: snapshot: checksum mismatch in section MEMORY"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(p)
+    assert e.value.check == "memory_crc"
+    assert str(p) in str(e.value)  # the message names the file
 
 
 def test_data_in_a_hole_of_a_saved_file_is_detected(good, tmp_path):
@@ -310,8 +318,9 @@ def test_data_in_a_hole_of_a_saved_file_is_detected(good, tmp_path):
     assert raw[mem.offset + gpa : mem.offset + gpa + 4096] == bytes(4096)
     raw[mem.offset + gpa] = 0xAA
     p.write_bytes(raw)
-    with pytest.raises(SnapshotError, match=r"page 1536 \(guest address 0x600000\) holds data although the page map says it is zero"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(p)
+    assert e.value.check == "holes"
     # A non-sparse copy of a good file (holes written as zero data) still loads.
     with Snapshot.from_bytes(good) as snap:
         q = snap.save(tmp_path / "t.kvmsnap")
@@ -324,20 +333,21 @@ def test_data_in_a_hole_of_a_saved_file_is_detected(good, tmp_path):
 def test_reserved_bytes_must_be_zero(good):
     raw = bytearray(good)
     raw[1000] = 1  # inside the header, past the section table
-    with pytest.raises(SnapshotError, match="reserved header bytes are not zero"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.from_bytes(bytes(raw))
+    assert e.value.check == "reserved"
 
 
 # -- 6. semantic checks (CRCs recomputed so they pass) ------------------------------------------
 
 
 def test_vcpu_count_disagrees_with_state(good):
-    rejected(edit(good, vcpus=2, fix_crc=True), "header says 2 vCPUs, STATE 1")
+    rejected(edit(good, vcpus=2, fix_crc=True), "vcpu_count")
 
 
 def test_memory_size_disagrees_with_state(good):
     # 16 MiB in the header: the packed MEMORY size still matches, the STATE blob says 8.
-    rejected(edit(good, memory_bytes=16 * MiB, fix_crc=True), "STATE says 8388608 bytes of memory, the header 16777216")
+    rejected(edit(good, memory_bytes=16 * MiB, fix_crc=True), "state_memory")
 
 
 def test_page_map_disagrees_with_present_count(good):
@@ -348,7 +358,7 @@ def test_page_map_disagrees_with_present_count(good):
     bits[first_zero // 8] |= 1 << (first_zero % 8)
     pm.data = bytes(bits)
     n = C.u64(good, C.OFF_PRESENT)
-    rejected(C.with_state(good, C.build_state(header, recs)), f"page map has {n + 1} pages, the header {n}")
+    rejected(C.with_state(good, C.build_state(header, recs)), "page_count")
 
 
 # -- the check order -----------------------------------------------------------------------------
@@ -371,14 +381,14 @@ def test_checks_run_in_the_documented_order(good):
     magic = b"XXXXXXXX" + version[8:]  # + magic
     truncated = magic[:100]  # + size
     for data, message in [
-        (semantic, "header says 2 vCPUs"),
-        (mem_crc, "checksum mismatch in section MEMORY"),
-        (state_crc, "checksum mismatch in section STATE"),
-        (header_crc, "checksum mismatch in the header"),
-        (bounds, "lies outside"),
-        (version, "unsupported version 9.0"),
-        (magic, "bad magic"),
-        (truncated, "truncated: 100 bytes"),
+        (semantic, "vcpu_count"),
+        (mem_crc, "memory_crc"),
+        (state_crc, "state_crc"),
+        (header_crc, "header_crc"),
+        (bounds, "section_bounds"),
+        (version, "version"),
+        (magic, "magic"),
+        (truncated, "size"),
     ]:
         rejected(data, message)
 
@@ -387,34 +397,40 @@ def test_checks_run_in_the_documented_order(good):
 
 
 def test_load_refuses_a_directory(tmp_path):
-    with pytest.raises(SnapshotError, match="is not a regular file"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(tmp_path)
+    assert e.value.check == "file"
     # The core refuses it too, without the Python pre-check.
     out = _ffi.ffi.new("kvmlab_snapshot **")
-    with pytest.raises(SnapshotError, match="is not a regular file"):
+    with pytest.raises(SnapshotError) as e:
         _ffi.check(_ffi.lib.kvmlab_snapshot_load(os.fsencode(tmp_path), out))
+    assert e.value.check == "file"
 
 
 def test_load_refuses_dev_null():
-    with pytest.raises(SnapshotError, match="/dev/null is not a regular file"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load("/dev/null")
+    assert e.value.check == "file"
     out = _ffi.ffi.new("kvmlab_snapshot **")
-    with pytest.raises(SnapshotError, match="/dev/null is not a regular file"):
+    with pytest.raises(SnapshotError) as e:
         _ffi.check(_ffi.lib.kvmlab_snapshot_load(b"/dev/null", out))
+    assert e.value.check == "file"
 
 
 def test_load_refuses_a_fifo_without_blocking(tmp_path):
     p = tmp_path / "fifo"
     os.mkfifo(p)
     t0 = time.perf_counter()
-    with pytest.raises(SnapshotError, match="is not a regular file"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(p)
+    assert e.value.check == "file"
     assert time.perf_counter() - t0 < FAST_S
 
 
 def test_load_missing_file_and_bad_paths(tmp_path):
-    with pytest.raises(SnapshotError, match="cannot open snapshot .*No such file"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(tmp_path / "missing.kvmsnap")
+    assert e.value.check == "file"
     with pytest.raises(ConfigError) as e:  # a bad argument, checked before the file system
         Snapshot.load("bad\0path")
     assert e.value.check == "argument_path"
@@ -423,8 +439,9 @@ def test_load_missing_file_and_bad_paths(tmp_path):
 def test_load_short_file(tmp_path):
     p = tmp_path / "short.kvmsnap"
     p.write_bytes(b"KVMLSNAP" + struct.pack("<HH", 1, 0) + b"\xff\xff")
-    with pytest.raises(SnapshotError, match="truncated: 14 bytes"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.load(p)
+    assert e.value.check == "size"
 
 
 def test_from_bytes_refuses_non_buffers():
@@ -470,27 +487,27 @@ def _hostile_blobs(blob: bytes) -> dict[str, tuple[bytes, str]]:
     C.put64(b, 16, 3 * MiB)
     odd_memory = bytes(b)
     return {
-        "bad-magic": (b"KVMLSTAX" + blob[8:], "vCPU state: bad magic"),
-        "huge-record-count": (with_count(0xFFFF_FFFF), "4294967295 records is over the limit of"),
-        "count-one-too-many": (with_count(n + 1), f"vCPU state: truncated in record {n}"),
-        "count-one-too-few": (with_count(n - 1), "vCPU state: 24 trailing bytes after the last record|trailing bytes"),
-        "truncated-mid-record": (blob[: len(blob) - 16], r"record \d+ \(\d+ bytes\) runs past the end"),
-        "truncated-header": (blob[:14], "vCPU state: truncated: 14 bytes, the header alone is 32"),
-        "huge-record-length": (first_record(bytes=0xFFFF_FFF8), r"record 0 \(4294967288 bytes\) runs past the end"),
-        "unknown-tag": (first_record(tag=99), "record 0 has unknown tag 99"),
-        "vcpu-out-of-range": (first_record(vcpu=5), r"record 0 \(regs\) names vCPU 5 of 1"),
-        "vm-wide-tag-on-a-vcpu": (first_record(vcpu=C.VM_WIDE), r"record 0 \(regs\) has vCPU 4294967295"),
-        "wrong-fixed-size": (C.build_state(header, [C.Record(1, 0, recs[0].data[:-8])] + recs[1:]), "record regs is 136 bytes, expected 144"),
-        "duplicate-record": (C.build_state(header, recs + [recs[0]]), "duplicate regs record for vCPU 0"),
-        "missing-record": (without(8), "missing mp_state record for vCPU 0"),
-        "missing-vm-record": (without(35), "missing pit2 record"),
-        "newer-minor": (newer_minor, r"vCPU state: unsupported version 1\.1"),
-        "zero-vcpus": (no_vcpus, "vCPU count 0 is out of range 1..8"),
-        "odd-memory-size": (odd_memory, "memory size 3145728 bytes is out of range"),
+        "bad-magic": (b"KVMLSTAX" + blob[8:], "state_magic"),
+        "huge-record-count": (with_count(0xFFFF_FFFF), "state_record_count"),
+        "count-one-too-many": (with_count(n + 1), "state_record"),
+        "count-one-too-few": (with_count(n - 1), "state_trailing"),
+        "truncated-mid-record": (blob[: len(blob) - 16], "state_record"),
+        "truncated-header": (blob[:14], "state_size"),
+        "huge-record-length": (first_record(bytes=0xFFFF_FFF8), "state_record"),
+        "unknown-tag": (first_record(tag=99), "state_record"),
+        "vcpu-out-of-range": (first_record(vcpu=5), "state_record"),
+        "vm-wide-tag-on-a-vcpu": (first_record(vcpu=C.VM_WIDE), "state_record"),
+        "wrong-fixed-size": (C.build_state(header, [C.Record(1, 0, recs[0].data[:-8])] + recs[1:]), "state_record"),
+        "duplicate-record": (C.build_state(header, recs + [recs[0]]), "state_record"),
+        "missing-record": (without(8), "state_missing"),
+        "missing-vm-record": (without(35), "state_missing"),
+        "newer-minor": (newer_minor, "state_version"),
+        "zero-vcpus": (no_vcpus, "state_shape"),
+        "odd-memory-size": (odd_memory, "state_shape"),
         # The per-record limits of docs/security.md: 64 KiB XSAVE, 1,024 MSRs, 256 CPUID entries.
-        "oversized-xsave": (replaced(4, bytes((64 << 10) + 64)), "XSAVE record of 65600 bytes"),
-        "oversized-msrs": (replaced(6, bytes(1025 * 16)), "MSR record of 16400 bytes"),
-        "oversized-cpuid": (replaced(11, bytes(257 * 40)), "CPUID record of 10280 bytes"),
+        "oversized-xsave": (replaced(4, bytes((64 << 10) + 64)), "state_record"),
+        "oversized-msrs": (replaced(6, bytes(1025 * 16)), "state_record"),
+        "oversized-cpuid": (replaced(11, bytes(257 * 40)), "state_record"),
     }
 
 
@@ -589,7 +606,7 @@ def _refresh_crcs(buf: bytearray) -> None:
     C.put64(buf, C.OFF_TOTAL, len(buf))
     for s in C.sections(buf)[:2]:
         if s.offset <= len(buf) and s.bytes <= len(buf) - s.offset and s.bytes <= 16 * MiB:
-            C.put32(buf, s.entry + 24, C.crc32c(buf[s.offset : s.offset + s.bytes]))
+            C.put32(buf, s.entry + C.SECTION_FIELDS["crc"][0], C.crc32c(buf[s.offset : s.offset + s.bytes]))
     C.fix_header_crc(buf)
 
 
@@ -659,17 +676,18 @@ def _stage(data: bytes) -> str:
     try:
         Snapshot.from_bytes(data).close()
     except SnapshotError as e:
-        msg = str(e)
+        check = e.check
     else:
         assert _outcome(data) == "ok"
         return "ok"
     assert time.perf_counter() - t0 < 2.0, "from_bytes took too long"
-    if msg.startswith("vCPU state: "):
-        return "state"  # the STATE parser: blob header, records, completeness
-    if "checksum mismatch" in msg:
+    assert check is not None, "every refusal of the core names its check"
+    if check in ("header_crc", "state_crc", "memory_crc"):
         return "checksum"
-    if any(w in msg for w in ("STATE says", "page map has", "vCPUs, STATE")):
+    if check in ("state_memory", "page_count", "vcpu_count"):
         return "cross"  # after the parser: the header against STATE
+    if check.startswith("state_") and check != "state_limit":
+        return "state"  # the STATE parser: blob header, records, completeness
     return "layout"
 
 
@@ -795,5 +813,6 @@ def test_fuzz_baseline_is_reachable(good):
     st_sec, _ = C.sections(good)
     buf = _apply(good, [("field32", st_sec.offset + 24, 0xFFFF_FFFF)])
     _refresh_crcs(buf)
-    with pytest.raises(SnapshotError, match="vCPU state: 4294967295 records"):
+    with pytest.raises(SnapshotError) as e:
         Snapshot.from_bytes(bytes(buf))
+    assert e.value.check == "state_record_count"

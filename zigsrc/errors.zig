@@ -69,6 +69,72 @@ pub fn toResult(e: Error) Result {
     };
 }
 
+/// Which check refused an input (a snapshot, a state blob): the machine-
+/// readable id of a `Snapshot` error, next to its message. The steps of
+/// snapshot.check() and state.parse() each fail with their own id, in the
+/// order listed in those files. `none`: the last error was not a failed check.
+pub const Check = enum(c_int) {
+    none = 0,
+    // snapshot.check(), in order
+    size = 1,
+    magic = 2,
+    version = 3,
+    arch = 4,
+    header_size = 5,
+    section_count = 6,
+    total_bytes = 7,
+    section_kind = 8,
+    state_limit = 9,
+    section_bounds = 10,
+    memory_alignment = 11,
+    section_overlap = 12,
+    memory_size = 13,
+    present_pages = 14,
+    flags = 15,
+    memory_section_size = 16,
+    reserved = 17,
+    padding = 18,
+    header_crc = 19,
+    state_crc = 20,
+    // (the STATE section is then checked by state.parse: the state_* ids)
+    state_memory = 22,
+    page_count = 23,
+    memory_crc = 24,
+    vcpu_count = 25,
+    // snapshot.load() of a file, after check()
+    file = 26,
+    holes = 27,
+    // state.parse(), in order
+    state_size = 40,
+    state_magic = 41,
+    state_version = 42,
+    state_shape = 43,
+    state_record_count = 44,
+    state_record = 45,
+    state_trailing = 46,
+    state_missing = 47,
+    // using a snapshot
+    /// The snapshot does not fit the VM or pool it is restored into.
+    shape = 60,
+    /// The file behind a loaded snapshot was truncated or replaced.
+    damaged = 61,
+};
+
+threadlocal var last_check: Check = .none;
+
+/// Fails with `Snapshot`, recording `check` as the id of the failed check.
+pub fn failCheck(check: Check, comptime fmt: []const u8, args: anytype) Error {
+    setMessage(fmt, args);
+    last_check = check;
+    return error.Snapshot;
+}
+
+/// The id of this thread's last failed check (`none` unless the last error
+/// came from failCheck).
+pub fn lastCheck() Check {
+    return last_check;
+}
+
 pub const message_capacity = 1024;
 threadlocal var message_buf: [message_capacity]u8 = undefined;
 threadlocal var message_len: usize = 0;
@@ -81,6 +147,7 @@ pub fn fail(e: Error, comptime fmt: []const u8, args: anytype) Error {
 }
 
 pub fn setMessage(comptime fmt: []const u8, args: anytype) void {
+    last_check = .none;
     // Leave room for the terminating NUL; a message that does not fit is cut.
     const out = std.fmt.bufPrint(message_buf[0 .. message_capacity - 1], fmt, args) catch blk: {
         const tail = "...";
@@ -98,7 +165,7 @@ pub fn message() [*:0]const u8 {
 
 /// Fails with `KvmFailed`, naming the ioctl and the errno it returned.
 pub fn ioctlFailed(what: []const u8) Error {
-    const kvm = @import("kvm.zig");
+    const kvm = @import("kvm.zig"); // below errors in spirit: only last_errno
     return fail(error.KvmFailed, "{s} failed: E{s}", .{ what, @tagName(kvm.last_errno) });
 }
 
@@ -111,4 +178,11 @@ test "messages are NUL-terminated and cut when too long" {
     const m = std.mem.span(message());
     try std.testing.expectEqual(@as(usize, message_capacity - 1), m.len);
     try std.testing.expect(std.mem.endsWith(u8, m, "..."));
+}
+
+test "a failed check records its id; any other failure clears it" {
+    try std.testing.expectEqual(error.Snapshot, failCheck(.magic, "bad magic", .{}));
+    try std.testing.expectEqual(Check.magic, lastCheck());
+    try std.testing.expectEqual(error.Config, fail(error.Config, "x", .{}));
+    try std.testing.expectEqual(Check.none, lastCheck());
 }

@@ -5,7 +5,7 @@
 const std = @import("std");
 const errors = @import("errors.zig");
 
-pub const Site = enum(u32) {
+pub const Site = enum(c_int) {
     none = 0,
     create_vm = 1,
     memory = 2,
@@ -21,18 +21,18 @@ var armed = std.atomic.Value(u32).init(0);
 var passes = std.atomic.Value(u32).init(0);
 
 /// Fails the step `site` after it has passed `after` more times. `site` 0 disarms.
-pub fn arm(site: u32, after: u32) errors.Error!void {
+pub fn arm(site: c_int, after: u32) errors.Error!void {
     if (std.enums.fromInt(Site, site) == null) return errors.fail(error.Config, "unknown fault site {d} (1 .. 8)", .{site});
     passes.store(after, .release);
-    armed.store(site, .release);
+    armed.store(@intCast(site), .release);
 }
 
 pub fn check(site: Site) errors.Error!void {
-    if (armed.load(.acquire) != @intFromEnum(site)) return;
+    if (armed.load(.acquire) != @as(u32, @intCast(@intFromEnum(site)))) return;
     while (true) {
         const left = passes.load(.acquire);
         if (left == 0) {
-            if (armed.cmpxchgStrong(@intFromEnum(site), 0, .acq_rel, .acquire) == null)
+            if (armed.cmpxchgStrong(@intCast(@intFromEnum(site)), 0, .acq_rel, .acquire) == null)
                 return errors.fail(error.KvmFailed, "injected fault at shell step '{s}' (test switch kvmlab_fault_inject)", .{@tagName(site)});
             return;
         }

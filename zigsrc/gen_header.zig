@@ -1,27 +1,68 @@
-//! Renders kvmlab.h from zigsrc/capi.zig. Run by `zig build` (see build.zig);
-//! the header has no preprocessor lines so cffi's cdef can read it as is.
+//! Renders the C headers from zigsrc/capi/*.zig. Run by `zig build` (see
+//! build.zig); the headers have no preprocessor lines so cffi's cdef can read
+//! them as is. Two export groups: `product` (capi/common, vm, snapshot, pool
+//! -> kvmlab.h) and `testing` (capi/testing -> kvmlab_testing.h, which uses
+//! kvmlab.h's types and is read after it).
 //!
-//!   gen_header            -> kvmlab.h on stdout
-//!   gen_header --check-c  -> a C file on stdout that includes kvmlab.h and
-//!                            `_Static_assert`s every struct size, field
-//!                            offset and enum size against Zig's view
-//!                            (compiled by `zig build test`)
+//!   gen_header [--group=testing]            -> the header on stdout
+//!   gen_header [--group=testing] --check-c  -> a C file on stdout that includes
+//!                            the headers and `_Static_assert`s every struct
+//!                            size, field offset and enum value against Zig's
+//!                            view (compiled by `zig build test`)
 //!
-//! What becomes C (every `pub` decl of capi.zig whose name starts `kvmlab_`):
+//! What becomes C (every `pub` decl of a group's files whose name starts `kvmlab_`):
 //!   - `pub export fn kvmlab_x(...) callconv(.c) R`   -> prototype
 //!   - `pub const kvmlab_x = opaque {}`               -> `typedef struct kvmlab_x kvmlab_x;`
 //!   - `pub const kvmlab_x = extern struct/union {}`  -> typedef + definition
 //!   - `pub const kvmlab_x = enum(c_int) {...}`       -> `typedef enum {...} kvmlab_x;`
 //!     constants are KVMLAB_<X>_<TAG> (KVMLAB_<TAG> for kvmlab_result).
 //! Types come from reflection (@typeInfo); parameter names and `///` doc
-//! comments come from tokenizing capi.zig's source (@embedFile). Anything the
+//! comments come from tokenizing the files' source (@embedFile). Anything the
 //! generator cannot map faithfully to C is a compile error (or, for source
 //! inconsistencies, a non-zero exit), never a guess.
 const std = @import("std");
-const capi = @import("capi.zig");
 
-const capi_source: [:0]const u8 = @embedFile("capi.zig");
 const prefix = "kvmlab_";
+
+/// One file of C ABI declarations.
+const Module = struct { decls: type, source: [:0]const u8, path: []const u8 };
+
+const product_modules = [_]Module{
+    .{ .decls = @import("capi/common.zig"), .source = @embedFile("capi/common.zig"), .path = "capi/common.zig" },
+    .{ .decls = @import("capi/vm.zig"), .source = @embedFile("capi/vm.zig"), .path = "capi/vm.zig" },
+    .{ .decls = @import("capi/snapshot.zig"), .source = @embedFile("capi/snapshot.zig"), .path = "capi/snapshot.zig" },
+    .{ .decls = @import("capi/pool.zig"), .source = @embedFile("capi/pool.zig"), .path = "capi/pool.zig" },
+};
+const testing_modules = [_]Module{
+    .{ .decls = @import("capi/testing.zig"), .source = @embedFile("capi/testing.zig"), .path = "capi/testing.zig" },
+};
+const all_modules = product_modules ++ testing_modules;
+
+pub const Group = enum {
+    product,
+    testing,
+
+    fn modules(comptime g: Group) []const Module {
+        return switch (g) {
+            .product => &product_modules,
+            .testing => &testing_modules,
+        };
+    }
+    fn headerName(g: Group) []const u8 {
+        return switch (g) {
+            .product => "kvmlab.h",
+            .testing => "kvmlab_testing.h",
+        };
+    }
+};
+
+/// The type declared as `kvmlab_*` `name` in any module.
+fn typeByName(comptime name: []const u8) type {
+    inline for (all_modules) |m| {
+        if (@hasDecl(m.decls, name)) return @field(m.decls, name);
+    }
+    @compileError("gen_header: no module declares " ++ name);
+}
 
 // ---------------------------------------------------------------------------
 // Comptime: reflection over capi.zig
@@ -69,16 +110,18 @@ fn upper(comptime s: []const u8) []const u8 {
 
 fn fail(comptime ctx: []const u8, comptime msg: []const u8, comptime T: type) noreturn {
     @compileError("gen_header: " ++ ctx ++ ": " ++ msg ++ " (Zig type `" ++ @typeName(T) ++
-        "`); extend zigsrc/gen_header.zig or change capi.zig");
+        "`); extend zigsrc/gen_header.zig or change zigsrc/capi/");
 }
 
-/// The `kvmlab_*` name under which capi.zig declares type `T`, if any.
+/// The `kvmlab_*` name under which a capi file declares type `T`, if any.
 fn capiName(comptime T: type) ?[]const u8 {
-    inline for (@typeInfo(capi).@"struct".decl_names) |name| {
-        if (comptime startsWith(name, prefix)) {
-            const v = @field(capi, name);
-            if (@TypeOf(v) == type) {
-                if (v == T) return name;
+    inline for (all_modules) |m| {
+        inline for (@typeInfo(m.decls).@"struct".decl_names) |name| {
+            if (comptime startsWith(name, prefix)) {
+                const v = @field(m.decls, name);
+                if (@TypeOf(v) == type) {
+                    if (v == T) return name;
+                }
             }
         }
     }
@@ -290,15 +333,16 @@ fn funcItem(comptime name: []const u8, comptime F: type) Item {
     return .{ .kind = .func, .name = name, .ret = cType(R, ctx ++ " return type"), .params = params };
 }
 
-/// Every kvmlab_* pub decl, types in dependency order (by-value struct
-/// nesting), then functions, each group in declaration order.
-const items: []const Item = blk: {
+/// Every kvmlab_* pub decl of a group, types in dependency order (by-value
+/// struct nesting), then functions, each in declaration order.
+fn itemsOf(comptime g: Group) []const Item {
+    return comptime blk: {
     @setEvalBranchQuota(1_000_000);
     var types: []const Item = &.{};
     var funcs: []const Item = &.{};
-    for (@typeInfo(capi).@"struct".decl_names) |name| {
+    for (g.modules()) |m| for (@typeInfo(m.decls).@"struct".decl_names) |name| {
         if (!startsWith(name, prefix)) continue;
-        const v = @field(capi, name);
+        const v = @field(m.decls, name);
         const V = @TypeOf(v);
         if (V == type) {
             types = types ++ [_]Item{typeItem(name, v)};
@@ -307,7 +351,7 @@ const items: []const Item = blk: {
         } else {
             fail("capi." ++ name, "a pub kvmlab_* decl must be a type or an exported function", V);
         }
-    }
+    };
     // Order struct/union definitions so by-value members come first.
     var ordered: []const Item = &.{};
     var done: [types.len]bool = @splat(false);
@@ -318,7 +362,7 @@ const items: []const Item = blk: {
             if (done[i]) continue;
             const ready = switch (it.kind) {
                 .@"struct", .@"union" => r: {
-                    for (valueDeps(@field(capi, it.name))) |dep| {
+                    for (valueDeps(typeByName(it.name))) |dep| {
                         for (types, 0..) |other, j| {
                             if (std.mem.eql(u8, other.name, dep) and !done[j]) break :r false;
                         }
@@ -336,7 +380,8 @@ const items: []const Item = blk: {
     }
     if (ordered.len != types.len) @compileError("gen_header: kvmlab_* structs contain each other by value (cycle)");
     break :blk ordered ++ funcs;
-};
+    };
+}
 
 // ---------------------------------------------------------------------------
 // Runtime: names and docs from capi.zig's source
@@ -348,19 +393,25 @@ const Source = struct {
     /// exported function -> parameter names.
     params: std.StringHashMap([]const []const u8),
 
-    fn scan(arena: std.mem.Allocator, src: [:0]const u8) !Source {
+    fn scan(arena: std.mem.Allocator, comptime g: Group) !Source {
+        var s: Source = .{ .docs = .init(arena), .params = .init(arena) };
+        inline for (comptime g.modules()) |m| try s.scanInto(arena, m.source);
+        return s;
+    }
+
+    fn scanInto(s: *Source, arena: std.mem.Allocator, src: [:0]const u8) !void {
         var toks: std.ArrayList(std.zig.Token) = .empty;
         var tz = std.zig.Tokenizer.init(src);
         while (true) {
             const t = tz.next();
             if (t.tag == .eof) break;
-            if (t.tag == .invalid) return fatal("capi.zig does not tokenize at byte {d}", .{t.loc.start});
+            if (t.tag == .invalid) return fatal("a capi file does not tokenize at byte {d}", .{t.loc.start});
             try toks.append(arena, t);
         }
         const ts = toks.items;
         const text = struct {
-            fn of(s: [:0]const u8, t: std.zig.Token) []const u8 {
-                return s[t.loc.start..t.loc.end];
+            fn of(source: [:0]const u8, t: std.zig.Token) []const u8 {
+                return source[t.loc.start..t.loc.end];
             }
         }.of;
         const is = struct {
@@ -369,10 +420,6 @@ const Source = struct {
             }
         }.tag;
 
-        var s: Source = .{
-            .docs = .init(arena),
-            .params = .init(arena),
-        };
         var depth: usize = 0; // brace depth
         var pending_decl: ?[]const u8 = null; // `pub const NAME =` awaiting its `{` or `;`
         var container: ?[]const u8 = null; // top-level container whose body we are in
@@ -408,11 +455,11 @@ const Source = struct {
                 .keyword_export => {
                     if (depth != 0) continue;
                     if (!is(ts, i + 1, .keyword_fn) or !is(ts, i + 2, .identifier))
-                        return fatal("capi.zig:{d}: only `pub export fn kvmlab_*` may be exported", .{line(src, t)});
+                        return fatal("{d}: only `pub export fn kvmlab_*` may be exported", .{line(src, t)});
                     const name = text(src, ts[i + 2]);
                     if (i == 0 or ts[i - 1].tag != .keyword_pub or !std.mem.startsWith(u8, name, prefix))
-                        return fatal("capi.zig:{d}: exported function `{s}` must be `pub export fn kvmlab_*` to appear in kvmlab.h", .{ line(src, t), name });
-                    if (!is(ts, i + 3, .l_paren)) return fatal("capi.zig:{d}: expected `(` after {s}", .{ line(src, t), name });
+                        return fatal("{d}: exported function `{s}` must be `pub export fn kvmlab_*` to appear in kvmlab.h", .{ line(src, t), name });
+                    if (!is(ts, i + 3, .l_paren)) return fatal("{d}: expected `(` after {s}", .{ line(src, t), name });
                     var names: std.ArrayList([]const u8) = .empty;
                     var pd: usize = 0;
                     var k = i + 3;
@@ -462,14 +509,14 @@ const Source = struct {
                     depth += 1;
                 },
                 .r_brace => {
-                    if (depth == 0) return fatal("capi.zig:{d}: unbalanced `}}`", .{line(src, t)});
+                    if (depth == 0) return fatal("{d}: unbalanced `}}`", .{line(src, t)});
                     depth -= 1;
                     if (depth == 0) container = null;
                 },
                 else => {},
             }
         }
-        return s;
+        return;
     }
 
     fn line(src: []const u8, t: std.zig.Token) usize {
@@ -530,8 +577,10 @@ const Out = struct {
     }
 };
 
-fn renderHeader(o: *Out, s: *const Source) !void {
-    try o.write("/* generated by zigsrc/gen_header.zig from zigsrc/capi.zig; do not edit */\n");
+fn renderHeader(o: *Out, s: *const Source, comptime g: Group) !void {
+    const items = comptime itemsOf(g);
+    try o.print("/* {s}: generated by zigsrc/gen_header.zig from zigsrc/capi/ (group {s}); do not edit */\n", .{ g.headerName(), @tagName(g) });
+    if (g == .testing) try o.write("/* The testing export group (benchmark floors, fault injection); read after kvmlab.h. */\n");
     try o.write("/* C ABI of libkvmlab. No preprocessor lines on purpose (cffi cdef);\n" ++
         "   C users include <stdint.h> and <stddef.h> first. */\n");
 
@@ -597,9 +646,12 @@ fn renderHeader(o: *Out, s: *const Source) !void {
     }
 }
 
-fn renderCheck(o: *Out) !void {
+fn renderCheck(o: *Out, comptime g: Group) !void {
+    const items = comptime itemsOf(g);
     try o.write("/* generated by zigsrc/gen_header.zig --check-c: kvmlab.h must match Zig's layout */\n");
-    try o.write("#include <stddef.h>\n#include <stdint.h>\n#include \"kvmlab.h\"\n\n");
+    try o.write("#include <stddef.h>\n#include <stdint.h>\n#include \"kvmlab.h\"\n");
+    if (g == .testing) try o.write("#include \"kvmlab_testing.h\"\n");
+    try o.write("\n");
     inline for (items) |it| switch (it.kind) {
         .@"struct", .@"union" => {
             try o.print("_Static_assert(sizeof({s}) == {d}, \"sizeof {s}\");\n", .{ it.name, it.size, it.name });
@@ -621,55 +673,74 @@ fn renderCheck(o: *Out) !void {
     };
 }
 
-fn render(arena: std.mem.Allocator, o: *Out, check_c: bool) !void {
-    if (check_c) return renderCheck(o);
-    const s = try Source.scan(arena, capi_source);
-    try renderHeader(o, &s);
+fn render(arena: std.mem.Allocator, o: *Out, check_c: bool, comptime g: Group) !void {
+    if (check_c) return renderCheck(o, g);
+    const s = try Source.scan(arena, g);
+    try renderHeader(o, &s, g);
 }
 
 pub fn main(init: std.process.Init) !void {
     const arena = init.arena.allocator();
     const args = try init.minimal.args.toSlice(arena);
     var check_c = false;
+    var group: Group = .product;
     for (args[1..]) |a| {
         if (std.mem.eql(u8, a, "--check-c")) {
             check_c = true;
+        } else if (std.mem.startsWith(u8, a, "--group=") and std.meta.stringToEnum(Group, a["--group=".len..]) != null) {
+            group = std.meta.stringToEnum(Group, a["--group=".len..]).?;
         } else {
-            std.debug.print("usage: gen_header [--check-c]\n", .{});
+            std.debug.print("usage: gen_header [--group=product|testing] [--check-c]\n", .{});
             std.process.exit(2);
         }
     }
     var o: Out = .{ .gpa = arena };
-    render(arena, &o, check_c) catch |e| switch (e) {
+    const rendered = switch (group) {
+        inline else => |g| render(arena, &o, check_c, g),
+    };
+    rendered catch |e| switch (e) {
         error.GenHeader => std.process.exit(1), // already explained on stderr
         else => return e,
     };
     try std.Io.File.stdout().writeStreamingAll(init.io, o.buf.items);
 }
 
-test "gen_header: header renders and mentions every item" {
+test "gen_header: both headers render and mention every item" {
     var arena_state = std.heap.ArenaAllocator.init(std.testing.allocator);
     defer arena_state.deinit();
     const arena = arena_state.allocator();
-    const s = try Source.scan(arena, capi_source);
-    var o: Out = .{ .gpa = arena };
-    try renderHeader(&o, &s);
-    const h = o.buf.items;
-    try std.testing.expect(std.mem.startsWith(u8, h, "/* generated by zigsrc/gen_header.zig"));
-    try std.testing.expect(std.mem.indexOfScalar(u8, h, '#') == null);
-    inline for (items) |it| try std.testing.expect(std.mem.indexOf(u8, h, it.name) != null);
+    inline for (.{ Group.product, Group.testing }) |g| {
+        const s = try Source.scan(arena, g);
+        var o: Out = .{ .gpa = arena };
+        try renderHeader(&o, &s, g);
+        const h = o.buf.items;
+        try std.testing.expect(std.mem.startsWith(u8, h, "/* " ++ comptime g.headerName() ++ ": generated by zigsrc/gen_header.zig"));
+        try std.testing.expect(std.mem.indexOfScalar(u8, h, '#') == null);
+        inline for (comptime itemsOf(g)) |it| try std.testing.expect(std.mem.indexOf(u8, h, it.name) != null);
+    }
+}
+
+test "gen_header: the product header exports no testing function" {
+    inline for (comptime itemsOf(.product)) |it| {
+        try std.testing.expect(!std.mem.startsWith(u8, it.name, "kvmlab_bench_"));
+        try std.testing.expect(!std.mem.startsWith(u8, it.name, "kvmlab_fault_"));
+    }
+    inline for (comptime itemsOf(.testing)) |it| {
+        if (it.kind == .func) try std.testing.expect(std.mem.startsWith(u8, it.name, "kvmlab_bench_") or std.mem.startsWith(u8, it.name, "kvmlab_fault_"));
+    }
 }
 
 test "gen_header: type mapping" {
+    const common = @import("capi/common.zig");
     try std.testing.expectEqualStrings("const uint8_t *", comptime cType(?[*]const u8, "t"));
     try std.testing.expectEqualStrings("const char *", comptime cType([*:0]const u8, "t"));
     try std.testing.expectEqualStrings("uint64_t *", comptime cType(?*u64, "t"));
-    try std.testing.expectEqualStrings("kvmlab_vm **", comptime cType(?*?*capi.kvmlab_vm, "t"));
-    try std.testing.expectEqualStrings("const kvmlab_vm *", comptime cType(?*const capi.kvmlab_vm, "t"));
+    try std.testing.expectEqualStrings("kvmlab_vm **", comptime cType(?*?*common.kvmlab_vm, "t"));
+    try std.testing.expectEqualStrings("const kvmlab_vm *", comptime cType(?*const common.kvmlab_vm, "t"));
     try std.testing.expectEqualStrings("void *", comptime cType(?*anyopaque, "t"));
     try std.testing.expectEqualStrings("size_t", comptime cType(usize, "t"));
     try std.testing.expectEqualStrings("int", comptime cType(c_int, "t"));
     try std.testing.expectEqualStrings("int32_t", comptime cType(i32, "t"));
     try std.testing.expectEqualStrings("uint64_t x[4][2]", comptime cDecl([4][2]u64, "x", "t"));
-    try std.testing.expectEqualStrings("kvmlab_vm *x[3]", comptime cDecl([3]?*capi.kvmlab_vm, "x", "t"));
+    try std.testing.expectEqualStrings("kvmlab_vm *x[3]", comptime cDecl([3]?*common.kvmlab_vm, "x", "t"));
 }

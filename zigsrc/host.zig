@@ -6,10 +6,10 @@ const linux = std.os.linux;
 const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 
-pub const max_cpuid_entries = 256;
+pub const max_cpuid_entries = kvm.max_cpuid_entries;
 
 pub const Host = struct {
-    fd: linux.fd_t,
+    system: kvm.System,
     api_version: u32,
     vcpu_mmap_bytes: usize,
     /// KVM_GET_SUPPORTED_CPUID, set as-is on every vCPU (with its APIC id).
@@ -73,9 +73,10 @@ fn open() errors.Error!void {
     }
     const fd: linux.fd_t = @intCast(rc);
     errdefer _ = linux.close(fd);
-    const version = kvm.ioctl(fd, kvm.KVM_GET_API_VERSION, 0) catch return errors.ioctlFailed("KVM_GET_API_VERSION");
+    const system = kvm.System{ .fd = fd };
+    const version = system.apiVersion() catch return errors.ioctlFailed("KVM_GET_API_VERSION");
     if (version != 12) return errors.fail(error.KvmUnavailable, "KVM API version {d}; kvmlab needs 12", .{version});
-    const mmap_bytes = kvm.ioctl(fd, kvm.KVM_GET_VCPU_MMAP_SIZE, 0) catch return errors.ioctlFailed("KVM_GET_VCPU_MMAP_SIZE");
+    const mmap_bytes = system.vcpuMmapSize() catch return errors.ioctlFailed("KVM_GET_VCPU_MMAP_SIZE");
     if (mmap_bytes < @sizeOf(kvm.Run) or mmap_bytes > 1 << 20)
         return errors.fail(error.KvmUnavailable, "KVM reports a vCPU mmap size of {d} bytes", .{mmap_bytes});
     const required = [_]struct { cap: u32, name: []const u8 }{
@@ -87,26 +88,17 @@ fn open() errors.Error!void {
         .{ .cap = kvm.CAP_MP_STATE, .name = "KVM_CAP_MP_STATE" },
     };
     for (required) |r| {
-        const have = kvm.ioctl(fd, kvm.KVM_CHECK_EXTENSION, r.cap) catch 0;
-        if (have == 0) return errors.fail(error.KvmUnavailable, "this KVM lacks {s}, which kvmlab needs", .{r.name});
+        if (system.checkExtension(r.cap) == 0) return errors.fail(error.KvmUnavailable, "this KVM lacks {s}, which kvmlab needs", .{r.name});
     }
-    host.fd = fd;
+    host.system = system;
     host.api_version = @intCast(version);
     host.vcpu_mmap_bytes = mmap_bytes;
-    try loadCpuid(fd);
+    try loadCpuid(system);
 }
 
-const CpuidBuf = extern struct {
-    nent: u32,
-    padding: u32 = 0,
-    entries: [max_cpuid_entries]kvm.CpuidEntry2,
-};
-
-fn loadCpuid(fd: linux.fd_t) errors.Error!void {
-    var buf: CpuidBuf = undefined;
-    buf.nent = max_cpuid_entries;
-    buf.padding = 0;
-    _ = kvm.ioctl(fd, kvm.KVM_GET_SUPPORTED_CPUID, @intFromPtr(&buf)) catch return errors.ioctlFailed("KVM_GET_SUPPORTED_CPUID");
+fn loadCpuid(system: kvm.System) errors.Error!void {
+    var buf: kvm.CpuidBuf = .{ .nent = max_cpuid_entries };
+    system.getSupportedCpuid(&buf) catch return errors.ioctlFailed("KVM_GET_SUPPORTED_CPUID");
     if (buf.nent > max_cpuid_entries) return errors.fail(error.KvmFailed, "KVM returned {d} CPUID entries", .{buf.nent});
     host.cpuid_count = buf.nent;
     host.cpuid = buf.entries;
@@ -115,20 +107,18 @@ fn loadCpuid(fd: linux.fd_t) errors.Error!void {
 /// KVM_CHECK_EXTENSION on the system fd; 0 when absent.
 pub fn checkExtension(cap: u32) errors.Error!u64 {
     const h = try get();
-    return kvm.ioctl(h.fd, kvm.KVM_CHECK_EXTENSION, cap) catch 0;
+    return h.system.checkExtension(cap);
 }
 
 /// Sets the host's supported CPUID on a vCPU, with the vCPU's initial APIC id
 /// (CPUID.1:EBX[31:24] and the x2APIC id in leaves 0xB/0x1F).
-pub fn setVcpuCpuid(vcpu_fd: linux.fd_t, index: u32) errors.Error!void {
+pub fn setVcpuCpuid(vcpu: kvm.VcpuFd, index: u32) errors.Error!void {
     const h = try get();
-    var buf: CpuidBuf = undefined;
-    buf.nent = h.cpuid_count;
-    buf.padding = 0;
+    var buf: kvm.CpuidBuf = .{ .nent = h.cpuid_count };
     @memcpy(buf.entries[0..h.cpuid_count], h.cpuid[0..h.cpuid_count]);
     for (buf.entries[0..h.cpuid_count]) |*e| {
         if (e.function == 1) e.ebx = (e.ebx & 0x00FF_FFFF) | (index << 24);
         if (e.function == 0xB or e.function == 0x1F) e.edx = index;
     }
-    _ = kvm.ioctl(vcpu_fd, kvm.KVM_SET_CPUID2, @intFromPtr(&buf)) catch return errors.ioctlFailed("KVM_SET_CPUID2");
+    vcpu.setCpuid2(&buf) catch return errors.ioctlFailed("KVM_SET_CPUID2");
 }

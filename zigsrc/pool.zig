@@ -18,9 +18,9 @@ const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
-const vm_mod = @import("vm.zig");
-const reset_mod = @import("reset.zig");
-const Vm = vm_mod.Vm;
+const shell = @import("shell.zig");
+const restore_mod = @import("restore.zig");
+const machine = @import("machine.zig");
 
 const allocator = std.heap.c_allocator;
 const c = std.c;
@@ -33,6 +33,10 @@ pub const reaper_count = 4;
 /// bounded memory and descriptors instead of an unbounded backlog.
 pub const max_dead_backlog: usize = 64;
 pub const timing_capacity: usize = 4096;
+/// The pool's threads need little stack. The test runner's static TLS is
+/// large (fuzzing buffers) and glibc carves TLS out of the stack, so tests
+/// give them more.
+const thread_stack_bytes: usize = if (@import("builtin").is_test) 16 << 20 else 256 * 1024;
 
 pub const Config = struct {
     memory_bytes: u64,
@@ -54,8 +58,7 @@ pub const Timing = extern struct {
     first_run_ns: u64,
     memory_bytes: u64,
     hit: u32,
-    /// 1 copy, 2 map.
-    strategy: u32,
+    strategy: restore_mod.Strategy,
 };
 
 pub const Stats = extern struct {
@@ -80,533 +83,545 @@ pub const Stats = extern struct {
     resets: u64,
 };
 
-pub const Pool = struct {
-    cfg: Config,
-    lock: c.pthread_mutex_t = .{},
-    /// Wakes the refill thread (a shell was taken, or closing). Separate from
-    /// `reap` so that a take wakes one thread, not all five: waking every
-    /// thread right after a restore made them compete with the caller.
-    refill_cv: c.pthread_cond_t = .{},
-    /// Wakes one reaper per queued VM (or all, when closing).
-    reap_cv: c.pthread_cond_t = .{},
-    /// Wakes restores waiting for max_in_use room, and close() waiting for the worker.
-    room: c.pthread_cond_t = .{},
-    idle: [max_pool_size]*Vm = undefined,
-    idle_len: u32 = 0,
-    creating: u32 = 0,
-    in_use: u32 = 0,
-    dead: std.ArrayList(*Vm) = .empty,
-    /// Released with park-on-release: the worker resets them, then parks them.
-    to_reset: std.ArrayList(*Vm) = .empty,
-    parked: [max_pool_size]*Vm = undefined,
-    parked_len: u32 = 0,
-    reuses: u64 = 0,
-    resets: u64 = 0,
-    /// Taken off `dead` by the reaper and being destroyed right now.
-    destroying: u32 = 0,
-    closed: bool = false,
-    /// Set by close() once it drained every shell; from then on a release
-    /// destroys its VM inline.
-    worker_done: bool = false,
-    /// Set by close() after both threads stopped. The pool is freed by
-    /// whichever comes last, close() or the last release (both decide under
-    /// the lock, so exactly one frees).
-    close_done: bool = false,
-    /// `refill` creates shells up to min_size (~0.5 ms each); the reapers
-    /// destroy released VMs (~11 ms each on kvm_pvm, mostly a wait) and reset
-    /// parked ones. Separate, so a destroy backlog never delays the refill.
-    refill: ?std.Thread = null,
-    reapers: [reaper_count]?std.Thread = @splat(null),
-    created: u64 = 0,
-    destroyed: u64 = 0,
-    hits: u64 = 0,
-    misses: u64 = 0,
-    failures: u64 = 0,
-    restores: u64 = 0,
-    releases: u64 = 0,
-    /// Consecutive background creation failures (the worker backs off).
-    create_errors: u32 = 0,
-    timings: [timing_capacity]Timing = undefined,
-    timings_len: usize = 0,
-    next_seq: u64 = 0,
+/// The pool of machines kvmlab uses.
+pub const Pool = PoolOf(machine.Factory);
 
-    pub fn checkConfig(cfg: Config) errors.Error!void {
-        try boot.checkConfig(cfg.memory_bytes, cfg.vcpus);
-        if (cfg.max_size == 0) return errors.fail(error.Config, "PoolConfig max_size must be at least 1", .{});
-        if (cfg.max_size > max_pool_size) return errors.fail(error.Config, "PoolConfig max_size {d} is over the limit of {d}", .{ cfg.max_size, max_pool_size });
-        if (cfg.min_size > cfg.max_size) return errors.fail(error.Config, "PoolConfig min_size {d} is larger than max_size {d}", .{ cfg.min_size, cfg.max_size });
-    }
+/// A pool over the items `F` makes: `F.Item`, `F.Source` (with strategy()),
+/// create, destroy, restoreInto, resetForReuse, reopen, resetsTo, resettable.
+/// Generic so the accounting is tested without KVM (see the tests).
+pub fn PoolOf(comptime F: type) type {
+    return struct {
+        const Self = @This();
+        const Vm = F.Item;
 
-    /// Creates the pool, warms `min_size` shells (in the caller, so errors
-    /// surface here), and starts the worker.
-    pub fn create(cfg: Config) errors.Error!*Pool {
-        try checkConfig(cfg);
-        const p = allocator.create(Pool) catch return error.OutOfMemory;
-        p.* = .{ .cfg = cfg };
-        p.warm(cfg.min_size) catch |e| {
-            p.destroyAll();
-            allocator.destroy(p);
-            return e;
-        };
-        for (&p.reapers) |*r| {
-            r.* = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, reaperLoop, .{p}) catch null;
+        cfg: Config,
+        lock: c.pthread_mutex_t = .{},
+        /// Wakes the refill thread (a shell was taken, or closing). Separate from
+        /// `reap` so that a take wakes one thread, not all five: waking every
+        /// thread right after a restore made them compete with the caller.
+        refill_cv: c.pthread_cond_t = .{},
+        /// Wakes one reaper per queued VM (or all, when closing).
+        reap_cv: c.pthread_cond_t = .{},
+        /// Wakes restores waiting for max_in_use room, and close() waiting for the worker.
+        room: c.pthread_cond_t = .{},
+        idle: [max_pool_size]*Vm = undefined,
+        idle_len: u32 = 0,
+        creating: u32 = 0,
+        in_use: u32 = 0,
+        dead: std.ArrayList(*Vm) = .empty,
+        /// Released with park-on-release: the worker resets them, then parks them.
+        to_reset: std.ArrayList(*Vm) = .empty,
+        parked: [max_pool_size]*Vm = undefined,
+        parked_len: u32 = 0,
+        reuses: u64 = 0,
+        resets: u64 = 0,
+        /// In use and to be parked (reset and kept) on release: the pool's own
+        /// record of reset_on_release restores.
+        parking: std.AutoHashMapUnmanaged(*Vm, void) = .empty,
+        /// Taken off `dead` by the reaper and being destroyed right now.
+        destroying: u32 = 0,
+        closed: bool = false,
+        /// Set by close() once it drained every shell; from then on a release
+        /// destroys its VM inline.
+        worker_done: bool = false,
+        /// Set by close() after both threads stopped. The pool is freed by
+        /// whichever comes last, close() or the last release (both decide under
+        /// the lock, so exactly one frees).
+        close_done: bool = false,
+        /// `refill` creates shells up to min_size (~0.5 ms each); the reapers
+        /// destroy released VMs (~11 ms each on kvm_pvm, mostly a wait) and reset
+        /// parked ones. Separate, so a destroy backlog never delays the refill.
+        refill: ?std.Thread = null,
+        reapers: [reaper_count]?std.Thread = @splat(null),
+        created: u64 = 0,
+        destroyed: u64 = 0,
+        hits: u64 = 0,
+        misses: u64 = 0,
+        failures: u64 = 0,
+        restores: u64 = 0,
+        releases: u64 = 0,
+        /// Consecutive background creation failures (the worker backs off).
+        create_errors: u32 = 0,
+        timings: [timing_capacity]Timing = undefined,
+        timings_len: usize = 0,
+        next_seq: u64 = 0,
+
+        pub fn checkConfig(cfg: Config) errors.Error!void {
+            try boot.checkConfig(cfg.memory_bytes, cfg.vcpus);
+            if (cfg.max_size == 0) return errors.fail(error.Config, "PoolConfig max_size must be at least 1", .{});
+            if (cfg.max_size > max_pool_size) return errors.fail(error.Config, "PoolConfig max_size {d} is over the limit of {d}", .{ cfg.max_size, max_pool_size });
+            if (cfg.min_size > cfg.max_size) return errors.fail(error.Config, "PoolConfig min_size {d} is larger than max_size {d}", .{ cfg.min_size, cfg.max_size });
         }
-        p.refill = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, refillLoop, .{p}) catch null;
-        if (p.refill == null or p.reapers[0] == null) {
-            p.close();
-            return errors.fail(error.OutOfMemory, "cannot start the pool's threads", .{});
-        }
-        return p;
-    }
 
-    fn lockIt(p: *Pool) void {
-        _ = c.pthread_mutex_lock(&p.lock);
-    }
-    fn unlockIt(p: *Pool) void {
-        p.assertInvariants();
-        _ = c.pthread_mutex_unlock(&p.lock);
-    }
-
-    fn assertInvariants(p: *Pool) void {
-        std.debug.assert(p.idle_len + p.creating <= p.cfg.max_size or p.closed);
-        std.debug.assert(p.cfg.max_in_use == 0 or p.in_use <= p.cfg.max_in_use);
-        std.debug.assert(p.destroyed <= p.created);
-    }
-
-    /// Fills to at least min(target, max_size) idle shells, creating them on
-    /// this thread. Returns the first creation error.
-    pub fn warm(p: *Pool, target: u32) errors.Error!void {
-        const goal = @min(target, p.cfg.max_size);
-        p.lockIt();
-        while (!p.closed and p.idle_len < goal and p.idle_len + p.creating < p.cfg.max_size) {
-            p.creating += 1;
-            p.unlockIt();
-            const made = Vm.create(p.cfg.memory_bytes, p.cfg.vcpus);
-            p.lockIt();
-            p.creating -= 1;
-            const vm = made catch |e| {
-                p.unlockIt();
+        /// Creates the pool, warms `min_size` shells (in the caller, so errors
+        /// surface here), and starts the worker.
+        pub fn create(cfg: Config) errors.Error!*Self {
+            try checkConfig(cfg);
+            const p = allocator.create(Self) catch return error.OutOfMemory;
+            p.* = .{ .cfg = cfg };
+            p.warm(cfg.min_size) catch |e| {
+                p.destroyAll();
+                allocator.destroy(p);
                 return e;
             };
-            p.created += 1;
-            p.pushIdle(vm);
+            for (&p.reapers) |*r| {
+                r.* = std.Thread.spawn(.{ .stack_size = thread_stack_bytes, .allocator = allocator }, reaperLoop, .{p}) catch null;
+            }
+            p.refill = std.Thread.spawn(.{ .stack_size = thread_stack_bytes, .allocator = allocator }, refillLoop, .{p}) catch null;
+            if (p.refill == null or p.reapers[0] == null) {
+                p.close();
+                return errors.fail(error.OutOfMemory, "cannot start the pool's threads", .{});
+            }
+            return p;
         }
-        p.unlockIt();
-        if (p.isClosed()) return errors.fail(error.Closed, "the pool is closed", .{});
-    }
 
-    fn isClosed(p: *Pool) bool {
-        p.lockIt();
-        defer p.unlockIt();
-        return p.closed;
-    }
-
-    /// With the lock held: keep a fresh shell idle, or queue it for the worker.
-    fn pushIdle(p: *Pool, vm: *Vm) void {
-        if (!p.closed and p.idle_len < p.cfg.max_size) {
-            p.idle[p.idle_len] = vm;
-            p.idle_len += 1;
-        } else {
-            p.queueDead(vm);
+        fn lockIt(p: *Self) void {
+            _ = c.pthread_mutex_lock(&p.lock);
         }
-    }
-
-    fn queueDead(p: *Pool, vm: *Vm) void {
-        if (p.worker_done) {
-            // Closed and the worker is gone: destroy here (rare: a restore
-            // that failed after close()).
-            vm.destroy();
-            p.destroyed += 1;
-            return;
+        fn unlockIt(p: *Self) void {
+            p.assertInvariants();
+            _ = c.pthread_mutex_unlock(&p.lock);
         }
-        p.dead.append(allocator, vm) catch {
-            // No memory for the queue: destroy here rather than leak.
-            vm.destroy();
-            p.destroyed += 1;
-            return;
-        };
-        _ = c.pthread_cond_signal(&p.reap_cv);
-    }
 
-    pub fn idleCount(p: *Pool) u32 {
-        p.lockIt();
-        defer p.unlockIt();
-        return p.idle_len;
-    }
+        fn assertInvariants(p: *Self) void {
+            std.debug.assert(p.idle_len + p.creating <= p.cfg.max_size or p.closed);
+            std.debug.assert(p.cfg.max_in_use == 0 or p.in_use <= p.cfg.max_in_use);
+            std.debug.assert(p.destroyed <= p.created);
+        }
 
-    /// Benchmarks only: takes an idle shell as a restore would, without
-    /// restoring into it (so the floor can be measured into a shell of the
-    /// same age as a pooled restore gets). The caller releases it.
-    pub fn takeIdle(p: *Pool) errors.Error!*Vm {
-        p.lockIt();
-        defer p.unlockIt();
-        if (p.closed) return errors.fail(error.Closed, "the pool is closed", .{});
-        if (p.idle_len == 0) return errors.fail(error.Busy, "the pool has no idle shell; warm it first", .{});
-        if (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)
-            return errors.fail(error.PoolExhausted, "{d} VMs are in use (max_in_use={d})", .{ p.in_use, p.cfg.max_in_use });
-        p.idle_len -= 1;
-        p.in_use += 1;
-        // No refill signal here: as in restore(), a refill woken now would
-        // compete with the measured work; the release (endUse) wakes it.
-        return p.idle[p.idle_len];
-    }
-
-    pub const Source = struct {
-        parsed: *const state.Parsed,
-        memory: []const u8,
-        packed_layout: bool,
-        /// The memory is a mapping of a file (copy with SIGBUS-safe reads).
-        source_mapped: bool,
-        /// Map this loaded snapshot's file instead of copying `memory`.
-        file: ?*snapshot.Snapshot,
-    };
-
-    /// Takes an idle shell (or creates one) and restores into it. On any
-    /// failure the accounting is rolled back and the shell is discarded.
-    pub fn restore(p: *Pool, src: Source, wait_ns: u64, times: *snapshot.RestoreTimes, acquire_ns: *u64, hit_out: *bool, seq_out: *u64) errors.Error!*Vm {
-        if (src.parsed.memory_bytes != p.cfg.memory_bytes or src.parsed.vcpus != p.cfg.vcpus)
-            return errors.fail(error.Snapshot, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ src.parsed.memory_bytes >> 20, src.parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
-        const t0 = vm_mod.monotonicNs();
-        p.lockIt();
-        if (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use) {
-            if (wait_ns == 0) {
+        /// Fills to at least min(target, max_size) idle shells, creating them on
+        /// this thread. Returns the first creation error.
+        pub fn warm(p: *Self, target: u32) errors.Error!void {
+            const goal = @min(target, p.cfg.max_size);
+            p.lockIt();
+            while (!p.closed and p.idle_len < goal and p.idle_len + p.creating < p.cfg.max_size) {
+                p.creating += 1;
                 p.unlockIt();
-                return errors.fail(error.PoolExhausted, "{d} VMs are in use (max_in_use={d}): release one, or pass timeout_s to wait", .{ p.in_use, p.cfg.max_in_use });
-            }
-            const deadline = t0 + wait_ns;
-            while (!p.closed and p.in_use >= p.cfg.max_in_use) {
-                const now = vm_mod.monotonicNs();
-                if (now >= deadline) {
+                const made = F.create(p.cfg.memory_bytes, p.cfg.vcpus);
+                p.lockIt();
+                p.creating -= 1;
+                const vm = made catch |e| {
                     p.unlockIt();
-                    return errors.fail(error.PoolExhausted, "no VM was released within the timeout (max_in_use={d})", .{p.cfg.max_in_use});
-                }
-                var ts = realtimeIn(deadline - now);
-                _ = c.pthread_cond_timedwait(&p.room, &p.lock, &ts);
+                    return e;
+                };
+                p.created += 1;
+                p.pushIdle(vm);
+            }
+            p.unlockIt();
+            if (p.isClosed()) return errors.fail(error.Closed, "the pool is closed", .{});
+        }
+
+        fn isClosed(p: *Self) bool {
+            p.lockIt();
+            defer p.unlockIt();
+            return p.closed;
+        }
+
+        /// With the lock held: keep a fresh shell idle, or queue it for the worker.
+        fn pushIdle(p: *Self, vm: *Vm) void {
+            if (!p.closed and p.idle_len < p.cfg.max_size) {
+                p.idle[p.idle_len] = vm;
+                p.idle_len += 1;
+            } else {
+                p.queueDead(vm);
             }
         }
-        if (p.closed) {
-            p.unlockIt();
-            return errors.fail(error.Closed, "the pool is closed", .{});
-        }
-        var vm: ?*Vm = null;
-        if (p.idle_len > 0) {
-            p.idle_len -= 1;
-            vm = p.idle[p.idle_len];
-            p.hits += 1;
-        } else {
-            p.misses += 1;
-        }
-        p.in_use += 1;
-        p.unlockIt();
-        // The refill is woken once this restore is done (below): waking it
-        // now makes it compete for the CPU with the restore itself.
 
-        const shell = vm orelse (Vm.create(p.cfg.memory_bytes, p.cfg.vcpus) catch |e| {
-            p.lockIt();
-            p.failures += 1;
-            p.endUse();
-            return e;
-        });
-        if (vm == null) {
-            p.lockIt();
-            p.created += 1;
-            p.unlockIt();
-        }
-        const t1 = vm_mod.monotonicNs();
-        snapshot.restoreInto(shell, src.parsed, src.memory, src.packed_layout, src.source_mapped, src.file, times) catch |e| {
-            p.lockIt();
-            p.failures += 1;
-            p.queueDead(shell);
-            p.endUse();
-            return e;
-        };
-        const t2 = vm_mod.monotonicNs();
-        acquire_ns.* = t1 - t0;
-        hit_out.* = vm != null;
-        p.lockIt();
-        p.restores += 1;
-        const seq = p.next_seq;
-        p.next_seq += 1;
-        p.timings[seq % timing_capacity] = .{
-            .seq = seq,
-            .acquire_ns = t1 - t0,
-            .memory_ns = times.memory_ns,
-            .vcpu_ns = times.vcpu_ns,
-            .devices_ns = times.devices_ns,
-            .total_ns = t2 - t0,
-            .first_run_ns = 0,
-            .memory_bytes = p.cfg.memory_bytes,
-            .hit = @intFromBool(vm != null),
-            .strategy = if (src.file != null) 2 else 1,
-        };
-        p.timings_len = @min(p.timings_len + 1, timing_capacity);
-        p.wakeRefillIfLow(); // refill after a take
-        p.unlockIt();
-        seq_out.* = seq;
-        return shell;
-    }
-
-    pub fn noteFirstRun(p: *Pool, seq: u64, ns: u64) void {
-        p.lockIt();
-        defer p.unlockIt();
-        const t = &p.timings[seq % timing_capacity];
-        if (seq < p.next_seq and t.seq == seq and t.first_run_ns == 0) t.first_run_ns = ns;
-    }
-
-    /// Copies up to out.len of the newest timing records, oldest first.
-    pub fn copyTimings(p: *Pool, out: []Timing) usize {
-        p.lockIt();
-        defer p.unlockIt();
-        const n = @min(out.len, p.timings_len);
-        var k: usize = 0;
-        while (k < n) : (k += 1) {
-            const seq = p.next_seq - n + k;
-            out[k] = p.timings[seq % timing_capacity];
-        }
-        return n;
-    }
-
-    pub fn stats(p: *Pool) Stats {
-        p.lockIt();
-        defer p.unlockIt();
-        return .{
-            .idle = p.idle_len,
-            .in_use = p.in_use,
-            .max_size = p.cfg.max_size,
-            .min_size = p.cfg.min_size,
-            .max_in_use = p.cfg.max_in_use,
-            .creating = p.creating,
-            .created = p.created,
-            .destroyed = p.destroyed,
-            .hits = p.hits,
-            .misses = p.misses,
-            .failures = p.failures,
-            .restores = p.restores,
-            .releases = p.releases,
-            .pending_destroy = p.dead.items.len + p.destroying,
-            .parked = p.parked_len,
-            .reuses = p.reuses,
-            .resets = p.resets,
-        };
-    }
-
-    /// Returns a VM to the pool's accounting; it is destroyed off this thread
-    /// (or here, once the pool is closed). After close, the last release
-    /// frees the pool itself.
-    pub fn release(p: *Pool, vm: *Vm) void {
-        p.lockIt();
-        p.releases += 1;
-        if (vm.park_on_release and vm.reset_snap != null and !p.closed and !p.worker_done) {
-            p.to_reset.append(allocator, vm) catch {
-                p.queueDead(vm);
-                p.endUse();
+        fn queueDead(p: *Self, vm: *Vm) void {
+            if (p.worker_done) {
+                // Closed and the worker is gone: destroy here (rare: a restore
+                // that failed after close()).
+                F.destroy(vm);
+                p.destroyed += 1;
+                return;
+            }
+            p.dead.append(allocator, vm) catch {
+                // No memory for the queue: destroy here rather than leak.
+                F.destroy(vm);
+                p.destroyed += 1;
                 return;
             };
             _ = c.pthread_cond_signal(&p.reap_cv);
-        } else if (p.dead.items.len >= max_dead_backlog and !p.worker_done) {
-            // Backpressure: the reapers are behind; this caller pays.
-            p.destroyLocked(vm);
-        } else {
-            p.queueDead(vm);
         }
-        p.endUse();
-    }
 
-    /// Takes a parked VM that was restored from `snap` and reset since its
-    /// release, if there is one: a restore that costs nothing but the lookup.
-    pub fn reuse(p: *Pool, snap: *const snapshot.Snapshot, seq_out: *u64) ?*Vm {
-        const t0 = vm_mod.monotonicNs();
-        p.lockIt();
-        var i: u32 = 0;
-        while (i < p.parked_len) : (i += 1) {
-            const vm = p.parked[i];
-            if (vm.reset_snap != snap) continue;
-            if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) break;
-            p.parked_len -= 1;
-            p.parked[i] = p.parked[p.parked_len];
-            // Its previous owner's close() latched `closing`: a new owner.
-            vm.closing.store(false, .seq_cst);
+        pub fn idleCount(p: *Self) u32 {
+            p.lockIt();
+            defer p.unlockIt();
+            return p.idle_len;
+        }
+
+        /// Benchmarks only: takes an idle shell as a restore would, without
+        /// restoring into it (so the floor can be measured into a shell of the
+        /// same age as a pooled restore gets). The caller releases it.
+        pub fn takeIdle(p: *Self) errors.Error!*Vm {
+            p.lockIt();
+            defer p.unlockIt();
+            if (p.closed) return errors.fail(error.Closed, "the pool is closed", .{});
+            if (p.idle_len == 0) return errors.fail(error.Busy, "the pool has no idle shell; warm it first", .{});
+            if (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)
+                return errors.fail(error.PoolExhausted, "{d} VMs are in use (max_in_use={d})", .{ p.in_use, p.cfg.max_in_use });
+            p.idle_len -= 1;
             p.in_use += 1;
-            p.reuses += 1;
+            // No refill signal here: as in restore(), a refill woken now would
+            // compete with the measured work; the release (endUse) wakes it.
+            return p.idle[p.idle_len];
+        }
+
+        /// Takes an idle shell (or creates one) and restores into it. On any
+        /// failure the accounting is rolled back and the shell is discarded.
+        pub fn restore(p: *Self, parsed: *const state.Parsed, src: F.Source, wait_ns: u64, times: *restore_mod.Times, acquire_ns: *u64, hit_out: *bool, seq_out: *u64) errors.Error!*Vm {
+            if (parsed.memory_bytes != p.cfg.memory_bytes or parsed.vcpus != p.cfg.vcpus)
+                return errors.failCheck(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
+            const t0 = shell.monotonicNs();
+            p.lockIt();
+            if (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use) {
+                if (wait_ns == 0) {
+                    p.unlockIt();
+                    return errors.fail(error.PoolExhausted, "{d} VMs are in use (max_in_use={d}): release one, or pass timeout_s to wait", .{ p.in_use, p.cfg.max_in_use });
+                }
+                const deadline = t0 + wait_ns;
+                while (!p.closed and p.in_use >= p.cfg.max_in_use) {
+                    const now = shell.monotonicNs();
+                    if (now >= deadline) {
+                        p.unlockIt();
+                        return errors.fail(error.PoolExhausted, "no VM was released within the timeout (max_in_use={d})", .{p.cfg.max_in_use});
+                    }
+                    var ts = realtimeIn(deadline - now);
+                    _ = c.pthread_cond_timedwait(&p.room, &p.lock, &ts);
+                }
+            }
+            if (p.closed) {
+                p.unlockIt();
+                return errors.fail(error.Closed, "the pool is closed", .{});
+            }
+            var vm: ?*Vm = null;
+            if (p.idle_len > 0) {
+                p.idle_len -= 1;
+                vm = p.idle[p.idle_len];
+                p.hits += 1;
+            } else {
+                p.misses += 1;
+            }
+            p.in_use += 1;
+            p.unlockIt();
+            // The refill is woken once this restore is done (below): waking it
+            // now makes it compete for the CPU with the restore itself.
+
+            const item = vm orelse (F.create(p.cfg.memory_bytes, p.cfg.vcpus) catch |e| {
+                p.lockIt();
+                p.failures += 1;
+                p.endUse();
+                return e;
+            });
+            if (vm == null) {
+                p.lockIt();
+                p.created += 1;
+                p.unlockIt();
+            }
+            const t1 = shell.monotonicNs();
+            F.restoreInto(item, parsed, src, times) catch |e| {
+                p.lockIt();
+                p.failures += 1;
+                p.queueDead(item);
+                p.endUse();
+                return e;
+            };
+            const t2 = shell.monotonicNs();
+            acquire_ns.* = t1 - t0;
+            hit_out.* = vm != null;
+            p.lockIt();
             p.restores += 1;
             const seq = p.next_seq;
             p.next_seq += 1;
-            const dt = vm_mod.monotonicNs() - t0;
             p.timings[seq % timing_capacity] = .{
                 .seq = seq,
-                .acquire_ns = dt,
-                .memory_ns = 0,
-                .vcpu_ns = 0,
-                .devices_ns = 0,
-                .total_ns = dt,
+                .acquire_ns = t1 - t0,
+                .memory_ns = times.memory_ns,
+                .vcpu_ns = times.vcpu_ns,
+                .devices_ns = times.devices_ns,
+                .total_ns = t2 - t0,
                 .first_run_ns = 0,
                 .memory_bytes = p.cfg.memory_bytes,
-                .hit = 1,
-                .strategy = 3,
+                .hit = @intFromBool(vm != null),
+                .strategy = src.strategy(),
             };
             p.timings_len = @min(p.timings_len + 1, timing_capacity);
+            p.wakeRefillIfLow(); // refill after a take
+            p.unlockIt();
             seq_out.* = seq;
-            p.unlockIt();
-            return vm;
+            return item;
         }
-        p.unlockIt();
-        return null;
-    }
 
-    /// With the lock held: destroys `vm` without holding the lock during the
-    /// (slow) destruction, counting it as pending meanwhile.
-    fn destroyLocked(p: *Pool, vm: *Vm) void {
-        p.destroying += 1;
-        p.unlockIt();
-        vm.destroy();
-        p.lockIt();
-        p.destroying -= 1;
-        p.destroyed += 1;
-    }
-
-    /// With the lock held: one VM fewer in use. Unlocks, and frees a closed
-    /// pool when that was the last one.
-    fn endUse(p: *Pool) void {
-        std.debug.assert(p.in_use > 0);
-        p.in_use -= 1;
-        _ = c.pthread_cond_signal(&p.room);
-        p.wakeRefillIfLow(); // a failed restore took a shell, or a backoff may end
-        const free_now = p.close_done and p.in_use == 0;
-        p.unlockIt();
-        if (free_now) p.free();
-    }
-
-    /// With the lock held: wakes the refill thread only when it has work (a
-    /// wake costs a context switch on a small machine, at every release).
-    fn wakeRefillIfLow(p: *Pool) void {
-        if (p.idle_len + p.creating < p.cfg.min_size) _ = c.pthread_cond_signal(&p.refill_cv);
-    }
-
-    /// Background work yields to the threads doing restores: on a small
-    /// machine the refill and reapers would otherwise compete with the
-    /// caller right after each restore (nice 10; Linux nices threads).
-    fn lowerPriority() void {
-        _ = linux.syscall3(.setpriority, 0, @as(usize, @intCast(linux.gettid())), 10);
-    }
-
-    /// Keeps idle + creating at min_size.
-    fn refillLoop(p: *Pool) void {
-        lowerPriority();
-        p.lockIt();
-        while (!p.closed) {
-            if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
-                p.creating += 1;
-                p.unlockIt();
-                const made = Vm.create(p.cfg.memory_bytes, p.cfg.vcpus);
-                p.lockIt();
-                p.creating -= 1;
-                if (made) |vm| {
-                    p.created += 1;
-                    p.create_errors = 0;
-                    p.pushIdle(vm);
-                } else |_| {
-                    // Resource limits: back off instead of spinning; a take,
-                    // release or warm() wakes us and resets the counter.
-                    p.create_errors += 1;
-                    p.failures += 1;
-                }
-                continue;
-            }
-            var ts = realtimeIn(if (p.create_errors > 0) 200 * std.time.ns_per_ms else 5 * std.time.ns_per_s);
-            _ = c.pthread_cond_timedwait(&p.refill_cv, &p.lock, &ts);
-            p.create_errors = 0;
+        /// Parks `vm` (reset and kept for reuse) when it is released.
+        pub fn parkOnRelease(p: *Self, vm: *Vm) errors.Error!void {
+            p.lockIt();
+            defer p.unlockIt();
+            p.parking.put(allocator, vm, {}) catch return error.OutOfMemory;
         }
-        p.unlockIt();
-    }
 
-    /// Destroys released VMs and resets parked ones; drains everything on close.
-    fn reaperLoop(p: *Pool) void {
-        lowerPriority();
-        p.lockIt();
-        while (true) {
-            if (p.dead.pop()) |vm| {
-                p.destroyLocked(vm);
-                continue;
+        pub fn noteFirstRun(p: *Self, seq: u64, ns: u64) void {
+            p.lockIt();
+            defer p.unlockIt();
+            const t = &p.timings[seq % timing_capacity];
+            if (seq < p.next_seq and t.seq == seq and t.first_run_ns == 0) t.first_run_ns = ns;
+        }
+
+        /// Copies up to out.len of the newest timing records, oldest first.
+        pub fn copyTimings(p: *Self, out: []Timing) usize {
+            p.lockIt();
+            defer p.unlockIt();
+            const n = @min(out.len, p.timings_len);
+            var k: usize = 0;
+            while (k < n) : (k += 1) {
+                const seq = p.next_seq - n + k;
+                out[k] = p.timings[seq % timing_capacity];
             }
-            if (p.closed) break;
-            if (p.to_reset.pop()) |vm| {
-                p.unlockIt();
-                var t: reset_mod.Times = .{};
-                const ok = if (reset_mod.reset(vm, .auto, &t)) |_| true else |_| false;
-                p.lockIt();
-                p.resets += 1;
-                if (ok and !p.closed and p.parked_len < p.cfg.max_size) {
-                    p.parked[p.parked_len] = vm;
-                    p.parked_len += 1;
-                } else {
+            return n;
+        }
+
+        pub fn stats(p: *Self) Stats {
+            p.lockIt();
+            defer p.unlockIt();
+            return .{
+                .idle = p.idle_len,
+                .in_use = p.in_use,
+                .max_size = p.cfg.max_size,
+                .min_size = p.cfg.min_size,
+                .max_in_use = p.cfg.max_in_use,
+                .creating = p.creating,
+                .created = p.created,
+                .destroyed = p.destroyed,
+                .hits = p.hits,
+                .misses = p.misses,
+                .failures = p.failures,
+                .restores = p.restores,
+                .releases = p.releases,
+                .pending_destroy = p.dead.items.len + p.destroying,
+                .parked = p.parked_len,
+                .reuses = p.reuses,
+                .resets = p.resets,
+            };
+        }
+
+        /// Returns a VM to the pool's accounting; it is destroyed off this thread
+        /// (or here, once the pool is closed). After close, the last release
+        /// frees the pool itself.
+        pub fn release(p: *Self, vm: *Vm) void {
+            p.lockIt();
+            p.releases += 1;
+            const park = p.parking.remove(vm);
+            if (park and F.resettable(vm) and !p.closed and !p.worker_done) {
+                p.to_reset.append(allocator, vm) catch {
                     p.queueDead(vm);
-                }
-                continue;
+                    p.endUse();
+                    return;
+                };
+                _ = c.pthread_cond_signal(&p.reap_cv);
+            } else if (p.dead.items.len >= max_dead_backlog and !p.worker_done) {
+                // Backpressure: the reapers are behind; this caller pays.
+                p.destroyLocked(vm);
+            } else {
+                p.queueDead(vm);
             }
-            var ts = realtimeIn(5 * std.time.ns_per_s);
-            _ = c.pthread_cond_timedwait(&p.reap_cv, &p.lock, &ts);
+            p.endUse();
         }
-        p.unlockIt();
-    }
 
-    /// Stops the threads and destroys idle, parked and queued shells; the pool
-    /// itself is freed now if no VM is out, else by the last release.
-    /// Idempotent.
-    pub fn close(p: *Pool) void {
-        p.lockIt();
-        if (p.closed) {
-            p.unlockIt();
-            return;
-        }
-        p.closed = true;
-        _ = c.pthread_cond_broadcast(&p.refill_cv);
-        _ = c.pthread_cond_broadcast(&p.reap_cv);
-        _ = c.pthread_cond_broadcast(&p.room);
-        p.unlockIt();
-        if (p.refill) |t| t.join();
-        for (p.reapers) |r| if (r) |t| t.join();
-        // Drain what is left, and report done in the same critical section as
-        // the last check: a concurrent release either queued before it (and
-        // is destroyed here) or destroys inline after it (queueDead).
-        p.lockIt();
-        while (true) {
-            const vm = if (p.idle_len > 0) blk: {
-                p.idle_len -= 1;
-                break :blk p.idle[p.idle_len];
-            } else if (p.parked_len > 0) blk: {
+        /// Takes a parked VM that was restored from `snap` and reset since its
+        /// release, if there is one: a restore that costs nothing but the lookup.
+        pub fn reuse(p: *Self, snap: *const snapshot.Snapshot, seq_out: *u64) ?*Vm {
+            const t0 = shell.monotonicNs();
+            p.lockIt();
+            var i: u32 = 0;
+            while (i < p.parked_len) : (i += 1) {
+                const vm = p.parked[i];
+                if (!F.resetsTo(vm, snap)) continue;
+                if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) break;
                 p.parked_len -= 1;
-                break :blk p.parked[p.parked_len];
-            } else p.dead.pop() orelse p.to_reset.pop() orelse break;
-            p.destroyLocked(vm);
+                p.parked[i] = p.parked[p.parked_len];
+                F.reopen(vm);
+                p.parking.put(allocator, vm, {}) catch {}; // no room: destroyed at release instead
+                p.in_use += 1;
+                p.reuses += 1;
+                p.restores += 1;
+                const seq = p.next_seq;
+                p.next_seq += 1;
+                const dt = shell.monotonicNs() - t0;
+                p.timings[seq % timing_capacity] = .{
+                    .seq = seq,
+                    .acquire_ns = dt,
+                    .memory_ns = 0,
+                    .vcpu_ns = 0,
+                    .devices_ns = 0,
+                    .total_ns = dt,
+                    .first_run_ns = 0,
+                    .memory_bytes = p.cfg.memory_bytes,
+                    .hit = 1,
+                    .strategy = .reuse,
+                };
+                p.timings_len = @min(p.timings_len + 1, timing_capacity);
+                seq_out.* = seq;
+                p.unlockIt();
+                return vm;
+            }
+            p.unlockIt();
+            return null;
         }
-        p.worker_done = true;
-        p.close_done = true;
-        _ = c.pthread_cond_broadcast(&p.room);
-        const free_now = p.in_use == 0;
-        p.unlockIt();
-        if (free_now) p.free();
-    }
 
-    fn destroyAll(p: *Pool) void {
-        while (p.idle_len > 0) {
-            p.idle_len -= 1;
-            p.idle[p.idle_len].destroy();
+        /// With the lock held: destroys `vm` without holding the lock during the
+        /// (slow) destruction, counting it as pending meanwhile.
+        fn destroyLocked(p: *Self, vm: *Vm) void {
+            p.destroying += 1;
+            p.unlockIt();
+            F.destroy(vm);
+            p.lockIt();
+            p.destroying -= 1;
+            p.destroyed += 1;
         }
-        for (p.dead.items) |vm| vm.destroy();
-        p.dead.deinit(allocator);
-        for (p.to_reset.items) |vm| vm.destroy();
-        p.to_reset.deinit(allocator);
-        while (p.parked_len > 0) {
-            p.parked_len -= 1;
-            p.parked[p.parked_len].destroy();
-        }
-    }
 
-    fn free(p: *Pool) void {
-        p.destroyAll();
-        allocator.destroy(p);
-    }
-};
+        /// With the lock held: one VM fewer in use. Unlocks, and frees a closed
+        /// pool when that was the last one.
+        fn endUse(p: *Self) void {
+            std.debug.assert(p.in_use > 0);
+            p.in_use -= 1;
+            _ = c.pthread_cond_signal(&p.room);
+            p.wakeRefillIfLow(); // a failed restore took a shell, or a backoff may end
+            const free_now = p.close_done and p.in_use == 0;
+            p.unlockIt();
+            if (free_now) p.free();
+        }
+
+        /// With the lock held: wakes the refill thread only when it has work (a
+        /// wake costs a context switch on a small machine, at every release).
+        fn wakeRefillIfLow(p: *Self) void {
+            if (p.idle_len + p.creating < p.cfg.min_size) _ = c.pthread_cond_signal(&p.refill_cv);
+        }
+
+        /// Background work yields to the threads doing restores: on a small
+        /// machine the refill and reapers would otherwise compete with the
+        /// caller right after each restore (nice 10; Linux nices threads).
+        fn lowerPriority() void {
+            _ = linux.syscall3(.setpriority, 0, @as(usize, @intCast(linux.gettid())), 10);
+        }
+
+        /// Keeps idle + creating at min_size.
+        fn refillLoop(p: *Self) void {
+            lowerPriority();
+            p.lockIt();
+            while (!p.closed) {
+                if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
+                    p.creating += 1;
+                    p.unlockIt();
+                    const made = F.create(p.cfg.memory_bytes, p.cfg.vcpus);
+                    p.lockIt();
+                    p.creating -= 1;
+                    if (made) |vm| {
+                        p.created += 1;
+                        p.create_errors = 0;
+                        p.pushIdle(vm);
+                    } else |_| {
+                        // Resource limits: back off instead of spinning; a take,
+                        // release or warm() wakes us and resets the counter.
+                        p.create_errors += 1;
+                        p.failures += 1;
+                    }
+                    continue;
+                }
+                var ts = realtimeIn(if (p.create_errors > 0) 200 * std.time.ns_per_ms else 5 * std.time.ns_per_s);
+                _ = c.pthread_cond_timedwait(&p.refill_cv, &p.lock, &ts);
+                p.create_errors = 0;
+            }
+            p.unlockIt();
+        }
+
+        /// Destroys released VMs and resets parked ones; drains everything on close.
+        fn reaperLoop(p: *Self) void {
+            lowerPriority();
+            p.lockIt();
+            while (true) {
+                if (p.dead.pop()) |vm| {
+                    p.destroyLocked(vm);
+                    continue;
+                }
+                if (p.closed) break;
+                if (p.to_reset.pop()) |vm| {
+                    p.unlockIt();
+                    const ok = if (F.resetForReuse(vm)) |_| true else |_| false;
+                    p.lockIt();
+                    p.resets += 1;
+                    if (ok and !p.closed and p.parked_len < p.cfg.max_size) {
+                        p.parked[p.parked_len] = vm;
+                        p.parked_len += 1;
+                    } else {
+                        p.queueDead(vm);
+                    }
+                    continue;
+                }
+                var ts = realtimeIn(5 * std.time.ns_per_s);
+                _ = c.pthread_cond_timedwait(&p.reap_cv, &p.lock, &ts);
+            }
+            p.unlockIt();
+        }
+
+        /// Stops the threads and destroys idle, parked and queued shells; the pool
+        /// itself is freed now if no VM is out, else by the last release.
+        /// Idempotent.
+        pub fn close(p: *Self) void {
+            p.lockIt();
+            if (p.closed) {
+                p.unlockIt();
+                return;
+            }
+            p.closed = true;
+            _ = c.pthread_cond_broadcast(&p.refill_cv);
+            _ = c.pthread_cond_broadcast(&p.reap_cv);
+            _ = c.pthread_cond_broadcast(&p.room);
+            p.unlockIt();
+            if (p.refill) |t| t.join();
+            for (p.reapers) |r| if (r) |t| t.join();
+            // Drain what is left, and report done in the same critical section as
+            // the last check: a concurrent release either queued before it (and
+            // is destroyed here) or destroys inline after it (queueDead).
+            p.lockIt();
+            while (true) {
+                const vm = if (p.idle_len > 0) blk: {
+                    p.idle_len -= 1;
+                    break :blk p.idle[p.idle_len];
+                } else if (p.parked_len > 0) blk: {
+                    p.parked_len -= 1;
+                    break :blk p.parked[p.parked_len];
+                } else p.dead.pop() orelse p.to_reset.pop() orelse break;
+                p.destroyLocked(vm);
+            }
+            p.worker_done = true;
+            p.close_done = true;
+            _ = c.pthread_cond_broadcast(&p.room);
+            const free_now = p.in_use == 0;
+            p.unlockIt();
+            if (free_now) p.free();
+        }
+
+        fn destroyAll(p: *Self) void {
+            while (p.idle_len > 0) {
+                p.idle_len -= 1;
+                F.destroy(p.idle[p.idle_len]);
+            }
+            for (p.dead.items) |vm| F.destroy(vm);
+            p.dead.deinit(allocator);
+            for (p.to_reset.items) |vm| F.destroy(vm);
+            p.to_reset.deinit(allocator);
+            while (p.parked_len > 0) {
+                p.parked_len -= 1;
+                F.destroy(p.parked[p.parked_len]);
+            }
+        }
+
+        fn free(p: *Self) void {
+            p.destroyAll();
+            p.parking.deinit(allocator);
+            allocator.destroy(p);
+        }
+    };
+}
 
 fn realtimeIn(ns: u64) c.timespec {
     var ts: linux.timespec = undefined;

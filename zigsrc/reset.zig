@@ -1,7 +1,8 @@
-//! Reset: put a restored VM back to exactly the snapshot it came from by
-//! restoring only what changed. Guest writes come from KVM's dirty log
-//! (every shell has KVM_MEM_LOG_DIRTY_PAGES on its slot), host writes from
-//! the VM's own bitmap; vCPU and device state are restored whole.
+//! The reset layer: puts a restored VM back to exactly the snapshot it came
+//! from by restoring only what changed. Guest writes come from KVM's dirty
+//! log (every shell has KVM_MEM_LOG_DIRTY_PAGES on its slot), host writes
+//! from this layer's own bitmap (`Resettable.host_dirty`); vCPU and device
+//! state are restored whole (state.apply).
 //!
 //! Memory modes: `copy` writes each dirty page back from the snapshot (the
 //! page stays mapped: the next guest write costs one write-protect fault);
@@ -9,19 +10,17 @@
 //! MADV_DONTNEED so the file's pages show through again (the next guest
 //! access costs a fault that maps the page). `auto` picks copy.
 const std = @import("std");
-const linux = std.os.linux;
-const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
+const shell = @import("shell.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
-const vm_mod = @import("vm.zig");
 const safe = @import("safe.zig");
-const Vm = vm_mod.Vm;
+const Snapshot = snapshot.Snapshot;
 
 const allocator = std.heap.c_allocator;
 
-pub const Mode = enum(u32) { auto = 0, copy = 1, drop = 2 };
+pub const Mode = enum(c_int) { auto = 0, copy = 1, drop = 2 };
 
 pub const Times = struct {
     dirty_pages: u64 = 0,
@@ -32,104 +31,153 @@ pub const Times = struct {
     total_ns: u64 = 0,
 };
 
-const DirtyLog = extern struct {
-    slot: u32,
-    padding: u32 = 0,
-    bitmap: u64,
+/// What reset owns on a machine: the snapshot it resets to (retained) and
+/// the pages the host wrote through write_memory (KVM's dirty log sees only
+/// guest writes).
+pub const Resettable = struct {
+    snap: *Snapshot,
+    host_dirty: []u64,
+
+    /// The dirty log is read once here so that only writes after this count.
+    pub fn init(vm: *shell.Vm, s: *Snapshot) errors.Error!Resettable {
+        if (s.parsed.memory_bytes != vm.mem.len or s.parsed.vcpus != vm.vcpu_count)
+            return errors.failCheck(.shape, "the snapshot does not match this VM's shape", .{});
+        const host_dirty = allocator.alloc(u64, vm.dirtyWords()) catch return error.OutOfMemory;
+        @memset(host_dirty, 0);
+        return .{ .snap = s.retain(), .host_dirty = host_dirty };
+    }
+
+    pub fn deinit(r: *Resettable) void {
+        allocator.free(r.host_dirty);
+        r.snap.release();
+    }
+
+    /// Records a host write of `len` bytes at `gpa`.
+    pub fn noteHostWrite(r: *Resettable, gpa: u64, len: u64) void {
+        if (len == 0) return;
+        var page = gpa / boot.page_bytes;
+        const last = (gpa + len - 1) / boot.page_bytes;
+        while (page <= last) : (page += 1) r.host_dirty[@intCast(page / 64)] |= @as(u64, 1) << @intCast(page % 64);
+    }
 };
 
-fn words(vm: *const Vm) usize {
-    return @intCast((vm.mem.len / boot.page_bytes + 63) / 64);
+/// Walks the pages set in `log` or `host`, in page order, clearing `host`
+/// as it goes (the dirty log is cleared by reading it).
+pub const DirtyPages = struct {
+    log: []const u64,
+    host: []u64,
+    word: usize = 0,
+    bits: u64 = 0,
+    started: bool = false,
+
+    pub fn next(d: *DirtyPages) ?u64 {
+        if (!d.started) {
+            d.started = true;
+            if (d.log.len > 0) d.load();
+        }
+        while (d.bits == 0) {
+            d.word += 1;
+            if (d.word >= d.log.len) return null;
+            d.load();
+        }
+        const b: u6 = @intCast(@ctz(d.bits));
+        d.bits &= d.bits - 1;
+        return d.word * 64 + b;
+    }
+
+    fn load(d: *DirtyPages) void {
+        d.bits = d.log[d.word] | d.host[d.word];
+        d.host[d.word] = 0;
+    }
+};
+
+/// Contiguous dirty pages go to one dropPages call.
+const DropRuns = struct {
+    vm: *shell.Vm,
+    start: u64 = 0,
+    len: u64 = 0,
+
+    fn add(r: *DropRuns, page: u64) void {
+        if (r.len > 0 and r.start + r.len == page) {
+            r.len += 1;
+            return;
+        }
+        r.flush();
+        r.start = page;
+        r.len = 1;
+    }
+    fn flush(r: *DropRuns) void {
+        r.vm.dropPages(r.start, r.len);
+        r.len = 0;
+    }
+};
+
+/// Puts every dirty page back (copy from the snapshot, or drop). Returns how
+/// many. The bare memory operation of a reset (the floor calls it too).
+fn putBack(vm: *shell.Vm, r: *Resettable, log: []const u64, use_drop: bool) errors.Error!u64 {
+    const s = r.snap;
+    const golden_map = s.parsed.pageMap();
+    var drops = DropRuns{ .vm = vm };
+    // copy from a file-backed snapshot: SIGBUS-safe reads (memcpy under
+    // kvmlab's SIGBUS handler, else batched process_vm_readv).
+    var batch: safe.Batch = .{};
+    const guard = safe.Guard.init(&s.damaged, s.sigbus_slot != null);
+    const from_file = s.fileBacked() and !guard.fast;
+    var dirty: u64 = 0;
+    var pages = DirtyPages{ .log = log, .host = r.host_dirty };
+    while (pages.next()) |page| : (dirty += 1) {
+        const off: usize = @intCast(page * boot.page_bytes);
+        const dst = vm.mem[off..][0..boot.page_bytes];
+        if (use_drop) {
+            drops.add(page);
+        } else if (snapshot.isPresent(golden_map, page)) {
+            if (from_file) try batch.add(dst, s.memory[off..][0..boot.page_bytes]) else @memcpy(dst, s.memory[off..][0..boot.page_bytes]);
+        } else {
+            @memset(dst, 0);
+        }
+    }
+    drops.flush();
+    try batch.flush();
+    try guard.finish();
+    return dirty;
 }
 
-/// Makes a restored VM resettable to `s` (which it retains). The dirty log is
-/// read once here so that only writes after this point count.
-pub fn enable(vm: *Vm, s: *snapshot.Snapshot) errors.Error!void {
-    if (vm.reset_snap != null) return;
-    if (s.parsed.memory_bytes != vm.mem.len or s.parsed.vcpus != vm.vcpu_count)
-        return errors.fail(error.Snapshot, "the snapshot does not match this VM's shape", .{});
-    vm.host_dirty = allocator.alloc(u64, words(vm)) catch return error.OutOfMemory;
-    @memset(vm.host_dirty, 0);
-    vm.reset_snap = s.retain();
-}
-
-/// Reads and clears KVM's dirty log into `bitmap`.
-fn readLog(vm: *Vm, bitmap: []u64) errors.Error!void {
-    @memset(bitmap, 0);
-    var log = DirtyLog{ .slot = 0, .bitmap = @intFromPtr(bitmap.ptr) };
-    _ = kvm.ioctl(vm.vm_fd, kvm.KVM_GET_DIRTY_LOG, @intFromPtr(&log)) catch return errors.ioctlFailed("KVM_GET_DIRTY_LOG");
-}
-
-pub fn reset(vm: *Vm, mode: Mode, times: *Times) errors.Error!void {
-    const s = vm.reset_snap orelse return errors.fail(error.Busy, "this VM was not restored with reset enabled (restore it with resettable=True)", .{});
-    try s.checkIntact(); // its file may have been rewritten since the last reset
+/// `mapped_from`: the snapshot whose file the VM's memory maps (a `map`
+/// restore), if any.
+pub fn reset(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, mode: Mode, times: *Times) errors.Error!void {
+    try r.snap.checkIntact(); // its file may have been rewritten since the last reset
     if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
     defer vm.running.store(false, .release);
     const use_drop = switch (mode) {
         // Dropping private pages shows the mapped file's: only right when that
         // file is the snapshot this VM resets to.
-        .drop => if (vm.source_snap == s) true else return errors.fail(error.Config, "reset mode 'drop' needs a VM restored with strategy 'map' from the snapshot it resets to", .{}),
+        .drop => if (mapped_from == r.snap) true else return errors.fail(error.Config, "reset mode 'drop' needs a VM restored with strategy 'map' from the snapshot it resets to", .{}),
         .copy, .auto => false,
     };
-    const t0 = vm_mod.monotonicNs();
+    try floor(vm, r, use_drop, times);
+}
+
+/// The bare operations of a reset (read and clear the dirty log, put the
+/// dirty pages back, state.apply), timed per phase; `reset` is this after
+/// its checks, and the benchmark floor is this alone.
+pub fn floor(vm: *shell.Vm, r: *Resettable, use_drop: bool, times: *Times) errors.Error!void {
+    const t0 = shell.monotonicNs();
     var stack_buf: [2048]u64 = undefined; // 512 MiB of guest memory
-    const n = words(vm);
+    const n = vm.dirtyWords();
     const bitmap = if (n <= stack_buf.len) stack_buf[0..n] else (allocator.alloc(u64, n) catch return error.OutOfMemory);
     defer if (n > stack_buf.len) allocator.free(bitmap);
-    try readLog(vm, bitmap);
-    const t1 = vm_mod.monotonicNs();
-    const golden_map = s.parsed.pageMap();
-    var dirty: u64 = 0;
-    // drop mode: contiguous dirty pages go to one madvise call.
-    var run_start: usize = 0;
-    var run_len: usize = 0;
-    // copy mode from a file-backed snapshot: SIGBUS-safe reads (memcpy under
-    // kvmlab's SIGBUS handler, else batched process_vm_readv).
-    var batch: safe.Batch = .{};
-    const guard = safe.Guard.init(&s.damaged, s.sigbus_slot != null);
-    const from_file = s.fileBacked() and !guard.fast;
-    for (bitmap, vm.host_dirty, 0..) |*w, *h, wi| {
-        var bits = w.* | h.*;
-        h.* = 0;
-        while (bits != 0) {
-            const b: u6 = @intCast(@ctz(bits));
-            bits &= bits - 1;
-            const page = wi * 64 + b;
-            const off = page * boot.page_bytes;
-            const dst = vm.mem[off..][0..boot.page_bytes];
-            if (use_drop) {
-                if (run_len > 0 and run_start + run_len == page) {
-                    run_len += 1;
-                } else {
-                    dropRun(vm, run_start, run_len);
-                    run_start = page;
-                    run_len = 1;
-                }
-            } else if (snapshot.isPresent(golden_map, page)) {
-                if (from_file) try batch.add(dst, s.memory[off..][0..boot.page_bytes]) else @memcpy(dst, s.memory[off..][0..boot.page_bytes]);
-            } else {
-                @memset(dst, 0);
-            }
-            dirty += 1;
-        }
-    }
-    dropRun(vm, run_start, run_len);
-    try batch.flush();
-    try guard.finish();
-    const t2 = vm_mod.monotonicNs();
+    try vm.readDirtyLog(bitmap);
+    const t1 = shell.monotonicNs();
+    const dirty = try putBack(vm, r, bitmap, use_drop);
+    const t2 = shell.monotonicNs();
     var st: state.RestoreTimes = .{};
-    try state.restore(vm, &s.parsed, &st);
-    const t3 = vm_mod.monotonicNs();
+    try state.apply(vm, &r.snap.parsed, &st);
+    const t3 = shell.monotonicNs();
     times.* = .{ .dirty_pages = dirty, .log_ns = t1 - t0, .memory_ns = t2 - t1, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns, .total_ns = t3 - t0 };
 }
 
-fn dropRun(vm: *Vm, first: usize, pages: usize) void {
-    if (pages == 0) return;
-    _ = linux.madvise(vm.mem[first * boot.page_bytes ..].ptr, pages * boot.page_bytes, linux.MADV.DONTNEED);
-}
-
 pub const LoopResult = extern struct {
-    reason: u32,
+    reason: shell.Reason,
     exit_code: u32,
     checkpoint_tag: u32,
     /// 1 when the run crashed (the crash message is dropped; reset recovers).
@@ -146,22 +194,22 @@ pub const LoopResult = extern struct {
 /// stopped as a whole, by interrupt() or a foreign signal (Ctrl-C: the last
 /// result says `interrupted`) or because the VM is closing (error.Closed).
 /// The VM is reset after the last input either way.
-pub fn loop(vm: *Vm, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!usize {
-    if (vm.reset_snap == null) return errors.fail(error.Busy, "this VM was not restored with reset enabled", .{});
+pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!usize {
     if (input_bytes == 0 or inputs.len % input_bytes != 0 or inputs.len / input_bytes != out.len)
         return errors.fail(error.Config, "inputs ({d} bytes) must be {d} inputs of {d} bytes", .{ inputs.len, out.len, input_bytes });
     _ = try vm.guestSlice(input_gpa, input_bytes);
+    const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode };
     // One operation: an interrupt() or close() during any run or reset of
     // the loop ends the whole loop, not just the current input's run.
     vm.beginOperation();
-    const signals = vm_mod.ForeignSignals.block(); // for the whole loop, runs and resets
+    const signals = shell.ForeignSignals.block(); // for the whole loop, runs and resets
     defer signals.unblock();
-    for (out, 0..) |*r, i| {
-        if (stoppedBySignal(r)) return i + 1;
+    for (out, 0..) |*res, i| {
+        if (stoppedBySignal(res)) return i + 1;
         const dst = try vm.guestSlice(input_gpa, input_bytes);
         @memcpy(dst, inputs[i * input_bytes ..][0..input_bytes]);
-        vm.noteHostWrite(input_gpa, input_bytes);
-        if (try runOne(vm, r, timeout_ns, mode, &.{}, i)) return i + 1;
+        r.noteHostWrite(input_gpa, input_bytes);
+        if (try step.runOne(res, &.{}, i)) return i + 1;
     }
     return out.len;
 }
@@ -176,8 +224,7 @@ pub const max_var_input_bytes: u64 = 1 << 20;
 /// bytes right after. With `console_stride` > 0, the first `console_stride`
 /// bytes of run i's console output go to console[i * console_stride ..].
 /// Returns how many inputs were done (stopping as `loop` does).
-pub fn loopVar(vm: *Vm, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
-    if (vm.reset_snap == null) return errors.fail(error.Busy, "this VM was not restored with reset enabled", .{});
+pub fn loopVar(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
     if (offsets.len != out.len + 1 or offsets[out.len] != inputs.len)
         return errors.fail(error.Config, "offsets must be {d} entries up to the inputs' {d} bytes", .{ out.len + 1, inputs.len });
     if (console.len != out.len * console_stride) return errors.fail(error.Config, "console must be count * console_stride bytes", .{});
@@ -188,51 +235,92 @@ pub fn loopVar(vm: *Vm, inputs: []const u8, offsets: []const u64, input_gpa: u64
     }
     if (longest > max_var_input_bytes) return errors.fail(error.Config, "an input is {d} bytes; at most {d}", .{ longest, max_var_input_bytes });
     _ = try vm.guestSlice(input_gpa, 4 + longest);
+    const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode };
     vm.beginOperation();
-    const signals = vm_mod.ForeignSignals.block(); // for the whole loop, runs and resets
+    const signals = shell.ForeignSignals.block(); // for the whole loop, runs and resets
     defer signals.unblock();
-    for (out, 0..) |*r, i| {
-        if (stoppedBySignal(r)) return i + 1;
+    for (out, 0..) |*res, i| {
+        if (stoppedBySignal(res)) return i + 1;
         const input = inputs[@intCast(offsets[i])..@intCast(offsets[i + 1])];
         const dst = try vm.guestSlice(input_gpa, 4 + input.len);
         std.mem.writeInt(u32, dst[0..4], @intCast(input.len), .little);
         @memcpy(dst[4..], input);
-        vm.noteHostWrite(input_gpa, 4 + input.len);
-        if (try runOne(vm, r, timeout_ns, mode, console[i * console_stride ..][0..console_stride], i)) return i + 1;
+        r.noteHostWrite(input_gpa, 4 + input.len);
+        if (try step.runOne(res, console[i * console_stride ..][0..console_stride], i)) return i + 1;
     }
     return out.len;
 }
 
 /// A signal (Ctrl-C) came while the loop was outside KVM_RUN, e.g. during
-/// a reset (it waits blocked, see vm.ForeignSignals): input i is not run and
-/// its result says `interrupted`, as when the signal stops a run.
-fn stoppedBySignal(r: *LoopResult) bool {
-    if (!vm_mod.ForeignSignals.pending()) return false;
-    r.* = std.mem.zeroes(LoopResult);
-    r.reason = @intFromEnum(vm_mod.Reason.interrupted);
+/// a reset (it waits blocked, see shell.ForeignSignals): input i is not run
+/// and its result says `interrupted`, as when the signal stops a run.
+fn stoppedBySignal(res: *LoopResult) bool {
+    if (!shell.ForeignSignals.pending()) return false;
+    res.* = std.mem.zeroes(LoopResult);
+    res.reason = .interrupted;
     return true;
 }
 
-/// Iteration `i` of either loop, the input already written: run, record,
-/// keep the first console.len bytes of output, reset. True when the whole
-/// loop must stop (interrupt() or a signal); error.Closed when the VM is closing.
-fn runOne(vm: *Vm, r: *LoopResult, timeout_ns: u64, mode: Mode, console: []u8, i: usize) errors.Error!bool {
-    r.* = std.mem.zeroes(LoopResult);
-    if (vm.runStep(timeout_ns)) |o| {
-        r.reason = @intFromEnum(o.reason);
-        r.exit_code = o.exit_code;
-        r.checkpoint_tag = o.checkpoint_tag;
-        r.run_ns = o.elapsed_ns;
-    } else |e| switch (e) {
-        error.GuestCrash => r.crashed = 1,
-        else => return e,
+/// What every iteration of either loop needs.
+const Step = struct {
+    vm: *shell.Vm,
+    r: *Resettable,
+    mapped_from: ?*const Snapshot,
+    timeout_ns: u64,
+    mode: Mode,
+
+    /// Iteration `i`, the input already written: run, record, keep the first
+    /// console.len bytes of output, reset. True when the whole loop must stop
+    /// (interrupt() or a signal); error.Closed when the VM is closing.
+    fn runOne(s: Step, res: *LoopResult, console: []u8, i: usize) errors.Error!bool {
+        const vm = s.vm;
+        res.* = std.mem.zeroes(LoopResult);
+        if (vm.runStep(s.timeout_ns)) |o| {
+            res.reason = o.reason;
+            res.exit_code = o.exit_code;
+            res.checkpoint_tag = o.checkpoint_tag;
+            res.run_ns = o.elapsed_ns;
+        } else |e| switch (e) {
+            error.GuestCrash => res.crashed = 1,
+            else => return e,
+        }
+        res.console_bytes = vm.console_len + vm.console_dropped;
+        if (console.len > 0) _ = vm.consoleTake(console);
+        var t: Times = .{};
+        try reset(vm, s.r, s.mapped_from, s.mode, &t);
+        res.reset_ns = t.total_ns;
+        res.dirty_pages = t.dirty_pages;
+        if (vm.closing.load(.seq_cst)) return errors.fail(error.Closed, "the VM was closed during reset_loop (after {d} inputs)", .{i + 1});
+        return res.reason == .interrupted or vm.stopRequested();
     }
-    r.console_bytes = vm.console_len + vm.console_dropped;
-    if (console.len > 0) _ = vm.consoleTake(console);
-    var t: Times = .{};
-    try reset(vm, mode, &t);
-    r.reset_ns = t.total_ns;
-    r.dirty_pages = t.dirty_pages;
-    if (vm.closing.load(.seq_cst)) return errors.fail(error.Closed, "the VM was closed during reset_loop (after {d} inputs)", .{i + 1});
-    return r.reason == @intFromEnum(vm_mod.Reason.interrupted) or vm.stopRequested();
+};
+
+test "reset: the dirty walk visits log and host pages in order and clears host bits" {
+    const log = [_]u64{ 0b1001, 0, 1 << 63 };
+    var host = [_]u64{ 0b0110, 1 << 5, 0 };
+    var d = DirtyPages{ .log = &log, .host = &host };
+    const want = [_]u64{ 0, 1, 2, 3, 64 + 5, 128 + 63 };
+    for (want) |w| try std.testing.expectEqual(@as(?u64, w), d.next());
+    try std.testing.expectEqual(@as(?u64, null), d.next());
+    try std.testing.expectEqualSlices(u64, &.{ 0, 0, 0 }, &host);
+}
+
+test "reset: an empty or clean bitmap yields no pages" {
+    var none: [0]u64 = .{};
+    var d0 = DirtyPages{ .log = &none, .host = &none };
+    try std.testing.expectEqual(@as(?u64, null), d0.next());
+    const log = [_]u64{ 0, 0 };
+    var host = [_]u64{ 0, 0 };
+    var d1 = DirtyPages{ .log = &log, .host = &host };
+    try std.testing.expectEqual(@as(?u64, null), d1.next());
+}
+
+test "reset: host writes mark every page they touch" {
+    var words = [_]u64{ 0, 0 };
+    var r = Resettable{ .snap = undefined, .host_dirty = &words };
+    r.noteHostWrite(4095, 2); // pages 0 and 1
+    r.noteHostWrite(64 * 4096, 1); // page 64
+    r.noteHostWrite(100, 0); // nothing
+    try std.testing.expectEqual(@as(u64, 0b11), words[0]);
+    try std.testing.expectEqual(@as(u64, 1), words[1]);
 }

@@ -29,7 +29,7 @@ pub fn copy(dst: []u8, src: []const u8) errors.Error!void {
 
 /// The error for memory whose snapshot file lost pages under a mapping.
 pub fn truncated() errors.Error {
-    return errors.fail(error.Snapshot, "the snapshot file behind this memory was truncated or replaced while mapped (pages past its new end read as zeros); reload the snapshot", .{});
+    return errors.failCheck(.damaged, "the snapshot file behind this memory was truncated or replaced while mapped (pages past its new end read as zeros); reload the snapshot", .{});
 }
 
 fn unreadable(at: [*]const u8) errors.Error {

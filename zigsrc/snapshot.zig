@@ -1,47 +1,41 @@
 //! kvmlab snapshots: guest memory plus the state blob of state.zig, in one
 //! checked, self-describing file or byte string.
 //!
-//! File layout (little-endian):
+//! File layout (little-endian; the header is `Header` below, an extern
+//! struct in the C ABI as kvmlab_snapshot_header, so tools read it through
+//! the generated header instead of offsets):
 //!
-//!   offset 0                                            4096
-//!   +---------------------------------------------------+----------------+-----+------------------+
-//!   | header (4096 bytes)                                | STATE section  | pad | MEMORY section   |
-//!   +---------------------------------------------------+----------------+-----+------------------+
-//!                                                         CRC32C            page-aligned, CRC32C
-//!   header:
-//!     0   magic "KVMLSNAP"          8   version major u16, minor u16
-//!     12  arch u32 (1 = x86_64)     16  header bytes u32 (4096)
-//!     20  section count u32 (<= 8)  24  memory bytes u64
-//!     32  vCPU count u32            36  flags u32 (bit 0: MEMORY is packed)
-//!     40  created, unix ns u64      48  total bytes u64
-//!     56  present pages u64         64  header CRC32C u32 (bytes 0..64 and the
-//!                                       section table, with this field zero)
-//!     128 section table, 32 bytes each:
-//!         kind u32 (1 STATE, 2 MEMORY) | reserved u32 | offset u64 | bytes u64 | CRC32C u32 | reserved u32
+//!   offset 0                          384            4096
+//!   +---------------------------------+--------------+----------------+-----+------------------+
+//!   | Header (with the section table)  | zero         | STATE section  | pad | MEMORY section   |
+//!   +---------------------------------+--------------+----------------+-----+------------------+
+//!                                                      CRC32C            page-aligned, CRC32C
 //!
-//! MEMORY comes in two layouts. Full (files written by `save`): `memory bytes`
+//! The header CRC32C covers the Header with its crc field zero. MEMORY comes
+//! in two layouts. Full (files written by `save`): `memory_bytes`
 //! long, page i at offset i*4096, all-zero pages left as holes, so the section
 //! can be mapped copy-on-write straight into a VM (`map` restore) and a 256 MiB
 //! guest that touched 2 MiB takes ~2 MiB of disk. Packed (`to_bytes`): only the
 //! pages set in STATE's page map, in page order. Either way its CRC32C covers
 //! the present pages in page order, so the checksum costs what is stored.
 //!
-//! Checks, in this order, before anything is allocated: total size limit,
-//! magic, version, section bounds (and reserved bytes and padding all zero),
-//! checksums (header, STATE, then MEMORY using STATE's checked page map), then
-//! semantic checks (counts and sizes agree). `load` of a full-layout file also
-//! checks that no page the page map calls zero holds data (SEEK_DATA/SEEK_HOLE),
-//! since a `map` restore would show it.
+//! `check` runs named steps in a fixed order (`check_order`) before anything
+//! is allocated, each failing with its own id (errors.Check): sizes and
+//! identity first, then section bounds, reserved bytes and padding, then
+//! checksums, then the STATE blob (state.parse), then semantic agreement.
+//! `load` of a full-layout file also checks that no page the page map calls
+//! zero holds data (SEEK_DATA/SEEK_HOLE), since a `map` restore would show it.
 const std = @import("std");
 const linux = std.os.linux;
 const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const state = @import("state.zig");
-const vm_mod = @import("vm.zig");
+const shell = @import("shell.zig");
 const safe = @import("safe.zig");
 const sigbus = @import("sigbus.zig");
-const Vm = vm_mod.Vm;
+const Vm = shell.Vm;
+const Check = errors.Check;
 
 const allocator = std.heap.c_allocator;
 const Crc32c = std.hash.crc.@"CRC-32/ISCSI";
@@ -49,19 +43,65 @@ const Crc32c = std.hash.crc.@"CRC-32/ISCSI";
 pub const magic = "KVMLSNAP".*;
 pub const version_major: u16 = 1;
 pub const version_minor: u16 = 0;
-pub const arch_x86_64: u32 = 1;
 pub const header_bytes: u64 = 4096;
 pub const max_sections: u32 = 8;
-pub const section_table_offset = 128;
-pub const section_entry_bytes = 32;
-pub const flag_packed: u32 = 1;
-pub const kind_state: u32 = 1;
-pub const kind_memory: u32 = 2;
 pub const page = boot.page_bytes;
 /// Largest snapshot accepted: the largest guest plus its state.
 pub const max_total_bytes: u64 = boot.max_memory_bytes + header_bytes + state.max_blob_bytes + page;
 
-pub const Strategy = enum(u32) { auto = 0, copy = 1, map = 2 };
+pub const SectionKind = enum(c_int) { state = 1, memory = 2 };
+pub const Arch = enum(c_int) { x86_64 = 1 };
+/// Header.flags bits.
+pub const Flag = enum(c_int) {
+    /// MEMORY holds only the present pages, in page order (to_bytes).
+    packed_memory = 1,
+};
+
+/// One entry of the section table.
+pub const Section = extern struct {
+    /// A SectionKind value.
+    kind: u32,
+    reserved0: u32,
+    offset: u64,
+    bytes: u64,
+    crc32c: u32,
+    reserved1: u32,
+};
+
+/// The start of every snapshot; the rest of its 4096 bytes is zero.
+pub const Header = extern struct {
+    magic: [8]u8,
+    version_major: u16,
+    version_minor: u16,
+    /// An Arch value.
+    arch: u32,
+    /// Always 4096.
+    header_bytes: u32,
+    section_count: u32,
+    memory_bytes: u64,
+    vcpus: u32,
+    /// Flag bits.
+    flags: u32,
+    created_unix_ns: u64,
+    total_bytes: u64,
+    present_pages: u64,
+    /// CRC32C of this struct with this field zero.
+    header_crc32c: u32,
+    reserved: [60]u8,
+    sections: [max_sections]Section,
+};
+
+comptime {
+    std.debug.assert(@import("builtin").cpu.arch.endian() == .little); // extern structs are the file format
+    std.debug.assert(@sizeOf(Section) == 32);
+    std.debug.assert(@offsetOf(Header, "memory_bytes") == 24);
+    std.debug.assert(@offsetOf(Header, "vcpus") == 32);
+    std.debug.assert(@offsetOf(Header, "created_unix_ns") == 40);
+    std.debug.assert(@offsetOf(Header, "present_pages") == 56);
+    std.debug.assert(@offsetOf(Header, "header_crc32c") == 64);
+    std.debug.assert(@offsetOf(Header, "sections") == 128);
+    std.debug.assert(@sizeOf(Header) == 384);
+}
 
 pub const Snapshot = struct {
     /// The checked state blob (owned) and where its records are.
@@ -93,7 +133,7 @@ pub const Snapshot = struct {
     memory_crc: u32 = 0,
     /// The header and section table as checked at load (their CRCs cover
     /// the whole file): every use compares the mapped ones with it.
-    head: [head_bytes]u8 = @splat(0),
+    head: [@sizeOf(Header)]u8 = @splat(0),
     /// When the hot check last ran statx (monotonic ns; see checkIntact).
     last_stat_ns: std.atomic.Value(u64) = .init(0),
 
@@ -108,25 +148,25 @@ pub const Snapshot = struct {
 
     /// Fails when the file behind a loaded snapshot was truncated, or
     /// rewritten in place since load; marks it damaged then, so every later
-    /// use fails too. The restore and reset hot paths: the mapped header and
-    /// section table against the copy from load (a few dozen ns; another
-    /// snapshot written over the file differs there, a truncated header page
-    /// reads as zeros), and the file's size and mtime (statx, ~5 us under
-    /// kvm_pvm) at most every `stat_interval_ns`.
+    /// use fails too (check id `damaged`). The restore and reset hot paths:
+    /// the mapped header and section table against the copy from load (a
+    /// few dozen ns; another snapshot written over the file differs there, a
+    /// truncated header page reads as zeros), and the file's size and mtime
+    /// (statx, ~5 us under kvm_pvm) at most every `stat_interval_ns`.
     pub fn checkIntact(s: *const Snapshot) errors.Error!void {
-        return s.check(false);
+        return s.checkWhole(false);
     }
 
     /// checkIntact with statx every time (save, toBytes, info: not hot).
     pub fn checkFile(s: *const Snapshot) errors.Error!void {
-        return s.check(true);
+        return s.checkWhole(true);
     }
 
-    fn check(s: *const Snapshot, always_stat: bool) errors.Error!void {
+    fn checkWhole(s: *const Snapshot, always_stat: bool) errors.Error!void {
         if (s.damaged.load(.acquire)) return safe.truncated();
         if (s.fd < 0) return;
-        if (!std.mem.eql(u8, s.file_map[0..head_bytes], &s.head)) return s.changed(s.file_id.size);
-        const now_ns = vm_mod.monotonicNs();
+        if (!std.mem.eql(u8, s.file_map[0..@sizeOf(Header)], &s.head)) return s.changed(s.file_id.size);
+        const now_ns = shell.monotonicNs();
         if (!always_stat and now_ns -% s.last_stat_ns.load(.monotonic) < stat_interval_ns) return;
         @constCast(&s.last_stat_ns).store(now_ns, .monotonic);
         const now = FileId.of(s.fd) catch return;
@@ -136,7 +176,7 @@ pub const Snapshot = struct {
     fn changed(s: *const Snapshot, size_now: u64) errors.Error {
         @constCast(&s.damaged).store(true, .release);
         if (size_now < s.file_id.size) return safe.truncated();
-        return errors.fail(error.Snapshot, "the snapshot file was rewritten after it was loaded (its header, size or mtime changed); load it again", .{});
+        return errors.failCheck(.damaged, "the snapshot file was rewritten after it was loaded (its header, size or mtime changed); load it again", .{});
     }
 
     fn destroy(s: *Snapshot) void {
@@ -146,15 +186,6 @@ pub const Snapshot = struct {
         if (s.fd >= 0) _ = linux.close(s.fd);
         allocator.free(s.blob);
         allocator.destroy(s);
-    }
-
-    /// Whether `strategy` maps this snapshot's file (else its memory is copied).
-    pub fn useMap(s: *const Snapshot, strategy: Strategy) errors.Error!bool {
-        return switch (strategy) {
-            .auto => s.fileBacked(),
-            .map => if (s.fileBacked()) true else errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{}),
-            .copy => false,
-        };
     }
 
     pub fn fileBacked(s: *const Snapshot) bool {
@@ -168,8 +199,8 @@ pub const Snapshot = struct {
     }
 };
 
-fn bad(comptime fmt: []const u8, args: anytype) errors.Error {
-    return errors.fail(error.Snapshot, "snapshot: " ++ fmt, args);
+fn bad(check_id: Check, comptime fmt: []const u8, args: anytype) errors.Error {
+    return errors.failCheck(check_id, "snapshot: " ++ fmt, args);
 }
 
 /// Bit `i` of a page map (state.zig's page_map record): page i may be non-zero.
@@ -202,8 +233,9 @@ fn isZeroPage(p: *const [page]u8) bool {
 }
 
 /// Captures a stopped VM. Only pages that can be non-zero are read: mincore
-/// finds the resident ones, and a file-mapped VM adds its source page map.
-pub fn capture(vm: *Vm) errors.Error!*Snapshot {
+/// finds the resident ones, and a file-mapped VM adds `source_map`, the page
+/// map of the snapshot its memory maps.
+pub fn capture(vm: *Vm, source_map: ?[]const u8) errors.Error!*Snapshot {
     if (!vm.booted) return errors.fail(error.Busy, "the VM has no guest to snapshot", .{});
     if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot snapshot a running VM: wait for run() to return", .{});
     defer vm.running.store(false, .release);
@@ -223,7 +255,7 @@ pub fn capture(vm: *Vm) errors.Error!*Snapshot {
     var present: u64 = 0;
     var i: u64 = 0;
     while (i < pages) : (i += 1) {
-        const maybe = (resident[@intCast(i)] & 1) != 0 or (if (vm.source_snap) |sn| isPresent(sn.parsed.pageMap(), i) else false);
+        const maybe = (resident[@intCast(i)] & 1) != 0 or (if (source_map) |m| isPresent(m, i) else false);
         if (!maybe) continue;
         const dst: *[page]u8 = @ptrCast(memory[@intCast(i * page)..][0..page]);
         // A map-restored VM's memory is a file mapping: copy it safely first.
@@ -280,39 +312,37 @@ fn memoryCrc(memory: []const u8, map: []const u8, pages: u64, packed_layout: boo
     return crc.final();
 }
 
-fn writeHeader(h: *[header_bytes]u8, s: *const Snapshot, flags: u32, total: u64, mem_bytes: u64, mem_crc: u32) void {
-    @memset(h, 0);
-    @memcpy(h[0..8], &magic);
-    std.mem.writeInt(u16, h[8..10], version_major, .little);
-    std.mem.writeInt(u16, h[10..12], version_minor, .little);
-    std.mem.writeInt(u32, h[12..16], arch_x86_64, .little);
-    std.mem.writeInt(u32, h[16..20], header_bytes, .little);
-    std.mem.writeInt(u32, h[20..24], 2, .little);
-    std.mem.writeInt(u64, h[24..32], s.parsed.memory_bytes, .little);
-    std.mem.writeInt(u32, h[32..36], s.parsed.vcpus, .little);
-    std.mem.writeInt(u32, h[36..40], flags, .little);
-    std.mem.writeInt(u64, h[40..48], s.created_unix_ns, .little);
-    std.mem.writeInt(u64, h[48..56], total, .little);
-    std.mem.writeInt(u64, h[56..64], s.present_pages, .little);
-    writeSection(h, 0, kind_state, header_bytes, s.blob.len, Crc32c.hash(s.blob));
-    writeSection(h, 1, kind_memory, memoryOffset(s.blob.len), mem_bytes, mem_crc);
-    std.mem.writeInt(u32, h[64..68], headerCrc(h), .little);
+fn writeHeader(out: *[header_bytes]u8, s: *const Snapshot, flags: u32, total: u64, mem_bytes: u64, mem_crc: u32) void {
+    var h = std.mem.zeroes(Header);
+    h.magic = magic;
+    h.version_major = version_major;
+    h.version_minor = version_minor;
+    h.arch = @intFromEnum(Arch.x86_64);
+    h.header_bytes = header_bytes;
+    h.section_count = 2;
+    h.memory_bytes = s.parsed.memory_bytes;
+    h.vcpus = s.parsed.vcpus;
+    h.flags = flags;
+    h.created_unix_ns = s.created_unix_ns;
+    h.total_bytes = total;
+    h.present_pages = s.present_pages;
+    h.sections[0] = .{ .kind = @intFromEnum(SectionKind.state), .reserved0 = 0, .offset = header_bytes, .bytes = s.blob.len, .crc32c = Crc32c.hash(s.blob), .reserved1 = 0 };
+    h.sections[1] = .{ .kind = @intFromEnum(SectionKind.memory), .reserved0 = 0, .offset = memoryOffset(s.blob.len), .bytes = mem_bytes, .crc32c = mem_crc, .reserved1 = 0 };
+    h.header_crc32c = headerCrc(h);
+    @memset(out, 0);
+    @memcpy(out[0..@sizeOf(Header)], std.mem.asBytes(&h));
 }
 
-fn writeSection(h: *[header_bytes]u8, i: usize, kind: u32, offset: u64, bytes: u64, crc: u32) void {
-    const e = h[section_table_offset + i * section_entry_bytes ..][0..section_entry_bytes];
-    std.mem.writeInt(u32, e[0..4], kind, .little);
-    std.mem.writeInt(u64, e[8..16], offset, .little);
-    std.mem.writeInt(u64, e[16..24], bytes, .little);
-    std.mem.writeInt(u32, e[24..28], crc, .little);
+fn headerCrc(h: Header) u32 {
+    var copy = h;
+    copy.header_crc32c = 0;
+    return Crc32c.hash(std.mem.asBytes(&copy));
 }
 
-fn headerCrc(h: *const [header_bytes]u8) u32 {
-    var crc = Crc32c.init();
-    crc.update(h[0..64]);
-    crc.update(&[_]u8{ 0, 0, 0, 0 });
-    crc.update(h[68 .. section_table_offset + max_sections * section_entry_bytes]);
-    return crc.final();
+/// The header of an encoded snapshot (copied out: `data` may be unaligned).
+pub fn readHeader(data: []const u8) Header {
+    std.debug.assert(data.len >= @sizeOf(Header));
+    return std.mem.bytesToValue(Header, data[0..@sizeOf(Header)]);
 }
 
 /// The packed encoding, written into `out` (which must be encodedBytes long).
@@ -335,10 +365,8 @@ pub fn toBytes(s: *const Snapshot, out: []u8) errors.Error!void {
     }
     const mem_crc = crc.final();
     try checkRead(s, mem_crc);
-    writeHeader(out[0..header_bytes], s, flag_packed, out.len, s.present_pages * page, mem_crc);
+    writeHeader(out[0..header_bytes], s, @intFromEnum(Flag.packed_memory), out.len, s.present_pages * page, mem_crc);
 }
-
-const Section = struct { offset: u64, bytes: u64, crc: u32 };
 
 /// The parts of a file's status that a write changes (the inode cannot:
 /// the snapshot holds its fd). Not ctime: renaming another file over the
@@ -356,8 +384,6 @@ pub const FileId = struct {
     }
 };
 
-/// The header and section table (`Snapshot.head`).
-const head_bytes = section_table_offset + max_sections * section_entry_bytes;
 /// How often a restore or reset of a loaded snapshot runs statx on its file.
 const stat_interval_ns: u64 = 1_000_000;
 
@@ -367,37 +393,30 @@ const stat_interval_ns: u64 = 1_000_000;
 fn checkRead(s: *const Snapshot, mem_crc: u32) errors.Error!void {
     try s.checkFile();
     if (s.fileBacked() and mem_crc != s.memory_crc)
-        return errors.fail(error.Snapshot, "the snapshot file's memory changed after it was loaded (checksum 0x{x}, 0x{x} at load): load it again", .{ mem_crc, s.memory_crc });
+        return errors.failCheck(.damaged, "the snapshot file's memory changed after it was loaded (checksum 0x{x}, 0x{x} at load): load it again", .{ mem_crc, s.memory_crc });
 }
 
 /// Test/fuzz helper: recomputes the section and header CRCs of an encoded
 /// snapshot in place, wherever its (untrusted) section table points inside it.
 pub fn fixChecksums(data: []u8) void {
     if (data.len < header_bytes) return;
-    const h = data[0..header_bytes];
-    var i: usize = 0;
-    while (i < 2) : (i += 1) {
-        const e = h[section_table_offset + i * section_entry_bytes ..][0..section_entry_bytes];
-        const off = std.mem.readInt(u64, e[8..16], .little);
-        const len = std.mem.readInt(u64, e[16..24], .little);
-        if (off > data.len or data.len - off < len) continue;
-        const body = data[@intCast(off)..][0..@intCast(len)];
-        const crc = if (i == 0) Crc32c.hash(body) else blk: {
+    var h = readHeader(data);
+    for (h.sections[0..2], 0..) |*e, i| {
+        if (e.offset > data.len or data.len - e.offset < e.bytes) continue;
+        const body = data[@intCast(e.offset)..][0..@intCast(e.bytes)];
+        e.crc32c = if (i == 0) Crc32c.hash(body) else blk: {
             // MEMORY's CRC covers present pages; recompute it when STATE parses.
-            const st_e = h[section_table_offset..][0..section_entry_bytes];
-            const so = std.mem.readInt(u64, st_e[8..16], .little);
-            const sl = std.mem.readInt(u64, st_e[16..24], .little);
-            if (so > data.len or data.len - so < sl) continue;
-            const parsed = state.parse(data[@intCast(so)..][0..@intCast(sl)]) catch continue;
-            const pages = state.pageCount(parsed.memory_bytes);
-            const packed_layout = std.mem.readInt(u32, h[36..40], .little) & flag_packed != 0;
+            const st = h.sections[0];
+            if (st.offset > data.len or data.len - st.offset < st.bytes) continue;
+            const parsed = state.parse(data[@intCast(st.offset)..][0..@intCast(st.bytes)]) catch continue;
+            const packed_layout = h.flags & @intFromEnum(Flag.packed_memory) != 0;
             const need = if (packed_layout) countPresent(parsed.pageMap()) * page else parsed.memory_bytes;
             if (body.len != need) continue;
-            break :blk memoryCrc(body, parsed.pageMap(), pages, packed_layout);
+            break :blk memoryCrc(body, parsed.pageMap(), state.pageCount(parsed.memory_bytes), packed_layout);
         };
-        std.mem.writeInt(u32, e[24..28], crc, .little);
     }
-    std.mem.writeInt(u32, h[64..68], headerCrc(h), .little);
+    h.header_crc32c = headerCrc(h);
+    @memcpy(data[0..@sizeOf(Header)], std.mem.asBytes(&h));
 }
 
 pub const Checked = struct {
@@ -411,81 +430,113 @@ pub const Checked = struct {
     memory_crc: u32,
 };
 
-/// Runs every check, in the documented order, over an encoded snapshot.
+/// The steps of `check`, in the order they run. Each refuses with its own id.
+pub const check_order = [_]Check{
+    .size,          .magic,        .version,        .arch,           .header_size,
+    .section_count, .total_bytes,  .section_kind,   .state_limit,    .section_bounds,
+    .memory_alignment, .section_overlap, .memory_size, .present_pages, .flags,
+    .memory_section_size, .reserved, .padding,      .header_crc,     .state_crc,
+    .state_memory,  .page_count,   .memory_crc,     .vcpu_count,
+};
+
+/// What the steps of `check` have established so far.
+const Progress = struct {
+    data: []const u8,
+    h: Header = undefined,
+    packed_layout: bool = false,
+    blob: []const u8 = &.{},
+    memory: []const u8 = &.{},
+    parsed: state.Parsed = undefined,
+
+    fn state_section(p: *const Progress) Section {
+        return p.h.sections[0];
+    }
+    fn memory_section(p: *const Progress) Section {
+        return p.h.sections[1];
+    }
+};
+
+/// Runs every step of `check_order` over an encoded snapshot.
 pub fn check(data: []const u8) errors.Error!Checked {
-    // 1. total size limit
-    if (data.len > max_total_bytes) return bad("{d} bytes is over the {d}-byte limit", .{ data.len, max_total_bytes });
-    if (data.len < header_bytes) return bad("truncated: {d} bytes, the header alone is {d}", .{ data.len, header_bytes });
-    const h = data[0..header_bytes];
-    // 2. magic
-    if (!std.mem.eql(u8, h[0..8], &magic)) return bad("bad magic: not a kvmlab snapshot", .{});
-    // 3. version
-    const major = std.mem.readInt(u16, h[8..10], .little);
-    const minor = std.mem.readInt(u16, h[10..12], .little);
-    if (major != version_major or minor > version_minor)
-        return bad("unsupported version {d}.{d} (this kvmlab reads {d}.0 .. {d}.{d})", .{ major, minor, version_major, version_major, version_minor });
-    const arch = std.mem.readInt(u32, h[12..16], .little);
-    if (arch != arch_x86_64) return bad("architecture {d} is not x86_64", .{arch});
-    if (std.mem.readInt(u32, h[16..20], .little) != header_bytes) return bad("header size is not 4096", .{});
-    // 4. section bounds
-    const count = std.mem.readInt(u32, h[20..24], .little);
-    if (count != 2) return bad("{d} sections; version 1 has exactly 2 (STATE, MEMORY)", .{count});
-    const total = std.mem.readInt(u64, h[48..56], .little);
-    if (total != data.len) return bad("truncated or padded: header says {d} bytes, got {d}", .{ total, data.len });
-    var sections: [2]Section = undefined;
-    for (&sections, 0..) |*sec, i| {
-        const e = h[section_table_offset + i * section_entry_bytes ..][0..section_entry_bytes];
-        const kind = std.mem.readInt(u32, e[0..4], .little);
-        if (kind != i + 1) return bad("section {d} has kind {d}, expected {d}", .{ i, kind, i + 1 });
-        sec.* = .{ .offset = std.mem.readInt(u64, e[8..16], .little), .bytes = std.mem.readInt(u64, e[16..24], .little), .crc = std.mem.readInt(u32, e[24..28], .little) };
-        if (sec.offset < header_bytes or sec.offset > data.len or data.len - sec.offset < sec.bytes)
-            return bad("section {s} (offset {d}, {d} bytes) lies outside the {d}-byte snapshot", .{ if (i == 0) "STATE" else "MEMORY", sec.offset, sec.bytes, data.len });
+    var p = Progress{ .data = data };
+    inline for (check_order) |id| {
+        try step(id, &p);
+        // The STATE blob is parsed between the STATE checksum and the
+        // semantic checks (it fails with its own state_* ids).
+        if (id == .state_crc) p.parsed = try state.parse(p.blob);
     }
-    if (sections[0].bytes > state.max_blob_bytes) return bad("STATE section of {d} bytes is over the limit", .{sections[0].bytes});
-    if (sections[1].offset % page != 0) return bad("MEMORY section is not page-aligned", .{});
-    if (sections[0].offset + sections[0].bytes > sections[1].offset) return bad("STATE and MEMORY sections overlap", .{});
-    const memory_bytes = std.mem.readInt(u64, h[24..32], .little);
-    if (memory_bytes < boot.min_memory_bytes or memory_bytes > boot.max_memory_bytes or memory_bytes % boot.huge_page_bytes != 0)
-        return bad("memory size {d} bytes is out of range", .{memory_bytes});
-    const present = std.mem.readInt(u64, h[56..64], .little);
-    if (present > state.pageCount(memory_bytes)) return bad("{d} present pages in a {d}-page guest", .{ present, state.pageCount(memory_bytes) });
-    const flags = std.mem.readInt(u32, h[36..40], .little);
-    if (flags & ~flag_packed != 0) return bad("unknown flags 0x{x}", .{flags});
-    const packed_layout = flags & flag_packed != 0;
-    const want_mem = if (packed_layout) present * page else memory_bytes;
-    if (sections[1].bytes != want_mem) return bad("MEMORY section is {d} bytes, expected {d}", .{ sections[1].bytes, want_mem });
-    // Reserved space must be zero: bytes nobody checks could carry anything.
-    if (!allZero(h[68..section_table_offset]) or !allZero(h[section_table_offset + 2 * section_entry_bytes ..]))
-        return bad("reserved header bytes are not zero", .{});
-    for (0..2) |i| {
-        const e = h[section_table_offset + i * section_entry_bytes ..][0..section_entry_bytes];
-        if (!allZero(e[4..8]) or !allZero(e[28..32])) return bad("reserved section table bytes are not zero", .{});
-    }
-    if (!allZero(data[@intCast(sections[0].offset + sections[0].bytes)..@intCast(sections[1].offset)]))
-        return bad("the padding before the MEMORY section is not zero", .{});
-    // 5. checksums
-    if (std.mem.readInt(u32, h[64..68], .little) != headerCrc(h)) return bad("checksum mismatch in the header", .{});
-    const blob = data[@intCast(sections[0].offset)..][0..@intCast(sections[0].bytes)];
-    if (Crc32c.hash(blob) != sections[0].crc) return bad("checksum mismatch in section STATE", .{});
-    const parsed = try state.parse(blob);
-    if (parsed.memory_bytes != memory_bytes) return bad("STATE says {d} bytes of memory, the header {d}", .{ parsed.memory_bytes, memory_bytes });
-    if (countPresent(parsed.pageMap()) != present) return bad("page map has {d} pages, the header {d}", .{ countPresent(parsed.pageMap()), present });
-    const memory = data[@intCast(sections[1].offset)..][0..@intCast(sections[1].bytes)];
-    if (memoryCrc(memory, parsed.pageMap(), state.pageCount(memory_bytes), packed_layout) != sections[1].crc)
-        return bad("checksum mismatch in section MEMORY", .{});
-    // 6. semantic checks
-    const vcpus = std.mem.readInt(u32, h[32..36], .little);
-    if (vcpus != parsed.vcpus) return bad("header says {d} vCPUs, STATE {d}", .{ vcpus, parsed.vcpus });
     return .{
-        .parsed = parsed,
-        .blob = blob,
-        .memory = memory,
-        .packed_layout = packed_layout,
-        .memory_offset = sections[1].offset,
-        .present_pages = present,
-        .created_unix_ns = std.mem.readInt(u64, h[40..48], .little),
-        .memory_crc = sections[1].crc,
+        .parsed = p.parsed,
+        .blob = p.blob,
+        .memory = p.memory,
+        .packed_layout = p.packed_layout,
+        .memory_offset = p.memory_section().offset,
+        .present_pages = p.h.present_pages,
+        .created_unix_ns = p.h.created_unix_ns,
+        .memory_crc = p.memory_section().crc32c,
     };
+}
+
+fn step(comptime id: Check, p: *Progress) errors.Error!void {
+    const data = p.data;
+    const h = &p.h;
+    switch (id) {
+        .size => {
+            if (data.len > max_total_bytes) return bad(id, "{d} bytes is over the {d}-byte limit", .{ data.len, max_total_bytes });
+            if (data.len < header_bytes) return bad(id, "truncated: {d} bytes, the header alone is {d}", .{ data.len, header_bytes });
+            h.* = readHeader(data);
+        },
+        .magic => if (!std.mem.eql(u8, &h.magic, &magic)) return bad(id, "bad magic: not a kvmlab snapshot", .{}),
+        .version => if (h.version_major != version_major or h.version_minor > version_minor)
+            return bad(id, "unsupported version {d}.{d} (this kvmlab reads {d}.0 .. {d}.{d})", .{ h.version_major, h.version_minor, version_major, version_major, version_minor }),
+        .arch => if (h.arch != @intFromEnum(Arch.x86_64)) return bad(id, "architecture {d} is not x86_64", .{h.arch}),
+        .header_size => if (h.header_bytes != header_bytes) return bad(id, "header size is not 4096", .{}),
+        .section_count => if (h.section_count != 2) return bad(id, "{d} sections; version 1 has exactly 2 (STATE, MEMORY)", .{h.section_count}),
+        .total_bytes => if (h.total_bytes != data.len) return bad(id, "truncated or padded: header says {d} bytes, got {d}", .{ h.total_bytes, data.len }),
+        .section_kind => for (h.sections[0..2], 0..) |e, i| {
+            if (e.kind != i + 1) return bad(id, "section {d} has kind {d}, expected {d}", .{ i, e.kind, i + 1 });
+        },
+        .state_limit => if (p.state_section().bytes > state.max_blob_bytes) return bad(id, "STATE section of {d} bytes is over the limit", .{p.state_section().bytes}),
+        .section_bounds => for (h.sections[0..2], [_][]const u8{ "STATE", "MEMORY" }) |e, name| {
+            if (e.offset < header_bytes or e.offset > data.len or data.len - e.offset < e.bytes)
+                return bad(id, "section {s} (offset {d}, {d} bytes) lies outside the {d}-byte snapshot", .{ name, e.offset, e.bytes, data.len });
+        },
+        .memory_alignment => if (p.memory_section().offset % page != 0) return bad(id, "MEMORY section is not page-aligned", .{}),
+        .section_overlap => if (p.state_section().offset + p.state_section().bytes > p.memory_section().offset) return bad(id, "STATE and MEMORY sections overlap", .{}),
+        .memory_size => if (h.memory_bytes < boot.min_memory_bytes or h.memory_bytes > boot.max_memory_bytes or h.memory_bytes % boot.huge_page_bytes != 0)
+            return bad(id, "memory size {d} bytes is out of range", .{h.memory_bytes}),
+        .present_pages => if (h.present_pages > state.pageCount(h.memory_bytes)) return bad(id, "{d} present pages in a {d}-page guest", .{ h.present_pages, state.pageCount(h.memory_bytes) }),
+        .flags => {
+            if (h.flags & ~@as(u32, @intFromEnum(Flag.packed_memory)) != 0) return bad(id, "unknown flags 0x{x}", .{h.flags});
+            p.packed_layout = h.flags & @intFromEnum(Flag.packed_memory) != 0;
+        },
+        .memory_section_size => {
+            const want = if (p.packed_layout) h.present_pages * page else h.memory_bytes;
+            if (p.memory_section().bytes != want) return bad(id, "MEMORY section is {d} bytes, expected {d}", .{ p.memory_section().bytes, want });
+        },
+        // Reserved space must be zero: bytes nobody checks could carry anything.
+        .reserved => {
+            if (!allZero(&h.reserved) or !allZero(std.mem.sliceAsBytes(h.sections[2..])) or !allZero(data[@sizeOf(Header)..header_bytes]))
+                return bad(id, "reserved header bytes are not zero", .{});
+            for (h.sections[0..2]) |e| if (e.reserved0 != 0 or e.reserved1 != 0) return bad(id, "reserved section table bytes are not zero", .{});
+        },
+        .padding => if (!allZero(data[@intCast(p.state_section().offset + p.state_section().bytes)..@intCast(p.memory_section().offset)]))
+            return bad(id, "the padding before the MEMORY section is not zero", .{}),
+        .header_crc => if (h.header_crc32c != headerCrc(h.*)) return bad(id, "checksum mismatch in the header", .{}),
+        .state_crc => {
+            p.blob = data[@intCast(p.state_section().offset)..][0..@intCast(p.state_section().bytes)];
+            if (Crc32c.hash(p.blob) != p.state_section().crc32c) return bad(id, "checksum mismatch in section STATE", .{});
+        },
+        .state_memory => if (p.parsed.memory_bytes != h.memory_bytes) return bad(id, "STATE says {d} bytes of memory, the header {d}", .{ p.parsed.memory_bytes, h.memory_bytes }),
+        .page_count => if (countPresent(p.parsed.pageMap()) != h.present_pages) return bad(id, "page map has {d} pages, the header {d}", .{ countPresent(p.parsed.pageMap()), h.present_pages }),
+        .memory_crc => {
+            p.memory = data[@intCast(p.memory_section().offset)..][0..@intCast(p.memory_section().bytes)];
+            if (memoryCrc(p.memory, p.parsed.pageMap(), state.pageCount(h.memory_bytes), p.packed_layout) != p.memory_section().crc32c)
+                return bad(id, "checksum mismatch in section MEMORY", .{});
+        },
+        .vcpu_count => if (h.vcpus != p.parsed.vcpus) return bad(id, "header says {d} vCPUs, STATE {d}", .{ h.vcpus, p.parsed.vcpus }),
+        else => comptime unreachable,
+    }
 }
 
 /// Builds an owned snapshot from checked parts, expanding memory densely.
@@ -530,7 +581,7 @@ pub fn fromBytes(data: []const u8) errors.Error!*Snapshot {
 /// is used in place (never read into the heap); the fd stays open for `map`.
 pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
     const rc = linux.open(path, .{ .ACCMODE = .RDONLY, .CLOEXEC = true, .NOFOLLOW = false }, 0);
-    if (linux.errno(rc) != .SUCCESS) return bad("cannot open {s}: E{s}", .{ path, @tagName(linux.errno(rc)) });
+    if (linux.errno(rc) != .SUCCESS) return bad(.file, "cannot open {s}: E{s}", .{ path, @tagName(linux.errno(rc)) });
     const fd: linux.fd_t = @intCast(rc);
     var close_fd = true;
     defer if (close_fd) {
@@ -538,15 +589,15 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
     };
     var st: linux.Statx = undefined;
     if (linux.errno(linux.statx(fd, "", linux.AT.EMPTY_PATH, .{ .TYPE = true, .SIZE = true, .BLOCKS = true }, &st)) != .SUCCESS)
-        return bad("cannot stat {s}", .{path});
-    if (st.mode & linux.S.IFMT != linux.S.IFREG) return bad("{s} is not a regular file", .{path});
+        return bad(.file, "cannot stat {s}", .{path});
+    if (st.mode & linux.S.IFMT != linux.S.IFREG) return bad(.file, "{s} is not a regular file", .{path});
     // Before reading: a write from here on shows at the first use.
-    const file_id = FileId.of(fd) catch return bad("cannot stat {s}", .{path});
+    const file_id = FileId.of(fd) catch return bad(.file, "cannot stat {s}", .{path});
     const size = st.size;
-    if (size > max_total_bytes) return bad("{d} bytes is over the {d}-byte limit", .{ size, max_total_bytes });
-    if (size < header_bytes) return bad("truncated: {d} bytes, the header alone is {d}", .{ size, header_bytes });
+    if (size > max_total_bytes) return bad(.size, "{d} bytes is over the {d}-byte limit", .{ size, max_total_bytes });
+    if (size < header_bytes) return bad(.size, "truncated: {d} bytes, the header alone is {d}", .{ size, header_bytes });
     const addr = linux.mmap(null, size, .{ .READ = true }, .{ .TYPE = .PRIVATE }, fd, 0);
-    if (linux.errno(addr) != .SUCCESS) return bad("cannot map {s}: E{s}", .{ path, @tagName(linux.errno(addr)) });
+    if (linux.errno(addr) != .SUCCESS) return bad(.file, "cannot map {s}: E{s}", .{ path, @tagName(linux.errno(addr)) });
     const file_map = @as([*]align(4096) u8, @ptrFromInt(addr))[0..size];
     errdefer _ = linux.munmap(file_map.ptr, file_map.len);
     const c = try check(file_map);
@@ -573,7 +624,7 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
         .stored_bytes = stored,
         .file_id = file_id,
         .memory_crc = c.memory_crc,
-        .head = file_map[0..head_bytes].*,
+        .head = file_map[0..@sizeOf(Header)].*,
     };
     // A mapping the SIGBUS handler does not cover is refused: a lost page
     // of it (the file truncated) would kill the process.
@@ -611,7 +662,7 @@ fn checkHoles(fd: linux.fd_t, file_map: []const u8, c: Checked) errors.Error!voi
         while (start + pg * page < stop) : (pg += 1) {
             if (isPresent(map, pg)) continue;
             try safe.copy(&buf, file_map[@intCast(start + pg * page)..][0..page]);
-            if (!isZeroPage(&buf)) return bad("page {d} (guest address 0x{x}) holds data although the page map says it is zero: the file was modified", .{ pg, pg * page });
+            if (!isZeroPage(&buf)) return bad(.holes, "page {d} (guest address 0x{x}) holds data although the page map says it is zero: the file was modified", .{ pg, pg * page });
         }
         at = @max(stop, at + page);
     }
@@ -683,52 +734,3 @@ fn pwriteAll(fd: linux.fd_t, bytes: []const u8, offset: u64, what: []const u8) e
     }
 }
 
-/// Per-phase times of one restore, integer nanoseconds.
-pub const RestoreTimes = struct { memory_ns: u64 = 0, vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
-
-/// Restores into a fresh shell (never run, zeroed memory) of the same shape.
-/// `file`: map that loaded snapshot's memory over guest memory instead of
-/// copying `memory`.
-pub fn restoreInto(vm: *Vm, parsed: *const state.Parsed, memory: []const u8, packed_layout: bool, source_mapped: bool, file: ?*Snapshot, times: *RestoreTimes) errors.Error!void {
-    if (parsed.memory_bytes != vm.mem.len or parsed.vcpus != vm.vcpu_count)
-        return errors.fail(error.Snapshot, "snapshot is {d} MiB with {d} vCPU(s); the VM shell is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, vm.mem.len >> 20, vm.vcpu_count });
-    if (vm.booted) return errors.fail(error.Busy, "restore needs an empty VM shell", .{});
-    try state.checkHost(parsed, vm.vm_fd, vm.vcpus[0].fd);
-    const t0 = vm_mod.monotonicNs();
-    if (file) |f| {
-        // Copy-on-write mapping of the file over guest memory: O(1) in memory
-        // size. KVM's MMU notifier drops stale translations of the old pages.
-        const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, f.fd, @intCast(f.memory_offset));
-        if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
-        vm.source_snap = f.retain();
-        if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged) orelse return sigbus.unprotected();
-    } else {
-        try copyPresent(vm.mem, memory, parsed.pageMap(), packed_layout, source_mapped);
-    }
-    const t1 = vm_mod.monotonicNs();
-    var st: state.RestoreTimes = .{};
-    try state.restore(vm, parsed, &st);
-    const br = std.mem.bytesToValue(state.BootRecord, parsed.get(.boot, state.vm_wide).?);
-    vm.guest_name = br.guest_name;
-    times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns };
-}
-
-/// Restores a snapshot into a fresh shell with the chosen memory strategy.
-pub fn restoreSnapshot(vm: *Vm, s: *Snapshot, strategy: Strategy, times: *RestoreTimes) errors.Error!void {
-    try s.checkIntact();
-    try restoreInto(vm, &s.parsed, s.memory, false, s.fileBacked(), if (try s.useMap(strategy)) s else null, times);
-}
-
-test "check order: size, magic, version, bounds" {
-    try std.testing.expectError(error.Snapshot, check("short"));
-    var h: [header_bytes]u8 = @splat(0);
-    try std.testing.expectError(error.Snapshot, check(&h)); // bad magic
-    @memcpy(h[0..8], &magic);
-    std.mem.writeInt(u16, h[8..10], 9, .little);
-    try std.testing.expectError(error.Snapshot, check(&h)); // version
-    std.mem.writeInt(u16, h[8..10], 1, .little);
-    std.mem.writeInt(u32, h[12..16], 1, .little);
-    std.mem.writeInt(u32, h[16..20], header_bytes, .little);
-    std.mem.writeInt(u32, h[20..24], 0xFFFF_FFFF, .little); // hostile section count
-    try std.testing.expectError(error.Snapshot, check(&h));
-}

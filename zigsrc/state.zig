@@ -11,20 +11,18 @@
 //!   +--------+--------+--------+--------+-----------+---------+------------------
 //!   record:  | tag u32 | vcpu u32 (0xffffffff = VM-wide) | bytes u32 | reserved u32 | data, padded to 8 |
 //!
-//! Tags are `Tag` below. Per vCPU: REGS, SREGS, XSAVE or FPU, XCRS (if the host
-//! has them), MSRS (every MSR KVM_GET_MSR_INDEX_LIST reports and the vCPU can
-//! read), LAPIC, MP_STATE, EVENTS, DEBUGREGS, CPUID, TSC_KHZ, HOST_VCPU (kvmlab's
-//! own per-vCPU device state). VM-wide: PIC_MASTER, PIC_SLAVE, IOAPIC, PIT2,
-//! CLOCK, PAGE_MAP (1 bit per 4 KiB page: set = the page is not all zero),
-//! CONSOLE (console bytes not yet taken), BOOT (guest name).
+//! Every record kvmlab knows is one entry of `vcpu_records` or `vm_records`
+//! below (tag, how KVM gets and sets it, whether a blob must have it), in the
+//! one order that capture writes, restore sets and the benchmark floor times
+//! them. Capture, parse, restore and the floor all walk those two tables.
 const std = @import("std");
 const linux = std.os.linux;
 const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const host = @import("host.zig");
 const boot = @import("boot.zig");
-const vm_mod = @import("vm.zig");
-const Vm = vm_mod.Vm;
+const shell = @import("shell.zig");
+const Vm = shell.Vm;
 
 const allocator = std.heap.c_allocator;
 
@@ -39,9 +37,9 @@ pub const vm_wide: u32 = 0xFFFF_FFFF;
 /// before anything else is read from it.
 pub const max_blob_bytes: usize = 8 << 20;
 pub const max_records: u32 = 64 * boot.max_vcpus + 64;
-pub const max_msrs: u32 = 1024;
+pub const max_msrs: u32 = kvm.max_msrs;
 pub const max_xsave_bytes: u32 = 64 << 10;
-pub const max_console_bytes: u32 = vm_mod.console_capacity_bytes;
+pub const max_console_bytes: u32 = shell.console_capacity_bytes;
 
 pub const Tag = enum(u32) {
     regs = 1,
@@ -101,35 +99,118 @@ pub const Parsed = struct {
     }
 };
 
+
+/// How a record is read from and written to KVM.
+pub const Io = union(enum) {
+    /// Fixed-size vCPU state, got and set verbatim.
+    vcpu: kvm.VcpuState,
+    /// Fixed-size VM state; `chip` is the irqchip id for `.irqchip`.
+    vm: struct { state: kvm.VmState, chip: u32 = 0 },
+    /// Set only when it differs from what a fresh shell has (see checkHost).
+    cpuid,
+    /// This host's XSAVE size (KVM_CAP_XSAVE2); padded on restore.
+    xsave,
+    /// The saveable MSRs (saveableMsrs); all must be set.
+    msrs,
+    /// Captured for information; not restored.
+    tsc_khz,
+    // kvmlab's own state (no ioctl)
+    host_vcpu,
+    page_map,
+    console,
+    boot,
+};
+
+/// When capture writes a record (restore sets whatever the blob has).
+pub const When = enum { always, with_xsave, without_xsave, with_xcrs, if_readable, given };
+
+pub const Record = struct {
+    tag: Tag,
+    io: Io,
+    /// A blob without it is refused (XSAVE/FPU: one of the two, checked apart).
+    required: bool,
+    when: When = .always,
+
+    /// Exact size of the record, or 0 when variable (checked in parse).
+    pub fn fixedBytes(r: Record) u32 {
+        return switch (r.io) {
+            .vcpu => |s| @intCast(s.bytes()),
+            .vm => |v| @intCast(v.state.bytes()),
+            .tsc_khz => 4,
+            .host_vcpu => @sizeOf(HostVcpu),
+            .boot => @sizeOf(BootRecord),
+            .cpuid, .xsave, .msrs, .page_map, .console => 0,
+        };
+    }
+};
+
+/// THE ORDER of state records. Capture writes them in this order; restore
+/// and the benchmark floor set them in it (Firecracker's save_state /
+/// restore_state keep the same discipline). Why this order:
+///   1. CPUID first: KVM checks SREGS, XSAVE and MSR values against the
+///      guest's CPUID (a feature bit the guest lacks makes them fail).
+///   2. SREGS before REGS: the mode (CR0/CR4/EFER) decides how KVM takes
+///      the registers.
+///   3. XSAVE (or FPU) and XCRS before MSRS: XCR0 gates which XSAVE-related
+///      MSRs are writable.
+///   4. MP_STATE before LAPIC, LAPIC before EVENTS: pending events are
+///      injected through the restored local APIC of a runnable vCPU.
+///   5. VM-wide: the three irqchips (PIC master, PIC slave, IOAPIC), then the
+///      PIT (its IRQ 0 goes through the restored PIC), then the clock.
+///   6. kvmlab's own records (HOST_VCPU, PAGE_MAP, CONSOLE, BOOT) last: no
+///      KVM ordering applies to them.
+pub const vcpu_records = [_]Record{
+    .{ .tag = .cpuid, .io = .cpuid, .required = true },
+    .{ .tag = .sregs, .io = .{ .vcpu = .sregs }, .required = true },
+    .{ .tag = .regs, .io = .{ .vcpu = .regs }, .required = true },
+    .{ .tag = .xsave, .io = .xsave, .required = false, .when = .with_xsave },
+    .{ .tag = .fpu, .io = .{ .vcpu = .fpu }, .required = false, .when = .without_xsave },
+    .{ .tag = .xcrs, .io = .{ .vcpu = .xcrs }, .required = false, .when = .with_xcrs },
+    .{ .tag = .msrs, .io = .msrs, .required = true },
+    .{ .tag = .mp_state, .io = .{ .vcpu = .mp_state }, .required = true },
+    .{ .tag = .lapic, .io = .{ .vcpu = .lapic }, .required = true },
+    .{ .tag = .events, .io = .{ .vcpu = .events }, .required = true },
+    .{ .tag = .debugregs, .io = .{ .vcpu = .debugregs }, .required = false },
+    .{ .tag = .tsc_khz, .io = .tsc_khz, .required = false },
+    .{ .tag = .host_vcpu, .io = .host_vcpu, .required = true },
+};
+
+pub const vm_records = [_]Record{
+    .{ .tag = .pic_master, .io = .{ .vm = .{ .state = .irqchip, .chip = 0 } }, .required = true },
+    .{ .tag = .pic_slave, .io = .{ .vm = .{ .state = .irqchip, .chip = 1 } }, .required = true },
+    .{ .tag = .ioapic, .io = .{ .vm = .{ .state = .irqchip, .chip = 2 } }, .required = true },
+    .{ .tag = .pit2, .io = .{ .vm = .{ .state = .pit2 } }, .required = true },
+    .{ .tag = .clock, .io = .{ .vm = .{ .state = .clock } }, .required = false, .when = .if_readable },
+    .{ .tag = .page_map, .io = .page_map, .required = true, .when = .given },
+    .{ .tag = .console, .io = .console, .required = false },
+    .{ .tag = .boot, .io = .boot, .required = true },
+};
+
+/// The table entry of a tag, and whether it is VM-wide.
+const Lookup = struct { record: Record, vm_wide: bool };
+fn lookup(tag: Tag) Lookup {
+    inline for (vcpu_records) |r| if (r.tag == tag) return .{ .record = r, .vm_wide = false };
+    inline for (vm_records) |r| if (r.tag == tag) return .{ .record = r, .vm_wide = true };
+    unreachable; // every Tag is in a table (asserted below)
+}
+
+comptime {
+    // Every tag is in exactly one table, once.
+    @setEvalBranchQuota(10_000);
+    for (std.meta.tags(Tag)) |t| {
+        var n = 0;
+        for (vcpu_records) |r| n += @intFromBool(r.tag == t);
+        for (vm_records) |r| n += @intFromBool(r.tag == t);
+        if (n != 1) @compileError("state tag " ++ @tagName(t) ++ " must be in exactly one records table");
+    }
+    // Record data is 8-byte aligned in a blob: enough for every kernel struct.
+    std.debug.assert(record_header_bytes % 8 == 0 and header_bytes % 8 == 0);
+}
+
 /// Records are indexed by tag value (all tags are below this).
 const tag_slots = 40;
 fn tagIndex(tag: Tag) usize {
     return @intFromEnum(tag);
-}
-
-fn isVmWide(tag: Tag) bool {
-    return @intFromEnum(tag) >= 32;
-}
-
-/// Exact sizes of fixed-size records (0 = variable, checked separately).
-fn fixedBytes(tag: Tag) u32 {
-    return switch (tag) {
-        .regs => @sizeOf(kvm.Regs),
-        .sregs => @sizeOf(kvm.Sregs),
-        .fpu => kvm.FPU_BYTES,
-        .xcrs => kvm.XCRS_BYTES,
-        .lapic => kvm.LAPIC_BYTES,
-        .mp_state => kvm.MP_STATE_BYTES,
-        .events => kvm.VCPU_EVENTS_BYTES,
-        .debugregs => kvm.DEBUGREGS_BYTES,
-        .tsc_khz => 4,
-        .host_vcpu => @sizeOf(HostVcpu),
-        .pic_master, .pic_slave, .ioapic => kvm.IRQCHIP_BYTES,
-        .pit2 => kvm.PIT_STATE2_BYTES,
-        .clock => kvm.CLOCK_DATA_BYTES,
-        .boot => @sizeOf(BootRecord),
-        .xsave, .msrs, .cpuid, .page_map, .console => 0,
-    };
 }
 
 pub fn pageCount(memory_bytes: u64) u64 {
@@ -139,73 +220,82 @@ pub fn pageMapBytes(memory_bytes: u64) u64 {
     return (pageCount(memory_bytes) + 7) / 8;
 }
 
-fn bad(comptime fmt: []const u8, args: anytype) errors.Error {
-    return errors.fail(error.Snapshot, "vCPU state: " ++ fmt, args);
+fn bad(check: errors.Check, comptime fmt: []const u8, args: anytype) errors.Error {
+    return errors.failCheck(check, "vCPU state: " ++ fmt, args);
 }
 
-/// Checks a blob completely (bounds first, then every record) without
-/// allocating. Every length is bounded before it is used.
+/// Checks a blob completely without allocating, in this order (each step
+/// fails with its own check id): size, magic, version, shape (vCPUs, memory),
+/// record count, each record (bounds, tag, scope, size), trailing bytes,
+/// missing records. Every length is bounded before it is used.
 pub fn parse(blob: []const u8) errors.Error!Parsed {
-    if (blob.len > max_blob_bytes) return bad("{d} bytes is over the {d}-byte limit", .{ blob.len, max_blob_bytes });
-    if (blob.len < header_bytes) return bad("truncated: {d} bytes, the header alone is {d}", .{ blob.len, header_bytes });
-    if (!std.mem.eql(u8, blob[0..8], &magic)) return bad("bad magic (not a kvmlab state blob)", .{});
+    if (blob.len > max_blob_bytes) return bad(.state_size, "{d} bytes is over the {d}-byte limit", .{ blob.len, max_blob_bytes });
+    if (blob.len < header_bytes) return bad(.state_size, "truncated: {d} bytes, the header alone is {d}", .{ blob.len, header_bytes });
+    if (!std.mem.eql(u8, blob[0..8], &magic)) return bad(.state_magic, "bad magic (not a kvmlab state blob)", .{});
     const major = std.mem.readInt(u16, blob[8..10], .little);
     const minor = std.mem.readInt(u16, blob[10..12], .little);
     if (major != version_major or minor > version_minor)
-        return bad("unsupported version {d}.{d} (this kvmlab reads {d}.0 .. {d}.{d})", .{ major, minor, version_major, version_major, version_minor });
+        return bad(.state_version, "unsupported version {d}.{d} (this kvmlab reads {d}.0 .. {d}.{d})", .{ major, minor, version_major, version_major, version_minor });
     const vcpus = std.mem.readInt(u32, blob[12..16], .little);
     const memory_bytes = std.mem.readInt(u64, blob[16..24], .little);
     const count = std.mem.readInt(u32, blob[24..28], .little);
-    if (vcpus < 1 or vcpus > boot.max_vcpus) return bad("vCPU count {d} is out of range 1..{d}", .{ vcpus, boot.max_vcpus });
+    if (vcpus < 1 or vcpus > boot.max_vcpus) return bad(.state_shape, "vCPU count {d} is out of range 1..{d}", .{ vcpus, boot.max_vcpus });
     if (memory_bytes < boot.min_memory_bytes or memory_bytes > boot.max_memory_bytes or memory_bytes % boot.huge_page_bytes != 0)
-        return bad("memory size {d} bytes is out of range or not a multiple of 2 MiB", .{memory_bytes});
-    if (count > max_records) return bad("{d} records is over the limit of {d}", .{ count, max_records });
+        return bad(.state_shape, "memory size {d} bytes is out of range or not a multiple of 2 MiB", .{memory_bytes});
+    if (count > max_records) return bad(.state_record_count, "{d} records is over the limit of {d}", .{ count, max_records });
 
     var p = Parsed{ .vcpus = vcpus, .memory_bytes = memory_bytes, .per_vcpu = @splat(@splat(null)), .vm = @splat(null) };
     var off: usize = header_bytes;
     var i: u32 = 0;
-    while (i < count) : (i += 1) {
-        if (blob.len - off < record_header_bytes) return bad("truncated in record {d}", .{i});
-        const raw_tag = std.mem.readInt(u32, blob[off..][0..4], .little);
-        const vcpu = std.mem.readInt(u32, blob[off + 4 ..][0..4], .little);
-        const len = std.mem.readInt(u32, blob[off + 8 ..][0..4], .little);
-        off += record_header_bytes;
-        const padded = std.mem.alignForward(u64, len, 8);
-        if (blob.len - off < padded) return bad("record {d} ({d} bytes) runs past the end", .{ i, len });
-        const data = blob[off..][0..len];
-        off += @intCast(padded);
-        const tag = std.enums.fromInt(Tag, raw_tag) orelse return bad("record {d} has unknown tag {d}", .{ i, raw_tag });
-        if (isVmWide(tag) != (vcpu == vm_wide)) return bad("record {d} ({s}) has vCPU {d}", .{ i, @tagName(tag), vcpu });
-        if (vcpu != vm_wide and vcpu >= vcpus) return bad("record {d} ({s}) names vCPU {d} of {d}", .{ i, @tagName(tag), vcpu, vcpus });
-        const fixed = fixedBytes(tag);
-        if (fixed != 0 and len != fixed) return bad("record {s} is {d} bytes, expected {d}", .{ @tagName(tag), len, fixed });
-        switch (tag) {
-            .xsave => if (len < kvm.XSAVE_LEGACY_BYTES or len > max_xsave_bytes or len % 64 != 0) return bad("XSAVE record of {d} bytes", .{len}),
-            .msrs => if (len % @sizeOf(kvm.MsrEntry) != 0 or len / @sizeOf(kvm.MsrEntry) > max_msrs) return bad("MSR record of {d} bytes", .{len}),
-            .cpuid => if (len == 0 or len % @sizeOf(kvm.CpuidEntry2) != 0 or len / @sizeOf(kvm.CpuidEntry2) > host.max_cpuid_entries) return bad("CPUID record of {d} bytes", .{len}),
-            .page_map => if (len != pageMapBytes(memory_bytes)) return bad("page map is {d} bytes; {d} MiB of memory needs {d}", .{ len, memory_bytes >> 20, pageMapBytes(memory_bytes) }),
-            .console => if (len > max_console_bytes) return bad("console record of {d} bytes", .{len}),
-            else => {},
-        }
-        const slot = if (vcpu == vm_wide) &p.vm[tagIndex(tag)] else &p.per_vcpu[vcpu][tagIndex(tag)];
-        if (slot.* != null) return bad("duplicate {s} record for vCPU {d}", .{ @tagName(tag), vcpu });
-        slot.* = data;
-    }
-    if (off != blob.len) return bad("{d} trailing bytes after the last record", .{blob.len - off});
-
-    // Semantic completeness: everything restore needs is there.
-    const vm_required = [_]Tag{ .pic_master, .pic_slave, .ioapic, .pit2, .page_map, .boot };
-    for (vm_required) |t| if (p.vm[tagIndex(t)] == null) return bad("missing {s} record", .{@tagName(t)});
-    const vcpu_required = [_]Tag{ .regs, .sregs, .msrs, .lapic, .mp_state, .events, .cpuid, .host_vcpu };
-    var v: u32 = 0;
-    while (v < vcpus) : (v += 1) {
-        for (vcpu_required) |t| if (p.per_vcpu[v][tagIndex(t)] == null) return bad("missing {s} record for vCPU {d}", .{ @tagName(t), v });
-        if (p.per_vcpu[v][tagIndex(.xsave)] == null and p.per_vcpu[v][tagIndex(.fpu)] == null)
-            return bad("missing XSAVE/FPU record for vCPU {d}", .{v});
-        const hv = std.mem.bytesToValue(HostVcpu, p.per_vcpu[v][tagIndex(.host_vcpu)].?);
-        if (hv.status > @intFromEnum(vm_mod.VcpuStatus.interrupted)) return bad("vCPU {d} has run status {d}", .{ v, hv.status });
-    }
+    while (i < count) : (i += 1) off = try parseRecord(&p, blob, off, i);
+    if (off != blob.len) return bad(.state_trailing, "{d} trailing bytes after the last record", .{blob.len - off});
+    try checkComplete(&p);
     return p;
+}
+
+/// Checks record `i` at `off` and files it into `p`; returns the next offset.
+fn parseRecord(p: *Parsed, blob: []const u8, at: usize, i: u32) errors.Error!usize {
+    var off = at;
+    if (blob.len - off < record_header_bytes) return bad(.state_record, "truncated in record {d}", .{i});
+    const raw_tag = std.mem.readInt(u32, blob[off..][0..4], .little);
+    const vcpu = std.mem.readInt(u32, blob[off + 4 ..][0..4], .little);
+    const len = std.mem.readInt(u32, blob[off + 8 ..][0..4], .little);
+    off += record_header_bytes;
+    const padded = std.mem.alignForward(u64, len, 8);
+    if (blob.len - off < padded) return bad(.state_record, "record {d} ({d} bytes) runs past the end", .{ i, len });
+    const data = blob[off..][0..len];
+    off += @intCast(padded);
+    const tag = std.enums.fromInt(Tag, raw_tag) orelse return bad(.state_record, "record {d} has unknown tag {d}", .{ i, raw_tag });
+    const l = lookup(tag);
+    if (l.vm_wide != (vcpu == vm_wide)) return bad(.state_record, "record {d} ({s}) has vCPU {d}", .{ i, @tagName(tag), vcpu });
+    if (vcpu != vm_wide and vcpu >= p.vcpus) return bad(.state_record, "record {d} ({s}) names vCPU {d} of {d}", .{ i, @tagName(tag), vcpu, p.vcpus });
+    const fixed = l.record.fixedBytes();
+    if (fixed != 0 and len != fixed) return bad(.state_record, "record {s} is {d} bytes, expected {d}", .{ @tagName(tag), len, fixed });
+    switch (l.record.io) {
+        .xsave => if (len < kvm.XSAVE_LEGACY_BYTES or len > max_xsave_bytes or len % 64 != 0) return bad(.state_record, "XSAVE record of {d} bytes", .{len}),
+        .msrs => if (len % @sizeOf(kvm.MsrEntry) != 0 or len / @sizeOf(kvm.MsrEntry) > max_msrs) return bad(.state_record, "MSR record of {d} bytes", .{len}),
+        .cpuid => if (len == 0 or len % @sizeOf(kvm.CpuidEntry2) != 0 or len / @sizeOf(kvm.CpuidEntry2) > host.max_cpuid_entries) return bad(.state_record, "CPUID record of {d} bytes", .{len}),
+        .page_map => if (len != pageMapBytes(p.memory_bytes)) return bad(.state_record, "page map is {d} bytes; {d} MiB of memory needs {d}", .{ len, p.memory_bytes >> 20, pageMapBytes(p.memory_bytes) }),
+        .console => if (len > max_console_bytes) return bad(.state_record, "console record of {d} bytes", .{len}),
+        else => {},
+    }
+    const slot = if (vcpu == vm_wide) &p.vm[tagIndex(tag)] else &p.per_vcpu[vcpu][tagIndex(tag)];
+    if (slot.* != null) return bad(.state_record, "duplicate {s} record for vCPU {d}", .{ @tagName(tag), vcpu });
+    slot.* = data;
+    return off;
+}
+
+/// Semantic completeness: every record restore needs is there.
+fn checkComplete(p: *const Parsed) errors.Error!void {
+    inline for (vm_records) |r| if (r.required and p.vm[tagIndex(r.tag)] == null) return bad(.state_missing, "missing {s} record", .{@tagName(r.tag)});
+    var v: u32 = 0;
+    while (v < p.vcpus) : (v += 1) {
+        inline for (vcpu_records) |r| if (r.required and p.per_vcpu[v][tagIndex(r.tag)] == null) return bad(.state_missing, "missing {s} record for vCPU {d}", .{ @tagName(r.tag), v });
+        if (p.per_vcpu[v][tagIndex(.xsave)] == null and p.per_vcpu[v][tagIndex(.fpu)] == null)
+            return bad(.state_missing, "missing XSAVE/FPU record for vCPU {d}", .{v});
+        const hv = std.mem.bytesToValue(HostVcpu, p.per_vcpu[v][tagIndex(.host_vcpu)].?);
+        if (hv.status > @intFromEnum(shell.VcpuStatus.interrupted)) return bad(.state_missing, "vCPU {d} has run status {d}", .{ v, hv.status });
+    }
 }
 
 /// A growable blob writer.
@@ -224,35 +314,26 @@ const Writer = struct {
         w.buf.appendNTimes(allocator, 0, pad) catch return error.OutOfMemory;
         w.count += 1;
     }
-    fn value(w: *Writer, tag: Tag, vcpu: u32, v: anytype) errors.Error!void {
-        try w.record(tag, vcpu, std.mem.asBytes(v));
-    }
 };
-
-fn get(fd: linux.fd_t, request: u32, ptr: *anyopaque, what: []const u8) errors.Error!void {
-    _ = kvm.ioctl(fd, request, @intFromPtr(ptr)) catch return errors.ioctlFailed(what);
-}
 
 /// MSRs KVM lists as saveable and this host lets a vCPU read, found once.
 var msr_lock: std.c.pthread_mutex_t = .{};
 var msr_list: ?[]u32 = null;
 
-fn saveableMsrs(probe_fd: linux.fd_t) errors.Error![]const u32 {
+fn saveableMsrs(probe: kvm.VcpuFd) errors.Error![]const u32 {
     _ = std.c.pthread_mutex_lock(&msr_lock);
     defer _ = std.c.pthread_mutex_unlock(&msr_lock);
     if (msr_list) |l| return l;
     const h = try host.get();
-    var hdr: [1 + max_msrs]u32 = undefined;
-    hdr[0] = max_msrs;
-    _ = kvm.ioctl(h.fd, kvm.KVM_GET_MSR_INDEX_LIST, @intFromPtr(&hdr)) catch return errors.ioctlFailed("KVM_GET_MSR_INDEX_LIST");
-    const n = @min(hdr[0], max_msrs);
+    var list: kvm.MsrList = .{ .nmsrs = max_msrs };
+    h.system.getMsrIndexList(&list) catch return errors.ioctlFailed("KVM_GET_MSR_INDEX_LIST");
+    const n = @min(list.nmsrs, max_msrs);
     var keep = allocator.alloc(u32, n) catch return error.OutOfMemory;
     var kept: usize = 0;
-    for (hdr[1..][0..n]) |index| {
-        var one = MsrBuf(1){ .nmsrs = 1 };
+    for (list.indices[0..n]) |index| {
+        var one = kvm.MsrBuf(1){ .nmsrs = 1 };
         one.entries[0] = .{ .index = index, .data = 0 };
-        const got = kvm.ioctl(probe_fd, kvm.KVM_GET_MSRS, @intFromPtr(&one)) catch 0;
-        if (got == 1) {
+        if ((probe.getMsrs(&one) catch 0) == 1) {
             keep[kept] = index;
             kept += 1;
         }
@@ -262,31 +343,11 @@ fn saveableMsrs(probe_fd: linux.fd_t) errors.Error![]const u32 {
     return msr_list.?;
 }
 
-fn MsrBuf(comptime n: usize) type {
-    return extern struct {
-        nmsrs: u32,
-        pad: u32 = 0,
-        entries: [n]kvm.MsrEntry = undefined,
-    };
-}
-
-const CpuidBuf = extern struct {
-    nent: u32,
-    padding: u32 = 0,
-    entries: [host.max_cpuid_entries]kvm.CpuidEntry2 = undefined,
-};
-
-const Irqchip = extern struct {
-    chip_id: u32,
-    pad: u32 = 0,
-    chip: [512]u8 = @splat(0),
-};
-
 /// XSAVE buffer size this host needs (KVM_CAP_XSAVE2), or 0 without XSAVE;
 /// the same for every VM of this host, so asked once.
 var xsave_cache = std.atomic.Value(u32).init(std.math.maxInt(u32));
 
-pub fn xsaveBytes(vm_fd: linux.fd_t) u32 {
+pub fn xsaveBytes(vm_fd: kvm.VmFd) u32 {
     const cached = xsave_cache.load(.acquire);
     if (cached != std.math.maxInt(u32)) return cached;
     const v = xsaveBytesUncached(vm_fd);
@@ -294,12 +355,37 @@ pub fn xsaveBytes(vm_fd: linux.fd_t) u32 {
     return v;
 }
 
-fn xsaveBytesUncached(vm_fd: linux.fd_t) u32 {
-    const x2 = kvm.ioctl(vm_fd, kvm.KVM_CHECK_EXTENSION, kvm.CAP_XSAVE2) catch 0;
+fn xsaveBytesUncached(vm_fd: kvm.VmFd) u32 {
+    const x2 = vm_fd.checkExtension(kvm.CAP_XSAVE2);
     if (x2 >= kvm.XSAVE_LEGACY_BYTES and x2 <= max_xsave_bytes) return @intCast(x2);
-    const x = kvm.ioctl(vm_fd, kvm.KVM_CHECK_EXTENSION, kvm.CAP_XSAVE) catch 0;
-    return if (x != 0) kvm.XSAVE_LEGACY_BYTES else 0;
+    return if (vm_fd.checkExtension(kvm.CAP_XSAVE) != 0) kvm.XSAVE_LEGACY_BYTES else 0;
 }
+
+/// What capture needs to know once per VM.
+const CaptureContext = struct {
+    xsave_bytes: u32,
+    have_xcrs: bool,
+    msrs: []const u32,
+    scratch: []align(64) u8,
+    page_map: []const u8,
+    guest_name: []const u8,
+
+    fn wants(c: *const CaptureContext, when: When) bool {
+        return switch (when) {
+            .always, .if_readable, .given => true,
+            .with_xsave => c.xsave_bytes != 0,
+            .without_xsave => c.xsave_bytes == 0,
+            .with_xcrs => c.have_xcrs,
+        };
+    }
+};
+
+/// Largest fixed-size record (a stack buffer for any of them).
+const max_fixed_bytes = blk: {
+    var m = 0;
+    for (vcpu_records ++ vm_records) |r| m = @max(m, r.fixedBytes());
+    break :blk m;
+};
 
 /// Captures everything but memory from a stopped VM. Caller frees the blob.
 pub fn capture(vm: *Vm, page_map: []const u8, guest_name: []const u8) errors.Error![]u8 {
@@ -308,83 +394,20 @@ pub fn capture(vm: *Vm, page_map: []const u8, guest_name: []const u8) errors.Err
     w.buf.appendNTimes(allocator, 0, header_bytes) catch return error.OutOfMemory;
 
     const xsave_bytes = xsaveBytes(vm.vm_fd);
-    const have_xcrs = (kvm.ioctl(vm.vm_fd, kvm.KVM_CHECK_EXTENSION, kvm.CAP_XCRS) catch 0) != 0;
-    const msrs = try saveableMsrs(vm.vcpus[0].fd);
     const scratch = allocator.alignedAlloc(u8, .@"64", @max(xsave_bytes, 64)) catch return error.OutOfMemory;
     defer allocator.free(scratch);
-
+    const ctx = CaptureContext{
+        .xsave_bytes = xsave_bytes,
+        .have_xcrs = vm.vm_fd.checkExtension(kvm.CAP_XCRS) != 0,
+        .msrs = try saveableMsrs(vm.vcpus[0].fd),
+        .scratch = scratch,
+        .page_map = page_map,
+        .guest_name = guest_name,
+    };
     for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
-        const idx: u32 = @intCast(i);
-        var regs: kvm.Regs = undefined;
-        try get(v.fd, kvm.KVM_GET_REGS, &regs, "KVM_GET_REGS");
-        try w.value(.regs, idx, &regs);
-        var sregs: kvm.Sregs = undefined;
-        try get(v.fd, kvm.KVM_GET_SREGS, &sregs, "KVM_GET_SREGS");
-        try w.value(.sregs, idx, &sregs);
-        if (xsave_bytes != 0) {
-            const req: u32 = if (xsave_bytes > kvm.XSAVE_LEGACY_BYTES) kvm.KVM_GET_XSAVE2 else kvm.KVM_GET_XSAVE;
-            @memset(scratch[0..xsave_bytes], 0);
-            try get(v.fd, req, scratch.ptr, "KVM_GET_XSAVE");
-            try w.record(.xsave, idx, scratch[0..xsave_bytes]);
-        } else {
-            var fpu: [kvm.FPU_BYTES]u8 align(8) = undefined;
-            try get(v.fd, kvm.KVM_GET_FPU, &fpu, "KVM_GET_FPU");
-            try w.record(.fpu, idx, &fpu);
-        }
-        if (have_xcrs) {
-            var xcrs: [kvm.XCRS_BYTES]u8 align(8) = undefined;
-            try get(v.fd, kvm.KVM_GET_XCRS, &xcrs, "KVM_GET_XCRS");
-            try w.record(.xcrs, idx, &xcrs);
-        }
-        const msr_buf = allocator.create(MsrBuf(max_msrs)) catch return error.OutOfMemory;
-        defer allocator.destroy(msr_buf);
-        msr_buf.nmsrs = @intCast(msrs.len);
-        msr_buf.pad = 0;
-        for (msrs, 0..) |index, k| msr_buf.entries[k] = .{ .index = index, .data = 0 };
-        const got = kvm.ioctl(v.fd, kvm.KVM_GET_MSRS, @intFromPtr(msr_buf)) catch return errors.ioctlFailed("KVM_GET_MSRS");
-        if (got != msrs.len) return errors.fail(error.KvmFailed, "KVM_GET_MSRS read {d} of {d} MSRs (stopped at 0x{x})", .{ got, msrs.len, msrs[@min(got, msrs.len - 1)] });
-        try w.record(.msrs, idx, std.mem.sliceAsBytes(msr_buf.entries[0..msrs.len]));
-        var lapic: [kvm.LAPIC_BYTES]u8 align(8) = undefined;
-        try get(v.fd, kvm.KVM_GET_LAPIC, &lapic, "KVM_GET_LAPIC");
-        try w.record(.lapic, idx, &lapic);
-        var mp: u32 = 0;
-        try get(v.fd, kvm.KVM_GET_MP_STATE, &mp, "KVM_GET_MP_STATE");
-        try w.value(.mp_state, idx, &mp);
-        var events: [kvm.VCPU_EVENTS_BYTES]u8 align(8) = undefined;
-        try get(v.fd, kvm.KVM_GET_VCPU_EVENTS, &events, "KVM_GET_VCPU_EVENTS");
-        try w.record(.events, idx, &events);
-        var dbg: [kvm.DEBUGREGS_BYTES]u8 align(8) = undefined;
-        try get(v.fd, kvm.KVM_GET_DEBUGREGS, &dbg, "KVM_GET_DEBUGREGS");
-        try w.record(.debugregs, idx, &dbg);
-        const cpuid = allocator.create(CpuidBuf) catch return error.OutOfMemory;
-        defer allocator.destroy(cpuid);
-        cpuid.nent = host.max_cpuid_entries;
-        try get(v.fd, kvm.KVM_GET_CPUID2, cpuid, "KVM_GET_CPUID2");
-        if (cpuid.nent > host.max_cpuid_entries) return errors.fail(error.KvmFailed, "KVM_GET_CPUID2 returned {d} entries", .{cpuid.nent});
-        try w.record(.cpuid, idx, std.mem.sliceAsBytes(cpuid.entries[0..cpuid.nent]));
-        const khz: u32 = @intCast(kvm.ioctl(v.fd, kvm.KVM_GET_TSC_KHZ, 0) catch 0);
-        try w.value(.tsc_khz, idx, &khz);
-        const hv = HostVcpu{ .status = @intFromEnum(v.status), .exit_code = v.exit_code, .checkpoint_tag = v.checkpoint_tag, .reserved = 0 };
-        try w.value(.host_vcpu, idx, &hv);
+        inline for (vcpu_records) |r| if (ctx.wants(r.when)) try captureVcpu(&w, r, v, @intCast(i), &ctx);
     }
-    for ([_]Tag{ .pic_master, .pic_slave, .ioapic }, 0..) |tag, chip| {
-        var ic = Irqchip{ .chip_id = @intCast(chip) };
-        try get(vm.vm_fd, kvm.KVM_GET_IRQCHIP, &ic, "KVM_GET_IRQCHIP");
-        try w.record(tag, vm_wide, std.mem.asBytes(&ic)[0..kvm.IRQCHIP_BYTES]);
-    }
-    var pit: [kvm.PIT_STATE2_BYTES]u8 align(8) = undefined;
-    try get(vm.vm_fd, kvm.KVM_GET_PIT2, &pit, "KVM_GET_PIT2");
-    try w.record(.pit2, vm_wide, &pit);
-    var clock: [kvm.CLOCK_DATA_BYTES]u8 align(8) = @splat(0);
-    if (kvm.ioctl(vm.vm_fd, kvm.KVM_GET_CLOCK, @intFromPtr(&clock))) |_| {
-        try w.record(.clock, vm_wide, &clock);
-    } else |_| {}
-    try w.record(.page_map, vm_wide, page_map);
-    try w.record(.console, vm_wide, vm.console[0..vm.console_len]);
-    var br = BootRecord{ .guest_name = @splat(0) };
-    const n = @min(guest_name.len, br.guest_name.len);
-    @memcpy(br.guest_name[0..n], guest_name[0..n]);
-    try w.value(.boot, vm_wide, &br);
+    inline for (vm_records) |r| if (ctx.wants(r.when)) try captureVm(&w, r, vm, &ctx);
 
     const blob = w.buf.toOwnedSlice(allocator) catch return error.OutOfMemory;
     @memcpy(blob[0..8], &magic);
@@ -397,19 +420,86 @@ pub fn capture(vm: *Vm, page_map: []const u8, guest_name: []const u8) errors.Err
     return blob;
 }
 
+fn getFailed(tag: Tag) errors.Error {
+    return errors.fail(error.KvmFailed, "reading the {s} state failed: E{s}", .{ @tagName(tag), @tagName(kvm.last_errno) });
+}
+
+fn captureVcpu(w: *Writer, comptime r: Record, v: *shell.Vcpu, idx: u32, ctx: *const CaptureContext) errors.Error!void {
+    switch (r.io) {
+        .vcpu => |which| {
+            var buf: [max_fixed_bytes]u8 align(8) = undefined;
+            const b = buf[0..which.bytes()];
+            v.fd.getState(which, b) catch return getFailed(r.tag);
+            try w.record(r.tag, idx, b);
+        },
+        .xsave => {
+            const b = ctx.scratch[0..ctx.xsave_bytes];
+            @memset(b, 0);
+            v.fd.getXsave(b) catch return getFailed(r.tag);
+            try w.record(r.tag, idx, b);
+        },
+        .msrs => {
+            const buf = allocator.create(kvm.MsrBuf(max_msrs)) catch return error.OutOfMemory;
+            defer allocator.destroy(buf);
+            buf.* = .{ .nmsrs = @intCast(ctx.msrs.len) };
+            for (ctx.msrs, 0..) |index, k| buf.entries[k] = .{ .index = index, .data = 0 };
+            const got = v.fd.getMsrs(buf) catch return getFailed(r.tag);
+            if (got != ctx.msrs.len) return errors.fail(error.KvmFailed, "KVM_GET_MSRS read {d} of {d} MSRs (stopped at 0x{x})", .{ got, ctx.msrs.len, ctx.msrs[@min(got, ctx.msrs.len - 1)] });
+            try w.record(r.tag, idx, std.mem.sliceAsBytes(buf.entries[0..ctx.msrs.len]));
+        },
+        .cpuid => {
+            const buf = allocator.create(kvm.CpuidBuf) catch return error.OutOfMemory;
+            defer allocator.destroy(buf);
+            buf.* = .{ .nent = host.max_cpuid_entries };
+            v.fd.getCpuid2(buf) catch return getFailed(r.tag);
+            if (buf.nent > host.max_cpuid_entries) return errors.fail(error.KvmFailed, "KVM_GET_CPUID2 returned {d} entries", .{buf.nent});
+            try w.record(r.tag, idx, std.mem.sliceAsBytes(buf.entries[0..buf.nent]));
+        },
+        .tsc_khz => try w.record(r.tag, idx, std.mem.asBytes(&v.fd.getTscKhz())),
+        .host_vcpu => {
+            const hv = HostVcpu{ .status = @intFromEnum(v.status), .exit_code = v.exit_code, .checkpoint_tag = v.checkpoint_tag, .reserved = 0 };
+            try w.record(r.tag, idx, std.mem.asBytes(&hv));
+        },
+        .vm, .page_map, .console, .boot => comptime unreachable,
+    }
+}
+
+fn captureVm(w: *Writer, comptime r: Record, vm: *Vm, ctx: *const CaptureContext) errors.Error!void {
+    switch (r.io) {
+        .vm => |x| {
+            var buf: kvm.Irqchip align(8) = .{ .chip_id = x.chip };
+            const b = std.mem.asBytes(&buf)[0..x.state.bytes()];
+            vm.vm_fd.getState(x.state, b) catch |e| {
+                if (r.when == .if_readable) return;
+                return switch (e) {
+                    error.Ioctl => getFailed(r.tag),
+                };
+            };
+            try w.record(r.tag, vm_wide, b);
+        },
+        .page_map => try w.record(r.tag, vm_wide, ctx.page_map),
+        .console => try w.record(r.tag, vm_wide, vm.console[0..vm.console_len]),
+        .boot => {
+            var br = BootRecord{ .guest_name = @splat(0) };
+            const n = @min(ctx.guest_name.len, br.guest_name.len);
+            @memcpy(br.guest_name[0..n], ctx.guest_name[0..n]);
+            try w.record(r.tag, vm_wide, std.mem.asBytes(&br));
+        },
+        .vcpu, .xsave, .msrs, .cpuid, .tsc_khz, .host_vcpu => comptime unreachable,
+    }
+}
 /// The CPUID a fresh vCPU of this host presents to its guest (what KVM
 /// reports after SET_CPUID2 with the supported set), read once.
 var effective_lock: std.c.pthread_mutex_t = .{};
-var effective: ?*CpuidBuf = null;
+var effective: ?*kvm.CpuidBuf = null;
 
-fn effectiveCpuid(vcpu_fd: linux.fd_t) errors.Error![]const kvm.CpuidEntry2 {
+fn effectiveCpuid(vcpu: kvm.VcpuFd) errors.Error![]const kvm.CpuidEntry2 {
     _ = std.c.pthread_mutex_lock(&effective_lock);
     defer _ = std.c.pthread_mutex_unlock(&effective_lock);
     if (effective == null) {
-        const b = allocator.create(CpuidBuf) catch return error.OutOfMemory;
-        b.nent = host.max_cpuid_entries;
-        b.padding = 0;
-        _ = kvm.ioctl(vcpu_fd, kvm.KVM_GET_CPUID2, @intFromPtr(b)) catch {
+        const b = allocator.create(kvm.CpuidBuf) catch return error.OutOfMemory;
+        b.* = .{ .nent = host.max_cpuid_entries };
+        vcpu.getCpuid2(b) catch {
             allocator.destroy(b);
             return errors.ioctlFailed("KVM_GET_CPUID2");
         };
@@ -420,10 +510,10 @@ fn effectiveCpuid(vcpu_fd: linux.fd_t) errors.Error![]const kvm.CpuidEntry2 {
 
 /// Refuses a snapshot whose guest saw CPU features (CPUID leaves 1, 7.0 and
 /// 0x80000001) or an XSAVE size that a fresh vCPU of this host does not have.
-/// `vcpu_fd` is a vCPU of the shell that has not run yet.
-pub fn checkHost(p: *const Parsed, vm_fd: linux.fd_t, vcpu_fd: linux.fd_t) errors.Error!void {
+/// `vcpu` is a vCPU of the shell that has not run yet.
+pub fn checkHost(p: *const Parsed, vm_fd: kvm.VmFd, vcpu: kvm.VcpuFd) errors.Error!void {
     if (p.memo.load(.acquire) & memo_host_ok != 0) return;
-    const have_all = try effectiveCpuid(vcpu_fd);
+    const have_all = try effectiveCpuid(vcpu);
     try checkFeatures(p, vm_fd, have_all);
     var bits: u64 = memo_host_ok;
     for (0..p.vcpus) |i| {
@@ -443,7 +533,7 @@ fn cpuidSameAsShell(p: *const Parsed, idx: u32) bool {
     return p.memo.load(.acquire) & (@as(u64, 1) << @intCast(idx)) != 0;
 }
 
-fn checkFeatures(p: *const Parsed, vm_fd: linux.fd_t, have_all: []const kvm.CpuidEntry2) errors.Error!void {
+fn checkFeatures(p: *const Parsed, vm_fd: kvm.VmFd, have_all: []const kvm.CpuidEntry2) errors.Error!void {
     const want = std.mem.bytesAsSlice(kvm.CpuidEntry2, p.get(.cpuid, 0).?);
     for (want) |e| {
         const checked = (e.function == 1 and e.index == 0) or (e.function == 7 and e.index == 0) or e.function == 0x8000_0001;
@@ -468,7 +558,7 @@ fn checkFeatures(p: *const Parsed, vm_fd: linux.fd_t, have_all: []const kvm.Cpui
 
 /// True when `cpuid` (a snapshot's record for vCPU `idx`) equals what a fresh
 /// shell's vCPU `idx` presents: the effective CPUID with that vCPU's APIC id.
-fn sameAsShell(cpuid: []const u8, effective_entries: []const kvm.CpuidEntry2, idx: u32) bool {
+pub fn sameAsShell(cpuid: []const u8, effective_entries: []const kvm.CpuidEntry2, idx: u32) bool {
     const want = std.mem.bytesAsSlice(kvm.CpuidEntry2, cpuid);
     if (want.len != effective_entries.len) return false;
     for (want, effective_entries) |w_unaligned, e0| {
@@ -491,83 +581,103 @@ fn findCpuid(entries: []const kvm.CpuidEntry2, function: u32, index: u32) ?kvm.C
     return null;
 }
 
-fn set(fd: linux.fd_t, request: u32, data: []const u8, what: []const u8) errors.Error!void {
-    _ = kvm.ioctl(fd, request, @intFromPtr(data.ptr)) catch return errors.ioctlFailed(what);
-}
 
 /// Nanoseconds spent restoring vCPU and VM device state.
 pub const RestoreTimes = struct { vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
 
 /// Restores a checked blob into a shell that has never run and has the same
-/// memory size and vCPU count (the caller checked both). Memory is separate.
+/// memory size and vCPU count: checks the blob against this host (memoized),
+/// then `apply`. Memory is separate.
 pub fn restore(vm: *Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
     std.debug.assert(p.vcpus == vm.vcpu_count and p.memory_bytes == vm.mem.len);
-    const t0 = vm_mod.monotonicNs();
-    var cpuid_buf: CpuidBuf = undefined;
+    try checkHost(p, vm.vm_fd, vm.vcpus[0].fd);
+    try apply(vm, p, times);
+}
+
+/// The bare state operations of a restore: walks the two tables in their
+/// order and sets every record the blob has. The benchmark floor times
+/// exactly this (the checks are in `restore`).
+pub fn apply(vm: *Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
+    const t0 = shell.monotonicNs();
     for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
-        const idx: u32 = @intCast(i);
-        // CPUID first: KVM checks SREGS/MSR values against the guest's CPUID.
-        // A shell already has this host's CPUID; skip the ioctl (~7-12 us on
-        // kvm_pvm) when the snapshot was taken with the same.
-        const cpuid = p.get(.cpuid, idx).?;
-        if (!cpuidSameAsShell(p, idx)) {
-            cpuid_buf.nent = @intCast(cpuid.len / @sizeOf(kvm.CpuidEntry2));
-            cpuid_buf.padding = 0;
-            @memcpy(std.mem.sliceAsBytes(cpuid_buf.entries[0..cpuid_buf.nent]), cpuid);
-            _ = kvm.ioctl(v.fd, kvm.KVM_SET_CPUID2, @intFromPtr(&cpuid_buf)) catch
+        inline for (vcpu_records) |r| if (p.get(r.tag, @intCast(i))) |d| try applyVcpu(r, vm, v, p, @intCast(i), d);
+    }
+    const t1 = shell.monotonicNs();
+    inline for (vm_records) |r| if (p.get(r.tag, vm_wide)) |d| try applyVm(r, vm, d);
+    vm.crash_len = 0;
+    vm.booted = true;
+    const t2 = shell.monotonicNs();
+    times.* = .{ .vcpu_ns = t1 - t0, .devices_ns = t2 - t1 };
+}
+
+fn setFailed(tag: Tag) errors.Error {
+    return errors.fail(error.KvmFailed, "restoring the {s} state failed: E{s}", .{ @tagName(tag), @tagName(kvm.last_errno) });
+}
+
+fn applyVcpu(comptime r: Record, vm: *Vm, v: *shell.Vcpu, p: *const Parsed, idx: u32, data: []const u8) errors.Error!void {
+    switch (r.io) {
+        .vcpu => |which| v.fd.setState(which, try aligned(data)) catch return setFailed(r.tag),
+        .cpuid => {
+            // A shell already has this host's CPUID; skip the ioctl (~7-12 us
+            // on kvm_pvm) when the snapshot was taken with the same.
+            if (cpuidSameAsShell(p, idx)) return;
+            var buf: kvm.CpuidBuf = .{ .nent = @intCast(data.len / @sizeOf(kvm.CpuidEntry2)) };
+            @memcpy(std.mem.sliceAsBytes(buf.entries[0..buf.nent]), data);
+            v.fd.setCpuid2(&buf) catch
                 return errors.fail(error.Incompatible, "KVM_SET_CPUID2 with the snapshot's CPUID failed: E{s}", .{@tagName(kvm.last_errno)});
-        }
-        try set(v.fd, kvm.KVM_SET_SREGS, try aligned(p.get(.sregs, idx).?), "KVM_SET_SREGS");
-        try set(v.fd, kvm.KVM_SET_REGS, try aligned(p.get(.regs, idx).?), "KVM_SET_REGS");
-        if (p.get(.xsave, idx)) |x| {
+        },
+        .xsave => {
             // KVM_SET_XSAVE reads this host's full XSAVE size (KVM_CAP_XSAVE2):
             // a smaller record from another host is padded with zeros.
             const host_bytes = xsaveBytes(vm.vm_fd);
-            if (x.len >= host_bytes) {
-                try set(v.fd, kvm.KVM_SET_XSAVE, try aligned(x), "KVM_SET_XSAVE");
-            } else {
-                const buf = allocator.alignedAlloc(u8, .@"64", host_bytes) catch return error.OutOfMemory;
-                defer allocator.free(buf);
-                @memset(buf, 0);
-                @memcpy(buf[0..x.len], x);
-                try set(v.fd, kvm.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE");
+            if (data.len >= host_bytes) {
+                v.fd.setXsave(try aligned(data)) catch return setFailed(r.tag);
+                return;
             }
-        } else try set(v.fd, kvm.KVM_SET_FPU, try aligned(p.get(.fpu, idx).?), "KVM_SET_FPU");
-        if (p.get(.xcrs, idx)) |x| try set(v.fd, kvm.KVM_SET_XCRS, try aligned(x), "KVM_SET_XCRS");
-        try restoreMsrs(v.fd, p.get(.msrs, idx).?);
-        try set(v.fd, kvm.KVM_SET_MP_STATE, try aligned(p.get(.mp_state, idx).?), "KVM_SET_MP_STATE");
-        try set(v.fd, kvm.KVM_SET_LAPIC, try aligned(p.get(.lapic, idx).?), "KVM_SET_LAPIC");
-        try set(v.fd, kvm.KVM_SET_VCPU_EVENTS, try aligned(p.get(.events, idx).?), "KVM_SET_VCPU_EVENTS");
-        if (p.get(.debugregs, idx)) |d| try set(v.fd, kvm.KVM_SET_DEBUGREGS, try aligned(d), "KVM_SET_DEBUGREGS");
-        const hv = std.mem.bytesToValue(HostVcpu, p.get(.host_vcpu, idx).?);
-        v.status = @enumFromInt(hv.status);
-        v.exit_code = hv.exit_code;
-        v.checkpoint_tag = hv.checkpoint_tag;
+            const buf = allocator.alignedAlloc(u8, .@"64", host_bytes) catch return error.OutOfMemory;
+            defer allocator.free(buf);
+            @memset(buf, 0);
+            @memcpy(buf[0..data.len], data);
+            v.fd.setXsave(buf) catch return setFailed(r.tag);
+        },
+        .msrs => try restoreMsrs(v.fd, data),
+        .tsc_khz => {},
+        .host_vcpu => {
+            const hv = std.mem.bytesToValue(HostVcpu, data);
+            v.status = @enumFromInt(hv.status);
+            v.exit_code = hv.exit_code;
+            v.checkpoint_tag = hv.checkpoint_tag;
+        },
+        .vm, .page_map, .console, .boot => comptime unreachable,
     }
-    const t1 = vm_mod.monotonicNs();
-    for ([_]Tag{ .pic_master, .pic_slave, .ioapic }, 0..) |tag, chip| {
-        var ic = Irqchip{ .chip_id = @intCast(chip) };
-        @memcpy(std.mem.asBytes(&ic)[0..kvm.IRQCHIP_BYTES], p.get(tag, vm_wide).?);
-        ic.chip_id = @intCast(chip);
-        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_SET_IRQCHIP, @intFromPtr(&ic)) catch return errors.ioctlFailed("KVM_SET_IRQCHIP");
+}
+
+fn applyVm(comptime r: Record, vm: *Vm, data: []const u8) errors.Error!void {
+    switch (r.io) {
+        .vm => |x| {
+            var buf: kvm.Irqchip align(8) = undefined;
+            const b = std.mem.asBytes(&buf)[0..x.state.bytes()];
+            @memcpy(b, data);
+            switch (x.state) {
+                .irqchip => buf.chip_id = x.chip,
+                // Only the clock value is restored; flags from the old host do not apply.
+                .clock => std.mem.writeInt(u32, b[8..12], 0, .little),
+                .pit2 => {},
+            }
+            vm.vm_fd.setState(x.state, b) catch {
+                if (r.when == .if_readable) return; // best effort, like its capture
+                return setFailed(r.tag);
+            };
+        },
+        .console => {
+            vm.console_len = 0;
+            vm.console_dropped = 0;
+            if (data.len > 0) vm.consoleAppend(data);
+        },
+        .boot => vm.guest_name = std.mem.bytesToValue(BootRecord, data).guest_name,
+        .page_map => {},
+        .vcpu, .xsave, .msrs, .cpuid, .tsc_khz, .host_vcpu => comptime unreachable,
     }
-    try set(vm.vm_fd, kvm.KVM_SET_PIT2, try aligned(p.get(.pit2, vm_wide).?), "KVM_SET_PIT2");
-    if (p.get(.clock, vm_wide)) |c| {
-        var clock: [kvm.CLOCK_DATA_BYTES]u8 align(8) = undefined;
-        @memcpy(&clock, c);
-        // Only the clock value is restored; flags from the old host do not apply.
-        std.mem.writeInt(u32, clock[8..12], 0, .little);
-        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_SET_CLOCK, @intFromPtr(&clock)) catch {};
-    }
-    const console = p.get(.console, vm_wide) orelse &.{};
-    vm.console_len = 0;
-    vm.console_dropped = 0;
-    if (console.len > 0) vm.consoleAppend(console);
-    vm.crash_len = 0;
-    vm.booted = true;
-    const t2 = vm_mod.monotonicNs();
-    times.vcpu_ns = t1 - t0;
-    times.devices_ns = t2 - t1;
 }
 
 /// Record data is 8-byte aligned inside the blob (records are padded), which
@@ -577,31 +687,12 @@ fn aligned(data: []const u8) errors.Error![]const u8 {
     return data;
 }
 
-fn restoreMsrs(fd: linux.fd_t, data: []const u8) errors.Error!void {
+fn restoreMsrs(fd: kvm.VcpuFd, data: []const u8) errors.Error!void {
     const entries = std.mem.bytesAsSlice(kvm.MsrEntry, data);
     // On the stack (16 KiB): restore is a hot path, no allocation.
-    var storage: MsrBuf(max_msrs) = undefined;
-    const buf = &storage;
-    buf.nmsrs = @intCast(entries.len);
-    buf.pad = 0;
+    var buf: kvm.MsrBuf(max_msrs) = .{ .nmsrs = @intCast(entries.len) };
     for (entries, 0..) |e, k| buf.entries[k] = e;
-    const n = kvm.ioctl(fd, kvm.KVM_SET_MSRS, @intFromPtr(buf)) catch return errors.ioctlFailed("KVM_SET_MSRS");
+    const n = fd.setMsrs(&buf) catch return setFailed(.msrs);
     if (n != entries.len)
         return errors.fail(error.Incompatible, "KVM_SET_MSRS set {d} of {d} MSRs; this host refuses MSR 0x{x}", .{ n, entries.len, entries[n].index });
-}
-
-test "parse rejects hostile blobs fast" {
-    try std.testing.expectError(error.Snapshot, parse(""));
-    try std.testing.expectError(error.Snapshot, parse("KVMLSTAT"));
-    var hdr: [header_bytes]u8 = @splat(0);
-    @memcpy(hdr[0..8], &magic);
-    std.mem.writeInt(u16, hdr[8..10], 1, .little);
-    std.mem.writeInt(u32, hdr[12..16], 1, .little);
-    std.mem.writeInt(u64, hdr[16..24], 64 << 20, .little);
-    std.mem.writeInt(u32, hdr[24..28], 0xFFFF_FFFF, .little); // huge record count
-    try std.testing.expectError(error.Snapshot, parse(&hdr));
-    std.mem.writeInt(u32, hdr[24..28], 0, .little); // no records: incomplete
-    try std.testing.expectError(error.Snapshot, parse(&hdr));
-    std.mem.writeInt(u16, hdr[8..10], 2, .little); // newer major
-    try std.testing.expectError(error.Snapshot, parse(&hdr));
 }

@@ -28,8 +28,9 @@ def _ffi():
 
 
 def _bench_lib():
-    """The library exporting the ``kvmlab_bench_*`` functions."""
-    return _ffi().lib
+    """The ``kvmlab_bench_*`` functions: the core's testing export group
+    (``kvmlab_testing.h``), a lib object of its own (``_ffi.testing``)."""
+    return _ffi().testing
 
 
 def _has(names: tuple[str, ...]) -> bool:

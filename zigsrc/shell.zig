@@ -1,5 +1,8 @@
-//! A KVM virtual machine: the shell (VM fd, guest memory, memory slot, irqchip,
-//! PIT, vCPUs) and the KVM_RUN loop that serves the guest's I/O ports.
+//! The shell layer: a KVM virtual machine's VM fd, guest memory, memory slot,
+//! irqchip, PIT and vCPUs, the KVM_RUN loop that serves the guest's I/O ports,
+//! and the bare memory operations the layers above build on (map a file over
+//! guest memory, drop private pages, read the dirty log). It knows nothing of
+//! snapshots, restore, reset or pools (those layers import this one).
 //!
 //! Threading: `run` executes vCPU 0 on the calling thread and vCPUs 1.. on
 //! threads spawned for that call; it returns when every vCPU has stopped at
@@ -13,8 +16,9 @@ const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const host = @import("host.zig");
-const snapshot = @import("snapshot.zig");
 const fault = @import("fault.zig");
+const sigbus = @import("sigbus.zig");
+const safe = @import("safe.zig");
 
 const allocator = std.heap.c_allocator;
 
@@ -38,10 +42,10 @@ pub const VcpuStatus = enum(u8) { ready, checkpoint, exited, halted, crashed, in
 
 /// `interrupted`: a signal other than kvmlab's own kick (e.g. SIGINT from
 /// Ctrl-C) interrupted KVM_RUN; the caller handles it and calls run again.
-pub const Reason = enum(u32) { exit = 0, checkpoint = 1, halt = 2, timeout = 3, interrupted = 4 };
+pub const Reason = enum(c_int) { exit = 0, checkpoint = 1, halt = 2, timeout = 3, interrupted = 4 };
 
 pub const Vcpu = struct {
-    fd: linux.fd_t = -1,
+    fd: kvm.VcpuFd = .{ .fd = -1 },
     run: ?*kvm.Run = null,
     status: VcpuStatus = .ready,
     exit_code: u32 = 0,
@@ -60,8 +64,12 @@ pub const RunOutcome = struct {
     elapsed_ns: u64,
 };
 
+/// The file behind guest memory after mapFile (the fd is borrowed: whoever
+/// mapped it keeps it open for the shell's lifetime).
+pub const Backing = struct { fd: linux.fd_t, offset: u64 };
+
 pub const Vm = struct {
-    vm_fd: linux.fd_t = -1,
+    vm_fd: kvm.VmFd = .{ .fd = -1 },
     mem: []align(4096) u8 = &.{},
     vcpu_count: u32 = 0,
     vcpus: [boot.max_vcpus]Vcpu = @splat(.{}),
@@ -96,19 +104,11 @@ pub const Vm = struct {
     crash_msg: [900]u8 = undefined,
     /// The built-in or user guest's name (for snapshots and messages).
     guest_name: [32]u8 = @splat(0),
-    /// Set when the VM can be reset to the snapshot it was restored from
-    /// (reset.zig): the snapshot (retained) and a bitmap of pages the host
-    /// wrote through write_memory (KVM's dirty log only sees guest writes).
-    reset_snap: ?*snapshot.Snapshot = null,
-    host_dirty: []u64 = &.{},
-    /// Map-restored VMs: guest memory is a private mapping of this
-    /// snapshot's file (retained; its page map and fd are used from there).
-    source_snap: ?*snapshot.Snapshot = null,
+    /// Set by mapFile: guest memory is a private mapping of this file.
+    backing: ?Backing = null,
     /// A host read of the file-backed guest memory faulted (see sigbus.zig).
     mem_damaged: std.atomic.Value(bool) = .init(false),
     sigbus_slot: ?usize = null,
-    /// Pool VMs: on release, reset and keep for reuse instead of destroying.
-    park_on_release: bool = false,
 
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
@@ -121,8 +121,8 @@ pub const Vm = struct {
         errdefer vm.destroy();
 
         try fault.check(.create_vm);
-        vm.vm_fd = @intCast(kvm.ioctl(h.fd, kvm.KVM_CREATE_VM, 0) catch return errors.ioctlFailed("KVM_CREATE_VM"));
-        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_SET_TSS_ADDR, tss_addr) catch {};
+        vm.vm_fd = h.system.createVm() catch return errors.ioctlFailed("KVM_CREATE_VM");
+        vm.vm_fd.setTssAddr(tss_addr) catch {};
 
         try fault.check(.memory);
         const addr = linux.mmap(null, memory_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
@@ -136,20 +136,19 @@ pub const Vm = struct {
         try vm.setMemorySlot(kvm.MEM_LOG_DIRTY_PAGES);
 
         try fault.check(.irqchip);
-        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_IRQCHIP, 0) catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
-        var pit = kvm.PitConfig{};
+        vm.vm_fd.createIrqchip() catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
         try fault.check(.pit);
-        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_PIT2, @intFromPtr(&pit)) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
+        vm.vm_fd.createPit2(&.{}) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
 
         vm.run_bytes = h.vcpu_mmap_bytes;
         var i: u32 = 0;
         while (i < vcpu_count) : (i += 1) {
             const v = &vm.vcpus[i];
             try fault.check(.vcpu);
-            v.fd = @intCast(kvm.ioctl(vm.vm_fd, kvm.KVM_CREATE_VCPU, i) catch return errors.ioctlFailed("KVM_CREATE_VCPU"));
+            v.fd = vm.vm_fd.createVcpu(i) catch return errors.ioctlFailed("KVM_CREATE_VCPU");
             vm.vcpu_count = i + 1;
             try fault.check(.vcpu_mmap);
-            const r = linux.mmap(null, vm.run_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .SHARED }, v.fd, 0);
+            const r = linux.mmap(null, vm.run_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .SHARED }, v.fd.fd, 0);
             if (linux.errno(r) != .SUCCESS) return errors.fail(error.KvmFailed, "mmap of kvm_run failed: E{s}", .{@tagName(linux.errno(r))});
             v.run = @ptrFromInt(r);
             try fault.check(.cpuid);
@@ -159,15 +158,13 @@ pub const Vm = struct {
     }
 
     pub fn setMemorySlot(vm: *Vm, flags: u32) errors.Error!void {
-        var region = kvm.UserspaceMemoryRegion{
+        vm.vm_fd.setUserMemoryRegion(&.{
             .slot = 0,
             .flags = flags,
             .guest_phys_addr = 0,
             .memory_size = vm.mem.len,
             .userspace_addr = @intFromPtr(vm.mem.ptr),
-        };
-        _ = kvm.ioctl(vm.vm_fd, kvm.KVM_SET_USER_MEMORY_REGION, @intFromPtr(&region)) catch
-            return errors.ioctlFailed("KVM_SET_USER_MEMORY_REGION");
+        }) catch return errors.ioctlFailed("KVM_SET_USER_MEMORY_REGION");
     }
 
     /// Frees everything; safe on a partly built VM.
@@ -175,16 +172,13 @@ pub const Vm = struct {
         std.debug.assert(!vm.running.load(.acquire));
         for (vm.vcpus[0..vm.vcpu_count]) |*v| {
             if (v.run) |r| _ = linux.munmap(@ptrCast(r), vm.run_bytes);
-            if (v.fd >= 0) _ = linux.close(v.fd);
+            if (v.fd.fd >= 0) _ = linux.close(v.fd.fd);
         }
-        if (vm.vm_fd >= 0) _ = linux.close(vm.vm_fd);
+        if (vm.vm_fd.fd >= 0) _ = linux.close(vm.vm_fd.fd);
         // Out of the SIGBUS table before the range is unmapped (it may be reused).
-        @import("sigbus.zig").unregister(vm.sigbus_slot);
+        sigbus.unregister(vm.sigbus_slot);
         if (vm.mem.len > 0) _ = linux.munmap(vm.mem.ptr, vm.mem.len);
         if (vm.console.len > 0) allocator.free(vm.console);
-        if (vm.source_snap) |sn| sn.release();
-        if (vm.host_dirty.len > 0) allocator.free(vm.host_dirty);
-        if (vm.reset_snap) |sn| sn.release();
         allocator.destroy(vm);
     }
 
@@ -196,16 +190,13 @@ pub const Vm = struct {
         try boot.writeTables(vm.mem, vm.vcpu_count, cpl, args);
         for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
             var sregs: kvm.Sregs = undefined;
-            _ = kvm.ioctl(v.fd, kvm.KVM_GET_SREGS, @intFromPtr(&sregs)) catch return errors.ioctlFailed("KVM_GET_SREGS");
-            sregs = boot.entrySregs(sregs, cpl);
-            _ = kvm.ioctl(v.fd, kvm.KVM_SET_SREGS, @intFromPtr(&sregs)) catch return errors.ioctlFailed("KVM_SET_SREGS");
-            var regs = boot.entryRegs(entry, @intCast(i));
-            _ = kvm.ioctl(v.fd, kvm.KVM_SET_REGS, @intFromPtr(&regs)) catch return errors.ioctlFailed("KVM_SET_REGS");
+            v.fd.getSregs(&sregs) catch return errors.ioctlFailed("KVM_GET_SREGS");
+            v.fd.setSregs(&boot.entrySregs(sregs, cpl)) catch return errors.ioctlFailed("KVM_SET_SREGS");
+            v.fd.setRegs(&boot.entryRegs(entry, @intCast(i))) catch return errors.ioctlFailed("KVM_SET_REGS");
             if (i > 0) {
                 // With an in-kernel irqchip, application processors wait for
                 // INIT/SIPI; kvmlab starts every vCPU at the entry directly.
-                var mp: u32 = kvm.MP_STATE_RUNNABLE;
-                _ = kvm.ioctl(v.fd, kvm.KVM_SET_MP_STATE, @intFromPtr(&mp)) catch return errors.ioctlFailed("KVM_SET_MP_STATE");
+                v.fd.setMpState(kvm.MP_STATE_RUNNABLE) catch return errors.ioctlFailed("KVM_SET_MP_STATE");
             }
             v.status = .ready;
         }
@@ -303,7 +294,7 @@ pub const Vm = struct {
         if (vm.crash_len > 0) return vm.crashOrTruncated();
         // A host read of file-backed guest memory (e.g. a console write) hit
         // a page lost to truncation and got zeros from the SIGBUS handler.
-        if (vm.mem_damaged.load(.acquire)) return @import("safe.zig").truncated();
+        if (vm.mem_damaged.load(.acquire)) return safe.truncated();
         return vm.outcome(elapsed);
     }
 
@@ -316,8 +307,7 @@ pub const Vm = struct {
         for (vm.vcpus[0..vm.vcpu_count]) |*v| switch (v.status) {
             .interrupted => {
                 interrupted = true;
-                var mp: u32 = 0;
-                _ = kvm.ioctl(v.fd, kvm.KVM_GET_MP_STATE, @intFromPtr(&mp)) catch {};
+                const mp = v.fd.getMpState() catch 0;
                 if (mp != kvm.MP_STATE_HALTED) all_interrupted_halted = false;
             },
             .checkpoint => if (!checkpoint) {
@@ -391,8 +381,7 @@ pub const Vm = struct {
                 v.status = .interrupted;
                 return;
             }
-            const rc = linux.ioctl(v.fd, kvm.KVM_RUN, 0);
-            switch (linux.errno(rc)) {
+            switch (v.fd.run()) {
                 .SUCCESS => {},
                 .INTR, .AGAIN => {
                     r.immediate_exit = 0;
@@ -438,8 +427,7 @@ pub const Vm = struct {
     /// stay blocked on this thread (KVM_RUN would never see them).
     fn setKvmSigmask(v: *Vcpu, outer: linux.sigset_t) bool {
         if (v.kvm_sigmask) |m| if (std.meta.eql(m, outer)) return true;
-        var arg: extern struct { len: u32 = 8, set: linux.sigset_t align(4) } = .{ .set = outer };
-        if (linux.errno(linux.ioctl(v.fd, KVM_SET_SIGNAL_MASK, @intFromPtr(&arg))) != .SUCCESS) return false;
+        v.fd.setSignalMask(outer) catch return false;
         v.kvm_sigmask = outer;
         return true;
     }
@@ -502,14 +490,6 @@ pub const Vm = struct {
         return true;
     }
 
-    /// Records host writes to guest memory for reset (no-op unless resettable).
-    pub fn noteHostWrite(vm: *Vm, gpa: u64, len: u64) void {
-        if (vm.host_dirty.len == 0 or len == 0) return;
-        var page = gpa / boot.page_bytes;
-        const last = (gpa + len - 1) / boot.page_bytes;
-        while (page <= last) : (page += 1) vm.host_dirty[@intCast(page / 64)] |= @as(u64, 1) << @intCast(page % 64);
-    }
-
     /// A bounds-checked view of guest memory.
     pub fn guestSlice(vm: *Vm, gpa: u64, len: u64) errors.Error![]u8 {
         if (gpa > vm.mem.len or vm.mem.len - gpa < len)
@@ -552,8 +532,8 @@ pub const Vm = struct {
         v.status = .crashed;
         var regs: kvm.Regs = .{};
         var sregs: kvm.Sregs = .{};
-        const have_regs = if (kvm.ioctl(v.fd, kvm.KVM_GET_REGS, @intFromPtr(&regs))) |_| true else |_| false;
-        _ = kvm.ioctl(v.fd, kvm.KVM_GET_SREGS, @intFromPtr(&sregs)) catch {};
+        const have_regs = if (v.fd.getRegs(&regs)) |_| true else |_| false;
+        v.fd.getSregs(&sregs) catch {};
         _ = std.c.pthread_mutex_lock(&vm.lock);
         if (vm.crash_len == 0) {
             var w = std.Io.Writer.fixed(&vm.crash_msg);
@@ -581,9 +561,9 @@ pub const Vm = struct {
         for (vm.vcpus[0..vm.vcpu_count]) |*v| {
             const r = v.run.?;
             r.immediate_exit = 1;
-            const rc = linux.ioctl(v.fd, kvm.KVM_RUN, 0);
+            const rc = v.fd.run();
             r.immediate_exit = 0;
-            switch (linux.errno(rc)) {
+            switch (rc) {
                 .INTR, .AGAIN, .SUCCESS => {},
                 else => |e| return errors.fail(error.KvmFailed, "completing pending I/O failed: E{s}", .{@tagName(e)}),
             }
@@ -593,23 +573,52 @@ pub const Vm = struct {
     /// For map-restored VMs: whether the file behind guest memory is now
     /// shorter than the mapping (pages past its end cannot be read).
     pub fn mappedFileTruncated(vm: *Vm) bool {
-        const sn = vm.source_snap orelse return false;
+        const b = vm.backing orelse return false;
         var st: linux.Statx = undefined;
-        if (linux.errno(linux.statx(sn.fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true }, &st)) != .SUCCESS) return false;
-        return st.size < sn.memory_offset + vm.mem.len;
+        if (linux.errno(linux.statx(b.fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true }, &st)) != .SUCCESS) return false;
+        return st.size < b.offset + vm.mem.len;
     }
 
-    /// Guest memory is a private mapping of a snapshot file (a `map` restore).
+    /// Guest memory is a private mapping of a file (see mapFile).
     pub fn mapped(vm: *const Vm) bool {
-        return vm.source_snap != null;
+        return vm.backing != null;
+    }
+
+    /// Maps `fd` at `offset` copy-on-write over all of guest memory: O(1) in
+    /// memory size (KVM's MMU notifier drops stale translations of the old
+    /// pages). `fd` must stay open while the shell lives.
+    pub fn mapFile(vm: *Vm, fd: linux.fd_t, offset: u64) errors.Error!void {
+        const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, fd, @intCast(offset));
+        if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
+        vm.backing = .{ .fd = fd, .offset = offset };
+        if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged) orelse return sigbus.unprotected(); // an uncovered mapping would let a truncation kill the process
+    }
+
+    /// Discards the private copies of `pages` pages from page `first` on
+    /// (MADV_DONTNEED): a mapped file's pages show through again.
+    pub fn dropPages(vm: *Vm, first: u64, pages: u64) void {
+        if (pages == 0) return;
+        _ = linux.madvise(vm.mem[@intCast(first * boot.page_bytes)..].ptr, @intCast(pages * boot.page_bytes), linux.MADV.DONTNEED);
+    }
+
+    /// Words of a dirty-page bitmap of this VM's memory (one bit per page).
+    pub fn dirtyWords(vm: *const Vm) usize {
+        return @intCast((vm.mem.len / boot.page_bytes + 63) / 64);
+    }
+
+    /// Reads and clears KVM's dirty log of guest memory into `bitmap`.
+    pub fn readDirtyLog(vm: *Vm, bitmap: []u64) errors.Error!void {
+        std.debug.assert(bitmap.len == vm.dirtyWords());
+        @memset(bitmap, 0);
+        vm.vm_fd.getDirtyLog(&.{ .slot = 0, .bitmap = @intFromPtr(bitmap.ptr) }) catch return errors.ioctlFailed("KVM_GET_DIRTY_LOG");
     }
 
     pub fn getRegs(vm: *Vm, index: u32, regs: *kvm.Regs, sregs: *kvm.Sregs) errors.Error!void {
         if (index >= vm.vcpu_count) return errors.fail(error.Config, "vCPU {d} does not exist (the VM has {d})", .{ index, vm.vcpu_count });
         if (vm.running.load(.acquire)) return errors.fail(error.Busy, "the VM is running", .{});
         const fd = vm.vcpus[index].fd;
-        _ = kvm.ioctl(fd, kvm.KVM_GET_REGS, @intFromPtr(regs)) catch return errors.ioctlFailed("KVM_GET_REGS");
-        _ = kvm.ioctl(fd, kvm.KVM_GET_SREGS, @intFromPtr(sregs)) catch return errors.ioctlFailed("KVM_GET_SREGS");
+        fd.getRegs(regs) catch return errors.ioctlFailed("KVM_GET_REGS");
+        fd.getSregs(sregs) catch return errors.ioctlFailed("KVM_GET_SREGS");
     }
 };
 
@@ -618,10 +627,6 @@ pub fn monotonicNs() u64 {
     _ = linux.clock_gettime(.MONOTONIC, &ts);
     return @as(u64, @intCast(ts.sec)) * std.time.ns_per_s + @as(u64, @intCast(ts.nsec));
 }
-
-/// _IOW(KVMIO, 0x8b, struct kvm_signal_mask): the signal mask KVM installs
-/// on the thread for the duration of each KVM_RUN.
-const KVM_SET_SIGNAL_MASK: u32 = 0x4004ae8b;
 
 /// Signals other than kvmlab's own kick (SIGINT from Ctrl-C...) are blocked
 /// on a thread running the core's run loop or reset loop, except inside

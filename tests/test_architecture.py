@@ -1,0 +1,94 @@
+"""The Zig core's shape (docs/architecture.md): one-way layers, no import
+cycle, no core file over 800 lines, ioctls only in kvm.zig. Reads zigsrc/."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.checkout
+
+ZIGSRC = Path(__file__).resolve().parent.parent / "zigsrc"
+
+#: The layers, lowest first: a file may import only files of lower layers.
+LAYERS = [
+    ["kvm.zig"],
+    ["errors.zig"],
+    ["sigbus.zig", "fault.zig"],
+    ["safe.zig", "boot.zig", "host.zig"],
+    ["shell.zig"],
+    ["state.zig"],
+    ["snapshot.zig"],
+    ["restore.zig"],
+    ["reset.zig"],
+    ["machine.zig"],
+    ["pool.zig"],
+    ["capi/common.zig"],
+    ["capi/vm.zig", "capi/snapshot.zig", "capi/pool.zig"],
+    ["capi/testing.zig"],
+]
+RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+#: Roots and tools above every layer: the library root, the header generator,
+#: the fuzz harness, the export checker, the unit-test files.
+TOP = {"capi.zig", "gen_header.zig", "fuzz.zig", "check_exports.zig"}
+MAX_LINES = 800
+
+
+def _core_files() -> list[str]:
+    return sorted(str(p.relative_to(ZIGSRC)) for p in ZIGSRC.rglob("*.zig") if "guests" not in p.parts)
+
+
+def _imports(name: str) -> set[str]:
+    src = (ZIGSRC / name).read_text()
+    base = (ZIGSRC / name).parent
+    out = set()
+    for target in re.findall(r'@import\("([^"]+\.zig)"\)', src):
+        out.add(str((base / target).resolve().relative_to(ZIGSRC)))
+    return out
+
+
+def test_every_core_file_has_a_layer():
+    for name in _core_files():
+        assert name in RANK or name in TOP or name.endswith("_test.zig"), f"{name}: add it to a layer in LAYERS"
+
+
+def test_imports_go_one_way_down():
+    for name in _core_files():
+        if name not in RANK:
+            continue
+        for target in _imports(name):
+            assert RANK[target] < RANK[name], f"{name} imports {target}: a layer may import only lower layers"
+
+
+def test_no_import_cycle():
+    graph = {name: _imports(name) for name in _core_files()}
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        assert state.get(n) != 1, "import cycle: " + " -> ".join(path + [n])
+        state[n] = 1
+        for m in graph.get(n, ()):
+            visit(m, path + [n])
+        state[n] = 2
+
+    for n in graph:
+        visit(n, [])
+
+
+def test_core_files_are_short():
+    for name in _core_files():
+        if name in ("gen_header.zig",):  # the generator is its own tool
+            continue
+        n = len((ZIGSRC / name).read_text().splitlines())
+        assert n <= MAX_LINES, f"{name} has {n} lines (limit {MAX_LINES})"
+
+
+def test_only_kvm_zig_issues_ioctls():
+    for name in _core_files():
+        if name == "kvm.zig":
+            continue
+        assert "linux.ioctl(" not in (ZIGSRC / name).read_text(), f"{name} calls ioctl: add a typed wrapper to kvm.zig"

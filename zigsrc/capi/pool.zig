@@ -1,0 +1,170 @@
+//! The C ABI of libkvmlab: pool handles (kvmlab_pool).
+const errors = @import("../errors.zig");
+const shell = @import("../shell.zig");
+const state = @import("../state.zig");
+const snapshot = @import("../snapshot.zig");
+const restore = @import("../restore.zig");
+const pool_mod = @import("../pool.zig");
+const common = @import("common.zig");
+const kvmlab_result = common.kvmlab_result;
+const kvmlab_vm = common.kvmlab_vm;
+const kvmlab_snapshot = common.kvmlab_snapshot;
+const kvmlab_pool = common.kvmlab_pool;
+const kvmlab_pool_config = common.kvmlab_pool_config;
+const kvmlab_pool_stats = common.kvmlab_pool_stats;
+const kvmlab_pool_timing = common.kvmlab_pool_timing;
+const kvmlab_restore_times = common.kvmlab_restore_times;
+const kvmlab_strategy = common.kvmlab_strategy;
+const kvmlab_restore_flags = common.kvmlab_restore_flags;
+const result = common.result;
+const asVm = common.asVm;
+const asSnap = common.asSnap;
+const asPool = common.asPool;
+const bytesOf = common.bytesOf;
+
+fn poolConfig(cfg: ?*const kvmlab_pool_config) errors.Error!pool_mod.Config {
+    const c = cfg orelse return errors.fail(error.Config, "config is NULL", .{});
+    return .{ .memory_bytes = c.memory_bytes, .vcpus = c.vcpus, .min_size = c.min_size, .max_size = c.max_size, .max_in_use = c.max_in_use };
+}
+
+/// Creates a pool and warms min_size shells before returning.
+pub export fn kvmlab_pool_new(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_pool) callconv(.c) kvmlab_result {
+    return result(poolNew(cfg, out));
+}
+fn poolNew(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_pool) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = null;
+    o.* = @ptrCast(try pool_mod.Pool.create(try poolConfig(cfg)));
+}
+
+/// Closes the pool (idle shells destroyed, worker stopped); NULL is fine.
+/// VMs still out stay valid; the last kvmlab_pool_release frees the pool.
+pub export fn kvmlab_pool_free(h: ?*kvmlab_pool) callconv(.c) void {
+    const p = asPool(h) catch return;
+    p.close();
+}
+
+pub export fn kvmlab_pool_warm(h: ?*kvmlab_pool, target: u32) callconv(.c) kvmlab_result {
+    return result(poolWarm(h, target));
+}
+fn poolWarm(h: ?*kvmlab_pool, target: u32) errors.Error!void {
+    try (try asPool(h)).warm(target);
+}
+
+/// Idle shells now; 0 for NULL. Never fails.
+pub export fn kvmlab_pool_idle_count(h: ?*kvmlab_pool) callconv(.c) u32 {
+    const p = asPool(h) catch return 0;
+    return p.idleCount();
+}
+
+pub export fn kvmlab_pool_get_stats(h: ?*kvmlab_pool, out: ?*kvmlab_pool_stats) callconv(.c) kvmlab_result {
+    return result(poolStats(h, out));
+}
+fn poolStats(h: ?*kvmlab_pool, out: ?*kvmlab_pool_stats) errors.Error!void {
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = (try asPool(h)).stats();
+}
+
+/// Copies up to `capacity` of the newest restore records, oldest first.
+pub export fn kvmlab_pool_timings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing, capacity: usize, out_count: ?*usize) callconv(.c) kvmlab_result {
+    return result(poolTimings(h, buf, capacity, out_count));
+}
+fn poolTimings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing, capacity: usize, out_count: ?*usize) errors.Error!void {
+    const p = try asPool(h);
+    const o = out_count orelse return errors.fail(error.Config, "out is NULL", .{});
+    o.* = 0;
+    if (capacity == 0) return;
+    const b = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
+    o.* = p.copyTimings(b[0..capacity]);
+}
+
+/// Records the duration of a pooled VM's first run() in its timing record.
+pub export fn kvmlab_pool_note_first_run(h: ?*kvmlab_pool, seq: u64, first_run_ns: u64) callconv(.c) void {
+    const p = asPool(h) catch return;
+    p.noteFirstRun(seq, first_run_ns);
+}
+
+fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.MemorySource, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const o = try common.outPtr(?*kvmlab_vm, out);
+    o.* = null;
+    var rt: restore.Times = .{};
+    var acquire: u64 = 0;
+    var hit = false;
+    var seq: u64 = 0;
+    const t0 = shell.monotonicNs();
+    const m = try p.restore(parsed, src, wait_ns, &rt, &acquire, &hit, &seq);
+    if (times) |t| t.* = common.restoreTimes(rt, acquire, shell.monotonicNs() - t0, m.shell.mapped(), hit, seq);
+    o.* = @ptrCast(m);
+}
+
+/// Restores a Snapshot into a pooled shell (file-backed + auto/map: zero copy).
+/// `wait_ns` > 0 waits that long for room when max_in_use VMs are out.
+/// `flags`: kvmlab_restore_flags bits. With reset_on_release, a VM parked by
+/// an earlier release for this snapshot is reused (timing strategy reuse).
+pub export fn kvmlab_pool_restore_snapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(poolRestoreSnapshot(h, snap, strategy, wait_ns, flags, out, times));
+}
+pub fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const p = try asPool(h);
+    const s = try asSnap(snap);
+    try s.checkIntact();
+    const o = try common.outPtr(?*kvmlab_vm, out);
+    o.* = null;
+    const park = flags & @intFromEnum(kvmlab_restore_flags.reset_on_release) != 0;
+    const resettable = park or flags & @intFromEnum(kvmlab_restore_flags.resettable) != 0;
+    if (park) {
+        var seq: u64 = 0;
+        const t0 = shell.monotonicNs();
+        if (p.reuse(s, &seq)) |m| {
+            const dt = shell.monotonicNs() - t0;
+            if (times) |t| t.* = common.restoreTimes(.{}, dt, dt, m.shell.mapped(), true, seq);
+            o.* = @ptrCast(m);
+            return;
+        }
+    }
+    try poolFinish(p, &s.parsed, try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy)), wait_ns, out, times);
+    if (!resettable) return;
+    const m = try asVm(o.*);
+    m.enableReset(s) catch |e| {
+        p.release(m);
+        o.* = null;
+        return e;
+    };
+    if (park) p.parkOnRelease(m) catch |e| {
+        p.release(m);
+        o.* = null;
+        return e;
+    };
+}
+
+/// Restores from raw parts: dense guest memory and a state blob.
+pub export fn kvmlab_pool_restore_parts(h: ?*kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(poolRestoreParts(h, memory, memory_bytes, vcpu_state, state_bytes, wait_ns, out, times));
+}
+fn poolRestoreParts(h: ?*kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const p = try asPool(h);
+    const parsed = try state.parse(try bytesOf(vcpu_state, state_bytes));
+    if (memory_bytes != parsed.memory_bytes)
+        return errors.failCheck(.shape, "memory buffer is {d} bytes; the vCPU state describes {d} MiB", .{ memory_bytes, parsed.memory_bytes >> 20 });
+    const src: restore.MemorySource = .{ .copy = .{ .memory = try bytesOf(memory, memory_bytes), .page_map = parsed.pageMap(), .packed_layout = false, .source_mapped = true } };
+    try poolFinish(p, &parsed, src, wait_ns, out, times);
+}
+
+/// Restores from an encoded snapshot (checked first), copying its memory.
+pub export fn kvmlab_pool_restore_bytes(h: ?*kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(poolRestoreBytes(h, data, len, wait_ns, out, times));
+}
+fn poolRestoreBytes(h: ?*kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
+    const p = try asPool(h);
+    const c = try snapshot.check(try bytesOf(data, len));
+    const src: restore.MemorySource = .{ .copy = .{ .memory = c.memory, .page_map = c.parsed.pageMap(), .packed_layout = c.packed_layout, .source_mapped = false } };
+    try poolFinish(p, &c.parsed, src, wait_ns, out, times);
+}
+
+/// Gives a pooled VM back (it must come from this pool); it is destroyed off
+/// the caller's path. The VM handle is invalid afterwards.
+pub export fn kvmlab_pool_release(h: ?*kvmlab_pool, vm_handle: ?*kvmlab_vm) callconv(.c) void {
+    const p = asPool(h) catch return;
+    const m = asVm(vm_handle) catch return;
+    p.release(m);
+}

@@ -1,0 +1,221 @@
+//! The C ABI of libkvmlab: VM handles (kvmlab_vm, a machine.Machine).
+const std = @import("std");
+const errors = @import("../errors.zig");
+const kvm = @import("../kvm.zig");
+const shell = @import("../shell.zig");
+const restore = @import("../restore.zig");
+const reset = @import("../reset.zig");
+const machine = @import("../machine.zig");
+const common = @import("common.zig");
+const kvmlab_result = common.kvmlab_result;
+const kvmlab_vm = common.kvmlab_vm;
+const kvmlab_snapshot = common.kvmlab_snapshot;
+const result = common.result;
+const asVm = common.asVm;
+const asSnap = common.asSnap;
+const bytesOf = common.bytesOf;
+const outPtr = common.outPtr;
+
+/// Creates an empty VM shell: VM, memory, slot, irqchip, PIT, vCPUs.
+pub export fn kvmlab_vm_new(opts: ?*const common.kvmlab_vm_config, out: ?*?*kvmlab_vm) callconv(.c) kvmlab_result {
+    return result(vmNew(opts, out));
+}
+fn vmNew(opts: ?*const common.kvmlab_vm_config, out: ?*?*kvmlab_vm) errors.Error!void {
+    const o = try outPtr(?*kvmlab_vm, out);
+    o.* = null;
+    const c = opts orelse return errors.fail(error.Config, "config is NULL", .{});
+    o.* = @ptrCast(try machine.Machine.create(c.memory_bytes, c.vcpus));
+}
+
+/// Frees a VM; NULL is fine. Must not race with other calls on the same VM.
+pub export fn kvmlab_vm_free(h: ?*kvmlab_vm) callconv(.c) void {
+    const m = asVm(h) catch return;
+    m.destroy();
+}
+
+pub export fn kvmlab_vm_boot(h: ?*kvmlab_vm, opts: ?*const common.kvmlab_boot_options) callconv(.c) kvmlab_result {
+    return result(vmBoot(h, opts));
+}
+fn vmBoot(h: ?*kvmlab_vm, opts: ?*const common.kvmlab_boot_options) errors.Error!void {
+    const m = try asVm(h);
+    const o = opts orelse return errors.fail(error.Config, "boot options are NULL", .{});
+    const image = try bytesOf(o.image, o.image_bytes);
+    const args = try bytesOf(o.args, o.args_bytes);
+    try m.shell.bootGuest(image, args, o.cpl, try bytesOf(o.name, o.name_bytes));
+}
+
+/// Runs the guest until every vCPU stopped, or `timeout_ns` passed (0 = none).
+pub export fn kvmlab_vm_run(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) callconv(.c) kvmlab_result {
+    return result(vmRun(h, timeout_ns, out));
+}
+fn vmRun(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) errors.Error!void {
+    const vm = (try asVm(h)).shell;
+    const o = try outPtr(common.kvmlab_run_result, out);
+    const r = try vm.run(timeout_ns);
+    o.* = .{
+        .reason = r.reason,
+        .exit_code = r.exit_code,
+        .checkpoint_tag = r.checkpoint_tag,
+        .reserved = 0,
+        .elapsed_ns = r.elapsed_ns,
+        .console_bytes = vm.console_len,
+        .console_dropped_bytes = vm.console_dropped,
+    };
+}
+
+/// Stops a run() in progress on another thread at the vCPUs' next exit (it
+/// returns reason timeout; the next run resumes), or a whole reset loop.
+/// A request made once the call began is never lost (even before its vCPUs
+/// entered the guest). Thread-safe; no effect on later calls when idle.
+pub export fn kvmlab_vm_interrupt(h: ?*kvmlab_vm) callconv(.c) void {
+    const vm = (asVm(h) catch return).shell;
+    vm.interrupt();
+}
+
+/// Begins closing a VM (call it before kvmlab_vm_free when a run or reset
+/// loop may be in progress on another thread): latched, so a run in progress
+/// stops at its next exit to the host and every later run or reset loop fails
+/// with KVMLAB_CLOSED at once. Thread-safe; irreversible.
+pub export fn kvmlab_vm_begin_close(h: ?*kvmlab_vm) callconv(.c) void {
+    const vm = (asVm(h) catch return).shell;
+    vm.beginClose();
+}
+
+/// Moves up to `capacity` console bytes into `buf`; *out_bytes = how many.
+pub export fn kvmlab_vm_console_take(h: ?*kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) kvmlab_result {
+    return result(consoleTake(h, buf, capacity, out_bytes));
+}
+fn consoleTake(h: ?*kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
+    const vm = (try asVm(h)).shell;
+    const o = try outPtr(usize, out_bytes);
+    const b: []u8 = if (capacity == 0) &.{} else (buf orelse return errors.fail(error.Config, "NULL buffer", .{}))[0..capacity];
+    o.* = vm.consoleTake(b);
+}
+
+pub export fn kvmlab_vm_read_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) callconv(.c) kvmlab_result {
+    return result(readMemory(h, gpa, buf, len));
+}
+fn readMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.Error!void {
+    const m = try asVm(h);
+    _ = try m.shell.guestSlice(gpa, len);
+    if (len == 0) return;
+    const dst = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
+    try m.readMemory(gpa, dst[0..len]);
+}
+
+pub export fn kvmlab_vm_write_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) callconv(.c) kvmlab_result {
+    return result(writeMemory(h, gpa, buf, len));
+}
+fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.Error!void {
+    const m = try asVm(h);
+    _ = try m.shell.guestSlice(gpa, len);
+    try m.writeMemory(gpa, try bytesOf(buf, len));
+}
+
+pub export fn kvmlab_vm_get_regs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) callconv(.c) kvmlab_result {
+    return result(getRegs(h, vcpu, out));
+}
+fn getRegs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) errors.Error!void {
+    const vm = (try asVm(h)).shell;
+    const o = try outPtr(common.kvmlab_regs, out);
+    var r: kvm.Regs = undefined;
+    var s: kvm.Sregs = undefined;
+    try vm.getRegs(vcpu, &r, &s);
+    o.* = .{
+        .rax = r.rax, .rbx = r.rbx, .rcx = r.rcx, .rdx = r.rdx, .rsi = r.rsi, .rdi = r.rdi, .rsp = r.rsp, .rbp = r.rbp,
+        .r8 = r.r8, .r9 = r.r9, .r10 = r.r10, .r11 = r.r11, .r12 = r.r12, .r13 = r.r13, .r14 = r.r14, .r15 = r.r15,
+        .rip = r.rip, .rflags = r.rflags,
+        .cr0 = s.cr0, .cr2 = s.cr2, .cr3 = s.cr3, .cr4 = s.cr4, .efer = s.efer,
+        .cs = s.cs.selector, .ss = s.ss.selector, .cpl = s.cs.dpl, .reserved = 0,
+    };
+}
+
+/// Builds a new VM from a snapshot (a fresh shell, then restore).
+pub export fn kvmlab_vm_restore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(vmRestore(h, strategy, out, times));
+}
+fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+    const o = try outPtr(?*kvmlab_vm, out);
+    o.* = null;
+    const s = try asSnap(h);
+    try s.checkIntact();
+    const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
+    const t0 = shell.monotonicNs();
+    const m = try machine.Machine.create(s.parsed.memory_bytes, s.parsed.vcpus);
+    errdefer m.destroy();
+    const t1 = shell.monotonicNs();
+    var rt: restore.Times = .{};
+    try m.restoreFrom(&s.parsed, src, &rt);
+    if (times) |t| t.* = common.restoreTimes(rt, t1 - t0, shell.monotonicNs() - t0, m.shell.mapped(), false, 0);
+    o.* = @ptrCast(m);
+}
+
+/// Makes a VM restored from `snap` resettable to it (the VM keeps `snap`
+/// alive). Call right after the restore.
+pub export fn kvmlab_vm_enable_reset(h: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot) callconv(.c) kvmlab_result {
+    return result(enableReset(h, snap));
+}
+fn enableReset(h: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot) errors.Error!void {
+    try (try asVm(h)).enableReset(try asSnap(snap));
+}
+
+/// Puts the VM back to its snapshot: dirty pages, vCPUs, devices.
+pub export fn kvmlab_vm_reset(h: ?*kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) callconv(.c) kvmlab_result {
+    return result(vmReset(h, mode, out));
+}
+fn vmReset(h: ?*kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) errors.Error!void {
+    const m = try asVm(h);
+    var t: reset.Times = .{};
+    try m.resetTo(try resetMode(mode), &t);
+    if (out) |o| o.* = common.resetTimes(t);
+}
+
+/// For each of `count` inputs (`input_bytes` each, packed in `inputs`):
+/// write it at `input_gpa`, run (deadline `timeout_ns`, 0 = none), record,
+/// reset. Results go to `out[count]`; *out_done = how many inputs were done
+/// (fewer than `count` when kvmlab_vm_interrupt or a signal such as SIGINT
+/// stopped the whole loop: the last result's reason is then timeout or
+/// interrupted; the VM is reset either way). Fails with KVMLAB_CLOSED when
+/// the VM began closing.
+pub export fn kvmlab_vm_reset_loop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) callconv(.c) kvmlab_result {
+    return result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out, out_done));
+}
+fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) errors.Error!void {
+    const m = try asVm(h);
+    const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
+    d.* = 0;
+    if (count == 0) return;
+    if (count > 1 << 24 or input_bytes > 1 << 20) return errors.fail(error.Config, "reset_loop takes at most 2^24 inputs of at most 1 MiB", .{});
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    d.* = try m.resetLoop(try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, try resetMode(mode), o[0..count]);
+}
+
+/// kvmlab_vm_reset_loop for inputs of different lengths: input i is
+/// inputs[offsets[i] .. offsets[i+1]] (`count` + 1 offsets, never decreasing;
+/// each input at most 1 MiB). Each is written as its length (u32 LE) at
+/// `input_gpa` and its bytes right after (docs/guest-protocol.md, input
+/// protocol), then run, recorded and reset. With `console_stride` > 0 (at most
+/// 1 MiB), the first `console_stride` bytes of run i's console output go to
+/// console[i * console_stride ..]; out[i].console_bytes is how many it wrote.
+/// *out_done = how many inputs were done.
+pub export fn kvmlab_vm_reset_loop_var(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) callconv(.c) kvmlab_result {
+    return result(resetLoopVar(h, inputs, offsets, count, input_gpa, timeout_ns, mode, out, console, console_stride, out_done));
+}
+fn resetLoopVar(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) errors.Error!void {
+    const m = try asVm(h);
+    const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
+    d.* = 0;
+    if (count == 0) return;
+    if (count > 1 << 24 or console_stride > shell.console_capacity_bytes)
+        return errors.fail(error.Config, "reset_loop_var takes at most 2^24 inputs and a console_stride of at most 1 MiB", .{});
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const offs = (offsets orelse return errors.fail(error.Config, "offsets is NULL", .{}))[0 .. count + 1];
+    if (offs[count] > 1 << 32) return errors.fail(error.Config, "reset_loop_var takes at most 4 GiB of inputs", .{});
+    const con: []u8 = if (console_stride == 0) &.{} else (console orelse return errors.fail(error.Config, "console is NULL", .{}))[0 .. count * console_stride];
+    d.* = try m.resetLoopVar(try bytesOf(inputs, @intCast(offs[count])), offs, input_gpa, timeout_ns, try resetMode(mode), o[0..count], con, console_stride);
+}
+
+/// A reset mode from C, which may hold any int.
+fn resetMode(mode: common.kvmlab_reset_mode) errors.Error!reset.Mode {
+    return std.enums.fromInt(reset.Mode, @intFromEnum(mode)) orelse errors.fail(error.Config, "unknown reset mode {d}", .{@intFromEnum(mode)});
+}

@@ -1,0 +1,135 @@
+//! A machine is what a kvmlab_vm handle points to: a shell plus what the
+//! restore and reset layers attached to it (each layer owns its own part:
+//! restore.Mapping, reset.Resettable). Pools hold machines (`Factory`).
+const std = @import("std");
+const errors = @import("errors.zig");
+const boot = @import("boot.zig");
+const shell = @import("shell.zig");
+const state = @import("state.zig");
+const snapshot = @import("snapshot.zig");
+const restore = @import("restore.zig");
+const reset = @import("reset.zig");
+const safe = @import("safe.zig");
+const Snapshot = snapshot.Snapshot;
+
+const allocator = std.heap.c_allocator;
+
+pub const Machine = struct {
+    shell: *shell.Vm,
+    mapping: restore.Mapping = .{},
+    resettable: ?reset.Resettable = null,
+
+    /// A new empty shell in a machine.
+    pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
+        const vm = try shell.Vm.create(memory_bytes, vcpus);
+        errdefer vm.destroy();
+        const m = allocator.create(Machine) catch return error.OutOfMemory;
+        m.* = .{ .shell = vm };
+        return m;
+    }
+
+    /// Frees the shell, then what the layers attached (the mapped snapshot
+    /// outlives the mapping it backs).
+    pub fn destroy(m: *Machine) void {
+        m.shell.destroy();
+        if (m.resettable) |*r| r.deinit();
+        m.mapping.release();
+        allocator.destroy(m);
+    }
+
+    pub fn restoreFrom(m: *Machine, parsed: *const state.Parsed, src: restore.MemorySource, times: *restore.Times) errors.Error!void {
+        try restore.restoreInto(m.shell, &m.mapping, parsed, src, times);
+    }
+
+    /// The snapshot a `map` restore maps, if any.
+    pub fn mappedFrom(m: *const Machine) ?*const Snapshot {
+        return m.mapping.source;
+    }
+
+    pub fn capture(m: *Machine) errors.Error!*Snapshot {
+        return snapshot.capture(m.shell, m.mapping.sourceMap());
+    }
+
+    /// Makes the machine resettable to `s` (idempotent).
+    pub fn enableReset(m: *Machine, s: *Snapshot) errors.Error!void {
+        if (m.resettable != null) return;
+        m.resettable = try reset.Resettable.init(m.shell, s);
+    }
+
+    fn resettableOrFail(m: *Machine) errors.Error!*reset.Resettable {
+        if (m.resettable) |*r| return r;
+        return errors.fail(error.Busy, "this VM was not restored with reset enabled (restore it with resettable=True)", .{});
+    }
+
+    pub fn resetTo(m: *Machine, mode: reset.Mode, times: *reset.Times) errors.Error!void {
+        try reset.reset(m.shell, try m.resettableOrFail(), m.mappedFrom(), mode, times);
+    }
+
+    pub fn resetFloor(m: *Machine, times: *reset.Times) errors.Error!void {
+        const r = try m.resettableOrFail();
+        if (m.shell.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
+        defer m.shell.running.store(false, .release);
+        try reset.floor(m.shell, r, false, times);
+    }
+
+    pub fn resetLoop(m: *Machine, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: reset.Mode, out: []reset.LoopResult) errors.Error!usize {
+        return reset.loop(m.shell, try m.resettableOrFail(), m.mappedFrom(), inputs, input_bytes, input_gpa, timeout_ns, mode, out);
+    }
+
+    pub fn resetLoopVar(m: *Machine, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: reset.Mode, out: []reset.LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
+        return reset.loopVar(m.shell, try m.resettableOrFail(), m.mappedFrom(), inputs, offsets, input_gpa, timeout_ns, mode, out, console, console_stride);
+    }
+
+    pub fn readMemory(m: *Machine, gpa: u64, out: []u8) errors.Error!void {
+        const src = try m.shell.guestSlice(gpa, out.len);
+        try safe.copyMaybeMapped(out, src, m.shell.mapped());
+    }
+
+    pub fn writeMemory(m: *Machine, gpa: u64, bytes: []const u8) errors.Error!void {
+        const dst = try m.shell.guestSlice(gpa, bytes.len);
+        if (m.shell.mapped() and bytes.len > 0) {
+            // Writing a private file page reads it first (copy-on-write): make
+            // sure that read cannot fault.
+            var probe: [1]u8 = undefined;
+            var at: usize = 0;
+            while (at < bytes.len) : (at += @intCast(boot.page_bytes - ((gpa + at) % boot.page_bytes))) try safe.copy(&probe, dst[at..][0..1]);
+        }
+        @memcpy(dst, bytes);
+        if (m.resettable) |*r| r.noteHostWrite(gpa, bytes.len);
+    }
+};
+
+/// How a pool makes, restores, resets and frees machines (pool.Pool's
+/// factory; tests use one without KVM).
+pub const Factory = struct {
+    pub const Item = Machine;
+    pub const Source = restore.MemorySource;
+
+    pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
+        return Machine.create(memory_bytes, vcpus);
+    }
+    pub fn destroy(m: *Machine) void {
+        m.destroy();
+    }
+    pub fn restoreInto(m: *Machine, parsed: *const state.Parsed, src: restore.MemorySource, times: *restore.Times) errors.Error!void {
+        try m.restoreFrom(parsed, src, times);
+    }
+    /// A released machine kept for reuse: reset it to its snapshot.
+    pub fn resetForReuse(m: *Machine) errors.Error!void {
+        var t: reset.Times = .{};
+        try m.resetTo(.auto, &t);
+    }
+    /// Whether a parked machine resets to `snap` (and can serve its restore).
+    /// A parked machine handed to a new owner: its previous owner's close()
+    /// latched `closing` on the shell.
+    pub fn reopen(m: *Machine) void {
+        m.shell.closing.store(false, .seq_cst);
+    }
+    pub fn resetsTo(m: *const Machine, snap: *const Snapshot) bool {
+        const r = m.resettable orelse return false;
+        return r.snap == snap;
+    }
+    pub fn resettable(m: *const Machine) bool {
+        return m.resettable != null;
+    }
+};

@@ -1,0 +1,187 @@
+//! Unit tests of pool.zig: the pool's accounting over a factory without KVM
+//! (PoolOf is generic over what it pools).
+const std = @import("std");
+const linux = std.os.linux;
+const errors = @import("errors.zig");
+const boot = @import("boot.zig");
+const state = @import("state.zig");
+const snapshot = @import("snapshot.zig");
+const restore_mod = @import("restore.zig");
+const pool = @import("pool.zig");
+const PoolOf = pool.PoolOf;
+const Config = pool.Config;
+const Stats = pool.Stats;
+const Timing = pool.Timing;
+const max_pool_size = pool.max_pool_size;
+
+const allocator = std.heap.c_allocator;
+
+/// Items that cost nothing: counts creations and destructions, fails on demand.
+const Fake = struct {
+    pub const Item = struct { resets_to: ?*const snapshot.Snapshot = null };
+    pub const Source = restore_mod.MemorySource;
+    var created = std.atomic.Value(u32).init(0);
+    var destroyed = std.atomic.Value(u32).init(0);
+    var fail_create = std.atomic.Value(bool).init(false);
+
+    pub fn create(_: u64, _: u32) errors.Error!*Item {
+        if (fail_create.load(.acquire)) return errors.fail(error.KvmFailed, "fake: creation fails", .{});
+        const it = allocator.create(Item) catch return error.OutOfMemory;
+        it.* = .{};
+        _ = created.fetchAdd(1, .acq_rel);
+        return it;
+    }
+    pub fn destroy(it: *Item) void {
+        allocator.destroy(it);
+        _ = destroyed.fetchAdd(1, .acq_rel);
+    }
+    /// A copy source with a 1-byte memory stands for a restore that fails.
+    pub fn restoreInto(_: *Item, _: *const state.Parsed, src: Source, times: *restore_mod.Times) errors.Error!void {
+        if (src == .copy and src.copy.memory.len == 1) return errors.fail(error.Snapshot, "fake: restore fails", .{});
+        times.* = .{};
+    }
+    pub fn resetForReuse(_: *Item) errors.Error!void {}
+    pub fn reopen(_: *Item) void {}
+    pub fn resetsTo(it: *const Item, snap: *const snapshot.Snapshot) bool {
+        return it.resets_to == snap;
+    }
+    pub fn resettable(it: *const Item) bool {
+        return it.resets_to != null;
+    }
+
+    fn allFreed() bool {
+        return created.load(.acquire) == destroyed.load(.acquire);
+    }
+};
+
+const FakePool = PoolOf(Fake);
+const test_cfg = Config{ .memory_bytes = boot.min_memory_bytes, .vcpus = 1, .min_size = 2, .max_size = 4, .max_in_use = 0 };
+const test_parsed = state.Parsed{ .vcpus = 1, .memory_bytes = boot.min_memory_bytes, .per_vcpu = @splat(@splat(null)), .vm = @splat(null) };
+const ok_source: restore_mod.MemorySource = .{ .copy = .{ .memory = &.{}, .page_map = &.{}, .packed_layout = false, .source_mapped = false } };
+const failing_source: restore_mod.MemorySource = .{ .copy = .{ .memory = "x", .page_map = &.{}, .packed_layout = false, .source_mapped = false } };
+
+fn testRestore(p: *FakePool, src: restore_mod.MemorySource, wait_ns: u64) errors.Error!*Fake.Item {
+    var t: restore_mod.Times = .{};
+    var acquire: u64 = 0;
+    var hit = false;
+    var seq: u64 = 0;
+    return p.restore(&test_parsed, src, wait_ns, &t, &acquire, &hit, &seq);
+}
+
+/// Waits (bounded) until the background threads made `cond` true.
+fn eventually(p: *FakePool, comptime cond: fn (Stats) bool) !void {
+    var i: usize = 0;
+    while (!cond(p.stats())) : (i += 1) {
+        if (i > 2000) return error.TestTimeout;
+        _ = linux.nanosleep(&.{ .sec = 0, .nsec = std.time.ns_per_ms }, null);
+    }
+}
+
+test "pool: restores and releases balance; close frees every item" {
+    const p = try FakePool.create(test_cfg);
+    try std.testing.expect(p.idleCount() >= 2);
+    var items: [3]*Fake.Item = undefined;
+    for (&items) |*it| it.* = try testRestore(p, ok_source, 0);
+    const s = p.stats();
+    try std.testing.expectEqual(@as(u32, 3), s.in_use);
+    try std.testing.expectEqual(@as(u64, 3), s.restores);
+    try std.testing.expectEqual(s.restores, s.hits + s.misses);
+    try std.testing.expect(s.hits >= 2);
+    for (items) |it| p.release(it);
+    try eventually(p, struct {
+        fn f(st: Stats) bool {
+            return st.in_use == 0 and st.pending_destroy == 0 and st.destroyed == st.releases;
+        }
+    }.f);
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: a failed restore is counted and rolled back" {
+    const p = try FakePool.create(test_cfg);
+    try std.testing.expectError(error.Snapshot, testRestore(p, failing_source, 0));
+    const s = p.stats();
+    try std.testing.expectEqual(@as(u32, 0), s.in_use);
+    try std.testing.expectEqual(@as(u64, 1), s.failures);
+    try std.testing.expectEqual(@as(u64, 0), s.restores);
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: max_in_use refuses at once, or after the wait" {
+    var cfg = test_cfg;
+    cfg.max_in_use = 1;
+    const p = try FakePool.create(cfg);
+    const it = try testRestore(p, ok_source, 0);
+    try std.testing.expectError(error.PoolExhausted, testRestore(p, ok_source, 0));
+    try std.testing.expectError(error.PoolExhausted, testRestore(p, ok_source, std.time.ns_per_ms));
+    p.release(it);
+    const again = try testRestore(p, ok_source, 0);
+    p.release(again);
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: a shell that cannot be made fails the restore, counted, nothing in use" {
+    var cfg = test_cfg;
+    cfg.min_size = 0;
+    const p = try FakePool.create(cfg);
+    Fake.fail_create.store(true, .release);
+    defer Fake.fail_create.store(false, .release);
+    try std.testing.expectError(error.KvmFailed, testRestore(p, ok_source, 0));
+    const s = p.stats();
+    try std.testing.expectEqual(@as(u32, 0), s.in_use);
+    try std.testing.expectEqual(@as(u64, 1), s.misses);
+    try std.testing.expect(s.failures >= 1);
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: a parked item is reset off the caller's path and reused for its snapshot only" {
+    const p = try FakePool.create(test_cfg);
+    const snap: *const snapshot.Snapshot = @ptrFromInt(0x1000);
+    const other: *const snapshot.Snapshot = @ptrFromInt(0x2000);
+    const it = try testRestore(p, ok_source, 0);
+    it.resets_to = snap;
+    try p.parkOnRelease(it);
+    p.release(it);
+    try eventually(p, struct {
+        fn f(st: Stats) bool {
+            return st.parked == 1;
+        }
+    }.f);
+    var seq: u64 = 0;
+    try std.testing.expectEqual(@as(?*Fake.Item, null), p.reuse(other, &seq));
+    try std.testing.expectEqual(@as(?*Fake.Item, it), p.reuse(snap, &seq));
+    const s = p.stats();
+    try std.testing.expectEqual(@as(u64, 1), s.reuses);
+    try std.testing.expectEqual(@as(u32, 1), s.in_use);
+    var timing: [1]Timing = undefined;
+    try std.testing.expectEqual(@as(usize, 1), p.copyTimings(&timing));
+    try std.testing.expectEqual(restore_mod.Strategy.reuse, timing[0].strategy);
+    p.release(it); // parks again (reuse re-arms parking)
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: a pool closed with items out is freed by the last release" {
+    const p = try FakePool.create(test_cfg);
+    const a = try testRestore(p, ok_source, 0);
+    const b = try testRestore(p, ok_source, 0);
+    p.close();
+    try std.testing.expectError(error.Closed, testRestore(p, ok_source, 0));
+    p.release(a);
+    p.release(b); // frees the pool
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: configuration limits" {
+    var cfg = test_cfg;
+    cfg.max_size = 0;
+    try std.testing.expectError(error.Config, FakePool.checkConfig(cfg));
+    cfg.max_size = max_pool_size + 1;
+    try std.testing.expectError(error.Config, FakePool.checkConfig(cfg));
+    cfg.max_size = 2;
+    cfg.min_size = 3;
+    try std.testing.expectError(error.Config, FakePool.checkConfig(cfg));
+}
