@@ -158,15 +158,36 @@ def _records(data: Any, needed: Sequence[str], aliases: dict[str, str] | None = 
     return df
 
 
+def _start(ax, what: str, title: str | None, no_data: bool, empty: str = "no restores yet", size=(7.0, 4.2)):
+    """(the figure, its Axes): a new figure, or ``ax`` and its figure, titled;
+    with ``no_data`` the Axes says ``empty`` (the caller returns the figure)."""
+    fig, ax0 = _new_figure(ax, size)
+    _title(fig, ax0, what, title, ax is None)
+    if no_data:
+        _empty(ax0, empty)
+    return fig, ax0
+
+
+def _finish(ax, xlabel: str, ylabel: str, *, xlog: bool = False, ylog: bool = False, **legend: Any) -> None:
+    """Log axes with plain tick labels, the axis labels, a grid on major and
+    minor ticks and the legend (``legend``: its keywords; font size 8)."""
+    if xlog:
+        ax.set_xscale("log")
+        _log_axis(ax.xaxis)
+    if ylog:
+        ax.set_yscale("log")
+        _log_axis(ax.yaxis)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(**{"fontsize": 8, **legend})
+
+
 def _records_figure(data: Any, needed: Sequence[str], what: str, title: str | None, ax, empty: str,
                     aliases: dict[str, str] | None = None):  # fmt: skip
-    """(the data as a DataFrame, the figure, its Axes), titled; an empty
-    figure saying ``empty`` when there is no data."""
+    """(the data as a DataFrame, the figure, its Axes), as :func:`_start` makes them."""
     df = _records(data, needed, aliases)
-    fig, ax0 = _new_figure(ax)
-    _title(fig, ax0, what, title, ax is None)
-    if df.empty:
-        _empty(ax0, empty)
+    fig, ax0 = _start(ax, what, title, df.empty, empty)
     return df, fig, ax0
 
 

@@ -8,7 +8,7 @@ import math
 from typing import Sequence
 
 from ..units import choose_unit, is_missing
-from ._base import PHASE_COLORS, _empty, _log_axis, _new_figure, _title, host_label
+from ._base import PHASE_COLORS, _empty, _finish, _log_axis, _start, host_label
 
 def benchmark_bars(
     rows: Sequence[dict],
@@ -74,10 +74,8 @@ def reset_vs_floor(rows: Sequence[dict], *, title: str | None = None, ax=None):
     VMs (dashed). ``rows``: ``kvmlab.bench.report.reset_rows(...)``."""
     import numpy as np
 
-    fig, ax0 = _new_figure(ax, size=(7.5, 4.4))
-    _title(fig, ax0, "Dirty-page reset vs its floor (same run)", title, ax is None)
+    fig, ax0 = _start(ax, "Dirty-page reset vs its floor (same run)", title, not rows, "no resets", size=(7.5, 4.4))
     if not rows:
-        _empty(ax0, "no resets")
         return fig
     vals = [r["reset"]["median"] for r in rows] + [r["floor"]["median"] for r in rows]
     unit, scale = choose_unit(vals)
@@ -95,14 +93,8 @@ def reset_vs_floor(rows: Sequence[dict], *, title: str | None = None, ax=None):
         ax0.fill_between(k, lo, hi, color=line.get_color(), alpha=0.12)
         fl = np.array([r["floor"]["median"] for r in sub]) / scale
         ax0.plot(k, fl, linestyle="--", marker=".", color=line.get_color(), alpha=0.7, label=f"floor ({c})")
-    ax0.set_xscale("log")
-    ax0.set_yscale("log")
-    _log_axis(ax0.xaxis)
-    _log_axis(ax0.yaxis)
-    ax0.set_xlabel("pages written per run (K, log scale)")
-    ax0.set_ylabel(f"reset time ({unit}, log scale)")
-    ax0.grid(True, which="both", alpha=0.3)
-    ax0.legend(fontsize=7, ncol=2)
+    _finish(ax0, "pages written per run (K, log scale)", f"reset time ({unit}, log scale)", xlog=True, ylog=True,
+            fontsize=7, ncol=2)  # fmt: skip
     return fig
 
 
@@ -113,10 +105,8 @@ def cycle_crossover(rows: Sequence[dict], *, crossover: float | None = None, tit
     (``kvmlab.bench.report.cycle_rows``)."""
     import numpy as np
 
-    fig, ax0 = _new_figure(ax, size=(7.0, 4.2))
-    _title(fig, ax0, "Run + reset cycle: kvmlab vs unicorn", title, ax is None)
+    fig, ax0 = _start(ax, "Run + reset cycle: kvmlab vs unicorn", title, not rows, "no cycles")
     if not rows:
-        _empty(ax0, "no cycles")
         return fig
     vals = [r["kvmlab"]["median"] for r in rows] + [r["unicorn"]["median"] for r in rows if r.get("unicorn")]
     unit, scale = choose_unit(vals)
@@ -134,13 +124,8 @@ def cycle_crossover(rows: Sequence[dict], *, crossover: float | None = None, tit
         ax0.axvline(crossover, color="gray", linestyle=":", linewidth=1)
         ax0.annotate(f"crossover N≈{crossover:,.0f}", (crossover, ax0.get_ylim()[1]), xytext=(4, -12),
                      textcoords="offset points", fontsize=7, color="gray")
-    ax0.set_xscale("log")
-    ax0.set_yscale("log")
-    _log_axis(ax0.yaxis)
-    ax0.set_xlabel("loop iterations N per run (log scale)")
-    ax0.set_ylabel(f"time per run+reset ({unit}, log scale)")
-    ax0.grid(True, which="both", alpha=0.3)
-    ax0.legend(fontsize=8)
+    ax0.set_xscale("log")  # N's ticks as powers of ten
+    _finish(ax0, "loop iterations N per run (log scale)", f"time per run+reset ({unit}, log scale)", ylog=True)
     return fig
 
 
@@ -192,10 +177,8 @@ def floor_vs_shell_age(rows: Sequence[dict], *, title: str | None = None, ax=Non
     ``rows``: ``kvmlab.bench.report.age_rows(...)``."""
     import numpy as np
 
-    fig, ax0 = _new_figure(ax, size=(7.0, 4.2))
-    _title(fig, ax0, "Restore floor vs shell age (same run)", title, ax is None)
+    fig, ax0 = _start(ax, "Restore floor vs shell age (same run)", title, not rows, "no restores")
     if not rows:
-        _empty(ax0, "no restores")
         return fig
     rows = sorted(rows, key=lambda r: r["age_ms"])
     unit, scale = choose_unit([r["total"]["max"] for r in rows])
@@ -208,9 +191,6 @@ def floor_vs_shell_age(rows: Sequence[dict], *, title: str | None = None, ax=Non
         ax0.plot(age, np.array([r[phase]["median"] for r in rows]) / scale, marker=".", linestyle="--",
                  color=PHASE_COLORS[phase], label=f"{phase} (median)")
     ax0.set_xscale("symlog", linthresh=1.0)
-    ax0.set_xlabel("shell age before the restore (ms, symlog)")
-    ax0.set_ylabel(f"time ({unit})")
     ax0.set_ylim(bottom=0)
-    ax0.grid(True, which="both", alpha=0.3)
-    ax0.legend(fontsize=8)
+    _finish(ax0, "shell age before the restore (ms, symlog)", f"time ({unit})")
     return fig

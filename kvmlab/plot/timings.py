@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..units import choose_unit
-from ._base import MISS_COLOR, PHASE_COLORS, PHASES, _empty, _groups, _log_axis, _median_line, _new_figure
-from ._base import _records_figure, _title, frame, host_label
+from ._base import MISS_COLOR, PHASE_COLORS, PHASES, _finish, _groups
+from ._base import _median_line, _records_figure, _start, frame, host_label
 
 def latency_distribution(
     data: Any,
@@ -28,10 +28,8 @@ def latency_distribution(
     import numpy as np
 
     df = frame(data)
-    fig, ax0 = _new_figure(ax)
-    _title(fig, ax0, f"Restore latency ({value.removesuffix('_ns')}), distribution", title, ax is None)
+    fig, ax0 = _start(ax, f"Restore latency ({value.removesuffix('_ns')}), distribution", title, df.empty)
     if df.empty:
-        _empty(ax0)
         return fig
     unit, scale = choose_unit(df[value])
     vals_all = df[value].to_numpy(dtype=float) / scale
@@ -46,14 +44,10 @@ def latency_distribution(
             ax0.step(x, y, where="post", label=lab)
         else:
             ax0.hist(x, bins=bins, histtype="step", linewidth=1.5, label=lab)
-    ax0.set_xscale("log")
-    _log_axis(ax0.xaxis)
-    ax0.set_xlabel(f"restore time ({unit}, log scale)")
-    ax0.set_ylabel("fraction of restores ≤ x" if kind == "ecdf" else "restores")
     if kind == "ecdf":
         ax0.set_ylim(0, 1.02)
-    ax0.grid(True, which="both", alpha=0.3)
-    ax0.legend(fontsize=8)
+    _finish(ax0, f"restore time ({unit}, log scale)", "fraction of restores ≤ x" if kind == "ecdf" else "restores",
+            xlog=True)  # fmt: skip
     return fig
 
 
@@ -73,10 +67,8 @@ def phase_breakdown(
     import numpy as np
 
     df = frame(data)
-    fig, ax0 = _new_figure(ax, size=(7.5, 4.2))
-    _title(fig, ax0, f"Restore phases ({stat} per phase)", title, ax is None)
+    fig, ax0 = _start(ax, f"Restore phases ({stat} per phase)", title, df.empty, size=(7.5, 4.2))
     if df.empty:
-        _empty(ax0)
         return fig
     groups = _groups(df, by, sep="\n")
     per_phase = {
@@ -116,10 +108,8 @@ def latency_over_time(
     import numpy as np
 
     df = frame(data)
-    fig, ax0 = _new_figure(ax)
-    _title(fig, ax0, "Restore latency over time", title, ax is None)
+    fig, ax0 = _start(ax, "Restore latency over time", title, df.empty)
     if df.empty:
-        _empty(ax0)
         return fig
     if "seq" not in df.columns:
         df["seq"] = np.arange(len(df))
@@ -136,13 +126,7 @@ def latency_over_time(
     miss = df[~df["hit"] & (df["mode"] == "pooled")]
     ax0.scatter(miss["seq"], miss[value] / scale, marker="x", color=MISS_COLOR, zorder=3, s=30,
                 label=f"pool miss ({len(miss)})")  # fmt: skip
-    if log:
-        ax0.set_yscale("log")
-        _log_axis(ax0.yaxis)
-    ax0.set_xlabel("restore index")
-    ax0.set_ylabel(f"restore time ({unit}{', log scale' if log else ''})")
-    ax0.grid(True, which="both", alpha=0.3)
-    ax0.legend(fontsize=8)
+    _finish(ax0, "restore index", f"restore time ({unit}{', log scale' if log else ''})", ylog=log)
     return fig
 
 
@@ -160,10 +144,8 @@ def latency_vs_memory(
     import numpy as np
 
     df = frame(data)
-    fig, ax0 = _new_figure(ax)
-    _title(fig, ax0, "Restore latency vs guest memory size", title, ax is None)
+    fig, ax0 = _start(ax, "Restore latency vs guest memory size", title, df.empty)
     if df.empty:
-        _empty(ax0)
         return fig
     unit, scale = choose_unit(df[value])
     sizes = sorted(df["memory_mib"].unique())
@@ -177,12 +159,7 @@ def latency_vs_memory(
     ax0.set_xscale("log", base=2)
     ax0.set_xticks(sizes, [str(s) for s in sizes])
     ax0.minorticks_off()
-    ax0.set_yscale("log")
-    _log_axis(ax0.yaxis)
-    ax0.set_xlabel("guest memory (MiB, log scale)")
-    ax0.set_ylabel(f"median restore time ({unit}, log scale; bars: IQR)")
-    ax0.grid(True, which="both", alpha=0.3)
-    ax0.legend(fontsize=8)
+    _finish(ax0, "guest memory (MiB, log scale)", f"median restore time ({unit}, log scale; bars: IQR)", ylog=True)
     return fig
 
 
@@ -224,14 +201,7 @@ def reset_vs_dirty_pages(data: Any, *, by: str | None = None, title: str | None 
     unit, scale = choose_unit(df["total_ns"])
     df = df.assign(dirty_pages=df["dirty_pages"].clip(lower=1))  # log axis: a reset of 0 pages sits at 1
     _median_line(ax0, df, "dirty_pages", "total_ns", scale, PHASE_COLORS["memory"], "reset (median)", by)
-    ax0.set_xscale("log")
-    ax0.set_yscale("log")
-    _log_axis(ax0.xaxis)
-    _log_axis(ax0.yaxis)
-    ax0.set_xlabel("dirty pages put back (log scale)")
-    ax0.set_ylabel(f"reset time ({unit}, log scale)")
-    ax0.grid(True, which="both", alpha=0.3)
-    ax0.legend(fontsize=8)
+    _finish(ax0, "dirty pages put back (log scale)", f"reset time ({unit}, log scale)", xlog=True, ylog=True)
     return fig
 
 
