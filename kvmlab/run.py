@@ -108,13 +108,5 @@ class RunResult:
 
 def _loop_result(r: Any) -> LoopResult:
     """One ``kvmlab_loop_result`` as a :class:`LoopResult`."""
-    return LoopResult(
-        reason=REASONS.get(int(r.reason), "?"),
-        exit_code=int(r.exit_code),
-        checkpoint_tag=int(r.checkpoint_tag),
-        crashed=bool(r.crashed),
-        run_ns=int(r.run_ns),
-        reset_ns=int(r.reset_ns),
-        dirty_pages=int(r.dirty_pages),
-        console_bytes=int(r.console_bytes),
-    )
+    d = _ffi.as_dict(r, "kvmlab_loop_result")
+    return LoopResult(**{**d, "reason": REASONS.get(d["reason"], "?"), "crashed": bool(d["crashed"])})
