@@ -6,6 +6,8 @@ import html
 import threading
 import time
 
+from typing import Any
+
 import ipywidgets as W
 
 from .. import _html, plot
@@ -69,7 +71,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
         ConfigError: ``pool`` is not a RestorePool.
     """
 
-    def __init__(self, pool: RestorePool, *, interval_s: float = 1.0, autostart: bool = True, **kwargs) -> None:
+    def __init__(self, pool: RestorePool, *, interval_s: float = 1.0, autostart: bool = True, **kwargs: Any) -> None:
         if not isinstance(pool, RestorePool):
             raise ConfigError(f"PoolMonitor takes a RestorePool, got {type(pool).__name__}")
         self.pool = pool
@@ -131,12 +133,12 @@ class PoolMonitor(AutoRefresh, W.VBox):
         self._render_last()
         self._render_status()
 
-    def _render_header(self, change=None) -> None:
+    def _render_header(self, change: object = None) -> None:
         m = self.model
         state = f' <span style="color:{COLOR["fail"]}">(closed)</span>' if m.closed else ""
         self.header.value = f"<b>RestorePool</b> {m.memory_mib} MiB &times; {m.vcpus} vCPU{state}"
 
-    def _render_occupancy(self, change=None) -> None:
+    def _render_occupancy(self, change: object = None) -> None:
         m = self.model
         cap = max(m.max_size, 1)
         self.idle_bar.max = cap
@@ -151,13 +153,13 @@ class PoolMonitor(AutoRefresh, W.VBox):
         if not m.warming and self.warm_progress.layout.visibility != "hidden" and m.idle != self.warm_progress.value:
             self.warm_progress.layout.visibility = "hidden"
 
-    def _render_counters(self, change=None) -> None:
+    def _render_counters(self, change: object = None) -> None:
         self.counters.value = counters_html(self.model)
 
-    def _render_last(self, change=None) -> None:
+    def _render_last(self, change: object = None) -> None:
         self.last_restore.value = phase_bar_html(self.model.last_restore)
 
-    def _render_status(self, change=None) -> None:
+    def _render_status(self, change: object = None) -> None:
         m = self.model
         self.warm_button.disabled = m.warming or m.closed
         if m.error:
@@ -180,7 +182,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
 
     # -- warming -----------------------------------------------------------------------------
 
-    def _on_warm_click(self, _button) -> None:
+    def _on_warm_click(self, _button: object) -> None:
         self.warm(self.target.value)
 
     def warm(self, target: int | None = None) -> threading.Thread:
