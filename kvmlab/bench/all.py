@@ -39,10 +39,10 @@ __all__ = ["PARTS", "FULL", "QUICK", "run_all"]
 
 #: Parts that ``skip`` can leave out.
 PARTS = ("qemu", "unicorn", "reset", "cycle", "fork")
-FULL = {"n": 200, "warmup": 5, "qemu_n": 15, "unicorn_n": 50, "reset_k": [1, 16, 256, 4096], "reset_n": 100,
+FULL: dict[str, Any] = {"n": 200, "warmup": 5, "qemu_n": 15, "unicorn_n": 50, "reset_k": [1, 16, 256, 4096], "reset_n": 100,
         "reset_warmup": 5, "cycle_n": [1, 10, 100, 1000, 10_000, 100_000, 1_000_000], "cycle_batches": 7,
         "cycle_batch_s": 0.1, "fork_n": [100, 1000], "fork_reps": 3}
-QUICK = {"n": 5, "warmup": 1, "qemu_n": 2, "unicorn_n": 5, "reset_k": [1, 16, 256], "reset_n": 5,
+QUICK: dict[str, Any] = {"n": 5, "warmup": 1, "qemu_n": 2, "unicorn_n": 5, "reset_k": [1, 16, 256], "reset_n": 5,
          "reset_warmup": 1, "cycle_n": [1, 100, 10_000], "cycle_batches": 2, "cycle_batch_s": 0.02,
          "fork_n": [10], "fork_reps": 1}
 PEER_KEYS = ["memory_mib", "density"]
@@ -91,7 +91,7 @@ def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: P
                                            warmup=p["warmup"], service_path=svc_path, progress=progress)
             for name, part in peers.items():
                 progress.describe(f"{case}: {name}")
-                run = (lambda: peer.measure(mem, density, p["qemu_n"], progress)) if name == "qemu" else (
+                run = (lambda: peer.measure(mem, density, p["qemu_n"], progress)) if name == "qemu" else (  # type: ignore[union-attr]  # qemu is in peers only with a peer
                     lambda: unicorn_restore(snap_path, p["unicorn_n"], progress))
                 recs = _guard(res, f"{name} {case}", run)
                 part.records += [{"memory_mib": mem, "density": density, **r} for r in recs or []]
@@ -172,7 +172,8 @@ def all_verdicts(res: Results) -> list[dict[str, Any]]:
     return out
 
 
-def _command(out, quick, sizes, n, qemu_n, qemu, skip, fork_n) -> str:
+def _command(out: str | os.PathLike[str], quick: bool, sizes: list[int], n: int | None, qemu_n: int | None, qemu: str,
+             skip: list[str], fork_n: Sequence[int] | None) -> str:
     parts = ["kvmlab", "bench", "all", "--out", str(out)] + (["--quick"] if quick else [])
     if sizes != [64, 256]:
         parts += ["--memory-mib", ",".join(map(str, sizes))]

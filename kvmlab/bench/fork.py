@@ -11,11 +11,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ._native import kvm_memslots
 from .harness import Progress, check_args, make_service_snapshot, measure
 from .results import Part, Results
+
+if TYPE_CHECKING:
+    from ..snapshot import Snapshot
 
 __all__ = ["ZEROBOOT_REFERENCE", "FORK_KEYS", "FORK_METRICS", "fork_part", "fork_limits", "bench_fork"]
 
@@ -34,7 +37,7 @@ def fork_limits() -> dict[str, Any]:
     return {**host_limits(), "kvm_memslots_per_vm": kvm_memslots()}
 
 
-def _one_set(snap, n: int, threads: int | None, call: bool) -> dict[str, Any]:
+def _one_set(snap: Snapshot, n: int, threads: int | None, call: bool) -> dict[str, Any]:
     from .. import fork_many
     from ..fork import memory_usage
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..units import fmt_range, fmt_ratio, fmt_size, fmt_time
 from .restore import PATH_LABELS
 from .results import Part, Results, load
 from .stats import ratio
 from .targets import TARGETS, tally
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["text", "markdown", "plots", "bar_rows", "reset_rows", "cycle_rows", "fork_rows", "age_rows",
            "headline", "performance_md", "write_docs", "README_START", "README_END"]
@@ -29,14 +32,14 @@ PEER_LABELS = {"qemu": "QEMU microvm -incoming (process start to running)",
                "unicorn": "unicorn context_restore + mem_write of the present pages"}
 
 
-def _table(df, md: bool) -> str:
+def _table(df: pd.DataFrame | None, md: bool) -> str:
     if df is None or not len(df):
         return "(no rows)"
     # The terminal gets tabulate's "simple" layout (text columns left-aligned).
     return df.to_markdown(index=False, tablefmt="pipe" if md else "simple")
 
 
-def _stats(part: Part) -> dict[tuple, dict[str, float]]:
+def _stats(part: Part) -> dict[tuple, Any]:
     """(cell key values..., metric) -> Stats dict, from the part's summary."""
     s = part.summary()
     keys = [c for c in part.keys if c in s.columns]
@@ -58,7 +61,7 @@ def _rng(st: dict[str, float] | None) -> str:
 # -- the parts -------------------------------------------------------------------------------
 
 
-def restore_table(res: Results, metric: str = "call_ns"):
+def restore_table(res: Results, metric: str = "call_ns") -> pd.DataFrame:
     """Restore to ready: one row per path and strategy (then the peers), one
     column per memory size and density: median (min–max) of ``metric``."""
     import pandas as pd
@@ -81,7 +84,7 @@ def restore_table(res: Results, metric: str = "call_ns"):
     return pd.DataFrame(rows)
 
 
-def restore_percentiles(res: Results):
+def restore_percentiles(res: Results) -> pd.DataFrame:
     """p50 / p90 / p99 of the call and of every phase, per cell, path and strategy."""
     import pandas as pd
 
@@ -97,7 +100,7 @@ def restore_percentiles(res: Results):
     return pd.DataFrame(rows).fillna("–")
 
 
-def ratio_table(res: Results):
+def ratio_table(res: Results) -> pd.DataFrame:
     """The readings beside the targets, per cell and strategy (medians of this run)."""
     import pandas as pd
 
@@ -116,7 +119,7 @@ def ratio_table(res: Results):
     rows = []
     for s in ("copy", "map"):
         for name, fn in named:
-            vals = [fn(lambda p, metric, c=c: st.get((c[0], c[1], guests[c], p, s, metric), {}).get("median", math.nan))
+            vals = [fn(lambda p, metric, c=c: st.get((c[0], c[1], guests[c], p, s, metric), {}).get("median", math.nan))  # type: ignore[misc]
                     for c in cases]
             if not all(math.isnan(v) for v in vals):
                 rows.append({"ratio": f"{name}, {s}", **{_case(c): fmt_ratio(v) for c, v in zip(cases, vals)}})
@@ -129,7 +132,7 @@ def ratio_table(res: Results):
     return pd.DataFrame(rows)
 
 
-def verdict_table(res: Results):
+def verdict_table(res: Results) -> pd.DataFrame:
     import pandas as pd
 
     rows = []
@@ -148,7 +151,7 @@ def tally_text(res: Results) -> str:
             "(not measured, or a baseline doing different work)")
 
 
-def reset_table(res: Results):
+def reset_table(res: Results) -> pd.DataFrame:
     import pandas as pd
 
     st = _stats(res.parts["reset"])
@@ -167,7 +170,7 @@ def reset_table(res: Results):
     return pd.DataFrame(rows)
 
 
-def cycle_table(res: Results):
+def cycle_table(res: Results) -> pd.DataFrame:
     import pandas as pd
 
     st = _stats(res.parts["cycle"])
@@ -182,7 +185,7 @@ def cycle_table(res: Results):
     return pd.DataFrame(rows)
 
 
-def fork_table(res: Results):
+def fork_table(res: Results) -> pd.DataFrame:
     import pandas as pd
 
     st = _stats(res.parts["fork"])
@@ -197,7 +200,7 @@ def fork_table(res: Results):
     return pd.DataFrame(rows)
 
 
-def age_table(res: Results):
+def age_table(res: Results) -> pd.DataFrame:
     import pandas as pd
 
     st = _stats(res.parts["age"])

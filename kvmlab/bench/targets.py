@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..units import fmt_ratio
 from .stats import STAT_FIELDS, ratio
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["Target", "TARGETS", "VERDICT_FIELDS", "restore_verdicts", "reset_verdicts", "tally", "verdict"]
 
@@ -74,7 +77,7 @@ def verdict(key: str, cell: str, strategy: str, value: float, also: str = "", no
             "met": met, "baseline": t.baseline, "also": also, "note": note}
 
 
-def _medians(summary) -> dict[tuple, float]:
+def _medians(summary: pd.DataFrame) -> dict[tuple, float]:
     """(cell columns..., metric) -> median, from a Part summary."""
     keys = [c for c in summary.columns if c != "metric" and c not in STAT_FIELDS]
     out = {}
@@ -84,7 +87,8 @@ def _medians(summary) -> dict[tuple, float]:
     return out
 
 
-def restore_verdicts(restore_summary, qemu_summary=None, skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def restore_verdicts(restore_summary: pd.DataFrame, qemu_summary: pd.DataFrame | None = None,
+                     skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Verdicts of the restore targets for every cell (memory size x density x
     strategy) of a restore Part summary (keys memory_mib, density, guest,
     path, strategy); ``qemu_summary``: the QEMU part's (keys memory_mib, density)."""
@@ -129,7 +133,7 @@ def restore_verdicts(restore_summary, qemu_summary=None, skipped: dict[str, str]
     return out
 
 
-def reset_verdicts(reset_summary) -> list[dict[str, Any]]:
+def reset_verdicts(reset_summary: pd.DataFrame) -> list[dict[str, Any]]:
     """Verdicts of the reset target for every (K, configuration) of a reset
     Part summary (keys dirty_pages_target, config, reset_mode, side)."""
     m = _medians(reset_summary)
