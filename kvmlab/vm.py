@@ -171,6 +171,16 @@ def _new_handle(config: VmConfig) -> Any:
     return out[0]
 
 
+def restore_timing_dict(times: Any) -> dict[str, Any]:
+    """A ``kvmlab_restore_times`` as the ``restore_timing`` dict: integer
+    nanoseconds per phase, ``mapped``, ``hit``, ``seq`` and ``strategy`` by
+    name (``kvmlab_strategy``: copy, map, reuse or prepared)."""
+    d: dict[str, Any] = _ffi.as_dict(times, "kvmlab_restore_times")
+    del d["reserved"]
+    d["strategy"] = _ffi.enum_names("kvmlab_strategy")[d["strategy"]]
+    return d
+
+
 class _VmHandle:
     """A native VM handle plus everything that works on any VM.
 
@@ -730,5 +740,5 @@ class Vm(_VmHandle):
             except BaseException:
                 vm.close()
                 raise
-        vm.restore_timing = _ffi.as_dict(t, "kvmlab_restore_times")
+        vm.restore_timing = restore_timing_dict(t)
         return vm

@@ -123,4 +123,16 @@ pub const Factory = struct {
     pub fn resettable(m: *const Machine) bool {
         return m.resettable != null;
     }
+    /// A prepared VM (prepared.zig): `s` restored into a fresh machine,
+    /// resettable to it.
+    pub fn prepareInto(m: *Machine, s: *Snapshot, strategy: restore.Strategy, times: *restore.Times) errors.Error!void {
+        try m.restoreFrom(&s.parsed, try restore.MemorySource.forSnapshot(s, strategy), times);
+        try m.enableReset(s);
+    }
+    pub fn retainSnap(s: *Snapshot) *Snapshot {
+        return s.retain();
+    }
+    pub fn releaseSnap(s: *Snapshot) void {
+        s.release();
+    }
 };

@@ -135,7 +135,7 @@ fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: 
     const t1 = shell.monotonicNs();
     var rt: restore.Times = .{};
     try m.restoreFrom(&s.parsed, src, &rt);
-    if (times) |t| t.* = common.restoreTimes(rt, t1 - t0, shell.monotonicNs() - t0, m.shell.mapped(), false, 0);
+    if (times) |t| t.* = common.restoreTimes(rt, t1 - t0, shell.monotonicNs() - t0, m.shell.mapped(), false, 0, src.strategy());
     o.* = @ptrCast(m);
 }
 
