@@ -4,7 +4,7 @@
 Each subcommand is a function ``cmd_<name>(args) -> int`` registered in
 :func:`build_parser`; add new ones there.
 
-Plug-in commands: a module listed in :data:`PLUGIN_MODULES` (``kvmlab.bench``)
+Plug-in commands: a module listed in :data:`PLUGIN_MODULES` (``kvmlab.bench``, ``kvmlab.campaign``)
 that exists is imported, and its ``add_parser(subparsers)`` adds its own
 subcommand(s) to the ``argparse`` subparsers object, setting
 ``func=<handler>`` with ``set_defaults`` (``handler(args) -> int``, the exit
@@ -168,7 +168,7 @@ def cmd_snapshot_info(args: argparse.Namespace) -> int:
 
 
 #: Optional modules that add subcommands (see the module docstring).
-PLUGIN_MODULES = ("kvmlab.bench",)
+PLUGIN_MODULES = ("kvmlab.bench", "kvmlab.campaign")
 
 
 def _add_plugins(sub: Any) -> None:

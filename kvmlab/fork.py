@@ -59,8 +59,18 @@ def memory_usage() -> dict[str, int]:
 
 def raise_fd_limit(needed: int) -> int:
     """Raises the soft RLIMIT_NOFILE towards the hard limit so ``needed`` more
-    descriptors fit. Returns the new soft limit; raises ConfigError if the
-    hard limit is too low (raise it with ``ulimit -Hn`` or limits.conf)."""
+    descriptors fit.
+
+    Args:
+        needed: descriptors about to be opened.
+
+    Returns:
+        The soft limit now.
+
+    Raises:
+        ConfigError: the hard limit is too low (raise it with ``ulimit -Hn``
+            or /etc/security/limits.conf).
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd"))
     want = in_use + needed + 64
@@ -69,7 +79,7 @@ def raise_fd_limit(needed: int) -> int:
     if hard != resource.RLIM_INFINITY and want > hard:
         raise ConfigError(
             f"{needed} more file descriptors are needed but the hard limit is {hard} "
-            f"(each VM holds 2 + vcpus descriptors): raise it (ulimit -Hn, /etc/security/limits.conf)"
+            f"(each VM holds 1 + vcpus descriptors): raise it (ulimit -Hn, /etc/security/limits.conf)"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -140,7 +150,7 @@ def fork_many(
 
     Measures the wall time until all are ready (restored, not yet run) and the
     growth of this process's RSS and PSS divided by ``n``. Raises the open-file
-    soft limit if needed (each VM holds 2 + vcpus descriptors).
+    soft limit if needed (each VM holds 1 + vcpus descriptors).
 
     Args:
         snap: a file-backed snapshot (``Snapshot.load(path)``).
@@ -166,7 +176,7 @@ def fork_many(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > 100_000:
         raise ConfigError(f"n must be an int in 1 .. 100000, got {n!r}")
     _progress.check(progress)
-    raise_fd_limit(n * (2 + snap.vcpus))  # VM, vCPUs, and the snapshot file (dup) per VM
+    raise_fd_limit(n * (1 + snap.vcpus))  # the VM and its vCPUs (the file's fd is the snapshot's, shared)
     threads = min(8, (os.cpu_count() or 2) * 2) if threads is None else check_int("threads", threads, 1, MAX_THREADS)
     before = memory_usage()
     t0 = time.monotonic_ns()

@@ -27,6 +27,9 @@ __all__ = [
     "ZIG_GUEST_FLAGS",
     "MAX_IMAGE_BYTES",
     "MAX_ARGS_BYTES",
+    "parser_outcome",
+    "PARSER_WAIT_TAG",
+    "INPUT_GPA",
 ]
 
 #: A guest image is loaded into [1 MiB, 4 MiB) of guest memory.
@@ -352,3 +355,36 @@ def load_ipython_extension(ipython) -> None:  # pragma: no cover - exercised thr
         print(f"built {guest!r} -> {var}")
 
     ipython.register_magic_function(kvmlab_guest, magic_kind="cell", magic_name="kvmlab_guest")
+
+
+# -- the built-in `parser` guest (docs/guest-protocol.md, "parser details") ------------------
+
+#: Where the host writes an input (the input protocol's default; the free area's start).
+INPUT_GPA = 0x400000
+#: The checkpoint tag at which `parser` waits for its input (the snapshot point).
+PARSER_WAIT_TAG = 0x5E5E0002
+#: Record types with a planted bug: 0x7F with len > 32 crashes, 0x3C with len 0 hangs.
+PARSER_CRASH_TYPE = 0x7F
+PARSER_HANG_TYPE = 0x3C
+PARSER_NAME_BYTES = 32
+
+
+def parser_outcome(data: bytes) -> tuple[str, int | None]:
+    """What the `parser` guest does with input ``data``, from its specification:
+    ``("exit", complete_records % 256)``, ``("crash", None)`` or ``("timeout", None)``.
+
+    Records ``[type u8][len u8][len bytes]`` are parsed in order until the input
+    ends or a record does not fit; the first complete record with a planted bug
+    decides the outcome."""
+    count = pos = 0
+    while len(data) - pos >= 2:
+        kind, n = data[pos], data[pos + 1]
+        if len(data) - pos - 2 < n:
+            break
+        if kind == PARSER_CRASH_TYPE and n > PARSER_NAME_BYTES:
+            return "crash", None
+        if kind == PARSER_HANG_TYPE and n == 0:
+            return "timeout", None
+        count += 1
+        pos += 2 + n
+    return "exit", count % 256

@@ -605,6 +605,18 @@ def _records(data: Any, needed: Sequence[str], aliases: dict[str, str] | None = 
     return df
 
 
+def _records_figure(data: Any, needed: Sequence[str], what: str, title: str | None, ax, empty: str,
+                    aliases: dict[str, str] | None = None):  # fmt: skip
+    """(the data as a DataFrame, the figure, its Axes), titled; an empty
+    figure saying ``empty`` when there is no data."""
+    df = _records(data, needed, aliases)
+    fig, ax0 = _new_figure(ax)
+    _title(fig, ax0, what, title, ax is None)
+    if df.empty:
+        _empty(ax0, empty)
+    return df, fig, ax0
+
+
 def _median_line(ax, df, x: str, y: str, scale: float, color: str, label: str, by: str | None = None) -> None:
     """Every point faintly, the medians per ``by`` (default: per x) as a line."""
     ax.scatter(df[x], df[y] / scale, s=10, alpha=0.35, color=color, linewidths=0)
@@ -631,11 +643,9 @@ def reset_vs_dirty_pages(data: Any, *, by: str | None = None, title: str | None 
     Returns:
         The matplotlib Figure.
     """
-    df = _records(data, ("dirty_pages", "total_ns"), {"reset_ns": "total_ns"})
-    fig, ax0 = _new_figure(ax)
-    _title(fig, ax0, "Reset time vs dirty pages", title, ax is None)
+    df, fig, ax0 = _records_figure(data, ("dirty_pages", "total_ns"), "Reset time vs dirty pages", title, ax,
+                                   "no resets yet", {"reset_ns": "total_ns"})  # fmt: skip
     if df.empty:
-        _empty(ax0, "no resets yet")
         return fig
     unit, scale = choose_unit(df["total_ns"])
     df = df.assign(dirty_pages=df["dirty_pages"].clip(lower=1))  # log axis: a reset of 0 pages sits at 1
@@ -664,11 +674,8 @@ def fork_ready_vs_n(data: Any, *, title: str | None = None, ax=None):
     Returns:
         The matplotlib Figure.
     """
-    df = _records(data, ("n", "ready_ns"))
-    fig, ax0 = _new_figure(ax)
-    _title(fig, ax0, "fork_many: time until n VMs are ready", title, ax is None)
+    df, fig, ax0 = _records_figure(data, ("n", "ready_ns"), "fork_many: time until n VMs are ready", title, ax, "no forks yet")
     if df.empty:
-        _empty(ax0, "no forks yet")
         return fig
     unit, scale = choose_unit(df["ready_ns"])
     _median_line(ax0, df, "n", "ready_ns", scale, PHASE_COLORS["memory"], "all n ready (median)")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterable
 
 from . import _ffi
-from .config import U32_MAX, VmConfig, bad_argument, check_int
+from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, KvmlabError, PoolExhaustedError, PrepareError, SnapshotError
 from .snapshot import Snapshot, strategy_code
@@ -175,7 +175,14 @@ class RestoreTiming:
 
 
 def timings_frame(records: Iterable[RestoreTiming]):
-    """``pool.timings()`` as a pandas DataFrame (one row per restore)."""
+    """``pool.timings()`` as a pandas DataFrame (one row per restore).
+
+    Args:
+        records: :class:`RestoreTiming` records.
+
+    Returns:
+        A DataFrame with one column per :class:`RestoreTiming` field.
+    """
     import pandas as pd
 
     rows = [asdict(r) for r in records]
@@ -183,10 +190,13 @@ def timings_frame(records: Iterable[RestoreTiming]):
 
 
 def _bytes_view(data: object, what: str) -> memoryview:
+    """config.check_buffer, raising SnapshotError (what restores document) with the same check id."""
     try:
-        return memoryview(data).cast("B")  # type: ignore[arg-type]
-    except TypeError:
-        raise SnapshotError(f"{what} must be bytes-like (bytes, bytearray, memoryview), got {type(data).__name__}") from None
+        return check_buffer(what, data)
+    except ConfigError as e:
+        err = SnapshotError(str(e))
+        err.check, err.argument = e.check, e.argument  # type: ignore[attr-defined]
+        raise err from None
 
 
 
@@ -734,7 +744,8 @@ class RestorePool:
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
         code = strategy_code(strategy)
-        flags = (1 if resettable else 0) | (2 if reset_on_release else 0)
+        flag = _ffi.enum_values("kvmlab_restore_flags")  # bits, named by the header
+        flags = (flag["resettable"] if resettable else 0) | (flag["reset_on_release"] if reset_on_release else 0)
         if timeout_s is not None:
             _wait_ns(timeout_s)  # validate before touching the snapshot
             with snap._use() as sh:
@@ -766,7 +777,8 @@ class RestorePool:
     def close(self) -> None:
         """Stops the worker and destroys idle shells. VMs still out stay usable;
         releasing the last one frees the pool. Idempotent; waits for calls in
-        flight on other threads (they finish or raise ClosedError)."""
+        flight on other threads (they finish or raise ClosedError).
+        """
         with self._lock:
             if self._handle is None:
                 return

@@ -16,16 +16,17 @@ thread waits until the run returns.
 
 from __future__ import annotations
 
+import array
 import codecs
 import collections
-import math
+import itertools
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from . import _ffi
-from .config import VmConfig, check_buffer
+from .config import VmConfig, bad_argument, check_buffer
 from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import BoundsError, ClosedError, ConfigError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args
@@ -181,6 +182,20 @@ def restore_timing_dict(times: Any) -> dict[str, Any]:
     return d
 
 
+def _loop_result(r: Any) -> LoopResult:
+    """One ``kvmlab_loop_result`` as a :class:`LoopResult`."""
+    return LoopResult(
+        reason=REASONS.get(int(r.reason), "?"),
+        exit_code=int(r.exit_code),
+        checkpoint_tag=int(r.checkpoint_tag),
+        crashed=bool(r.crashed),
+        run_ns=int(r.run_ns),
+        reset_ns=int(r.reset_ns),
+        dirty_pages=int(r.dirty_pages),
+        console_bytes=int(r.console_bytes),
+    )
+
+
 class _VmHandle:
     """A native VM handle plus everything that works on any VM.
 
@@ -312,7 +327,10 @@ class _VmHandle:
 
     def interrupt(self) -> None:
         """Stops a ``run()`` in progress on another thread (it returns
-        ``reason == "timeout"``; the next run resumes). Safe from any thread."""
+        ``reason == "timeout"``; the next run resumes), or a whole
+        :meth:`reset_loop`. Safe from any thread; no effect on later calls.
+        (A call that has not reached the native core yet may miss it; use
+        :meth:`close` to stop for good.)"""
         # Under _INTERRUPT_LOCK: close() on another thread cannot free the
         # handle between this read and the native call.
         with _INTERRUPT_LOCK:
@@ -359,26 +377,29 @@ class _VmHandle:
                 (``.console`` on the exception holds the output).
             GuestCrashError: the guest crashed.
         """
-        _timeout_ns(timeout_s)  # validate
-        deadline = None if timeout_s is None or math.isinf(timeout_s) else timeout_s
+        total_ns = _timeout_ns(timeout_s)  # 0: no deadline
         consoles: list[str] = []
         dropped = 0
         elapsed = 0
-        while True:
-            left = None if deadline is None else max(deadline - elapsed / 1e9, 1e-6)
-            r = self.run(left)
-            consoles.append(r.console)
-            dropped += r.console_dropped
-            elapsed += r.elapsed_ns
-            if r.reason == "exit":
-                return RunResult("exit", r.exit_code, r.checkpoint_tag, "".join(consoles), dropped, elapsed)
-            if r.reason in ("timeout", "halt") or (deadline is not None and elapsed >= deadline * 1e9):
-                what = "halted (hlt with interrupts off) instead of exiting" if r.reason == "halt" else (
-                    f"did not exit within {timeout_s} s"
-                )
-                err = GuestTimeoutError(f"guest {self._guest} {what}; pass a larger timeout_s or check the guest")
-                err.console = "".join(consoles)  # type: ignore[attr-defined]
-                raise err
+        # One operation under the VM's lock: another thread's run() cannot
+        # take a checkpoint's output in between.
+        with self._lock:
+            h = self._live()
+            while True:
+                r = self._run_locked(h, 0 if total_ns == 0 else max(total_ns - elapsed, 1000))
+                consoles.append(r.console)
+                dropped += r.console_dropped
+                elapsed += r.elapsed_ns
+                if r.reason == "exit":
+                    return RunResult("exit", r.exit_code, r.checkpoint_tag, "".join(consoles), dropped, elapsed)
+                if r.reason in ("timeout", "halt") or (total_ns and elapsed >= total_ns):
+                    break
+        what = "halted (hlt with interrupts off) instead of exiting" if r.reason == "halt" else (
+            f"did not exit within {timeout_s} s"
+        )
+        err = GuestTimeoutError(f"guest {self._guest} {what}; pass a larger timeout_s or check the guest")
+        err.console = "".join(consoles)  # type: ignore[attr-defined]
+        raise err
 
     # -- the service guest -----------------------------------------------------------
 
@@ -479,43 +500,95 @@ class _VmHandle:
         input_gpa: int = 0x400000,
         run_timeout_s: float | None = 1.0,
         mode: str = "auto",
+        length_prefix: bool = False,
     ) -> list[LoopResult]:
         """For each input (all the same length, bytes-like): write it at
         ``input_gpa``, run until the guest stops (or ``run_timeout_s``),
         record the outcome, reset. The loop runs in the native core; Python
-        is not on the per-iteration path. The VM must be resettable."""
+        is not on the per-iteration path. The VM must be resettable.
+
+        ``length_prefix=True``: the input protocol of docs/guest-protocol.md:
+        inputs may differ in length (and be empty); each is written as its
+        length (u32 little-endian) at ``input_gpa`` and its bytes right after.
+
+        Stopping: Ctrl-C (any signal whose handler raises) ends the whole loop
+        with that exception; :meth:`interrupt` from another thread ends it
+        and the list returned is shorter than ``inputs`` (the inputs done so
+        far); :meth:`close` ends it with :class:`ClosedError`. Either way the
+        VM is reset to its snapshot after the last input it ran. A signal
+        whose handler returns lets the loop go on (that input is run again).
+        """
+        if not isinstance(length_prefix, bool):
+            bad_argument("argument_type", "length_prefix", f"length_prefix must be True or False, got {length_prefix!r}")
         items = [bytes(x) for x in inputs]
         if not items:
             return []
+        if length_prefix:
+            offsets = array.array("Q", itertools.accumulate((len(x) for x in items), initial=0))
+            out, _console, done = self._reset_loop_var(b"".join(items), offsets, input_gpa, _timeout_ns(run_timeout_s),
+                                                       0, mode)
+            return [_loop_result(r) for r in out[0:done]]
         size = len(items[0])
         if size == 0 or any(len(x) != size for x in items):
             raise ConfigError("reset_loop inputs must be non-empty and all the same length")
         _check_range(input_gpa, size, self.memory_bytes)
         code = self._reset_mode(mode)
-        packed = b"".join(items)
+        timeout_ns = _timeout_ns(run_timeout_s)
+        packed = memoryview(b"".join(items))
         out = ffi.new("kvmlab_loop_result[]", len(items))
+        done = self._drive_loop(len(items), out, lambda h, start, n_out: lib.kvmlab_vm_reset_loop(
+            h, ffi.from_buffer("uint8_t[]", packed[start * size :]), size, len(items) - start, input_gpa,
+            timeout_ns, code, out + start, n_out,
+        ))
+        return [_loop_result(r) for r in out[0:done]]
+
+    def _drive_loop(self, count: int, out: Any, call: Callable[[Any, int, Any], int]) -> int:
+        """Runs a native reset loop, ``call(handle, start, out_done) -> rc``
+        over inputs ``start ..``, until all ``count`` are done or it was
+        stopped; returns how many are done (``out[:done]``)."""
+        done = ffi.new("size_t *")
+        n_done = 0
         with self._lock:
-            _ffi.check(
-                lib.kvmlab_vm_reset_loop(
-                    self._live(), ffi.from_buffer("uint8_t[]", packed), size, len(items), input_gpa,
-                    _timeout_ns(run_timeout_s), code, out,
-                )
-            )
-            # The loop leaves console output of its runs behind; drop it.
-            self._take_console(self._live(), final=True)
-        return [
-            LoopResult(
-                reason=REASONS.get(int(r.reason), "?"),
-                exit_code=int(r.exit_code),
-                checkpoint_tag=int(r.checkpoint_tag),
-                crashed=bool(r.crashed),
-                run_ns=int(r.run_ns),
-                reset_ns=int(r.reset_ns),
-                dirty_pages=int(r.dirty_pages),
-                console_bytes=int(r.console_bytes),
-            )
-            for r in out
-        ]
+            h = self._live()
+            while n_done < count:
+                rc = call(h, n_done, done)
+                # The loop leaves console output of its runs behind; drop it.
+                self._take_console(h, final=True)
+                _ffi.check(rc)
+                n = int(done[0])
+                n_done += n
+                if n_done == count:
+                    break
+                if n > 0 and REASONS.get(int(out[n_done - 1].reason)) == "interrupted":
+                    # A signal stopped the loop: Python runs its handler here
+                    # (KeyboardInterrupt propagates); if it returns, that
+                    # input runs again (the VM was reset after it).
+                    n_done -= 1
+                    continue
+                break  # interrupt(): the inputs done so far
+        return n_done
+
+    def _reset_loop_var(
+        self, blob: bytes, offsets: Any, input_gpa: int, timeout_ns: int, console_stride: int = 0, mode: str = "auto"
+    ) -> tuple[Any, bytearray, int]:
+        """The native loop over inputs of different lengths, input i being
+        ``blob[offsets[i]:offsets[i+1]]`` (``offsets``: a buffer of count + 1
+        uint64), each written as the input protocol says (u32 LE length at
+        ``input_gpa``, then the bytes). Returns (``kvmlab_loop_result[count]``,
+        the first ``console_stride`` console bytes of each run, inputs done:
+        fewer than count when the loop was stopped, see :meth:`reset_loop`)."""
+        code = self._reset_mode(mode)
+        offs = ffi.from_buffer("uint64_t[]", offsets)
+        count = len(offs) - 1
+        out = ffi.new("kvmlab_loop_result[]", max(count, 1))
+        console = bytearray(count * console_stride)
+        con = ffi.from_buffer("uint8_t[]", console) if console else ffi.NULL
+        data = ffi.from_buffer("uint8_t[]", blob)
+        done = self._drive_loop(count, out, lambda h, start, n_out: lib.kvmlab_vm_reset_loop_var(
+            h, data, offs + start, count - start, input_gpa, timeout_ns, code, out + start,
+            con + start * console_stride if console else ffi.NULL, console_stride, n_out,
+        ))
+        return out, console, done
 
     def _enable_reset(self, snap) -> None:
         with snap._use() as sh, self._lock:
@@ -591,9 +664,18 @@ class _VmHandle:
     # -- lifetime --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the VM. Idempotent; waits for a ``run()`` in another thread."""
-        if self._lock.locked():
-            self.interrupt()  # a run() without deadline on another thread would hold the lock forever
+        """Frees the VM. Idempotent. A ``run()`` in progress on another thread
+        stops at once (it returns ``reason == "timeout"``; one that had not
+        begun raises :class:`ClosedError`), a ``reset_loop()`` raises
+        :class:`ClosedError`; close waits for them to return."""
+        # Latched in the core before waiting for the lock, whether or not a
+        # run holds it yet: a run that has not reached KVM_RUN sees it on entry
+        # (an interrupt() there could be missed, and close() would wait forever
+        # for a run without deadline).
+        with _INTERRUPT_LOCK:
+            h = self._handle
+            if h is not None:
+                lib.kvmlab_vm_begin_close(h)
         with self._lock:
             h = self._handle
             if h is None:

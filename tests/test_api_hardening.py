@@ -5,6 +5,7 @@ live pools leaves a child that can use kvmlab and exits cleanly (item 9)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -190,7 +191,7 @@ def test_a_forked_child_uses_kvmlab_and_exits_cleanly(service_file):
     p = run_script(
         """
         import os, sys
-        from kvmlab import ClosedError, PoolConfig, RestorePool, Snapshot, Vm
+        from kvmlab import ClosedError, KvmlabError, PoolConfig, RestorePool, Snapshot, Vm
         snap = Snapshot.load(sys.argv[1])
         pool = RestorePool(snap.config, PoolConfig(min_size=2, max_size=4))
         held = pool.restore_snapshot(snap)            # a VM out of the pool at fork time
@@ -207,6 +208,11 @@ def test_a_forked_child_uses_kvmlab_and_exits_cleanly(service_file):
                     pool.restore_snapshot(snap)
                     raise AssertionError("an inherited pool restored")
                 except ClosedError:
+                    pass
+                try:                                    # KVM binds a VM to its creator's process
+                    held.call(b"inherited")
+                    raise AssertionError("an inherited VM ran in the child")
+                except KvmlabError:
                     pass
                 held.release()                          # ... and so are its VMs (no call into it)
                 with RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)) as mine:
@@ -254,3 +260,44 @@ def test_restore_timing_has_every_documented_key(service_snap, service_file):
             t = vm.restore_timing
             assert (t["strategy"], t["memory_bytes"]) == ("reuse", CFG.memory_bytes)
             assert [r.strategy for r in pool.timings() if r.seq == t["seq"]] == ["reuse"]
+
+
+@pytest.mark.kvm
+def test_run_until_exit_is_one_operation():
+    """Two threads run one guest with 40 checkpoints to its exit: one of them
+    gets the whole output in order, the other the exit at once (the runs of
+    two callers interleaved, each getting every other round, before)."""
+    from kvmlab import Vm
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with Vm.boot("memtouch", CFG, args={"pages": 1, "rounds": 40}) as vm:
+            results: list = []
+            threads = [threading.Thread(target=lambda: results.append(vm.run_until_exit(timeout_s=60))) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert len(results) == 2 and all(r.reason == "exit" for r in results)
+            whole, rest = sorted(results, key=lambda r: -len(r.console))
+            rounds = [int(x) for x in re.findall(r"round (\d+) pages", whole.console)]
+            assert rounds == sorted(rounds) and len(rounds) >= 39, whole.console[-500:]
+            assert rest.console == ""
+    finally:
+        sys.setswitchinterval(switch)
+
+
+@pytest.mark.kvm
+def test_pool_restore_parts_with_a_strided_buffer(service_snap):
+    from kvmlab import PoolConfig, RestorePool, SnapshotError
+
+    with RestorePool(CFG, PoolConfig(min_size=0, max_size=1)) as pool:
+        state = service_snap.vcpu_state
+        with pytest.raises(SnapshotError) as e:
+            pool.restore(memoryview(bytes(2 * CFG.memory_bytes))[::2], state)
+        assert e.value.check == "argument_buffer"
+        with pytest.raises(SnapshotError) as e:
+            pool.restore(12345, state)
+        assert e.value.check == "argument_type"
+        assert pool.stats().restores == 0

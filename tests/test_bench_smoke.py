@@ -114,6 +114,8 @@ def test_results_round_trip_and_compare(tmp_path):
     row = cmp[(cmp["path"] == "pooled") & (cmp["metric"] == "call_ns")].iloc[0]
     assert (row["a"], row["b"], row["ratio"]) == (100, 200, 2.0)
     assert "pooled" in bench.markdown(a) and "| target" in bench.markdown(a)
+    assert repr(a) == "<Results restore: parts restore (9); 2 of 2 targets met>"  # short: no records
+    assert "<table" in a._repr_html_() and "within 1.5x" in a._repr_html_()
 
 
 def test_results_files_that_cannot_be_read(tmp_path):
@@ -142,6 +144,9 @@ def test_docs_generator_rewrites_only_its_block(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ConfigError):
         report.write_docs(tmp_path / "r.json", readme, tmp_path / "p.md")
+    Results("age").save(tmp_path / "age.json")  # a run without restores cannot make the headline
+    with pytest.raises(ConfigError):
+        report.write_docs(tmp_path / "age.json", readme, tmp_path / "p.md")
 
 
 def test_cycle_code_and_pvh_elf():
@@ -191,6 +196,59 @@ def test_qmp_read_times_out_on_a_silent_qemu():
             ch.read()
 
 
+FAKE_QEMU = r"""#!PYTHON
+import json, subprocess, sys
+if sys.argv[1:] == ["--version"]:
+    print("QEMU emulator version 0.0 (fake QMP peer)")
+    sys.exit(0)
+incoming = "-incoming" in sys.argv
+status = "paused" if incoming else "running"
+def send(msg):
+    sys.stdout.write(json.dumps(msg) + "\n"); sys.stdout.flush()
+send({"QMP": {"version": {}, "capabilities": []}})
+for line in sys.stdin:
+    req = json.loads(line)
+    name, args = req["execute"], req.get("arguments", {})
+    send({"event": "NOISE"})  # events come in between; the peer skips them
+    if name == "human-monitor-command":
+        send({"return": "RIP=0 HLT=1"})
+    elif name == "migrate":
+        subprocess.run(["/bin/sh", "-c", args["uri"][len("exec:"):]], input=b"VMSTATE", check=True)
+        send({"return": {}})
+    elif name == "query-migrate":
+        send({"return": {"status": "completed", "ram": {"normal": 3, "duplicate": 7}}})
+    elif name == "query-status":
+        send({"return": {"status": status}})
+    elif name == "cont":
+        status = "running"
+        send({"return": {}})
+    elif name == "quit":
+        send({"return": {}})
+        break
+    else:
+        send({"return": {}})
+"""
+
+
+def test_qemu_peer_saves_and_restores_through_qmp(tmp_path):
+    """The QEMU peer's whole QMP conversation (boot, halt check, stop, migrate
+    to a quoted path, -incoming restore, cont) against a fake QMP peer: QEMU
+    itself is not installed by kvmlab."""
+    import sys
+
+    fake = tmp_path / "qemu-fake"
+    fake.write_text(FAKE_QEMU.replace("PYTHON", sys.executable))
+    fake.chmod(0o755)
+    work = tmp_path / "dir with 'quotes' and spaces"
+    work.mkdir()
+    peer = qp.QemuPeer(work, str(fake), qmp_timeout_s=10)
+    assert "fake QMP peer" in peer.version
+    recs = peer.measure(16, "dense", reps=2)
+    assert [r["i"] for r in recs] == [0, 1] and all(r["restore_ns"] > 0 for r in recs)
+    assert recs[0]["state_bytes"] == len(b"VMSTATE") and recs[0]["fill_pages"] == (16 << 20) // 4096 // 4
+    assert list(work.iterdir()) == []  # kernel and state files removed
+
+
 def test_a_stuck_qemu_fails_its_rows_instead_of_hanging(tmp_path):
     """A QEMU that starts but never speaks QMP: the peer gives up after its
     QMP timeout, kills the process and the error says what happened."""
@@ -233,6 +291,18 @@ def test_bench_subcommands_exist(capsys):
     assert bench.main(["fork", "--reps", "0"]) == 2
     with pytest.raises(ConfigError):
         bench.run_all("/nonexistent/never", skip="everything")
+
+
+@pytest.mark.parametrize("call", [
+    lambda: bench.bench_restore([7]), lambda: bench.bench_restore([16], n=0), lambda: bench.bench_restore([16], strategies=["x"]),
+    lambda: bench.bench_restore([16], dense_fraction=0), lambda: bench.bench_reset([0]),
+    lambda: bench.bench_reset([1 << 20], memory_mib=16), lambda: bench.bench_reset([1], cycle_pages=5000),
+    lambda: bench.bench_fork([0]), lambda: bench.bench_fork([1], reps=0), lambda: bench.bench_age([-1]),
+    lambda: bench.bench_age([1], strategy="x"), lambda: bench.run_all("/nonexistent/never", n=0),
+])
+def test_bad_arguments_are_config_errors_before_any_work(call):
+    with pytest.raises(ConfigError):
+        call()
 
 
 @pytest.mark.kvm

@@ -125,3 +125,20 @@ def test_console_write_of_exactly_64k_at_the_end_of_memory():
         vm.write_memory(0x400000, end.to_bytes(8, "little") + (65536).to_bytes(8, "little"))
         r = vm.run(timeout_s=0.2)
         assert r.reason == "timeout" and len(r.console) >= 65536 and set(r.console) == {"e"}
+
+
+# -- descriptors per VM (docs/security.md, fork_many's fd limit) -------------------------
+
+
+@pytest.mark.parametrize("strategy", ["copy", "map"])
+def test_each_vm_holds_one_plus_vcpus_descriptors(service_file, strategy):
+    from conftest import fd_count
+
+    with Snapshot.load(service_file) as snap:
+        Vm.restore(snap, strategy).close()  # /dev/kvm and the like, opened once per process
+        before = fd_count()
+        vms = [Vm.restore(snap, strategy) for _ in range(3)]
+        assert fd_count() - before == 3 * (1 + snap.vcpus)
+        for vm in vms:
+            vm.close()
+        assert fd_count() == before

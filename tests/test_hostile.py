@@ -114,7 +114,9 @@ def test_truncating_a_mapped_snapshot_file_gives_errors_not_sigbus(tmp_path):
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines()[:-1])
     for what in ("read_memory", "write_memory", "snapshot", "copy restore", "to_bytes"):
         assert lines[what].startswith("SnapshotError") and "truncated" in lines[what], (what, lines[what])
-    assert lines["run"].startswith("GuestCrashError") and "truncated" in lines["run"], lines["run"]
+    # The guest's touch of a lost page is reported as the truncation (the
+    # error class), not as the triple fault or EFAULT it shows up as.
+    assert lines["run"].startswith("SnapshotError") and "truncated" in lines["run"], lines["run"]
     assert lines["memory view"] == "zeros" and lines["damaged"] == "True"
     for what in ("save after", "restore after"):
         assert lines[what].startswith("SnapshotError") and "truncated or replaced while mapped" in lines[what], lines[what]

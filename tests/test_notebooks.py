@@ -25,6 +25,7 @@ BUDGET_S = {
     "02_restore_latency.ipynb": 60,
     "03_write_your_own_guest.ipynb": 90,
     "04_benchmarks.ipynb": 90,
+    "05_campaign.ipynb": 90,
     "06_reset_and_fork.ipynb": 60,
 }
 
@@ -35,6 +36,7 @@ def test_the_notebooks_exist():
         "02_restore_latency.ipynb",
         "03_write_your_own_guest.ipynb",
         "04_benchmarks.ipynb",
+        "05_campaign.ipynb",
         "06_reset_and_fork.ipynb",
     ]
 
@@ -148,6 +150,25 @@ def test_04_benchmarks(tmp_path, monkeypatch):
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
     assert {p.name for p in out.glob("*.png")} >= {"restore.png", "reset.png", "cycle.png", "fork.png"}
     shutil.rmtree(out)
+
+
+@pytest.mark.kvm
+@pytest.mark.slow
+def test_05_campaign(tmp_path, monkeypatch):
+    pytest.importorskip("distributed")
+    # 100,000 inputs as committed; 3,000 here (the notebook reads KVMLAB_CAMPAIGN_N).
+    monkeypatch.setenv("KVMLAB_CAMPAIGN_N", "3000")
+    nb = run_notebook("05_campaign.ipynb", tmp_path, monkeypatch)
+    text = text_of(nb)
+    assert "dashboard: http" in text
+    assert "3,000 inputs in" in text
+    assert "mismatches with the specification: 0" in text
+    assert int(re.search(r"(\d+) crashes, \d+ hangs", text).group(1)) > 0
+    assert "every crash has a complete 0x7F record longer than 32 bytes: True" in text
+    assert "replayed: same crash, same registers" in text
+    assert images(nb) >= 1  # outcomes and findings over the campaign
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert " µs" not in prose and " ms " not in prose  # no hard-coded figures
 
 
 @pytest.mark.kvm

@@ -240,9 +240,9 @@ def test_timer_stops_by_itself_when_the_pool_closes(pool):
 
 
 def test_monitor_takes_only_a_pool():
-    with pytest.raises(TypeError):
+    with pytest.raises(kvmlab.ConfigError):
         PoolMonitor(object())
-    with pytest.raises(TypeError):
+    with pytest.raises(kvmlab.ConfigError):
         RestoreTimings(object())
 
 

@@ -72,8 +72,12 @@ pub const Machine = struct {
         try reset.floor(m.shell, r, false, times);
     }
 
-    pub fn resetLoop(m: *Machine, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: reset.Mode, out: []reset.LoopResult) errors.Error!void {
-        try reset.loop(m.shell, try m.resettableOrFail(), m.mappedFrom(), inputs, input_bytes, input_gpa, timeout_ns, mode, out);
+    pub fn resetLoop(m: *Machine, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: reset.Mode, out: []reset.LoopResult) errors.Error!usize {
+        return reset.loop(m.shell, try m.resettableOrFail(), m.mappedFrom(), inputs, input_bytes, input_gpa, timeout_ns, mode, out);
+    }
+
+    pub fn resetLoopVar(m: *Machine, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: reset.Mode, out: []reset.LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
+        return reset.loopVar(m.shell, try m.resettableOrFail(), m.mappedFrom(), inputs, offsets, input_gpa, timeout_ns, mode, out, console, console_stride);
     }
 
     pub fn readMemory(m: *Machine, gpa: u64, out: []u8) errors.Error!void {
@@ -116,6 +120,11 @@ pub const Factory = struct {
         try m.resetTo(.auto, &t);
     }
     /// Whether a parked machine resets to `snap` (and can serve its restore).
+    /// A parked machine handed to a new owner: its previous owner's close()
+    /// latched `closing` on the shell.
+    pub fn reopen(m: *Machine) void {
+        m.shell.closing.store(false, .seq_cst);
+    }
     pub fn resetsTo(m: *const Machine, snap: *const Snapshot) bool {
         const r = m.resettable orelse return false;
         return r.snap == snap;

@@ -93,7 +93,7 @@ pub const Target = prepared.Target;
 pub const Pool = PoolOf(machine.Factory);
 
 /// A pool over the items `F` makes: `F.Item`, `F.Source` (with strategy()),
-/// create, destroy, restoreInto, resetForReuse, resetsTo, resettable,
+/// create, destroy, restoreInto, resetForReuse, reopen, resetsTo, resettable,
 /// prepareInto (restore from a snapshot, resettable), retainSnap/releaseSnap.
 /// Generic so the accounting is tested without KVM (see the tests).
 pub fn PoolOf(comptime F: type) type {
@@ -467,6 +467,7 @@ pub fn PoolOf(comptime F: type) type {
             const vm = p.parked[i];
             p.parked_len -= 1;
             p.parked[i] = p.parked[p.parked_len];
+            F.reopen(vm);
             // A prepared VM goes back by its target; a reused one by parking.
             if (target == null) p.parking.put(allocator, vm, {}) catch {}; // no room: destroyed at release instead
             p.in_use += 1;

@@ -41,6 +41,7 @@ const Fake = struct {
         times.* = .{};
     }
     pub fn resetForReuse(_: *Item) errors.Error!void {}
+    pub fn reopen(_: *Item) void {}
     pub fn resetsTo(it: *const Item, snap: *const snapshot.Snapshot) bool {
         return it.resets_to == snap;
     }

@@ -190,16 +190,76 @@ pub const LoopResult = extern struct {
 
 /// For each input: write it at `input_gpa`, run until the guest stops (or
 /// `timeout_ns`), record the outcome, reset. Python is not on this path.
-pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!void {
+/// Returns how many inputs were done: fewer than `out.len` when the loop was
+/// stopped as a whole, by interrupt() or a foreign signal (Ctrl-C: the last
+/// result says `interrupted`) or because the VM is closing (error.Closed).
+/// The VM is reset after the last input either way.
+pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!usize {
     if (input_bytes == 0 or inputs.len % input_bytes != 0 or inputs.len / input_bytes != out.len)
         return errors.fail(error.Config, "inputs ({d} bytes) must be {d} inputs of {d} bytes", .{ inputs.len, out.len, input_bytes });
     _ = try vm.guestSlice(input_gpa, input_bytes);
+    const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode };
+    // One operation: an interrupt() or close() during any run or reset of
+    // the loop ends the whole loop, not just the current input's run.
+    vm.beginOperation();
     for (out, 0..) |*res, i| {
         const dst = try vm.guestSlice(input_gpa, input_bytes);
         @memcpy(dst, inputs[i * input_bytes ..][0..input_bytes]);
         r.noteHostWrite(input_gpa, input_bytes);
+        if (try step.runOne(res, &.{}, i)) return i + 1;
+    }
+    return out.len;
+}
+
+/// Longest input of `loopVar` (its u32 length prefix not counted).
+pub const max_var_input_bytes: u64 = 1 << 20;
+
+/// `loop` for inputs of different lengths (the input protocol of
+/// docs/guest-protocol.md): input i is inputs[offsets[i]..offsets[i+1]]
+/// (`offsets` has out.len + 1 entries, never decreasing, the last one
+/// inputs.len). Each is written as its length (u32 LE) at `input_gpa` and its
+/// bytes right after. With `console_stride` > 0, the first `console_stride`
+/// bytes of run i's console output go to console[i * console_stride ..].
+/// Returns how many inputs were done (stopping as `loop` does).
+pub fn loopVar(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
+    if (offsets.len != out.len + 1 or offsets[out.len] != inputs.len)
+        return errors.fail(error.Config, "offsets must be {d} entries up to the inputs' {d} bytes", .{ out.len + 1, inputs.len });
+    if (console.len != out.len * console_stride) return errors.fail(error.Config, "console must be count * console_stride bytes", .{});
+    var longest: u64 = 0;
+    for (offsets[0..out.len], offsets[1..]) |a, b| {
+        if (b < a) return errors.fail(error.Config, "offsets must not decrease", .{});
+        longest = @max(longest, b - a);
+    }
+    if (longest > max_var_input_bytes) return errors.fail(error.Config, "an input is {d} bytes; at most {d}", .{ longest, max_var_input_bytes });
+    _ = try vm.guestSlice(input_gpa, 4 + longest);
+    const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode };
+    vm.beginOperation();
+    for (out, 0..) |*res, i| {
+        const input = inputs[@intCast(offsets[i])..@intCast(offsets[i + 1])];
+        const dst = try vm.guestSlice(input_gpa, 4 + input.len);
+        std.mem.writeInt(u32, dst[0..4], @intCast(input.len), .little);
+        @memcpy(dst[4..], input);
+        r.noteHostWrite(input_gpa, 4 + input.len);
+        if (try step.runOne(res, console[i * console_stride ..][0..console_stride], i)) return i + 1;
+    }
+    return out.len;
+}
+
+/// What every iteration of either loop needs.
+const Step = struct {
+    vm: *shell.Vm,
+    r: *Resettable,
+    mapped_from: ?*const Snapshot,
+    timeout_ns: u64,
+    mode: Mode,
+
+    /// Iteration `i`, the input already written: run, record, keep the first
+    /// console.len bytes of output, reset. True when the whole loop must stop
+    /// (interrupt() or a signal); error.Closed when the VM is closing.
+    fn runOne(s: Step, res: *LoopResult, console: []u8, i: usize) errors.Error!bool {
+        const vm = s.vm;
         res.* = std.mem.zeroes(LoopResult);
-        if (vm.run(timeout_ns)) |o| {
+        if (vm.runStep(s.timeout_ns)) |o| {
             res.reason = o.reason;
             res.exit_code = o.exit_code;
             res.checkpoint_tag = o.checkpoint_tag;
@@ -209,12 +269,15 @@ pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs
             else => return e,
         }
         res.console_bytes = vm.console_len + vm.console_dropped;
+        if (console.len > 0) _ = vm.consoleTake(console);
         var t: Times = .{};
-        try reset(vm, r, mapped_from, mode, &t);
+        try reset(vm, s.r, s.mapped_from, s.mode, &t);
         res.reset_ns = t.total_ns;
         res.dirty_pages = t.dirty_pages;
+        if (vm.closing.load(.seq_cst)) return errors.fail(error.Closed, "the VM was closed during reset_loop (after {d} inputs)", .{i + 1});
+        return res.reason == .interrupted or vm.stopRequested();
     }
-}
+};
 
 test "reset: the dirty walk visits log and host pages in order and clears host bits" {
     const log = [_]u64{ 0b1001, 0, 1 << 63 };

@@ -73,7 +73,21 @@ pub const Vm = struct {
     run_bytes: usize = 0,
     booted: bool = false,
     running: std.atomic.Value(bool) = .init(false),
+    /// Stops the vCPUs of the run in progress (a crash, a foreign signal,
+    /// a failed spawn, interrupt()); cleared when a run starts.
     stop: std.atomic.Value(bool) = .init(false),
+    /// interrupt() calls so far. An operation (run, reset loop) notes the
+    /// count when it begins (`interrupts_seen`) and stops once it moves: a
+    /// request made after the operation began is never lost, even when it
+    /// lands before the vCPUs run or between two runs of a loop, and one made
+    /// while the VM is idle affects nothing.
+    interrupts: std.atomic.Value(u64) = .init(0),
+    interrupts_seen: u64 = 0,
+    /// Latched by beginClose() and never cleared (except when a pool hands
+    /// the VM out again): no run starts any more, and a run in progress stops
+    /// at its next exit to the host. close() cannot lose it to a run that had
+    /// not reached KVM_RUN yet.
+    closing: std.atomic.Value(bool) = .init(false),
     /// Set when a foreign signal interrupted this run (see Reason.interrupted).
     signalled: std.atomic.Value(bool) = .init(false),
     deadline_ns: u64 = 0,
@@ -205,11 +219,50 @@ pub const Vm = struct {
     }
 
     /// Runs every runnable vCPU until all stop. `timeout_ns == 0`: no deadline.
+    /// One caller operation: interrupt() calls from now on stop it.
     pub fn run(vm: *Vm, timeout_ns: u64) errors.Error!RunOutcome {
+        vm.beginOperation();
+        return vm.runStep(timeout_ns);
+    }
+
+    /// Notes where interrupt() requests stand when a caller's operation (a
+    /// run, a whole reset loop) begins; later ones stop it (see `interrupts`).
+    pub fn beginOperation(vm: *Vm) void {
+        vm.interrupts_seen = vm.interrupts.load(.seq_cst);
+    }
+
+    /// Whether the caller's operation must end: the VM is closing, or
+    /// interrupt() was called since the operation began.
+    pub fn stopRequested(vm: *const Vm) bool {
+        return vm.closing.load(.seq_cst) or vm.interrupts.load(.seq_cst) != vm.interrupts_seen;
+    }
+
+    /// interrupt(): stops the operation in progress (no-op when idle).
+    pub fn interrupt(vm: *Vm) void {
+        _ = vm.interrupts.fetchAdd(1, .seq_cst);
+        if (vm.running.load(.seq_cst)) vm.kickAll();
+    }
+
+    /// close() begins: from now on no run starts and one in progress stops
+    /// at its next exit to the host. Irreversible (see `closing`).
+    pub fn beginClose(vm: *Vm) void {
+        vm.closing.store(true, .seq_cst);
+        if (vm.running.load(.seq_cst)) vm.kickAll();
+    }
+
+    fn closedError() errors.Error {
+        return errors.fail(error.Closed, "the VM is being closed", .{});
+    }
+
+    /// One run inside an operation begun with beginOperation().
+    pub fn runStep(vm: *Vm, timeout_ns: u64) errors.Error!RunOutcome {
         if (!vm.booted) return errors.fail(error.Busy, "the VM has no guest: boot or restore one first", .{});
-        if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "the VM is already running in another thread", .{});
+        if (vm.running.swap(true, .seq_cst)) return errors.fail(error.Busy, "the VM is already running in another thread", .{});
         defer vm.running.store(false, .release);
-        if (vm.crash_len > 0) return vm.crashError();
+        // After `running` is set: a beginClose() from now on kicks or is seen
+        // by the vCPU loops; one before is seen here.
+        if (vm.closing.load(.seq_cst)) return closedError();
+        if (vm.crash_len > 0) return vm.crashOrTruncated();
 
         const start = monotonicNs();
         vm.deadline_ns = if (timeout_ns == 0) 0 else start +| timeout_ns;
@@ -233,7 +286,7 @@ pub const Vm = struct {
         for (&threads) |*t| if (t.*) |th| th.join();
         const elapsed = monotonicNs() - start;
         if (spawn_failed) return errors.fail(error.OutOfMemory, "cannot start a host thread for a vCPU", .{});
-        if (vm.crash_len > 0) return vm.crashError();
+        if (vm.crash_len > 0) return vm.crashOrTruncated();
         // A host read of file-backed guest memory (e.g. a console write) hit
         // a page lost to truncation and got zeros from the SIGBUS handler.
         if (vm.mem_damaged.load(.acquire)) return safe.truncated();
@@ -275,14 +328,23 @@ pub const Vm = struct {
         return errors.fail(error.GuestCrash, "{s}", .{vm.crash_msg[0..vm.crash_len]});
     }
 
+    /// A crash of a map-restored VM whose file lost pages (truncated under
+    /// the mapping) is reported as that (SnapshotError), not as the triple
+    /// fault or EFAULT it shows up as: a page the guest touched (its page
+    /// tables, its stack) may have read as zeros or not at all.
+    fn crashOrTruncated(vm: *Vm) errors.Error {
+        if (vm.mem_damaged.load(.acquire) or vm.mappedFileTruncated()) return @import("safe.zig").truncated();
+        return vm.crashError();
+    }
+
     /// Stops every vCPU thread at its next exit (or now, if in KVM_RUN).
     pub fn kickAll(vm: *Vm) void {
-        vm.stop.store(true, .release);
+        vm.stop.store(true, .seq_cst);
         _ = std.c.pthread_mutex_lock(&vm.lock);
         defer _ = std.c.pthread_mutex_unlock(&vm.lock);
         const self_tid = linux.gettid();
         for (vm.vcpus[0..vm.vcpu_count]) |*v| {
-            const tid = v.tid.load(.acquire);
+            const tid = v.tid.load(.seq_cst);
             if (tid != 0 and tid != self_tid) _ = linux.tgkill(linux.getpid(), tid, @enumFromInt(kick_signal));
         }
     }
@@ -292,7 +354,9 @@ pub const Vm = struct {
         const r = v.run.?;
         current_run = r;
         kicked = false;
-        v.tid.store(linux.gettid(), .release);
+        // seq_cst with the flag loads below and the stores in kickAll: either
+        // this loop sees a stop flag or the kicker sees this tid (never neither).
+        v.tid.store(linux.gettid(), .seq_cst);
         var timer: ?i32 = null;
         if (vm.deadline_ns != 0) timer = armTimer(vm.deadline_ns);
         defer {
@@ -305,7 +369,8 @@ pub const Vm = struct {
         }
         // A deadline that could not be armed is still honoured between exits.
         while (true) {
-            if (vm.stop.load(.acquire)) {
+            // On entry and after every exit to the host.
+            if (vm.stop.load(.seq_cst) or vm.stopRequested()) {
                 v.status = .interrupted;
                 return;
             }
@@ -315,7 +380,7 @@ pub const Vm = struct {
                     r.immediate_exit = 0;
                     const ours = kicked;
                     kicked = false;
-                    if (!ours and !vm.stop.load(.acquire)) {
+                    if (!ours and !vm.stop.load(.seq_cst) and !vm.stopRequested()) {
                         // A foreign signal (SIGINT...): stop every vCPU so the
                         // caller can handle it; the next run() resumes.
                         v.status = .interrupted;
@@ -509,7 +574,7 @@ pub const Vm = struct {
         const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, fd, @intCast(offset));
         if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
         vm.backing = .{ .fd = fd, .offset = offset };
-        if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged);
+        if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged) orelse return sigbus.unprotected(); // an uncovered mapping would let a truncation kill the process
     }
 
     /// Discards the private copies of `pages` pages from page `first` on

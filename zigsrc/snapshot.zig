@@ -597,7 +597,12 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
         .file_id = file_id,
         .memory_crc = c.memory_crc,
     };
-    s.sigbus_slot = sigbus.register(@intFromPtr(file_map.ptr), file_map.len, &s.damaged);
+    // A mapping the SIGBUS handler does not cover is refused: a lost page
+    // of it (the file truncated) would kill the process.
+    s.sigbus_slot = sigbus.register(@intFromPtr(file_map.ptr), file_map.len, &s.damaged) orelse {
+        allocator.destroy(s); // the errdefers free the blob and the mapping
+        return sigbus.unprotected();
+    };
     close_fd = false;
     return s;
 }

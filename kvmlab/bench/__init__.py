@@ -15,6 +15,7 @@ the verdicts. The native floors are reached only through :mod:`._native`.
 """
 
 from .age import bench_age
+from .campaign import bench_campaign
 from .all import run_all
 from .cli import add_parser, main
 from .fork import bench_fork
@@ -25,5 +26,5 @@ from .results import SCHEMA_VERSION, Results, compare, load, load_results
 from .stats import Stats
 from .targets import TARGETS
 
-__all__ = ["bench_restore", "bench_reset", "bench_fork", "bench_age", "run_all", "Results", "Stats", "TARGETS",
+__all__ = ["bench_restore", "bench_reset", "bench_fork", "bench_age", "bench_campaign", "run_all", "Results", "Stats", "TARGETS",
            "SCHEMA_VERSION", "load", "load_results", "compare", "plots", "text", "markdown", "add_parser", "main"]

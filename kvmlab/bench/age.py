@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._native import restore_floor
-from .harness import Progress, make_snapshot, measure
+from .harness import Progress, check_args, make_snapshot, measure
 from .results import Part, Results
 
 __all__ = ["AGES_MS", "AGE_KEYS", "AGE_METRICS", "age_part", "bench_age"]
@@ -53,5 +53,10 @@ def age_part(ages_ms: Sequence[float] = AGES_MS, *, memory_mib: int = 256, strat
 def bench_age(ages_ms: Sequence[float] = AGES_MS, *, memory_mib: int = 256, strategy: str = "map", n: int = 40,
               warmup: int = 2, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench age`` as a function."""
+    check_args("age", {
+        "n must be >= 1 and warmup >= 0": n < 1 or warmup < 0,
+        "ages must be in 0..10000 ms": not ages_ms or min(ages_ms) < 0 or max(ages_ms) > 10_000,
+        "strategy is copy or map": strategy not in ("copy", "map"),
+    })
     return measure("age", len(set(ages_ms)) * (n + warmup), quiet, command, lambda progress: {
         "age": age_part(ages_ms, memory_mib=memory_mib, strategy=strategy, n=n, warmup=warmup, progress=progress)})

@@ -128,7 +128,7 @@ def run_all(out: str | os.PathLike[str] = "bench-results", quick: bool = False, 
     if bad or p["n"] < 1 or any(m < 8 or m % 2 for m in sizes):
         from ..errors import ConfigError
 
-        raise ConfigError(f"run_all: skip parts are {', '.join(PARTS)} (got {bad or skip}), n >= 1 (got {p['n']}), "
+        raise ConfigError(f"kvmlab bench all: skip parts are {', '.join(PARTS)} (got {bad or skip}), n >= 1 (got {p['n']}), "
                           f"memory sizes even and >= 8 MiB (got {sizes})")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import KvmlabError
+from ..errors import ConfigError, KvmlabError
 from ._native import reset_floor_available
 from .age import AGES_MS, bench_age
 from .all import PARTS, run_all
+from .campaign import campaign_parser
 from .fork import bench_fork
-from .harness import FREE_BASE, PAGE_BYTES
 from .report import markdown, text, write_docs
 from .reset import bench_reset
 from .restore import bench_restore
@@ -64,6 +64,9 @@ def _finish(name: str, run: Callable[[], Results], args: argparse.Namespace) -> 
     1 (message on stderr) if the core raised or a part failed."""
     try:
         res = run()
+    except ConfigError as e:  # a bad argument: a usage error
+        print(f"{e}", file=sys.stderr)
+        return 2
     except KvmlabError as e:
         print(f"kvmlab bench {name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -74,20 +77,7 @@ def _finish(name: str, run: Callable[[], Results], args: argparse.Namespace) -> 
     return 1 if res.errors else 0
 
 
-def _usage_error(name: str, problems: list[str]) -> int:
-    for p in problems:
-        print(f"kvmlab bench {name}: {p}", file=sys.stderr)
-    return 2
-
-
 def cmd_restore(args: argparse.Namespace) -> int:
-    problems = [p for bad, p in (
-        (args.n < 1 or args.warmup < 0, "--n must be >= 1 and --warmup >= 0"),
-        (not 0 < args.dense_fraction <= 1, "--dense-fraction must be in (0, 1]"),
-        (any(m < 8 or m % 2 for m in args.memory_mib), "--memory-mib values must be even and >= 8"),
-    ) if bad]
-    if problems:
-        return _usage_error("restore", problems)
     return _finish("restore", lambda: bench_restore(
         args.memory_mib, strategies=args.strategies, n=args.n, warmup=args.warmup, dense=args.dense,
         dense_fraction=args.dense_fraction, run_first=not args.no_run, floor=not args.no_floor, quiet=args.quiet,
@@ -95,16 +85,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    free_pages = ((args.memory_mib << 20) - FREE_BASE) // PAGE_BYTES
-    problems = [p for bad, p in (
-        (args.n < 1 or args.warmup < 0 or args.cycle_batches < 1, "--n and --cycle-batches must be >= 1, --warmup >= 0"),
-        (any(k < 1 for k in args.dirty_pages) or not 1 <= args.cycle_pages <= 4096,
-         "page counts must be >= 1 (cycle pages at most 4096)"),
-        (max(args.dirty_pages) > free_pages, f"{max(args.dirty_pages)} pages do not fit in {args.memory_mib} MiB"),
-        (any(n < 1 for n in args.cycle_iterations), "--cycle-iterations must be >= 1"),
-    ) if bad]
-    if problems:
-        return _usage_error("reset", problems)
     if not reset_floor_available():
         print("kvmlab bench reset: this native core has no reset floor (rebuild: pip install -e .)", file=sys.stderr)
         return 1
@@ -116,15 +96,11 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
-    if any(n < 1 for n in args.n) or args.reps < 1:
-        return _usage_error("fork", ["--n values and --reps must be >= 1"])
     return _finish("fork", lambda: bench_fork(args.n, memory_mib=args.memory_mib, reps=args.reps, threads=args.threads,
                                               call=not args.no_call, quiet=args.quiet, command=_command(args)), args)
 
 
 def cmd_age(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.warmup < 0 or min(args.ages_ms) < 0 or max(args.ages_ms) > 10_000:
-        return _usage_error("age", ["--n >= 1, --warmup >= 0, ages in 0..10000 ms"])
     return _finish("age", lambda: bench_age(args.ages_ms, memory_mib=args.memory_mib, strategy=args.strategy, n=args.n,
                                             warmup=args.warmup, quiet=args.quiet, command=_command(args)), args)
 
@@ -134,9 +110,12 @@ def cmd_all(args: argparse.Namespace) -> int:
         res = run_all(args.out, args.quick, memory_mib=args.memory_mib, n=args.n, qemu_n=args.qemu_n, qemu=args.qemu,
                       skip=args.skip, fork_n=args.fork_n, quiet=args.quiet, no_plots=args.no_plots,
                       command=_command(args))
+    except ConfigError as e:
+        print(f"{e}", file=sys.stderr)
+        return 2
     except KvmlabError as e:
         print(f"kvmlab bench all: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(markdown(res))
     plots = "".join(f", {name}.png" for name in res.figures)
     print(f"wrote {Path(args.out) / 'results.json'}, results.md{plots}")
@@ -259,6 +238,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _restore_parser(sub)
     _reset_parser(sub)
     _other_parsers(sub)
+    campaign_parser(sub, _finish, _common, _command)
     return bench
 
 

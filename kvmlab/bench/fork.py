@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ._native import kvm_memslots
-from .harness import Progress, make_service_snapshot, measure
+from .harness import Progress, check_args, make_service_snapshot, measure
 from .results import Part, Results
 
 __all__ = ["ZEROBOOT_REFERENCE", "FORK_KEYS", "FORK_METRICS", "fork_part", "fork_limits", "bench_fork"]
@@ -30,13 +29,9 @@ FORK_METRICS = ["ready_ns", "ready_per_vm_ns", "rss_per_vm_bytes", "pss_per_vm_b
 
 def fork_limits() -> dict[str, Any]:
     """The host limits that bound how many VMs one process can hold."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    out: dict[str, Any] = {"nofile_soft": soft, "nofile_hard": hard, "kvm_memslots_per_vm": kvm_memslots()}
-    try:
-        out["max_map_count"] = int(Path("/proc/sys/vm/max_map_count").read_text())
-    except OSError:
-        out["max_map_count"] = None
-    return out
+    from ..doctor import host_limits
+
+    return {**host_limits(), "kvm_memslots_per_vm": kvm_memslots()}
 
 
 def _one_set(snap, n: int, threads: int | None, call: bool) -> dict[str, Any]:
@@ -44,7 +39,7 @@ def _one_set(snap, n: int, threads: int | None, call: bool) -> dict[str, Any]:
     from ..fork import memory_usage
 
     gc.collect()
-    vms = fork_many(snap, n, threads=threads)
+    vms = fork_many(snap, n, threads=threads, progress=False)  # no bar inside the timed loop
     rec: dict[str, Any] = {}
     try:
         st = vms.stats
@@ -106,6 +101,7 @@ def fork_part(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: i
 def bench_fork(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: int = 3, threads: int | None = None,
                call: bool = True, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench fork`` as a function; an n a host limit stopped is in ``errors``."""
+    check_args("fork", {"VM counts and reps must be >= 1": not ns or any(n < 1 for n in ns) or reps < 1})
     res = measure("fork", len(ns) * reps, quiet, command, lambda progress: {"fork": fork_part(
         ns, memory_mib=memory_mib, reps=reps, threads=threads, call=call, progress=progress)})
     res.errors = {f"fork n={k}": v for k, v in res.parts["fork"].notes["errors"].items()}

@@ -20,6 +20,7 @@ __all__ = [
     "make_memtouch_snapshot",
     "fill_pages",
     "measure",
+    "check_args",
 ]
 
 PAGE_BYTES = 4096
@@ -164,3 +165,14 @@ def measure(benchmark: str, total_steps: int, quiet: bool, command: str | None,
         progress.close()
     res.seconds = time.monotonic() - t0
     return res
+
+
+def check_args(benchmark: str, problems: dict[str, bool]) -> None:
+    """Raises ConfigError naming every problem whose condition is True (the
+    one place a benchmark's arguments are checked; the CLI reports it as a
+    usage error)."""
+    from ..errors import ConfigError
+
+    bad = [what for what, failed in problems.items() if failed]
+    if bad:
+        raise ConfigError(f"kvmlab bench {benchmark}: " + "; ".join(bad))

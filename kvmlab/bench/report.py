@@ -135,7 +135,8 @@ def verdict_table(res: Results):
     rows = []
     for v in res.verdicts:
         result = {True: "met", False: "MISSED", None: "not judged"}[v["met"]]
-        rows.append({"target": v["claim"], "cell": f"{v['cell']}, {v['strategy']}", "this run": fmt_ratio(v["value"]),
+        cell = v["cell"] if v["target"] == "reset" else f"{v['cell']}, {v['strategy']}"  # reset cells name theirs
+        rows.append({"target": v["claim"], "cell": cell, "this run": fmt_ratio(v["value"]),
                      "target bound": v["bound"], "result": result,
                      "beside it": "; ".join(x for x in (v["also"], v["note"]) if x)})
     return pd.DataFrame(rows)
@@ -236,9 +237,12 @@ def _sections(res: Results, md: bool) -> list[str]:
     head = (lambda t: ["", f"## {t}", ""]) if md else (lambda t: ["", t, "-" * len(t)])
     out = [f"# kvmlab benchmarks: {res.benchmark}" if md else f"kvmlab bench {res.benchmark}", ""] + _header(res)
     if res.verdicts:
+        judged = [TARGETS[k] for k in dict.fromkeys(v["target"] for v in res.verdicts)]
         out += head("Targets") + [
             "Each target is judged per cell on the Python call a user makes, against the baseline it was first "
-            "stated with; other readings are beside it.", "", _table(verdict_table(res), md), "", tally_text(res)]
+            "stated with (below); other readings are beside it.", ""]
+        out += [f"- {t.claim} ({t.bound}): {t.baseline}" for t in judged]
+        out += ["", _table(verdict_table(res), md), "", tally_text(res)]
     if "restore" in res.parts:
         out += head("Restore") + [
             "Time to a restored, ready VM, around the Python call (floors: around their bare native call; "
@@ -417,8 +421,8 @@ def write_docs(results_path: str | Path, readme: str | Path = "README.md",
     from ..errors import ConfigError
 
     res = load(results_path)
-    if "restore" not in res.parts:
-        raise ConfigError(f"{results_path} has no restore part; pass the results.json of `kvmlab bench all`")
+    if "restore" not in res.parts or not res.parts["restore"].records:
+        raise ConfigError(f"{results_path} has no restore measurements; pass the results.json of `kvmlab bench all`")
     readme = Path(readme)
     doc = readme.read_text()
     pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._native import reset_floor
-from .harness import Progress, make_memtouch_snapshot, measure
+from .harness import FREE_BASE, PAGE_BYTES, Progress, check_args, make_memtouch_snapshot, measure
 from .peers.unicorn import UnicornCycle, unicorn_available
 from .results import Part, Results
 from .targets import reset_verdicts
@@ -271,6 +271,15 @@ def bench_reset(dirty_pages: Sequence[int] = (1, 16, 256, 4096), *, memory_mib: 
                 command: str | None = None) -> Results:
     """``kvmlab bench reset`` as a function: the reset part, then (unless
     ``cycle_iterations`` is empty) the cycle part; verdicts of the reset target."""
+    free_pages = ((memory_mib << 20) - FREE_BASE) // PAGE_BYTES
+    check_args("reset", {
+        "n and cycle_batches must be >= 1, warmup >= 0": n < 1 or warmup < 0 or cycle_batches < 1,
+        "page counts must be >= 1 (cycle pages at most 4096)":
+            not dirty_pages or any(k < 1 for k in dirty_pages) or not 1 <= cycle_pages <= 4096,
+        f"dirty pages must fit in {memory_mib} MiB ({free_pages} pages)": bool(dirty_pages) and max(dirty_pages) > free_pages,
+        "cycle iterations must be >= 1": any(k < 1 for k in cycle_iterations),
+    })
+
     def run(progress: Progress) -> dict[str, Part]:
         parts = {"reset": reset_part(dirty_pages, memory_mib=memory_mib, n=n, warmup=warmup, progress=progress)}
         if cycle_iterations:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 from ..plot import PHASES  # the core's phases of a restore, in order (said once, there)
 from ._native import floors_available, pool_restore, restore_floor
-from .harness import Progress, make_service_snapshot, make_snapshot, measure
+from .harness import Progress, check_args, make_service_snapshot, make_snapshot, measure
 from .settle import settle
 from .results import Part, Results
 from .targets import restore_verdicts
@@ -166,6 +166,12 @@ def bench_restore(memory_mib: Sequence[int] = (64, 256), *, strategies: Sequence
     """``kvmlab bench restore`` as a function: the paths pooled, unpooled,
     floor and floor-idle (``floor=False``: no floors) for every memory size,
     strategy and the sparse (and, ``dense``, dense) snapshot."""
+    check_args("restore", {
+        "n must be >= 1 and warmup >= 0": n < 1 or warmup < 0,
+        "dense_fraction must be in (0, 1]": not 0 < dense_fraction <= 1,
+        "memory sizes must be even and >= 8 (MiB)": not memory_mib or any(m < 8 or m % 2 for m in memory_mib),
+        "strategies are copy and/or map": not strategies or any(x not in STRATEGIES for x in strategies),
+    })
     paths = ["pooled", "unpooled"] + (["floor", "floor-idle"] if floor and floors_available() else [])
     kinds = ["sparse"] + (["dense"] if dense else [])
 

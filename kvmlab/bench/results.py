@@ -51,6 +51,9 @@ class Part:
         clash = set(self.keys) & ({"metric", "part", *STAT_FIELDS} | set(self.metrics))
         assert not clash, f"key columns {clash} clash with summary or metric columns"
 
+    def __repr__(self) -> str:
+        return f"Part({self.name!r}, {len(self.records)} records, keys={self.keys}, metrics={self.metrics})"
+
     def frame(self):
         import pandas as pd
 
@@ -122,6 +125,19 @@ class Results:
     errors: dict[str, str] = field(default_factory=dict)
     #: name -> matplotlib Figure (``bench all``); not saved.
     figures: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n} ({len(p.records)})" for n, p in self.parts.items()) or "none"
+        met = sum(1 for v in self.verdicts if v["met"] is True)
+        return f"<Results {self.benchmark}: parts {parts}; {met} of {len(self.verdicts)} targets met>"
+
+    def _repr_html_(self) -> str:
+        """The verdicts as a table (the full report: ``kvmlab.bench.markdown(res)``)."""
+        import html
+
+        cols = ["claim", "cell", "strategy", "value", "bound", "met", "note"]
+        table = self.verdict_frame()[cols].to_html(index=False, float_format=lambda x: f"{x:.2f}")
+        return f"<p>{html.escape(repr(self))}</p>{table if self.verdicts else ''}"
 
     def part(self, name: str) -> Part:
         if name not in self.parts:

@@ -9,6 +9,8 @@ from the frozen ``pool.stats()`` / ``pool.timings()``; the widgets observe it
 and render. Plots come from :mod:`kvmlab.plot`. The widgets only use the
 public Python API (never the native binding); they refresh themselves on a
 timer thread while displayed (stopped by ``close()``) and on ``refresh()``.
+Colours are JupyterLab's CSS variables (:mod:`kvmlab._html`), so the widgets
+stay legible on dark themes.
 """
 
 from ._model import PoolModel

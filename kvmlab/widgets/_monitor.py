@@ -10,6 +10,7 @@ import ipywidgets as W
 
 from .. import _html, plot
 from .._html import COLOR
+from ..errors import ConfigError
 from ..pool import RestorePool
 from ..units import choose_unit, fmt_time
 from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel
@@ -57,11 +58,20 @@ class PoolMonitor(AutoRefresh, W.VBox):
     create idle shells on a worker thread, so the kernel stays responsive;
     the progress bar follows the idle count, and errors land in the status
     line (and :attr:`PoolModel.error`). :meth:`warm` does the same from code.
+
+    Args:
+        pool: the pool to show (it stays open when the widget closes).
+        interval_s: seconds between refreshes while displayed.
+        autostart: start the refresh timer when the widget is displayed.
+        **kwargs: passed to :class:`ipywidgets.VBox`.
+
+    Raises:
+        ConfigError: ``pool`` is not a RestorePool.
     """
 
     def __init__(self, pool: RestorePool, *, interval_s: float = 1.0, autostart: bool = True, **kwargs) -> None:
         if not isinstance(pool, RestorePool):
-            raise TypeError(f"PoolMonitor takes a RestorePool, got {type(pool).__name__}")
+            raise ConfigError(f"PoolMonitor takes a RestorePool, got {type(pool).__name__}")
         self.pool = pool
         self.model = PoolModel()
         self._autostart = autostart
@@ -176,7 +186,14 @@ class PoolMonitor(AutoRefresh, W.VBox):
     def warm(self, target: int | None = None) -> threading.Thread:
         """Warms the pool to ``target`` idle shells (default: the target box)
         on a worker thread and returns it (``join()`` to wait). One warm runs
-        at a time; a second call while one runs returns the running thread."""
+        at a time; a second call while one runs returns the running thread.
+
+        Args:
+            target: idle shells wanted (capped at the pool's ``max_size``).
+
+        Returns:
+            The worker thread; errors show in the status line and ``model.error``.
+        """
         with self._warm_lock:
             if self._warm_thread is not None and self._warm_thread.is_alive():
                 return self._warm_thread

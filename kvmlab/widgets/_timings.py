@@ -11,7 +11,7 @@ import ipywidgets as W
 
 from .. import plot
 from .._html import COLOR
-from ..errors import ClosedError
+from ..errors import ClosedError, ConfigError
 from ..pool import RestorePool
 from ._ticker import AutoRefresh, Ticker
 
@@ -30,6 +30,18 @@ class RestoreTimings(AutoRefresh, W.VBox):
     and :attr:`records` hold the latest figure and data. It refreshes every
     ``interval_s`` seconds while displayed (``close()`` stops that) and on
     :meth:`refresh`.
+
+    Args:
+        pool: the pool whose ``timings()`` to plot.
+        last: how many of the newest restores to plot.
+        interval_s: seconds between refreshes while displayed.
+        plot_fn: records -> Figure (default :func:`kvmlab.plot.restore_overview`).
+        autostart: start the refresh timer when the widget is displayed.
+        dpi: resolution of the PNG.
+        **kwargs: passed to :class:`ipywidgets.VBox`.
+
+    Raises:
+        ConfigError: ``pool`` is not a RestorePool.
     """
 
     def __init__(
@@ -44,7 +56,7 @@ class RestoreTimings(AutoRefresh, W.VBox):
         **kwargs,
     ) -> None:
         if not isinstance(pool, RestorePool):
-            raise TypeError(f"RestoreTimings takes a RestorePool, got {type(pool).__name__}")
+            raise ConfigError(f"RestoreTimings takes a RestorePool, got {type(pool).__name__}")
         self.pool = pool
         self.last = last
         self.plot_fn = plot_fn or plot.restore_overview

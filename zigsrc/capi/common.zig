@@ -260,6 +260,11 @@ pub fn restoreTimes(r: restore.Times, acquire_ns: u64, total_ns: u64, mapped: bo
     return .{ .acquire_ns = acquire_ns, .memory_ns = r.memory_ns, .vcpu_ns = r.vcpu_ns, .devices_ns = r.devices_ns, .total_ns = total_ns, .mapped = @intFromBool(mapped), .hit = @intFromBool(hit), .seq = seq, .strategy = strategy };
 }
 
+/// A strategy from C, which may hold any int.
+pub fn strategyOf(strategy: kvmlab_strategy) errors.Error!restore.Strategy {
+    return std.enums.fromInt(restore.Strategy, @intFromEnum(strategy)) orelse errors.fail(error.Config, "unknown strategy {d}", .{@intFromEnum(strategy)});
+}
+
 pub fn resetTimes(t: reset.Times) kvmlab_reset_times {
     return .{ .dirty_pages = t.dirty_pages, .log_ns = t.log_ns, .memory_ns = t.memory_ns, .vcpu_ns = t.vcpu_ns, .devices_ns = t.devices_ns, .total_ns = t.total_ns };
 }

@@ -125,7 +125,7 @@ pub fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, stra
         o.* = @ptrCast(m);
         return;
     }
-    try poolFinish(p, &s.parsed, try restore.MemorySource.forSnapshot(s, strategy), wait_ns, out, times);
+    try poolFinish(p, &s.parsed, try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy)), wait_ns, out, times);
     if (!resettable) return;
     const m = try asVm(o.*);
     m.enableReset(s) catch |e| {

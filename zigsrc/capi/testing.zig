@@ -84,7 +84,7 @@ fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: c
     const m = try asVm(vm_handle);
     const s = try asSnap(snap);
     const o = try outPtr(common.kvmlab_restore_times, out);
-    const src = try restore.MemorySource.forSnapshot(s, strategy);
+    const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
     var rt: restore.Times = .{};
     try restore.floor(m.shell, &m.mapping, &s.parsed, src, &rt);
     o.* = common.restoreTimes(rt, 0, rt.memory_ns + rt.vcpu_ns + rt.devices_ns, src == .map, false, 0, src.strategy());

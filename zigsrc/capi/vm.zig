@@ -64,10 +64,21 @@ fn vmRun(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) error
 }
 
 /// Stops a run() in progress on another thread at the vCPUs' next exit (it
-/// returns reason timeout; the next run resumes). Thread-safe; no-op when idle.
+/// returns reason timeout; the next run resumes), or a whole reset loop.
+/// A request made once the call began is never lost (even before its vCPUs
+/// entered the guest). Thread-safe; no effect on later calls when idle.
 pub export fn kvmlab_vm_interrupt(h: ?*kvmlab_vm) callconv(.c) void {
     const vm = (asVm(h) catch return).shell;
-    if (vm.running.load(.acquire)) vm.kickAll();
+    vm.interrupt();
+}
+
+/// Begins closing a VM (call it before kvmlab_vm_free when a run or reset
+/// loop may be in progress on another thread): latched, so a run in progress
+/// stops at its next exit to the host and every later run or reset loop fails
+/// with KVMLAB_CLOSED at once. Thread-safe; irreversible.
+pub export fn kvmlab_vm_begin_close(h: ?*kvmlab_vm) callconv(.c) void {
+    const vm = (asVm(h) catch return).shell;
+    vm.beginClose();
 }
 
 /// Moves up to `capacity` console bytes into `buf`; *out_bytes = how many.
@@ -128,7 +139,7 @@ fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: 
     o.* = null;
     const s = try asSnap(h);
     try s.checkIntact();
-    const src = try restore.MemorySource.forSnapshot(s, strategy);
+    const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
     const t0 = shell.monotonicNs();
     const m = try machine.Machine.create(s.parsed.memory_bytes, s.parsed.vcpus);
     errdefer m.destroy();
@@ -154,22 +165,57 @@ pub export fn kvmlab_vm_reset(h: ?*kvmlab_vm, mode: common.kvmlab_reset_mode, ou
 }
 fn vmReset(h: ?*kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) errors.Error!void {
     const m = try asVm(h);
-    if (std.enums.fromInt(reset.Mode, @intFromEnum(mode)) == null) return errors.fail(error.Config, "unknown reset mode {d}", .{@intFromEnum(mode)});
     var t: reset.Times = .{};
-    try m.resetTo(mode, &t);
+    try m.resetTo(try resetMode(mode), &t);
     if (out) |o| o.* = common.resetTimes(t);
 }
 
 /// For each of `count` inputs (`input_bytes` each, packed in `inputs`):
 /// write it at `input_gpa`, run (deadline `timeout_ns`, 0 = none), record,
-/// reset. Results go to `out[count]`.
-pub export fn kvmlab_vm_reset_loop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result) callconv(.c) kvmlab_result {
-    return result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out));
+/// reset. Results go to `out[count]`; *out_done = how many inputs were done
+/// (fewer than `count` when kvmlab_vm_interrupt or a signal such as SIGINT
+/// stopped the whole loop: the last result's reason is then timeout or
+/// interrupted; the VM is reset either way). Fails with KVMLAB_CLOSED when
+/// the VM began closing.
+pub export fn kvmlab_vm_reset_loop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) callconv(.c) kvmlab_result {
+    return result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out, out_done));
 }
-fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result) errors.Error!void {
+fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) errors.Error!void {
     const m = try asVm(h);
+    const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
+    d.* = 0;
     if (count == 0) return;
     if (count > 1 << 24 or input_bytes > 1 << 20) return errors.fail(error.Config, "reset_loop takes at most 2^24 inputs of at most 1 MiB", .{});
     const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
-    try m.resetLoop(try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, mode, o[0..count]);
+    d.* = try m.resetLoop(try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, try resetMode(mode), o[0..count]);
+}
+
+/// kvmlab_vm_reset_loop for inputs of different lengths: input i is
+/// inputs[offsets[i] .. offsets[i+1]] (`count` + 1 offsets, never decreasing;
+/// each input at most 1 MiB). Each is written as its length (u32 LE) at
+/// `input_gpa` and its bytes right after (docs/guest-protocol.md, input
+/// protocol), then run, recorded and reset. With `console_stride` > 0 (at most
+/// 1 MiB), the first `console_stride` bytes of run i's console output go to
+/// console[i * console_stride ..]; out[i].console_bytes is how many it wrote.
+/// *out_done = how many inputs were done.
+pub export fn kvmlab_vm_reset_loop_var(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) callconv(.c) kvmlab_result {
+    return result(resetLoopVar(h, inputs, offsets, count, input_gpa, timeout_ns, mode, out, console, console_stride, out_done));
+}
+fn resetLoopVar(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) errors.Error!void {
+    const m = try asVm(h);
+    const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
+    d.* = 0;
+    if (count == 0) return;
+    if (count > 1 << 24 or console_stride > shell.console_capacity_bytes)
+        return errors.fail(error.Config, "reset_loop_var takes at most 2^24 inputs and a console_stride of at most 1 MiB", .{});
+    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const offs = (offsets orelse return errors.fail(error.Config, "offsets is NULL", .{}))[0 .. count + 1];
+    if (offs[count] > 1 << 32) return errors.fail(error.Config, "reset_loop_var takes at most 4 GiB of inputs", .{});
+    const con: []u8 = if (console_stride == 0) &.{} else (console orelse return errors.fail(error.Config, "console is NULL", .{}))[0 .. count * console_stride];
+    d.* = try m.resetLoopVar(try bytesOf(inputs, @intCast(offs[count])), offs, input_gpa, timeout_ns, try resetMode(mode), o[0..count], con, console_stride);
+}
+
+/// A reset mode from C, which may hold any int.
+fn resetMode(mode: common.kvmlab_reset_mode) errors.Error!reset.Mode {
+    return std.enums.fromInt(reset.Mode, @intFromEnum(mode)) orelse errors.fail(error.Config, "unknown reset mode {d}", .{@intFromEnum(mode)});
 }

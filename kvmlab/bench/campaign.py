@@ -1,0 +1,198 @@
+"""``kvmlab bench campaign``: inputs per second of a campaign
+(:func:`kvmlab.distributed.run_inputs`) on a LocalCluster of 1 and of 2 worker
+processes, against the native reset loop in this process, and the time a
+cold worker (a fresh process that has never seen the snapshot) takes to give
+its first result.
+
+The guest is the built-in ``parser`` at its input checkpoint; the inputs are
+random record streams without the planted bugs (every run exits), the same
+for every path. The clusters are started (and warmed with one batch per
+worker) before any measurement, so only the campaign is timed; the paths run
+in a new random order each repetition. Cold: a new one-worker cluster per
+repetition, timed from the ``run_inputs`` call (which ships the snapshot) to
+the rows of one batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+from ..config import check_int
+from ..units import fmt_ratio
+from .harness import Progress, measure
+from .results import Part, Results
+from .stats import ratio
+
+__all__ = ["CAMPAIGN_KEYS", "CAMPAIGN_METRICS", "PATHS", "campaign_part", "campaign_verdicts", "bench_campaign",
+           "rate_table", "campaign_parser", "make_inputs"]
+
+CAMPAIGN_KEYS = ["path"]
+CAMPAIGN_METRICS = ["elapsed_ns", "per_input_ns"]
+#: Throughput paths, and the cold-start one.
+PATHS = ("native loop", "1 worker", "2 workers")
+COLD = "cold worker, first batch"
+_INPUT_SEED = 5
+
+
+def make_inputs(n: int, seed: int = _INPUT_SEED) -> list[bytes]:
+    """``n`` record streams of 0-8 records with 0-32 byte payloads, no planted bug."""
+    rng = random.Random(seed)
+    kinds = [k for k in range(0x01, 0x40) if k != 0x3C]
+    return [b"".join(bytes([rng.choice(kinds), m]) + rng.randbytes(m)
+                     for m in (rng.randint(0, 32) for _ in range(rng.randint(0, 8)))) for _ in range(n)]
+
+
+def _native_ns(snap: Any, inputs: list[bytes], batch_size: int) -> int:
+    """The bare native loop in this process over ``inputs``, one warm VM."""
+    from .. import distributed as d
+    from ..vm import Vm
+
+    batches = [d._pack(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    with Vm.restore(snap, resettable=True) as vm:
+        vm._reset_loop_var(*batches[0], d.INPUT_GPA, 10**9, d.CONSOLE_BYTES)  # warm
+        t0 = time.perf_counter_ns()
+        for blob, offsets in batches:
+            vm._reset_loop_var(blob, offsets, d.INPUT_GPA, 10**9, d.CONSOLE_BYTES)
+        return time.perf_counter_ns() - t0
+
+
+def _campaign_ns(snap: Any, inputs: list[bytes], client: Any, batch_size: int) -> int:
+    from .. import distributed as d
+
+    t0 = time.perf_counter_ns()
+    df = d.run_inputs(snap, inputs, client=client, batch_size=batch_size, progress=False)
+    took = time.perf_counter_ns() - t0
+    assert (df["reason"] == "exit").all(), "a benchmark input did not exit"
+    return took
+
+
+def _cluster(n_workers: int) -> tuple[Any, Any]:
+    from .. import distributed as d
+
+    dask = d._dask()
+    cluster = dask.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    client = dask.Client(cluster)
+    client.wait_for_workers(n_workers)
+    return cluster, client
+
+
+def campaign_part(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024,
+                  progress: Progress | None = None) -> Part:
+    from .. import distributed as d
+
+    own = progress is None
+    progress = progress or Progress(reps * (len(PATHS) + 1), True)
+    inputs = make_inputs(n)
+    records: list[dict[str, Any]] = []
+    clusters: dict[str, tuple[Any, Any]] = {}
+    try:
+        with d.parser_snapshot(memory_mib=memory_mib) as snap:
+            for path, workers in (("1 worker", 1), ("2 workers", 2)):
+                progress.describe(f"campaign: starting a cluster of {workers}")
+                clusters[path] = _cluster(workers)
+                _campaign_ns(snap, inputs[:batch_size * workers], clusters[path][1], batch_size)  # warm
+            for rep in range(reps):
+                for path in random.Random(rep).sample(PATHS, len(PATHS)):
+                    progress.describe(f"campaign: {path}")
+                    took = (_native_ns(snap, inputs, batch_size) if path == "native loop"
+                            else _campaign_ns(snap, inputs, clusters[path][1], batch_size))
+                    records.append({"path": path, "rep": rep, "inputs": n, "elapsed_ns": took, "per_input_ns": took / n})
+                    progress.update(1)
+                progress.describe("campaign: a cold worker")
+                cluster, client = _cluster(1)
+                try:
+                    took = _campaign_ns(snap, inputs[:batch_size], client, batch_size)
+                finally:
+                    client.close()
+                    cluster.close()
+                records.append({"path": COLD, "rep": rep, "inputs": min(n, batch_size), "elapsed_ns": took,
+                                "per_input_ns": took / min(n, batch_size)})
+                progress.update(1)
+            present = snap.present_pages
+    finally:
+        for cluster, client in clusters.values():
+            client.close()
+            cluster.close()
+        if own:
+            progress.close()
+    return Part("campaign", CAMPAIGN_KEYS, CAMPAIGN_METRICS, records,
+                config={"n": n, "memory_mib": memory_mib, "reps": reps, "batch_size": batch_size,
+                        "present_pages": present})
+
+
+def _median(part: Part, path: str, metric: str) -> float:
+    s = part.summary()
+    row = s[(s["path"] == path) & (s["metric"] == metric)]
+    return float(row["median"].iloc[0]) if len(row) else math.nan
+
+
+def campaign_verdicts(part: Part) -> list[dict[str, Any]]:
+    """The three campaign targets, from the medians of ``part``."""
+    from .targets import verdict
+
+    per = {p: _median(part, p, "per_input_ns") for p in PATHS}
+    cell = f"{part.config['memory_mib']} MiB parser, batches of {part.config['batch_size']}"
+    cold_s = _median(part, COLD, "elapsed_ns") / 1e9
+    return [
+        verdict("campaign_scale", cell, "copy", ratio(per["1 worker"], per["2 workers"])),
+        verdict("campaign_worker", cell, "copy", ratio(per["native loop"], per["1 worker"]),
+                also=f"2 workers / native loop: {fmt_ratio(ratio(per['native loop'], per['2 workers']))}"),
+        verdict("campaign_cold", cell, "copy", cold_s,
+                also=f"{part.config['present_pages']} present pages; the first batch is {part.config['batch_size']} inputs"),
+    ]
+
+
+def rate_table(part: Part):
+    """Inputs per second per path: median (min - max) over the repetitions."""
+    import pandas as pd
+
+    df = part.frame()
+    rows = []
+    for path in (*PATHS, COLD):
+        sub = df[df["path"] == path]
+        if not len(sub):
+            continue
+        rate = 1e9 / sub["per_input_ns"]
+        rows.append({"path": path, "inputs": int(sub["inputs"].iloc[0]), "reps": len(sub),
+                     "inputs/s median": round(rate.median()), "min": round(rate.min()), "max": round(rate.max()),
+                     "elapsed ms median": round(sub["elapsed_ns"].median() / 1e6, 1)})
+    return pd.DataFrame(rows)
+
+
+def bench_campaign(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024,
+                   quiet: bool = True, command: str | None = None) -> Results:
+    """``kvmlab bench campaign`` as a function (ConfigError for a bad argument)."""
+    check_int("n", n, 1, 1 << 24)
+    check_int("memory_mib", memory_mib, 8, 4096)
+    check_int("reps", reps, 1, 1000)
+    check_int("batch_size", batch_size, 1, 1 << 16)
+    res = measure("campaign", reps * (len(PATHS) + 1), quiet, command, lambda progress: {
+        "campaign": campaign_part(n, memory_mib=memory_mib, reps=reps, batch_size=batch_size, progress=progress)})
+    res.verdicts = campaign_verdicts(res.parts["campaign"])
+    return res
+
+
+def campaign_parser(sub: Any, finish: Any, common: Any, command: Any) -> None:
+    """Adds ``kvmlab bench campaign`` (``finish``, ``common``, ``command``: the
+    bench command line's report, shared options and command-line helpers)."""
+    p = sub.add_parser("campaign", help="campaign inputs/s on 1 and 2 Dask workers vs the native loop; cold start",
+                       description=__doc__)
+    p.add_argument("--n", type=int, default=20_000, help="inputs per path and repetition (default 20000)")
+    p.add_argument("--memory-mib", type=int, default=64, help="guest memory of the parser snapshot (default 64)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    p.add_argument("--batch-size", type=int, default=1024, help="inputs per Dask task (default 1024)")
+    common(p)
+
+    def run(args: Any) -> Results:
+        res = bench_campaign(args.n, memory_mib=args.memory_mib, reps=args.reps, batch_size=args.batch_size,
+                             quiet=args.quiet, command=command(args))
+        print(rate_table(res.parts["campaign"]).to_string(index=False))
+        return res
+
+    def cmd(args: Any) -> int:
+        return finish("campaign", lambda: run(args), args)
+
+    p.set_defaults(func=cmd)

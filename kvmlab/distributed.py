@@ -1,0 +1,490 @@
+"""Campaigns: run many inputs from one snapshot on Dask (one machine or a cluster).
+
+    >>> from kvmlab import distributed
+    >>> snap = distributed.parser_snapshot()              # the built-in parser, waiting for input
+    >>> df = distributed.run_inputs(snap, [b"\\x01\\x00", b"\\x7f\\x40" + bytes(64)])
+    >>> df[["input_index", "reason", "exit_code"]]          # exit 1, crash
+
+Every input runs from the snapshot's exact state: a worker restores the
+snapshot once into a resettable VM and runs a batch of inputs in the native
+reset loop (write input, run, record, reset to the snapshot's dirty pages).
+The input protocol (docs/guest-protocol.md): a u32 little-endian length at
+``input_gpa``, then the bytes.
+
+Scheduling, transport, retries and the dashboard are Dask distributed's: a
+``LocalCluster`` by default, ``Client("tcp://...")`` for a cluster. The
+snapshot travels once per worker under its content hash (a scattered,
+broadcast Dask key); each worker process keeps (hash -> loaded snapshot and its
+idle VMs) across tasks. A batch comes back as one pandas DataFrame.
+
+Faults: a worker that dies takes only its running batches with it; Dask runs
+them again elsewhere, and inputs are pure functions of the snapshot, so the
+result is the same (``run_ns`` and ``worker`` aside). A hang is a ``timeout``
+row. A host failure in a batch makes its rows ``error`` rows with the message.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import hashlib
+import os
+import threading
+import uuid
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import _ffi, _progress
+from .config import VmConfig, bad_argument, check_int, timeout_ns
+from .errors import ConfigError, GuestCrashError, GuestError, KvmlabError
+from .guests import INPUT_GPA, PARSER_WAIT_TAG
+from .snapshot import Snapshot
+from .vm import REASONS, Vm
+
+__all__ = [
+    "run_inputs",
+    "map_vms",
+    "parser_snapshot",
+    "snapshot_key",
+    "local_run",
+    "replay",
+    "INPUT_GPA",
+    "RESULT_REASONS",
+    "CRASH_REGISTERS",
+    "COLUMNS",
+]
+
+#: ``reason`` values of a result row.
+RESULT_REASONS = ("exit", "checkpoint", "crash", "timeout", "error")
+#: Registers of vCPU 0 kept for crash rows, as columns ``crash_<name>``.
+CRASH_REGISTERS = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rflags", "cr2")
+#: Columns of a result frame, in order.
+COLUMNS = (
+    "input_index", "reason", "exit_code", "checkpoint_tag", "console", "run_ns", "dirty_pages", "worker",
+    "message", *(f"crash_{r}" for r in CRASH_REGISTERS),
+)
+#: Console bytes kept per input (the rest is counted, not kept).
+CONSOLE_BYTES = 256
+#: Limits: one input, inputs in one batch, snapshots resident per worker process.
+MAX_INPUT_BYTES = 1 << 20
+MAX_BATCH_SIZE = 1 << 16
+RESIDENT_LIMIT = 4
+
+# The core's run reasons -> result reasons. A halt (hlt with interrupts off)
+# never ends on its own: a hang like a timeout. An interrupted run was stopped
+# by a signal to the worker, not by the guest: an error.
+_REASON_OF_RUN = {"exit": "exit", "checkpoint": "checkpoint", "halt": "timeout", "timeout": "timeout",
+                  "interrupted": "error"}
+_CRASH = RESULT_REASONS.index("crash")
+_ERROR = RESULT_REASONS.index("error")
+#: Core reason code -> result reason code (an unknown code is an error).
+_REASON_TABLE = np.array([RESULT_REASONS.index(_REASON_OF_RUN.get(REASONS.get(c, ""), "error"))
+                          for c in range(max(REASONS) + 1)] + [_ERROR], dtype=np.int8)
+
+
+# -- the snapshot and the inputs on the client ------------------------------------------
+
+
+def parser_snapshot(memory_mib: int = 64, input_gpa: int = INPUT_GPA) -> Snapshot:
+    """Boots the built-in ``parser`` guest and snapshots it at its input checkpoint."""
+    with Vm.boot("parser", VmConfig(memory_mib=memory_mib), args={"input_gpa": input_gpa}) as vm:
+        r = vm.run(timeout_s=10)
+        if r.reason != "checkpoint" or r.checkpoint_tag != PARSER_WAIT_TAG:
+            raise GuestError(f"the parser guest did not reach its input checkpoint ({r.reason}): {r.console!r}")
+        return vm.snapshot()
+
+
+def _encoded(snap: Snapshot | str | os.PathLike[str]) -> tuple[bytes, int]:
+    """The snapshot's encoding (what travels to the workers) and its memory size."""
+    if isinstance(snap, Snapshot):
+        return snap.to_bytes(), snap.memory_bytes
+    if isinstance(snap, (str, os.PathLike)):
+        with Snapshot.load(snap) as loaded:  # checked here, so a bad file fails on the client
+            return loaded.to_bytes(), loaded.memory_bytes
+    bad_argument("argument_type", "snap", f"snap must be a Snapshot or a snapshot file path, got {type(snap).__name__}")
+
+
+def snapshot_key(data: bytes) -> str:
+    """The content hash naming an encoded snapshot on the workers."""
+    return "kvmlab-snapshot-" + hashlib.sha256(data).hexdigest()
+
+
+def _check_inputs(inputs: Iterable[Any], max_input_bytes: int) -> list[bytes]:
+    if isinstance(inputs, (bytes, bytearray, memoryview, str)):
+        bad_argument("argument_type", "inputs", "inputs must be a sequence of bytes-like inputs, not one bytes or str")
+    items = []
+    for i, x in enumerate(inputs):
+        if not isinstance(x, (bytes, bytearray, memoryview)):
+            bad_argument("argument_type", "inputs", f"input {i} is a {type(x).__name__}; every input must be bytes-like")
+        b = bytes(x)
+        if len(b) > max_input_bytes:
+            bad_argument("argument_range", "inputs", f"input {i} is {len(b)} bytes, over max_input_bytes={max_input_bytes}")
+        items.append(b)
+    return items
+
+
+def _pack(items: Sequence[bytes]) -> tuple[bytes, np.ndarray]:
+    """Inputs -> (their bytes back to back, count + 1 offsets), as the native loop takes them."""
+    offsets = np.zeros(len(items) + 1, dtype=np.uint64)
+    np.cumsum([len(b) for b in items], out=offsets[1:])
+    return b"".join(items), offsets
+
+
+def _check_limits(memory_bytes: int, input_gpa: int, batch_size: int, max_input_bytes: int,
+                  run_timeout_s: float) -> int:
+    """Checks the campaign arguments; returns the run deadline in ns."""
+    check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+    check_int("max_input_bytes", max_input_bytes, 0, MAX_INPUT_BYTES)
+    # The whole input (length word + max_input_bytes) inside guest memory.
+    check_int("input_gpa", input_gpa, 0, max(memory_bytes - 4 - max_input_bytes, -1))
+    deadline_ns = timeout_ns(run_timeout_s, "run_timeout_s")
+    if deadline_ns == 0:
+        bad_argument("argument_range", "run_timeout_s", "run_timeout_s must be a number of seconds: a campaign "
+                                                        "without a deadline would wait forever on a hang")
+    return deadline_ns
+
+
+# -- the worker side -------------------------------------------------------------------
+
+
+class _Resident:
+    """A snapshot loaded in a worker process, and its idle resettable VMs."""
+
+    def __init__(self, snap: Snapshot, owned: bool) -> None:
+        self.snap = snap
+        self.owned = owned
+        self.idle: list[Vm] = []
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def vm(self) -> Iterator[Vm]:
+        """A VM in the snapshot's state, back to the idle list if it was left
+        reset; after a failure its state is unknown, so it is closed instead."""
+        with self.lock:
+            vm = self.idle.pop() if self.idle else None
+        if vm is None:
+            vm = Vm.restore(self.snap, resettable=True)
+        ok = False
+        try:
+            yield vm
+            ok = True
+        finally:
+            if ok and not vm.closed:
+                with self.lock:
+                    self.idle.append(vm)
+            else:
+                vm.close()
+
+    def close(self) -> None:
+        with self.lock:
+            vms, self.idle = self.idle, []
+        for vm in vms:
+            vm.close()
+        if self.owned:
+            self.snap.close()
+
+
+_RESIDENT: collections.OrderedDict[str, _Resident] = collections.OrderedDict()
+_RESIDENT_LOCK = threading.Lock()
+
+
+def _resident(key: str, data: bytes) -> _Resident:
+    """This process's loaded copy of the snapshot ``key`` (loaded on first use)."""
+    with _RESIDENT_LOCK:
+        r = _RESIDENT.get(key)
+        if r is None:
+            r = _RESIDENT[key] = _Resident(Snapshot.from_bytes(data), owned=True)
+            while len(_RESIDENT) > RESIDENT_LIMIT:
+                _RESIDENT.popitem(last=False)[1].close()
+        _RESIDENT.move_to_end(key)
+        return r
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"local-{os.getpid()}"
+
+
+@functools.cache
+def _record_dtype() -> np.dtype:
+    """numpy's view of ``kvmlab_loop_result`` (unsigned fields), from the header."""
+    ffi = _ffi.ffi
+    t = ffi.typeof("kvmlab_loop_result")
+    return np.dtype({
+        "names": [name for name, _ in t.fields],
+        "formats": [f"<u{ffi.sizeof(f.type)}" for _, f in t.fields],
+        "offsets": [f.offset for _, f in t.fields],
+        "itemsize": ffi.sizeof(t),
+    })
+
+
+def _records(out: Any, n: int) -> np.ndarray:
+    """The first ``n`` native loop records as a numpy array (a copy)."""
+    dtype = _record_dtype()
+    return np.frombuffer(_ffi.ffi.buffer(out, n * dtype.itemsize), dtype=dtype).copy()
+
+
+def _missing(n: int, dtype: type) -> Any:
+    """A nullable integer column of ``n`` missing values (Int64 / UInt64)."""
+    return pd.arrays.IntegerArray(np.zeros(n, dtype=dtype), np.ones(n, dtype=bool))
+
+
+def _frame(first: int, n: int, worker: str) -> pd.DataFrame:
+    """An all-error frame of ``n`` rows (filled in by the caller)."""
+    cols: dict[str, Any] = {
+        "input_index": np.arange(first, first + n, dtype=np.int64),
+        "reason": pd.Categorical.from_codes(np.full(n, _ERROR, dtype=np.int8), categories=list(RESULT_REASONS)),
+        "exit_code": _missing(n, np.int64),
+        "checkpoint_tag": _missing(n, np.int64),
+        "console": np.full(n, "", dtype=object),
+        "run_ns": np.zeros(n, dtype=np.int64),
+        "dirty_pages": np.zeros(n, dtype=np.int64),
+        "worker": np.full(n, worker, dtype=object),
+        "message": np.full(n, "", dtype=object),
+    }
+    for r in CRASH_REGISTERS:
+        cols[f"crash_{r}"] = _missing(n, np.uint64)
+    return pd.DataFrame(cols, columns=list(COLUMNS))
+
+
+def _fill(df: pd.DataFrame, loop: np.ndarray, console: bytearray, done: int) -> None:
+    """Rows 0 .. done-1 from the native loop's records (the rest stay errors)."""
+    codes = _REASON_TABLE[np.minimum(loop["reason"][:done], len(_REASON_TABLE) - 1)]
+    codes[loop["crashed"][:done] != 0] = _CRASH
+    reason = np.full(len(df), _ERROR, dtype=np.int8)
+    reason[:done] = codes
+    df["reason"] = pd.Categorical.from_codes(reason, categories=list(RESULT_REASONS))
+    rows = np.arange(done)
+    is_exit = codes == RESULT_REASONS.index("exit")
+    is_ckpt = codes == RESULT_REASONS.index("checkpoint")
+    df.loc[rows[is_exit], "exit_code"] = loop["exit_code"][:done][is_exit].astype(np.int64)
+    df.loc[rows[is_ckpt], "checkpoint_tag"] = loop["checkpoint_tag"][:done][is_ckpt].astype(np.int64)
+    df.loc[rows, "run_ns"] = loop["run_ns"][:done].astype(np.int64)
+    df.loc[rows, "dirty_pages"] = loop["dirty_pages"][:done].astype(np.int64)
+    for i in np.flatnonzero(loop["console_bytes"][:done]):
+        n = min(int(loop["console_bytes"][i]), CONSOLE_BYTES)
+        df.at[int(i), "console"] = bytes(console[i * CONSOLE_BYTES:i * CONSOLE_BYTES + n]).decode("utf-8", "replace")
+    df.loc[rows[codes == _ERROR], "message"] = "the run was interrupted by a signal to the worker"
+    df.loc[done:, "message"] = "not run: the loop was stopped (interrupt or close) before this input"
+
+
+def _run_python(vm: Vm, data: bytes, input_gpa: int, timeout_s: float) -> dict[str, Any]:
+    """One input through the Python path (write, ``run``): the row's fields,
+    with the crash message and registers the native loop does not keep."""
+    vm.write_memory(input_gpa, len(data).to_bytes(4, "little") + data)
+    try:
+        r = vm.run(timeout_s)
+    except GuestCrashError as e:
+        regs = vm.registers(0)
+        return {"reason": "crash", "message": str(e), **{f"crash_{k}": regs[k] for k in CRASH_REGISTERS}}
+    reason = _REASON_OF_RUN.get(r.reason, "error")
+    return {"reason": reason, "exit_code": r.exit_code if reason == "exit" else None,
+            "checkpoint_tag": r.checkpoint_tag if reason == "checkpoint" else None, "console": r.console,
+            "run_ns": r.elapsed_ns}
+
+
+def replay(snap: Snapshot, data: bytes, *, input_gpa: int = INPUT_GPA, run_timeout_s: float = 1.0) -> dict[str, Any]:
+    """Runs one input on a fresh VM restored from ``snap`` in this process (no
+    Dask, no reset loop): a finding reproduced. Returns the row's fields
+    (``reason``, ``exit_code``, ``message`` and ``crash_<register>`` for a crash, ...)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        bad_argument("argument_type", "data", f"data must be bytes-like, got {type(data).__name__}")
+    with Vm.restore(snap) as vm:
+        return _run_python(vm, bytes(data), input_gpa, run_timeout_s)
+
+
+def _batch(res: _Resident, first: int, blob: bytes, offsets: np.ndarray, input_gpa: int,
+           deadline_ns: int) -> pd.DataFrame:
+    """One batch: the native loop over the inputs on one VM, one frame."""
+    n = len(offsets) - 1
+    worker = _worker_name()
+    df = _frame(first, n, worker)
+    try:
+        with res.vm() as vm:
+            out, console, done = vm._reset_loop_var(blob, offsets, input_gpa, deadline_ns, CONSOLE_BYTES)
+            loop = _records(out, done)
+            _fill(df, loop, console, done)
+            # The loop keeps no crash message or registers: run each crash
+            # again through the Python path (crashes are rare), then reset.
+            for i in np.flatnonzero(loop["crashed"][:done]):
+                row = _run_python(vm, blob[int(offsets[i]):int(offsets[i + 1])], input_gpa, deadline_ns / 1e9)
+                vm.reset()
+                if row["reason"] != "crash":
+                    row = {"message": f"the crash did not repeat (the replay ended with {row['reason']}): "
+                                      "the guest is not deterministic"}
+                for col, value in row.items():
+                    if col == "message" or col.startswith("crash_"):
+                        df.at[int(i), col] = value
+    except KvmlabError as e:
+        # A host failure (or a snapshot this host cannot run): this batch's
+        # rows say so; its VM is not reused; other batches are unaffected.
+        df = _frame(first, n, worker)
+        df["message"] = f"{type(e).__name__}: {e}"
+    return df
+
+
+def _run_batch(data: bytes, key: str, first: int, blob: bytes, offsets: np.ndarray, input_gpa: int,
+               deadline_ns: int) -> pd.DataFrame:
+    """The Dask task of one batch, on a worker."""
+    return _batch(_resident(key, data), first, blob, offsets, input_gpa, deadline_ns)
+
+
+def _map_chunk(data: bytes, key: str, fn: Callable[[Vm, Any], Any], items: list[Any]) -> list[Any]:
+    """The Dask task of :func:`map_vms`: ``fn(vm, item)`` for each item, each on
+    a VM in the snapshot's state."""
+    out = []
+    with _resident(key, data).vm() as vm:
+        for item in items:
+            try:
+                out.append(fn(vm, item))
+            finally:
+                vm.reset()
+    return out
+
+
+# -- the client side -------------------------------------------------------------------
+
+
+def _dask():
+    try:
+        import distributed
+    except ImportError:
+        raise ConfigError('kvmlab.distributed needs Dask: pip install "kvmlab[dist]"') from None
+    return distributed
+
+
+@contextlib.contextmanager
+def _client(client: Any) -> Iterator[Any]:
+    """``client``, or a LocalCluster (processes, one worker per CPU) for the call."""
+    if client is not None:
+        yield client
+        return
+    d = _dask()
+    with d.LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                        dashboard_address=":0") as cluster, d.Client(cluster) as c:
+        yield c
+
+
+#: Per client: content hash -> the future of the snapshot's bytes on its workers.
+_SHIPPED: weakref.WeakKeyDictionary[Any, collections.OrderedDict[str, Any]] = weakref.WeakKeyDictionary()
+_SHIPPED_LOCK = threading.Lock()
+
+
+def _ship(client: Any, data: bytes) -> tuple[str, Any]:
+    """Puts the encoded snapshot on every worker once per client (a broadcast
+    scatter, kept while the client lives, so later calls do not send it again;
+    a worker that joins later gets it from a peer)."""
+    key = snapshot_key(data)
+    with _SHIPPED_LOCK:
+        held = _SHIPPED.setdefault(client, collections.OrderedDict())
+        fut = held.get(key)
+        if fut is None or fut.status != "finished":
+            # A fresh Dask key each time: re-scattering a key Dask is still
+            # forgetting can lose the data.
+            name = f"{key}-{uuid.uuid4().hex[:8]}"
+            fut = held[key] = client.scatter({name: data}, broadcast=True, hash=False)[name]
+            while len(held) > RESIDENT_LIMIT:
+                held.popitem(last=False)[1].release()
+        held.move_to_end(key)
+    return key, fut
+
+
+def run_inputs(
+    snap: Snapshot | str | os.PathLike[str],
+    inputs: Iterable[bytes],
+    *,
+    client: Any = None,
+    input_gpa: int = INPUT_GPA,
+    batch_size: int = 1024,
+    run_timeout_s: float = 1.0,
+    max_input_bytes: int = 4096,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Runs every input from ``snap``'s state on the Dask cluster of ``client``
+    (``None``: a LocalCluster for this call) and returns one row per input, in
+    input order: ``input_index, reason, exit_code, checkpoint_tag, console,
+    run_ns, dirty_pages, worker, message`` and ``crash_<register>`` columns.
+
+    ``reason`` is ``exit`` (``exit_code`` set), ``checkpoint`` (the guest
+    stopped at a checkpoint; ``checkpoint_tag`` set), ``crash`` (``message``
+    and the registers from a replay on the same worker), ``timeout`` (no stop
+    within ``run_timeout_s``, or a halt) or ``error`` (a host failure:
+    ``message``). ``console`` keeps the first 256 bytes of each run's output.
+    A tqdm bar shows progress once the call has run for a second
+    (``progress=False``: none).
+    """
+    data, memory_bytes = _encoded(snap)
+    deadline_ns = _check_limits(memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
+    _progress.check(progress)
+    items = _check_inputs(inputs, max_input_bytes)
+    if not items:
+        return _frame(0, 0, "")
+    with _client(client) as c, _progress.bar(len(items), "inputs", "input", progress) as bar:
+        key, snap_fut = _ship(c, data)
+        run = uuid.uuid4().hex[:12]
+        futures = {}
+        for first in range(0, len(items), batch_size):
+            blob, offsets = _pack(items[first:first + batch_size])
+            f = c.submit(_run_batch, snap_fut, key, first, blob, offsets, input_gpa, deadline_ns,
+                         key=f"kvmlab-batch-{run}-{first}", pure=False)
+            futures[f] = first
+        frames = {}
+        for f in _dask().as_completed(list(futures)):
+            frames[futures[f]] = f.result()
+            bar.update(len(frames[futures[f]]))
+            f.release()
+    df = pd.concat([frames[k] for k in sorted(frames)], ignore_index=True)
+    # Exactly once, in order: Dask's retries after a lost worker must not duplicate or drop.
+    assert df["input_index"].tolist() == list(range(len(items))), "every input exactly once"
+    return df
+
+
+def map_vms(
+    snap: Snapshot | str | os.PathLike[str],
+    fn: Callable[[Vm, Any], Any],
+    items: Iterable[Any],
+    *,
+    client: Any = None,
+    batch_size: int = 64,
+) -> list[Any]:
+    """``[fn(vm, item) for item in items]``, run on the cluster, each call on a VM
+    in ``snap``'s state (a worker's resettable VM, reset after each call).
+
+    The flexible Python path: ``fn`` may read and write memory, run, call... It
+    must be picklable (a module-level function) and its results too. An
+    exception from ``fn`` is raised here."""
+    if not callable(fn):
+        bad_argument("argument_type", "fn", f"fn must be callable as fn(vm, item), got {type(fn).__name__}")
+    check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+    data, _memory_bytes = _encoded(snap)
+    items = list(items)
+    if not items:
+        return []
+    with _client(client) as c:
+        key, snap_fut = _ship(c, data)
+        futures = [c.submit(_map_chunk, snap_fut, key, fn, items[i:i + batch_size], pure=False)
+                   for i in range(0, len(items), batch_size)]
+        return [x for chunk in c.gather(futures) for x in chunk]
+
+
+def local_run(snap: Snapshot, inputs: Iterable[bytes], *, input_gpa: int = INPUT_GPA,
+              run_timeout_s: float = 1.0, max_input_bytes: int = 4096, batch_size: int = 1024) -> pd.DataFrame:
+    """The rows of :func:`run_inputs` from one VM in this process, without Dask
+    (the in-process baseline; ``worker`` is ``local-<pid>``)."""
+    deadline_ns = _check_limits(snap.memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
+    items = _check_inputs(inputs, max_input_bytes)
+    res = _Resident(snap, owned=False)
+    try:
+        frames = [_batch(res, first, *_pack(items[first:first + batch_size]), input_gpa, deadline_ns)
+                  for first in range(0, len(items), batch_size)]
+    finally:
+        res.close()
+    return pd.concat(frames, ignore_index=True) if frames else _frame(0, 0, "")

@@ -1,0 +1,203 @@
+"""Stopping runs without races (issue 17 items 1 and 2): close() racing the
+start of a run, interrupt() landing between two runs of a reset loop, and
+close()/interrupt()/Ctrl-C ending a whole reset_loop. Scripts that could hang
+before the fix run in a subprocess with a watchdog, so a regression fails in
+bounded time instead of hanging pytest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from kvmlab import ClosedError, Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+
+CFG = VmConfig(memory_mib=8)
+
+
+def _script(body: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
+    """Runs `body` in a fresh interpreter; faulthandler kills it (exit 1,
+    stacks on stderr) if it is still running after `timeout_s` - 10 s."""
+    code = "import faulthandler\nfaulthandler.dump_traceback_later(%d, exit=True)\n" % (timeout_s - 10)
+    return subprocess.run(
+        [sys.executable, "-c", code + textwrap.dedent(body)], capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+@pytest.fixture(scope="module")
+def spin_snap():
+    """The spin guest (loops forever) at its entry, never run."""
+    vm = Vm.boot("spin", CFG)
+    snap = vm.snapshot()
+    vm.close()
+    yield snap
+    snap.close()
+
+
+CLOSE_RACE = """
+    import sys, threading, time
+    from kvmlab import ClosedError, Vm, VmConfig
+    sys.setswitchinterval(1e-6)     # switch threads as often as possible
+    timeout_s = {timeout_s}
+    worst = 0.0
+    for i in range({tries}):
+        vm = Vm.boot("spin", VmConfig(memory_mib=8))
+        ended = []
+        def body():
+            try:
+                ended.append(vm.run(timeout_s=timeout_s).reason)
+            except ClosedError:
+                ended.append("closed")
+        t = threading.Thread(target=body)
+        t.start()
+        t0 = time.monotonic()
+        vm.close()                  # races the run's start
+        worst = max(worst, time.monotonic() - t0)
+        t.join()
+        assert ended and ended[0] in ("timeout", "closed"), ended
+    print(f"worst close {{worst:.3f}} s")
+"""
+
+
+@pytest.mark.parametrize("timeout_s", [None, 3.0])
+def test_close_racing_the_start_of_a_run_returns_at_once(timeout_s):
+    """Item 1: close() right after starting run() on another thread. Before
+    the latched `closing` state, an interrupt that came before the native run
+    was underway was lost: close() waited forever (run without deadline,
+    within ~10-70 tries) or the whole 3 s (run with deadline)."""
+    p = _script(CLOSE_RACE.format(timeout_s=timeout_s, tries=150))
+    assert p.returncode == 0, p.stderr[-3000:]
+    worst = float(p.stdout.split()[-2])
+    assert worst < 1.0, p.stdout
+
+
+def test_a_run_after_close_began_raises_closed():
+    vm = Vm.boot("spin", CFG)
+    from kvmlab import _ffi
+
+    _ffi.lib.kvmlab_vm_begin_close(vm._handle)  # what close() does first
+    with pytest.raises(ClosedError):
+        vm.run(timeout_s=None)  # returns at once instead of spinning forever
+    vm.close()
+
+
+def test_interrupt_between_runs_of_a_reset_loop_ends_it(spin_snap):
+    """Item 2: an interrupt() that lands while the loop is resetting (between
+    two runs) is not lost: the loop ends early with the results so far. The
+    guest exits at once, so the loop spends its time in resets and run starts,
+    the windows where the old per-run stop flag was cleared or ignored."""
+    exit_at_once = Vm.boot(bytes.fromhex("66ba0005b807000000ef"), CFG)  # out 0x500, 7
+    snap = exit_at_once.snapshot()
+    exit_at_once.close()
+    with Vm.restore(snap, resettable=True) as vm:
+        n_inputs = 20_000
+        got = []
+        t = threading.Thread(target=lambda: got.append(vm.reset_loop([b"x" * 8] * n_inputs, run_timeout_s=5)), daemon=True)
+        t.start()
+        time.sleep(0.05)
+        for _ in range(200):  # keep interrupting until the loop has ended
+            vm.interrupt()
+            t.join(0.01)
+            if not t.is_alive():
+                break
+        t.join(10)
+        assert not t.is_alive()
+        results = got[0]
+        assert 0 < len(results) < n_inputs
+        assert all(r.reason == "exit" for r in results[:-1])
+        # The VM is usable and at its snapshot again.
+        assert [r.exit_code for r in vm.reset_loop([b"y" * 8] * 3, run_timeout_s=5)] == [7, 7, 7]
+    snap.close()
+
+
+def test_interrupt_ends_a_whole_reset_loop(spin_snap):
+    """interrupt() ends the whole loop, not just the current input's run: the
+    list returned holds the inputs done (here the one stopped, "timeout")."""
+    with Vm.restore(spin_snap, resettable=True) as vm:
+        got = []
+        t = threading.Thread(target=lambda: got.append(vm.reset_loop([b"x" * 8] * 20, run_timeout_s=None)), daemon=True)
+        t.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        vm.interrupt()
+        t.join(5)
+        assert not t.is_alive() and time.monotonic() - t0 < 2
+        assert [r.reason for r in got[0]] == ["timeout"]
+        # Usable afterwards: a bounded loop runs to its end.
+        assert [r.reason for r in vm.reset_loop([b"x" * 8] * 2, run_timeout_s=0.05)] == ["timeout", "timeout"]
+
+
+@pytest.mark.parametrize("run_timeout_s", [None, 1.0])
+def test_close_ends_a_whole_reset_loop(spin_snap, run_timeout_s):
+    """close() during reset_loop (before: it waited for every input's run, >
+    25 s for 3 inputs without deadline... forever): the loop raises
+    ClosedError and close() returns at once."""
+    vm = Vm.restore(spin_snap, resettable=True)
+    raised = []
+
+    def loop():
+        try:
+            vm.reset_loop([b"x" * 8] * 20, run_timeout_s=run_timeout_s)
+        except ClosedError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=loop, daemon=True)  # a regression must not keep pytest alive
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    vm.close()
+    waited = time.monotonic() - t0
+    t.join(5)
+    assert not t.is_alive() and len(raised) == 1
+    assert waited < 1.0, waited
+    assert vm.closed
+
+
+CTRL_C_LOOP = """
+    import os, signal, threading, time
+    from kvmlab import Vm, VmConfig
+    boot = Vm.boot("spin", VmConfig(memory_mib=8))
+    snap = boot.snapshot()
+    boot.close()
+    vm = Vm.restore(snap, resettable=True)
+    golden = bytes(snap.memory)
+    main = threading.main_thread().ident
+    for how in ("thread", "process"):
+        for run_timeout_s in (1.0, None):
+            def send():
+                global sent
+                sent = time.monotonic()
+                if how == "thread":
+                    signal.pthread_kill(main, signal.SIGINT)
+                else:
+                    os.kill(os.getpid(), signal.SIGINT)   # what Ctrl-C in a terminal does
+            threading.Timer(0.3, send).start()
+            try:
+                vm.reset_loop([b"x" * 8] * 20, run_timeout_s=run_timeout_s)   # 20 s, or forever
+                print("not interrupted")
+            except KeyboardInterrupt:
+                print(f"{{how}} {{run_timeout_s}} interrupted after {{time.monotonic() - sent:.3f}} s")
+            assert vm.read_memory(0, len(golden)) == golden   # reset to the snapshot
+    print("then", [r.reason for r in vm.reset_loop([b"y" * 8] * 2, run_timeout_s=0.05)])
+"""
+
+
+def test_ctrl_c_ends_a_whole_reset_loop():
+    """Item 2: SIGINT (to the thread running the loop, and to the process)
+    during reset_loop raises KeyboardInterrupt at once, with or without a
+    per-run deadline (before: after all 20 x 1 s runs, or never); the VM is
+    at its snapshot and usable afterwards."""
+    p = _script(CTRL_C_LOOP.format())
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 5, lines
+    for line in lines[:4]:
+        assert " interrupted after " in line, line
+        assert float(line.split()[-2]) < 0.5, line
+    assert lines[4] == "then ['timeout', 'timeout']"
