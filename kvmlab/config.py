@@ -2,7 +2,8 @@
 
 A bad argument raises :class:`~kvmlab.errors.ConfigError` whose ``check``
 attribute is a machine-readable id (``"argument_type"``, ``"argument_range"``,
-``"argument_path"``, ``"argument_buffer"``) and whose ``argument`` names the
+``"argument_path"``, ``"argument_buffer"``, ``"argument_value"`` for a name not
+in a fixed set) and whose ``argument`` names the
 parameter; the message says what to pass instead. The helpers below are the
 one place these checks are written.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, Mapping, NoReturn
 
 from .errors import ConfigError
 
@@ -52,6 +53,21 @@ def check_int(argument: str, v: object, lo: int, hi: int) -> int:
         use = f"{lo} .. {hi}" if hi <= U32_MAX else f"an int >= {lo}"
         bad_argument("argument_range", argument, f"{argument}={v} is out of range: use {use}")
     return v  # type: ignore[return-value]
+
+
+def check_type(argument: str, v: Any, cls: type, what: str | None = None) -> Any:
+    """``v`` if it is a ``cls``."""
+    if not isinstance(v, cls):
+        bad_argument("argument_type", argument, f"{argument} must be {what or 'a ' + cls.__name__}, got {type(v).__name__}")
+    return v
+
+
+def check_choice(argument: str, v: object, choices: Mapping[str, int]) -> int:
+    """The code of the name ``v`` in ``choices`` (a name -> code table)."""
+    try:
+        return choices[v]  # type: ignore[index]
+    except (KeyError, TypeError):
+        bad_argument("argument_value", argument, f"{argument}={v!r}: use one of {', '.join(choices)}")
 
 
 def timeout_ns(timeout_s: object, argument: str = "timeout_s") -> int:
@@ -110,18 +126,13 @@ class VmConfig:
     vcpus: int = 1
 
     def __post_init__(self) -> None:
-        m = self.memory_mib
-        if not _is_int(m):
-            raise ConfigError(f"memory_mib must be an int (MiB), got {m!r} ({type(m).__name__})")
-        if not MIN_MEMORY_MIB <= m <= MAX_MEMORY_MIB:
-            raise ConfigError(f"memory_mib={m} is out of range: use {MIN_MEMORY_MIB} .. {MAX_MEMORY_MIB}")
+        m = check_int("memory_mib", self.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB)
         if m % 2:
-            raise ConfigError(f"memory_mib={m} must be even (guest memory is a multiple of 2 MiB): try {m + 1}")
-        v = self.vcpus
-        if not _is_int(v):
-            raise ConfigError(f"vcpus must be an int, got {v!r} ({type(v).__name__})")
-        if not 1 <= v <= MAX_VCPUS:
-            raise ConfigError(f"vcpus={v} is out of range: use 1 .. {MAX_VCPUS}")
+            bad_argument(
+                "argument_range", "memory_mib",
+                f"memory_mib={m} must be even (guest memory is a multiple of 2 MiB): try {m + 1}",
+            )
+        check_int("vcpus", self.vcpus, 1, MAX_VCPUS)
 
     @property
     def memory_bytes(self) -> int:

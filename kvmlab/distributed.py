@@ -90,7 +90,15 @@ _REASON_TABLE = np.array([RESULT_REASONS.index(_REASON_OF_RUN.get(REASONS.get(c,
 
 
 def parser_snapshot(memory_mib: int = 64, input_gpa: int = INPUT_GPA) -> Snapshot:
-    """Boots the built-in ``parser`` guest and snapshots it at its input checkpoint."""
+    """The built-in ``parser`` guest booted and snapshotted at its input checkpoint.
+
+    Args:
+        memory_mib: guest memory.
+        input_gpa: where the parser reads its input (passed as its argument).
+
+    Returns:
+        A :class:`~kvmlab.Snapshot` in memory, ready for :func:`run_inputs`.
+    """
     with Vm.boot("parser", VmConfig(memory_mib=memory_mib), args={"input_gpa": input_gpa}) as vm:
         r = vm.run(timeout_s=10)
         if r.reason != "checkpoint" or r.checkpoint_tag != PARSER_WAIT_TAG:
@@ -232,48 +240,51 @@ def _records(out: Any, n: int) -> np.ndarray:
     return np.frombuffer(_ffi.ffi.buffer(out, n * dtype.itemsize), dtype=dtype).copy()
 
 
-def _missing(n: int, dtype: type) -> Any:
-    """A nullable integer column of ``n`` missing values (Int64 / UInt64)."""
-    return pd.arrays.IntegerArray(np.zeros(n, dtype=dtype), np.ones(n, dtype=bool))
-
-
-def _frame(first: int, n: int, worker: str) -> pd.DataFrame:
-    """An all-error frame of ``n`` rows (filled in by the caller)."""
+def _frame(first: int, n: int, worker: str, loop: np.ndarray | None = None, console: bytes = b"",
+           crashes: dict[int, dict[str, Any]] | None = None, message: str = "") -> pd.DataFrame:
+    """The rows of a batch of ``n`` inputs: the first ``len(loop)`` from the
+    native loop's records (and ``console``, ``CONSOLE_BYTES`` per input), the
+    rest error rows saying ``message``; ``crashes``: row -> its crash fields."""
+    done = 0 if loop is None else len(loop)
+    reason = np.full(n, _ERROR, dtype=np.int8)
+    ints = {c: np.zeros(n, dtype=np.int64) for c in ("exit_code", "checkpoint_tag", "run_ns", "dirty_pages")}
+    known = {c: np.zeros(n, dtype=bool) for c in ("exit_code", "checkpoint_tag")}
+    texts = {"console": np.full(n, "", dtype=object), "message": np.full(n, message, dtype=object)}
+    regs = {r: np.zeros(n, dtype=np.uint64) for r in CRASH_REGISTERS}
+    crashed = np.zeros(n, dtype=bool)
+    if loop is not None:
+        codes = _REASON_TABLE[np.minimum(loop["reason"], len(_REASON_TABLE) - 1)]
+        codes[loop["crashed"] != 0] = _CRASH
+        reason[:done] = codes
+        for col, what in (("exit_code", "exit"), ("checkpoint_tag", "checkpoint")):
+            known[col][:done] = codes == RESULT_REASONS.index(what)
+            ints[col][:done] = loop[col]
+        ints["run_ns"][:done] = loop["run_ns"]
+        ints["dirty_pages"][:done] = loop["dirty_pages"]
+        for i in np.flatnonzero(loop["console_bytes"]):
+            k = min(int(loop["console_bytes"][i]), CONSOLE_BYTES)
+            texts["console"][i] = console[i * CONSOLE_BYTES:i * CONSOLE_BYTES + k].decode("utf-8", "replace")
+        texts["message"][:done][codes == _ERROR] = "the run was interrupted by a signal to the worker"
+        texts["message"][done:] = "not run: the loop was stopped (interrupt or close) before this input"
+    for i, row in (crashes or {}).items():
+        texts["message"][i] = row["message"]
+        if "crash_rip" in row:
+            crashed[i] = True
+            for r in CRASH_REGISTERS:
+                regs[r][i] = row[f"crash_{r}"]
     cols: dict[str, Any] = {
         "input_index": np.arange(first, first + n, dtype=np.int64),
-        "reason": pd.Categorical.from_codes(np.full(n, _ERROR, dtype=np.int8), categories=list(RESULT_REASONS)),
-        "exit_code": _missing(n, np.int64),
-        "checkpoint_tag": _missing(n, np.int64),
-        "console": np.full(n, "", dtype=object),
-        "run_ns": np.zeros(n, dtype=np.int64),
-        "dirty_pages": np.zeros(n, dtype=np.int64),
+        "reason": pd.Categorical.from_codes(reason, categories=list(RESULT_REASONS)),
+        "exit_code": pd.arrays.IntegerArray(ints["exit_code"], ~known["exit_code"]),
+        "checkpoint_tag": pd.arrays.IntegerArray(ints["checkpoint_tag"], ~known["checkpoint_tag"]),
+        "console": texts["console"],
+        "run_ns": ints["run_ns"],
+        "dirty_pages": ints["dirty_pages"],
         "worker": np.full(n, worker, dtype=object),
-        "message": np.full(n, "", dtype=object),
+        "message": texts["message"],
+        **{f"crash_{r}": pd.arrays.IntegerArray(regs[r], ~crashed) for r in CRASH_REGISTERS},
     }
-    for r in CRASH_REGISTERS:
-        cols[f"crash_{r}"] = _missing(n, np.uint64)
     return pd.DataFrame(cols, columns=list(COLUMNS))
-
-
-def _fill(df: pd.DataFrame, loop: np.ndarray, console: bytearray, done: int) -> None:
-    """Rows 0 .. done-1 from the native loop's records (the rest stay errors)."""
-    codes = _REASON_TABLE[np.minimum(loop["reason"][:done], len(_REASON_TABLE) - 1)]
-    codes[loop["crashed"][:done] != 0] = _CRASH
-    reason = np.full(len(df), _ERROR, dtype=np.int8)
-    reason[:done] = codes
-    df["reason"] = pd.Categorical.from_codes(reason, categories=list(RESULT_REASONS))
-    rows = np.arange(done)
-    is_exit = codes == RESULT_REASONS.index("exit")
-    is_ckpt = codes == RESULT_REASONS.index("checkpoint")
-    df.loc[rows[is_exit], "exit_code"] = loop["exit_code"][:done][is_exit].astype(np.int64)
-    df.loc[rows[is_ckpt], "checkpoint_tag"] = loop["checkpoint_tag"][:done][is_ckpt].astype(np.int64)
-    df.loc[rows, "run_ns"] = loop["run_ns"][:done].astype(np.int64)
-    df.loc[rows, "dirty_pages"] = loop["dirty_pages"][:done].astype(np.int64)
-    for i in np.flatnonzero(loop["console_bytes"][:done]):
-        n = min(int(loop["console_bytes"][i]), CONSOLE_BYTES)
-        df.at[int(i), "console"] = bytes(console[i * CONSOLE_BYTES:i * CONSOLE_BYTES + n]).decode("utf-8", "replace")
-    df.loc[rows[codes == _ERROR], "message"] = "the run was interrupted by a signal to the worker"
-    df.loc[done:, "message"] = "not run: the loop was stopped (interrupt or close) before this input"
 
 
 def _run_python(vm: Vm, data: bytes, input_gpa: int, timeout_s: float) -> dict[str, Any]:
@@ -292,9 +303,22 @@ def _run_python(vm: Vm, data: bytes, input_gpa: int, timeout_s: float) -> dict[s
 
 
 def replay(snap: Snapshot, data: bytes, *, input_gpa: int = INPUT_GPA, run_timeout_s: float = 1.0) -> dict[str, Any]:
-    """Runs one input on a fresh VM restored from ``snap`` in this process (no
-    Dask, no reset loop): a finding reproduced. Returns the row's fields
-    (``reason``, ``exit_code``, ``message`` and ``crash_<register>`` for a crash, ...)."""
+    """Runs one input on a fresh VM restored from ``snap``, in this process: a finding reproduced.
+
+    No Dask and no reset loop: a plain ``Vm.restore``, the input written by
+    the input protocol, ``run()``.
+
+    Args:
+        snap: the campaign's snapshot.
+        data: the input.
+        input_gpa: where the input goes in guest memory.
+        run_timeout_s: a run that has not stopped by then is a ``timeout``.
+
+    Returns:
+        The row's fields: ``reason``, and ``exit_code``/``checkpoint_tag``/
+            ``console``/``run_ns``, or for a crash ``message`` and every
+            ``crash_<register>``.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         bad_argument("argument_type", "data", f"data must be bytes-like, got {type(data).__name__}")
     with Vm.restore(snap) as vm:
@@ -306,29 +330,24 @@ def _batch(res: _Resident, first: int, blob: bytes, offsets: np.ndarray, input_g
     """One batch: the native loop over the inputs on one VM, one frame."""
     n = len(offsets) - 1
     worker = _worker_name()
-    df = _frame(first, n, worker)
     try:
         with res.vm() as vm:
             out, console, done = vm._reset_loop_var(blob, offsets, input_gpa, deadline_ns, CONSOLE_BYTES)
             loop = _records(out, done)
-            _fill(df, loop, console, done)
             # The loop keeps no crash message or registers: run each crash
             # again through the Python path (crashes are rare), then reset.
-            for i in np.flatnonzero(loop["crashed"][:done]):
+            crashes = {}
+            for i in np.flatnonzero(loop["crashed"]):
                 row = _run_python(vm, blob[int(offsets[i]):int(offsets[i + 1])], input_gpa, deadline_ns / 1e9)
                 vm.reset()
-                if row["reason"] != "crash":
-                    row = {"message": f"the crash did not repeat (the replay ended with {row['reason']}): "
-                                      "the guest is not deterministic"}
-                for col, value in row.items():
-                    if col == "message" or col.startswith("crash_"):
-                        df.at[int(i), col] = value
+                crashes[int(i)] = row if row["reason"] == "crash" else {
+                    "message": f"the crash did not repeat (the replay ended with {row['reason']}): "
+                               "the guest is not deterministic"}
     except KvmlabError as e:
         # A host failure (or a snapshot this host cannot run): this batch's
         # rows say so; its VM is not reused; other batches are unaffected.
-        df = _frame(first, n, worker)
-        df["message"] = f"{type(e).__name__}: {e}"
-    return df
+        return _frame(first, n, worker, message=f"{type(e).__name__}: {e}")
+    return _frame(first, n, worker, loop, bytes(console), crashes)
 
 
 def _run_batch(data: bytes, key: str, first: int, blob: bytes, offsets: np.ndarray, input_gpa: int,
@@ -408,18 +427,39 @@ def run_inputs(
     max_input_bytes: int = 4096,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Runs every input from ``snap``'s state on the Dask cluster of ``client``
-    (``None``: a LocalCluster for this call) and returns one row per input, in
-    input order: ``input_index, reason, exit_code, checkpoint_tag, console,
-    run_ns, dirty_pages, worker, message`` and ``crash_<register>`` columns.
+    """Runs every input from ``snap``'s state on a Dask cluster, one row per input.
 
-    ``reason`` is ``exit`` (``exit_code`` set), ``checkpoint`` (the guest
-    stopped at a checkpoint; ``checkpoint_tag`` set), ``crash`` (``message``
-    and the registers from a replay on the same worker), ``timeout`` (no stop
-    within ``run_timeout_s``, or a halt) or ``error`` (a host failure:
-    ``message``). ``console`` keeps the first 256 bytes of each run's output.
-    A tqdm bar shows progress once the call has run for a second
-    (``progress=False``: none).
+    Each worker loads the snapshot once and runs batches of inputs in the
+    native reset loop (input protocol: a u32 LE length at ``input_gpa``, then
+    the bytes). A worker that dies mid-campaign costs only its batches, which
+    Dask runs again elsewhere: the result still has every input once, with the
+    same values (``run_ns``, ``dirty_pages`` and ``worker`` aside).
+
+    Args:
+        snap: a :class:`~kvmlab.Snapshot` (in memory or file-backed) or a
+            snapshot file path, of a guest waiting for input.
+        inputs: bytes-like inputs, each at most ``max_input_bytes``.
+        client: a ``distributed.Client``; None starts a LocalCluster (worker
+            processes, one per CPU, one thread each) for this call.
+        input_gpa: where the input goes in guest memory.
+        batch_size: inputs per Dask task (1 .. 65536).
+        run_timeout_s: a run that has not stopped by then is a ``timeout``.
+        max_input_bytes: the longest input allowed (at most 1 MiB).
+        progress: a tqdm bar once the call has run for a second.
+
+    Returns:
+        A pandas DataFrame in input order with the columns of :data:`COLUMNS`:
+            ``reason`` is ``exit`` (``exit_code`` set), ``checkpoint``
+            (``checkpoint_tag`` set), ``crash`` (``message`` and the
+            ``crash_<register>`` columns, from running the input again on the
+            same worker), ``timeout`` (no stop in time, or a halt) or
+            ``error`` (a host failure in the batch: ``message`` names it);
+            ``console`` holds the first 256 bytes of the run's output.
+
+    Raises:
+        ConfigError: a bad argument (``.argument`` names it), or Dask is not
+            installed (``pip install "kvmlab[dist]"``).
+        SnapshotError: ``snap`` is a path that is not a valid snapshot file.
     """
     data, memory_bytes = _encoded(snap)
     deadline_ns = _check_limits(memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
@@ -430,17 +470,22 @@ def run_inputs(
     with _client(client) as c, _progress.bar(len(items), "inputs", "input", progress) as bar:
         key, snap_fut = _ship(c, data)
         run = uuid.uuid4().hex[:12]
-        futures = {}
-        for first in range(0, len(items), batch_size):
-            blob, offsets = _pack(items[first:first + batch_size])
-            f = c.submit(_run_batch, snap_fut, key, first, blob, offsets, input_gpa, deadline_ns,
-                         key=f"kvmlab-batch-{run}-{first}", pure=False)
-            futures[f] = first
+        futures: dict[Any, int] = {}
         frames = {}
-        for f in _dask().as_completed(list(futures)):
-            frames[futures[f]] = f.result()
-            bar.update(len(frames[futures[f]]))
-            f.release()
+        try:
+            for first in range(0, len(items), batch_size):
+                blob, offsets = _pack(items[first:first + batch_size])
+                f = c.submit(_run_batch, snap_fut, key, first, blob, offsets, input_gpa, deadline_ns,
+                             key=f"kvmlab-batch-{run}-{first}", pure=False)
+                futures[f] = first
+            for f in _dask().as_completed(list(futures)):
+                frames[futures[f]] = f.result()
+                bar.update(len(frames[futures[f]]))
+                f.release()
+        except BaseException:
+            # Ctrl-C or a failed batch: the cluster stops working on this call.
+            c.cancel(list(futures))
+            raise
     df = pd.concat([frames[k] for k in sorted(frames)], ignore_index=True)
     # Exactly once, in order: Dask's retries after a lost worker must not duplicate or drop.
     assert df["input_index"].tolist() == list(range(len(items))), "every input exactly once"
@@ -455,12 +500,26 @@ def map_vms(
     client: Any = None,
     batch_size: int = 64,
 ) -> list[Any]:
-    """``[fn(vm, item) for item in items]``, run on the cluster, each call on a VM
-    in ``snap``'s state (a worker's resettable VM, reset after each call).
+    """``[fn(vm, item) for item in items]`` on the cluster, each call on a VM in ``snap``'s state.
 
-    The flexible Python path: ``fn`` may read and write memory, run, call... It
-    must be picklable (a module-level function) and its results too. An
-    exception from ``fn`` is raised here."""
+    The flexible Python path: ``fn`` may read and write guest memory, run the
+    guest, call it... Each worker keeps a resettable VM restored from the
+    snapshot and resets it after every call.
+
+    Args:
+        snap: a :class:`~kvmlab.Snapshot` or a snapshot file path.
+        fn: ``fn(vm, item)``; Dask pickles it (and its results).
+        items: the items, in order.
+        client: a ``distributed.Client``; None starts a LocalCluster for this call.
+        batch_size: items per Dask task.
+
+    Returns:
+        The results of ``fn``, in the order of ``items``.
+
+    Raises:
+        ConfigError: a bad argument, or Dask is not installed.
+        Exception: the first exception ``fn`` raised (the other tasks are cancelled).
+    """
     if not callable(fn):
         bad_argument("argument_type", "fn", f"fn must be callable as fn(vm, item), got {type(fn).__name__}")
     check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
@@ -470,15 +529,23 @@ def map_vms(
         return []
     with _client(client) as c:
         key, snap_fut = _ship(c, data)
-        futures = [c.submit(_map_chunk, snap_fut, key, fn, items[i:i + batch_size], pure=False)
-                   for i in range(0, len(items), batch_size)]
-        return [x for chunk in c.gather(futures) for x in chunk]
+        futures = []
+        try:
+            futures += [c.submit(_map_chunk, snap_fut, key, fn, items[i:i + batch_size], pure=False)
+                        for i in range(0, len(items), batch_size)]
+            return [x for chunk in c.gather(futures) for x in chunk]
+        except BaseException:
+            c.cancel(futures)  # Ctrl-C or an exception from fn: stop the rest
+            raise
 
 
 def local_run(snap: Snapshot, inputs: Iterable[bytes], *, input_gpa: int = INPUT_GPA,
               run_timeout_s: float = 1.0, max_input_bytes: int = 4096, batch_size: int = 1024) -> pd.DataFrame:
-    """The rows of :func:`run_inputs` from one VM in this process, without Dask
-    (the in-process baseline; ``worker`` is ``local-<pid>``)."""
+    """The rows of :func:`run_inputs` from one VM in this process, without Dask.
+
+    The in-process baseline of a campaign (``worker`` is ``local-<pid>``);
+    the arguments are those of :func:`run_inputs`.
+    """
     deadline_ns = _check_limits(snap.memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
     items = _check_inputs(inputs, max_input_bytes)
     res = _Resident(snap, owned=False)

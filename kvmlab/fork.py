@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import _progress
-from .config import check_int
+from .config import bad_argument, check_int, check_type
 from .errors import ConfigError, KvmlabError, KvmlabMemoryError
 from .snapshot import Snapshot
 from .vm import Vm
@@ -169,12 +169,12 @@ def fork_many(
             hard open-file limit is too low for ``n`` VMs.
         KvmlabError: a restore failed (the VMs made so far are freed).
     """
-    if not isinstance(snap, Snapshot):
-        raise ConfigError(f"fork_many takes a Snapshot, got {type(snap).__name__}")
+    check_type("snap", snap, Snapshot)
     if not snap.file_backed:
-        raise ConfigError("fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > 100_000:
-        raise ConfigError(f"n must be an int in 1 .. 100000, got {n!r}")
+        bad_argument(
+            "argument_value", "snap", "fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)"
+        )
+    check_int("n", n, 1, 100_000)
     _progress.check(progress)
     raise_fd_limit(n * (1 + snap.vcpus))  # the VM and its vCPUs (the file's fd is the snapshot's, shared)
     threads = min(8, (os.cpu_count() or 2) * 2) if threads is None else check_int("threads", threads, 1, MAX_THREADS)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterable
 
 from . import _ffi
-from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int
+from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int, check_type
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, KvmlabError, PoolExhaustedError, PrepareError, SnapshotError
 from .snapshot import Snapshot, strategy_code
@@ -303,10 +303,8 @@ class RestorePool:
     def __init__(self, vm_config: VmConfig | None = None, pool_config: PoolConfig | None = None) -> None:
         vm_config = vm_config or VmConfig()
         pool_config = pool_config or PoolConfig()
-        if not isinstance(vm_config, VmConfig):
-            raise ConfigError(f"vm_config must be a VmConfig, got {type(vm_config).__name__}")
-        if not isinstance(pool_config, PoolConfig):
-            raise ConfigError(f"pool_config must be a PoolConfig, got {type(pool_config).__name__}")
+        check_type("vm_config", vm_config, VmConfig)
+        check_type("pool_config", pool_config, PoolConfig)
         self.vm_config = vm_config
         self.pool_config = pool_config
         c = ffi.new(

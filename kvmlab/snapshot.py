@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _ffi
-from .config import VmConfig, check_path
+from .config import VmConfig, check_choice, check_path
 from .errors import ClosedError, ConfigError, SnapshotError
 
 __all__ = ["Snapshot", "STRATEGIES"]
@@ -38,10 +38,7 @@ STRATEGIES = _ffi.enum_values("kvmlab_strategy")
 
 
 def strategy_code(strategy: str) -> int:
-    try:
-        return STRATEGIES[strategy]
-    except (KeyError, TypeError):
-        raise ConfigError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}") from None
+    return check_choice("strategy", strategy, STRATEGIES)
 
 
 class _NativeOwner:
@@ -347,8 +344,12 @@ class Snapshot:
     @property
     def damaged(self) -> bool:
         """True when the file behind this loaded snapshot was truncated or
-        replaced while mapped: a read past its new end gave zeros instead of
-        crashing the process (SIGBUS), and kvmlab now refuses to use it."""
+        rewritten in place since it was loaded (asking checks the file now:
+        its header, size and mtime), or a read past a truncated end gave
+        zeros instead of crashing the process (SIGBUS). kvmlab then refuses to
+        use the snapshot; load the file again. A file renamed over the path
+        does not count: the snapshot keeps the file it loaded.
+        (docs/security.md: the trust boundary.)"""
         with self._lock:
             info = ffi.new("kvmlab_snapshot_info *")
             _ffi.check(lib.kvmlab_snapshot_get_info(self._live(), info))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from . import _ffi
-from .config import VmConfig, bad_argument, check_buffer
+from .config import VmConfig, bad_argument, check_buffer, check_choice, check_int, check_type
 from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import BoundsError, ClosedError, ConfigError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args
@@ -154,7 +154,7 @@ class RunResult:
 def _check_range(gpa: int, n: int, memory_bytes: int) -> None:
     for what, v in (("gpa", gpa), ("length", n)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{what} must be an int, got {v!r}")
+            bad_argument("argument_type", what, f"{what} must be an int, got {v!r}")
     if gpa < 0 or n < 0 or gpa + n > memory_bytes:
         raise BoundsError(
             f"guest range 0x{gpa:x}+{n} is outside guest memory (0x0..0x{memory_bytes:x}); "
@@ -394,10 +394,14 @@ class _VmHandle:
                     return RunResult("exit", r.exit_code, r.checkpoint_tag, "".join(consoles), dropped, elapsed)
                 if r.reason in ("timeout", "halt") or (total_ns and elapsed >= total_ns):
                     break
-        what = "halted (hlt with interrupts off) instead of exiting" if r.reason == "halt" else (
-            f"did not exit within {timeout_s} s"
-        )
-        err = GuestTimeoutError(f"guest {self._guest} {what}; pass a larger timeout_s or check the guest")
+        if r.reason == "halt":
+            check, what = "guest_halted", "halted (hlt with interrupts off) instead of exiting; check the guest"
+        elif total_ns == 0:  # no deadline: interrupt() or close() from another thread
+            check, what = "run_stopped", "was stopped by interrupt() or close() before it exited"
+        else:
+            check, what = "deadline", f"did not exit within {timeout_s} s; pass a larger timeout_s or check the guest"
+        err = GuestTimeoutError(f"guest {self._guest} {what}")
+        err.check = check  # type: ignore[attr-defined]
         err.console = "".join(consoles)  # type: ignore[attr-defined]
         raise err
 
@@ -415,13 +419,27 @@ class _VmHandle:
         One operation under the VM's lock (write the request, run, read the
         answer): calls from several threads on one VM are served one at a
         time, each caller gets its own answer.
+
+        Args:
+            payload: the request, at most 4096 bytes.
+            op: ``"echo"``, ``"crc32c"`` or ``"reverse"``.
+            timeout_s: seconds to wait for the answer.
+
+        Returns:
+            The guest's answer.
+
+        Raises:
+            GuestTimeoutError: no answer in time (not the service guest, or not waiting).
+            GuestError: the guest answered out of protocol or does not know ``op``.
+            ConfigError: an unknown ``op`` or a payload over 4096 bytes.
         """
-        code = SERVICE_OPS.get(op)
-        if code is None:
-            raise ConfigError(f"op={op!r}: use one of {', '.join(SERVICE_OPS)}")
-        data = bytes(payload)
+        code = check_choice("op", op, SERVICE_OPS)
+        data = bytes(check_buffer("payload", payload))
         if len(data) > SERVICE_MAX_BYTES:
-            raise ConfigError(f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}")
+            bad_argument(
+                "argument_range", "payload",
+                f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}",
+            )
         timeout_ns = _timeout_ns(timeout_s)
         with self._lock:
             h = self._live()
@@ -454,10 +472,7 @@ class _VmHandle:
     # -- reset -----------------------------------------------------------------------------
 
     def _reset_mode(self, mode: str) -> int:
-        try:
-            return RESET_MODES[mode]
-        except (KeyError, TypeError):
-            raise ConfigError(f"mode={mode!r}: use one of {', '.join(RESET_MODES)}") from None
+        return check_choice("mode", mode, RESET_MODES)
 
     def reset(self, mode: str = "auto") -> ResetTiming:
         """Puts this VM back to exactly the snapshot it was restored from
@@ -517,6 +532,22 @@ class _VmHandle:
         far); :meth:`close` ends it with :class:`ClosedError`. Either way the
         VM is reset to its snapshot after the last input it ran. A signal
         whose handler returns lets the loop go on (that input is run again).
+
+        Args:
+            inputs: bytes-like inputs (all the same length unless ``length_prefix``).
+            input_gpa: where each input is written in guest memory.
+            run_timeout_s: seconds per run before it counts as a hang (``reason == "timeout"``).
+            mode: the reset's ``mode`` (see :meth:`reset`).
+            length_prefix: write each input after its u32 length (the input protocol).
+
+        Returns:
+            One :class:`LoopResult` per input run, in order.
+
+        Raises:
+            BusyError: the VM is not resettable.
+            BoundsError: an input does not fit at ``input_gpa``.
+            ConfigError: inputs of different lengths or empty (without ``length_prefix``), or a bad argument.
+            ClosedError: the VM was closed (also during the loop).
         """
         if not isinstance(length_prefix, bool):
             bad_argument("argument_type", "length_prefix", f"length_prefix must be True or False, got {length_prefix!r}")
@@ -652,9 +683,19 @@ class _VmHandle:
         _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", data), len(data)))
 
     def registers(self, vcpu: int = 0) -> dict[str, int]:
-        """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``)."""
-        if isinstance(vcpu, bool) or not isinstance(vcpu, int) or not 0 <= vcpu < self.vcpus:
-            raise ConfigError(f"vcpu={vcpu!r} does not exist: this VM has vCPUs 0 .. {self.vcpus - 1}")
+        """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``).
+
+        Args:
+            vcpu: which vCPU (0 .. vcpus-1).
+
+        Returns:
+            Register name -> value.
+
+        Raises:
+            ConfigError: no such vCPU.
+            ClosedError: the VM is closed.
+        """
+        check_int("vcpu", vcpu, 0, self.vcpus - 1)
         out = ffi.new("kvmlab_regs *")
         with self._lock:
             h = self._live()
@@ -753,10 +794,9 @@ class Vm(_VmHandle):
         """
         if cfg is None:
             cfg = VmConfig()
-        if not isinstance(cfg, VmConfig):
-            raise ConfigError(f"cfg must be a VmConfig, got {type(cfg).__name__}")
+        check_type("cfg", cfg, VmConfig)
         if isinstance(cpl, bool) or cpl not in (0, 3):
-            raise ConfigError(f"cpl={cpl!r}: kvmlab guests run at CPL 3 (default) or 0")
+            bad_argument("argument_value", "cpl", f"cpl={cpl!r}: kvmlab guests run at CPL 3 (default) or 0")
         g = _resolve_guest(guest)
         arg_text = format_args(args).encode("ascii")
 
@@ -808,8 +848,7 @@ class Vm(_VmHandle):
         """
         from .snapshot import Snapshot, strategy_code
 
-        if not isinstance(snap, Snapshot):
-            raise ConfigError(f"Vm.restore takes a Snapshot, got {type(snap).__name__}")
+        check_type("snap", snap, Snapshot, "a Snapshot (Snapshot.load, vm.snapshot(), Snapshot.from_bytes)")
         code = strategy_code(strategy)
         out = ffi.new("kvmlab_vm **")
         t = ffi.new("kvmlab_restore_times *")

@@ -128,6 +128,20 @@ def service_snap():
 
 
 @pytest.fixture(scope="session")
+def counter_snap():
+    """The counter guest (16 MiB, 4 steps) stopped at its checkpoint after step 2, in memory."""
+    _require_kvm()
+    from kvmlab import Vm
+
+    with Vm.boot("counter", CFG, args={"steps": 4, "checkpoint_at": 2}) as vm:
+        r = vm.run()
+        assert (r.reason, r.checkpoint_tag) == ("checkpoint", 2)
+        snap = vm.snapshot()
+    yield snap
+    snap.close()
+
+
+@pytest.fixture(scope="session")
 def service_file(service_snap, tmp_path_factory):
     """``service_snap`` saved to a file (Snapshot.load it for map restores)."""
     return service_snap.save(tmp_path_factory.mktemp("service") / "service.kvmsnap")

@@ -301,3 +301,72 @@ def test_pool_restore_parts_with_a_strided_buffer(service_snap):
             pool.restore(12345, state)
         assert e.value.check == "argument_type"
         assert pool.stats().restores == 0
+
+
+@pytest.mark.kvm
+def test_every_bad_argument_has_a_check_id(service_snap, service_file):
+    """Each argument check of the API raises ConfigError with a check id."""
+    from kvmlab import PoolConfig, RestorePool, Snapshot, Vm, VmConfig, fork_many
+
+    cases = [
+        ("argument_type", lambda: VmConfig(memory_mib="16")),
+        ("argument_range", lambda: VmConfig(memory_mib=6)),
+        ("argument_range", lambda: VmConfig(memory_mib=15)),
+        ("argument_range", lambda: VmConfig(vcpus=9)),
+        ("argument_type", lambda: RestorePool({"memory_mib": 16})),
+        ("argument_type", lambda: RestorePool(CFG, {"min_size": 0})),
+        ("argument_type", lambda: Vm.boot("hello", {"memory_mib": 16})),
+        ("argument_value", lambda: Vm.boot("hello", CFG, cpl=1)),
+        ("argument_type", lambda: Vm.restore(b"not a snapshot")),
+        ("argument_value", lambda: Vm.restore(service_snap, "sideways")),
+        ("argument_type", lambda: fork_many(b"not a snapshot", 1)),
+        ("argument_value", lambda: fork_many(service_snap, 1)),  # not file-backed
+    ]
+    with Snapshot.load(service_file) as fs:
+        cases += [("argument_range", lambda: fork_many(fs, 0)), ("argument_type", lambda: fork_many(fs, 1.5))]
+        with Vm.restore(service_snap, "copy", resettable=True) as vm:
+            cases += [
+                ("argument_value", lambda: vm.call(b"x", op="shout")),
+                ("argument_range", lambda: vm.call(b"x" * 4097)),
+                ("argument_type", lambda: vm.call("text")),
+                ("argument_value", lambda: vm.reset("sideways")),
+                ("argument_range", lambda: vm.registers(1)),
+                ("argument_type", lambda: vm.registers("0")),
+                ("argument_type", lambda: vm.read_memory(0.5, 1)),
+            ]
+            for check, call in cases:
+                raises_check(check, call)
+            assert vm.call(b"fine") == b"fine"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("stop", ["interrupt", "close"])
+def test_one_operation_runs_stop_at_interrupt_and_close(stop):
+    """run_until_exit() and call() hold the VM's lock across runs, yet
+    interrupt() and close() from another thread end them at once."""
+    import time
+
+    from conftest import LOOP_FOREVER
+    from kvmlab import GuestTimeoutError, KvmlabError, Vm
+
+    for name, call in (("run_until_exit", lambda vm: vm.run_until_exit(None)),
+                       ("call", lambda vm: vm.call(b"x", timeout_s=None))):  # fmt: skip
+        vm = Vm.boot(LOOP_FOREVER, CFG)
+        raised: list[BaseException] = []
+
+        def run(vm=vm, call=call) -> None:
+            try:
+                call(vm)
+            except KvmlabError as e:
+                raised.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.3)  # the guest is spinning inside the operation
+        getattr(vm, stop)()
+        t.join(10)
+        assert not t.is_alive(), name
+        assert len(raised) == 1 and isinstance(raised[0], GuestTimeoutError), (name, raised)
+        if name == "run_until_exit":
+            assert raised[0].check == "run_stopped"
+        vm.close()

@@ -371,3 +371,27 @@ def test_bench_all_skips_absent_peers(tmp_path, monkeypatch):
     assert set(res.parts) == {"restore"}
     md = (tmp_path / "results.md").read_text()
     assert "apt-get install qemu-system-x86" in md and "skipped" in md
+
+
+@pytest.mark.checkout
+def test_readme_performance_is_short_and_generated_from_the_committed_run(monkeypatch):
+    """The README's Performance part stays within 40 lines, uses no internal
+    labels, and its table (and docs/performance.md) is exactly what
+    `kvmlab bench docs` makes of the committed run; before a run is committed
+    the block says so."""
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    readme = Path("README.md").read_text()
+    part = readme[readme.index("## Performance"):]
+    part = part[:part.find("\n## ", 1) + 1] if "\n## " in part[1:] else part
+    assert len(part.strip().splitlines()) <= 40
+    assert "4i" not in part and "floor-idle" not in part and "1n." not in part
+    block = part[part.index(report.README_START) + len(report.README_START):part.index(report.README_END)].strip()
+    results = Path("docs/results/results.json")
+    if not results.is_file():
+        assert block == "(not generated yet: run the commands below)"
+        return
+    res = bench.load(results)
+    assert block == report.headline(res)
+    page = Path("docs/performance.md")
+    assert page.read_text() == report.performance_md(res, results, page)

@@ -107,3 +107,51 @@ def test_cli_doctor_text_and_json(capsys):
     assert cli.main(["doctor", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["ok"] is True and d["versions"]["python"] and d["kvm_module"] in KVM_MODULES
+
+
+def _kvmlab_in_a_mount_namespace(tmp_path, setup: str, *args: str):
+    """``python -m kvmlab ARGS`` in a private mount namespace after ``setup``
+    (a shell command that breaks /dev/kvm there only)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give kvmlab a broken /dev/kvm")
+    r = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f'{setup} && exec "$0" -m kvmlab "$@"', sys.executable, *args],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    if "mount" in r.stderr and "permission denied" in r.stderr.lower():
+        pytest.skip(f"mount namespaces are not allowed here: {r.stderr.strip()}")
+    return r
+
+
+def _doctor_in_a_mount_namespace(tmp_path, setup: str) -> tuple[int, dict]:
+    r = _kvmlab_in_a_mount_namespace(tmp_path, setup, "doctor", "--json")
+    assert r.stdout, f"the doctor wrote nothing: {r.stderr[-2000:]}"
+    return r.returncode, json.loads(r.stdout)
+
+
+def test_doctor_without_dev_kvm_fails_and_says_what_to_do(tmp_path):
+    rc, d = _doctor_in_a_mount_namespace(tmp_path, "mount -t tmpfs none /dev")
+    assert rc == 1 and d["ok"] is False
+    failed = [c for c in d["checks"] if c["status"] == "fail"]
+    assert [c["name"] for c in failed] == ["/dev/kvm"] and "kvm_intel or kvm_amd" in failed[0]["advice"]
+    # The host facts that need no KVM are still reported.
+    assert d["limits"]["nofile_hard"] > 0 and set(d["tools"]) == {"QEMU", "unicorn", "Dask", "chromium"}
+
+
+@pytest.mark.kvm  # binds over the existing /dev/kvm
+def test_doctor_with_a_dev_kvm_that_is_not_kvm_fails(tmp_path):
+    rc, d = _doctor_in_a_mount_namespace(tmp_path, "mount --bind /dev/null /dev/kvm")
+    assert rc == 1 and d["ok"] is False
+    assert [c["name"] for c in d["checks"] if c["status"] == "fail"] == ["KVM API"]
+    assert "cap IRQCHIP" not in [c["name"] for c in d["checks"]]  # nothing probed past the failure
+
+
+def test_demo_without_dev_kvm_says_to_run_the_doctor(tmp_path):
+    r = _kvmlab_in_a_mount_namespace(tmp_path, "mount -t tmpfs none /dev", "demo", "--n", "5")
+    assert r.returncode == 1
+    assert "demo failed: KvmUnavailableError" in r.stderr and "kvmlab doctor" in r.stderr
+    assert "Traceback" not in r.stderr

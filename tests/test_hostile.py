@@ -24,14 +24,9 @@ UNKNOWN_PORT_IN = bytes.fromhex("66ba7000" "ec" "ebfe")  # mov dx, 0x70; in al, 
 BAD_CONSOLE_DESC = bytes.fromhex("66ba0205" "b8f0ffffff" "ef" "ebfe")  # console write, descriptor at 0xfffffff0
 
 
-@pytest.fixture(scope="module")
-def good():
-    vm = Vm.boot("counter", CFG, args={"steps": 4, "checkpoint_at": 2})
-    vm.run()
-    snap = vm.snapshot()
-    vm.close()
-    yield snap
-    snap.close()
+@pytest.fixture
+def good(counter_snap):
+    return counter_snap
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import snapshot_codec as C
 from conftest import CFG
 from kvmlab import PoolConfig, RestorePool, Snapshot, SnapshotError, Vm
 
@@ -109,3 +110,58 @@ def test_damaged_reports_a_rewrite(two_files):
         assert not s.damaged
         rewrite_in_place(b, a)
         assert s.damaged
+
+
+
+def flip_code_page(path) -> None:
+    """Rewrites the guest's code page (0x100000) of a full-layout file in place."""
+    at = C.sections(path.read_bytes()[:4096])[1].offset + 0x100000
+    with open(path, "r+b") as f:
+        f.seek(at)
+        page = f.read(4096)
+        assert page != bytes(4096)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in page))
+
+
+def test_a_page_rewritten_in_place_is_refused_by_save_and_reset(two_files, tmp_path):
+    """Only guest memory rewritten (the header untouched): save and to_bytes
+    see it at once (the file's mtime, and the MEMORY checksum of what
+    they read), resets within a millisecond (docs/security.md)."""
+    a, _ = two_files
+    with Snapshot.load(a) as s, Vm.restore(s, "map", resettable=True) as vm:
+        time.sleep(0.02)
+        flip_code_page(a)
+        with pytest.raises(SnapshotError):
+            s.to_bytes()
+        assert s.damaged
+        with pytest.raises(SnapshotError):
+            vm.reset()
+
+
+def test_restores_see_a_page_rewritten_in_place_within_a_millisecond(two_files):
+    a, _ = two_files
+    with Snapshot.load(a) as s:
+        Vm.restore(s, "copy").close()
+        time.sleep(0.02)
+        flip_code_page(a)
+        time.sleep(0.002)  # past the interval of the restores' statx
+        with pytest.raises(SnapshotError):
+            Vm.restore(s, "copy")
+        assert s.damaged
+
+
+def test_a_file_renamed_over_the_path_leaves_the_snapshot_whole(two_files, tmp_path):
+    """docs/security.md: a replaced path does not affect a loaded snapshot."""
+    a, b = two_files
+    with Snapshot.load(a) as s:
+        before = s.to_bytes()
+        tmp = tmp_path / "other"
+        tmp.write_bytes(b.read_bytes())
+        os.replace(tmp, a)  # a new file at the path; the loaded one is unlinked
+        assert not s.damaged
+        assert s.to_bytes() == before
+        with Vm.restore(s, "map") as vm:
+            assert vm.call(b"still the old file") == b"still the old file"
+        s.save(a)  # save() to the path it was loaded from: a rename over it too
+        assert not s.damaged and s.to_bytes() == before

@@ -127,10 +127,15 @@ pub const Snapshot = struct {
     sigbus_slot: ?usize = null,
     /// File-backed snapshots: what statx said of the file at load, and the
     /// MEMORY checksum it was checked against. A rewrite in place keeps the
-    /// inode (the fd) but changes the size or mtime/ctime: checkIntact sees
-    /// it with one statx (~1 us), save/toBytes also compare the checksum.
+    /// inode (the fd) but changes the size or mtime; save/toBytes
+    /// also compare the checksum.
     file_id: FileId = .{},
     memory_crc: u32 = 0,
+    /// The header and section table as checked at load (their CRCs cover
+    /// the whole file): every use compares the mapped ones with it.
+    head: [head_bytes]u8 = @splat(0),
+    /// When the hot check last ran statx (monotonic ns; see checkIntact).
+    last_stat_ns: std.atomic.Value(u64) = .init(0),
 
     pub fn retain(s: *Snapshot) *Snapshot {
         _ = s.refs.fetchAdd(1, .acq_rel);
@@ -141,17 +146,37 @@ pub const Snapshot = struct {
         if (s.refs.fetchSub(1, .acq_rel) == 1) s.destroy();
     }
 
-    /// Fails when the file behind a loaded snapshot was truncated or replaced,
-    /// or rewritten in place since load (its size, mtime or ctime changed);
-    /// marks it damaged then, so every later use fails too. Check id `damaged`.
+    /// Fails when the file behind a loaded snapshot was truncated, or
+    /// rewritten in place since load; marks it damaged then, so every later
+    /// use fails too. The restore and reset hot paths: the mapped header and
+    /// section table against the copy from load (a few dozen ns; another
+    /// snapshot written over the file differs there, a truncated header page
+    /// reads as zeros), and the file's size and mtime (statx, ~5 us under
+    /// kvm_pvm) at most every `stat_interval_ns`. Check id `damaged`.
     pub fn checkIntact(s: *const Snapshot) errors.Error!void {
+        return s.check(false);
+    }
+
+    /// checkIntact with statx every time (save, toBytes, info: not hot).
+    pub fn checkFile(s: *const Snapshot) errors.Error!void {
+        return s.check(true);
+    }
+
+    fn check(s: *const Snapshot, always_stat: bool) errors.Error!void {
         if (s.damaged.load(.acquire)) return safe.truncated();
         if (s.fd < 0) return;
+        if (!std.mem.eql(u8, s.file_map[0..head_bytes], &s.head)) return s.changed(s.file_id.size);
+        const now_ns = shell.monotonicNs();
+        if (!always_stat and now_ns -% s.last_stat_ns.load(.monotonic) < stat_interval_ns) return;
+        @constCast(&s.last_stat_ns).store(now_ns, .monotonic);
         const now = FileId.of(s.fd) catch return;
-        if (std.meta.eql(now, s.file_id)) return;
+        if (!std.meta.eql(now, s.file_id)) return s.changed(now.size);
+    }
+
+    fn changed(s: *const Snapshot, size_now: u64) errors.Error {
         @constCast(&s.damaged).store(true, .release);
-        if (now.size < s.file_id.size) return safe.truncated();
-        return errors.failCheck(.damaged, "the snapshot file was rewritten after it was loaded (its mtime/ctime or size changed); load it again", .{});
+        if (size_now < s.file_id.size) return safe.truncated();
+        return errors.failCheck(.damaged, "the snapshot file was rewritten after it was loaded (its header, size or mtime changed); load it again", .{});
     }
 
     fn destroy(s: *Snapshot) void {
@@ -344,26 +369,31 @@ pub fn toBytes(s: *const Snapshot, out: []u8) errors.Error!void {
 }
 
 /// The parts of a file's status that a write changes (the inode cannot:
-/// the snapshot holds its fd). Timestamps have the file system's granularity.
+/// the snapshot holds its fd). Not ctime: renaming another file over the
+/// path (what save() does) unlinks this one, which changes its ctime but
+/// not its content. mtime has the file system's timestamp granularity.
 pub const FileId = struct {
     size: u64 = 0,
     mtime_sec: i64 = 0,
     mtime_nsec: u32 = 0,
-    ctime_sec: i64 = 0,
-    ctime_nsec: u32 = 0,
 
     pub fn of(fd: linux.fd_t) error{Stat}!FileId {
         var st: linux.Statx = undefined;
-        if (linux.errno(linux.statx(fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true, .MTIME = true, .CTIME = true }, &st)) != .SUCCESS) return error.Stat;
-        return .{ .size = st.size, .mtime_sec = st.mtime.sec, .mtime_nsec = st.mtime.nsec, .ctime_sec = st.ctime.sec, .ctime_nsec = st.ctime.nsec };
+        if (linux.errno(linux.statx(fd, "", linux.AT.EMPTY_PATH, .{ .SIZE = true, .MTIME = true }, &st)) != .SUCCESS) return error.Stat;
+        return .{ .size = st.size, .mtime_sec = st.mtime.sec, .mtime_nsec = st.mtime.nsec };
     }
 };
+
+/// The header and section table (`Snapshot.head`).
+const head_bytes = @sizeOf(Header);
+/// How often a restore or reset of a loaded snapshot runs statx on its file.
+const stat_interval_ns: u64 = 1_000_000;
 
 /// Save and toBytes read all of memory: a read that hit a truncated page, or
 /// memory whose checksum is not the one checked at load (the file was
 /// rewritten in place), must not become a new file with valid checksums.
 fn checkRead(s: *const Snapshot, mem_crc: u32) errors.Error!void {
-    try s.checkIntact();
+    try s.checkFile();
     if (s.fileBacked() and mem_crc != s.memory_crc)
         return errors.failCheck(.damaged, "the snapshot file's memory changed after it was loaded (checksum 0x{x}, 0x{x} at load): load it again", .{ mem_crc, s.memory_crc });
 }
@@ -596,6 +626,7 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
         .stored_bytes = stored,
         .file_id = file_id,
         .memory_crc = c.memory_crc,
+        .head = file_map[0..head_bytes].*,
     };
     // A mapping the SIGBUS handler does not cover is refused: a lost page
     // of it (the file truncated) would kill the process.
@@ -678,7 +709,7 @@ pub fn save(s: *const Snapshot, path: [*:0]const u8) errors.Error!void {
     }
     if (linux.errno(linux.ftruncate(fd, @intCast(total))) != .SUCCESS) return errors.fail(error.Config, "cannot size {s}", .{tmp});
     if (linux.errno(linux.fsync(fd)) != .SUCCESS) return errors.fail(error.Config, "fsync of {s} failed", .{tmp});
-    try s.checkIntact(); // the pages written were read after the checksum
+    try s.checkFile(); // the pages written were read after the checksum
     if (linux.errno(linux.rename(tmp.ptr, path)) != .SUCCESS) return errors.fail(error.Config, "cannot rename {s} to {s}: E{s}", .{ tmp, p, @tagName(linux.errno(linux.rename(tmp.ptr, path))) });
     ok = true;
     // Make the rename durable.

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from ._native import reset_floor_available
 from .fork import fork_part
-from .harness import Progress, host_info, make_service_snapshot, make_snapshot, versions
+from .harness import DENSE_FRACTION, Progress, check_args, host_info, make_service_snapshot, make_snapshot, versions
 from .peers.unicorn import unicorn_available, unicorn_restore
 from .peers.qemu import QemuPeer, qemu_problem
 from .reset import RESET_CONFIGS, cycle_part, reset_part
@@ -46,7 +46,6 @@ QUICK = {"n": 5, "warmup": 1, "qemu_n": 2, "unicorn_n": 5, "reset_k": [1, 16, 25
          "reset_warmup": 1, "cycle_n": [1, 100, 10_000], "cycle_batches": 2, "cycle_batch_s": 0.02,
          "fork_n": [10], "fork_reps": 1}
 PEER_KEYS = ["memory_mib", "density"]
-DENSE_FRACTION = 0.25
 
 
 def _skipped(skip: Sequence[str], qemu: str) -> dict[str, str]:
@@ -124,12 +123,11 @@ def run_all(out: str | os.PathLike[str] = "bench-results", quick: bool = False, 
     p.update({k: v for k, v in (("n", n), ("qemu_n", qemu_n), ("fork_n", fork_n and list(fork_n))) if v is not None})
     sizes = list(memory_mib or [64, 256])
     skip = [x.strip() for x in skip.split(",") if x.strip()] if isinstance(skip, str) else list(skip)
-    bad = [x for x in skip if x not in PARTS]
-    if bad or p["n"] < 1 or any(m < 8 or m % 2 for m in sizes):
-        from ..errors import ConfigError
-
-        raise ConfigError(f"kvmlab bench all: skip parts are {', '.join(PARTS)} (got {bad or skip}), n >= 1 (got {p['n']}), "
-                          f"memory sizes even and >= 8 MiB (got {sizes})")
+    check_args("all", {
+        f"skip parts are {', '.join(PARTS)}, not {[x for x in skip if x not in PARTS]}": any(x not in PARTS for x in skip),
+        "n must be >= 1": p["n"] < 1,
+        "memory sizes must be even and >= 8 (MiB)": any(m < 8 or m % 2 for m in sizes),
+    })
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = Results("all", host=host_info(), versions=versions(), skipped=_skipped(skip, qemu),

@@ -16,6 +16,7 @@ from .age import AGES_MS, bench_age
 from .all import PARTS, run_all
 from .campaign import campaign_parser
 from .fork import bench_fork
+from .harness import DENSE_FRACTION
 from .report import markdown, text, write_docs
 from .reset import bench_reset
 from .restore import bench_restore
@@ -59,9 +60,11 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _finish(name: str, run: Callable[[], Results], args: argparse.Namespace) -> int:
-    """Runs one benchmark; prints its report; saves it with --json. Exit code
-    1 (message on stderr) if the core raised or a part failed."""
+def _finish(name: str, run: Callable[[], Results], args: argparse.Namespace,
+            show: Callable[[Results], str] = text) -> int:
+    """Runs one benchmark; prints ``show(results)`` (the text report); saves
+    it with --json. Exit code 2 for a bad argument, 1 (message on stderr) if
+    the core raised or a part failed."""
     try:
         res = run()
     except ConfigError as e:  # a bad argument: a usage error
@@ -70,7 +73,7 @@ def _finish(name: str, run: Callable[[], Results], args: argparse.Namespace) -> 
     except KvmlabError as e:
         print(f"kvmlab bench {name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(text(res))
+    print(show(res))
     if getattr(args, "json", None):
         res.save(args.json)
         print(f"wrote {args.json}")
@@ -106,20 +109,13 @@ def cmd_age(args: argparse.Namespace) -> int:
 
 
 def cmd_all(args: argparse.Namespace) -> int:
-    try:
-        res = run_all(args.out, args.quick, memory_mib=args.memory_mib, n=args.n, qemu_n=args.qemu_n, qemu=args.qemu,
-                      skip=args.skip, fork_n=args.fork_n, quiet=args.quiet, no_plots=args.no_plots,
-                      command=_command(args))
-    except ConfigError as e:
-        print(f"{e}", file=sys.stderr)
-        return 2
-    except KvmlabError as e:
-        print(f"kvmlab bench all: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(markdown(res))
-    plots = "".join(f", {name}.png" for name in res.figures)
-    print(f"wrote {Path(args.out) / 'results.json'}, results.md{plots}")
-    return 1 if res.errors else 0
+    def show(res: Results) -> str:
+        plots = "".join(f", {name}.png" for name in res.figures)
+        return f"{markdown(res)}\nwrote {Path(args.out) / 'results.json'}, results.md{plots}"
+
+    return _finish("all", lambda: run_all(
+        args.out, args.quick, memory_mib=args.memory_mib, n=args.n, qemu_n=args.qemu_n, qemu=args.qemu, skip=args.skip,
+        fork_n=args.fork_n, quiet=args.quiet, no_plots=args.no_plots, command=_command(args)), args, show)
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
@@ -151,7 +147,8 @@ def _restore_parser(sub: Any) -> None:
     r.add_argument("--n", type=int, default=200, help="measured restores per path and case (default 200)")
     r.add_argument("--warmup", type=int, default=3, help="unmeasured restores first (default 3)")
     r.add_argument("--dense", action="store_true", help="also a dense snapshot: memtouch with --dense-fraction touched")
-    r.add_argument("--dense-fraction", type=float, default=0.25, help="fraction of memory touched (default 0.25)")
+    r.add_argument("--dense-fraction", type=float, default=DENSE_FRACTION,
+                   help=f"fraction of memory touched (default {DENSE_FRACTION})")
     r.add_argument("--no-run", action="store_true", help="do not run restored VMs (no first_run figures)")
     r.add_argument("--no-floor", action="store_true", help="skip the floor paths")
     _common(r)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 __all__ = [
     "PAGE_BYTES",
     "FREE_BASE",
+    "DENSE_FRACTION",
     "Progress",
     "host_info",
     "versions",
@@ -25,6 +26,8 @@ __all__ = [
 
 PAGE_BYTES = 4096
 FREE_BASE = 0x400000  # first byte the guests may use (docs/guest-protocol.md)
+#: Share of guest memory a dense snapshot has written.
+DENSE_FRACTION = 0.25
 
 
 class Progress:
@@ -78,7 +81,7 @@ def versions() -> dict[str, Any]:
     return out
 
 
-def make_snapshot(kind: str, memory_mib: int, out_dir: Path, dense_fraction: float = 0.25) -> tuple[str, Path, int]:
+def make_snapshot(kind: str, memory_mib: int, out_dir: Path, dense_fraction: float = DENSE_FRACTION) -> tuple[str, Path, int]:
     """Boots a guest to a checkpoint and saves its snapshot: ``kind`` sparse is
     ``counter`` (a handful of non-zero pages), dense is ``memtouch`` with
     ``dense_fraction`` of memory touched. Returns (guest label, path, present pages)."""

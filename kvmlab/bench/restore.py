@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 from ..plot import PHASES  # the core's phases of a restore, in order (said once, there)
 from ._native import floors_available, pool_restore, restore_floor
-from .harness import Progress, check_args, make_service_snapshot, make_snapshot, measure
+from .harness import DENSE_FRACTION, Progress, check_args, make_snapshot, measure
 from .settle import settle
 from .results import Part, Results
 from .targets import restore_verdicts
@@ -161,7 +161,7 @@ def measure_restores(snap_path: Path, cell: dict[str, Any], *, paths: Sequence[s
 
 
 def bench_restore(memory_mib: Sequence[int] = (64, 256), *, strategies: Sequence[str] = STRATEGIES, n: int = 200,
-                  warmup: int = 3, dense: bool = False, dense_fraction: float = 0.25, run_first: bool = True,
+                  warmup: int = 3, dense: bool = False, dense_fraction: float = DENSE_FRACTION, run_first: bool = True,
                   floor: bool = True, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench restore`` as a function: the paths pooled, unpooled,
     floor and floor-idle (``floor=False``: no floors) for every memory size,
@@ -196,8 +196,3 @@ def bench_restore(memory_mib: Sequence[int] = (64, 256), *, strategies: Sequence
                                 "this native core has no benchmark floors (rebuild: pip install -e .)")
     res.verdicts = restore_verdicts(res.parts["restore"].summary())
     return res
-
-
-def service_snapshot_for(memory_mib: int, density: str, out_dir: Path, dense_fraction: float = 0.25) -> Path:
-    """The service guest's snapshot of the same size and density (``bench all``'s service path)."""
-    return make_service_snapshot(memory_mib, out_dir, dense_fraction if density == "dense" else 0.0)

@@ -62,9 +62,12 @@ TARGETS = {t.key: t for t in (
 VERDICT_FIELDS = ("target", "claim", "cell", "strategy", "value", "bound", "met", "baseline", "also", "note")
 
 
-def verdict(key: str, cell: str, strategy: str, value: float, also: str = "", note: str = "") -> dict[str, Any]:
+def verdict(key: str, cell: str, strategy: str, value: float, also: str = "", note: str = "",
+            judged: bool = True) -> dict[str, Any]:
+    """One target's verdict on one cell; ``judged=False`` (with the reason in
+    ``note``) reports the value without judging it."""
     t = TARGETS[key]
-    met = t.met(value)
+    met = t.met(value) if judged else None
     if met is None and not note:
         note = "not measured in this run"
     return {"target": key, "claim": t.claim, "cell": cell, "strategy": strategy, "value": value, "bound": t.bound,
@@ -138,18 +141,13 @@ def reset_verdicts(reset_summary) -> list[dict[str, Any]]:
 
         value = ratio(med("reset", "call_ns"), med("floor", "call_ns"))
         also = f"the core's reset time / the floor's: {fmt_ratio(ratio(med('reset', 'total_ns'), med('floor', 'total_ns')))}"
-        note = ""
-        if mode == "drop":
-            # The floor copies the dirty pages back; a drop reset discards them
-            # (the next run faults them in): different work, no verdict.
-            value_judged: float = math.nan
-            note = ("not judged: the floor copies the dirty pages back, a drop reset discards them "
-                    f"(ratio {fmt_ratio(value)} compares different work)")
-        else:
-            value_judged = value
-        v = verdict("reset", f"K={k} {config}", config.split("/")[0], value_judged, also=also, note=note)
-        v["value"] = value
-        out.append(v)
+        # The floor copies the dirty pages back; a drop reset discards them
+        # (the next run faults them in): different work, reported, not judged.
+        drop = mode == "drop"
+        note = ("not judged: the floor copies the dirty pages back, a drop reset discards them (different work)"
+                if drop else "")
+        out.append(verdict("reset", f"K={k} {config}", config.split("/")[0], value, also=also, note=note,
+                           judged=not drop))
     return out
 
 

@@ -100,7 +100,7 @@ pub export fn kvmlab_snapshot_get_info(h: ?*const kvmlab_snapshot, out: ?*kvmlab
 fn snapInfo(h: ?*const kvmlab_snapshot, out: ?*kvmlab_snapshot_info) errors.Error!void {
     const s = try asSnap(h);
     const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
-    s.checkIntact() catch {}; // sets `damaged` when the file changed since load
+    s.checkFile() catch {}; // sets `damaged` when the file changed since load
     o.* = .{
         .memory_bytes = s.parsed.memory_bytes,
         .vcpus = s.parsed.vcpus,

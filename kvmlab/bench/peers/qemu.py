@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..harness import DENSE_FRACTION
+
 __all__ = ["pvh_elf", "QemuPeer", "qemu_problem", "qemu_version", "migrate_uri", "QmpChannel", "QmpError",
            "QmpTimeoutError", "INSTALL_HINT", "QMP_TIMEOUT_S"]
 
@@ -323,9 +325,10 @@ class QemuPeer:
         return took
 
     def measure(self, memory_mib: int, density: str, reps: int, progress=None) -> list[dict[str, Any]]:
-        """Saves a VM of ``memory_mib`` (dense: 25% of its RAM filled) and
-        restores it ``reps`` times; one record per restore (``restore_ns``)."""
-        saved = self.save(memory_mib, 0.25 if density == "dense" else 0.0)
+        """Saves a VM of ``memory_mib`` (dense: DENSE_FRACTION of its RAM
+        filled, like kvmlab's dense snapshots) and restores it ``reps`` times;
+        one record per restore (``restore_ns``)."""
+        saved = self.save(memory_mib, DENSE_FRACTION if density == "dense" else 0.0)
         try:
             if progress is not None:
                 progress.update(1)
