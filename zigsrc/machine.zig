@@ -114,8 +114,10 @@ pub const Factory = struct {
     pub fn restoreInto(m: *Machine, parsed: *const state.Parsed, src: restore.MemorySource, times: *restore.Times) errors.Error!void {
         try m.restoreFrom(parsed, src, times);
     }
-    /// A released machine kept for reuse: reset it to its snapshot.
+    /// A released machine kept for reuse: reset it to its snapshot, hot
+    /// (reset.makeHot: the pages its guest writes stay writable).
     pub fn resetForReuse(m: *Machine) errors.Error!void {
+        if (m.resettable) |*r| if (r.pin_limit == 0) reset.makeHot(m.shell, r);
         var t: reset.Times = .{};
         try m.resetTo(.auto, &t);
     }

@@ -72,6 +72,9 @@ pub const Vm = struct {
     vcpus: [boot.max_vcpus]Vcpu = @splat(.{}),
     run_bytes: usize = 0,
     booted: bool = false,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: readDirtyLog leaves the log
+    /// as it is and clearDirtyLog re-protects the pages given.
+    manual_protect: bool = false,
     running: std.atomic.Value(bool) = .init(false),
     /// Stops the vCPUs of the run in progress (a crash, a foreign signal,
     /// a failed spawn, interrupt()); cleared when a run starts.
@@ -589,11 +592,28 @@ pub const Vm = struct {
         return @intCast((vm.mem.len / boot.page_bytes + 63) / 64);
     }
 
-    /// Reads and clears KVM's dirty log of guest memory into `bitmap`.
+    /// Reads KVM's dirty log of guest memory into `bitmap`; clears it too
+    /// unless manual protect is on (then the caller calls clearDirtyLog).
     pub fn readDirtyLog(vm: *Vm, bitmap: []u64) errors.Error!void {
         std.debug.assert(bitmap.len == vm.dirtyWords());
         @memset(bitmap, 0);
         vm.vm_fd.getDirtyLog(&.{ .slot = 0, .bitmap = @intFromPtr(bitmap.ptr) }) catch return errors.ioctlFailed("KVM_GET_DIRTY_LOG");
+    }
+
+    /// From now on the dirty log is cleared page by page (clearDirtyLog), so
+    /// a caller can leave pages it rewrites anyway writable. Idempotent.
+    pub fn enableManualProtect(vm: *Vm) errors.Error!void {
+        if (vm.manual_protect) return;
+        vm.vm_fd.enableCap(&.{ .cap = kvm.CAP_MANUAL_DIRTY_LOG_PROTECT2, .args = .{ kvm.MANUAL_PROTECT_ENABLE, 0, 0, 0 } }) catch return errors.ioctlFailed("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)");
+        vm.manual_protect = true;
+    }
+
+    /// With manual protect: clears the dirty bits of (and write-protects)
+    /// the pages set in `bitmap`; a page left out stays writable and dirty.
+    pub fn clearDirtyLog(vm: *Vm, bitmap: []const u64) errors.Error!void {
+        std.debug.assert(vm.manual_protect and bitmap.len == vm.dirtyWords());
+        const pages: u32 = @intCast(vm.mem.len / boot.page_bytes);
+        vm.vm_fd.clearDirtyLog(&.{ .slot = 0, .num_pages = pages, .first_page = 0, .bitmap = @intFromPtr(bitmap.ptr) }) catch return errors.ioctlFailed("KVM_CLEAR_DIRTY_LOG");
     }
 
     pub fn getRegs(vm: *Vm, index: u32, regs: *kvm.Regs, sregs: *kvm.Sregs) errors.Error!void {
