@@ -331,6 +331,8 @@ class RestorePool:
         # Snapshots prepared with a warmup, by native snapshot address:
         # (snapshot, its handle, warmup). The warmer thread keeps their targets.
         self._warmups: dict[int, tuple[Snapshot, Any, Callable[[Any], object]]] = {}
+        # Every prepared snapshot and its target (what prepared_targets() lists).
+        self._targets: dict[Snapshot, int] = {}
         self._warmer: threading.Thread | None = None
         self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
         _LIVE_POOLS.add(self)
@@ -433,10 +435,13 @@ class RestorePool:
         with snap._use() as sh:
             key = int(ffi.cast("uintptr_t", sh))
             self._warmups.pop(key, None)
+            self._targets.pop(snap, None)
             h = self._enter()
             try:
                 if warmup is None or n == 0:
                     _ffi.check(lib.kvmlab_pool_prepare(h, sh, n, code))
+                    if n:
+                        self._targets[snap] = n
                     return
                 # Every VM runs this warmup: those prepared before are given up.
                 _ffi.check(lib.kvmlab_pool_prepare(h, sh, 0, code))
@@ -450,6 +455,7 @@ class RestorePool:
                 self._give_up(sh)
                 raise
             self._warmups[key] = (snap, sh, warmup)
+            self._targets[snap] = n
         self._start_warmer()
 
     def prepared_count(self, snap: Snapshot) -> int:
@@ -468,6 +474,11 @@ class RestorePool:
             return 0
         finally:
             self._exit()
+
+    def prepared_targets(self) -> dict[Snapshot, int]:
+        """Every snapshot prepared in this pool, with its target ``n``
+        (:meth:`prepared_count` says how many are ready now)."""
+        return dict(self._targets)
 
     def _give_up(self, sh: Any) -> None:
         """prepare(snap, 0) after a failure (nothing half-prepared)."""
