@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import resource
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -143,8 +144,24 @@ class ForkSet(list):
         self.close()
 
 
+def _distinct_identities(n: int) -> list[int]:
+    """``n`` distinct random nonzero 64-bit identities."""
+    out: set[int] = set()
+    while len(out) < n:
+        out.add(secrets.randbits(64) or 1)
+    return list(out)
+
+
+def _restore_with(snap: Snapshot, resettable: bool, identity: int) -> Vm:
+    vm = Vm.restore(snap, "map", resettable=resettable)
+    if identity:
+        vm.set_identity(identity)
+    return vm
+
+
 def fork_many(
-    snap: Snapshot, n: int, *, threads: int | None = None, resettable: bool = False, progress: bool = True
+    snap: Snapshot, n: int, *, threads: int | None = None, resettable: bool = False, progress: bool = True,
+    identity: bool = False,
 ) -> ForkSet:
     """Restores ``n`` VMs from one file-backed snapshot with the ``map`` strategy.
 
@@ -159,6 +176,10 @@ def fork_many(
         resettable: make every VM resettable (``vm.reset()``).
         progress: show a progress bar (tqdm.auto) once it takes over a second;
             also for the returned set's ``close()``.
+        identity: give every VM a distinct random identity (``vm.identity``)
+            its guest reads through ports 0x503/0x504 (docs/guest-protocol.md):
+            clones then need not share the snapshot's random state. Without
+            it the guest reads 0 and every VM is the snapshot, bit for bit.
 
     Returns:
         A :class:`ForkSet` (a list of the VMs) with ``stats`` (ready time,
@@ -175,6 +196,8 @@ def fork_many(
             "argument_value", "snap", "fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)"
         )
     check_int("n", n, 1, 100_000)
+    check_type("identity", identity, bool)
+    identities = _distinct_identities(n) if identity else [0] * n
     _progress.check(progress)
     raise_fd_limit(n * (1 + snap.vcpus))  # the VM and its vCPUs (the file's fd is the snapshot's, shared)
     threads = min(8, (os.cpu_count() or 2) * 2) if threads is None else check_int("threads", threads, 1, MAX_THREADS)
@@ -184,7 +207,7 @@ def fork_many(
     out.progress = progress
     try:
         with _progress.bar(n, "fork_many", "VM", progress) as bar, ThreadPoolExecutor(max_workers=threads) as ex:
-            for vm in ex.map(lambda _i: Vm.restore(snap, "map", resettable=resettable), range(n)):
+            for vm in ex.map(lambda i: _restore_with(snap, resettable, identities[i]), range(n)):
                 out.append(vm)
                 bar.update()
     except KvmlabError:

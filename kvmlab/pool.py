@@ -395,7 +395,8 @@ class RestorePool:
     # -- prepared VMs ---------------------------------------------------------------
 
     def prepare(
-        self, snap: Snapshot, n: int, *, warmup: Callable[[Any], object] | None = None, strategy: str = "auto"
+        self, snap: Snapshot, n: int, *, warmup: Callable[[Any], object] | None = None, strategy: str = "auto",
+        identity: bool = False,
     ) -> None:
         """Keeps ``n`` VMs of ``snap`` *prepared*: restored into shells and, with
         ``warmup``, run through ``warmup(vm)`` and reset to ``snap`` again, so
@@ -417,6 +418,9 @@ class RestorePool:
             warmup: called with each VM before it is reset (e.g.
                 ``lambda vm: vm.call(b"ping")``); the VM is the pool's afterwards.
             strategy: ``"copy"``, ``"map"`` or ``"auto"`` (map a file-backed snapshot).
+            identity: every take gives the VM a fresh, distinct identity
+                (``vm.identity``), which the guest reads through ports 0x503/0x504
+                (docs/guest-protocol.md); without it the guest reads 0.
 
         Raises:
             PrepareError: ``warmup`` raised or crashed the guest (``check ==
@@ -432,6 +436,8 @@ class RestorePool:
         if warmup is not None and not callable(warmup):
             bad_argument("argument_type", "warmup", f"warmup must be callable (it gets the VM), got {type(warmup).__name__}")
         code = strategy_code(strategy)
+        check_type("identity", identity, bool)
+        flags = _ffi.enum_values("kvmlab_prepare_flags")["identity"] if identity else 0  # bits, named by the header
         with snap._use() as sh:
             key = int(ffi.cast("uintptr_t", sh))
             self._warmups.pop(key, None)
@@ -439,13 +445,13 @@ class RestorePool:
             h = self._enter()
             try:
                 if warmup is None or n == 0:
-                    _ffi.check(lib.kvmlab_pool_prepare(h, sh, n, code))
+                    _ffi.check(lib.kvmlab_pool_prepare(h, sh, n, code, flags))
                     if n:
                         self._targets[snap] = n
                     return
                 # Every VM runs this warmup: those prepared before are given up.
-                _ffi.check(lib.kvmlab_pool_prepare(h, sh, 0, code))
-                _ffi.check(lib.kvmlab_pool_prepare_target(h, sh, n, code))
+                _ffi.check(lib.kvmlab_pool_prepare(h, sh, 0, code, 0))
+                _ffi.check(lib.kvmlab_pool_prepare_target(h, sh, n, code, flags))
             finally:
                 self._exit()
             try:
@@ -487,7 +493,7 @@ class RestorePool:
         except ClosedError:
             return
         try:
-            lib.kvmlab_pool_prepare(h, sh, 0, 0)
+            lib.kvmlab_pool_prepare(h, sh, 0, 0, 0)
         finally:
             self._exit()
 

@@ -682,6 +682,30 @@ class _VmHandle:
         """write_memory with the lock held, ``h`` live and the range checked."""
         _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", data), len(data)))
 
+    @property
+    def identity(self) -> int:
+        """The per-clone identity the guest reads through ports 0x503 (low 32
+        bits) and 0x504 (high): 0 unless one was given (:meth:`set_identity`,
+        ``fork_many(..., identity=True)``, ``RestorePool.prepare(..., identity=True)``)."""
+        with self._lock:
+            return int(lib.kvmlab_vm_get_identity(self._live()))
+
+    def set_identity(self, identity: int) -> None:
+        """Gives the VM an identity its guest reads (docs/guest-protocol.md,
+        "Per-clone identity"): host state, not guest memory, so the VM stays
+        bit-identical to its snapshot.
+
+        Args:
+            identity: 0 .. 2**64-1 (0: none).
+
+        Raises:
+            ConfigError: not an int in range.
+            ClosedError: the VM is closed.
+        """
+        check_int("identity", identity, 0, 2**64 - 1)
+        with self._lock:
+            _ffi.check(lib.kvmlab_vm_set_identity(self._live(), identity))
+
     def registers(self, vcpu: int = 0) -> dict[str, int]:
         """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``).
 

@@ -140,6 +140,9 @@ pub const Factory = struct {
         try m.restoreFrom(&s.parsed, try restore.MemorySource.forSnapshot(s, strategy), times);
         try m.enableReset(s);
     }
+    pub fn setIdentity(m: *Machine, identity: u64) void {
+        m.shell.identity.store(identity, .release);
+    }
     pub fn retainSnap(s: *Snapshot) *Snapshot {
         return s.retain();
     }

@@ -94,7 +94,8 @@ pub const Pool = PoolOf(machine.Factory);
 
 /// A pool over the items `F` makes: `F.Item`, `F.Source` (with strategy()),
 /// create, destroy, restoreInto, resetForReuse, reopen, resetsTo, resettable,
-/// prepareInto (restore from a snapshot, resettable), retainSnap/releaseSnap.
+/// prepareInto (restore from a snapshot, resettable), retainSnap/releaseSnap,
+/// setIdentity.
 /// Generic so the accounting is tested without KVM (see the tests).
 pub fn PoolOf(comptime F: type) type {
     return struct {
@@ -163,6 +164,8 @@ pub fn PoolOf(comptime F: type) type {
         timings: [timing_capacity]Timing = undefined,
         timings_len: usize = 0,
         next_seq: u64 = 0,
+        /// nextIdentity's state, seeded from getrandom at create.
+        identity_state: u64 = 0,
 
         pub fn checkConfig(cfg: Config) errors.Error!void {
             try boot.checkConfig(cfg.memory_bytes, cfg.vcpus);
@@ -177,6 +180,7 @@ pub fn PoolOf(comptime F: type) type {
             try checkConfig(cfg);
             const p = allocator.create(Self) catch return error.OutOfMemory;
             p.* = .{ .cfg = cfg };
+            _ = linux.getrandom(@ptrCast(&p.identity_state), @sizeOf(u64), 0);
             p.warm(cfg.min_size) catch |e| {
                 p.destroyAll();
                 allocator.destroy(p);
@@ -491,6 +495,9 @@ pub fn PoolOf(comptime F: type) type {
             took.* = p.timings[seq % timing_capacity].strategy;
             p.timings_len = @min(p.timings_len + 1, timing_capacity);
             seq_out.* = seq;
+            // A fresh identity when the target asks for one, else none (a
+            // take never hands on the identity of an earlier holder).
+            F.setIdentity(vm, if (target != null and target.?.identity) p.nextIdentity() else 0);
             if (target) |t| p.wakePreparer(t);
             return vm;
         }
@@ -507,6 +514,7 @@ pub fn PoolOf(comptime F: type) type {
         pub const prepareEnd = prepared.prepareEnd;
         pub const prepareDone = prepared.prepareDone;
         pub const prepare = prepared.prepare;
+        pub const nextIdentity = prepared.nextIdentity;
         pub const preparing = prepared.preparing;
         pub const waitPrepareNeed = prepared.waitPrepareNeed;
         pub const shortTarget = prepared.shortTarget;

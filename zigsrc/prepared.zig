@@ -33,6 +33,8 @@ pub const Target = struct {
     external: bool,
     /// Being restored (and warmed) now, between prepareBegin and prepareEnd.
     preparing: u32 = 0,
+    /// Every take gives the VM a fresh identity (nextIdentity).
+    identity: bool = false,
 };
 
 pub fn findTarget(p: anytype, snap: *const snapshot.Snapshot) ?*Target {
@@ -86,7 +88,7 @@ pub fn preparedCount(p: anytype, snap: *const snapshot.Snapshot) u32 {
 /// The targets of all snapshots together stay within max_size.
 /// `external`: the caller prepares (prepareBegin/End, with its warmup);
 /// otherwise the refill thread does.
-pub fn setTarget(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore_mod.Strategy, external: bool) errors.Error!void {
+pub fn setTarget(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore_mod.Strategy, external: bool, identity: bool) errors.Error!void {
     p.lockIt();
     defer p.unlockIt();
     if (p.closed) return errors.fail(error.Closed, "the pool is closed", .{});
@@ -103,7 +105,7 @@ pub fn setTarget(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore
         p.targets_len += 1;
         break :blk &p.targets[p.targets_len - 1];
     };
-    t.* = .{ .snap = t.snap, .n = n, .strategy = strategy, .external = external, .preparing = t.preparing };
+    t.* = .{ .snap = t.snap, .n = n, .strategy = strategy, .external = external, .preparing = t.preparing, .identity = identity };
     // Give up ready VMs beyond the new target.
     var ready = p.readyFor(snap);
     while (ready > n) : (ready -= 1) {
@@ -199,9 +201,9 @@ pub fn prepareDone(p: anytype, snap: *snapshot.Snapshot, vm: ?*ItemOf(@TypeOf(p)
 /// prepare() on this thread, without a warmup: sets the target and
 /// restores until `n` VMs of `snap` are ready. On an error the target
 /// is given up (nothing half-prepared) and the error returned.
-pub fn prepare(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore_mod.Strategy) errors.Error!void {
-    try p.setTarget(snap, n, strategy, false);
-    errdefer p.setTarget(snap, 0, strategy, false) catch {};
+pub fn prepare(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore_mod.Strategy, identity: bool) errors.Error!void {
+    try p.setTarget(snap, n, strategy, false, identity);
+    errdefer p.setTarget(snap, 0, strategy, false, false) catch {};
     // Bounded: each round prepares one VM or waits 1 ms for one in flight
     // (the refill thread's, or a released one being reset).
     var round: u32 = 0;
@@ -242,6 +244,18 @@ pub fn waitPrepareNeed(p: anytype, wait_ns: u64) errors.Error!bool {
         _ = c.pthread_cond_timedwait(&p.need_cv, &p.lock, &ts);
     }
     return errors.fail(error.Closed, "the pool is closed", .{});
+}
+
+/// With the lock held: the identity of the next take of a target that asks
+/// for one. splitmix64 over a random per-pool seed: its finalizer is a
+/// bijection, so takes get distinct values; never 0 ("no identity").
+pub fn nextIdentity(p: anytype) u64 {
+    p.identity_state +%= 0x9E3779B97F4A7C15;
+    var z = p.identity_state;
+    z = (z ^ (z >> 30)) *% 0xBF58476D1CE4E5B9;
+    z = (z ^ (z >> 27)) *% 0x94D049BB133111EB;
+    z ^= z >> 31;
+    return if (z == 0) 1 else z;
 }
 
 /// With the lock held: a target the refill thread prepares that is short.

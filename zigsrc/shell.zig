@@ -34,6 +34,10 @@ pub const port_console_putc: u16 = 0x00E9;
 pub const port_exit: u16 = 0x0500;
 pub const port_checkpoint: u16 = 0x0501;
 pub const port_console_write: u16 = 0x0502;
+/// Reads (`in`) give the low / high 32 bits of the VM's identity: a value the
+/// host gives each clone that asks for one (fork_many, prepare), 0 otherwise.
+pub const port_identity_lo: u16 = 0x0503;
+pub const port_identity_hi: u16 = 0x0504;
 
 /// Where the KVM TSS lives (Intel needs it for real mode; outside guest RAM).
 const tss_addr: u64 = 0xFFFB_D000;
@@ -108,6 +112,9 @@ pub const Vm = struct {
     backing: ?Backing = null,
     /// A host read of the file-backed guest memory faulted (see sigbus.zig).
     mem_damaged: std.atomic.Value(bool) = .init(false),
+    /// Per-clone identity the guest reads through ports 0x503/0x504 (host
+    /// state, not guest memory: a VM nobody gives one reads 0, as before).
+    identity: std.atomic.Value(u64) = .init(0),
     sigbus_slot: ?usize = null,
 
     /// Creates an empty shell. The memory slot is registered before the
@@ -431,8 +438,20 @@ pub const Vm = struct {
         if (io.direction == kvm.EXIT_IO_IN) {
             switch (io.port) {
                 port_console_putc, port_exit, port_checkpoint, port_console_write => @memset(data, 0),
+                port_identity_lo, port_identity_hi => {
+                    const id = vm.identity.load(.acquire);
+                    var word: [4]u8 = undefined;
+                    std.mem.writeInt(u32, &word, @truncate(if (io.port == port_identity_lo) id else id >> 32), .little);
+                    const size: usize = io.size; // 1, 2 or 4 from KVM
+                    if (size == 0 or size > 4) {
+                        vm.crash(index, "KVM reported a {d}-byte port read", .{size});
+                        return false;
+                    }
+                    var k: usize = 0;
+                    while (k < data.len) : (k += size) @memcpy(data[k..][0..size], word[0..size]);
+                },
                 else => {
-                    vm.crash(index, "guest read unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x502", .{ io.port, io.size });
+                    vm.crash(index, "guest read unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x504", .{ io.port, io.size });
                     return false;
                 },
             }

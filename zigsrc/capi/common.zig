@@ -177,6 +177,13 @@ pub const kvmlab_restore_flags = enum(c_int) {
     reset_on_release = 2,
 };
 
+/// kvmlab_pool_prepare options (bits).
+pub const kvmlab_prepare_flags = enum(c_int) {
+    /// Every take of a prepared VM gives it a fresh identity (ports 0x503 and
+    /// 0x504 of the guest protocol); without it the guest reads 0.
+    identity = 1,
+};
+
 /// Struct ids for kvmlab_struct_size.
 pub const kvmlab_struct_id = enum(c_int) {
     vm_config = 1,

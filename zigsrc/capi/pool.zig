@@ -175,23 +175,25 @@ pub export fn kvmlab_pool_release(h: ?*kvmlab_pool, vm_handle: ?*kvmlab_vm) call
 /// Keeps `n` VMs of `snap` prepared (restored into shells, resettable, kept
 /// ready; the refill thread keeps the count after takes): returns once they
 /// are. n = 0 gives them up. On an error nothing is left prepared for `snap`.
-pub export fn kvmlab_pool_prepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy) callconv(.c) kvmlab_result {
-    return result(poolPrepare(h, snap, n, strategy, false));
+/// `flags`: kvmlab_prepare_flags bits.
+pub export fn kvmlab_pool_prepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, flags: u32) callconv(.c) kvmlab_result {
+    return result(poolPrepare(h, snap, n, strategy, false, flags));
 }
 /// Sets the target of `snap` for a caller that prepares them itself with
 /// kvmlab_pool_prepare_begin/_end (e.g. to run a warmup); nothing is restored.
-pub export fn kvmlab_pool_prepare_target(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy) callconv(.c) kvmlab_result {
-    return result(poolPrepare(h, snap, n, strategy, true));
+pub export fn kvmlab_pool_prepare_target(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, flags: u32) callconv(.c) kvmlab_result {
+    return result(poolPrepare(h, snap, n, strategy, true, flags));
 }
-fn poolPrepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, external: bool) errors.Error!void {
+fn poolPrepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, external: bool, flags: u32) errors.Error!void {
     const p = try asPool(h);
     const s = try asSnap(snap);
     try s.checkIntact();
     if (s.parsed.memory_bytes != p.cfg.memory_bytes or s.parsed.vcpus != p.cfg.vcpus)
         return errors.failCheck(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ s.parsed.memory_bytes >> 20, s.parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
     _ = try restore.MemorySource.forSnapshot(s, strategy); // a strategy the caller may choose
-    if (external) return p.setTarget(s, n, strategy, true);
-    try p.prepare(s, n, strategy);
+    const identity = flags & @intFromEnum(common.kvmlab_prepare_flags.identity) != 0;
+    if (external) return p.setTarget(s, n, strategy, true, identity);
+    try p.prepare(s, n, strategy, identity);
 }
 
 /// For a kvmlab_pool_prepare_target: when `snap` is short of its target,

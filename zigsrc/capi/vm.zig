@@ -112,6 +112,21 @@ fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.E
     try m.writeMemory(gpa, try bytesOf(buf, len));
 }
 
+/// Sets the identity the guest reads through ports 0x503 (low 32 bits) and
+/// 0x504 (high); 0, the default, is "no identity".
+pub export fn kvmlab_vm_set_identity(h: ?*kvmlab_vm, identity: u64) callconv(.c) kvmlab_result {
+    return result(setIdentity(h, identity));
+}
+fn setIdentity(h: ?*kvmlab_vm, identity: u64) errors.Error!void {
+    (try asVm(h)).shell.identity.store(identity, .release);
+}
+
+/// The VM's identity (see kvmlab_vm_set_identity); 0 for NULL. Never fails.
+pub export fn kvmlab_vm_get_identity(h: ?*kvmlab_vm) callconv(.c) u64 {
+    const m = asVm(h) catch return 0;
+    return m.shell.identity.load(.acquire);
+}
+
 pub export fn kvmlab_vm_get_regs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) callconv(.c) kvmlab_result {
     return result(getRegs(h, vcpu, out));
 }
