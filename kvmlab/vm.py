@@ -877,7 +877,9 @@ class Vm(_VmHandle):
         out = ffi.new("kvmlab_vm **")
         t = ffi.new("kvmlab_restore_times *")
         with snap._use() as sh:
-            _ffi.check(lib.kvmlab_vm_restore(sh, code, out, t))
+            # Without resettable the shell has no dirty log (less kernel memory per VM).
+            flags = _ffi.enum_values("kvmlab_restore_flags")["resettable"] if resettable else 0
+            _ffi.check(lib.kvmlab_vm_restore(sh, code, flags, out, t))
         vm = cls(out[0], snap.config, snap.guest)
         if resettable:
             try:

@@ -19,9 +19,12 @@ pub const Machine = struct {
     mapping: restore.Mapping = .{},
     resettable: ?reset.Resettable = null,
 
-    /// A new empty shell in a machine.
+    /// A new empty shell in a machine (`dirty_log`: see shell.Vm.createWith).
     pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
-        const vm = try shell.Vm.create(memory_bytes, vcpus);
+        return createWith(memory_bytes, vcpus, true);
+    }
+    pub fn createWith(memory_bytes: u64, vcpus: u32, dirty_log: bool) errors.Error!*Machine {
+        const vm = try shell.Vm.createWith(memory_bytes, vcpus, dirty_log);
         errdefer vm.destroy();
         const m = allocator.create(Machine) catch return error.OutOfMemory;
         m.* = .{ .shell = vm };

@@ -48,6 +48,7 @@ pub const Resettable = struct {
     pub fn init(vm: *shell.Vm, s: *Snapshot) errors.Error!Resettable {
         if (s.parsed.memory_bytes != vm.mem.len or s.parsed.vcpus != vm.vcpu_count)
             return errors.failCheck(.shape, "the snapshot does not match this VM's shape", .{});
+        try vm.enableDirtyLog(); // a shell made without it (fork_many's)
         const host_dirty = allocator.alloc(u64, 2 * vm.dirtyWords()) catch return error.OutOfMemory;
         @memset(host_dirty, 0);
         return .{ .snap = s.retain(), .host_dirty = host_dirty[0..vm.dirtyWords()], .pinned = host_dirty[vm.dirtyWords()..] };

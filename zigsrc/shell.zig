@@ -76,6 +76,8 @@ pub const Vm = struct {
     vcpus: [boot.max_vcpus]Vcpu = @splat(.{}),
     run_bytes: usize = 0,
     booted: bool = false,
+    /// The memory slot logs dirty pages (reset needs it; see createWith).
+    dirty_logging: bool = false,
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: readDirtyLog leaves the log
     /// as it is and clearDirtyLog re-protects the pages given.
     manual_protect: bool = false,
@@ -117,9 +119,17 @@ pub const Vm = struct {
     identity: std.atomic.Value(u64) = .init(0),
     sigbus_slot: ?usize = null,
 
+    /// Creates an empty shell that can be reset (dirty logging on).
+    pub fn create(memory_bytes: u64, vcpu_count: u32) errors.Error!*Vm {
+        return createWith(memory_bytes, vcpu_count, true);
+    }
+
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
-    pub fn create(memory_bytes: u64, vcpu_count: u32) errors.Error!*Vm {
+    /// `dirty_log` false: no dirty bitmap (2 bits per guest page in the
+    /// kernel, 16 KiB for 256 MiB) for a VM that is never reset (fork_many);
+    /// enableDirtyLog turns it on later at the price of that wait.
+    pub fn createWith(memory_bytes: u64, vcpu_count: u32, dirty_log: bool) errors.Error!*Vm {
         try boot.checkConfig(memory_bytes, vcpu_count);
         const h = try host.get();
         installKickHandler();
@@ -140,7 +150,8 @@ pub const Vm = struct {
         // read (reset.zig), and enabling it later would be a slot change after
         // the irqchip exists (the ~11 ms stall).
         try fault.check(.slot);
-        try vm.setMemorySlot(kvm.MEM_LOG_DIRTY_PAGES);
+        try vm.setMemorySlot(if (dirty_log) kvm.MEM_LOG_DIRTY_PAGES else 0);
+        vm.dirty_logging = dirty_log;
 
         try fault.check(.irqchip);
         vm.vm_fd.createIrqchip() catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
@@ -162,6 +173,14 @@ pub const Vm = struct {
             try host.setVcpuCpuid(v.fd, i);
         }
         return vm;
+    }
+
+    /// Dirty logging for a shell made without it (a slot change: ~11 ms on
+    /// kvm_pvm once the irqchip exists). Idempotent.
+    pub fn enableDirtyLog(vm: *Vm) errors.Error!void {
+        if (vm.dirty_logging) return;
+        try vm.setMemorySlot(kvm.MEM_LOG_DIRTY_PAGES);
+        vm.dirty_logging = true;
     }
 
     pub fn setMemorySlot(vm: *Vm, flags: u32) errors.Error!void {

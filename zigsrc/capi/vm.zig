@@ -146,17 +146,20 @@ fn getRegs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) errors.Error!vo
 }
 
 /// Builds a new VM from a snapshot (a fresh shell, then restore).
-pub export fn kvmlab_vm_restore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) kvmlab_result {
-    return result(vmRestore(h, strategy, out, times));
+/// `flags`: kvmlab_restore_flags bits; without resettable the shell has no
+/// dirty log (less kernel memory; kvmlab_vm_enable_reset turns it on later).
+pub export fn kvmlab_vm_restore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(vmRestore(h, strategy, flags, out, times));
 }
-fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
     const o = try outPtr(?*kvmlab_vm, out);
     o.* = null;
     const s = try asSnap(h);
     try s.checkIntact();
     const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
     const t0 = shell.monotonicNs();
-    const m = try machine.Machine.create(s.parsed.memory_bytes, s.parsed.vcpus);
+    const resettable = flags & (@intFromEnum(common.kvmlab_restore_flags.resettable) | @intFromEnum(common.kvmlab_restore_flags.reset_on_release)) != 0;
+    const m = try machine.Machine.createWith(s.parsed.memory_bytes, s.parsed.vcpus, resettable);
     errdefer m.destroy();
     const t1 = shell.monotonicNs();
     var rt: restore.Times = .{};
