@@ -147,11 +147,15 @@ class ForkSet(list):
         for large sets unless ``progress`` is False)."""
         vms = list(self)
         self.clear()
-        with _progress.bar(len(vms), "closing VMs", "VM", self.progress) as bar, ThreadPoolExecutor(
-            max_workers=max(1, min(32, len(vms)))
-        ) as ex:
-            for _ in ex.map(lambda v: v.close(), vms):
-                bar.update()
+        try:
+            with _progress.bar(len(vms), "closing VMs", "VM", self.progress) as bar, ThreadPoolExecutor(
+                max_workers=max(1, min(32, len(vms)))
+            ) as ex:
+                for _ in ex.map(lambda v: v.close(), vms):
+                    bar.update()
+        except RuntimeError:  # "can't start new thread" (a host limit): close them here
+            for vm in vms:
+                vm.close()  # idempotent: those already closed return at once
 
     def __enter__(self) -> "ForkSet":
         return self

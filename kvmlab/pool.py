@@ -5,8 +5,10 @@
     ...     rvm.run()
     >>> pool.stats(), pool.timings()
 
-The pool, its worker thread (refill to ``min_size``, destroy released VMs off
-the caller's path) and the per-restore timing ring live in the Zig core
+The pool, its worker threads (refill to ``min_size``, destroy released VMs off
+the caller's path; past a backlog of 64 released VMs a release destroys its
+VM on the caller's thread, which bounds memory and descriptors) and the
+per-restore timing ring live in the Zig core
 (``zigsrc/pool.zig``); this module is a thin, thread-safe wrapper.
 """
 
@@ -239,7 +241,8 @@ os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 class PooledRestoreVm(_VmHandle):
     """A VM restored by a :class:`RestorePool`. ``release()`` (or leaving the
-    ``with`` block) hands it back; the pool destroys it off your thread."""
+    ``with`` block) hands it back; the pool destroys it off your thread (on
+    it when 64 released VMs already wait to be destroyed)."""
 
     __slots__ = ("_pool_handle", "_first_run_pending", "_times", "_timing")
 
@@ -287,8 +290,8 @@ class RestorePool:
     ``min_size`` shells (so errors surface here).
 
     A worker thread in the core keeps ``min_size`` shells idle and destroys
-    released VMs off the caller's thread. Use it as a context manager or call
-    :meth:`close`.
+    released VMs off the caller's thread (past a backlog of 64, on it). Use it
+    as a context manager or call :meth:`close`.
 
     Args:
         vm_config: the shape of every shell (default ``VmConfig()``); restored

@@ -10,8 +10,11 @@ adds :meth:`Vm.boot`. Other ways to obtain a handle (restore from a snapshot,
 pools) subclass :class:`_VmHandle` the same way.
 
 Threading: one lock per VM. ``run()`` holds it for the whole native call (cffi
-releases the GIL meanwhile), so ``close()`` or memory access from another
-thread waits until the run returns.
+releases the GIL meanwhile), and every multi-step operation holds it for all
+its steps (``call()``: write, run, read; ``run_until_exit()``: every run), so
+memory access from another thread waits until they return, and concurrent
+callers each get their own answer. ``interrupt()`` and ``close()`` do not
+wait for the lock first: they stop a run in progress at once.
 """
 
 from __future__ import annotations
@@ -611,6 +614,10 @@ class _VmHandle:
         code = self._reset_mode(mode)
         offs = ffi.from_buffer("uint64_t[]", offsets)
         count = len(offs) - 1
+        # The core reads inputs[0 .. offsets[count]]: that must be this buffer.
+        if count < 0 or offs[count] != len(blob):
+            bad_argument("argument_range", "offsets", f"offsets must be count + 1 entries ending at the inputs' "
+                                                      f"{len(blob)} bytes")
         out = ffi.new("kvmlab_loop_result[]", max(count, 1))
         console = bytearray(count * console_stride)
         con = ffi.from_buffer("uint8_t[]", console) if console else ffi.NULL

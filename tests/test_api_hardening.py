@@ -370,3 +370,29 @@ def test_one_operation_runs_stop_at_interrupt_and_close(stop):
         if name == "run_until_exit":
             assert raised[0].check == "run_stopped"
         vm.close()
+
+
+@pytest.mark.kvm
+def test_forkset_close_when_no_thread_can_start(service_file):
+    """ForkSet.close() frees every VM even when it cannot start its closing
+    threads (a host limit): RuntimeError escaped and the VMs stayed open."""
+    p = run_script(
+        """
+        import os, resource, sys, threading
+        from kvmlab import Snapshot, Vm, fork_many
+        snap = Snapshot.load(sys.argv[1])
+        Vm.restore(snap, "map").close()  # /dev/kvm is opened once per process
+        fds = len(os.listdir("/proc/self/fd"))
+        vms = fork_many(snap, 4, threads=2, progress=False)
+        assert len(os.listdir("/proc/self/fd")) > fds
+        with open("/proc/self/status") as f:
+            vm_kb = next(int(l.split()[1]) for l in f if l.startswith("VmSize:"))
+        threading.stack_size(1 << 30)
+        resource.setrlimit(resource.RLIMIT_AS, ((vm_kb << 10) + (512 << 20), resource.RLIM_INFINITY))
+        vms.close()
+        print("fds back", len(os.listdir("/proc/self/fd")) == fds)
+        """,
+        str(service_file),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "fds back True", (p.stdout, p.stderr[-2000:])

@@ -313,3 +313,22 @@ def test_bench_campaign_smoke(tmp_path, capsys):
     verdicts = {v["target"]: v for v in res.verdicts}
     assert set(verdicts) == {"campaign_scale", "campaign_worker", "campaign_cold"}
     assert all(v["value"] > 0 and v["met"] in (True, False) for v in verdicts.values())
+
+
+def test_native_variable_loop_refuses_bad_offsets(snap):
+    """The checks of kvmlab_vm_reset_loop_var (the core refuses, Python does not crash)."""
+    import array
+
+    from kvmlab import BoundsError
+
+    with Vm.restore(snap, resettable=True) as vm:
+        for offsets in ([0, 2, 1, 3], [0, 1, 4], [0, 1], []):  # decreasing; past the inputs; short; none
+            with pytest.raises(ConfigError):
+                vm._reset_loop_var(b"abc", array.array("Q", offsets), distributed.INPUT_GPA, 10**9)
+        with pytest.raises(ConfigError):  # one input over 1 MiB
+            vm._reset_loop_var(bytes((1 << 20) + 1), array.array("Q", [0, (1 << 20) + 1]), distributed.INPUT_GPA, 10**9)
+        with pytest.raises(BoundsError):  # the input would end past guest memory
+            vm._reset_loop_var(b"abc", array.array("Q", [0, 3]), MEMORY_MIB * MiB - 4, 10**9)
+        # Still usable: the empty input exits with 0 records.
+        out, _console, done = vm._reset_loop_var(b"", array.array("Q", [0, 0]), distributed.INPUT_GPA, 10**9)
+        assert done == 1 and (out[0].reason, out[0].exit_code) == (0, 0)

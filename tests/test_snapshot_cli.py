@@ -148,7 +148,7 @@ def test_existing_commands_and_plugin_slot_are_registered():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"doctor", "demo", "snapshot"} <= set(sub.choices)
-    assert cli.PLUGIN_MODULES == ("kvmlab.bench",)
+    assert cli.PLUGIN_MODULES == ("kvmlab.bench", "kvmlab.campaign")
 
 
 def test_broken_plugin_does_not_break_the_cli(monkeypatch, tmp_path, capsys):

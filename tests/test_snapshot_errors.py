@@ -431,7 +431,7 @@ def test_load_missing_file_and_bad_paths(tmp_path):
     with pytest.raises(SnapshotError) as e:
         Snapshot.load(tmp_path / "missing.kvmsnap")
     assert e.value.check == "file"
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError) as e:  # a bad argument, checked before the file system
         Snapshot.load("bad\0path")
     assert e.value.check == "argument_path"
 

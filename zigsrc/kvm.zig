@@ -55,6 +55,8 @@ const KVM_GET_TSC_KHZ: u32 = 0xaea3;
 const KVM_CLEAR_DIRTY_LOG: u32 = 0xc018aec0;
 const KVM_ENABLE_CAP: u32 = 0x4068aea3;
 const KVM_KVMCLOCK_CTRL: u32 = 0xaead;
+/// _IOW(KVMIO, 0x8b, struct kvm_signal_mask).
+const KVM_SET_SIGNAL_MASK: u32 = 0x4004ae8b;
 
 pub const CAP_IRQCHIP: u32 = 0;
 pub const CAP_HLT: u32 = 1;
@@ -519,6 +521,12 @@ pub const VcpuFd = struct {
     }
     pub fn setCpuid2(v: VcpuFd, buf: *const CpuidBuf) Error!void {
         _ = try call(v.fd, KVM_SET_CPUID2, ptr(buf));
+    }
+    /// The signal mask KVM installs on the calling thread for the duration
+    /// of each KVM_RUN on this vCPU.
+    pub fn setSignalMask(v: VcpuFd, set: linux.sigset_t) Error!void {
+        var arg: extern struct { len: u32 = 8, set: linux.sigset_t align(4) } = .{ .set = set };
+        _ = try call(v.fd, KVM_SET_SIGNAL_MASK, ptr(&arg));
     }
     /// 0 when the host cannot tell.
     pub fn getTscKhz(v: VcpuFd) u32 {

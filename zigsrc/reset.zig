@@ -246,7 +246,10 @@ pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs
     // One operation: an interrupt() or close() during any run or reset of
     // the loop ends the whole loop, not just the current input's run.
     vm.beginOperation();
+    const signals = shell.ForeignSignals.block(); // for the whole loop, runs and resets
+    defer signals.unblock();
     for (out, 0..) |*res, i| {
+        if (stoppedBySignal(res)) return i + 1;
         const dst = try vm.guestSlice(input_gpa, input_bytes);
         @memcpy(dst, inputs[i * input_bytes ..][0..input_bytes]);
         r.noteHostWrite(input_gpa, input_bytes);
@@ -278,7 +281,10 @@ pub fn loopVar(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inp
     _ = try vm.guestSlice(input_gpa, 4 + longest);
     const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode };
     vm.beginOperation();
+    const signals = shell.ForeignSignals.block(); // for the whole loop, runs and resets
+    defer signals.unblock();
     for (out, 0..) |*res, i| {
+        if (stoppedBySignal(res)) return i + 1;
         const input = inputs[@intCast(offsets[i])..@intCast(offsets[i + 1])];
         const dst = try vm.guestSlice(input_gpa, 4 + input.len);
         std.mem.writeInt(u32, dst[0..4], @intCast(input.len), .little);
@@ -287,6 +293,16 @@ pub fn loopVar(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inp
         if (try step.runOne(res, console[i * console_stride ..][0..console_stride], i)) return i + 1;
     }
     return out.len;
+}
+
+/// A signal (Ctrl-C) came while the loop was outside KVM_RUN, e.g. during
+/// a reset (it waits blocked, see shell.ForeignSignals): input i is not run
+/// and its result says `interrupted`, as when the signal stops a run.
+fn stoppedBySignal(res: *LoopResult) bool {
+    if (!shell.ForeignSignals.pending()) return false;
+    res.* = std.mem.zeroes(LoopResult);
+    res.reason = .interrupted;
+    return true;
 }
 
 /// What every iteration of either loop needs.

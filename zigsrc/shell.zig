@@ -56,6 +56,9 @@ pub const Vcpu = struct {
     checkpoint_tag: u32 = 0,
     /// Kernel thread id while this vCPU is inside `vcpuLoop`, else 0.
     tid: std.atomic.Value(i32) = .init(0),
+    /// The signal mask last given to KVM for this vCPU's KVM_RUN (see
+    /// ForeignSignals), so it is set again only when the caller's differs.
+    kvm_sigmask: ?linux.sigset_t = null,
 };
 
 pub const RunOutcome = struct {
@@ -297,6 +300,8 @@ pub const Vm = struct {
         vm.deadline_ns = if (timeout_ns == 0) 0 else start +| timeout_ns;
         vm.stop.store(false, .release);
         vm.signalled.store(false, .release);
+        const guard = ForeignSignals.block();
+        defer guard.unblock(); // a signal that came meanwhile is handled here
 
         var run_mask: [boot.max_vcpus]bool = @splat(false);
         for (0..vm.vcpu_count) |k| run_mask[k] = vm.resumes(@intCast(k));
@@ -305,13 +310,13 @@ pub const Vm = struct {
         var i: u32 = 1;
         while (i < vm.vcpu_count) : (i += 1) {
             if (!run_mask[i]) continue;
-            threads[i] = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, vcpuLoop, .{ vm, i }) catch {
+            threads[i] = std.Thread.spawn(.{ .stack_size = 256 * 1024, .allocator = allocator }, vcpuLoop, .{ vm, i, guard.outer }) catch {
                 spawn_failed = true;
                 vm.kickAll();
                 break;
             };
         }
-        if (!spawn_failed and run_mask[0]) vcpuLoop(vm, 0);
+        if (!spawn_failed and run_mask[0]) vcpuLoop(vm, 0, guard.outer);
         for (&threads) |*t| if (t.*) |th| th.join();
         const elapsed = monotonicNs() - start;
         if (spawn_failed) return errors.fail(error.OutOfMemory, "cannot start a host thread for a vCPU", .{});
@@ -378,9 +383,11 @@ pub const Vm = struct {
         }
     }
 
-    fn vcpuLoop(vm: *Vm, index: u32) void {
+    /// `outer`: the caller's signal mask, which KVM installs for KVM_RUN.
+    fn vcpuLoop(vm: *Vm, index: u32, outer: linux.sigset_t) void {
         const v = &vm.vcpus[index];
         const r = v.run.?;
+        if (!setKvmSigmask(v, outer)) ForeignSignals.unblockHere(outer);
         current_run = r;
         kicked = false;
         // seq_cst with the flag loads below and the stores in kickAll: either
@@ -442,6 +449,16 @@ pub const Vm = struct {
                 else => |reason| return vm.crash(index, "unexpected KVM exit reason {d}", .{reason}),
             }
         }
+    }
+
+    /// Gives KVM the mask to install while this vCPU is in KVM_RUN (only
+    /// when it changed). False if KVM refused: then foreign signals must not
+    /// stay blocked on this thread (KVM_RUN would never see them).
+    fn setKvmSigmask(v: *Vcpu, outer: linux.sigset_t) bool {
+        if (v.kvm_sigmask) |m| if (std.meta.eql(m, outer)) return true;
+        v.fd.setSignalMask(outer) catch return false;
+        v.kvm_sigmask = outer;
+        return true;
     }
 
     /// Serves one port I/O exit. Returns false when the vCPU must stop.
@@ -668,6 +685,64 @@ pub fn monotonicNs() u64 {
     _ = linux.clock_gettime(.MONOTONIC, &ts);
     return @as(u64, @intCast(ts.sec)) * std.time.ns_per_s + @as(u64, @intCast(ts.nsec));
 }
+
+/// Signals other than kvmlab's own kick (SIGINT from Ctrl-C...) are blocked
+/// on a thread running the core's run loop or reset loop, except inside
+/// KVM_RUN, where KVM installs the caller's own mask atomically
+/// (KVM_SET_SIGNAL_MASK). One that arrives while the thread is outside
+/// KVM_RUN (serving an exit, resetting between two runs of a loop) stays
+/// pending: the next KVM_RUN returns EINTR at once (and the loop checks
+/// `pending()` between runs) instead of its handler running unseen and the
+/// run going on. When the operation ends the caller's mask is restored and
+/// the handler runs (Python's sets its flag; KeyboardInterrupt follows). The
+/// kick and the synchronous fault signals (SIGBUS for sigbus.zig...) are
+/// never blocked.
+pub const ForeignSignals = struct {
+    /// The caller's mask, from before the outermost block() on this thread.
+    outer: linux.sigset_t,
+    /// Whether this block() blocked (false when an outer one did).
+    owner: bool,
+
+    threadlocal var outer_mask: ?linux.sigset_t = null;
+
+    fn set() linux.sigset_t {
+        var m = linux.sigfillset();
+        for ([_]linux.SIG{ .BUS, .SEGV, .FPE, .ILL, .TRAP, .ABRT, .SYS }) |sig| linux.sigdelset(&m, sig);
+        linux.sigdelset(&m, @enumFromInt(kick_signal));
+        return m;
+    }
+
+    pub fn block() ForeignSignals {
+        if (outer_mask) |m| return .{ .outer = m, .owner = false };
+        var old: linux.sigset_t = undefined;
+        const m = set();
+        _ = linux.sigprocmask(linux.SIG.BLOCK, &m, &old);
+        outer_mask = old;
+        return .{ .outer = old, .owner = true };
+    }
+
+    pub fn unblock(g: ForeignSignals) void {
+        if (!g.owner) return;
+        outer_mask = null;
+        _ = linux.sigprocmask(linux.SIG.SETMASK, &g.outer, null);
+    }
+
+    /// For a vCPU thread whose KVM would not take a signal mask.
+    fn unblockHere(outer: linux.sigset_t) void {
+        _ = linux.sigprocmask(linux.SIG.SETMASK, &outer, null);
+    }
+
+    /// Whether a signal the caller does not block waits for this thread or
+    /// the process (blocked by block(), handled at unblock()).
+    pub fn pending() bool {
+        const outer = outer_mask orelse return false;
+        var p: linux.sigset_t = @splat(0);
+        _ = linux.syscall2(.rt_sigpending, @intFromPtr(&p), linux.NSIG / 8);
+        const m = set();
+        for (p, m, outer) |a, b, c| if (a & b & ~c != 0) return true;
+        return false;
+    }
+};
 
 /// The kvm_run of the vCPU this thread is running, for the kick handler.
 threadlocal var current_run: ?*kvm.Run = null;

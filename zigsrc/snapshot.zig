@@ -133,7 +133,7 @@ pub const Snapshot = struct {
     memory_crc: u32 = 0,
     /// The header and section table as checked at load (their CRCs cover
     /// the whole file): every use compares the mapped ones with it.
-    head: [head_bytes]u8 = @splat(0),
+    head: [@sizeOf(Header)]u8 = @splat(0),
     /// When the hot check last ran statx (monotonic ns; see checkIntact).
     last_stat_ns: std.atomic.Value(u64) = .init(0),
 
@@ -148,24 +148,24 @@ pub const Snapshot = struct {
 
     /// Fails when the file behind a loaded snapshot was truncated, or
     /// rewritten in place since load; marks it damaged then, so every later
-    /// use fails too. The restore and reset hot paths: the mapped header and
-    /// section table against the copy from load (a few dozen ns; another
-    /// snapshot written over the file differs there, a truncated header page
-    /// reads as zeros), and the file's size and mtime (statx, ~5 us under
-    /// kvm_pvm) at most every `stat_interval_ns`. Check id `damaged`.
+    /// use fails too (check id `damaged`). The restore and reset hot paths:
+    /// the mapped header and section table against the copy from load (a
+    /// few dozen ns; another snapshot written over the file differs there, a
+    /// truncated header page reads as zeros), and the file's size and mtime
+    /// (statx, ~5 us under kvm_pvm) at most every `stat_interval_ns`.
     pub fn checkIntact(s: *const Snapshot) errors.Error!void {
-        return s.check(false);
+        return s.checkWhole(false);
     }
 
     /// checkIntact with statx every time (save, toBytes, info: not hot).
     pub fn checkFile(s: *const Snapshot) errors.Error!void {
-        return s.check(true);
+        return s.checkWhole(true);
     }
 
-    fn check(s: *const Snapshot, always_stat: bool) errors.Error!void {
+    fn checkWhole(s: *const Snapshot, always_stat: bool) errors.Error!void {
         if (s.damaged.load(.acquire)) return safe.truncated();
         if (s.fd < 0) return;
-        if (!std.mem.eql(u8, s.file_map[0..head_bytes], &s.head)) return s.changed(s.file_id.size);
+        if (!std.mem.eql(u8, s.file_map[0..@sizeOf(Header)], &s.head)) return s.changed(s.file_id.size);
         const now_ns = shell.monotonicNs();
         if (!always_stat and now_ns -% s.last_stat_ns.load(.monotonic) < stat_interval_ns) return;
         @constCast(&s.last_stat_ns).store(now_ns, .monotonic);
@@ -384,8 +384,6 @@ pub const FileId = struct {
     }
 };
 
-/// The header and section table (`Snapshot.head`).
-const head_bytes = @sizeOf(Header);
 /// How often a restore or reset of a loaded snapshot runs statx on its file.
 const stat_interval_ns: u64 = 1_000_000;
 
@@ -626,7 +624,7 @@ pub fn load(path: [*:0]const u8) errors.Error!*Snapshot {
         .stored_bytes = stored,
         .file_id = file_id,
         .memory_crc = c.memory_crc,
-        .head = file_map[0..head_bytes].*,
+        .head = file_map[0..@sizeOf(Header)].*,
     };
     // A mapping the SIGBUS handler does not cover is refused: a lost page
     // of it (the file truncated) would kill the process.

@@ -1,5 +1,4 @@
 //! The C ABI of libkvmlab: pool handles (kvmlab_pool).
-const std = @import("std");
 const errors = @import("../errors.zig");
 const shell = @import("../shell.zig");
 const state = @import("../state.zig");

@@ -1,5 +1,4 @@
 //! The C ABI of libkvmlab: snapshot handles (kvmlab_snapshot).
-const std = @import("std");
 const errors = @import("../errors.zig");
 const snapshot = @import("../snapshot.zig");
 const common = @import("common.zig");
