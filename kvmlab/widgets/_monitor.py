@@ -259,10 +259,9 @@ class PoolMonitor(AutoRefresh, W.VBox):
             t.join(timeout_s)
 
     def _warm_worker(self, target: int) -> None:
-        m = self.model
-        t0 = time.perf_counter()
-        try:
+        def work() -> str:
             # One shell at a time, so the progress bar moves.
+            m = self.model
             start = min(self.pool.idle_count(), target)
             for k in range(start + 1, min(target, m.max_size) + 1):
                 self.pool.warm(k)
@@ -270,29 +269,31 @@ class PoolMonitor(AutoRefresh, W.VBox):
                 self.warm_progress.value = min(self.model.idle, self.warm_progress.max)
             self.pool.warm(target)  # the final word (also raises if closed)
             self.refresh()
-            ms = (time.perf_counter() - t0) * 1e3
             self.warm_progress.value = min(m.idle, self.warm_progress.max)
-            self.warm_progress.bar_style = "success"
-            m.status = f"{time.strftime('%H:%M:%S')} warmed to {min(target, m.max_size)}: {m.idle} idle in {ms:.1f} ms"
-        except Exception as e:  # noqa: BLE001 - shown in the widget, kept in model.error
-            self.warm_progress.bar_style = "danger"
-            m.status = ""
-            m.error = f"{type(e).__name__}: {e}"
-            self.refresh()
-        finally:
-            m.warming = False
+            return f"warmed to {min(target, m.max_size)}: {m.idle} idle"
+
+        self._run_worker(work)
 
     def _prepare_worker(self, target: int, snap) -> None:
+        def work() -> str:
+            self.pool.prepare(snap, target)
+            self.refresh()
+            ready = self.pool.prepared_count(snap)
+            self.warm_progress.value = min(ready, self.warm_progress.max)
+            return f"prepared {snapshot_label(snap)}: {ready} ready"
+
+        self._run_worker(work)
+
+    def _run_worker(self, work) -> None:
+        """Runs ``work()`` (it returns what was done, in words) on the warm
+        thread: its time in the status line, or its error in ``model.error``."""
         m = self.model
         t0 = time.perf_counter()
         try:
-            self.pool.prepare(snap, target)
-            self.refresh()
+            done = work()
             ms = (time.perf_counter() - t0) * 1e3
-            ready = self.pool.prepared_count(snap)
-            self.warm_progress.value = min(ready, self.warm_progress.max)
             self.warm_progress.bar_style = "success"
-            m.status = f"{time.strftime('%H:%M:%S')} prepared {snapshot_label(snap)}: {ready} ready in {ms:.1f} ms"
+            m.status = f"{time.strftime('%H:%M:%S')} {done} in {ms:.1f} ms"
         except Exception as e:  # noqa: BLE001 - shown in the widget, kept in model.error
             self.warm_progress.bar_style = "danger"
             m.status = ""
