@@ -19,12 +19,16 @@ pub const Machine = struct {
     mapping: restore.Mapping = .{},
     resettable: ?reset.Resettable = null,
 
-    /// A new empty shell in a machine (`dirty_log`: see shell.Vm.createWith).
+    /// A new empty shell in a machine (with everything: Vm.boot's).
     pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
-        return createWith(memory_bytes, vcpus, true);
+        return createWith(memory_bytes, vcpus, .{});
     }
-    pub fn createWith(memory_bytes: u64, vcpus: u32, dirty_log: bool) errors.Error!*Machine {
-        const vm = try shell.Vm.createWith(memory_bytes, vcpus, dirty_log);
+    /// A shell for restores: the PIT only when a snapshot needs it (state.zig
+    /// makes it then; the pristine state it compares with is read here, off
+    /// the restore path, once per process).
+    pub fn createWith(memory_bytes: u64, vcpus: u32, opts: shell.Vm.Options) errors.Error!*Machine {
+        if (!opts.pit) _ = try state.pristinePit();
+        const vm = try shell.Vm.createWith(memory_bytes, vcpus, opts);
         errdefer vm.destroy();
         const m = allocator.create(Machine) catch return error.OutOfMemory;
         m.* = .{ .shell = vm };
@@ -109,7 +113,7 @@ pub const Factory = struct {
     pub const Source = restore.MemorySource;
 
     pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
-        return Machine.create(memory_bytes, vcpus);
+        return Machine.createWith(memory_bytes, vcpus, .{ .pit = false });
     }
     pub fn destroy(m: *Machine) void {
         m.destroy();

@@ -79,10 +79,10 @@ pub const Vm = struct {
     vcpus: [boot.max_vcpus]Vcpu = @splat(.{}),
     run_bytes: usize = 0,
     booted: bool = false,
-    /// The memory slot logs dirty pages (reset needs it; see createWith).
+    /// The slot logs dirty pages (reset needs it); an in-kernel PIT exists.
     dirty_logging: bool = false,
-    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: readDirtyLog leaves the log
-    /// as it is and clearDirtyLog re-protects the pages given.
+    has_pit: bool = false,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on: clearDirtyLog re-protects.
     manual_protect: bool = false,
     running: std.atomic.Value(bool) = .init(false),
     /// Stops the vCPUs of the run in progress (a crash, a foreign signal,
@@ -117,22 +117,25 @@ pub const Vm = struct {
     backing: ?Backing = null,
     /// A host read of the file-backed guest memory faulted (see sigbus.zig).
     mem_damaged: std.atomic.Value(bool) = .init(false),
-    /// Per-clone identity the guest reads through ports 0x503/0x504 (host
-    /// state, not guest memory: a VM nobody gives one reads 0, as before).
+    /// Read by the guest at ports 0x503/0x504; host state, 0 unless given.
     identity: std.atomic.Value(u64) = .init(0),
     sigbus_slot: ?usize = null,
 
-    /// Creates an empty shell that can be reset (dirty logging on).
+    /// Creates an empty shell with everything (dirty logging, PIT).
     pub fn create(memory_bytes: u64, vcpu_count: u32) errors.Error!*Vm {
-        return createWith(memory_bytes, vcpu_count, true);
+        return createWith(memory_bytes, vcpu_count, .{});
     }
+    /// What a shell may leave out. `dirty_log` false: no dirty bitmap (2 bits
+    /// per guest page in the kernel) for a VM never reset; enableDirtyLog
+    /// turns it on later (a slot change: ~11 ms on kvm_pvm). `pit` false: no
+    /// in-kernel PIT, whose worker thread costs ~0.7 ms to create and 16 KiB
+    /// of kernel stack per VM; state.zig makes one when a snapshot's PIT was
+    /// in use (the guest protocol has no PIT ports).
+    pub const Options = struct { dirty_log: bool = true, pit: bool = true };
 
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
-    /// `dirty_log` false: no dirty bitmap (2 bits per guest page in the
-    /// kernel, 16 KiB for 256 MiB) for a VM that is never reset (fork_many);
-    /// enableDirtyLog turns it on later at the price of that wait.
-    pub fn createWith(memory_bytes: u64, vcpu_count: u32, dirty_log: bool) errors.Error!*Vm {
+    pub fn createWith(memory_bytes: u64, vcpu_count: u32, opts: Options) errors.Error!*Vm {
         try boot.checkConfig(memory_bytes, vcpu_count);
         const h = try host.get();
         installKickHandler();
@@ -153,13 +156,12 @@ pub const Vm = struct {
         // read (reset.zig), and enabling it later would be a slot change after
         // the irqchip exists (the ~11 ms stall).
         try fault.check(.slot);
-        try vm.setMemorySlot(if (dirty_log) kvm.MEM_LOG_DIRTY_PAGES else 0);
-        vm.dirty_logging = dirty_log;
+        try vm.setMemorySlot(if (opts.dirty_log) kvm.MEM_LOG_DIRTY_PAGES else 0);
+        vm.dirty_logging = opts.dirty_log;
 
         try fault.check(.irqchip);
         vm.vm_fd.createIrqchip() catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
-        try fault.check(.pit);
-        vm.vm_fd.createPit2(&.{}) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
+        if (opts.pit) try vm.createPit();
 
         vm.run_bytes = h.vcpu_mmap_bytes;
         var i: u32 = 0;
@@ -178,8 +180,14 @@ pub const Vm = struct {
         return vm;
     }
 
-    /// Dirty logging for a shell made without it (a slot change: ~11 ms on
-    /// kvm_pvm once the irqchip exists). Idempotent.
+    /// The in-kernel PIT for a shell made without it (see Options).
+    pub fn createPit(vm: *Vm) errors.Error!void {
+        try fault.check(.pit);
+        vm.vm_fd.createPit2(&.{}) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
+        vm.has_pit = true;
+    }
+
+    /// Dirty logging for a shell made without it (see Options). Idempotent.
     pub fn enableDirtyLog(vm: *Vm) errors.Error!void {
         if (vm.dirty_logging) return;
         try vm.setMemorySlot(kvm.MEM_LOG_DIRTY_PAGES);
@@ -647,24 +655,21 @@ pub const Vm = struct {
         return @intCast((vm.mem.len / boot.page_bytes + 63) / 64);
     }
 
-    /// Reads KVM's dirty log of guest memory into `bitmap`; clears it too
-    /// unless manual protect is on (then the caller calls clearDirtyLog).
+    /// Reads KVM's dirty log into `bitmap` (and clears it, but for manual protect).
     pub fn readDirtyLog(vm: *Vm, bitmap: []u64) errors.Error!void {
         std.debug.assert(bitmap.len == vm.dirtyWords());
         @memset(bitmap, 0);
         vm.vm_fd.getDirtyLog(&.{ .slot = 0, .bitmap = @intFromPtr(bitmap.ptr) }) catch return errors.ioctlFailed("KVM_GET_DIRTY_LOG");
     }
 
-    /// From now on the dirty log is cleared page by page (clearDirtyLog), so
-    /// a caller can leave pages it rewrites anyway writable. Idempotent.
+    /// From now on the caller clears the dirty log page by page. Idempotent.
     pub fn enableManualProtect(vm: *Vm) errors.Error!void {
         if (vm.manual_protect) return;
         vm.vm_fd.enableCap(&.{ .cap = kvm.CAP_MANUAL_DIRTY_LOG_PROTECT2, .args = .{ kvm.MANUAL_PROTECT_ENABLE, 0, 0, 0 } }) catch return errors.ioctlFailed("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)");
         vm.manual_protect = true;
     }
 
-    /// With manual protect: clears the dirty bits of (and write-protects)
-    /// the pages set in `bitmap`; a page left out stays writable and dirty.
+    /// Manual protect: clears (write-protects) the pages set in `bitmap`.
     pub fn clearDirtyLog(vm: *Vm, bitmap: []const u64) errors.Error!void {
         std.debug.assert(vm.manual_protect and bitmap.len == vm.dirtyWords());
         const pages: u32 = @intCast(vm.mem.len / boot.page_bytes);

@@ -159,7 +159,7 @@ fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, flags
     const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
     const t0 = shell.monotonicNs();
     const resettable = flags & (@intFromEnum(common.kvmlab_restore_flags.resettable) | @intFromEnum(common.kvmlab_restore_flags.reset_on_release)) != 0;
-    const m = try machine.Machine.createWith(s.parsed.memory_bytes, s.parsed.vcpus, resettable);
+    const m = try machine.Machine.createWith(s.parsed.memory_bytes, s.parsed.vcpus, .{ .dirty_log = resettable, .pit = false });
     errdefer m.destroy();
     const t1 = shell.monotonicNs();
     var rt: restore.Times = .{};
