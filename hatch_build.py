@@ -21,7 +21,9 @@ any other machine or OS is refused here, before Zig starts.
 
 Environment knobs:
   KVMLAB_ZIG_ARGS    extra arguments for ``zig build`` (split on whitespace),
-                     e.g. ``-Dcpu=native`` for a local experiment.
+                     e.g. ``-Dcpu=native`` for a local experiment (such a wheel
+                     keeps its manylinux tag but runs only on CPUs like this one:
+                     never publish it).
 """
 
 from __future__ import annotations

@@ -637,8 +637,8 @@ pub fn monotonicNs() u64 {
 /// `pending()` between runs) instead of its handler running unseen and the
 /// run going on. When the operation ends the caller's mask is restored and
 /// the handler runs (Python's sets its flag; KeyboardInterrupt follows). The
-/// kick and the synchronous fault signals (SIGBUS for sigbus.zig...) are
-/// never blocked.
+/// kick, the synchronous fault signals (SIGBUS for sigbus.zig...) and the
+/// ones ignored by default (SIGCHLD...) are never blocked.
 pub const ForeignSignals = struct {
     /// The caller's mask, from before the outermost block() on this thread.
     outer: linux.sigset_t,
@@ -650,6 +650,9 @@ pub const ForeignSignals = struct {
     fn set() linux.sigset_t {
         var m = linux.sigfillset();
         for ([_]linux.SIG{ .BUS, .SEGV, .FPE, .ILL, .TRAP, .ABRT, .SYS }) |sig| linux.sigdelset(&m, sig);
+        // Ignored by default: blocked, they would be queued instead of
+        // dropped and stop runs for nothing (a SIGCHLD from a subprocess).
+        for ([_]linux.SIG{ .CHLD, .WINCH, .URG, .CONT }) |sig| linux.sigdelset(&m, sig);
         linux.sigdelset(&m, @enumFromInt(kick_signal));
         return m;
     }
