@@ -9,15 +9,8 @@ Importing kvmlab loads the native core (``kvmlab/_native/libkvmlab.so``) but
 does not open /dev/kvm; ``kvmlab.doctor()`` (or ``kvmlab doctor``) checks a host.
 """
 
-from importlib import metadata as _metadata
-
-try:
-    #: The installed distribution's version (pyproject.toml is its one source).
-    __version__: str = _metadata.version("kvmlab")
-except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
-    __version__ = "0+unknown"
-
-from . import errors, guests  # noqa: E402 - after __version__, which needs no native core
+from . import errors, guests
+from ._version import __version__
 from .config import VmConfig
 from .doctor import DoctorReport, doctor
 from .errors import *  # noqa: F403 - every exception class, listed once in errors.__all__

@@ -201,7 +201,7 @@ def version_text() -> str:
     Reads the ABI and Zig versions from the loaded library itself (not from
     the Python side's expectations), so a mismatched build shows.
     """
-    from . import __version__
+    from ._version import __version__
 
     try:
         from . import _ffi

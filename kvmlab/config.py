@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, NoReturn
 
-from .errors import ConfigError
+from .errors import BoundsError, ConfigError
 
 __all__ = ["VmConfig", "MIN_MEMORY_MIB", "MAX_MEMORY_MIB", "MAX_VCPUS", "MAX_TIMEOUT_S"]
 
@@ -111,6 +111,18 @@ def check_buffer(argument: str, data: object) -> memoryview:
             f"{argument} is a non-contiguous buffer (e.g. a strided slice): pass bytes({argument}) or a contiguous copy",
         )
     return view.cast("B")
+
+
+def check_range(gpa: int, n: int, memory_bytes: int) -> None:
+    """Checks that guest-physical ``gpa .. gpa + n`` lies in guest memory (:class:`BoundsError` if not)."""
+    for what, v in (("gpa", gpa), ("length", n)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            bad_argument("argument_type", what, f"{what} must be an int, got {v!r}")
+    if gpa < 0 or n < 0 or gpa + n > memory_bytes:
+        raise BoundsError(
+            f"guest range 0x{gpa:x}+{n} is outside guest memory (0x0..0x{memory_bytes:x}); "
+            f"addresses are guest-physical, 0 <= gpa and gpa + length <= {memory_bytes}"
+        )
 
 
 @dataclass(frozen=True)

@@ -238,10 +238,8 @@ def host_limits() -> dict[str, int | None]:
 
 
 def _versions() -> dict[str, str]:
-    try:
-        version = importlib.metadata.version("kvmlab")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown (not installed)"
+    from ._version import __version__ as version
+
     try:
         from . import _ffi
 

@@ -176,6 +176,12 @@ class RestoreTiming:
     strategy: str
 
 
+def _restore_timing(d: dict[str, int]) -> RestoreTiming:
+    """A ``kvmlab_pool_timing`` (as a dict) as a :class:`RestoreTiming`."""
+    return RestoreTiming(**{**d, "first_run_ns": d["first_run_ns"] or None, "hit": bool(d["hit"]),
+                            "strategy": STRATEGY_NAMES.get(d["strategy"], "?")})  # fmt: skip
+
+
 def timings_frame(records: Iterable[RestoreTiming]):
     """``pool.timings()`` as a pandas DataFrame (one row per restore).
 
@@ -609,21 +615,7 @@ class RestorePool:
             _ffi.check(lib.kvmlab_pool_timings(h, buf, cap, n))
         finally:
             self._exit()
-        return [
-            RestoreTiming(
-                seq=int(t.seq),
-                acquire_ns=int(t.acquire_ns),
-                memory_ns=int(t.memory_ns),
-                vcpu_ns=int(t.vcpu_ns),
-                devices_ns=int(t.devices_ns),
-                total_ns=int(t.total_ns),
-                first_run_ns=int(t.first_run_ns) or None,
-                memory_bytes=int(t.memory_bytes),
-                hit=bool(t.hit),
-                strategy=STRATEGY_NAMES.get(int(t.strategy), "?"),
-            )
-            for t in (buf[i] for i in range(n[0]))
-        ]
+        return [_restore_timing(_ffi.as_dict(buf[i], "kvmlab_pool_timing")) for i in range(n[0])]
 
     # -- restoring ----------------------------------------------------------------------
 
@@ -665,23 +657,20 @@ class RestorePool:
         return PooledRestoreVm(out[0], self, guest, t)
 
     def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
-        """Restores from raw parts, as the reference API.
+        """Restores from raw parts, as the reference API; otherwise as
+        :meth:`restore_snapshot`.
 
         Args:
             memory: a dense buffer of guest memory (e.g. ``snap.memory``).
             vcpu_state: the state blob (``snap.vcpu_state``).
-            timeout_s: how long to wait for room under ``max_in_use`` (None: fail at once).
+            timeout_s: as for :meth:`restore_snapshot`.
 
         Returns:
             The restored :class:`PooledRestoreVm`; release it (or use ``with``).
 
         Raises:
-            PoolExhaustedError: ``max_in_use`` VMs are out (and none came back
-                within ``timeout_s``).
-            IncompatibleError: the snapshot needs CPU features or a shape this
-                pool's shells do not have.
-            ClosedError: the pool (or snapshot) is closed.
             SnapshotError: the parts are not bytes-like or do not fit the pool's shape.
+            PoolExhaustedError: as for :meth:`restore_snapshot` (also IncompatibleError, ClosedError).
         """
         mem = _bytes_view(memory, "memory")
         st = _bytes_view(vcpu_state, "vcpu_state")
@@ -694,22 +683,19 @@ class RestorePool:
         )
 
     def restore_from_bytes(self, data, timeout_s: float | None = None) -> PooledRestoreVm:
-        """Restores from a full self-describing snapshot (``snap.to_bytes()``).
+        """Restores from a full self-describing snapshot (``snap.to_bytes()``);
+        otherwise as :meth:`restore_snapshot`.
 
         Args:
             data: the encoded snapshot.
-            timeout_s: how long to wait for room under ``max_in_use`` (None: fail at once).
+            timeout_s: as for :meth:`restore_snapshot`.
 
         Returns:
             The restored :class:`PooledRestoreVm`; release it (or use ``with``).
 
         Raises:
-            PoolExhaustedError: ``max_in_use`` VMs are out (and none came back
-                within ``timeout_s``).
-            IncompatibleError: the snapshot needs CPU features or a shape this
-                pool's shells do not have.
-            ClosedError: the pool (or snapshot) is closed.
             SnapshotError: ``data`` is not a valid snapshot.
+            PoolExhaustedError: as for :meth:`restore_snapshot` (also IncompatibleError, ClosedError).
         """
         view = _bytes_view(data, "data")
         return self._finish(

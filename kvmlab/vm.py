@@ -7,7 +7,10 @@
 Structure: :class:`_VmHandle` owns a native ``kvmlab_vm`` handle and implements
 everything that works on any VM (run, memory, registers, close); :class:`Vm`
 adds :meth:`Vm.boot`. Other ways to obtain a handle (restore from a snapshot,
-pools) subclass :class:`_VmHandle` the same way.
+pools) subclass :class:`_VmHandle` the same way. What runs return
+(:class:`RunResult`, :class:`LoopResult`, :class:`ResetTiming`) is in
+:mod:`kvmlab.run`; reset and the reset loops (methods of every VM) in
+:mod:`kvmlab.reset`.
 
 Threading: one lock per VM. ``run()`` holds it for the whole native call (cffi
 releases the GIL meanwhile), and every multi-step operation holds it for all
@@ -19,29 +22,25 @@ wait for the lock first: they stop a run in progress at once.
 
 from __future__ import annotations
 
-import array
 import codecs
 import collections
-import itertools
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from . import _ffi
-from .config import VmConfig, bad_argument, check_buffer, check_choice, check_int, check_type
+from .config import VmConfig, bad_argument, check_buffer, check_choice, check_int, check_range, check_type
 from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
-from .errors import BoundsError, ClosedError, ConfigError, GuestError, GuestTimeoutError, InternalError
+from .errors import ClosedError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args
 from .guests import names as guest_names
+from .reset import RESET_MODES, _ResetOps  # noqa: F401 - RESET_MODES re-exported
+from .run import REASONS, LoopResult, ResetTiming, RunResult
 
 __all__ = ["Vm", "RunResult", "ResetTiming", "LoopResult", "REASONS"]
 
 ffi = _ffi.ffi
 lib = _ffi.lib
-
-#: ``kvmlab_run_result.reason`` -> name (``kvmlab_run_reason``, read from the header).
-REASONS = _ffi.enum_names("kvmlab_run_reason")
 
 #: The service protocol (docs/guest-protocol.md).
 SERVICE_GPA = 0x4000
@@ -57,112 +56,6 @@ _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 _INTERRUPT_LOCK = threading.Lock()
 
 GuestSpec = Union[str, "os.PathLike[str]", Guest, bytes, bytearray]
-
-
-@dataclass(frozen=True)
-class ResetTiming:
-    """One reset: pages put back and integer nanoseconds per phase."""
-
-    dirty_pages: int
-    log_ns: int
-    memory_ns: int
-    vcpu_ns: int
-    devices_ns: int
-    total_ns: int
-
-    def _repr_html_(self) -> str:
-        from . import _html
-        from .plot import RESET_PHASES, RESET_PHASE_COLORS
-
-        values = {p: getattr(self, f"{p}_ns") for p in RESET_PHASES}
-        note = f", {self.dirty_pages} dirty pages put back"
-        return _html.phases("ResetTiming", values, RESET_PHASE_COLORS, self.total_ns, note, "kvmlab-reset-timing")
-
-
-@dataclass(frozen=True)
-class LoopResult:
-    """One iteration of :meth:`reset_loop`."""
-
-    reason: str
-    exit_code: int
-    checkpoint_tag: int
-    crashed: bool
-    run_ns: int
-    reset_ns: int
-    dirty_pages: int
-    console_bytes: int
-
-
-#: Reset memory modes, name -> ``kvmlab_reset_mode`` (read from the header).
-RESET_MODES = _ffi.enum_values("kvmlab_reset_mode")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """Why and how a :meth:`Vm.run` call ended.
-
-    ``reason`` is ``"exit"`` (every vCPU wrote the exit port; ``exit_code`` is
-    vCPU 0's code), ``"checkpoint"`` (every vCPU is at exit or checkpoint;
-    ``checkpoint_tag`` is the first checkpointing vCPU's tag: the next
-    ``run()`` resumes), ``"halt"`` (the vCPUs executed ``hlt``) or
-    ``"timeout"`` (the deadline passed; the next ``run()`` resumes).
-    ``console`` is the guest's output since the previous ``run()`` (UTF-8,
-    undecodable bytes replaced); ``console_dropped`` counts bytes beyond the
-    1 MiB kept per run. ``elapsed_ns`` is the run's wall time in nanoseconds.
-    """
-
-    reason: str
-    exit_code: int
-    checkpoint_tag: int
-    console: str
-    console_dropped: int
-    elapsed_ns: int
-
-    @property
-    def lines(self) -> list[str]:
-        """``console`` split into lines."""
-        return self.console.splitlines()
-
-    def __repr__(self) -> str:
-        # The console stays out (it can be 1 MiB): its size only.
-        from .units import fmt_time
-
-        what = {"exit": f", exit_code={self.exit_code}", "checkpoint": f", checkpoint_tag={self.checkpoint_tag:#x}"}
-        lines = self.console.count("\n") + (not self.console.endswith("\n") if self.console else 0)
-        dropped = f", {self.console_dropped} dropped" if self.console_dropped else ""
-        return (
-            f"RunResult(reason={self.reason!r}{what.get(self.reason, '')}, elapsed={fmt_time(self.elapsed_ns)}, "
-            f"console=<{lines} lines, {len(self.console)} chars{dropped}>)"
-        )
-
-    def _repr_html_(self, last_lines: int = 12) -> str:
-        """The result, with the console folded to its last ``last_lines`` lines."""
-        from . import _html
-        from .units import fmt_time
-
-        rows = [("reason", self.reason), ("elapsed", fmt_time(self.elapsed_ns))]
-        if self.reason == "exit":
-            rows.append(("exit code", self.exit_code))
-        if self.reason == "checkpoint":
-            rows.append(("checkpoint tag", f"{self.checkpoint_tag:#x}"))
-        if self.console_dropped:
-            rows.append(("console dropped", f"{self.console_dropped} bytes beyond the 1 MiB kept"))
-        lines = self.lines
-        folded = len(lines) - last_lines
-        note = f"console: {len(lines)} lines" + (f", the last {last_lines} shown ({folded} folded)" if folded > 0 else "")
-        body = _html.table(rows) + f"<div>{_html.escape(note)}</div>" + (_html.pre("\n".join(lines[-last_lines:])) if lines else "")
-        return _html.box("RunResult", body, "kvmlab-run-result")
-
-
-def _check_range(gpa: int, n: int, memory_bytes: int) -> None:
-    for what, v in (("gpa", gpa), ("length", n)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            bad_argument("argument_type", what, f"{what} must be an int, got {v!r}")
-    if gpa < 0 or n < 0 or gpa + n > memory_bytes:
-        raise BoundsError(
-            f"guest range 0x{gpa:x}+{n} is outside guest memory (0x0..0x{memory_bytes:x}); "
-            f"addresses are guest-physical, 0 <= gpa and gpa + length <= {memory_bytes}"
-        )
 
 
 def _new_handle(config: VmConfig) -> Any:
@@ -185,21 +78,7 @@ def restore_timing_dict(times: Any) -> dict[str, Any]:
     return d
 
 
-def _loop_result(r: Any) -> LoopResult:
-    """One ``kvmlab_loop_result`` as a :class:`LoopResult`."""
-    return LoopResult(
-        reason=REASONS.get(int(r.reason), "?"),
-        exit_code=int(r.exit_code),
-        checkpoint_tag=int(r.checkpoint_tag),
-        crashed=bool(r.crashed),
-        run_ns=int(r.run_ns),
-        reset_ns=int(r.reset_ns),
-        dirty_pages=int(r.dirty_pages),
-        console_bytes=int(r.console_bytes),
-    )
-
-
-class _VmHandle:
+class _VmHandle(_ResetOps):
     """A native VM handle plus everything that works on any VM.
 
     Subclasses obtain a handle (boot, restore, pool) and pass it here together
@@ -472,166 +351,6 @@ class _VmHandle:
             raise GuestError(f"guest {self._guest} does not know op {op!r}")
         return answer
 
-    # -- reset -----------------------------------------------------------------------------
-
-    def _reset_mode(self, mode: str) -> int:
-        return check_choice("mode", mode, RESET_MODES)
-
-    def reset(self, mode: str = "auto") -> ResetTiming:
-        """Puts this VM back to exactly the snapshot it was restored from
-        (restore it with ``resettable=True``): only pages written since the
-        restore or the previous reset are put back (KVM's dirty log plus host
-        writes), then vCPU and device state. ``mode``: ``"copy"`` pages back,
-        ``"drop"`` private pages (map-restored VMs), ``"auto"``.
-
-        Args:
-            mode: ``"auto"``, ``"copy"`` or ``"drop"``.
-
-        Returns:
-            A :class:`ResetTiming`: pages put back and nanoseconds per phase
-                (also kept in :meth:`reset_timings`).
-
-        Raises:
-            BusyError: the VM was not restored with ``resettable=True``.
-            ConfigError: an unknown ``mode``, or ``"drop"`` on a VM that is not map-restored.
-            ClosedError: the VM is closed.
-        """
-        code = self._reset_mode(mode)
-        out = ffi.new("kvmlab_reset_times *")
-        with self._lock:
-            _ffi.check(lib.kvmlab_vm_reset(self._live(), code, out))
-            t = ResetTiming(**_ffi.as_dict(out, "kvmlab_reset_times"))
-            if self._reset_timings is None:
-                self._reset_timings = collections.deque(maxlen=4096)
-            self._reset_timings.append(t)
-            if self._decoder is not None:
-                self._decoder.reset()
-        return t
-
-    def reset_timings(self) -> list[ResetTiming]:
-        """The newest 4096 :meth:`reset` records of this VM, oldest first."""
-        return list(self._reset_timings or ())
-
-    def reset_loop(
-        self,
-        inputs,
-        input_gpa: int = 0x400000,
-        run_timeout_s: float | None = 1.0,
-        mode: str = "auto",
-        length_prefix: bool = False,
-    ) -> list[LoopResult]:
-        """For each input (all the same length, bytes-like): write it at
-        ``input_gpa``, run until the guest stops (or ``run_timeout_s``),
-        record the outcome, reset. The loop runs in the native core; Python
-        is not on the per-iteration path. The VM must be resettable.
-
-        ``length_prefix=True``: the input protocol of docs/guest-protocol.md:
-        inputs may differ in length (and be empty); each is written as its
-        length (u32 little-endian) at ``input_gpa`` and its bytes right after.
-
-        Stopping: Ctrl-C (any signal whose handler raises) ends the whole loop
-        with that exception; :meth:`interrupt` from another thread ends it
-        and the list returned is shorter than ``inputs`` (the inputs done so
-        far); :meth:`close` ends it with :class:`ClosedError`. Either way the
-        VM is reset to its snapshot after the last input it ran. A signal
-        whose handler returns lets the loop go on (that input is run again).
-
-        Args:
-            inputs: bytes-like inputs (all the same length unless ``length_prefix``).
-            input_gpa: where each input is written in guest memory.
-            run_timeout_s: seconds per run before it counts as a hang (``reason == "timeout"``).
-            mode: the reset's ``mode`` (see :meth:`reset`).
-            length_prefix: write each input after its u32 length (the input protocol).
-
-        Returns:
-            One :class:`LoopResult` per input run, in order.
-
-        Raises:
-            BusyError: the VM is not resettable.
-            BoundsError: an input does not fit at ``input_gpa``.
-            ConfigError: inputs of different lengths or empty (without ``length_prefix``), or a bad argument.
-            ClosedError: the VM was closed (also during the loop).
-        """
-        if not isinstance(length_prefix, bool):
-            bad_argument("argument_type", "length_prefix", f"length_prefix must be True or False, got {length_prefix!r}")
-        items = [bytes(x) for x in inputs]
-        if not items:
-            return []
-        if length_prefix:
-            offsets = array.array("Q", itertools.accumulate((len(x) for x in items), initial=0))
-            out, _console, done = self._reset_loop_var(b"".join(items), offsets, input_gpa, _timeout_ns(run_timeout_s),
-                                                       0, mode)
-            return [_loop_result(r) for r in out[0:done]]
-        size = len(items[0])
-        if size == 0 or any(len(x) != size for x in items):
-            raise ConfigError("reset_loop inputs must be non-empty and all the same length")
-        _check_range(input_gpa, size, self.memory_bytes)
-        code = self._reset_mode(mode)
-        timeout_ns = _timeout_ns(run_timeout_s)
-        packed = memoryview(b"".join(items))
-        out = ffi.new("kvmlab_loop_result[]", len(items))
-        done = self._drive_loop(len(items), out, lambda h, start, n_out: lib.kvmlab_vm_reset_loop(
-            h, ffi.from_buffer("uint8_t[]", packed[start * size :]), size, len(items) - start, input_gpa,
-            timeout_ns, code, out + start, n_out,
-        ))
-        return [_loop_result(r) for r in out[0:done]]
-
-    def _drive_loop(self, count: int, out: Any, call: Callable[[Any, int, Any], int]) -> int:
-        """Runs a native reset loop, ``call(handle, start, out_done) -> rc``
-        over inputs ``start ..``, until all ``count`` are done or it was
-        stopped; returns how many are done (``out[:done]``)."""
-        done = ffi.new("size_t *")
-        n_done = 0
-        with self._lock:
-            h = self._live()
-            while n_done < count:
-                rc = call(h, n_done, done)
-                # The loop leaves console output of its runs behind; drop it.
-                self._take_console(h, final=True)
-                _ffi.check(rc)
-                n = int(done[0])
-                n_done += n
-                if n_done == count:
-                    break
-                if n > 0 and REASONS.get(int(out[n_done - 1].reason)) == "interrupted":
-                    # A signal stopped the loop: Python runs its handler here
-                    # (KeyboardInterrupt propagates); if it returns, that
-                    # input runs again (the VM was reset after it).
-                    n_done -= 1
-                    continue
-                break  # interrupt(): the inputs done so far
-        return n_done
-
-    def _reset_loop_var(
-        self, blob: bytes, offsets: Any, input_gpa: int, timeout_ns: int, console_stride: int = 0, mode: str = "auto"
-    ) -> tuple[Any, bytearray, int]:
-        """The native loop over inputs of different lengths, input i being
-        ``blob[offsets[i]:offsets[i+1]]`` (``offsets``: a buffer of count + 1
-        uint64), each written as the input protocol says (u32 LE length at
-        ``input_gpa``, then the bytes). Returns (``kvmlab_loop_result[count]``,
-        the first ``console_stride`` console bytes of each run, inputs done:
-        fewer than count when the loop was stopped, see :meth:`reset_loop`)."""
-        code = self._reset_mode(mode)
-        offs = ffi.from_buffer("uint64_t[]", offsets)
-        count = len(offs) - 1
-        # The core reads inputs[0 .. offsets[count]]: that must be this buffer.
-        if count < 0 or offs[count] != len(blob):
-            bad_argument("argument_range", "offsets", f"offsets must be count + 1 entries ending at the inputs' "
-                                                      f"{len(blob)} bytes")
-        out = ffi.new("kvmlab_loop_result[]", max(count, 1))
-        console = bytearray(count * console_stride)
-        con = ffi.from_buffer("uint8_t[]", console) if console else ffi.NULL
-        data = ffi.from_buffer("uint8_t[]", blob)
-        done = self._drive_loop(count, out, lambda h, start, n_out: lib.kvmlab_vm_reset_loop_var(
-            h, data, offs + start, count - start, input_gpa, timeout_ns, code, out + start,
-            con + start * console_stride if console else ffi.NULL, console_stride, n_out,
-        ))
-        return out, console, done
-
-    def _enable_reset(self, snap) -> None:
-        with snap._use() as sh, self._lock:
-            _ffi.check(lib.kvmlab_vm_enable_reset(self._live(), sh))
-
     # -- snapshots ----------------------------------------------------------------------
 
     def snapshot(self):
@@ -660,7 +379,7 @@ class _VmHandle:
             BoundsError: the range is outside guest memory.
             ClosedError: the VM is closed.
         """
-        _check_range(gpa, n, self.memory_bytes)
+        check_range(gpa, n, self.memory_bytes)
         with self._lock:
             return self._read(self._live(), gpa, n)
 
@@ -680,7 +399,7 @@ class _VmHandle:
             ClosedError: the VM is closed.
         """
         view = check_buffer("data", data)
-        _check_range(gpa, len(view), self.memory_bytes)
+        check_range(gpa, len(view), self.memory_bytes)
         with self._lock:
             self._write(self._live(), gpa, view)
 

@@ -14,25 +14,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("ziglang")
 
-HELLO = """
-const rt = @import("rt.zig");
-pub const panic = rt.panic;
-comptime {
-    rt.exportEntry(main);
-}
-fn main(vcpu: u64) noreturn {
+
+def guest_source(main_body: str) -> str:
+    """A Zig guest on the SDK's runtime: its preamble, then ``main`` with ``main_body``."""
+    preamble = 'const rt = @import("rt.zig");\npub const panic = rt.panic;\ncomptime {\n    rt.exportEntry(main);\n}\n'
+    return f"{preamble}fn main(vcpu: u64) noreturn {{\n{main_body}}}\n"
+
+
+#: The built-in hello guest's logic (zigsrc/guests/hello.zig), from a string.
+HELLO = guest_source("""\
     if (vcpu == 0) rt.write("hello from kvmlab guest\\n");
     rt.exit(0);
-}
-"""
+""")
 
-COUNTDOWN = """
-const rt = @import("rt.zig");
-pub const panic = rt.panic;
-comptime {
-    rt.exportEntry(main);
-}
-fn main(vcpu: u64) noreturn {
+COUNTDOWN = guest_source("""\
     if (vcpu != 0) rt.exit(0);
     var n = rt.argU64("from", 3);
     while (n > 0) : (n -= 1) {
@@ -43,8 +38,7 @@ fn main(vcpu: u64) noreturn {
         rt.checkpoint(@truncate(n));
     }
     rt.exit(42);
-}
-"""
+""")
 
 
 def test_sdk_is_found():

@@ -48,8 +48,8 @@ MANY_MAPPINGS = """
     try:
         snap.save(b + ".2")
         print("saved")
-    except SnapshotError:
-        print("refused")
+    except SnapshotError as e:
+        print("refused", e.check)
     for s in held:
         s.close()
 """
@@ -64,7 +64,7 @@ def test_the_sigbus_net_covers_more_than_4096_mappings(tmp_path):
         pytest.fail(f"RLIMIT_NOFILE hard limit {hard} < 4200: this test needs 4,100 open snapshots")
     p = _script(MANY_MAPPINGS, str(tmp_path / "a.kvmsnap"), str(tmp_path / "b.kvmsnap"))
     assert p.returncode == 0, f"died with {p.returncode}: {p.stderr[-3000:]}"
-    assert p.stdout.split() == ["zeros", "True", "refused"], p.stdout
+    assert p.stdout.split() == ["zeros", "True", "refused", "damaged"], p.stdout
 
 
 FORWARD = """
@@ -114,7 +114,7 @@ GUEST_TOUCH = """
             mapped.run(timeout_s=10)
             outcomes.append("ran")
         except Exception as e:
-            outcomes.append(type(e).__name__)
+            outcomes.append(f"{type(e).__name__}:{getattr(e, 'check', None)}")
         mapped.close()
         snap.close()
     print(" ".join(outcomes))
@@ -129,4 +129,4 @@ def test_a_guest_touching_a_lost_page_gets_the_truncation_error(tmp_path, cut):
     0x500000: the code and tables survive, the pages memtouch writes do not."""
     p = _script(GUEST_TOUCH, str(tmp_path / "m.kvmsnap"), str(cut))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split() == ["SnapshotError"] * 3, p.stdout
+    assert p.stdout.split() == ["SnapshotError:damaged"] * 3, p.stdout  # the truncation's check id

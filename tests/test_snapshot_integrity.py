@@ -35,26 +35,28 @@ def leftovers(d) -> list[str]:
     return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name)
 
 
+def refused(snap, *uses) -> None:
+    """Each of ``uses`` (in order) raises SnapshotError; then ``snap`` says it is damaged."""
+    for use in uses:
+        with pytest.raises(SnapshotError):
+            use()
+    assert snap.damaged
+
+
 def test_save_and_to_bytes_refuse_a_file_truncated_after_load(two_files, tmp_path):
     a, _ = two_files
     with Snapshot.load(a) as s:
         os.truncate(a, 12288)  # the header and part of STATE are left
         out = tmp_path / "copy.kvmsnap"
-        with pytest.raises(SnapshotError):
-            s.save(out)
+        refused(s, lambda: s.save(out), s.to_bytes)
         assert not out.exists() and leftovers(tmp_path) == []
-        assert s.damaged
-        with pytest.raises(SnapshotError):
-            s.to_bytes()
 
 
 def test_to_bytes_refuses_a_file_truncated_after_load(two_files):
     a, _ = two_files
     with Snapshot.load(a) as s:
         os.truncate(a, 12288)
-        with pytest.raises(SnapshotError):
-            s.to_bytes()  # the first use after the truncation
-        assert s.damaged
+        refused(s, s.to_bytes)  # the first use after the truncation
 
 
 def rewrite_in_place(src, dst) -> None:
@@ -74,20 +76,16 @@ def test_a_file_rewritten_in_place_after_load_is_refused(two_files, tmp_path, us
         with Vm.restore(s, "map") as vm:  # fine before the rewrite
             assert vm.call(b"x") == b"x"
         rewrite_in_place(b, a)
-        with pytest.raises(SnapshotError):
-            if use in ("map", "copy"):
-                Vm.restore(s, use)
-            elif use.startswith("pool-"):
-                pool.restore_snapshot(s, use[5:])
-            elif use == "save":
-                s.save(tmp_path / "copy.kvmsnap")
-            elif use == "to_bytes":
-                s.to_bytes()
-            else:
-                Vm.restore(s, "copy", resettable=True)
-        assert s.damaged  # and stays: every later use fails too
-        with pytest.raises(SnapshotError):
-            Vm.restore(s, "copy")
+        first = {
+            "map": lambda: Vm.restore(s, "map"),
+            "copy": lambda: Vm.restore(s, "copy"),
+            "pool-map": lambda: pool.restore_snapshot(s, "map"),
+            "pool-copy": lambda: pool.restore_snapshot(s, "copy"),
+            "save": lambda: s.save(tmp_path / "copy.kvmsnap"),
+            "to_bytes": s.to_bytes,
+            "resettable": lambda: Vm.restore(s, "copy", resettable=True),
+        }[use]
+        refused(s, first, lambda: Vm.restore(s, "copy"))  # and stays: every later use fails too
         assert not (tmp_path / "copy.kvmsnap").exists() and leftovers(tmp_path) == []
         assert pool.stats().in_use == 0
 
@@ -132,11 +130,7 @@ def test_a_page_rewritten_in_place_is_refused_by_save_and_reset(two_files, tmp_p
     with Snapshot.load(a) as s, Vm.restore(s, "map", resettable=True) as vm:
         time.sleep(0.02)
         flip_code_page(a)
-        with pytest.raises(SnapshotError):
-            s.to_bytes()
-        assert s.damaged
-        with pytest.raises(SnapshotError):
-            vm.reset()
+        refused(s, s.to_bytes, vm.reset)
 
 
 def test_restores_see_a_page_rewritten_in_place_within_a_millisecond(two_files):
@@ -146,9 +140,7 @@ def test_restores_see_a_page_rewritten_in_place_within_a_millisecond(two_files):
         time.sleep(0.02)
         flip_code_page(a)
         time.sleep(0.002)  # past the interval of the restores' statx
-        with pytest.raises(SnapshotError):
-            Vm.restore(s, "copy")
-        assert s.damaged
+        refused(s, lambda: Vm.restore(s, "copy"))
 
 
 def test_a_file_renamed_over_the_path_leaves_the_snapshot_whole(two_files, tmp_path):

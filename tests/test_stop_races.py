@@ -203,19 +203,10 @@ def test_ctrl_c_ends_a_whole_reset_loop():
     assert lines[4] == "then ['timeout', 'timeout']"
 
 
-SIGNAL_BETWEEN_RUNS = """
+SIGINTS_AT_RANDOM = """
     import random, signal, threading, time
     from kvmlab import Vm, VmConfig
-    # Reads the qword at 0x900000: 0 -> exit at once, else loop forever.
-    code = bytes.fromhex("488b042500009000" "4885c0" "7507" "66ba0005" "31c0" "ef" "ebfe")
-    boot = Vm.boot(code, VmConfig(memory_mib=16))
-    snap = boot.snapshot()
-    boot.close()
-    vm = Vm.restore(snap, resettable=True)
-    # Thousands of inputs that exit at once (the loop is outside KVM_RUN,
-    # resetting, half its time), then one that never ends: a SIGINT whose
-    # handler ran unseen between two runs would leave the loop spinning.
-    inputs = [bytes(8)] * 5000 + [(1).to_bytes(8, "little")]
+{setup}
     main = threading.main_thread().ident
     rnd = random.Random(17)
     worst = 0.0
@@ -224,48 +215,43 @@ SIGNAL_BETWEEN_RUNS = """
             global sent
             sent = time.monotonic()
             signal.pthread_kill(main, signal.SIGINT)
-        threading.Timer(rnd.uniform(0.02, 0.1), send).start()
+        threading.Timer(rnd.uniform({earliest_s}, {latest_s}), send).start()
         try:
-            vm.reset_loop(inputs, input_gpa=0x900000, run_timeout_s=None)
+            {call}              # only the signal can end it
             print("not interrupted")
         except KeyboardInterrupt:
             worst = max(worst, time.monotonic() - sent)
     print(f"worst {{worst:.3f}} s")
 """
+
+
+def _sigints_at_random(setup: str, call: str, tries: int, earliest_s: float, latest_s: float) -> None:
+    """Sends SIGINT to the main thread `tries` times, each at a random moment
+    of a `call` that never ends by itself: every one must raise
+    KeyboardInterrupt within 0.5 s (a watchdog kills the script if one is lost)."""
+    p = _script(SIGINTS_AT_RANDOM.format(setup=setup, call=call, tries=tries, earliest_s=earliest_s, latest_s=latest_s))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "not interrupted" not in p.stdout
+    assert float(p.stdout.split()[-2]) < 0.5, p.stdout
 
 
 def test_ctrl_c_between_two_runs_of_a_reset_loop_is_not_lost():
     """A SIGINT that arrives while the loop thread is outside KVM_RUN (a
     reset, an exit being served) stays pending (blocked there, unblocked by
     KVM for KVM_RUN): the loop ends at its next check (before: Python's
-    handler ran unseen and the loop went on, here into an endless run)."""
-    p = _script(SIGNAL_BETWEEN_RUNS.format(tries=12))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "not interrupted" not in p.stdout
-    assert float(p.stdout.split()[-2]) < 0.5, p.stdout
-
-
-SIGNAL_DURING_EXITS = """
-    import random, signal, threading, time
-    from kvmlab import Vm, VmConfig
-    # putc forever: one I/O exit per byte, served on the run's thread outside KVM_RUN.
-    vm = Vm.boot(bytes.fromhex("b078e6e9ebfc"), VmConfig(memory_mib=8))  # mov al, 'x'; out 0xe9, al; jmp
-    main = threading.main_thread().ident
-    rnd = random.Random(5)
-    worst = 0.0
-    for i in range({tries}):
-        def send():
-            global sent
-            sent = time.monotonic()
-            signal.pthread_kill(main, signal.SIGINT)
-        threading.Timer(rnd.uniform(0.01, 0.05), send).start()
-        try:
-            vm.run(timeout_s=None)
-            print("not interrupted")
-        except KeyboardInterrupt:
-            worst = max(worst, time.monotonic() - sent)
-    print(f"worst {{worst:.3f}} s")
-"""
+    handler ran unseen and the loop went on, here into an endless run).
+    Thousands of inputs exit at once (the loop is outside KVM_RUN, resetting,
+    much of its time), then one never ends."""
+    setup = """
+    # Reads the qword at 0x900000: 0 -> exit at once, else loop forever.
+    code = bytes.fromhex("488b042500009000" "4885c0" "7507" "66ba0005" "31c0" "ef" "ebfe")
+    boot = Vm.boot(code, VmConfig(memory_mib=16))
+    snap = boot.snapshot()
+    boot.close()
+    vm = Vm.restore(snap, resettable=True)
+    inputs = [bytes(8)] * 5000 + [(1).to_bytes(8, "little")]"""
+    call = 'vm.reset_loop(inputs, input_gpa=0x900000, run_timeout_s=None)'
+    _sigints_at_random(setup, call, tries=12, earliest_s=0.02, latest_s=0.1)
 
 
 def test_ctrl_c_while_a_run_serves_io_exits_is_not_lost():
@@ -273,7 +259,7 @@ def test_ctrl_c_while_a_run_serves_io_exits_is_not_lost():
     a SIGINT that lands while the thread serves an exit waits blocked and
     ends the run at the next KVM_RUN (before: its handler ran there unseen and
     the run went on forever, within 40 tries here)."""
-    p = _script(SIGNAL_DURING_EXITS.format(tries=40))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "not interrupted" not in p.stdout
-    assert float(p.stdout.split()[-2]) < 0.5, p.stdout
+    setup = """
+    # putc forever: one I/O exit per byte, served on the run's thread outside KVM_RUN.
+    vm = Vm.boot(bytes.fromhex("b078e6e9ebfc"), VmConfig(memory_mib=8))  # mov al, 'x'; out 0xe9, al; jmp"""
+    _sigints_at_random(setup, "vm.run(timeout_s=None)", tries=40, earliest_s=0.01, latest_s=0.05)

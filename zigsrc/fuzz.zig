@@ -10,7 +10,9 @@
 //! kvmlab (`Snapshot.to_bytes`; the .state seed is a snapshot's `vcpu_state`;
 //! the .full-prefix seed is the first 16 KiB, header and STATE, of a
 //! `Snapshot.save` file of a guest whose memory is all zeros, so its MEMORY is
-//! all holes): after a format change, save new ones the same way.
+//! all holes): after a format change, save new ones the same way. spin.elf
+//! is a minimal static ELF guest (one PT_LOAD of `jmp $` at 1 MiB), written
+//! by hand as tests/test_guests.py builds its bad ones.
 //!
 //! How the harness reads an input (std.testing.Smith, Zig 0.17.1): `slice`
 //! takes a u32 little-endian length, then that many bytes. Seeds are stored
@@ -28,6 +30,7 @@ const raw_seeds = [_][]const u8{
     @embedFile("fuzz_corpus/hello-2vcpu.snap"),
     @embedFile("fuzz_corpus/counter-8mib.state"),
     @embedFile("fuzz_corpus/zeroed-8mib.full-prefix"),
+    @embedFile("fuzz_corpus/spin.elf"),
 };
 
 /// What each raw seed must get through, replayed through the fuzz entry.
@@ -36,6 +39,7 @@ const seed_expect = [raw_seeds.len]Reached{
     .{ .bytes = true, .bytes_fixed = true },
     .{ .state = true },
     .{ .file = true, .file_fixed = true },
+    .{ .image = true },
 };
 
 /// A seed as Smith.slice reads it: its length (u32 LE), then its bytes.

@@ -242,20 +242,18 @@ pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs
     if (input_bytes == 0 or inputs.len % input_bytes != 0 or inputs.len / input_bytes != out.len)
         return errors.fail(error.Config, "inputs ({d} bytes) must be {d} inputs of {d} bytes", .{ inputs.len, out.len, input_bytes });
     _ = try vm.guestSlice(input_gpa, input_bytes);
-    const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode };
-    // One operation: an interrupt() or close() during any run or reset of
-    // the loop ends the whole loop, not just the current input's run.
-    vm.beginOperation();
-    const signals = shell.ForeignSignals.block(); // for the whole loop, runs and resets
-    defer signals.unblock();
-    for (out, 0..) |*res, i| {
-        if (stoppedBySignal(res)) return i + 1;
-        const dst = try vm.guestSlice(input_gpa, input_bytes);
-        @memcpy(dst, inputs[i * input_bytes ..][0..input_bytes]);
-        r.noteHostWrite(input_gpa, input_bytes);
-        if (try step.runOne(res, &.{}, i)) return i + 1;
-    }
-    return out.len;
+    const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode, .input_gpa = input_gpa };
+    const Fixed = struct {
+        data: []const u8,
+        bytes: usize,
+        fn inputAt(f: @This(), i: usize) []const u8 {
+            return f.data[i * f.bytes ..][0..f.bytes];
+        }
+        fn consoleAt(_: @This(), _: usize) []u8 {
+            return &.{};
+        }
+    };
+    return step.drive(out, Fixed{ .data = inputs, .bytes = input_bytes }, false);
 }
 
 /// Longest input of `loopVar` (its u32 length prefix not counted).
@@ -279,20 +277,20 @@ pub fn loopVar(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inp
     }
     if (longest > max_var_input_bytes) return errors.fail(error.Config, "an input is {d} bytes; at most {d}", .{ longest, max_var_input_bytes });
     _ = try vm.guestSlice(input_gpa, 4 + longest);
-    const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode };
-    vm.beginOperation();
-    const signals = shell.ForeignSignals.block(); // for the whole loop, runs and resets
-    defer signals.unblock();
-    for (out, 0..) |*res, i| {
-        if (stoppedBySignal(res)) return i + 1;
-        const input = inputs[@intCast(offsets[i])..@intCast(offsets[i + 1])];
-        const dst = try vm.guestSlice(input_gpa, 4 + input.len);
-        std.mem.writeInt(u32, dst[0..4], @intCast(input.len), .little);
-        @memcpy(dst[4..], input);
-        r.noteHostWrite(input_gpa, 4 + input.len);
-        if (try step.runOne(res, console[i * console_stride ..][0..console_stride], i)) return i + 1;
-    }
-    return out.len;
+    const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode, .input_gpa = input_gpa };
+    const Var = struct {
+        data: []const u8,
+        offsets: []const u64,
+        out_console: []u8,
+        stride: usize,
+        fn inputAt(v: @This(), i: usize) []const u8 {
+            return v.data[@intCast(v.offsets[i])..@intCast(v.offsets[i + 1])];
+        }
+        fn consoleAt(v: @This(), i: usize) []u8 {
+            return v.out_console[i * v.stride ..][0..v.stride];
+        }
+    };
+    return step.drive(out, Var{ .data = inputs, .offsets = offsets, .out_console = console, .stride = console_stride }, true);
 }
 
 /// A signal (Ctrl-C) came while the loop was outside KVM_RUN, e.g. during
@@ -312,6 +310,29 @@ const Step = struct {
     mapped_from: ?*const Snapshot,
     timeout_ns: u64,
     mode: Mode,
+    input_gpa: u64,
+
+    /// Both loops: `inputs.input(i)` written at input_gpa (after its u32 LE
+    /// length when `length_prefix`), run, recorded, reset. One operation: an
+    /// interrupt() or close() during any run or reset ends the whole loop,
+    /// not just the current input's run; foreign signals wait blocked outside
+    /// KVM_RUN for the whole loop. Returns how many inputs were done.
+    fn drive(s: Step, out: []LoopResult, inputs: anytype, comptime length_prefix: bool) errors.Error!usize {
+        s.vm.beginOperation();
+        const signals = shell.ForeignSignals.block();
+        defer signals.unblock();
+        const prefix: usize = if (length_prefix) 4 else 0;
+        for (out, 0..) |*res, i| {
+            if (stoppedBySignal(res)) return i + 1;
+            const input = inputs.inputAt(i);
+            const dst = try s.vm.guestSlice(s.input_gpa, prefix + input.len);
+            if (length_prefix) std.mem.writeInt(u32, dst[0..4], @intCast(input.len), .little);
+            @memcpy(dst[prefix..], input);
+            s.r.noteHostWrite(s.input_gpa, prefix + input.len);
+            if (try s.runOne(res, inputs.consoleAt(i), i)) return i + 1;
+        }
+        return out.len;
+    }
 
     /// Iteration `i`, the input already written: run, record, keep the first
     /// console.len bytes of output, reset. True when the whole loop must stop
