@@ -270,7 +270,9 @@ def _header(res: Results) -> list[str]:
 
 
 def _qemu_version(res: Results) -> str | None:
-    recs = res.parts["qemu"].records if "qemu" in res.parts else []
+    """From the QEMU rows of the restore peers or of the first-answer part."""
+    recs = [r for name in ("qemu", "first_answer") if name in res.parts for r in res.parts[name].records
+            if r.get("version")]
     return recs[0]["version"].replace("QEMU emulator version ", "") if recs else None
 
 
