@@ -296,15 +296,21 @@ class QemuPeer:
         }
 
     def restore_once(self, saved: dict[str, Any], memory_mib: int, check: bool = False,
-                     timeout_s: float = 120.0) -> int:
-        """One ``-incoming`` restore; nanoseconds from process start to running."""
+                     timeout_s: float = 120.0, prestarted: bool = False) -> int:
+        """One ``-incoming`` restore; nanoseconds from process start to running.
+        ``prestarted``: the pooled analogue, a QEMU started (untimed) with
+        ``-incoming defer``, timed from QMP ``migrate-incoming`` to running."""
         fd = os.open(saved["state"], os.O_RDONLY)
         try:
             t0 = time.perf_counter_ns()
             deadline = time.monotonic() + timeout_s
-            q = _Qemu(self.argv(saved["kernel"], memory_mib) + ["-incoming", f"fd:{fd}"], pass_fds=(fd,),
+            incoming = "defer" if prestarted else f"fd:{fd}"
+            q = _Qemu(self.argv(saved["kernel"], memory_mib) + ["-incoming", incoming], pass_fds=(fd,),
                       timeout_s=self.qmp_timeout_s)
             try:
+                if prestarted:
+                    t0 = time.perf_counter_ns()
+                    q.cmd("migrate-incoming", uri=f"fd:{fd}")
                 while True:
                     status = q.cmd("query-status")["status"]
                     if status == "running":
@@ -328,21 +334,25 @@ class QemuPeer:
             os.close(fd)
         return took
 
-    def measure(self, memory_mib: int, density: str, reps: int, progress: Progress | None = None) -> list[dict[str, Any]]:
+    def measure(self, memory_mib: int, density: str, reps: int, progress: Progress | None = None,
+                modes: tuple[str, ...] = ("cold",)) -> list[dict[str, Any]]:
         """Saves a VM of ``memory_mib`` (dense: DENSE_FRACTION of its RAM
-        filled, like kvmlab's dense snapshots) and restores it ``reps`` times;
-        one record per restore (``restore_ns``)."""
+        filled, like kvmlab's dense snapshots) and restores it ``reps`` times
+        per mode (``cold``: process start to running; ``prestarted``: see
+        :meth:`restore_once`), interleaved; one record per restore
+        (``restore_ns``, ``mode``)."""
         saved = self.save(memory_mib, DENSE_FRACTION if density == "dense" else 0.0)
         try:
             if progress is not None:
                 progress.update(1)
             out = []
             for i in range(reps):
-                ns = self.restore_once(saved, memory_mib, check=(i == 0))
-                out.append({"i": i, "restore_ns": ns, "fill_pages": saved["fill_pages"],
-                            "state_bytes": saved["state_bytes"], "version": self.version})
-                if progress is not None:
-                    progress.update(1)
+                for mode in modes:
+                    ns = self.restore_once(saved, memory_mib, check=(i == 0), prestarted=mode == "prestarted")
+                    out.append({"i": i, "mode": mode, "restore_ns": ns, "fill_pages": saved["fill_pages"],
+                                "state_bytes": saved["state_bytes"], "version": self.version})
+                    if progress is not None:
+                        progress.update(1)
             return out
         finally:
             for f in (saved["state"], saved["kernel"]):
