@@ -196,7 +196,7 @@ def _first_answer_cells(res: Results) -> list[tuple[tuple[int, str], str, str, d
     return [((k[0], k[1]), k[2], k[3], st[k]) for k in keys]
 
 
-def first_answer_table(res: Results):
+def first_answer_table(res: Results) -> pd.DataFrame:
     """Restore to first answer per case, path and strategy: p50, p99, median
     (min–max) and the ratio to the warm call of the same strategy."""
     import pandas as pd
