@@ -107,10 +107,12 @@ def test_01_quickstart(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_02_restore_latency(tmp_path, monkeypatch):
     nb = run_notebook("02_restore_latency.ipynb", tmp_path, monkeypatch)
-    assert images(nb) >= 4
+    assert images(nb) >= 6  # five sweep/age figures and restore -> first answer per path
     html = "\n".join(o["data"].get("text/html", "") for o in outputs(nb) if "data" in o)
     for col in ("pooled", "unpooled"):
         assert col in html  # the median table
+    for path in ("prepared-warmup", "warm-call"):
+        assert path in html  # the restore -> first answer table
     states = widget_states(nb)
     assert any(s["model_name"] == "FloatProgressModel" for s in states.values()), "no tqdm progress bar"
     # The notebook's text must not hard-code measured numbers.
