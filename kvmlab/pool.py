@@ -173,8 +173,11 @@ class RestoreTiming:
 
 def _restore_timing(d: dict[str, int]) -> RestoreTiming:
     """A ``kvmlab_pool_timing`` (as a dict) as a :class:`RestoreTiming`."""
-    return RestoreTiming(**{**d,  # type: ignore[arg-type]  # the core's ints, converted here per field "first_run_ns": d["first_run_ns"] or None, "hit": bool(d["hit"]),
-                            "strategy": STRATEGY_NAMES.get(d["strategy"], "?")})  # fmt: skip
+    # The core's ints as they are, but for the fields converted here.
+    converted: dict[str, Any] = {
+        "first_run_ns": d["first_run_ns"] or None, "hit": bool(d["hit"]), "strategy": STRATEGY_NAMES.get(d["strategy"], "?"),
+    }  # fmt: skip
+    return RestoreTiming(**{**d, **converted})
 
 
 def timings_frame(records: Iterable[RestoreTiming]) -> pd.DataFrame:

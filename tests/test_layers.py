@@ -8,10 +8,11 @@
 - no int -> name table is written by hand in kvmlab: enum names come from the
   generated header (``_ffi.enum_names``).
 
-Every import counts, at module level, in a function or under
-``if TYPE_CHECKING`` alike: a function-level import is still a dependency (it
-only runs later), and a cycle hidden that way breaks as soon as someone moves
-the import up. ``importlib.import_module`` of cli's plugin slots is not an
+Every import that runs counts, at module level or in a function alike: a
+function-level import is still a dependency (it only runs later), and a cycle
+hidden that way breaks as soon as someone moves the import up. Imports under
+``if TYPE_CHECKING:`` never run (annotations only: a helper module naming its
+owner's types, kvmlab._prepared -> kvmlab.pool) and are left out. ``importlib.import_module`` of cli's plugin slots is not an
 import statement: the registry is dynamic by design and the plugins import cli,
 not the other way round.
 """
@@ -70,13 +71,23 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, m
     return out
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            yield from (n for stmt in node.orelse for n in ast.walk(stmt))
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def python_graph() -> dict[str, set[str]]:
     """Module -> the kvmlab modules it imports (anywhere in its body)."""
     modules = _modules()
     graph = {}
     for module, (path, is_package) in modules.items():
         edges: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 edges |= _targets(node, module, is_package, modules)
         edges.discard(module)
@@ -118,6 +129,8 @@ def test_relative_imports_resolve_to_submodules():
     assert {"kvmlab.errors", "kvmlab.guests", "kvmlab.vm"} <= graph["kvmlab"]
     # A function-level import counts (vm.py imports snapshot inside Vm.restore).
     assert "kvmlab.snapshot" in graph["kvmlab.vm"]
+    # One under `if TYPE_CHECKING:` does not (never run): _prepared names pool's types.
+    assert "kvmlab.pool" not in graph["kvmlab._prepared"] and "kvmlab._prepared" in graph["kvmlab.pool"]
 
 
 def test_python_import_graph_has_no_cycle():
