@@ -89,7 +89,7 @@ def timeout_ns(timeout_s: object, argument: str = "timeout_s") -> int:
 def check_path(argument: str, path: object) -> str:
     """A file system path (str or PathLike) as str; a NUL byte would cut it short."""
     try:
-        p = os.fspath(path)  # type: ignore[arg-type]
+        p = os.fspath(path)  # type: ignore[call-overload]
     except TypeError:
         bad_argument("argument_type", argument, f"{argument} must be a path (str or os.PathLike), got {type(path).__name__}")
     if isinstance(p, bytes):

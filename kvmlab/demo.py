@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import VmConfig
 from .errors import GuestError
@@ -24,6 +25,9 @@ from .pool import PoolConfig, PoolStats, RestorePool
 from .snapshot import Snapshot
 from .units import fmt_size, fmt_time, fmt_ratio
 from .vm import Vm
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["run_demo", "DemoResult", "PATHS", "REQUEST"]
 
@@ -54,7 +58,7 @@ class DemoResult:
     answer_ns: dict[str, list[int]] = field(default_factory=dict)
     pool_stats: PoolStats | None = None
 
-    def summary(self):
+    def summary(self) -> pd.DataFrame:
         """p50/p99 of restore and restore -> first answer per path (a DataFrame)."""
         import numpy as np
         import pandas as pd

@@ -33,6 +33,7 @@ import os
 import threading
 import uuid
 import weakref
+from types import ModuleType
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -266,8 +267,8 @@ def _frame(first: int, n: int, worker: str, loop: np.ndarray | None = None, cons
             texts["console"][i] = console[i * CONSOLE_BYTES:i * CONSOLE_BYTES + k].decode("utf-8", "replace")
         texts["message"][:done][codes == _ERROR] = "the run was interrupted by a signal to the worker"
         texts["message"][done:] = "not run: the loop was stopped (interrupt or close) before this input"
-    for i, row in (crashes or {}).items():
-        texts["message"][i] = row["message"]
+    for at, row in (crashes or {}).items():
+        texts["message"][at] = row["message"]
         if "crash_rip" in row:
             crashed[i] = True
             for r in CRASH_REGISTERS:
@@ -372,7 +373,7 @@ def _map_chunk(data: bytes, key: str, fn: Callable[[Vm, Any], Any], items: list[
 # -- the client side -------------------------------------------------------------------
 
 
-def _dask():
+def _dask() -> ModuleType:
     try:
         import distributed
     except ImportError:

@@ -372,23 +372,28 @@ def _check_limits(run: _Run) -> None:
     need_fds = LIMIT_TARGET_VMS * FDS_PER_VM
     soft, hard = lim["nofile_soft"], lim["nofile_hard"]
     unlimited = hard == resource.RLIM_INFINITY
-    if unlimited or hard >= need_fds:
-        run.add("open files", Status.OK, f"soft {soft}, hard {'unlimited' if unlimited else hard} (fork_many raises soft to hard)")
-    else:
-        run.add(
-            "open files", Status.WARN, f"soft {soft}, hard {hard}: fewer than {LIMIT_TARGET_VMS} VMs fit",
-            f"each VM holds {FDS_PER_VM} descriptors; raise the hard limit (ulimit -Hn, /etc/security/limits.conf)",
-        )  # fmt: skip
+    _check_limit(
+        run, "open files", unlimited or hard >= need_fds,
+        f"soft {soft}, hard {'unlimited' if unlimited else hard} (fork_many raises soft to hard)", f"soft {soft}, hard {hard}",
+        f"each VM holds {FDS_PER_VM} descriptors; raise the hard limit (ulimit -Hn, /etc/security/limits.conf)",
+    )  # fmt: skip
     maps = lim["max_map_count"]
     if maps is None:
         run.add("vm.max_map_count", Status.INFO, "unreadable")
-    elif maps >= LIMIT_TARGET_VMS * MAPS_PER_VM:
-        run.add("vm.max_map_count", Status.OK, f"{maps} (about {maps // MAPS_PER_VM} VMs per process)")
     else:
-        run.add(
-            "vm.max_map_count", Status.WARN, f"{maps}: fewer than {LIMIT_TARGET_VMS} VMs fit",
+        _check_limit(
+            run, "vm.max_map_count", maps >= LIMIT_TARGET_VMS * MAPS_PER_VM,
+            f"{maps} (about {maps // MAPS_PER_VM} VMs per process)", f"{maps}",
             f"raise it: sysctl vm.max_map_count={LIMIT_TARGET_VMS * MAPS_PER_VM * 4}",
         )  # fmt: skip
+
+
+def _check_limit(run: _Run, name: str, enough: bool, ok: str, have: str, hint: str) -> None:
+    """OK when a host limit lets ``LIMIT_TARGET_VMS`` VMs fit, else a warning with how to raise it."""
+    if enough:
+        run.add(name, Status.OK, ok)
+    else:
+        run.add(name, Status.WARN, f"{have}: fewer than {LIMIT_TARGET_VMS} VMs fit", hint)
 
 
 def _check_tools(run: _Run) -> None:

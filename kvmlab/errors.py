@@ -24,6 +24,7 @@ __all__ = [
     "PoolExhaustedError",
     "IncompatibleError",
     "InternalError",
+    "PrepareError",
 ]
 
 
@@ -113,6 +114,12 @@ class IncompatibleError(KvmlabError):
 
 class InternalError(KvmlabError):
     """A bug in kvmlab: please report it with the message."""
+
+
+class PrepareError(KvmlabError):
+    """``RestorePool.prepare``'s warmup raised or crashed the guest (``check``
+    ``"warmup"``; ``__cause__`` is what it raised). Nothing stays prepared for
+    that snapshot: fix the warmup and prepare again."""
 
 
 def _rebuild(cls: type, args: tuple, attrs: dict) -> KvmlabError:

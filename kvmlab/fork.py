@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import resource
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,18 +33,28 @@ __all__ = ["fork_many", "ForkSet", "memory_usage", "raise_fd_limit"]
 MAX_THREADS = 256
 
 
+#: /proc/meminfo counters that KVM's per-VM kernel memory shows in (memory_usage).
+_KERNEL_COUNTERS = ("VmallocUsed", "Slab", "KernelStack", "PageTables", "SecPageTables")
+
+
 def memory_usage() -> dict[str, int]:
     """This process's RSS and PSS, and the host's MemAvailable, in bytes.
 
     RSS/PSS miss what KVM allocates in the kernel per VM (vCPU state, shadow
     page tables, irqchip); the drop in MemAvailable includes it (and whatever
-    else the host did meanwhile)."""
-    out = {"rss_bytes": 0, "pss_bytes": 0, "available_bytes": 0}
+    else the host did meanwhile). ``kernel_bytes`` sums the kernel's own
+    counters that KVM's per-VM allocations land in (vmalloc: the memory
+    slot's metadata; slab: vCPUs, debugfs; kernel stacks: the PIT's thread;
+    page tables), less noisy than MemAvailable on a busy host."""
+    out = {"rss_bytes": 0, "pss_bytes": 0, "available_bytes": 0, "kernel_bytes": 0}
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    out["available_bytes"] = int(line.split()[1]) * 1024
+                key, _, rest = line.partition(":")
+                if key == "MemAvailable":
+                    out["available_bytes"] = int(rest.split()[0]) * 1024
+                elif key in _KERNEL_COUNTERS:
+                    out["kernel_bytes"] += int(rest.split()[0]) * 1024
     except OSError:
         pass
     try:
@@ -92,6 +103,7 @@ class ForkStats:
     rss_delta_bytes: int
     pss_delta_bytes: int
     host_delta_bytes: int
+    kernel_delta_bytes: int = 0
 
     @property
     def rss_bytes_per_vm(self) -> float:
@@ -105,6 +117,11 @@ class ForkStats:
     def host_bytes_per_vm(self) -> float:
         """Host memory per VM including KVM's kernel allocations (MemAvailable drop / n)."""
         return self.host_delta_bytes / self.n if self.n else 0.0
+
+    @property
+    def kernel_bytes_per_vm(self) -> float:
+        """The kernel's counters (vmalloc, slab, kernel stacks, page tables) per VM: see memory_usage."""
+        return self.kernel_delta_bytes / self.n if self.n else 0.0
 
 
 class ForkSet(list):
@@ -147,8 +164,24 @@ class ForkSet(list):
         self.close()
 
 
+def _distinct_identities(n: int) -> list[int]:
+    """``n`` distinct random nonzero 64-bit identities."""
+    out: set[int] = set()
+    while len(out) < n:
+        out.add(secrets.randbits(64) or 1)
+    return list(out)
+
+
+def _restore_with(snap: Snapshot, resettable: bool, identity: int) -> Vm:
+    vm = Vm.restore(snap, "map", resettable=resettable)
+    if identity:
+        vm.set_identity(identity)
+    return vm
+
+
 def fork_many(
-    snap: Snapshot, n: int, *, threads: int | None = None, resettable: bool = False, progress: bool = True
+    snap: Snapshot, n: int, *, threads: int | None = None, resettable: bool = False, progress: bool = True,
+    identity: bool = False,
 ) -> ForkSet:
     """Restores ``n`` VMs from one file-backed snapshot with the ``map`` strategy.
 
@@ -163,6 +196,10 @@ def fork_many(
         resettable: make every VM resettable (``vm.reset()``).
         progress: show a progress bar (tqdm.auto) once it takes over a second;
             also for the returned set's ``close()``.
+        identity: give every VM a distinct random identity (``vm.identity``)
+            its guest reads through ports 0x503/0x504 (docs/guest-protocol.md):
+            clones then need not share the snapshot's random state. Without
+            it the guest reads 0 and every VM is the snapshot, bit for bit.
 
     Returns:
         A :class:`ForkSet` (a list of the VMs) with ``stats`` (ready time,
@@ -179,6 +216,8 @@ def fork_many(
             "argument_value", "snap", "fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)"
         )
     check_int("n", n, 1, 100_000)
+    check_type("identity", identity, bool)
+    identities = _distinct_identities(n) if identity else [0] * n
     _progress.check(progress)
     raise_fd_limit(n * (1 + snap.vcpus))  # the VM and its vCPUs (the file's fd is the snapshot's, shared)
     threads = min(8, (os.cpu_count() or 2) * 2) if threads is None else check_int("threads", threads, 1, MAX_THREADS)
@@ -188,7 +227,7 @@ def fork_many(
     out.progress = progress
     try:
         with _progress.bar(n, "fork_many", "VM", progress) as bar, ThreadPoolExecutor(max_workers=threads) as ex:
-            for vm in ex.map(lambda _i: Vm.restore(snap, "map", resettable=resettable), range(n)):
+            for vm in ex.map(lambda i: _restore_with(snap, resettable, identities[i]), range(n)):
                 out.append(vm)
                 bar.update()
     except KvmlabError:
@@ -210,6 +249,7 @@ def fork_many(
         after["rss_bytes"] - before["rss_bytes"],
         after["pss_bytes"] - before["pss_bytes"],
         before["available_bytes"] - after["available_bytes"],
+        after["kernel_bytes"] - before["kernel_bytes"],
     )
     out.threads = threads
     return out

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from . import _ffi
 from .errors import ConfigError, GuestError
@@ -150,18 +150,18 @@ def format_args(args: Mapping[str, object] | str | None) -> str:
     if args is None:
         return ""
     if isinstance(args, str):
-        pairs = []
+        pairs: list[tuple[str, object]] = []
         for item in args.split():
-            key, sep, value = item.partition("=")
+            name, sep, word = item.partition("=")
             if not sep:
                 raise ConfigError(f"guest argument {item!r} is not key=value")
-            pairs.append((key, value))
+            pairs.append((name, word))
         items = pairs
     elif isinstance(args, Mapping):
         items = list(args.items())
     else:
         raise ConfigError(f"guest args must be a dict like {{'steps': 20}}, got {type(args).__name__}")
-    parts = []
+    parts: list[str] = []
     for key, value in items:
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise ConfigError(f"guest argument name {key!r} must be an identifier (letters, digits, _)")
@@ -325,8 +325,8 @@ def build_zig(
         if keep_dir is not None:
             out = Path(os.fspath(keep_dir))
             out.mkdir(parents=True, exist_ok=True)
-            for f in (src, elf, image):
-                shutil.copyfile(f, out / f.name)
+            for kept in (src, elf, image):
+                shutil.copyfile(kept, out / kept.name)
         data = image.read_bytes()
     return Guest(name, _check_image(data, f"the image built from guest {name!r}"))
 
@@ -334,7 +334,7 @@ def build_zig(
 # -- IPython: %%kvmlab_guest -------------------------------------------------------------
 
 
-def load_ipython_extension(ipython) -> None:  # pragma: no cover - exercised through notebooks
+def load_ipython_extension(ipython: Any) -> None:  # pragma: no cover - exercised through notebooks
     """``%load_ext kvmlab.guests`` registers the ``%%kvmlab_guest`` cell magic::
 
         %%kvmlab_guest hello2
@@ -345,7 +345,7 @@ def load_ipython_extension(ipython) -> None:  # pragma: no cover - exercised thr
     ``hello2`` in the notebook (the name is also the guest's name).
     """
 
-    def kvmlab_guest(line: str, cell: str):
+    def kvmlab_guest(line: str, cell: str) -> None:
         words = line.split()
         if len(words) != 1 or not words[0].isidentifier():
             raise GuestError("usage: %%kvmlab_guest VARIABLE  (a Python identifier; the cell is the Zig source)")

@@ -19,14 +19,15 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import _ffi
 from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int, check_type
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
-from .vm import RunResult, _VmHandle
+from ._prepared import _PrepareOps
+from .vm import RunResult, _VmHandle, restore_timing_dict
 
 __all__ = ["PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRestoreVm", "timings_frame"]
 
@@ -39,10 +40,10 @@ STRATEGY_NAMES = _ffi.enum_names("kvmlab_strategy")
 #: The core's limit on ``PoolConfig.max_size`` (``max_pool_size`` in zigsrc/pool.zig).
 MAX_POOL_SIZE = 256
 
-#: A restore waiting for room under ``max_in_use`` waits in the core for at most
-#: this long at a time, so ``close()`` on another thread is never held up longer.
+#: A restore waiting for room under ``max_in_use`` (or the warmer waiting for a
+#: prepared snapshot to run short) waits in the core for at most this long at a
+#: time, so ``close()`` on another thread is never held up longer.
 _WAIT_SLICE_NS = 50_000_000
-
 
 def _int(name: str, v: object, lo: int, hi: int = U32_MAX) -> int:
     return check_int(f"PoolConfig {name}", v, lo, hi)
@@ -97,7 +98,9 @@ class PoolStats:
         failures: restores that failed (the shell is destroyed).
         created: shells made so far; ``destroyed`` shells or VMs destroyed.
         pending_destroy: released VMs waiting for the worker to destroy them.
-        parked: VMs kept for reuse (``reset_on_release``); ``reuses``/``resets`` count them.
+        parked: VMs kept for reuse (``reset_on_release``) or prepared;
+            ``reuses``/``resets`` count them.
+        prepared: VMs of prepared snapshots ready now (:meth:`RestorePool.prepare`).
     """
 
     idle: int
@@ -117,6 +120,7 @@ class PoolStats:
     parked: int = 0
     reuses: int = 0
     resets: int = 0
+    prepared: int = 0
 
     def __repr__(self) -> str:
         limit = f"/{self.max_in_use}" if self.max_in_use else ""
@@ -131,6 +135,8 @@ class PoolStats:
 
         capacity = max(self.max_size, self.idle + self.in_use + self.creating, 1)
         parts = [("in use", self.in_use, "brand"), ("idle", self.idle, "ok"), ("creating", self.creating, "warn")]
+        if self.prepared:
+            parts.append(("prepared", self.prepared, "ok"))
         occupancy = (
             f'<div class="kvmlab-occupancy">{self.idle} idle, {self.in_use} in use, {self.creating} creating; '
             f"capacity {self.max_size} (min {self.min_size}), in use limit {self.max_in_use or 'none'}</div>"
@@ -139,7 +145,7 @@ class PoolStats:
         counters = [
             (c.replace("_", " "), getattr(self, c))
             for c in ("restores", "hits", "misses", "failures", "created", "destroyed", "releases", "pending_destroy",
-                      "parked", "reuses", "resets")  # fmt: skip
+                      "parked", "prepared", "reuses", "resets")  # fmt: skip
             if getattr(self, c) or c in ("restores", "hits", "misses", "failures")
         ]
         body = _html.bar(parts, capacity) + occupancy + legend + _html.table(counters)
@@ -255,14 +261,10 @@ class PooledRestoreVm(_VmHandle):
     def restore_timing(self) -> dict[str, int]:
         """This restore's record: integer nanoseconds per phase (``acquire_ns``,
         ``memory_ns``, ``vcpu_ns``, ``devices_ns``, ``total_ns``), ``hit``,
-        ``strategy`` (``"copy"``, ``"map"`` or ``"reuse"``, as in
+        ``strategy`` (``"copy"``, ``"map"``, ``"reuse"`` or ``"prepared"``, as in
         :meth:`RestorePool.timings`), ``mapped``, ``memory_bytes``, ``seq``."""
         if self._timing is None:
-            d = _ffi.as_dict(self._times, "kvmlab_restore_times")
-            # A reuse (reset_on_release) restores nothing: the core leaves the
-            # three restore phases 0, which a real restore never does.
-            reused = d["memory_ns"] == d["vcpu_ns"] == d["devices_ns"] == 0
-            d["strategy"] = "reuse" if reused else "map" if d["mapped"] else "copy"
+            d = restore_timing_dict(self._times)
             d["memory_bytes"] = self.memory_bytes
             self._timing = d
         return self._timing
@@ -281,7 +283,7 @@ class PooledRestoreVm(_VmHandle):
         self.close()
 
 
-class RestorePool:
+class RestorePool(_PrepareOps):
     """A pool of empty KVM shells of one :class:`VmConfig`; creating it warms
     ``min_size`` shells (so errors surface here).
 
@@ -327,6 +329,12 @@ class RestorePool:
         # The free function of every VM this pool hands out (made once: restore
         # is a hot path).
         self._release_vm = _Release(self._handle)
+        # Snapshots prepared with a warmup, by native snapshot address:
+        # (snapshot, its handle, warmup). The warmer thread keeps their targets.
+        self._warmups: dict[int, tuple[Snapshot, Any, Callable[[Any], object]]] = {}
+        # Every prepared snapshot and its target (what prepared_targets() lists).
+        self._targets: dict[Snapshot, int] = {}
+        self._warmer: threading.Thread | None = None
         self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
         _LIVE_POOLS.add(self)
 

@@ -32,7 +32,8 @@ ffi = _ffi.ffi
 lib = _ffi.lib
 
 #: Memory strategies of a restore, name -> ``kvmlab_strategy`` (read from the
-#: header; ``reuse`` is chosen by a pool, and the core refuses it from callers).
+#: header; ``reuse`` and ``prepared`` are chosen by a pool, and the core refuses
+#: them from callers).
 STRATEGIES = _ffi.enum_values("kvmlab_strategy")
 
 

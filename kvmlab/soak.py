@@ -22,7 +22,7 @@ from .pool import PoolConfig, RestorePool
 from .vm import Vm
 from .config import VmConfig
 
-__all__ = ["SoakReport", "run_soak", "MAX_LIVE_VMS"]
+__all__ = ["SoakReport", "Resources", "run_soak", "MAX_LIVE_VMS", "SLACK_BYTES"]
 
 #: Bound on VMs alive at once: pool max_size 6 + 4 in use + the core's destroy
 #: backlog (64) + 4 being destroyed + shells being created, with slack.
@@ -77,6 +77,27 @@ def _mapped_bytes() -> int:
     return total
 
 
+#: How much more mapped or resident memory the process may hold after the
+#: soak than before it (allocator arenas, caches), in bytes.
+SLACK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the process holds: open descriptors, mapped and resident bytes."""
+
+    fds: int
+    mapped_bytes: int
+    rss_bytes: int
+
+    @classmethod
+    def measure(cls) -> Resources:
+        """The process's now, once freed heap memory went back to the OS."""
+        time.sleep(0.5)
+        _trim()
+        return cls(_fds(), _mapped_bytes(), memory_usage()["rss_bytes"])
+
+
 @dataclass
 class SoakReport:
     seconds: float
@@ -90,12 +111,8 @@ class SoakReport:
     memory_mismatches: int = 0
     errors: list[str] = field(default_factory=list)
     counters_ok: bool = False
-    fds_before: int = 0
-    fds_after: int = 0
-    mapped_before: int = 0
-    mapped_after: int = 0
-    rss_before: int = 0
-    rss_after: int = 0
+    before: Resources = field(default_factory=lambda: Resources(0, 0, 0))
+    after: Resources = field(default_factory=lambda: Resources(0, 0, 0))
     final_stats: dict = field(default_factory=dict)
     #: Most KVM VMs alive at once during the run (idle + in use + being destroyed).
     max_live_vms: int = 0
@@ -106,9 +123,9 @@ class SoakReport:
             not self.errors
             and self.memory_mismatches == 0
             and self.counters_ok
-            and self.fds_after <= self.fds_before
-            and self.mapped_after <= self.mapped_before + (64 << 20)
-            and self.rss_after <= self.rss_before + (64 << 20)
+            and self.after.fds <= self.before.fds
+            and self.after.mapped_bytes <= self.before.mapped_bytes + SLACK_BYTES
+            and self.after.rss_bytes <= self.before.rss_bytes + SLACK_BYTES
             and self.max_live_vms <= MAX_LIVE_VMS
         )
 
@@ -208,10 +225,7 @@ def run_soak(
     # Warm-up: the same load for a moment, so thread stacks, malloc arenas and
     # caches exist before the baseline is taken.
     _hammer(RestorePool(cfg, PoolConfig(min_size=2, max_size=6)), snap, blob, golden, threads, max(2.0, min(10.0, seconds / 6)), seed, SoakReport(0, threads), close=True)
-    time.sleep(0.5)
-    _trim()
-    rep.fds_before, rep.mapped_before = _fds(), _mapped_bytes()
-    rep.rss_before = memory_usage()["rss_bytes"]
+    rep.before = Resources.measure()
 
     pool = RestorePool(cfg, PoolConfig(min_size=2, max_size=6))
     _hammer(pool, snap, blob, golden, threads, seconds, seed, rep, close=False, progress=progress)
@@ -234,10 +248,7 @@ def run_soak(
     )
     pool.close()
     snap.close()
-    time.sleep(0.5)
-    _trim()
-    rep.fds_after, rep.mapped_after = _fds(), _mapped_bytes()
-    rep.rss_after = memory_usage()["rss_bytes"]
+    rep.after = Resources.measure()
     return rep
 
 

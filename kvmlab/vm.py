@@ -68,6 +68,16 @@ def _new_handle(config: VmConfig) -> Any:
     return out[0]
 
 
+def restore_timing_dict(times: Any) -> dict[str, Any]:
+    """A ``kvmlab_restore_times`` as the ``restore_timing`` dict: integer
+    nanoseconds per phase, ``mapped``, ``hit``, ``seq`` and ``strategy`` by
+    name (``kvmlab_strategy``: copy, map, reuse or prepared)."""
+    d: dict[str, Any] = _ffi.as_dict(times, "kvmlab_restore_times")
+    del d["reserved"]
+    d["strategy"] = _ffi.enum_names("kvmlab_strategy")[d["strategy"]]
+    return d
+
+
 class _VmHandle(_ResetOps):
     """A native VM handle plus everything that works on any VM.
 
@@ -398,6 +408,30 @@ class _VmHandle(_ResetOps):
         """write_memory with the lock held, ``h`` live and the range checked."""
         _ffi.check(lib.kvmlab_vm_write_memory(h, gpa, ffi.from_buffer("uint8_t[]", data), len(data)))
 
+    @property
+    def identity(self) -> int:
+        """The per-clone identity the guest reads through ports 0x503 (low 32
+        bits) and 0x504 (high): 0 unless one was given (:meth:`set_identity`,
+        ``fork_many(..., identity=True)``, ``RestorePool.prepare(..., identity=True)``)."""
+        with self._lock:
+            return int(lib.kvmlab_vm_get_identity(self._live()))
+
+    def set_identity(self, identity: int) -> None:
+        """Gives the VM an identity its guest reads (docs/guest-protocol.md,
+        "Per-clone identity"): host state, not guest memory, so the VM stays
+        bit-identical to its snapshot.
+
+        Args:
+            identity: 0 .. 2**64-1 (0: none).
+
+        Raises:
+            ConfigError: not an int in range.
+            ClosedError: the VM is closed.
+        """
+        check_int("identity", identity, 0, 2**64 - 1)
+        with self._lock:
+            _ffi.check(lib.kvmlab_vm_set_identity(self._live(), identity))
+
     def registers(self, vcpu: int = 0) -> dict[str, int]:
         """The registers of vCPU ``vcpu`` (``rip``, ``rsp``, ..., ``cr3``, ``cs``, ``cpl``).
 
@@ -569,7 +603,9 @@ class Vm(_VmHandle):
         out = ffi.new("kvmlab_vm **")
         t = ffi.new("kvmlab_restore_times *")
         with snap._use() as sh:
-            _ffi.check(lib.kvmlab_vm_restore(sh, code, out, t))
+            # Without resettable the shell has no dirty log (less kernel memory per VM).
+            flags = _ffi.enum_values("kvmlab_restore_flags")["resettable"] if resettable else 0
+            _ffi.check(lib.kvmlab_vm_restore(sh, code, flags, out, t))
         vm = cls(out[0], snap.config, snap.guest)
         if resettable:
             try:
@@ -577,5 +613,5 @@ class Vm(_VmHandle):
             except BaseException:
                 vm.close()
                 raise
-        vm.restore_timing = _ffi.as_dict(t, "kvmlab_restore_times")
+        vm.restore_timing = restore_timing_dict(t)
         return vm

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,20 @@ def fd_count() -> int:
 
 
 # -- snapshot fixtures shared by several test files ---------------------------------------
+
+
+def close_during(vm, work, settle_s: float) -> tuple[float, bool]:
+    """Runs ``work()`` on a daemon thread (a regression must not keep pytest
+    alive), closes ``vm`` after ``settle_s``; returns (seconds close() took,
+    whether the thread ended within 5 s after)."""
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    time.sleep(settle_s)
+    t0 = time.monotonic()
+    vm.close()
+    waited = time.monotonic() - t0
+    t.join(5)
+    return waited, not t.is_alive()
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ LAYERS = [
     ["restore.zig"],
     ["reset.zig"],
     ["machine.zig"],
+    ["prepared.zig"],
     ["pool.zig"],
     ["capi/common.zig"],
     ["capi/vm.zig", "capi/snapshot.zig", "capi/pool.zig"],

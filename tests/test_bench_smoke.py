@@ -343,14 +343,15 @@ def test_bench_all_quick_and_docs(tmp_path, capsys):
     rc = cli.main(["bench", "all", "--quick", "--memory-mib", "16", "--fork-n", "3", "--out", str(out), "--quiet"])
     assert rc == 0
     assert "## Restore" in capsys.readouterr().out
-    assert {p.name for p in out.glob("*.png")} == {"restore.png", "reset.png", "cycle.png", "fork.png"}
+    assert {p.name for p in out.glob("*.png")} == {"restore.png", "first_answer.png", "reset.png", "cycle.png", "fork.png"}
     assert "## Targets" in (out / "results.md").read_text()
     res = bench.load(out / "results.json")
     kv = res.frame("restore")
     assert set(kv["path"]) == {"pooled", "native", "unpooled", "service", "floor", "floor-idle"}
     assert (kv.groupby(["density", "path", "strategy"]).size() == 5).all()
     assert "unicorn" in res.parts or "unicorn" in res.skipped
-    assert {"floor", "pool_speedup", "python", "reset"} <= {v["target"] for v in res.verdicts}
+    assert {"floor", "pool_speedup", "python", "reset", "first_answer_floor", "first_answer_pool",
+            "first_answer_qemu"} <= {v["target"] for v in res.verdicts}
     assert not res.errors
     readme = tmp_path / "README.md"
     readme.write_text(f"{report.README_START}\n{report.README_END}\n")
@@ -368,7 +369,7 @@ def test_bench_all_skips_absent_peers(tmp_path, monkeypatch):
                         skip=["reset", "cycle", "fork"], quiet=True)
     assert "apt-get install qemu-system-x86" in res.skipped["qemu"]
     assert "pip install unicorn" in res.skipped["unicorn"]
-    assert set(res.parts) == {"restore"}
+    assert set(res.parts) == {"restore", "first_answer"}
     md = (tmp_path / "results.md").read_text()
     assert "apt-get install qemu-system-x86" in md and "skipped" in md
 

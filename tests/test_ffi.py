@@ -115,7 +115,7 @@ def test_struct_size_mismatch_is_an_import_error(tmp_path):
 
 def test_enum_names_come_from_the_header():
     assert _ffi.enum_names("kvmlab_run_reason") == {0: "exit", 1: "checkpoint", 2: "halt", 3: "timeout", 4: "interrupted"}
-    assert list(_ffi.enum_values("kvmlab_strategy")) == ["auto", "copy", "map", "reuse"]
+    assert list(_ffi.enum_values("kvmlab_strategy")) == ["auto", "copy", "map", "reuse", "prepared"]
     assert _ffi.enum_values("kvmlab_reset_mode") == {"auto": 0, "copy": 1, "drop": 2}
     assert _ffi.RESULTS[-8][0] == "snapshot" and _ffi.RESULTS[-8][1] is errors.SnapshotError
     checks = _ffi.enum_values("kvmlab_check")

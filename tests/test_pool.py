@@ -628,7 +628,10 @@ def test_injected_shell_failures_roll_back(ref, fault_inject, vcpus, tmp_path):
         vm.run()
     with RestorePool(cfg, PoolConfig(min_size=0, max_size=2)) as pool:
         base = fd_count()
-        for n, site in enumerate(FAULT_SITES, start=1):
+        # Pooled shells have no PIT (the snapshot's was never programmed), so
+        # the pit step is not on this path (test_faults fails it under Vm.boot).
+        sites = [site for site in FAULT_SITES if site != "pit"]
+        for n, site in enumerate(sites, start=1):
             # For 2 vCPUs, the per-vCPU steps fail on the second vCPU (a half-built shell).
             fault_inject(site, after=1 if vcpus == 2 and site.startswith(("vcpu", "cpuid")) else 0)
             with pytest.raises(KvmlabError, match=site):
@@ -639,7 +642,7 @@ def test_injected_shell_failures_roll_back(ref, fault_inject, vcpus, tmp_path):
         with pool.restore_snapshot(r.snap) as rvm:
             check_continuation(rvm, r)
         s = wait_stats(pool)
-        assert (s.in_use, s.failures, s.restores, s.releases) == (0, len(FAULT_SITES), 1, 1)
+        assert (s.in_use, s.failures, s.restores, s.releases) == (0, len(sites), 1, 1)
     if r is not ref:
         r.snap.close()
 

@@ -148,7 +148,14 @@ def test_existing_commands_and_plugin_slot_are_registered():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"doctor", "demo", "snapshot"} <= set(sub.choices)
+    # The intended plug-ins, the benchmarks and the campaign command, each
+    # added by its own module's add_parser: not the stub that stands in for a
+    # module that failed to import (test_broken_plugin_does_not_break_the_cli).
     assert cli.PLUGIN_MODULES == ("kvmlab.bench", "kvmlab.campaign")
+    for command in ("bench", "campaign"):
+        assert "unavailable" not in (sub.choices[command].description or ""), sub.choices[command].description
+    assert sub.choices["campaign"].get_default("func").__module__ == "kvmlab.campaign"
+    assert "restore" in next(a for a in sub.choices["bench"]._actions if a.dest == "bench_command").choices
 
 
 def test_broken_plugin_does_not_break_the_cli(monkeypatch, tmp_path, capsys):

@@ -22,8 +22,9 @@ def test_soak():
     assert rep.restores > 0 and rep.runs == rep.restores == rep.releases
     assert rep.memory_checks > 0 and rep.memory_mismatches == 0
     assert rep.counters_ok, rep.final_stats
-    assert rep.fds_after <= rep.fds_before, (rep.fds_before, rep.fds_after)
-    assert rep.mapped_after <= rep.mapped_before + (64 << 20), (rep.mapped_before, rep.mapped_after)
-    assert rep.rss_after <= rep.rss_before + (64 << 20), (rep.rss_before, rep.rss_after)
+    before, after = rep.before, rep.after
+    assert after.fds <= before.fds, (before, after)
+    assert after.mapped_bytes <= before.mapped_bytes + (64 << 20), (before, after)
+    assert after.rss_bytes <= before.rss_bytes + (64 << 20), (before, after)
     assert rep.max_live_vms <= 100, rep.max_live_vms  # the destroy backlog is bounded
     assert rep.ok

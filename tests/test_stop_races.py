@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from kvmlab import ClosedError, Vm, VmConfig
+from conftest import CFG_MIN as CFG
+from conftest import close_during
+from kvmlab import ClosedError, Vm
 
 pytestmark = pytest.mark.kvm
-
-CFG = VmConfig(memory_mib=8)
 
 
 def _script(body: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
@@ -147,14 +147,8 @@ def test_close_ends_a_whole_reset_loop(spin_snap, run_timeout_s):
         except ClosedError as e:
             raised.append(e)
 
-    t = threading.Thread(target=loop, daemon=True)  # a regression must not keep pytest alive
-    t.start()
-    time.sleep(0.3)
-    t0 = time.monotonic()
-    vm.close()
-    waited = time.monotonic() - t0
-    t.join(5)
-    assert not t.is_alive() and len(raised) == 1
+    waited, ended = close_during(vm, loop, 0.3)
+    assert ended and len(raised) == 1
     assert waited < 1.0, waited
     assert vm.closed
 

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from conftest import CFG_MIN as CFG
-from conftest import EXIT7, LOOP_FOREVER, MiB, UD2
+from conftest import EXIT7, LOOP_FOREVER, UD2, MiB, close_during
 from kvmlab import (
     BoundsError,
     ClosedError,
@@ -193,14 +193,8 @@ def test_close_interrupts_a_run_in_another_thread(timeout_s):
     deadline), waits for it to return, then frees the VM."""
     vm = Vm.boot(LOOP_FOREVER, CFG)
     results = []
-    t = threading.Thread(target=lambda: results.append(vm.run(timeout_s=timeout_s)))
-    t.start()
-    time.sleep(0.2)
-    t0 = time.monotonic()
-    vm.close()
-    waited = time.monotonic() - t0
-    t.join(5)
-    assert not t.is_alive()
+    waited, ended = close_during(vm, lambda: results.append(vm.run(timeout_s=timeout_s)), 0.2)
+    assert ended
     assert results and results[0].reason == "timeout"
     assert waited < 2.0
     with pytest.raises(ClosedError):

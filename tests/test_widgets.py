@@ -302,3 +302,42 @@ def test_dashboard(pool, service_snap):
     d.refresh()
     assert d.monitor.model.restores == 1 and len(d.timings.records) == 1
     d.close()
+
+
+# -- prepared VMs (issue 14 item 5) -------------------------------------------------------
+
+
+def test_warm_control_prepares_a_snapshot_and_shows_it(pool, service_snap):
+    monitor = PoolMonitor(pool, snapshots=[service_snap], interval_s=0.1, autostart=False)
+    try:
+        labels = [label for label, _ in monitor.warm_what.options]
+        assert labels[0] == "idle shells" and any(label.startswith("prepare service 16 MiB") for label in labels)
+        monitor.warm_what.value = service_snap
+        monitor.target.value = 2
+        monitor.warm_button.click()
+        monitor.wait_warm(30)
+        assert pool.prepared_count(service_snap) == 2
+        m = monitor.model
+        assert (m.prepared, m.error, m.warming) == (2, "", False)
+        assert list(m.prepared_by_snapshot.values()) == [{"ready": 2, "target": 2}]
+        assert "2 ready / 2" in monitor.prepared.value
+        assert ", 2 prepared" in monitor.idle_label.value
+        assert "prepared service" in monitor.status.value
+        assert ">prepared<" in monitor.counters.value
+        with pool.restore_snapshot(service_snap) as vm:  # a take shows at the next refresh
+            assert vm.restore_timing["strategy"] == "prepared"
+            monitor.refresh()
+            assert m.last_restore["strategy"] == "prepared" and m.in_use == 1
+    finally:
+        monitor.close()
+
+
+def test_snapshots_prepared_elsewhere_show_and_join_the_warm_menu(pool, service_snap, monitor):
+    pool.prepare(service_snap, 1)
+    monitor.refresh()
+    assert "1 ready / 1" in monitor.prepared.value
+    assert any(v is service_snap for _, v in monitor.warm_what.options)
+    monitor.warm(0, snapshot=service_snap).join(30)  # 0 gives them up
+    assert monitor.model.prepared == 0 and monitor.prepared.value == ""
+    monitor.warm(9, snapshot=service_snap).join(30)  # over max_size: the error is shown
+    assert monitor.model.error.startswith("ConfigError")

@@ -255,6 +255,27 @@ pub const DirtyLog = extern struct {
     bitmap: u64,
 };
 
+/// KVM_CLEAR_DIRTY_LOG's argument (with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
+/// `first_page` and `num_pages` multiples of 64 (or to the slot's end).
+pub const ClearDirtyLog = extern struct {
+    slot: u32,
+    num_pages: u32,
+    first_page: u64,
+    bitmap: u64,
+};
+
+/// KVM_ENABLE_CAP's argument.
+pub const EnableCap = extern struct {
+    cap: u32,
+    flags: u32 = 0,
+    args: [4]u64 = @splat(0),
+    pad: [64]u8 = @splat(0),
+};
+
+/// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's flag: KVM_GET_DIRTY_LOG no longer
+/// clears or write-protects; KVM_CLEAR_DIRTY_LOG does, for the pages given.
+pub const MANUAL_PROTECT_ENABLE: u64 = 1;
+
 /// KVM_GET/SET_IRQCHIP's argument; `chip_id` 0 PIC master, 1 PIC slave, 2 IOAPIC.
 pub const Irqchip = extern struct {
     chip_id: u32,
@@ -345,6 +366,8 @@ pub const VmState = enum {
 comptime {
     std.debug.assert(@sizeOf(Irqchip) == IRQCHIP_BYTES);
     std.debug.assert(@sizeOf(DirtyLog) == 16);
+    std.debug.assert(@sizeOf(ClearDirtyLog) == 24);
+    std.debug.assert(@sizeOf(EnableCap) == 104);
     std.debug.assert(@sizeOf(CpuidBuf) == 8 + 40 * max_cpuid_entries);
 }
 
@@ -414,9 +437,17 @@ pub const VmFd = struct {
     pub fn createVcpu(v: VmFd, index: u32) Error!VcpuFd {
         return .{ .fd = @intCast(try call(v.fd, KVM_CREATE_VCPU, index)) };
     }
-    /// Reads and clears the dirty log of a slot into `log.bitmap`.
+    /// Reads the dirty log of a slot into `log.bitmap`, and clears it unless
+    /// the VM has KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (then clearDirtyLog does).
     pub fn getDirtyLog(v: VmFd, log: *const DirtyLog) Error!void {
         _ = try call(v.fd, KVM_GET_DIRTY_LOG, ptr(log));
+    }
+    /// Clears (and write-protects) the pages set in `log.bitmap`.
+    pub fn clearDirtyLog(v: VmFd, log: *const ClearDirtyLog) Error!void {
+        _ = try call(v.fd, KVM_CLEAR_DIRTY_LOG, ptr(log));
+    }
+    pub fn enableCap(v: VmFd, cap: *const EnableCap) Error!void {
+        _ = try call(v.fd, KVM_ENABLE_CAP, ptr(cap));
     }
     pub fn getState(v: VmFd, which: VmState, buf: []u8) Error!void {
         std.debug.assert(buf.len == which.bytes());

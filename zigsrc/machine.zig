@@ -19,9 +19,16 @@ pub const Machine = struct {
     mapping: restore.Mapping = .{},
     resettable: ?reset.Resettable = null,
 
-    /// A new empty shell in a machine.
+    /// A new empty shell in a machine (with everything: Vm.boot's).
     pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
-        const vm = try shell.Vm.create(memory_bytes, vcpus);
+        return createWith(memory_bytes, vcpus, .{});
+    }
+    /// A shell for restores: the PIT only when a snapshot needs it (state.zig
+    /// makes it then; the pristine state it compares with is read here, off
+    /// the restore path, once per process).
+    pub fn createWith(memory_bytes: u64, vcpus: u32, opts: shell.Vm.Options) errors.Error!*Machine {
+        if (!opts.pit) _ = try state.pristinePit();
+        const vm = try shell.Vm.createWith(memory_bytes, vcpus, opts);
         errdefer vm.destroy();
         const m = allocator.create(Machine) catch return error.OutOfMemory;
         m.* = .{ .shell = vm };
@@ -106,7 +113,7 @@ pub const Factory = struct {
     pub const Source = restore.MemorySource;
 
     pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
-        return Machine.create(memory_bytes, vcpus);
+        return Machine.createWith(memory_bytes, vcpus, .{ .pit = false });
     }
     pub fn destroy(m: *Machine) void {
         m.destroy();
@@ -114,8 +121,10 @@ pub const Factory = struct {
     pub fn restoreInto(m: *Machine, parsed: *const state.Parsed, src: restore.MemorySource, times: *restore.Times) errors.Error!void {
         try m.restoreFrom(parsed, src, times);
     }
-    /// A released machine kept for reuse: reset it to its snapshot.
+    /// A released machine kept for reuse: reset it to its snapshot, hot
+    /// (reset.makeHot: the pages its guest writes stay writable).
     pub fn resetForReuse(m: *Machine) errors.Error!void {
+        if (m.resettable) |*r| if (r.pin_limit == 0) reset.makeHot(m.shell, r);
         var t: reset.Times = .{};
         try m.resetTo(.auto, &t);
     }
@@ -131,5 +140,20 @@ pub const Factory = struct {
     }
     pub fn resettable(m: *const Machine) bool {
         return m.resettable != null;
+    }
+    /// A prepared VM (prepared.zig): `s` restored into a fresh machine,
+    /// resettable to it.
+    pub fn prepareInto(m: *Machine, s: *Snapshot, strategy: restore.Strategy, times: *restore.Times) errors.Error!void {
+        try m.restoreFrom(&s.parsed, try restore.MemorySource.forSnapshot(s, strategy), times);
+        try m.enableReset(s);
+    }
+    pub fn setIdentity(m: *Machine, identity: u64) void {
+        m.shell.identity.store(identity, .release);
+    }
+    pub fn retainSnap(s: *Snapshot) *Snapshot {
+        return s.retain();
+    }
+    pub fn releaseSnap(s: *Snapshot) void {
+        s.release();
     }
 };

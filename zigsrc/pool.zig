@@ -21,6 +21,7 @@ const snapshot = @import("snapshot.zig");
 const shell = @import("shell.zig");
 const restore_mod = @import("restore.zig");
 const machine = @import("machine.zig");
+const prepared = @import("prepared.zig");
 
 const allocator = std.heap.c_allocator;
 const c = std.c;
@@ -81,17 +82,26 @@ pub const Stats = extern struct {
     /// Restores served by a parked VM (no shell, no restore: a reset).
     reuses: u64,
     resets: u64,
+    /// Parked VMs of snapshots with a prepare() target, ready to be taken.
+    prepared: u64,
 };
+
+pub const max_targets = prepared.max_targets;
+pub const Target = prepared.Target;
 
 /// The pool of machines kvmlab uses.
 pub const Pool = PoolOf(machine.Factory);
 
 /// A pool over the items `F` makes: `F.Item`, `F.Source` (with strategy()),
-/// create, destroy, restoreInto, resetForReuse, reopen, resetsTo, resettable.
+/// create, destroy, restoreInto, resetForReuse, reopen, resetsTo, resettable,
+/// prepareInto (restore from a snapshot, resettable), retainSnap/releaseSnap,
+/// setIdentity.
 /// Generic so the accounting is tested without KVM (see the tests).
 pub fn PoolOf(comptime F: type) type {
     return struct {
         const Self = @This();
+        pub const Factory = F;
+        pub const deadlineIn = realtimeIn;
         const Vm = F.Item;
 
         cfg: Config,
@@ -111,6 +121,9 @@ pub fn PoolOf(comptime F: type) type {
         dead: std.ArrayList(*Vm) = .empty,
         /// Released with park-on-release: the worker resets them, then parks them.
         to_reset: std.ArrayList(*Vm) = .empty,
+        /// Taken off `to_reset` by a reaper and being reset right now.
+        resetting: [reaper_count]*Vm = undefined,
+        resetting_len: u32 = 0,
         parked: [max_pool_size]*Vm = undefined,
         parked_len: u32 = 0,
         reuses: u64 = 0,
@@ -118,6 +131,12 @@ pub fn PoolOf(comptime F: type) type {
         /// In use and to be parked (reset and kept) on release: the pool's own
         /// record of reset_on_release restores.
         parking: std.AutoHashMapUnmanaged(*Vm, void) = .empty,
+        /// prepare() targets; their VMs are parked (ready) or out.
+        targets: [max_targets]Target = undefined,
+        targets_len: u32 = 0,
+        /// Wakes a caller's warmer (waitPrepareNeed) when an external target
+        /// is short (a prepared VM was taken, or closing).
+        need_cv: c.pthread_cond_t = .{},
         /// Taken off `dead` by the reaper and being destroyed right now.
         destroying: u32 = 0,
         closed: bool = false,
@@ -145,6 +164,8 @@ pub fn PoolOf(comptime F: type) type {
         timings: [timing_capacity]Timing = undefined,
         timings_len: usize = 0,
         next_seq: u64 = 0,
+        /// nextIdentity's state, seeded from getrandom at create.
+        identity_state: u64 = 0,
 
         pub fn checkConfig(cfg: Config) errors.Error!void {
             try boot.checkConfig(cfg.memory_bytes, cfg.vcpus);
@@ -159,6 +180,7 @@ pub fn PoolOf(comptime F: type) type {
             try checkConfig(cfg);
             const p = allocator.create(Self) catch return error.OutOfMemory;
             p.* = .{ .cfg = cfg };
+            _ = linux.getrandom(@ptrCast(&p.identity_state), @sizeOf(u64), 0);
             p.warm(cfg.min_size) catch |e| {
                 p.destroyAll();
                 allocator.destroy(p);
@@ -175,10 +197,10 @@ pub fn PoolOf(comptime F: type) type {
             return p;
         }
 
-        fn lockIt(p: *Self) void {
+        pub fn lockIt(p: *Self) void {
             _ = c.pthread_mutex_lock(&p.lock);
         }
-        fn unlockIt(p: *Self) void {
+        pub fn unlockIt(p: *Self) void {
             p.assertInvariants();
             _ = c.pthread_mutex_unlock(&p.lock);
         }
@@ -227,7 +249,7 @@ pub fn PoolOf(comptime F: type) type {
             }
         }
 
-        fn queueDead(p: *Self, vm: *Vm) void {
+        pub fn queueDead(p: *Self, vm: *Vm) void {
             if (p.worker_done) {
                 // Closed and the worker is gone: destroy here (rare: a restore
                 // that failed after close()).
@@ -400,6 +422,11 @@ pub fn PoolOf(comptime F: type) type {
                 .parked = p.parked_len,
                 .reuses = p.reuses,
                 .resets = p.resets,
+                .prepared = blk: {
+                    var n: u64 = 0;
+                    for (p.targets[0..p.targets_len]) |*t| n += p.readyFor(t.snap);
+                    break :blk n;
+                },
             };
         }
 
@@ -409,7 +436,9 @@ pub fn PoolOf(comptime F: type) type {
         pub fn release(p: *Self, vm: *Vm) void {
             p.lockIt();
             p.releases += 1;
-            const park = p.parking.remove(vm);
+            // Parked on release: reset_on_release VMs, and every VM of a
+            // prepared snapshot (it stays prepared).
+            const park = p.parking.remove(vm) or p.targetOf(vm) != null;
             if (park and F.resettable(vm) and !p.closed and !p.worker_done) {
                 p.to_reset.append(allocator, vm) catch {
                     p.queueDead(vm);
@@ -426,46 +455,69 @@ pub fn PoolOf(comptime F: type) type {
             p.endUse();
         }
 
-        /// Takes a parked VM that was restored from `snap` and reset since its
-        /// release, if there is one: a restore that costs nothing but the lookup.
-        pub fn reuse(p: *Self, snap: *const snapshot.Snapshot, seq_out: *u64) ?*Vm {
+        /// Takes a parked VM of `snap` (one call, one lock): a prepared one when
+        /// `snap` has a prepare() target (timing strategy prepared), else, with
+        /// `park`, one parked by an earlier reset_on_release (strategy reuse).
+        /// Null when there is none ready: the caller restores into a shell.
+        /// `took`: the strategy of the take (prepared or reuse).
+        pub fn reuse(p: *Self, snap: *const snapshot.Snapshot, park: bool, seq_out: *u64, took: *restore_mod.Strategy) ?*Vm {
             const t0 = shell.monotonicNs();
             p.lockIt();
-            var i: u32 = 0;
-            while (i < p.parked_len) : (i += 1) {
-                const vm = p.parked[i];
-                if (!F.resetsTo(vm, snap)) continue;
-                if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) break;
-                p.parked_len -= 1;
-                p.parked[i] = p.parked[p.parked_len];
-                F.reopen(vm);
-                p.parking.put(allocator, vm, {}) catch {}; // no room: destroyed at release instead
-                p.in_use += 1;
-                p.reuses += 1;
-                p.restores += 1;
-                const seq = p.next_seq;
-                p.next_seq += 1;
-                const dt = shell.monotonicNs() - t0;
-                p.timings[seq % timing_capacity] = .{
-                    .seq = seq,
-                    .acquire_ns = dt,
-                    .memory_ns = 0,
-                    .vcpu_ns = 0,
-                    .devices_ns = 0,
-                    .total_ns = dt,
-                    .first_run_ns = 0,
-                    .memory_bytes = p.cfg.memory_bytes,
-                    .hit = 1,
-                    .strategy = .reuse,
-                };
-                p.timings_len = @min(p.timings_len + 1, timing_capacity);
-                seq_out.* = seq;
-                p.unlockIt();
-                return vm;
-            }
-            p.unlockIt();
-            return null;
+            defer p.unlockIt();
+            const target = p.findTarget(snap);
+            if (target == null and !park) return null;
+            if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) return null;
+            const i = p.findParked(snap) orelse return null;
+            const vm = p.parked[i];
+            p.parked_len -= 1;
+            p.parked[i] = p.parked[p.parked_len];
+            F.reopen(vm);
+            // A prepared VM goes back by its target; a reused one by parking.
+            if (target == null) p.parking.put(allocator, vm, {}) catch {}; // no room: destroyed at release instead
+            p.in_use += 1;
+            p.reuses += 1;
+            p.restores += 1;
+            const seq = p.next_seq;
+            p.next_seq += 1;
+            const dt = shell.monotonicNs() - t0;
+            p.timings[seq % timing_capacity] = .{
+                .seq = seq,
+                .acquire_ns = dt,
+                .memory_ns = 0,
+                .vcpu_ns = 0,
+                .devices_ns = 0,
+                .total_ns = dt,
+                .first_run_ns = 0,
+                .memory_bytes = p.cfg.memory_bytes,
+                .hit = 1,
+                .strategy = if (target != null) .prepared else .reuse,
+            };
+            took.* = p.timings[seq % timing_capacity].strategy;
+            p.timings_len = @min(p.timings_len + 1, timing_capacity);
+            seq_out.* = seq;
+            // A fresh identity when the target asks for one, else none (a
+            // take never hands on the identity of an earlier holder).
+            F.setIdentity(vm, if (target != null and target.?.identity) p.nextIdentity() else 0);
+            if (target) |t| p.wakePreparer(t);
+            return vm;
         }
+
+        pub const findTarget = prepared.findTarget;
+        pub const findParked = prepared.findParked;
+        pub const readyFor = prepared.readyFor;
+        pub const heldFor = prepared.heldFor;
+        pub const targetOf = prepared.targetOf;
+        pub const wakePreparer = prepared.wakePreparer;
+        pub const preparedCount = prepared.preparedCount;
+        pub const setTarget = prepared.setTarget;
+        pub const prepareBegin = prepared.prepareBegin;
+        pub const prepareEnd = prepared.prepareEnd;
+        pub const prepareDone = prepared.prepareDone;
+        pub const prepare = prepared.prepare;
+        pub const nextIdentity = prepared.nextIdentity;
+        pub const preparing = prepared.preparing;
+        pub const waitPrepareNeed = prepared.waitPrepareNeed;
+        pub const shortTarget = prepared.shortTarget;
 
         /// With the lock held: destroys `vm` without holding the lock during the
         /// (slow) destruction, counting it as pending meanwhile.
@@ -492,7 +544,7 @@ pub fn PoolOf(comptime F: type) type {
 
         /// With the lock held: wakes the refill thread only when it has work (a
         /// wake costs a context switch on a small machine, at every release).
-        fn wakeRefillIfLow(p: *Self) void {
+        pub fn wakeRefillIfLow(p: *Self) void {
             if (p.idle_len + p.creating < p.cfg.min_size) _ = c.pthread_cond_signal(&p.refill_cv);
         }
 
@@ -503,11 +555,23 @@ pub fn PoolOf(comptime F: type) type {
             _ = linux.syscall3(.setpriority, 0, @as(usize, @intCast(linux.gettid())), 10);
         }
 
-        /// Keeps idle + creating at min_size.
+        /// Keeps idle + creating at min_size, and the targets the pool
+        /// prepares itself (no warmup) at theirs.
         fn refillLoop(p: *Self) void {
             lowerPriority();
             p.lockIt();
             while (!p.closed) {
+                if (p.create_errors < 3) if (p.shortTarget()) |snap| {
+                    p.unlockIt();
+                    const made = p.prepareBegin(snap);
+                    if (made) |vm| {
+                        if (vm) |v| p.prepareDone(snap, v, true, false);
+                    } else |_| {}
+                    p.lockIt();
+                    // failures are counted by prepareBegin; back off like creations.
+                    if (made) |_| {} else |_| p.create_errors += 1;
+                    continue;
+                };
                 if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
                     p.creating += 1;
                     p.unlockIt();
@@ -544,9 +608,15 @@ pub fn PoolOf(comptime F: type) type {
                 }
                 if (p.closed) break;
                 if (p.to_reset.pop()) |vm| {
+                    // Counted while it is reset (prepared targets count it).
+                    p.resetting[p.resetting_len] = vm;
+                    p.resetting_len += 1;
                     p.unlockIt();
                     const ok = if (F.resetForReuse(vm)) |_| true else |_| false;
                     p.lockIt();
+                    const i = std.mem.indexOfScalar(*Vm, p.resetting[0..p.resetting_len], vm).?;
+                    p.resetting_len -= 1;
+                    p.resetting[i] = p.resetting[p.resetting_len];
                     p.resets += 1;
                     if (ok and !p.closed and p.parked_len < p.cfg.max_size) {
                         p.parked[p.parked_len] = vm;
@@ -572,6 +642,7 @@ pub fn PoolOf(comptime F: type) type {
                 return;
             }
             p.closed = true;
+            _ = c.pthread_cond_broadcast(&p.need_cv);
             _ = c.pthread_cond_broadcast(&p.refill_cv);
             _ = c.pthread_cond_broadcast(&p.reap_cv);
             _ = c.pthread_cond_broadcast(&p.room);
@@ -592,6 +663,8 @@ pub fn PoolOf(comptime F: type) type {
                 } else p.dead.pop() orelse p.to_reset.pop() orelse break;
                 p.destroyLocked(vm);
             }
+            for (p.targets[0..p.targets_len]) |t| F.releaseSnap(t.snap);
+            p.targets_len = 0;
             p.worker_done = true;
             p.close_done = true;
             _ = c.pthread_cond_broadcast(&p.room);

@@ -18,7 +18,7 @@ const allocator = std.heap.c_allocator;
 
 /// Items that cost nothing: counts creations and destructions, fails on demand.
 const Fake = struct {
-    pub const Item = struct { resets_to: ?*const snapshot.Snapshot = null };
+    pub const Item = struct { resets_to: ?*const snapshot.Snapshot = null, identity: u64 = 0 };
     pub const Source = restore_mod.MemorySource;
     var created = std.atomic.Value(u32).init(0);
     var destroyed = std.atomic.Value(u32).init(0);
@@ -48,9 +48,25 @@ const Fake = struct {
     pub fn resettable(it: *const Item) bool {
         return it.resets_to != null;
     }
+    var fail_prepare = std.atomic.Value(bool).init(false);
+    var snap_refs = std.atomic.Value(i32).init(0);
+    pub fn prepareInto(it: *Item, snap: *snapshot.Snapshot, _: restore_mod.Strategy, _: *restore_mod.Times) errors.Error!void {
+        if (fail_prepare.load(.acquire)) return errors.fail(error.Snapshot, "fake: prepare fails", .{});
+        it.resets_to = snap;
+    }
+    pub fn setIdentity(it: *Item, identity: u64) void {
+        it.identity = identity;
+    }
+    pub fn retainSnap(snap: *snapshot.Snapshot) *snapshot.Snapshot {
+        _ = snap_refs.fetchAdd(1, .acq_rel);
+        return snap;
+    }
+    pub fn releaseSnap(_: *snapshot.Snapshot) void {
+        _ = snap_refs.fetchSub(1, .acq_rel);
+    }
 
     fn allFreed() bool {
-        return created.load(.acquire) == destroyed.load(.acquire);
+        return created.load(.acquire) == destroyed.load(.acquire) and snap_refs.load(.acquire) == 0;
     }
 };
 
@@ -151,8 +167,9 @@ test "pool: a parked item is reset off the caller's path and reused for its snap
         }
     }.f);
     var seq: u64 = 0;
-    try std.testing.expectEqual(@as(?*Fake.Item, null), p.reuse(other, &seq));
-    try std.testing.expectEqual(@as(?*Fake.Item, it), p.reuse(snap, &seq));
+    var took: restore_mod.Strategy = .auto;
+    try std.testing.expectEqual(@as(?*Fake.Item, null), p.reuse(other, true, &seq, &took));
+    try std.testing.expectEqual(@as(?*Fake.Item, it), p.reuse(snap, true, &seq, &took));
     const s = p.stats();
     try std.testing.expectEqual(@as(u64, 1), s.reuses);
     try std.testing.expectEqual(@as(u32, 1), s.in_use);
@@ -184,4 +201,114 @@ test "pool: configuration limits" {
     cfg.max_size = 2;
     cfg.min_size = 3;
     try std.testing.expectError(error.Config, FakePool.checkConfig(cfg));
+}
+
+const snap_a: *snapshot.Snapshot = @ptrFromInt(0x1000);
+const snap_b: *snapshot.Snapshot = @ptrFromInt(0x2000);
+
+fn takePrepared(p: *FakePool, snap: *const snapshot.Snapshot) ?*Fake.Item {
+    var seq: u64 = 0;
+    var took: restore_mod.Strategy = .auto;
+    const it = p.reuse(snap, false, &seq, &took) orelse return null;
+    std.debug.assert(took == .prepared);
+    return it;
+}
+
+test "pool: prepare keeps n ready per snapshot; a take is prepared, a release keeps it, 0 gives them up" {
+    const p = try FakePool.create(test_cfg);
+    try p.prepare(snap_a, 2, .copy, false);
+    try std.testing.expectEqual(@as(u32, 2), p.preparedCount(snap_a));
+    try std.testing.expectEqual(@as(u32, 0), p.preparedCount(snap_b));
+    try std.testing.expectEqual(@as(u64, 2), p.stats().prepared);
+    try std.testing.expectEqual(@as(?*Fake.Item, null), takePrepared(p, snap_b));
+    const it = takePrepared(p, snap_a).?;
+    try std.testing.expectEqual(@as(u32, 1), p.stats().in_use);
+    var timing: [1]Timing = undefined;
+    _ = p.copyTimings(&timing);
+    try std.testing.expectEqual(restore_mod.Strategy.prepared, timing[0].strategy);
+    // The refill thread brings the ready count back to 2; the release adds the taken one.
+    try eventually(p, struct {
+        fn f(st: Stats) bool {
+            return st.prepared == 2;
+        }
+    }.f);
+    p.release(it);
+    try eventually(p, struct {
+        fn f(st: Stats) bool {
+            return st.prepared == 3 and st.in_use == 0;
+        }
+    }.f);
+    try std.testing.expectEqual(@as(u64, 0), p.stats().pending_destroy + p.stats().destroyed);
+    try p.setTarget(snap_a, 0, .copy, false, false);
+    try std.testing.expectEqual(@as(u64, 0), p.stats().prepared);
+    try std.testing.expectEqual(@as(u32, 0), p.targets_len);
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: a failing prepare leaves nothing prepared and is counted" {
+    const p = try FakePool.create(test_cfg);
+    Fake.fail_prepare.store(true, .release);
+    defer Fake.fail_prepare.store(false, .release);
+    try std.testing.expectError(error.Snapshot, p.prepare(snap_a, 2, .copy, false));
+    try std.testing.expectEqual(@as(u32, 0), p.targets_len);
+    try std.testing.expectEqual(@as(u64, 0), p.stats().prepared);
+    try std.testing.expect(p.stats().failures >= 1);
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: the targets of all snapshots stay within max_size" {
+    const p = try FakePool.create(test_cfg);
+    try p.setTarget(snap_a, 3, .copy, true, false);
+    try std.testing.expectError(error.PoolExhausted, p.setTarget(snap_b, 2, .copy, true, false));
+    try p.setTarget(snap_b, 1, .copy, true, false);
+    try p.setTarget(snap_a, 2, .copy, true, false); // lowering is fine
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: an external target is prepared by the caller; a failed warmup destroys its item" {
+    const p = try FakePool.create(test_cfg);
+    try p.setTarget(snap_a, 1, .copy, true, false);
+    try std.testing.expect(try p.waitPrepareNeed(std.time.ns_per_ms));
+    const bad = (try p.prepareBegin(snap_a)).?;
+    try p.prepareEnd(bad, snap_a, true, false);
+    try std.testing.expectEqual(@as(u64, 1), p.stats().failures);
+    try std.testing.expectEqual(@as(u64, 0), p.stats().prepared);
+    const good = (try p.prepareBegin(snap_a)).?;
+    try std.testing.expectEqual(@as(?*Fake.Item, null), try p.prepareBegin(snap_a)); // one in flight meets the target
+    try p.prepareEnd(good, snap_a, true, true);
+    try std.testing.expectEqual(@as(u64, 1), p.stats().prepared);
+    try std.testing.expect(!try p.waitPrepareNeed(std.time.ns_per_ms));
+    const it = takePrepared(p, snap_a).?;
+    try std.testing.expect(try p.waitPrepareNeed(std.time.ns_per_ms)); // short after the take
+    p.close(); // with `it` out the pool lives on until its release
+    try std.testing.expectError(error.Closed, p.waitPrepareNeed(0));
+    p.release(it);
+    try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: takes of a target with identity get distinct nonzero identities, others keep 0" {
+    const p = try FakePool.create(test_cfg);
+    try p.prepare(snap_a, 1, .copy, true);
+    try p.prepare(snap_b, 1, .copy, false);
+    var seen: [8]u64 = undefined;
+    for (&seen, 0..) |*id, i| {
+        const it = takePrepared(p, snap_a).?;
+        id.* = it.identity;
+        try std.testing.expect(id.* != 0);
+        for (seen[0..i]) |other| try std.testing.expect(other != id.*);
+        p.release(it);
+        try eventually(p, struct {
+            fn f(st: Stats) bool {
+                return st.in_use == 0 and st.prepared >= 2;
+            }
+        }.f);
+    }
+    const plain = takePrepared(p, snap_b).?;
+    try std.testing.expectEqual(@as(u64, 0), plain.identity);
+    p.release(plain);
+    p.close();
+    try std.testing.expect(Fake.allFreed());
 }

@@ -37,18 +37,25 @@ pub const Times = struct {
 pub const Resettable = struct {
     snap: *Snapshot,
     host_dirty: []u64,
+    /// Hot pages (keepHot): left writable, put back at every reset.
+    pinned: []u64,
+    pinned_count: u32 = 0,
+    /// 0: nothing is pinned (every dirty page is re-protected, as without
+    /// manual protect).
+    pin_limit: u32 = 0,
 
     /// The dirty log is read once here so that only writes after this count.
     pub fn init(vm: *shell.Vm, s: *Snapshot) errors.Error!Resettable {
         if (s.parsed.memory_bytes != vm.mem.len or s.parsed.vcpus != vm.vcpu_count)
             return errors.failCheck(.shape, "the snapshot does not match this VM's shape", .{});
-        const host_dirty = allocator.alloc(u64, vm.dirtyWords()) catch return error.OutOfMemory;
+        try vm.enableDirtyLog(); // a shell made without it (fork_many's)
+        const host_dirty = allocator.alloc(u64, 2 * vm.dirtyWords()) catch return error.OutOfMemory;
         @memset(host_dirty, 0);
-        return .{ .snap = s.retain(), .host_dirty = host_dirty };
+        return .{ .snap = s.retain(), .host_dirty = host_dirty[0..vm.dirtyWords()], .pinned = host_dirty[vm.dirtyWords()..] };
     }
 
     pub fn deinit(r: *Resettable) void {
-        allocator.free(r.host_dirty);
+        allocator.free(r.host_dirty.ptr[0 .. 2 * r.host_dirty.len]);
         r.snap.release();
     }
 
@@ -169,11 +176,48 @@ pub fn floor(vm: *shell.Vm, r: *Resettable, use_drop: bool, times: *Times) error
     try vm.readDirtyLog(bitmap);
     const t1 = shell.monotonicNs();
     const dirty = try putBack(vm, r, bitmap, use_drop);
+    if (vm.manual_protect) try reprotect(vm, r, bitmap);
     const t2 = shell.monotonicNs();
     var st: state.RestoreTimes = .{};
     try state.apply(vm, &r.snap.parsed, &st);
     const t3 = shell.monotonicNs();
     times.* = .{ .dirty_pages = dirty, .log_ns = t1 - t0, .memory_ns = t2 - t1, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns, .total_ns = t3 - t0 };
+}
+
+/// Pages a hot reset keeps writable at most (256 KiB copied per reset).
+pub const max_pinned_pages: u32 = 64;
+
+/// Makes later resets of `vm` hot (pools' prepared and parked VMs): the pages
+/// the guest dirtied are left writable, up to max_pinned_pages, and put back
+/// at every reset, so the next run does not pay a write-protect fault per
+/// page it writes again (on kvm_pvm the first answer after a reset cost ~25
+/// us more than a warm one, all of it in those faults). Needs
+/// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2; without it resets stay as they are.
+pub fn makeHot(vm: *shell.Vm, r: *Resettable) void {
+    vm.enableManualProtect() catch return;
+    r.pin_limit = max_pinned_pages;
+}
+
+/// With manual protect, after the put-back: pages dirty now join the pinned
+/// set (up to pin_limit); every other dirty page is re-protected. A pinned
+/// page is never cleared in KVM's log, so every reset sees it dirty and
+/// puts it back: the reset stays exact.
+fn reprotect(vm: *shell.Vm, r: *Resettable, log: []u64) errors.Error!void {
+    pinHot(r, log);
+    try vm.clearDirtyLog(log);
+}
+
+/// Adds the dirty pages of `log` to the pinned set while it has room, then
+/// takes every pinned page out of `log` (what is left gets re-protected).
+fn pinHot(r: *Resettable, log: []u64) void {
+    for (log, r.pinned) |*word, *pin| {
+        var fresh = word.* & ~pin.*;
+        while (fresh != 0 and r.pinned_count < r.pin_limit) : (fresh &= fresh - 1) {
+            pin.* |= fresh & (~fresh +% 1);
+            r.pinned_count += 1;
+        }
+        word.* &= ~pin.*;
+    }
 }
 
 pub const LoopResult = extern struct {
@@ -338,10 +382,24 @@ test "reset: an empty or clean bitmap yields no pages" {
 
 test "reset: host writes mark every page they touch" {
     var words = [_]u64{ 0, 0 };
-    var r = Resettable{ .snap = undefined, .host_dirty = &words };
+    var r = Resettable{ .snap = undefined, .host_dirty = &words, .pinned = &.{} };
     r.noteHostWrite(4095, 2); // pages 0 and 1
     r.noteHostWrite(64 * 4096, 1); // page 64
     r.noteHostWrite(100, 0); // nothing
     try std.testing.expectEqual(@as(u64, 0b11), words[0]);
     try std.testing.expectEqual(@as(u64, 1), words[1]);
+}
+
+test "reset: hot pages are pinned up to the limit and never re-protected" {
+    var pinned = [_]u64{ 0, 0 };
+    var r = Resettable{ .snap = undefined, .host_dirty = &.{}, .pinned = &pinned, .pin_limit = 3 };
+    var log = [_]u64{ 0b1011, 1 << 63 };
+    pinHot(&r, &log);
+    // Pages 0, 1, 3 fill the limit; page 127 is re-protected.
+    try std.testing.expectEqual([_]u64{ 0b1011, 0 }, pinned);
+    try std.testing.expectEqual([_]u64{ 0, 1 << 63 }, log);
+    log = .{ 0b1111, 0 };
+    pinHot(&r, &log); // still dirty pinned pages stay out of the clear; page 2 has no room
+    try std.testing.expectEqual([_]u64{ 0b0100, 0 }, log);
+    try std.testing.expectEqual(@as(u32, 3), r.pinned_count);
 }

@@ -20,6 +20,9 @@ pub const Strategy = enum(c_int) {
     map = 2,
     /// Chosen by a pool: a VM parked after its reset to the same snapshot.
     reuse = 3,
+    /// Chosen by a pool: a VM the pool prepared for this snapshot
+    /// (RestorePool.prepare: restored, maybe warmed and reset, kept ready).
+    prepared = 4,
 };
 
 /// Copy the present pages from dense (or packed) memory into guest memory.
@@ -70,10 +73,24 @@ pub const Reuse = struct {
     }
 };
 
+/// A VM the pool prepared for this snapshot (restored, maybe warmed up and
+/// reset): like `Reuse`, memory and state are already there.
+pub const Prepared = struct {
+    pub const fresh_shell = false;
+
+    pub fn fromSnapshot(_: *Snapshot) errors.Error!Prepared {
+        return errors.fail(error.Config, "strategy 'prepared' is chosen by a pool (RestorePool.prepare), not by the caller", .{});
+    }
+    pub fn apply(_: Prepared, vm: *shell.Vm, _: *Mapping) errors.Error!void {
+        std.debug.assert(vm.booted);
+    }
+};
+
 pub const MemorySource = union(enum) {
     copy: Copy,
     map: Map,
     reuse: Reuse,
+    prepared: Prepared,
 
     pub fn strategy(src: MemorySource) Strategy {
         return switch (src) {

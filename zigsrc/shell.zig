@@ -34,6 +34,10 @@ pub const port_console_putc: u16 = 0x00E9;
 pub const port_exit: u16 = 0x0500;
 pub const port_checkpoint: u16 = 0x0501;
 pub const port_console_write: u16 = 0x0502;
+/// Reads (`in`) give the low / high 32 bits of the VM's identity: a value the
+/// host gives each clone that asks for one (fork_many, prepare), 0 otherwise.
+pub const port_identity_lo: u16 = 0x0503;
+pub const port_identity_hi: u16 = 0x0504;
 
 /// Where the KVM TSS lives (Intel needs it for real mode; outside guest RAM).
 const tss_addr: u64 = 0xFFFB_D000;
@@ -75,6 +79,11 @@ pub const Vm = struct {
     vcpus: [boot.max_vcpus]Vcpu = @splat(.{}),
     run_bytes: usize = 0,
     booted: bool = false,
+    /// The slot logs dirty pages (reset needs it); an in-kernel PIT exists.
+    dirty_logging: bool = false,
+    has_pit: bool = false,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on: clearDirtyLog re-protects.
+    manual_protect: bool = false,
     running: std.atomic.Value(bool) = .init(false),
     /// Stops the vCPUs of the run in progress (a crash, a foreign signal,
     /// a failed spawn, interrupt()); cleared when a run starts.
@@ -108,11 +117,25 @@ pub const Vm = struct {
     backing: ?Backing = null,
     /// A host read of the file-backed guest memory faulted (see sigbus.zig).
     mem_damaged: std.atomic.Value(bool) = .init(false),
+    /// Read by the guest at ports 0x503/0x504; host state, 0 unless given.
+    identity: std.atomic.Value(u64) = .init(0),
     sigbus_slot: ?usize = null,
+
+    /// Creates an empty shell with everything (dirty logging, PIT).
+    pub fn create(memory_bytes: u64, vcpu_count: u32) errors.Error!*Vm {
+        return createWith(memory_bytes, vcpu_count, .{});
+    }
+    /// What a shell may leave out. `dirty_log` false: no dirty bitmap (2 bits
+    /// per guest page in the kernel) for a VM never reset; enableDirtyLog
+    /// turns it on later (a slot change: ~11 ms on kvm_pvm). `pit` false: no
+    /// in-kernel PIT, whose worker thread costs ~0.7 ms to create and 16 KiB
+    /// of kernel stack per VM; state.zig makes one when a snapshot's PIT was
+    /// in use (the guest protocol has no PIT ports).
+    pub const Options = struct { dirty_log: bool = true, pit: bool = true };
 
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
-    pub fn create(memory_bytes: u64, vcpu_count: u32) errors.Error!*Vm {
+    pub fn createWith(memory_bytes: u64, vcpu_count: u32, opts: Options) errors.Error!*Vm {
         try boot.checkConfig(memory_bytes, vcpu_count);
         const h = try host.get();
         installKickHandler();
@@ -133,12 +156,12 @@ pub const Vm = struct {
         // read (reset.zig), and enabling it later would be a slot change after
         // the irqchip exists (the ~11 ms stall).
         try fault.check(.slot);
-        try vm.setMemorySlot(kvm.MEM_LOG_DIRTY_PAGES);
+        try vm.setMemorySlot(if (opts.dirty_log) kvm.MEM_LOG_DIRTY_PAGES else 0);
+        vm.dirty_logging = opts.dirty_log;
 
         try fault.check(.irqchip);
         vm.vm_fd.createIrqchip() catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
-        try fault.check(.pit);
-        vm.vm_fd.createPit2(&.{}) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
+        if (opts.pit) try vm.createPit();
 
         vm.run_bytes = h.vcpu_mmap_bytes;
         var i: u32 = 0;
@@ -155,6 +178,20 @@ pub const Vm = struct {
             try host.setVcpuCpuid(v.fd, i);
         }
         return vm;
+    }
+
+    /// The in-kernel PIT for a shell made without it (see Options).
+    pub fn createPit(vm: *Vm) errors.Error!void {
+        try fault.check(.pit);
+        vm.vm_fd.createPit2(&.{}) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
+        vm.has_pit = true;
+    }
+
+    /// Dirty logging for a shell made without it (see Options). Idempotent.
+    pub fn enableDirtyLog(vm: *Vm) errors.Error!void {
+        if (vm.dirty_logging) return;
+        try vm.setMemorySlot(kvm.MEM_LOG_DIRTY_PAGES);
+        vm.dirty_logging = true;
     }
 
     pub fn setMemorySlot(vm: *Vm, flags: u32) errors.Error!void {
@@ -445,8 +482,20 @@ pub const Vm = struct {
         if (io.direction == kvm.EXIT_IO_IN) {
             switch (io.port) {
                 port_console_putc, port_exit, port_checkpoint, port_console_write => @memset(data, 0),
+                port_identity_lo, port_identity_hi => {
+                    const id = vm.identity.load(.acquire);
+                    var word: [4]u8 = undefined;
+                    std.mem.writeInt(u32, &word, @truncate(if (io.port == port_identity_lo) id else id >> 32), .little);
+                    const size: usize = io.size; // 1, 2 or 4 from KVM
+                    if (size == 0 or size > 4) {
+                        vm.crash(index, "KVM reported a {d}-byte port read", .{size});
+                        return false;
+                    }
+                    var k: usize = 0;
+                    while (k < data.len) : (k += size) @memcpy(data[k..][0..size], word[0..size]);
+                },
                 else => {
-                    vm.crash(index, "guest read unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x502", .{ io.port, io.size });
+                    vm.crash(index, "guest read unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x504", .{ io.port, io.size });
                     return false;
                 },
             }
@@ -606,11 +655,25 @@ pub const Vm = struct {
         return @intCast((vm.mem.len / boot.page_bytes + 63) / 64);
     }
 
-    /// Reads and clears KVM's dirty log of guest memory into `bitmap`.
+    /// Reads KVM's dirty log into `bitmap` (and clears it, but for manual protect).
     pub fn readDirtyLog(vm: *Vm, bitmap: []u64) errors.Error!void {
         std.debug.assert(bitmap.len == vm.dirtyWords());
         @memset(bitmap, 0);
         vm.vm_fd.getDirtyLog(&.{ .slot = 0, .bitmap = @intFromPtr(bitmap.ptr) }) catch return errors.ioctlFailed("KVM_GET_DIRTY_LOG");
+    }
+
+    /// From now on the caller clears the dirty log page by page. Idempotent.
+    pub fn enableManualProtect(vm: *Vm) errors.Error!void {
+        if (vm.manual_protect) return;
+        vm.vm_fd.enableCap(&.{ .cap = kvm.CAP_MANUAL_DIRTY_LOG_PROTECT2, .args = .{ kvm.MANUAL_PROTECT_ENABLE, 0, 0, 0 } }) catch return errors.ioctlFailed("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)");
+        vm.manual_protect = true;
+    }
+
+    /// Manual protect: clears (write-protects) the pages set in `bitmap`.
+    pub fn clearDirtyLog(vm: *Vm, bitmap: []const u64) errors.Error!void {
+        std.debug.assert(vm.manual_protect and bitmap.len == vm.dirtyWords());
+        const pages: u32 = @intCast(vm.mem.len / boot.page_bytes);
+        vm.vm_fd.clearDirtyLog(&.{ .slot = 0, .num_pages = pages, .first_page = 0, .bitmap = @intFromPtr(bitmap.ptr) }) catch return errors.ioctlFailed("KVM_CLEAR_DIRTY_LOG");
     }
 
     pub fn getRegs(vm: *Vm, index: u32, regs: *kvm.Regs, sregs: *kvm.Sregs) errors.Error!void {

@@ -467,6 +467,8 @@ fn captureVcpu(w: *Writer, comptime r: Record, v: *shell.Vcpu, idx: u32, ctx: *c
 fn captureVm(w: *Writer, comptime r: Record, vm: *Vm, ctx: *const CaptureContext) errors.Error!void {
     switch (r.io) {
         .vm => |x| {
+            // No PIT: the state of one never programmed, as a PIT would report.
+            if (x.state == .pit2 and !vm.has_pit) return w.record(r.tag, vm_wide, &(try pristinePit()));
             var buf: kvm.Irqchip align(8) = .{ .chip_id = x.chip };
             const b = std.mem.asBytes(&buf)[0..x.state.bytes()];
             vm.vm_fd.getState(x.state, b) catch |e| {
@@ -655,6 +657,12 @@ fn applyVcpu(comptime r: Record, vm: *Vm, v: *shell.Vcpu, p: *const Parsed, idx:
 fn applyVm(comptime r: Record, vm: *Vm, data: []const u8) errors.Error!void {
     switch (r.io) {
         .vm => |x| {
+            if (x.state == .pit2 and !vm.has_pit) {
+                // A shell without PIT (shell.Options): nothing to set for a
+                // PIT the guest never programmed; otherwise it gets one.
+                if (pitIsPristine(try pristinePit(), data)) return;
+                try vm.createPit();
+            }
             var buf: kvm.Irqchip align(8) = undefined;
             const b = std.mem.asBytes(&buf)[0..x.state.bytes()];
             @memcpy(b, data);
@@ -678,6 +686,38 @@ fn applyVm(comptime r: Record, vm: *Vm, data: []const u8) errors.Error!void {
         .page_map => {},
         .vcpu, .xsave, .msrs, .cpuid, .tsc_khz, .host_vcpu => comptime unreachable,
     }
+}
+
+/// The KVM_GET_PIT2 state of a PIT nobody programmed, read once per process
+/// from a throwaway VM (~12 ms, mostly its destruction; Machine.createWith
+/// reads it before any restore needs it).
+pub fn pristinePit() errors.Error![kvm.PIT_STATE2_BYTES]u8 {
+    _ = std.c.pthread_mutex_lock(&pit_lock);
+    defer _ = std.c.pthread_mutex_unlock(&pit_lock);
+    if (pit_pristine) |p| return p;
+    const vm_fd = (try host.get()).system.createVm() catch return errors.ioctlFailed("KVM_CREATE_VM");
+    defer _ = std.os.linux.close(vm_fd.fd);
+    vm_fd.createIrqchip() catch return errors.ioctlFailed("KVM_CREATE_IRQCHIP");
+    vm_fd.createPit2(&.{}) catch return errors.ioctlFailed("KVM_CREATE_PIT2");
+    var buf: [kvm.PIT_STATE2_BYTES]u8 align(8) = undefined;
+    vm_fd.getState(.pit2, &buf) catch return getFailed(.pit2);
+    pit_pristine = buf;
+    return buf;
+}
+var pit_lock: std.c.pthread_mutex_t = .{};
+var pit_pristine: ?[kvm.PIT_STATE2_BYTES]u8 = null;
+
+/// Whether `data` (a pit2 record) is the state of a PIT never programmed:
+/// equal to `pristine` but for each channel's count_load_time (when its
+/// count was loaded; KVM_SET_PIT2 reloads the counts anyway).
+fn pitIsPristine(pristine: [kvm.PIT_STATE2_BYTES]u8, data: []const u8) bool {
+    if (data.len != pristine.len) return false;
+    const channel_bytes = 24; // kvm_pit_channel_state; count_load_time at 16..24
+    for (data, pristine, 0..) |a, b, i| {
+        const in_load_time = i < 3 * channel_bytes and i % channel_bytes >= 16;
+        if (a != b and !in_load_time) return false;
+    }
+    return true;
 }
 
 /// Record data is 8-byte aligned inside the blob (records are padded), which

@@ -5,7 +5,8 @@ dense (``memtouch`` with 25% of memory touched) snapshots: every restore path
 of :mod:`kvmlab.bench.restore` (pooled, native, unpooled, service, both
 floors), QEMU ``-M microvm -incoming`` restoring a VM of the same size and
 density (:mod:`.peers.qemu`) and unicorn's restore of the same snapshot
-(:mod:`.peers.unicorn`); then the dirty-page reset against its floor, the
+(:mod:`.peers.unicorn`); restore to first answer per path against QEMU cold
+and pre-started (:mod:`.first_answer`); then the dirty-page reset against its floor, the
 run+reset cycle against unicorn and fork density. Writes ``results.json``
 (:meth:`Results.save`), ``results.md`` and PNG plots into the output directory.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ._native import reset_floor_available
+from .first_answer import first_answer_part, first_answer_steps
 from .fork import fork_part
 from .harness import DENSE_FRACTION, Progress, check_args, host_info, make_service_snapshot, make_snapshot, versions
 from .peers.unicorn import unicorn_available, unicorn_restore
@@ -33,18 +35,18 @@ from .peers.qemu import QemuPeer, qemu_problem
 from .reset import RESET_CONFIGS, cycle_part, reset_part
 from .restore import PATHS, RESTORE_KEYS, RESTORE_METRICS, STRATEGIES, measure_restores
 from .results import Part, Results
-from .targets import reset_verdicts, restore_verdicts
+from .targets import first_answer_verdicts, reset_verdicts, restore_verdicts
 
 __all__ = ["PARTS", "FULL", "QUICK", "run_all"]
 
 #: Parts that ``skip`` can leave out.
-PARTS = ("qemu", "unicorn", "reset", "cycle", "fork")
-FULL = {"n": 200, "warmup": 5, "qemu_n": 15, "unicorn_n": 50, "reset_k": [1, 16, 256, 4096], "reset_n": 100,
+PARTS = ("qemu", "unicorn", "first-answer", "reset", "cycle", "fork")
+FULL: dict[str, Any] = {"n": 200, "warmup": 5, "qemu_n": 15, "unicorn_n": 50, "reset_k": [1, 16, 256, 4096], "reset_n": 100,
         "reset_warmup": 5, "cycle_n": [1, 10, 100, 1000, 10_000, 100_000, 1_000_000], "cycle_batches": 7,
-        "cycle_batch_s": 0.1, "fork_n": [100, 1000], "fork_reps": 3}
-QUICK = {"n": 5, "warmup": 1, "qemu_n": 2, "unicorn_n": 5, "reset_k": [1, 16, 256], "reset_n": 5,
+        "cycle_batch_s": 0.1, "fork_n": [100, 1000], "fork_reps": 3, "first_n": 200, "first_qemu_n": 10}
+QUICK: dict[str, Any] = {"n": 5, "warmup": 1, "qemu_n": 2, "unicorn_n": 5, "reset_k": [1, 16, 256], "reset_n": 5,
          "reset_warmup": 1, "cycle_n": [1, 100, 10_000], "cycle_batches": 2, "cycle_batch_s": 0.02,
-         "fork_n": [10], "fork_reps": 1}
+         "fork_n": [10], "fork_reps": 1, "first_n": 5, "first_qemu_n": 2}
 PEER_KEYS = ["memory_mib", "density"]
 
 
@@ -91,7 +93,7 @@ def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: P
                                            warmup=p["warmup"], service_path=svc_path, progress=progress)
             for name, part in peers.items():
                 progress.describe(f"{case}: {name}")
-                run = (lambda: peer.measure(mem, density, p["qemu_n"], progress)) if name == "qemu" else (
+                run = (lambda: peer.measure(mem, density, p["qemu_n"], progress)) if name == "qemu" else (  # type: ignore[union-attr]  # qemu is in peers only with a peer
                     lambda: unicorn_restore(snap_path, p["unicorn_n"], progress))
                 recs = _guard(res, f"{name} {case}", run)
                 part.records += [{"memory_mib": mem, "density": density, **r} for r in recs or []]
@@ -107,6 +109,8 @@ def _total_steps(p: dict[str, Any], sizes: Sequence[int], skipped: dict[str, str
     total += 0 if "reset" in skipped else len(p["reset_k"]) * len(RESET_CONFIGS) * (p["reset_n"] + p["reset_warmup"]) * 2
     total += 0 if "cycle" in skipped else len(p["cycle_n"]) * p["cycle_batches"] * 2
     total += 0 if "fork" in skipped else len(p["fork_n"]) * p["fork_reps"]
+    total += 0 if "first-answer" in skipped else first_answer_steps(sizes, ("sparse", "dense"), p["first_n"],
+                                                                    p["warmup"], p["first_qemu_n"], "qemu" not in skipped)
     return total
 
 
@@ -138,6 +142,11 @@ def run_all(out: str | os.PathLike[str] = "bench-results", quick: bool = False, 
         with tempfile.TemporaryDirectory(prefix="kvmlab-bench-all-") as tmp:
             tmpd = Path(tmp)
             _guard(res, "restore", lambda: _restore_parts(res, sizes, p, tmpd, qemu, progress))
+            if "first-answer" not in res.skipped and (part := _guard(res, "first-answer", lambda: first_answer_part(
+                    sizes, ("sparse", "dense"), n=p["first_n"], warmup=p["warmup"], qemu_n=p["first_qemu_n"],
+                    qemu=None if "qemu" in res.skipped else qemu, progress=progress, tmp_dir=tmpd,
+                    skipped=res.skipped))):
+                res.parts["first_answer"] = part
             if "reset" not in res.skipped and (part := _guard(res, "reset", lambda: reset_part(
                     p["reset_k"], memory_mib=256, n=p["reset_n"], warmup=p["reset_warmup"], progress=progress,
                     tmp_dir=tmpd))):
@@ -167,12 +176,15 @@ def all_verdicts(res: Results) -> list[dict[str, Any]]:
     if "restore" in res.parts:
         q = res.parts["qemu"].summary() if "qemu" in res.parts else None
         out += restore_verdicts(res.parts["restore"].summary(), q, res.skipped)
+    if "first_answer" in res.parts:
+        out += first_answer_verdicts(res.parts["first_answer"].summary(), res.skipped)
     if "reset" in res.parts:
         out += reset_verdicts(res.parts["reset"].summary())
     return out
 
 
-def _command(out, quick, sizes, n, qemu_n, qemu, skip, fork_n) -> str:
+def _command(out: str | os.PathLike[str], quick: bool, sizes: list[int], n: int | None, qemu_n: int | None, qemu: str,
+             skip: list[str], fork_n: Sequence[int] | None) -> str:
     parts = ["kvmlab", "bench", "all", "--out", str(out)] + (["--quick"] if quick else [])
     if sizes != [64, 256]:
         parts += ["--memory-mib", ",".join(map(str, sizes))]

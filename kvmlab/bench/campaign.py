@@ -20,13 +20,16 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import check_int
 from ..units import fmt_ratio
 from .harness import Progress, measure
 from .results import Part, Results
 from .stats import ratio
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["CAMPAIGN_KEYS", "CAMPAIGN_METRICS", "PATHS", "campaign_part", "campaign_verdicts", "bench_campaign",
            "rate_table", "campaign_parser", "make_inputs"]
@@ -160,7 +163,7 @@ def campaign_verdicts(part: Part) -> list[dict[str, Any]]:
     ]
 
 
-def rate_table(part: Part):
+def rate_table(part: Part) -> pd.DataFrame:
     """Inputs per second per path: median (min - max) over the repetitions."""
     import pandas as pd
 

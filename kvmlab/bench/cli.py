@@ -15,6 +15,7 @@ from ._native import reset_floor_available
 from .age import AGES_MS, bench_age
 from .all import PARTS, run_all
 from .campaign import campaign_parser
+from .first_answer import bench_first_answer
 from .fork import bench_fork
 from .harness import DENSE_FRACTION
 from .report import markdown, text, write_docs
@@ -103,6 +104,12 @@ def cmd_fork(args: argparse.Namespace) -> int:
                                               call=not args.no_call, quiet=args.quiet, command=_command(args)), args)
 
 
+def cmd_first_answer(args: argparse.Namespace) -> int:
+    return _finish("first-answer", lambda: bench_first_answer(
+        args.memory_mib, dense=not args.no_dense, n=args.n, warmup=args.warmup, qemu_n=args.qemu_n,
+        qemu=None if args.no_qemu else args.qemu, quiet=args.quiet, command=_command(args)), args)
+
+
 def cmd_age(args: argparse.Namespace) -> int:
     return _finish("age", lambda: bench_age(args.ages_ms, memory_mib=args.memory_mib, strategy=args.strategy, n=args.n,
                                             warmup=args.warmup, quiet=args.quiet, command=_command(args)), args)
@@ -188,6 +195,22 @@ def _other_parsers(sub: Any) -> None:
     fk.add_argument("--no-call", action="store_true", help="do not send every VM a request")
     _common(fk)
     fk.set_defaults(func=cmd_fork)
+
+    fa = sub.add_parser("first-answer", help="restore to first answer: unpooled, pooled shell, prepared, QEMU",
+                        description="The service guest restored and asked one request, per path (unpooled, pooled "
+                                    "shell, prepared, prepared with warmup, the warm-call floor), copy and map, "
+                                    "interleaved; QEMU -incoming cold and pre-started (-incoming defer) beside. "
+                                    "Prints p50/p99, ratios and the targets (computed per cell).")
+    fa.add_argument("--memory-mib", type=_number_list(int), default=[64, 256], metavar="LIST",
+                    help="guest memory sizes in MiB, comma-separated (default 64,256)")
+    fa.add_argument("--n", type=int, default=200, help="measured restores per path and case (default 200)")
+    fa.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (default 3)")
+    fa.add_argument("--no-dense", action="store_true", help="sparse snapshots only")
+    fa.add_argument("--qemu-n", type=int, default=10, help="QEMU restores per mode and case (default 10)")
+    fa.add_argument("--qemu", default="qemu-system-x86_64", metavar="BINARY", help="the QEMU binary")
+    fa.add_argument("--no-qemu", action="store_true", help="leave QEMU out")
+    _common(fa)
+    fa.set_defaults(func=cmd_first_answer)
 
     ag = sub.add_parser("age", help="what waiting costs a shell: the restore floor into shells that waited 0..100 ms",
                         description="The restore floor into a fresh shell that first waits AGE ms, for every age, "

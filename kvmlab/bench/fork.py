@@ -11,11 +11,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ._native import kvm_memslots
 from .harness import Progress, check_args, make_service_snapshot, measure
 from .results import Part, Results
+
+if TYPE_CHECKING:
+    from ..snapshot import Snapshot
 
 __all__ = ["ZEROBOOT_REFERENCE", "FORK_KEYS", "FORK_METRICS", "fork_part", "fork_limits", "bench_fork"]
 
@@ -23,6 +26,7 @@ __all__ = ["ZEROBOOT_REFERENCE", "FORK_KEYS", "FORK_METRICS", "fork_part", "fork
 ZEROBOOT_REFERENCE = {"n": 1000, "ready_ms": 815, "kb_per_vm": 265}
 FORK_KEYS = ["vms"]  # not "n": that is a Stats field
 FORK_METRICS = ["ready_ns", "ready_per_vm_ns", "rss_per_vm_bytes", "pss_per_vm_bytes", "host_per_vm_bytes",
+                "kernel_per_vm_bytes",
                 "call_per_vm_ns", "called_rss_per_vm_bytes", "called_pss_per_vm_bytes", "called_host_per_vm_bytes",
                 "close_ns"]
 
@@ -34,7 +38,7 @@ def fork_limits() -> dict[str, Any]:
     return {**host_limits(), "kvm_memslots_per_vm": kvm_memslots()}
 
 
-def _one_set(snap, n: int, threads: int | None, call: bool) -> dict[str, Any]:
+def _one_set(snap: Snapshot, n: int, threads: int | None, call: bool) -> dict[str, Any]:
     from .. import fork_many
     from ..fork import memory_usage
 
@@ -44,7 +48,8 @@ def _one_set(snap, n: int, threads: int | None, call: bool) -> dict[str, Any]:
     try:
         st = vms.stats
         rec.update(ready_ns=st.ready_ns, ready_per_vm_ns=st.ready_ns / n, rss_per_vm_bytes=st.rss_bytes_per_vm,
-                   pss_per_vm_bytes=st.pss_bytes_per_vm, host_per_vm_bytes=st.host_bytes_per_vm)
+                   pss_per_vm_bytes=st.pss_bytes_per_vm, host_per_vm_bytes=st.host_bytes_per_vm,
+                   kernel_per_vm_bytes=st.kernel_bytes_per_vm)
         if call:
             before = memory_usage()
             t0 = time.perf_counter_ns()

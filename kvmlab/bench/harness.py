@@ -7,7 +7,12 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from ..snapshot import Snapshot
+    from ..vm import Vm
+    from .results import Results
 
 __all__ = [
     "PAGE_BYTES",
@@ -107,7 +112,7 @@ def _pages(memory_mib: int, fraction: float) -> int:
     return min(int(total * fraction), ((memory_mib << 20) - FREE_BASE) // PAGE_BYTES)
 
 
-def fill_pages(vm, memory_mib: int, fraction: float) -> int:
+def fill_pages(vm: Vm, memory_mib: int, fraction: float) -> int:
     """Writes one non-zero word into ``fraction`` of the guest's pages (from
     FREE_BASE), so a snapshot of it is dense. Returns the page count."""
     pages = _pages(memory_mib, fraction)
@@ -139,7 +144,7 @@ def make_service_snapshot(memory_mib: int, out_dir: Path, dense_fraction: float 
             return snap.save(out_dir / f"service{tag}-{memory_mib}mib.kvmsnap")
 
 
-def make_memtouch_snapshot(pages: int, memory_mib: int, out_dir: Path):
+def make_memtouch_snapshot(pages: int, memory_mib: int, out_dir: Path) -> Snapshot:
     """memtouch (pages=K, rounds=2) stopped at round 1's checkpoint, saved and
     loaded back (file-backed). Returns the loaded Snapshot."""
     from .. import Snapshot, Vm, VmConfig
@@ -154,7 +159,7 @@ def make_memtouch_snapshot(pages: int, memory_mib: int, out_dir: Path):
 
 
 def measure(benchmark: str, total_steps: int, quiet: bool, command: str | None,
-            run: Callable[[Progress], dict[str, Any]]):
+            run: Callable[[Progress], dict[str, Any]]) -> Results:
     """One benchmark run: a progress bar of ``total_steps``, ``run(progress)``
     returning its parts (name -> Part), host, versions and duration around it."""
     from .results import Results

@@ -16,13 +16,16 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ._native import reset_floor
 from .harness import FREE_BASE, PAGE_BYTES, Progress, check_args, make_memtouch_snapshot, measure
 from .peers.unicorn import UnicornCycle, unicorn_available
 from .results import Part, Results
 from .targets import reset_verdicts
+
+if TYPE_CHECKING:
+    from ..snapshot import Snapshot
 
 __all__ = ["RESET_CONFIGS", "CYCLE_CODE", "cycle_code", "cycle_expected", "KvmlabCycle", "bench_reset",
            "reset_part", "cycle_part", "crossover"]
@@ -38,7 +41,7 @@ RESET_KEYS = ["dirty_pages_target", "config", "reset_mode", "side"]
 RESET_METRICS = ["call_ns", "total_ns", "next_run_ns"]
 
 
-def _reset_records(snap, k: int, label: str, strategy: str, mode: str, n: int, warmup: int,
+def _reset_records(snap: Snapshot, k: int, label: str, strategy: str, mode: str, n: int, warmup: int,
                    progress: Progress) -> list[dict[str, Any]]:
     from .. import Vm
 
@@ -90,7 +93,7 @@ def reset_part(dirty_pages: Sequence[int] = (1, 16, 256, 4096), *, memory_mib: i
                         if source == "memory" and mem_snap is None:
                             mem_snap = Snapshot.from_bytes(snap.to_bytes())
                         src = mem_snap if source == "memory" else snap
-                        records += _reset_records(src, k, label, strategy, mode, n, warmup, progress)
+                        records += _reset_records(src, k, label, strategy, mode, n, warmup, progress)  # type: ignore[arg-type]  # set above
                 finally:
                     if mem_snap is not None:
                         mem_snap.close()
@@ -213,7 +216,7 @@ def cycle_part(iterations: Sequence[int] = (1, 10, 100, 1000, 10_000, 100_000, 1
     kv = KvmlabCycle(pages, memory_mib)
     uc = None if missing else UnicornCycle(cycle_code(pages), pages, memory_mib, CYCLE_BASE,
                                                   CYCLE_BASE + CYCLE_OUT_OFFSET, CYCLE_STACK, CYCLE_DATA, CYCLE_INPUT)
-    sides = {"kvmlab": kv} if uc is None else {"kvmlab": kv, "unicorn": uc}
+    sides: dict[str, KvmlabCycle | UnicornCycle] = {"kvmlab": kv} if uc is None else {"kvmlab": kv, "unicorn": uc}
     records, correct = [], {}
     try:
         for n_it in iterations:

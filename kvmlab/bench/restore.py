@@ -31,7 +31,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..plot import PHASES  # the core's phases of a restore, in order (said once, there)
 from ._native import floors_available, pool_restore, restore_floor
@@ -39,6 +39,10 @@ from .harness import DENSE_FRACTION, Progress, check_args, make_snapshot, measur
 from .settle import settle
 from .results import Part, Results
 from .targets import restore_verdicts
+
+if TYPE_CHECKING:
+    from ..pool import RestorePool
+    from ..snapshot import Snapshot
 
 __all__ = ["PATHS", "PATH_LABELS", "RESTORE_KEYS", "RESTORE_METRICS", "measure_restores", "bench_restore"]
 
@@ -59,13 +63,13 @@ _TAKES_SHELLS = ("pooled", "native", "floor-idle", "service")
 
 
 def _record(t: dict[str, int], call_ns: int, acquire: bool = True) -> dict[str, Any]:
-    rec = {"call_ns": call_ns, "total_ns": int(t["total_ns"])}
+    rec: dict[str, Any] = {"call_ns": call_ns, "total_ns": int(t["total_ns"])}
     for p in PHASES:
         rec[f"{p}_ns"] = int(t[f"{p}_ns"]) if acquire or p != "acquire" else None
     return rec
 
 
-def _pooled(pool, snap, strategy: str, run: bool) -> dict[str, Any]:
+def _pooled(pool: RestorePool, snap: Snapshot, strategy: str, run: bool) -> dict[str, Any]:
     t0 = time.perf_counter_ns()
     rvm = pool.restore_snapshot(snap, strategy)
     call = time.perf_counter_ns() - t0
@@ -79,7 +83,7 @@ def _pooled(pool, snap, strategy: str, run: bool) -> dict[str, Any]:
     return rec
 
 
-def _unpooled(snap, strategy: str, run: bool) -> dict[str, Any]:
+def _unpooled(snap: Snapshot, strategy: str, run: bool) -> dict[str, Any]:
     from .. import Vm
 
     t0 = time.perf_counter_ns()
@@ -94,17 +98,17 @@ def _unpooled(snap, strategy: str, run: bool) -> dict[str, Any]:
     return rec
 
 
-def _floor(snap, strategy: str, pool=None) -> dict[str, Any]:
+def _floor(snap: Snapshot, strategy: str, pool: RestorePool | None = None) -> dict[str, Any]:
     call, times = restore_floor(snap, strategy, pool)
     return _record(times, call, acquire=False)  # the shell was made or taken beforehand, untimed
 
 
-def _native_pooled(pool, snap, strategy: str) -> dict[str, Any]:
+def _native_pooled(pool: RestorePool, snap: Snapshot, strategy: str) -> dict[str, Any]:
     ns = pool_restore(pool, snap, strategy)
     return {"call_ns": ns}
 
 
-def _service(pool, svc, strategy: str) -> dict[str, Any]:
+def _service(pool: RestorePool, svc: Snapshot, strategy: str) -> dict[str, Any]:
     t0 = time.perf_counter_ns()
     rvm = pool.restore_snapshot(svc, strategy)
     try:
@@ -133,14 +137,14 @@ def measure_restores(snap_path: Path, cell: dict[str, Any], *, paths: Sequence[s
     records: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         snap = stack.enter_context(Snapshot.load(snap_path))
-        svc = stack.enter_context(Snapshot.load(service_path)) if "service" in paths else None
+        svc = stack.enter_context(Snapshot.load(service_path)) if "service" in paths else None  # type: ignore[arg-type]
         pools = {c: stack.enter_context(RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)))
                  for c in combos if c[0] in _TAKES_SHELLS}
         fns: dict[str, Callable[[str], dict[str, Any]]] = {
             "pooled": lambda s: _pooled(pools["pooled", s], snap, s, run_first),
             "native": lambda s: _native_pooled(pools["native", s], snap, s),
             "unpooled": lambda s: _unpooled(snap, s, run_first),
-            "service": lambda s: _service(pools["service", s], svc, s),
+            "service": lambda s: _service(pools["service", s], svc, s),  # type: ignore[arg-type]  # set with "service"
             "floor": lambda s: _floor(snap, s),
             "floor-idle": lambda s: _floor(snap, s, pools["floor-idle", s]),
         }

@@ -20,11 +20,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import ConfigError
 from .stats import STAT_FIELDS, Stats, ratio
 from .targets import VERDICT_FIELDS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["SCHEMA_VERSION", "Part", "Results", "load", "load_results", "compare"]
 
@@ -54,7 +57,7 @@ class Part:
     def __repr__(self) -> str:
         return f"Part({self.name!r}, {len(self.records)} records, keys={self.keys}, metrics={self.metrics})"
 
-    def frame(self):
+    def frame(self) -> pd.DataFrame:
         import pandas as pd
 
         df = pd.DataFrame.from_records(self.records)
@@ -63,7 +66,7 @@ class Part:
         cols += [c for c in self.metrics if c in df.columns]
         return df[cols] if len(df) else pd.DataFrame(columns=self.keys + self.metrics)
 
-    def summary(self):
+    def summary(self) -> pd.DataFrame:
         """One row per (cell, metric) with the Stats fields; metrics a cell
         never measured are left out."""
         import pandas as pd
@@ -145,7 +148,7 @@ class Results:
                               "it was skipped or not measured: see .skipped and .errors")
         return self.parts[name]
 
-    def frame(self, part: str | None = None):
+    def frame(self, part: str | None = None) -> pd.DataFrame:
         """The measurements, one row per measurement: of ``part``, or of
         every part with a ``part`` column first."""
         import pandas as pd
@@ -158,7 +161,7 @@ class Results:
         df = pd.concat(frames, ignore_index=True)
         return df[["part"] + [c for c in df.columns if c != "part"]]
 
-    def summary(self, part: str | None = None):
+    def summary(self, part: str | None = None) -> pd.DataFrame:
         """Stats per cell and metric (of ``part``, or of every part)."""
         import pandas as pd
 
@@ -170,7 +173,7 @@ class Results:
         df = pd.concat(frames, ignore_index=True)
         return df[["part"] + [c for c in df.columns if c != "part"]]
 
-    def verdict_frame(self):
+    def verdict_frame(self) -> pd.DataFrame:
         """The targets, one row per target and cell."""
         import pandas as pd
 
@@ -231,7 +234,7 @@ def load(path: str | os.PathLike[str]) -> Results:
         raise ConfigError(f"{p} is a damaged results file ({type(e).__name__}: {e}); re-run the benchmark") from None
 
 
-def load_results(path: str | os.PathLike[str]):
+def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     """A saved run as a tidy DataFrame (one row per measurement, a ``part``
     column); ``df.attrs`` holds ``schema_version``, ``benchmark``, ``host``,
     ``versions``, ``command`` and ``verdicts``."""
@@ -250,7 +253,7 @@ def _as_results(x: Any) -> Results:
     raise ConfigError(f"compare() takes Results or paths of saved runs, not {type(x).__name__}")
 
 
-def compare(a: Any, b: Any, stat: str = "median"):
+def compare(a: Any, b: Any, stat: str = "median") -> pd.DataFrame:
     """Two runs side by side: per part, cell and metric the ``stat`` of run
     ``a`` and of run ``b`` and ``ratio`` = b / a (below 1: ``b`` is faster or
     smaller). ``a`` and ``b``: :class:`Results` or paths of saved runs; cells

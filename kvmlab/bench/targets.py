@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..units import fmt_ratio
 from .stats import STAT_FIELDS, ratio
 
-__all__ = ["Target", "TARGETS", "VERDICT_FIELDS", "restore_verdicts", "reset_verdicts", "tally", "verdict"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["Target", "TARGETS", "VERDICT_FIELDS", "restore_verdicts", "reset_verdicts", "first_answer_verdicts", "tally",
+           "verdict"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,12 @@ TARGETS = {t.key: t for t in (
            "restore_snapshot call / native pooled restore"),
     Target("reset", "reset() within 1.3x of the reset floor", 1.3, False,
            "reset() call / reset floor on the same VM after the same run (bare native call)"),
+    Target("first_answer_floor", "a prepared VM (with warmup) answers within 2x of a warm call", 2.0, False,
+           "prepared-with-warmup restore_snapshot + first call / one call on a VM that answered before"),
+    Target("first_answer_pool", "restore to first answer at least 4x faster prepared (with warmup) than from a pooled shell",
+           4.0, True, "pooled-shell restore_snapshot + first call / prepared-with-warmup restore_snapshot + first call"),
+    Target("first_answer_qemu", "restore to first answer at least 100x faster prepared (with warmup) than a pre-started QEMU",
+           100.0, True, "QEMU -incoming defer, migrate-incoming to running / prepared-with-warmup restore + first call"),
     Target("campaign_scale", "a campaign on 2 Dask workers at least 1.7x the inputs/s of 1 worker", 1.7, True,
            "run_inputs inputs/s, LocalCluster of 2 worker processes / of 1"),
     Target("campaign_worker", "a campaign on 1 Dask worker at least 0.9x the inputs/s of the native loop", 0.9, True,
@@ -74,7 +84,7 @@ def verdict(key: str, cell: str, strategy: str, value: float, also: str = "", no
             "met": met, "baseline": t.baseline, "also": also, "note": note}
 
 
-def _medians(summary) -> dict[tuple, float]:
+def _medians(summary: pd.DataFrame) -> dict[tuple, float]:
     """(cell columns..., metric) -> median, from a Part summary."""
     keys = [c for c in summary.columns if c != "metric" and c not in STAT_FIELDS]
     out = {}
@@ -84,7 +94,8 @@ def _medians(summary) -> dict[tuple, float]:
     return out
 
 
-def restore_verdicts(restore_summary, qemu_summary=None, skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def restore_verdicts(restore_summary: pd.DataFrame, qemu_summary: pd.DataFrame | None = None,
+                     skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Verdicts of the restore targets for every cell (memory size x density x
     strategy) of a restore Part summary (keys memory_mib, density, guest,
     path, strategy); ``qemu_summary``: the QEMU part's (keys memory_mib, density)."""
@@ -129,7 +140,7 @@ def restore_verdicts(restore_summary, qemu_summary=None, skipped: dict[str, str]
     return out
 
 
-def reset_verdicts(reset_summary) -> list[dict[str, Any]]:
+def reset_verdicts(reset_summary: pd.DataFrame) -> list[dict[str, Any]]:
     """Verdicts of the reset target for every (K, configuration) of a reset
     Part summary (keys dirty_pages_target, config, reset_mode, side)."""
     m = _medians(reset_summary)
@@ -148,6 +159,33 @@ def reset_verdicts(reset_summary) -> list[dict[str, Any]]:
                 if drop else "")
         out.append(verdict("reset", f"K={k} {config}", config.split("/")[0], value, also=also, note=note,
                            judged=not drop))
+    return out
+
+
+def first_answer_verdicts(summary, skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Verdicts of the first-answer targets for every cell (memory size x
+    density x strategy) of a first_answer Part summary (keys memory_mib,
+    density, path, strategy; QEMU rows have strategy "-")."""
+    skipped = skipped or {}
+    m = _medians(summary)
+    cells = sorted({(k[0], k[1], k[3]) for k in m if k[3] != "-"}, key=lambda c: (c[0], c[1] != "sparse", c[2]))
+    out = []
+    for mem, density, strategy in cells:
+        cell = f"{mem} MiB {density}"
+
+        def med(path: str, strat: str = strategy) -> float:
+            return m.get((mem, density, path, strat, "answer_ns"), math.nan)
+
+        prepared = med("prepared-warmup")
+        out.append(verdict("first_answer_floor", cell, strategy, ratio(prepared, med("warm-call")),
+                           also=f"prepared without warmup: {fmt_ratio(ratio(med('prepared'), med('warm-call')))}"))
+        out.append(verdict("first_answer_pool", cell, strategy, ratio(med("pooled"), prepared),
+                           also=f"unpooled: {fmt_ratio(ratio(med('unpooled'), prepared))}; pooled shell vs prepared "
+                                f"without warmup: {fmt_ratio(ratio(med('pooled'), med('prepared')))}"))
+        qv = med("qemu-prestarted", "-")
+        out.append(verdict("first_answer_qemu", cell, strategy, ratio(qv, prepared),
+                           also=f"cold QEMU (process start to running): {fmt_ratio(ratio(med('qemu-cold', '-'), prepared))}",
+                           note="" if not math.isnan(qv) else f"QEMU not measured: {skipped.get('qemu', 'no figure')}"))
     return out
 
 

@@ -158,7 +158,8 @@ def _records(data: Any, needed: Sequence[str], aliases: dict[str, str] | None = 
     return df
 
 
-def _start(ax, what: str, title: str | None, no_data: bool, empty: str = "no restores yet", size=(7.0, 4.2)):
+def _start(ax: Any, what: str, title: str | None, no_data: bool, empty: str = "no restores yet",
+           size: tuple[float, float] = (7.0, 4.2)) -> tuple[Any, Any]:  # fmt: skip
     """(the figure, its Axes): a new figure, or ``ax`` and its figure, titled;
     with ``no_data`` the Axes says ``empty`` (the caller returns the figure)."""
     fig, ax0 = _new_figure(ax, size)
@@ -168,7 +169,7 @@ def _start(ax, what: str, title: str | None, no_data: bool, empty: str = "no res
     return fig, ax0
 
 
-def _finish(ax, xlabel: str, ylabel: str, *, xlog: bool = False, ylog: bool = False, **legend: Any) -> None:
+def _finish(ax: Any, xlabel: str, ylabel: str, *, xlog: bool = False, ylog: bool = False, **legend: Any) -> None:
     """Log axes with plain tick labels, the axis labels, a grid on major and
     minor ticks and the legend (``legend``: its keywords; font size 8)."""
     if xlog:

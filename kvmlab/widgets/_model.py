@@ -11,8 +11,13 @@ from ..pool import PoolStats, RestorePool, RestoreTiming
 #: PoolStats fields mirrored as Int traits.
 COUNTERS = ("hits", "misses", "created", "destroyed", "failures", "restores", "releases", "pending_destroy")
 #: Counters of optional pool features (reset-on-release), shown once non-zero.
-EXTRA_COUNTERS = ("parked", "reuses", "resets")
+EXTRA_COUNTERS = ("parked", "prepared", "reuses", "resets")
 OCCUPANCY = ("idle", "in_use", "creating", "max_size", "min_size")
+
+
+def snapshot_label(snap) -> str:
+    """How the widgets name a snapshot: its guest, size and a short id."""
+    return f"{snap.guest} {snap.config.memory_mib} MiB #{id(snap) % 0xFFFF:04x}"
 
 
 class PoolModel(traitlets.HasTraits):
@@ -39,6 +44,9 @@ class PoolModel(traitlets.HasTraits):
     parked = traitlets.Int(0)
     reuses = traitlets.Int(0)
     resets = traitlets.Int(0)
+    prepared = traitlets.Int(0)
+    #: per prepared snapshot (its label): {"ready": n, "target": n}
+    prepared_by_snapshot = traitlets.Dict()
     # the newest restore: RestoreTiming fields (ns), or {} before the first
     last_restore = traitlets.Dict()
     # shape
@@ -99,6 +107,10 @@ class PoolModel(traitlets.HasTraits):
         self.memory_mib = pool.vm_config.memory_mib
         self.vcpus = pool.vm_config.vcpus
         self.update(stats, last)
+        by_snap = {snapshot_label(snap): {"ready": pool.prepared_count(snap), "target": n}
+                   for snap, n in pool.prepared_targets().items()}
+        if by_snap != self.prepared_by_snapshot:
+            self.prepared_by_snapshot = by_snap
         return True
 
     def snapshot(self) -> dict[str, Any]:

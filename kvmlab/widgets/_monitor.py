@@ -6,6 +6,8 @@ import html
 import threading
 import time
 
+from typing import Any
+
 import ipywidgets as W
 
 from .. import _html, plot
@@ -13,7 +15,7 @@ from .._html import COLOR
 from ..errors import ConfigError
 from ..pool import RestorePool
 from ..units import choose_unit, fmt_time
-from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel
+from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel, snapshot_label
 from ._ticker import AutoRefresh, Ticker
 
 
@@ -58,9 +60,13 @@ class PoolMonitor(AutoRefresh, W.VBox):
     create idle shells on a worker thread, so the kernel stays responsive;
     the progress bar follows the idle count, and errors land in the status
     line (and :attr:`PoolModel.error`). :meth:`warm` does the same from code.
+    With a snapshot chosen in the ``warm`` menu (the pool's prepared ones and
+    those passed as ``snapshots``) the button prepares that many VMs of it
+    instead (:meth:`RestorePool.prepare`); prepared VMs show per snapshot.
 
     Args:
         pool: the pool to show (it stays open when the widget closes).
+        snapshots: snapshots the Warm control offers to prepare.
         interval_s: seconds between refreshes while displayed.
         autostart: start the refresh timer when the widget is displayed.
         **kwargs: passed to :class:`ipywidgets.VBox`.
@@ -69,7 +75,8 @@ class PoolMonitor(AutoRefresh, W.VBox):
         ConfigError: ``pool`` is not a RestorePool.
     """
 
-    def __init__(self, pool: RestorePool, *, interval_s: float = 1.0, autostart: bool = True, **kwargs) -> None:
+    def __init__(self, pool: RestorePool, *, snapshots=(), interval_s: float = 1.0, autostart: bool = True,
+                 **kwargs) -> None:
         if not isinstance(pool, RestorePool):
             raise ConfigError(f"PoolMonitor takes a RestorePool, got {type(pool).__name__}")
         self.pool = pool
@@ -85,6 +92,12 @@ class PoolMonitor(AutoRefresh, W.VBox):
         self.idle_label = W.Label()
         self.in_use_bar = W.IntProgress(min=0, max=1, description="in use", bar_style="info")
         self.in_use_label = W.Label()
+        self.prepared = W.HTML()
+        self.warm_what = W.Dropdown(options=[("idle shells", None)], value=None, description="warm",
+                                    layout=W.Layout(width="300px"))
+        self._offered: list = []
+        for snap in snapshots:
+            self._offer(snap)
         self.counters = W.HTML()
         self.last_restore = W.HTML()
         self.target = W.BoundedIntText(value=1, min=0, max=1, description="target", layout=W.Layout(width="170px"))
@@ -100,7 +113,9 @@ class PoolMonitor(AutoRefresh, W.VBox):
 
         m = self.model
         m.observe(self._render_header, names=["memory_mib", "vcpus", "closed"])
-        m.observe(self._render_occupancy, names=["idle", "in_use", "creating", "max_size", "min_size", "max_in_use"])
+        m.observe(self._render_occupancy, names=["idle", "in_use", "creating", "max_size", "min_size", "max_in_use",
+                                                 "prepared"])
+        m.observe(self._render_prepared, names=["prepared_by_snapshot"])
         m.observe(self._render_counters, names=list(COUNTERS + EXTRA_COUNTERS))
         m.observe(self._render_last, names=["last_restore"])
         m.observe(self._render_status, names=["status", "error", "warming", "closed"])
@@ -110,9 +125,10 @@ class PoolMonitor(AutoRefresh, W.VBox):
                 self.header,
                 W.HBox([self.idle_bar, self.idle_label]),
                 W.HBox([self.in_use_bar, self.in_use_label]),
+                self.prepared,
                 self.counters,
                 self.last_restore,
-                W.HBox([self.target, self.warm_button, self.warm_progress]),
+                W.HBox([self.warm_what, self.target, self.warm_button, self.warm_progress]),
                 self.status,
             ],
             **kwargs,
@@ -127,21 +143,24 @@ class PoolMonitor(AutoRefresh, W.VBox):
     def _render_all(self) -> None:
         self._render_header()
         self._render_occupancy()
+        self._render_prepared()
         self._render_counters()
         self._render_last()
         self._render_status()
 
-    def _render_header(self, change=None) -> None:
+    def _render_header(self, change: object = None) -> None:
         m = self.model
         state = f' <span style="color:{COLOR["fail"]}">(closed)</span>' if m.closed else ""
         self.header.value = f"<b>RestorePool</b> {m.memory_mib} MiB &times; {m.vcpus} vCPU{state}"
 
-    def _render_occupancy(self, change=None) -> None:
+    def _render_occupancy(self, change: object = None) -> None:
         m = self.model
         cap = max(m.max_size, 1)
         self.idle_bar.max = cap
         self.idle_bar.value = min(m.idle, cap)
-        self.idle_label.value = f"{m.idle} idle / {m.max_size} capacity (min {m.min_size}), {m.creating} creating"
+        prepared = f", {m.prepared} prepared" if m.prepared else ""
+        self.idle_label.value = (f"{m.idle} idle / {m.max_size} capacity (min {m.min_size}), {m.creating} creating"
+                                 f"{prepared}")
         limit = m.max_in_use
         self.in_use_bar.max = max(limit or max(m.max_size, m.in_use), 1)
         self.in_use_bar.value = min(m.in_use, self.in_use_bar.max)
@@ -151,13 +170,28 @@ class PoolMonitor(AutoRefresh, W.VBox):
         if not m.warming and self.warm_progress.layout.visibility != "hidden" and m.idle != self.warm_progress.value:
             self.warm_progress.layout.visibility = "hidden"
 
-    def _render_counters(self, change=None) -> None:
+    def _render_prepared(self, change=None) -> None:
+        rows = self.model.prepared_by_snapshot
+        self.prepared.value = "" if not rows else (
+            '<div class="kvmlab-prepared"><b>prepared</b>: ' + "; ".join(
+                f"{html.escape(label)}: {r['ready']} ready / {r['target']}" for label, r in rows.items()) + "</div>")
+        for snap in self.pool.prepared_targets() if not self.pool.closed else ():
+            self._offer(snap)
+
+    def _offer(self, snap) -> None:
+        """Adds ``snap`` to the Warm menu (once)."""
+        if any(s is snap for s in self._offered):
+            return
+        self._offered.append(snap)
+        self.warm_what.options = [*self.warm_what.options, (f"prepare {snapshot_label(snap)}", snap)]
+
+    def _render_counters(self, change: object = None) -> None:
         self.counters.value = counters_html(self.model)
 
-    def _render_last(self, change=None) -> None:
+    def _render_last(self, change: object = None) -> None:
         self.last_restore.value = phase_bar_html(self.model.last_restore)
 
-    def _render_status(self, change=None) -> None:
+    def _render_status(self, change: object = None) -> None:
         m = self.model
         self.warm_button.disabled = m.warming or m.closed
         if m.error:
@@ -180,16 +214,18 @@ class PoolMonitor(AutoRefresh, W.VBox):
 
     # -- warming -----------------------------------------------------------------------------
 
-    def _on_warm_click(self, _button) -> None:
-        self.warm(self.target.value)
+    def _on_warm_click(self, _button: object) -> None:
+        self.warm(self.target.value, snapshot=self.warm_what.value)
 
-    def warm(self, target: int | None = None) -> threading.Thread:
+    def warm(self, target: int | None = None, snapshot=None) -> threading.Thread:
         """Warms the pool to ``target`` idle shells (default: the target box)
-        on a worker thread and returns it (``join()`` to wait). One warm runs
+        on a worker thread and returns it (``join()`` to wait); with a
+        ``snapshot``, prepares ``target`` VMs of it instead. One warm runs
         at a time; a second call while one runs returns the running thread.
 
         Args:
-            target: idle shells wanted (capped at the pool's ``max_size``).
+            target: idle shells (or prepared VMs) wanted (capped at the pool's ``max_size``).
+            snapshot: a snapshot to prepare (added to the Warm menu).
 
         Returns:
             The worker thread; errors show in the status line and ``model.error``.
@@ -201,14 +237,19 @@ class PoolMonitor(AutoRefresh, W.VBox):
             m = self.model
             m.error = ""
             m.warm_target = target
-            m.status = f"warming to {target} idle…"
+            if snapshot is not None:
+                self._offer(snapshot)
+                self.warm_what.value = snapshot
+            m.status = f"warming to {target} idle…" if snapshot is None else f"preparing {target}…"
             m.warming = True
             goal = max(min(target, m.max_size), 1)  # the pool stops at max_size
             self.warm_progress.max = goal
             self.warm_progress.value = min(m.idle, goal)
             self.warm_progress.bar_style = "info"
             self.warm_progress.layout.visibility = "visible"
-            t = threading.Thread(target=self._warm_worker, args=(target,), name="kvmlab-pool-warm", daemon=True)
+            worker = self._warm_worker if snapshot is None else self._prepare_worker
+            args = (target,) if snapshot is None else (target, snapshot)
+            t = threading.Thread(target=worker, args=args, name="kvmlab-pool-warm", daemon=True)
             self._warm_thread = t
             t.start()
             return t
@@ -220,10 +261,9 @@ class PoolMonitor(AutoRefresh, W.VBox):
             t.join(timeout_s)
 
     def _warm_worker(self, target: int) -> None:
-        m = self.model
-        t0 = time.perf_counter()
-        try:
+        def work() -> str:
             # One shell at a time, so the progress bar moves.
+            m = self.model
             start = min(self.pool.idle_count(), target)
             for k in range(start + 1, min(target, m.max_size) + 1):
                 self.pool.warm(k)
@@ -231,10 +271,31 @@ class PoolMonitor(AutoRefresh, W.VBox):
                 self.warm_progress.value = min(self.model.idle, self.warm_progress.max)
             self.pool.warm(target)  # the final word (also raises if closed)
             self.refresh()
-            ms = (time.perf_counter() - t0) * 1e3
             self.warm_progress.value = min(m.idle, self.warm_progress.max)
+            return f"warmed to {min(target, m.max_size)}: {m.idle} idle"
+
+        self._run_worker(work)
+
+    def _prepare_worker(self, target: int, snap) -> None:
+        def work() -> str:
+            self.pool.prepare(snap, target)
+            self.refresh()
+            ready = self.pool.prepared_count(snap)
+            self.warm_progress.value = min(ready, self.warm_progress.max)
+            return f"prepared {snapshot_label(snap)}: {ready} ready"
+
+        self._run_worker(work)
+
+    def _run_worker(self, work) -> None:
+        """Runs ``work()`` (it returns what was done, in words) on the warm
+        thread: its time in the status line, or its error in ``model.error``."""
+        m = self.model
+        t0 = time.perf_counter()
+        try:
+            done = work()
+            ms = (time.perf_counter() - t0) * 1e3
             self.warm_progress.bar_style = "success"
-            m.status = f"{time.strftime('%H:%M:%S')} warmed to {min(target, m.max_size)}: {m.idle} idle in {ms:.1f} ms"
+            m.status = f"{time.strftime('%H:%M:%S')} {done} in {ms:.1f} ms"
         except Exception as e:  # noqa: BLE001 - shown in the widget, kept in model.error
             self.warm_progress.bar_style = "danger"
             m.status = ""
@@ -250,7 +311,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
         ticker = getattr(self, "_ticker", None)  # absent if __init__ failed (Widget.__del__ calls close)
         if ticker is not None:
             ticker.stop()
-        names = ("header", "idle_bar", "idle_label", "in_use_bar", "in_use_label", "counters",
+        names = ("header", "idle_bar", "idle_label", "in_use_bar", "in_use_label", "prepared", "warm_what", "counters",
                  "last_restore", "target", "warm_button", "warm_progress", "status")  # fmt: skip
         for w in [getattr(self, n, None) for n in names] + list(getattr(self, "children", ())):
             if w is not None:

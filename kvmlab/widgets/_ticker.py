@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 
 class Ticker:
@@ -51,6 +51,14 @@ class AutoRefresh:
     ``self.pool``, ``self._ticker`` (a :class:`Ticker` calling ``self._tick``),
     ``self._autostart`` and a ``refresh() -> bool`` (False stops the timer)."""
 
+    pool: Any
+    _ticker: Ticker
+    _autostart: bool
+
+    if TYPE_CHECKING:
+
+        def refresh(self) -> bool: ...
+
     def _tick(self) -> bool:
         return self.refresh()
 
@@ -67,7 +75,7 @@ class AutoRefresh:
     def auto_refreshing(self) -> bool:
         return self._ticker.running
 
-    def _repr_mimebundle_(self, **kwargs):
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         if self._autostart:
             self.start()
-        return super()._repr_mimebundle_(**kwargs)
+        return super()._repr_mimebundle_(**kwargs)  # type: ignore[misc]  # the widget class after this mixin has it

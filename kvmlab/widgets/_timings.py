@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as W
 
@@ -16,6 +16,9 @@ from ..pool import RestorePool
 from ._ticker import AutoRefresh, Ticker
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ..pool import RestoreTiming
     from ._monitor import PoolMonitor
 
 
@@ -50,10 +53,10 @@ class RestoreTimings(AutoRefresh, W.VBox):
         *,
         last: int = 500,
         interval_s: float = 2.0,
-        plot_fn: Callable | None = None,
+        plot_fn: Callable[[list[RestoreTiming]], Figure] | None = None,
         autostart: bool = True,
         dpi: int = 80,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(pool, RestorePool):
             raise ConfigError(f"RestoreTimings takes a RestorePool, got {type(pool).__name__}")
@@ -61,7 +64,8 @@ class RestoreTimings(AutoRefresh, W.VBox):
         self.last = last
         self.plot_fn = plot_fn or plot.restore_overview
         self.dpi = dpi
-        self.figure = None
+        #: The last figure drawn (None before the first).
+        self.figure: Figure | None = None
         self.records: list = []
         self.renders = 0
         self._seen: int | None = None
@@ -143,7 +147,7 @@ class _Dashboard(W.VBox):
         super().close()
 
 
-def dashboard(pool: RestorePool, **kwargs) -> W.VBox:
+def dashboard(pool: RestorePool, **kwargs: Any) -> W.VBox:
     """A :class:`PoolMonitor` above a :class:`RestoreTimings` for ``pool``
     (``.monitor``, ``.timings``; ``close()`` closes both)."""
     from ._monitor import PoolMonitor

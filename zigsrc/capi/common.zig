@@ -130,8 +130,9 @@ pub const kvmlab_arch = snapshot.Arch;
 pub const kvmlab_snapshot_flag = snapshot.Flag;
 
 /// How a restore gets guest memory: auto (map for file-backed snapshots,
-/// else copy), copy, map (copy-on-write mapping of the snapshot file), reuse
-/// (pool timings only: a parked VM reset to the snapshot after a release).
+/// else copy), copy, map (copy-on-write mapping of the snapshot file); pool
+/// takes only: reuse (a parked VM reset to the snapshot after a release) and
+/// prepared (a VM kvmlab_pool_prepare keeps ready).
 pub const kvmlab_strategy = restore.Strategy;
 
 /// Per-phase nanoseconds of one restore.
@@ -147,6 +148,9 @@ pub const kvmlab_restore_times = extern struct {
     hit: u32,
     /// Pool restores: the sequence number of the timing record.
     seq: u64,
+    /// How the memory arrived (copy, map; reuse or prepared: a pool's take).
+    strategy: kvmlab_strategy,
+    reserved: u32 = 0,
 };
 
 /// Per-phase nanoseconds of one reset, and how many pages it put back.
@@ -172,6 +176,13 @@ pub const kvmlab_restore_flags = enum(c_int) {
     /// On release, the pool resets the VM (off the caller's path) and keeps it
     /// for the next restore of the same snapshot. Implies resettable.
     reset_on_release = 2,
+};
+
+/// kvmlab_pool_prepare options (bits).
+pub const kvmlab_prepare_flags = enum(c_int) {
+    /// Every take of a prepared VM gives it a fresh identity (ports 0x503 and
+    /// 0x504 of the guest protocol); without it the guest reads 0.
+    identity = 1,
 };
 
 /// Struct ids for kvmlab_struct_size.
@@ -253,8 +264,8 @@ pub fn outPtr(comptime T: type, out: ?*T) errors.Error!*T {
     return out orelse errors.fail(error.Config, "out is NULL", .{});
 }
 
-pub fn restoreTimes(r: restore.Times, acquire_ns: u64, total_ns: u64, mapped: bool, hit: bool, seq: u64) kvmlab_restore_times {
-    return .{ .acquire_ns = acquire_ns, .memory_ns = r.memory_ns, .vcpu_ns = r.vcpu_ns, .devices_ns = r.devices_ns, .total_ns = total_ns, .mapped = @intFromBool(mapped), .hit = @intFromBool(hit), .seq = seq };
+pub fn restoreTimes(r: restore.Times, acquire_ns: u64, total_ns: u64, mapped: bool, hit: bool, seq: u64, strategy: kvmlab_strategy) kvmlab_restore_times {
+    return .{ .acquire_ns = acquire_ns, .memory_ns = r.memory_ns, .vcpu_ns = r.vcpu_ns, .devices_ns = r.devices_ns, .total_ns = total_ns, .mapped = @intFromBool(mapped), .hit = @intFromBool(hit), .seq = seq, .strategy = strategy };
 }
 
 /// A strategy from C, which may hold any int.

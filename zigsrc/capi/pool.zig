@@ -93,7 +93,7 @@ fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.Memor
     var seq: u64 = 0;
     const t0 = shell.monotonicNs();
     const m = try p.restore(parsed, src, wait_ns, &rt, &acquire, &hit, &seq);
-    if (times) |t| t.* = common.restoreTimes(rt, acquire, shell.monotonicNs() - t0, m.shell.mapped(), hit, seq);
+    if (times) |t| t.* = common.restoreTimes(rt, acquire, shell.monotonicNs() - t0, m.shell.mapped(), hit, seq, src.strategy());
     o.* = @ptrCast(m);
 }
 
@@ -101,6 +101,8 @@ fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.Memor
 /// `wait_ns` > 0 waits that long for room when max_in_use VMs are out.
 /// `flags`: kvmlab_restore_flags bits. With reset_on_release, a VM parked by
 /// an earlier release for this snapshot is reused (timing strategy reuse).
+/// A snapshot with a kvmlab_pool_prepare target takes a prepared VM when one
+/// is ready (strategy prepared), whatever the flags.
 pub export fn kvmlab_pool_restore_snapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
     return result(poolRestoreSnapshot(h, snap, strategy, wait_ns, flags, out, times));
 }
@@ -112,15 +114,15 @@ pub fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, stra
     o.* = null;
     const park = flags & @intFromEnum(kvmlab_restore_flags.reset_on_release) != 0;
     const resettable = park or flags & @intFromEnum(kvmlab_restore_flags.resettable) != 0;
-    if (park) {
-        var seq: u64 = 0;
-        const t0 = shell.monotonicNs();
-        if (p.reuse(s, &seq)) |m| {
-            const dt = shell.monotonicNs() - t0;
-            if (times) |t| t.* = common.restoreTimes(.{}, dt, dt, m.shell.mapped(), true, seq);
-            o.* = @ptrCast(m);
-            return;
-        }
+    // A prepared VM of `s` (or, with park, a parked one): one lookup.
+    var seq: u64 = 0;
+    const t0 = shell.monotonicNs();
+    var took: kvmlab_strategy = .reuse;
+    if (p.reuse(s, park, &seq, &took)) |m| {
+        const dt = shell.monotonicNs() - t0;
+        if (times) |t| t.* = common.restoreTimes(.{}, dt, dt, m.shell.mapped(), true, seq, took);
+        o.* = @ptrCast(m);
+        return;
     }
     try poolFinish(p, &s.parsed, try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy)), wait_ns, out, times);
     if (!resettable) return;
@@ -167,4 +169,67 @@ pub export fn kvmlab_pool_release(h: ?*kvmlab_pool, vm_handle: ?*kvmlab_vm) call
     const p = asPool(h) catch return;
     const m = asVm(vm_handle) catch return;
     p.release(m);
+}
+
+/// Keeps `n` VMs of `snap` prepared (restored into shells, resettable, kept
+/// ready; the refill thread keeps the count after takes): returns once they
+/// are. n = 0 gives them up. On an error nothing is left prepared for `snap`.
+/// `flags`: kvmlab_prepare_flags bits.
+pub export fn kvmlab_pool_prepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, flags: u32) callconv(.c) kvmlab_result {
+    return result(poolPrepare(h, snap, n, strategy, false, flags));
+}
+/// Sets the target of `snap` for a caller that prepares them itself with
+/// kvmlab_pool_prepare_begin/_end (e.g. to run a warmup); nothing is restored.
+pub export fn kvmlab_pool_prepare_target(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, flags: u32) callconv(.c) kvmlab_result {
+    return result(poolPrepare(h, snap, n, strategy, true, flags));
+}
+fn poolPrepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, external: bool, flags: u32) errors.Error!void {
+    const p = try asPool(h);
+    const s = try asSnap(snap);
+    try s.checkIntact();
+    if (s.parsed.memory_bytes != p.cfg.memory_bytes or s.parsed.vcpus != p.cfg.vcpus)
+        return errors.failCheck(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ s.parsed.memory_bytes >> 20, s.parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
+    _ = try restore.MemorySource.forSnapshot(s, strategy); // a strategy the caller may choose
+    const identity = flags & @intFromEnum(common.kvmlab_prepare_flags.identity) != 0;
+    if (external) return p.setTarget(s, n, strategy, true, identity);
+    try p.prepare(s, n, strategy, identity);
+}
+
+/// For a kvmlab_pool_prepare_target: when `snap` is short of its target,
+/// restores one VM into *out (resettable) on this thread; else *out = NULL.
+/// Run it (the warmup), then always call kvmlab_pool_prepare_end.
+pub export fn kvmlab_pool_prepare_begin(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, out: ?*?*kvmlab_vm) callconv(.c) kvmlab_result {
+    return result(poolPrepareBegin(h, snap, out));
+}
+fn poolPrepareBegin(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, out: ?*?*kvmlab_vm) errors.Error!void {
+    const o = try common.outPtr(?*kvmlab_vm, out);
+    o.* = null;
+    o.* = @ptrCast(try (try asPool(h)).prepareBegin(try asSnap(snap)));
+}
+
+/// Ends kvmlab_pool_prepare_begin: ok != 0 resets the VM to `snap` (when
+/// warmed != 0: it ran) and keeps it prepared; ok == 0 destroys it. The VM
+/// handle is the pool's afterwards.
+pub export fn kvmlab_pool_prepare_end(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, vm_handle: ?*kvmlab_vm, warmed: u32, ok: u32) callconv(.c) kvmlab_result {
+    return result(poolPrepareEnd(h, snap, vm_handle, warmed, ok));
+}
+fn poolPrepareEnd(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, vm_handle: ?*kvmlab_vm, warmed: u32, ok: u32) errors.Error!void {
+    try (try asPool(h)).prepareEnd(try asVm(vm_handle), try asSnap(snap), warmed != 0, ok != 0);
+}
+
+/// Waits up to wait_ns until a kvmlab_pool_prepare_target snapshot is short
+/// of its target (*out = 1) or not (*out = 0). Fails once the pool is closed.
+pub export fn kvmlab_pool_prepare_wait(h: ?*kvmlab_pool, wait_ns: u64, out: ?*u32) callconv(.c) kvmlab_result {
+    return result(poolPrepareWait(h, wait_ns, out));
+}
+fn poolPrepareWait(h: ?*kvmlab_pool, wait_ns: u64, out: ?*u32) errors.Error!void {
+    const o = try common.outPtr(u32, out);
+    o.* = 0;
+    o.* = @intFromBool(try (try asPool(h)).waitPrepareNeed(wait_ns));
+}
+
+/// Prepared VMs of `snap` ready now; 0 for NULL or no target. Never fails.
+pub export fn kvmlab_pool_prepared_count(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot) callconv(.c) u32 {
+    const p = asPool(h) catch return 0;
+    return p.preparedCount(asSnap(snap) catch return 0);
 }

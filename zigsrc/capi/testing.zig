@@ -87,7 +87,7 @@ fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: c
     const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
     var rt: restore.Times = .{};
     try restore.floor(m.shell, &m.mapping, &s.parsed, src, &rt);
-    o.* = common.restoreTimes(rt, 0, rt.memory_ns + rt.vcpu_ns + rt.devices_ns, src == .map, false, 0);
+    o.* = common.restoreTimes(rt, 0, rt.memory_ns + rt.vcpu_ns + rt.devices_ns, src == .map, false, 0, src.strategy());
 }
 
 /// TEST ONLY: makes shell-creation step `site` fail after passing `after`

@@ -112,6 +112,21 @@ fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.E
     try m.writeMemory(gpa, try bytesOf(buf, len));
 }
 
+/// Sets the identity the guest reads through ports 0x503 (low 32 bits) and
+/// 0x504 (high); 0, the default, is "no identity".
+pub export fn kvmlab_vm_set_identity(h: ?*kvmlab_vm, identity: u64) callconv(.c) kvmlab_result {
+    return result(setIdentity(h, identity));
+}
+fn setIdentity(h: ?*kvmlab_vm, identity: u64) errors.Error!void {
+    (try asVm(h)).shell.identity.store(identity, .release);
+}
+
+/// The VM's identity (see kvmlab_vm_set_identity); 0 for NULL. Never fails.
+pub export fn kvmlab_vm_get_identity(h: ?*kvmlab_vm) callconv(.c) u64 {
+    const m = asVm(h) catch return 0;
+    return m.shell.identity.load(.acquire);
+}
+
 pub export fn kvmlab_vm_get_regs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) callconv(.c) kvmlab_result {
     return result(getRegs(h, vcpu, out));
 }
@@ -131,22 +146,25 @@ fn getRegs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) errors.Error!vo
 }
 
 /// Builds a new VM from a snapshot (a fresh shell, then restore).
-pub export fn kvmlab_vm_restore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) kvmlab_result {
-    return result(vmRestore(h, strategy, out, times));
+/// `flags`: kvmlab_restore_flags bits; without resettable the shell has no
+/// dirty log (less kernel memory; kvmlab_vm_enable_reset turns it on later).
+pub export fn kvmlab_vm_restore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) kvmlab_result {
+    return result(vmRestore(h, strategy, flags, out, times));
 }
-fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
     const o = try outPtr(?*kvmlab_vm, out);
     o.* = null;
     const s = try asSnap(h);
     try s.checkIntact();
     const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
     const t0 = shell.monotonicNs();
-    const m = try machine.Machine.create(s.parsed.memory_bytes, s.parsed.vcpus);
+    const resettable = flags & (@intFromEnum(common.kvmlab_restore_flags.resettable) | @intFromEnum(common.kvmlab_restore_flags.reset_on_release)) != 0;
+    const m = try machine.Machine.createWith(s.parsed.memory_bytes, s.parsed.vcpus, .{ .dirty_log = resettable, .pit = false });
     errdefer m.destroy();
     const t1 = shell.monotonicNs();
     var rt: restore.Times = .{};
     try m.restoreFrom(&s.parsed, src, &rt);
-    if (times) |t| t.* = common.restoreTimes(rt, t1 - t0, shell.monotonicNs() - t0, m.shell.mapped(), false, 0);
+    if (times) |t| t.* = common.restoreTimes(rt, t1 - t0, shell.monotonicNs() - t0, m.shell.mapped(), false, 0, src.strategy());
     o.* = @ptrCast(m);
 }
 

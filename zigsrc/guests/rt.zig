@@ -63,6 +63,22 @@ pub inline fn outl(port: u16, value: u32) void {
         : .{ .memory = true });
 }
 
+/// `in eax, dx`: the memory clobber keeps it ordered with guest memory accesses.
+pub inline fn inl(port: u16) u32 {
+    return asm volatile ("inl %[port], %[value]"
+        : [value] "={eax}" (-> u32),
+        : [port] "{dx}" (port),
+        : .{ .memory = true });
+}
+
+/// This clone's identity (docs/guest-protocol.md, "Per-clone identity"):
+/// distinct per VM when the host gave one, else 0. Read it after every resume
+/// point that may be a restore (e.g. right after a checkpoint) before
+/// drawing random numbers.
+pub fn identity() u64 {
+    return @as(u64, inl(0x0504)) << 32 | inl(0x0503);
+}
+
 /// Spin-wait hint (`pause`); also a compiler barrier, so a volatile flag polled
 /// in a loop around it is re-read every iteration.
 pub inline fn pause() void {

@@ -46,9 +46,12 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 from ..harness import DENSE_FRACTION
+
+if TYPE_CHECKING:
+    from ..harness import Progress
 
 __all__ = ["pvh_elf", "QemuPeer", "qemu_problem", "qemu_version", "migrate_uri", "QmpChannel", "QmpError",
            "QmpTimeoutError", "INSTALL_HINT", "QMP_TIMEOUT_S"]
@@ -134,7 +137,8 @@ class QmpChannel:
     every read bounded by ``timeout_s``: :class:`QmpTimeoutError` instead of
     waiting forever. ``on_eof()`` says why the other side went away."""
 
-    def __init__(self, rfd: int, wfile, timeout_s: float = QMP_TIMEOUT_S, on_eof=None) -> None:
+    def __init__(self, rfd: int, wfile: IO[bytes], timeout_s: float = QMP_TIMEOUT_S,
+                 on_eof: Callable[[], str] | None = None) -> None:
         assert timeout_s > 0, timeout_s
         self.rfd, self.wfile, self.timeout_s = rfd, wfile, timeout_s
         self.on_eof = on_eof or (lambda: "QMP channel closed")
@@ -193,7 +197,7 @@ class _Qemu:
         self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   bufsize=0, pass_fds=pass_fds)
         try:
-            self.qmp = QmpChannel(self.p.stdout.fileno(), self.p.stdin, timeout_s, self._exited)  # type: ignore[union-attr]
+            self.qmp = QmpChannel(self.p.stdout.fileno(), self.p.stdin, timeout_s, self._exited)  # type: ignore[union-attr,arg-type]
             self.greeting = self.qmp.read()
             self.qmp.cmd("qmp_capabilities")
         except BaseException:
@@ -205,7 +209,7 @@ class _Qemu:
             self.p.wait(timeout=10)
         except subprocess.TimeoutExpired:
             return "QEMU closed its QMP channel but did not exit"
-        err = self.p.stderr.read().decode(errors="replace").strip() if self.p.stderr else ""  # type: ignore[union-attr]
+        err = self.p.stderr.read().decode(errors="replace").strip() if self.p.stderr else ""
         return f"QEMU exited (code {self.p.returncode}): {err[-800:] or 'no message'}"
 
     def cmd(self, name: str, **arguments: Any) -> Any:
@@ -292,15 +296,21 @@ class QemuPeer:
         }
 
     def restore_once(self, saved: dict[str, Any], memory_mib: int, check: bool = False,
-                     timeout_s: float = 120.0) -> int:
-        """One ``-incoming`` restore; nanoseconds from process start to running."""
+                     timeout_s: float = 120.0, prestarted: bool = False) -> int:
+        """One ``-incoming`` restore; nanoseconds from process start to running.
+        ``prestarted``: the pooled analogue, a QEMU started (untimed) with
+        ``-incoming defer``, timed from QMP ``migrate-incoming`` to running."""
         fd = os.open(saved["state"], os.O_RDONLY)
         try:
             t0 = time.perf_counter_ns()
             deadline = time.monotonic() + timeout_s
-            q = _Qemu(self.argv(saved["kernel"], memory_mib) + ["-incoming", f"fd:{fd}"], pass_fds=(fd,),
+            incoming = "defer" if prestarted else f"fd:{fd}"
+            q = _Qemu(self.argv(saved["kernel"], memory_mib) + ["-incoming", incoming], pass_fds=(fd,),
                       timeout_s=self.qmp_timeout_s)
             try:
+                if prestarted:
+                    t0 = time.perf_counter_ns()
+                    q.cmd("migrate-incoming", uri=f"fd:{fd}")
                 while True:
                     status = q.cmd("query-status")["status"]
                     if status == "running":
@@ -324,21 +334,25 @@ class QemuPeer:
             os.close(fd)
         return took
 
-    def measure(self, memory_mib: int, density: str, reps: int, progress=None) -> list[dict[str, Any]]:
+    def measure(self, memory_mib: int, density: str, reps: int, progress: Progress | None = None,
+                modes: tuple[str, ...] = ("cold",)) -> list[dict[str, Any]]:
         """Saves a VM of ``memory_mib`` (dense: DENSE_FRACTION of its RAM
-        filled, like kvmlab's dense snapshots) and restores it ``reps`` times;
-        one record per restore (``restore_ns``)."""
+        filled, like kvmlab's dense snapshots) and restores it ``reps`` times
+        per mode (``cold``: process start to running; ``prestarted``: see
+        :meth:`restore_once`), interleaved; one record per restore
+        (``restore_ns``, ``mode``)."""
         saved = self.save(memory_mib, DENSE_FRACTION if density == "dense" else 0.0)
         try:
             if progress is not None:
                 progress.update(1)
             out = []
             for i in range(reps):
-                ns = self.restore_once(saved, memory_mib, check=(i == 0))
-                out.append({"i": i, "restore_ns": ns, "fill_pages": saved["fill_pages"],
-                            "state_bytes": saved["state_bytes"], "version": self.version})
-                if progress is not None:
-                    progress.update(1)
+                for mode in modes:
+                    ns = self.restore_once(saved, memory_mib, check=(i == 0), prestarted=mode == "prestarted")
+                    out.append({"i": i, "mode": mode, "restore_ns": ns, "fill_pages": saved["fill_pages"],
+                                "state_bytes": saved["state_bytes"], "version": self.version})
+                    if progress is not None:
+                        progress.update(1)
             return out
         finally:
             for f in (saved["state"], saved["kernel"]):

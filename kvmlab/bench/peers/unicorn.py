@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..harness import Progress
 
 __all__ = ["unicorn_available", "UnicornCycle", "unicorn_restore", "INSTALL_HINT"]
 
@@ -90,7 +93,7 @@ class UnicornCycle:
                 "reset_ns": sorted(reset_ns)[count // 2]}
 
 
-def unicorn_restore(snap_path: Path, n: int, progress=None) -> list[dict[str, Any]]:
+def unicorn_restore(snap_path: Path, n: int, progress: Progress | None = None) -> list[dict[str, Any]]:
     """unicorn's restore of the same snapshot: a ``Uc`` (UC_MODE_64) with the
     snapshot's memory size mapped; each restore is ``context_restore`` plus
     ``mem_write`` of the snapshot's present (non-zero) pages, contiguous runs
