@@ -25,7 +25,8 @@ const machine = @import("../machine.zig");
 /// Bumped on any incompatible change of a signature or struct below.
 /// 2: reset_loop's out_done, kvmlab_vm_begin_close. 3: product/testing
 /// export groups, enums for every code (typed struct fields), snapshot
-/// header structs, check ids (kvmlab_last_error_check).
+/// header structs, check ids (kvmlab_last_error_check); prepared VMs
+/// (kvmlab_pool_prepare_*), restore flags and strategy in restore times.
 pub const abi_version: u32 = 3;
 
 pub const kvmlab_result = errors.Result;
