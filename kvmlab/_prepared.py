@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import _ffi
 from .config import bad_argument, check_int, check_type
 from .errors import ClosedError, KvmlabError, PrepareError, SnapshotError
 from .snapshot import Snapshot, strategy_code
 from .vm import _VmHandle
+
+if TYPE_CHECKING:
+    from .config import VmConfig
+    from .pool import PoolConfig
 
 ffi = _ffi.ffi
 lib = _ffi.lib
@@ -34,6 +38,18 @@ def _keep_handle(_h: Any) -> None:
 
 class _PrepareOps:
     """RestorePool's prepared-VM methods (see the module doc)."""
+
+    if TYPE_CHECKING:  # provided by kvmlab.pool.RestorePool
+        vm_config: VmConfig
+        pool_config: PoolConfig
+        _lock: threading.Lock
+        _warmups: dict[int, tuple[Snapshot, Any, Callable[[Any], object]]]
+        _targets: dict[Snapshot, int]
+        _warmer: threading.Thread | None
+
+        def _enter(self) -> Any: ...
+
+        def _exit(self) -> None: ...
 
     def prepare(
         self, snap: Snapshot, n: int, *, warmup: Callable[[Any], object] | None = None, strategy: str = "auto",

@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doc = add("doctor", cmd_doctor, "check that KVM works for kvmlab on this host, and what limits it")
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
-    demo = add("demo", cmd_demo, "restore the service guest from a snapshot, unpooled and pooled, and time it")
+    demo = add("demo", cmd_demo, "restore the service guest from a snapshot, unpooled, pooled and prepared, and time it")
     demo.add_argument("--n", type=int, default=100, help="restores per path (default 100)")
     demo.add_argument("--memory-mib", type=int, default=64)
     demo.add_argument("--pool-size", type=int, default=8, help="warm shells in the pool (default 8)")

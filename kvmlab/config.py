@@ -40,7 +40,7 @@ def _is_int(v: object) -> bool:
 def bad_argument(check: str, argument: str, message: str) -> NoReturn:
     """Raises ConfigError(message) with ``.check`` and ``.argument`` set."""
     err = ConfigError(message)
-    err.check = check  # type: ignore[attr-defined]
+    err.check = check
     err.argument = argument  # type: ignore[attr-defined]
     raise err
 

@@ -34,9 +34,9 @@ __all__ = ["run_demo", "DemoResult", "PATHS", "REQUEST"]
 #: The request every restored VM answers (the service guest echoes it).
 REQUEST = b"ping"
 #: The restore paths, in the order they are shown.
-PATHS = ("unpooled", "pooled")
-#: What each path calls, for the table.
-PATH_CALLS = {"unpooled": "Vm.restore", "pooled": "pool.restore_snapshot"}
+PATHS = ("unpooled", "pooled", "prepared")
+#: What each path calls, for the table (prepared: the prepared pool's).
+PATH_CALLS = {"unpooled": "Vm.restore", "pooled": "pool.restore_snapshot", "prepared": "after pool.prepare"}
 #: Bounds of ``n`` (restores per path): enough for a p99, few enough for seconds.
 MAX_N = 2000
 
@@ -57,6 +57,10 @@ class DemoResult:
     #: path -> restore -> first answer times, one per restore.
     answer_ns: dict[str, list[int]] = field(default_factory=dict)
     pool_stats: PoolStats | None = None
+    #: The prepared pool: how long ``prepare`` took and its counters.
+    prepare_ns: int = 0
+    prepared_n: int = 0
+    prepared_stats: PoolStats | None = None
 
     def summary(self) -> pd.DataFrame:
         """p50/p99 of restore and restore -> first answer per path (a DataFrame)."""
@@ -86,32 +90,48 @@ class DemoResult:
         for col, src in (("restore p50", "restore_p50_ns"), ("restore p99", "restore_p99_ns"),
                          ("answer p50", "answer_p50_ns"), ("answer p99", "answer_p99_ns")):  # fmt: skip
             shown[col] = [fmt_time(v) for v in s[src]]
-        st = self.pool_stats
-        counters = [
-            "pool      " + ", ".join(f"{c} {getattr(st, c)}" for c in ("restores", "hits", "misses", "failures")),
-            "          " + ", ".join(f"shells {c} {getattr(st, c)}" for c in ("created", "destroyed")),
-        ] if st else []  # fmt: skip
         speedup = s.loc["unpooled", "restore_p50_ns"] / s.loc["pooled", "restore_p50_ns"]
+        answer_speedup = s.loc["pooled", "answer_p50_ns"] / s.loc["prepared", "answer_p50_ns"]
         lines = [
             f"guest     service, {self.memory_mib} MiB, 1 vCPU: booted to its request loop in {fmt_time(self.boot_ns)}",
             f"snapshot  {self.present_pages} pages present ({fmt_size(self.present_pages * 4096)}), "
             f"captured, saved and loaded in {fmt_time(self.snapshot_ns)}",
             f"pool      warmed to {self.warm_idle} idle shells in {fmt_time(self.warm_ns)}",
+            f"prepared  {self.prepared_n} VMs restored, warmed by call({REQUEST!r}) and reset "
+            f"in {fmt_time(self.prepare_ns)}",
             "",
             f"{self.n} restores per path; answer = restore -> first answer to call({REQUEST!r}):",
             "",
             shown.to_string(index_names=False),
             "",
-            *counters,
+            *_counters("pool", self.pool_stats, (
+                tuple((c, c) for c in ("restores", "hits", "misses", "failures")),
+                (("shells created", "created"), ("shells destroyed", "destroyed")),
+            )),
+            *_counters("prepared", self.prepared_stats, (
+                (("restores", "restores"), ("failures", "failures")),
+                (("VMs prepared", "prepared"), ("resets", "resets")),
+            )),
             f"restore p50, unpooled / pooled: {fmt_ratio(speedup)}",
+            f"restore -> answer p50, pooled / prepared: {fmt_ratio(answer_speedup)}",
         ]
         return "\n".join(lines)
 
 
-def _one(path: str, snap: Snapshot, pool: RestorePool) -> tuple[int, int]:
+def _counters(label: str, st: PoolStats | None, lines: tuple[tuple[tuple[str, str], ...], ...]) -> list[str]:
+    """A pool's counters: one line per tuple of (shown name, ``PoolStats`` field)."""
+    if st is None:
+        return []
+    return [
+        f"{label if i == 0 else '':<10}" + ", ".join(f"{name} {getattr(st, attr)}" for name, attr in line)
+        for i, line in enumerate(lines)
+    ]
+
+
+def _one(path: str, snap: Snapshot, pools: dict[str, RestorePool]) -> tuple[int, int]:
     """One restore on ``path`` and one request: (restore ns, restore -> answer ns)."""
     t0 = time.perf_counter_ns()
-    vm = Vm.restore(snap) if path == "unpooled" else pool.restore_snapshot(snap)
+    vm = Vm.restore(snap) if path == "unpooled" else pools[path].restore_snapshot(snap)
     t1 = time.perf_counter_ns()
     with vm:
         answer = vm.call(REQUEST)
@@ -127,7 +147,8 @@ def run_demo(n: int = 100, memory_mib: int = 64, pool_size: int = 8) -> DemoResu
     Args:
         n: restores per path (1 .. 2000).
         memory_mib: guest memory of the service VM.
-        pool_size: shells the pool keeps warm (its ``min_size`` and ``max_size``).
+        pool_size: shells the shell pool keeps warm (its ``min_size`` and
+            ``max_size``), and VMs the second pool keeps prepared.
 
     Returns:
         A :class:`DemoResult`; ``to_text()`` is what ``kvmlab demo`` prints.
@@ -149,18 +170,29 @@ def run_demo(n: int = 100, memory_mib: int = 64, pool_size: int = 8) -> DemoResu
             path = svc.snapshot().save(Path(tmp) / "service.kvmsnap")
         with Snapshot.load(path) as snap:  # file-backed: restores map it copy-on-write
             t2 = time.perf_counter_ns()
-            with RestorePool(cfg, PoolConfig(min_size=pool_size, max_size=pool_size)) as pool:
+            pcfg = PoolConfig(min_size=pool_size, max_size=pool_size)
+            # Two pools: restore_snapshot of a prepared snapshot takes a
+            # prepared VM, so the shell path needs a pool without one.
+            with RestorePool(cfg, pcfg) as pool, RestorePool(cfg, PoolConfig(max_size=pool_size)) as ppool:
                 pool.warm(pool_size)
                 t3 = time.perf_counter_ns()
                 res = DemoResult(n, memory_mib, t1 - t0, t2 - t1, t3 - t2, pool.idle_count(), snap.present_pages)
-                for p in PATHS:
-                    res.restore_ns[p], res.answer_ns[p] = [], []
-                for i in range(n):
-                    # Alternate which path goes first, so neither always runs
-                    # right after the other's teardown.
-                    for p in PATHS if i % 2 == 0 else PATHS[::-1]:
-                        r, a = _one(p, snap, pool)
-                        res.restore_ns[p].append(r)
-                        res.answer_ns[p].append(a)
-                res.pool_stats = pool.stats()
+                ppool.prepare(snap, pool_size, warmup=lambda vm: vm.call(REQUEST))
+                res.prepare_ns, res.prepared_n = time.perf_counter_ns() - t3, ppool.prepared_count(snap)
+                _measure(res, snap, {"pooled": pool, "prepared": ppool})
+                res.pool_stats, res.prepared_stats = pool.stats(), ppool.stats()
     return res
+
+
+def _measure(res: DemoResult, snap: Snapshot, pools: dict[str, RestorePool]) -> None:
+    """``res.n`` restores and requests per path, into ``res``."""
+    for p in PATHS:
+        res.restore_ns[p], res.answer_ns[p] = [], []
+    for i in range(res.n):
+        # Rotate which path goes first, so none always runs right after
+        # another's teardown.
+        k = i % len(PATHS)
+        for p in PATHS[k:] + PATHS[:k]:
+            r, a = _one(p, snap, pools)
+            res.restore_ns[p].append(r)
+            res.answer_ns[p].append(a)

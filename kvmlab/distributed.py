@@ -270,9 +270,9 @@ def _frame(first: int, n: int, worker: str, loop: np.ndarray | None = None, cons
     for at, row in (crashes or {}).items():
         texts["message"][at] = row["message"]
         if "crash_rip" in row:
-            crashed[i] = True
+            crashed[at] = True
             for r in CRASH_REGISTERS:
-                regs[r][i] = row[f"crash_{r}"]
+                regs[r][at] = row[f"crash_{r}"]
     cols: dict[str, Any] = {
         "input_index": np.arange(first, first + n, dtype=np.int64),
         "reason": pd.Categorical.from_codes(reason, categories=list(RESULT_REASONS)),

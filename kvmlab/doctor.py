@@ -371,6 +371,7 @@ def _check_limits(run: _Run) -> None:
     run.facts["limits"] = lim
     need_fds = LIMIT_TARGET_VMS * FDS_PER_VM
     soft, hard = lim["nofile_soft"], lim["nofile_hard"]
+    assert hard is not None, "host_limits() always reads RLIMIT_NOFILE"
     unlimited = hard == resource.RLIM_INFINITY
     _check_limit(
         run, "open files", unlimited or hard >= need_fds,

@@ -8,6 +8,8 @@ derive from a matching builtin so generic handlers keep working (for example
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "KvmlabError",
     "KvmlabMemoryError",
@@ -44,7 +46,7 @@ class KvmlabError(Exception):
         if check is not None:
             self.check = check
 
-    def __reduce__(self):  # keep ``check`` (and other attributes) across pickling
+    def __reduce__(self) -> tuple[Any, ...]:  # keep ``check`` (and other attributes) across pickling
         return (_rebuild, (type(self), self.args, self.__dict__))
 
 

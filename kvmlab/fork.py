@@ -239,7 +239,7 @@ def fork_many(
             f"fork_many could not start its {threads} threads ({e}): pass fewer threads= or raise the "
             "host's thread/memory limits (ulimit -u, ulimit -v)"
         )
-        err.check = "host_threads"  # type: ignore[attr-defined]
+        err.check = "host_threads"
         raise err from None
     ready = time.monotonic_ns() - t0
     after = memory_usage()

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import _ffi
 from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int, check_type
@@ -28,6 +28,9 @@ from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
 from ._prepared import _PrepareOps
 from .vm import RunResult, _VmHandle, restore_timing_dict
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRestoreVm", "timings_frame"]
 
@@ -170,11 +173,11 @@ class RestoreTiming:
 
 def _restore_timing(d: dict[str, int]) -> RestoreTiming:
     """A ``kvmlab_pool_timing`` (as a dict) as a :class:`RestoreTiming`."""
-    return RestoreTiming(**{**d, "first_run_ns": d["first_run_ns"] or None, "hit": bool(d["hit"]),
+    return RestoreTiming(**{**d,  # type: ignore[arg-type]  # the core's ints, converted here per field "first_run_ns": d["first_run_ns"] or None, "hit": bool(d["hit"]),
                             "strategy": STRATEGY_NAMES.get(d["strategy"], "?")})  # fmt: skip
 
 
-def timings_frame(records: Iterable[RestoreTiming]):
+def timings_frame(records: Iterable[RestoreTiming]) -> pd.DataFrame:
     """``pool.timings()`` as a pandas DataFrame (one row per restore).
 
     Args:
@@ -409,7 +412,7 @@ class RestorePool(_PrepareOps):
         finally:
             self._exit()
         d = {f.name: int(getattr(s, f.name)) for f in fields(PoolStats)}
-        d["max_in_use"] = d["max_in_use"] or None
+        d["max_in_use"] = d["max_in_use"] or None  # type: ignore[assignment]  # PoolStats: None = unlimited
         return PoolStats(**d)
 
     def timings(self, last: int | None = None) -> list[RestoreTiming]:
@@ -436,7 +439,7 @@ class RestorePool(_PrepareOps):
 
     # -- restoring ----------------------------------------------------------------------
 
-    def _finish(self, call, guest: str, timeout_s: float | None) -> PooledRestoreVm:
+    def _finish(self, call: Callable[..., int], guest: str, timeout_s: float | None) -> PooledRestoreVm:
         """Runs ``call(handle, out, times, wait_ns)``. A wait for room under
         ``max_in_use`` is done in slices of at most 50 ms, so that ``close()``
         on another thread never waits for a long ``timeout_s`` to expire."""
@@ -473,7 +476,7 @@ class RestorePool(_PrepareOps):
             t.total_ns += waited
         return PooledRestoreVm(out[0], self, guest, t)
 
-    def restore(self, memory, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
+    def restore(self, memory: Any, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
         """Restores from raw parts, as the reference API; otherwise as
         :meth:`restore_snapshot`.
 
@@ -499,7 +502,7 @@ class RestorePool(_PrepareOps):
             timeout_s,
         )
 
-    def restore_from_bytes(self, data, timeout_s: float | None = None) -> PooledRestoreVm:
+    def restore_from_bytes(self, data: Any, timeout_s: float | None = None) -> PooledRestoreVm:
         """Restores from a full self-describing snapshot (``snap.to_bytes()``);
         otherwise as :meth:`restore_snapshot`.
 

@@ -13,13 +13,16 @@ import codecs
 import collections
 import itertools
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import _ffi
 from .config import VmConfig, bad_argument, check_choice, check_range
 from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import ConfigError
 from .run import REASONS, LoopResult, ResetTiming, _loop_result
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
 
 __all__ = ["RESET_MODES"]
 
@@ -73,7 +76,7 @@ class _ResetOps:
             _ffi.check(lib.kvmlab_vm_reset(self._live(), code, out))
             t = ResetTiming(**_ffi.as_dict(out, "kvmlab_reset_times"))
             if self._reset_timings is None:
-                self._reset_timings = collections.deque(maxlen=4096)
+                self._reset_timings = collections.deque(maxlen=4096)  # type: ignore[misc]  # a slot of _VmHandle
             self._reset_timings.append(t)
             if self._decoder is not None:
                 self._decoder.reset()
@@ -85,7 +88,7 @@ class _ResetOps:
 
     def reset_loop(
         self,
-        inputs,
+        inputs: Iterable[Any],
         input_gpa: int = 0x400000,
         run_timeout_s: float | None = 1.0,
         mode: str = "auto",
@@ -199,6 +202,6 @@ class _ResetOps:
         ))
         return out, console, done
 
-    def _enable_reset(self, snap) -> None:
+    def _enable_reset(self, snap: Snapshot) -> None:
         with snap._use() as sh, self._lock:
             _ffi.check(lib.kvmlab_vm_enable_reset(self._live(), sh))

@@ -92,7 +92,7 @@ class RunResult:
         from . import _html
         from .units import fmt_time
 
-        rows = [("reason", self.reason), ("elapsed", fmt_time(self.elapsed_ns))]
+        rows: list[tuple[str, object]] = [("reason", self.reason), ("elapsed", fmt_time(self.elapsed_ns))]
         if self.reason == "exit":
             rows.append(("exit code", self.exit_code))
         if self.reason == "checkpoint":
@@ -108,5 +108,5 @@ class RunResult:
 
 def _loop_result(r: Any) -> LoopResult:
     """One ``kvmlab_loop_result`` as a :class:`LoopResult`."""
-    d = _ffi.as_dict(r, "kvmlab_loop_result")
+    d: dict[str, Any] = _ffi.as_dict(r, "kvmlab_loop_result")
     return LoopResult(**{**d, "reason": REASONS.get(d["reason"], "?"), "crashed": bool(d["crashed"])})

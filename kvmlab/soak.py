@@ -15,12 +15,17 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from . import _progress
 from .fork import memory_usage
 from .pool import PoolConfig, RestorePool
 from .vm import Vm
 from .config import VmConfig
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
+    from .vm import _VmHandle
 
 __all__ = ["SoakReport", "Resources", "run_soak", "MAX_LIVE_VMS", "SLACK_BYTES"]
 
@@ -45,7 +50,7 @@ def _live_vms() -> int:
     return n
 
 
-def _memory_digest(vm) -> bytes:
+def _memory_digest(vm: _VmHandle) -> bytes:
     """SHA-256 of all guest memory, read in 64 KiB pieces (small allocations:
     whole-memory buffers would measure the allocator, not kvmlab)."""
     h = hashlib.sha256()
@@ -130,7 +135,8 @@ class SoakReport:
         )
 
 
-def _hammer(pool, snap, blob, golden, threads, seconds, seed, rep, close, progress=False, desc="soak"):
+def _hammer(pool: RestorePool, snap: Snapshot, blob: bytes, golden: bytes, threads: int, seconds: float, seed: int,
+            rep: SoakReport, close: bool, progress: bool = False, desc: str = "soak") -> None:
     """`threads` threads doing restore/run/release/warm/stats on `pool`."""
     lock = threading.Lock()
     stop = time.monotonic() + seconds

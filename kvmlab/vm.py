@@ -26,7 +26,12 @@ import codecs
 import collections
 import os
 import threading
-from typing import Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from .snapshot import Snapshot
 
 from . import _ffi
 from .config import VmConfig, bad_argument, check_buffer, check_choice, check_int, check_range, check_type
@@ -283,7 +288,7 @@ class _VmHandle(_ResetOps):
         else:
             check, what = "deadline", f"did not exit within {timeout_s} s; pass a larger timeout_s or check the guest"
         err = GuestTimeoutError(f"guest {self._guest} {what}")
-        err.check = check  # type: ignore[attr-defined]
+        err.check = check
         err.console = "".join(consoles)  # type: ignore[attr-defined]
         raise err
 
@@ -353,7 +358,7 @@ class _VmHandle(_ResetOps):
 
     # -- snapshots ----------------------------------------------------------------------
 
-    def snapshot(self):
+    def snapshot(self) -> Snapshot:
         """Captures this stopped VM (memory and all vCPU/device/host state).
 
         Call between runs (e.g. after a checkpoint); the VM keeps going
@@ -475,7 +480,7 @@ class _VmHandle(_ResetOps):
                 self._handle = None
             self._free(h)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -512,6 +517,8 @@ class Vm(_VmHandle):
     """A VM running a guest. Create one with :meth:`Vm.boot`."""
 
     __slots__ = ("restore_timing",)
+    #: Per-phase nanoseconds of the restore that made this VM (set by :meth:`restore`).
+    restore_timing: dict[str, Any]
 
     @classmethod
     def boot(
@@ -573,7 +580,7 @@ class Vm(_VmHandle):
         return cls(handle, cfg, g.name)
 
     @classmethod
-    def restore(cls, snap, strategy: str = "auto", resettable: bool = False) -> "Vm":
+    def restore(cls, snap: Snapshot, strategy: str = "auto", resettable: bool = False) -> "Vm":
         """Builds a new VM from a :class:`kvmlab.Snapshot` (a fresh shell, then
         restore; no pool). ``strategy`` is ``"copy"``, ``"map"`` (file-backed
         snapshots: copy-on-write mapping of the file) or ``"auto"``.

@@ -15,7 +15,7 @@ from kvmlab.bench import report, targets
 from kvmlab.bench.first_answer import FIRST_KEYS, FIRST_METRICS, FIRST_PATH_LABELS
 from kvmlab.bench.results import Part
 from kvmlab.errors import ConfigError
-from test_bench_smoke import FAKE_QEMU
+from test_bench_smoke import FAKE_QEMU, _synthetic_results
 
 
 def _part(medians: dict[tuple[str, str], float]) -> Part:
@@ -43,6 +43,27 @@ def test_first_answer_verdicts_per_cell():
     v = [v for v in targets.first_answer_verdicts(part.summary(), {"qemu": "absent here"})
          if v["target"] == "first_answer_qemu"]
     assert v[0]["met"] is None and "absent here" in v[0]["note"]
+
+
+def test_readme_headline_uses_the_prestarted_qemu_and_shows_first_answer_per_path():
+    """The headline's QEMU ratio is against the pre-started QEMU with the cold
+    one beside it, and it has a restore -> first answer row per path, each
+    against the warm-call floor (issue 14 item 4)."""
+    part = _part({("prepared-warmup", "map"): 100, ("prepared", "map"): 150, ("warm-call", "map"): 50,
+                  ("pooled", "map"): 600, ("unpooled", "map"): 3000, ("qemu-prestarted", "-"): 16_000,
+                  ("qemu-cold", "-"): 56_000})
+    res = _synthetic_results()
+    res.parts["first_answer"] = part
+    res.verdicts += targets.first_answer_verdicts(part.summary())
+    rows = {r.split("|")[1].strip(): r.split("|")[2].strip() for r in report.headline(res).splitlines()[2:] if "|" in r}
+    assert rows["restore -> first answer, unpooled, map (/ floor)"] == "3 µs (60.00x)"
+    assert rows["restore -> first answer, pooled shell, map (/ floor)"] == "600 ns (12.00x)"
+    assert rows["restore -> first answer, prepared, map (/ floor)"] == "150 ns (3.00x)"
+    assert rows["restore -> first answer, prepared + warmup, map (/ floor)"] == "100 ns (2.00x)"
+    assert rows["restore -> first answer, warm call (the floor), map"] == "50 ns"
+    assert rows["QEMU pre-started (migrate-incoming to running); cold"] == "16 µs; 56 µs"
+    assert rows["first answer: pre-started QEMU / prepared + warmup (target ≥ 100x)"] == "160.00x (met); cold 560.00x"
+    assert rows["first answer: pooled shell / prepared + warmup (target ≥ 4x)"] == "6.00x (met)"
 
 
 def test_bench_first_answer_smoke(tmp_path):

@@ -138,7 +138,7 @@ def test_docs_generator_rewrites_only_its_block(tmp_path):
     report.write_docs(tmp_path / "r.json", readme, tmp_path / "docs" / "performance.md")
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
-    assert "pooled / floor, map (target ≤ 1.5x)" in text and "1.25x (met)" in text
+    assert "pooled restore / floor, map (target ≤ 1.5x)" in text and "1.25x (met)" in text
     perf = (tmp_path / "docs" / "performance.md").read_text()
     assert perf.startswith("# Performance") and "r.json" in perf and "## Targets" in perf
     readme.write_text("no markers")

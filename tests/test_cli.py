@@ -10,25 +10,29 @@ from kvmlab import cli, demo
 
 
 @pytest.mark.kvm
-def test_demo_shows_pooled_and_unpooled_restores(capsys):
+def test_demo_shows_unpooled_pooled_and_prepared_restores(capsys):
     assert cli.main(["demo", "--n", "20"]) == 0
     out = capsys.readouterr().out
     assert all(len(line) <= 80 for line in out.splitlines()), out
     assert "service, 64 MiB" in out and "20 restores per path" in out
-    for path in ("unpooled (Vm.restore)", "pooled (pool.restore_snapshot)"):
+    for path in ("unpooled (Vm.restore)", "pooled (pool.restore_snapshot)", "prepared (after pool.prepare)"):
         row = next(line for line in out.splitlines() if line.startswith(path))
         assert len(re.findall(r"\d[\d.,]* (?:ns|µs|ms|s)\b", row)) == 4, row  # p50/p99 of restore and answer
     assert re.search(r"pool +restores 20, hits \d+, misses \d+, failures 0", out)
+    assert re.search(r"prepared +restores 20, failures 0\n +VMs prepared \d+, resets \d+", out)
+    assert re.search(r"prepared +8 VMs restored, warmed by call\(b'ping'\) and reset in ", out)
 
 
 @pytest.mark.kvm
 def test_run_demo_counts_every_restore():
     r = demo.run_demo(n=10, memory_mib=16, pool_size=2)
-    assert {p: len(v) for p, v in r.restore_ns.items()} == {"unpooled": 10, "pooled": 10}
+    assert {p: len(v) for p, v in r.restore_ns.items()} == {"unpooled": 10, "pooled": 10, "prepared": 10}
     assert all(a > t > 0 for p in demo.PATHS for t, a in zip(r.restore_ns[p], r.answer_ns[p]))
     s = r.pool_stats
     assert s.restores == 10 and s.hits + s.misses == 10 and s.failures == 0
     assert list(r.summary().index) == list(demo.PATHS)
+    p = r.prepared_stats
+    assert r.prepared_n == 2 and p.restores == 10 and p.failures == 0 and p.resets >= 10
 
 
 def test_demo_rejects_a_bad_n():

@@ -11,8 +11,15 @@ what the host allows, the baseline of the targets.
 from __future__ import annotations
 
 import time
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from .settle import wait_settled
+
+if TYPE_CHECKING:
+    from ..pool import RestorePool
+    from ..snapshot import Snapshot
+    from ..vm import Vm
 
 __all__ = ["floors_available", "reset_floor_available", "abi_version", "restore_floor", "pool_restore",
            "reset_floor", "kvm_memslots"]
@@ -21,13 +28,13 @@ _RESTORE_FLOORS = ("kvmlab_bench_restore_floor", "kvmlab_bench_pool_take_shell",
 _RESET_FLOOR = "kvmlab_bench_reset_floor"
 
 
-def _ffi():
+def _ffi() -> ModuleType:
     from .. import _ffi as f
 
     return f
 
 
-def _bench_lib():
+def _bench_lib() -> Any:
     """The ``kvmlab_bench_*`` functions: the core's testing export group
     (``kvmlab_testing.h``), a lib object of its own (``_ffi.testing``)."""
     return _ffi().testing
@@ -63,7 +70,8 @@ def _strategy(strategy: str) -> int:
     return strategy_code(strategy)
 
 
-def restore_floor(snap, strategy: str, pool=None, age_s: float = 0.0) -> tuple[int, dict[str, int]]:
+def restore_floor(snap: Snapshot, strategy: str, pool: RestorePool | None = None,
+                  age_s: float = 0.0) -> tuple[int, dict[str, int]]:
     """The restore floor of ``snap`` (``kvmlab_bench_restore_floor``) into an
     empty shell: an idle shell of ``pool`` (a settled pool of the snapshot's
     shape, like a pooled restore gets) or, without ``pool``, a fresh shell
@@ -95,7 +103,7 @@ def restore_floor(snap, strategy: str, pool=None, age_s: float = 0.0) -> tuple[i
         except BaseException:
             pool._exit()
             raise
-        free = lambda vm: (lib.kvmlab_pool_release(ph, vm), pool._exit())  # noqa: E731
+        free = lambda vm: (lib.kvmlab_pool_release(ph, vm), pool._exit())  # type: ignore[func-returns-value]  # noqa: E731
     try:
         with snap._use() as sh:
             t0 = time.perf_counter_ns()
@@ -107,7 +115,7 @@ def restore_floor(snap, strategy: str, pool=None, age_s: float = 0.0) -> tuple[i
     return call, f.as_dict(t, "kvmlab_restore_times")
 
 
-def pool_restore(pool, snap, strategy: str) -> int:
+def pool_restore(pool: RestorePool, snap: Snapshot, strategy: str) -> int:
     """One pooled restore of ``snap`` driven from native code
     (``kvmlab_bench_pool_restores``, count 1), the baseline of the Python API's
     overhead; ns measured natively."""
@@ -123,7 +131,7 @@ def pool_restore(pool, snap, strategy: str) -> int:
     return int(out[0])
 
 
-def reset_floor(vm) -> dict[str, int]:
+def reset_floor(vm: Vm) -> dict[str, int]:
     """``kvmlab_bench_reset_floor`` on ``vm`` (resettable, stopped after a run):
     the bare dirty-log read, page copies and vCPU/VM state ioctls. Returns the
     core's phases and ``call_ns`` (around the bare native call).

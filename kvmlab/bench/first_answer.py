@@ -28,13 +28,17 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .harness import DENSE_FRACTION, Progress, check_args, make_service_snapshot, measure
 from .peers.qemu import QemuPeer, qemu_problem
 from .results import Part, Results
 from .settle import settle
 from .targets import first_answer_verdicts
+
+if TYPE_CHECKING:
+    from ..pool import RestorePool
+    from ..snapshot import Snapshot
 
 __all__ = ["FIRST_PATH_LABELS", "FIRST_KEYS", "FIRST_METRICS", "QEMU_MODES", "first_answer_part", "bench_first_answer"]
 
@@ -57,7 +61,7 @@ _KVMLAB_PATHS = ("unpooled", "pooled", "prepared", "prepared-warmup", "warm-call
 _READY_S = 30.0
 
 
-def _ping(vm) -> None:
+def _ping(vm: Any) -> None:
     if vm.call(b"ping") != b"ping":
         raise RuntimeError("the service guest answered wrongly")
 
@@ -78,7 +82,7 @@ def _timed(restore: Callable[[], Any], done: Callable[[Any], None]) -> dict[str,
     return {"answer_ns": t2 - t0, "restore_ns": t1 - t0, "call_ns": t2 - t1, "took": strategy}
 
 
-def _wait_prepared(pool, snap) -> None:
+def _wait_prepared(pool: RestorePool, snap: Snapshot) -> None:
     """Until a prepared VM of ``snap`` is ready again (a release is reset off the caller's thread)."""
     deadline = time.monotonic() + _READY_S
     while pool.prepared_count(snap) < 1 and time.monotonic() < deadline:

@@ -162,7 +162,7 @@ def reset_verdicts(reset_summary: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def first_answer_verdicts(summary, skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def first_answer_verdicts(summary: pd.DataFrame, skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Verdicts of the first-answer targets for every cell (memory size x
     density x strategy) of a first_answer Part summary (keys memory_mib,
     density, path, strategy; QEMU rows have strategy "-")."""

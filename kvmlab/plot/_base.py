@@ -8,7 +8,13 @@ import io
 import os
 import socket
 from dataclasses import asdict, is_dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 #: The phases of a restore, in order (columns ``<phase>_ns``).
 PHASES = ("acquire", "memory", "vcpu", "devices")
@@ -19,7 +25,7 @@ RESET_PHASE_COLORS = {**PHASE_COLORS, "log": "#9467bd"}
 MISS_COLOR = "#d62728"
 
 
-def frame(data: Any):
+def frame(data: Any) -> pd.DataFrame:
     """``data`` (see the module doc) as a new DataFrame with at least
     ``total_ns``, ``strategy``, ``hit``, ``mode`` and ``memory_mib`` columns."""
     import pandas as pd
@@ -79,7 +85,7 @@ def host_label() -> str:
     return ", ".join(parts)
 
 
-def _groups(df, by: Sequence[str] | str | None, sep: str = " "):
+def _groups(df: pd.DataFrame, by: Sequence[str] | str | None, sep: str = " ") -> list[tuple[str, pd.DataFrame]]:
     """[(label, sub-frame)] per group of the ``by`` columns that vary."""
     if by is None:
         by = []
@@ -103,16 +109,16 @@ def _fmt_key(col: str, value: Any) -> str:
     return str(value)
 
 
-def _new_figure(ax, size=(7.0, 4.2)):
+def _new_figure(ax: Axes | None, size: tuple[float, float] = (7.0, 4.2)) -> tuple[Figure, Axes]:
     from matplotlib.figure import Figure
 
     if ax is not None:
-        return ax.figure, ax
+        return cast("Figure", ax.figure), ax
     fig = Figure(figsize=size, layout="constrained")
     return fig, fig.add_subplot()
 
 
-def _title(fig, ax, what: str, title: str | None, own_figure: bool) -> None:
+def _title(fig: Figure, ax: Axes, what: str, title: str | None, own_figure: bool) -> None:
     text = title or what
     if own_figure:
         fig.suptitle(f"{text}\non {host_label()}", fontsize=10)
@@ -120,13 +126,13 @@ def _title(fig, ax, what: str, title: str | None, own_figure: bool) -> None:
         ax.set_title(text, fontsize=9)
 
 
-def _log_axis(axis) -> None:
+def _log_axis(axis: Axis) -> None:
     """Plain-number tick labels (``0.2``, ``600``, ``1000``) on a log axis;
     minor ticks are labelled when the axis spans few decades."""
     from matplotlib import ticker
 
     class _Plain(ticker.LogFormatter):
-        def __call__(self, x, pos=None):
+        def __call__(self, x: float, pos: int | None = None) -> str:
             # LogFormatter decides which ticks get a label; print those plainly.
             return f"{x:g}" if super().__call__(x, pos) else ""
 
@@ -134,13 +140,13 @@ def _log_axis(axis) -> None:
     axis.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
-def _empty(ax, msg: str = "no restores yet") -> None:
+def _empty(ax: Axes, msg: str = "no restores yet") -> None:
     ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, color="gray")
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _records(data: Any, needed: Sequence[str], aliases: dict[str, str] | None = None):
+def _records(data: Any, needed: Sequence[str], aliases: dict[str, str] | None = None) -> pd.DataFrame:
     """``data`` (records, dicts or a DataFrame) as a DataFrame with the
     ``needed`` columns (``aliases``: other column name -> needed name)."""
     import pandas as pd
@@ -184,15 +190,15 @@ def _finish(ax: Any, xlabel: str, ylabel: str, *, xlog: bool = False, ylog: bool
     ax.legend(**{"fontsize": 8, **legend})
 
 
-def _records_figure(data: Any, needed: Sequence[str], what: str, title: str | None, ax, empty: str,
-                    aliases: dict[str, str] | None = None):  # fmt: skip
+def _records_figure(data: Any, needed: Sequence[str], what: str, title: str | None, ax: Axes | None, empty: str,
+                    aliases: dict[str, str] | None = None) -> tuple[pd.DataFrame, Figure, Axes]:  # fmt: skip
     """(the data as a DataFrame, the figure, its Axes), as :func:`_start` makes them."""
     df = _records(data, needed, aliases)
     fig, ax0 = _start(ax, what, title, df.empty, empty)
     return df, fig, ax0
 
 
-def _median_line(ax, df, x: str, y: str, scale: float, color: str, label: str, by: str | None = None) -> None:
+def _median_line(ax: Axes, df: pd.DataFrame, x: str, y: str, scale: float, color: str, label: str, by: str | None = None) -> None:
     """Every point faintly, the medians per ``by`` (default: per x) as a line."""
     ax.scatter(df[x], df[y] / scale, s=10, alpha=0.35, color=color, linewidths=0)
     if by is not None and by not in df.columns:
@@ -201,7 +207,7 @@ def _median_line(ax, df, x: str, y: str, scale: float, color: str, label: str, b
     ax.plot(med[x], med[y] / scale, marker="o", color=color, label=label)
 
 
-def to_png(fig, dpi: int = 96) -> bytes:
+def to_png(fig: Figure, dpi: int = 96) -> bytes:
     """The figure rendered as PNG bytes (Agg; no pyplot)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

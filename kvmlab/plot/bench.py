@@ -5,10 +5,14 @@ min and max, in ns) rather than raw timing records."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..units import choose_unit, is_missing
 from ._base import PHASE_COLORS, _empty, _finish, _log_axis, _start, host_label
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 def benchmark_bars(
     rows: Sequence[dict],
@@ -17,7 +21,7 @@ def benchmark_bars(
     label: str = "label",
     title: str | None = None,
     ncols: int = 2,
-):
+) -> Figure:
     """Horizontal bars of the median of each row with min–max whiskers, on a
     log time axis; one panel per distinct ``row[panel]`` (e.g. "256 MiB
     dense"), one bar per ``row[label]``. Rows need ``median_ns``, ``min_ns``,
@@ -68,7 +72,7 @@ def benchmark_bars(
     return fig
 
 
-def reset_vs_floor(rows: Sequence[dict], *, title: str | None = None, ax=None):
+def reset_vs_floor(rows: Sequence[dict[str, Any]], *, title: str | None = None, ax: Axes | None = None) -> Figure:
     """Reset time against dirty pages K (log-log): one line per reset
     configuration (median, min–max band) and the floor measured on the same
     VMs (dashed). ``rows``: ``kvmlab.bench.report.reset_rows(...)``."""
@@ -98,7 +102,8 @@ def reset_vs_floor(rows: Sequence[dict], *, title: str | None = None, ax=None):
     return fig
 
 
-def cycle_crossover(rows: Sequence[dict], *, crossover: float | None = None, title: str | None = None, ax=None):
+def cycle_crossover(rows: Sequence[dict[str, Any]], *, crossover: float | None = None, title: str | None = None,
+                    ax: Axes | None = None) -> Figure:
     """Time per run+reset cycle against guest work N (log-log) for kvmlab and
     unicorn (median, min–max band), with the ``crossover`` N marked.
     ``rows``: dicts with ``iterations`` and ``kvmlab`` / ``unicorn`` stats
@@ -129,7 +134,7 @@ def cycle_crossover(rows: Sequence[dict], *, crossover: float | None = None, tit
     return fig
 
 
-def fork_density(rows: Sequence[dict], *, title: str | None = None):
+def fork_density(rows: Sequence[dict[str, Any]], *, title: str | None = None) -> Figure:
     """Two panels for ``kvmlab.bench.report.fork_rows(...)``: wall time until
     n VMs are ready (median, min–max) and host memory per VM (PSS growth and
     MemAvailable drop per VM)."""
@@ -171,7 +176,7 @@ def fork_density(rows: Sequence[dict], *, title: str | None = None):
     return fig
 
 
-def floor_vs_shell_age(rows: Sequence[dict], *, title: str | None = None, ax=None):
+def floor_vs_shell_age(rows: Sequence[dict[str, Any]], *, title: str | None = None, ax: Axes | None = None) -> Figure:
     """Restore floor against how long the shell waited before it (symlog x):
     median total with its min–max band, and the memory and vCPU phases.
     ``rows``: ``kvmlab.bench.report.age_rows(...)``."""

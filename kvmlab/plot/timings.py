@@ -4,11 +4,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 from ..units import choose_unit
 from ._base import MISS_COLOR, PHASE_COLORS, PHASES, _finish, _groups
 from ._base import _median_line, _records_figure, _start, frame, host_label
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 def latency_distribution(
     data: Any,
@@ -17,8 +22,8 @@ def latency_distribution(
     kind: str = "ecdf",
     value: str = "total_ns",
     title: str | None = None,
-    ax=None,
-):
+    ax: Axes | None = None,
+) -> Figure:
     """Distribution of restore latency per group (default: strategy x pooled/
     unpooled) on a log time axis. ``kind="ecdf"`` draws one step line per group
     (y = fraction of restores at most x); ``kind="hist"`` log-spaced histograms.
@@ -57,8 +62,8 @@ def phase_breakdown(
     by: Sequence[str] | str | None = ("strategy", "memory_mib", "mode"),
     stat: str = "median",
     title: str | None = None,
-    ax=None,
-):
+    ax: Axes | None = None,
+) -> Figure:
     """Stacked bars: the ``stat`` (median or mean) of each restore phase
     (acquire, memory, vcpu, devices) per group (default: strategy x memory
     size x pooled/unpooled). One :class:`BarContainer` per phase."""
@@ -74,7 +79,7 @@ def phase_breakdown(
     per_phase = {
         p: np.array([getattr(sub[f"{p}_ns"].astype(float), stat)() for _, sub in groups]) for p in PHASES
     }
-    totals = sum(per_phase.values())
+    totals: np.ndarray = sum(per_phase.values())  # type: ignore[assignment]  # never the 0 start: PHASES is not empty
     unit, scale = choose_unit(totals)
     xs = np.arange(len(groups))
     bottom = np.zeros(len(groups))
@@ -100,8 +105,8 @@ def latency_over_time(
     value: str = "total_ns",
     title: str | None = None,
     log: bool = True,
-    ax=None,
-):
+    ax: Axes | None = None,
+) -> Figure:
     """Latency of each restore in order (x = restore index: ``seq`` when
     present), one line per group; pool misses (``hit`` false: the pool had no
     idle shell and made one on the caller's path) are marked with red crosses."""
@@ -136,8 +141,8 @@ def latency_vs_memory(
     by: Sequence[str] | str | None = ("strategy", "mode"),
     value: str = "total_ns",
     title: str | None = None,
-    ax=None,
-):
+    ax: Axes | None = None,
+) -> Figure:
     """Median restore latency against guest memory size, one line per group
     (default: strategy x pooled/unpooled), with the interquartile range as error
     bars; log time axis."""
@@ -163,7 +168,7 @@ def latency_vs_memory(
     return fig
 
 
-def restore_overview(data: Any, *, title: str | None = None):
+def restore_overview(data: Any, *, title: str | None = None) -> Figure:
     """Two panels for a live view: latency over time (misses marked) and the
     per-phase breakdown by strategy."""
     from matplotlib.figure import Figure
@@ -177,7 +182,8 @@ def restore_overview(data: Any, *, title: str | None = None):
     return fig
 
 
-def reset_vs_dirty_pages(data: Any, *, by: str | None = None, title: str | None = None, ax=None):
+def reset_vs_dirty_pages(data: Any, *, by: str | None = None, title: str | None = None,
+                         ax: Axes | None = None) -> Figure:
     """Reset time against the pages each reset put back (log-log): every reset
     as a point, the medians as a line.
 
@@ -205,7 +211,7 @@ def reset_vs_dirty_pages(data: Any, *, by: str | None = None, title: str | None 
     return fig
 
 
-def fork_ready_vs_n(data: Any, *, title: str | None = None, ax=None):
+def fork_ready_vs_n(data: Any, *, title: str | None = None, ax: Axes | None = None) -> Figure:
     """``fork_many`` ready time against n: every run as a point, the median
     per n as a line, and the median time per VM on a second axis.
 

@@ -7,6 +7,7 @@ from typing import Any
 import traitlets
 
 from ..pool import PoolStats, RestorePool, RestoreTiming
+from ..snapshot import Snapshot
 
 #: PoolStats fields mirrored as Int traits.
 COUNTERS = ("hits", "misses", "created", "destroyed", "failures", "restores", "releases", "pending_destroy")
@@ -15,7 +16,7 @@ EXTRA_COUNTERS = ("parked", "prepared", "reuses", "resets")
 OCCUPANCY = ("idle", "in_use", "creating", "max_size", "min_size")
 
 
-def snapshot_label(snap) -> str:
+def snapshot_label(snap: Snapshot) -> str:
     """How the widgets name a snapshot: its guest, size and a short id."""
     return f"{snap.guest} {snap.config.memory_mib} MiB #{id(snap) % 0xFFFF:04x}"
 

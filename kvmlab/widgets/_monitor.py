@@ -6,7 +6,7 @@ import html
 import threading
 import time
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import ipywidgets as W
 
@@ -14,6 +14,7 @@ from .. import _html, plot
 from .._html import COLOR
 from ..errors import ConfigError
 from ..pool import RestorePool
+from ..snapshot import Snapshot
 from ..units import choose_unit, fmt_time
 from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel, snapshot_label
 from ._ticker import AutoRefresh, Ticker
@@ -75,8 +76,8 @@ class PoolMonitor(AutoRefresh, W.VBox):
         ConfigError: ``pool`` is not a RestorePool.
     """
 
-    def __init__(self, pool: RestorePool, *, snapshots=(), interval_s: float = 1.0, autostart: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, pool: RestorePool, *, snapshots: Iterable[Snapshot] = (), interval_s: float = 1.0,
+                 autostart: bool = True, **kwargs: Any) -> None:
         if not isinstance(pool, RestorePool):
             raise ConfigError(f"PoolMonitor takes a RestorePool, got {type(pool).__name__}")
         self.pool = pool
@@ -170,7 +171,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
         if not m.warming and self.warm_progress.layout.visibility != "hidden" and m.idle != self.warm_progress.value:
             self.warm_progress.layout.visibility = "hidden"
 
-    def _render_prepared(self, change=None) -> None:
+    def _render_prepared(self, change: object = None) -> None:
         rows = self.model.prepared_by_snapshot
         self.prepared.value = "" if not rows else (
             '<div class="kvmlab-prepared"><b>prepared</b>: ' + "; ".join(
@@ -178,7 +179,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
         for snap in self.pool.prepared_targets() if not self.pool.closed else ():
             self._offer(snap)
 
-    def _offer(self, snap) -> None:
+    def _offer(self, snap: Snapshot) -> None:
         """Adds ``snap`` to the Warm menu (once)."""
         if any(s is snap for s in self._offered):
             return
@@ -217,7 +218,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
     def _on_warm_click(self, _button: object) -> None:
         self.warm(self.target.value, snapshot=self.warm_what.value)
 
-    def warm(self, target: int | None = None, snapshot=None) -> threading.Thread:
+    def warm(self, target: int | None = None, snapshot: Snapshot | None = None) -> threading.Thread:
         """Warms the pool to ``target`` idle shells (default: the target box)
         on a worker thread and returns it (``join()`` to wait); with a
         ``snapshot``, prepares ``target`` VMs of it instead. One warm runs
@@ -276,7 +277,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
 
         self._run_worker(work)
 
-    def _prepare_worker(self, target: int, snap) -> None:
+    def _prepare_worker(self, target: int, snap: Snapshot) -> None:
         def work() -> str:
             self.pool.prepare(snap, target)
             self.refresh()
@@ -286,7 +287,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
 
         self._run_worker(work)
 
-    def _run_worker(self, work) -> None:
+    def _run_worker(self, work: Callable[[], str]) -> None:
         """Runs ``work()`` (it returns what was done, in words) on the warm
         thread: its time in the status line, or its error in ``model.error``."""
         m = self.model
