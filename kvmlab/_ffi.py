@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: The C ABI version this binding was written for (``abi_version`` in capi/common.zig).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 

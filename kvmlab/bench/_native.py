@@ -136,8 +136,9 @@ def reset_floor(vm: Vm) -> dict[str, int]:
     the bare dirty-log read, page copies and vCPU/VM state ioctls. Returns the
     core's phases and ``call_ns`` (around the bare native call).
 
-    The floor leaves the console as the run left it, so the caller resets the
-    VM once more, untimed, afterwards (that reset finds no dirty page)."""
+    The floor is the core's reset.floor, the bare operations a reset runs
+    after its checks (it leaves the VM reset); a caller that resets the VM
+    once more, untimed, afterwards finds no dirty page."""
     f = _ffi()
     out = f.ffi.new("kvmlab_reset_times *")
     with vm._lock:

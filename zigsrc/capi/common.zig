@@ -23,9 +23,11 @@ const pool_mod = @import("../pool.zig");
 const machine = @import("../machine.zig");
 
 /// Bumped on any incompatible change of a signature or struct below.
-/// 2: product/testing export groups, enums for every code, snapshot header
-/// structs, check ids.
-pub const abi_version: u32 = 2;
+/// 2: reset_loop's out_done, kvmlab_vm_begin_close. 3: product/testing
+/// export groups, enums for every code (typed struct fields), snapshot
+/// header structs, check ids (kvmlab_last_error_check); prepared VMs
+/// (kvmlab_pool_prepare_*), restore flags and strategy in restore times.
+pub const abi_version: u32 = 3;
 
 pub const kvmlab_result = errors.Result;
 /// Which check refused a snapshot or state blob (kvmlab_last_error_check).
