@@ -22,7 +22,8 @@ const allocator = std.heap.c_allocator;
 
 pub const Mode = enum(c_int) { auto = 0, copy = 1, drop = 2 };
 
-pub const Times = struct {
+/// The phases of one reset; also the C ABI's kvmlab_reset_times (one record).
+pub const Times = extern struct {
     dirty_pages: u64 = 0,
     log_ns: u64 = 0,
     memory_ns: u64 = 0,

@@ -155,14 +155,7 @@ pub const kvmlab_restore_times = extern struct {
 };
 
 /// Per-phase nanoseconds of one reset, and how many pages it put back.
-pub const kvmlab_reset_times = extern struct {
-    dirty_pages: u64,
-    log_ns: u64,
-    memory_ns: u64,
-    vcpu_ns: u64,
-    devices_ns: u64,
-    total_ns: u64,
-};
+pub const kvmlab_reset_times = reset.Times;
 
 /// Reset memory mode: auto (copy), copy pages back, drop private pages
 /// (MADV_DONTNEED; map-restored VMs only).
@@ -274,9 +267,6 @@ pub fn strategyOf(strategy: kvmlab_strategy) errors.Error!restore.Strategy {
     return std.enums.fromInt(restore.Strategy, @intFromEnum(strategy)) orelse errors.fail(error.Config, "unknown strategy {d}", .{@intFromEnum(strategy)});
 }
 
-pub fn resetTimes(t: reset.Times) kvmlab_reset_times {
-    return .{ .dirty_pages = t.dirty_pages, .log_ns = t.log_ns, .memory_ns = t.memory_ns, .vcpu_ns = t.vcpu_ns, .devices_ns = t.devices_ns, .total_ns = t.total_ns };
-}
 
 /// Opens /dev/kvm (once per process) and reports what it offers.
 pub export fn kvmlab_host_info_get(out: ?*kvmlab_host_info) callconv(.c) kvmlab_result {

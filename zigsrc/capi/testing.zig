@@ -34,7 +34,7 @@ fn benchResetFloor(h: ?*kvmlab_vm, out: ?*common.kvmlab_reset_times) errors.Erro
     const o = try outPtr(common.kvmlab_reset_times, out);
     var t: reset.Times = .{};
     try m.resetFloor(&t);
-    o.* = common.resetTimes(t);
+    o.* = t;
 }
 
 /// Benchmark: `count` pooled restores of `snap` driven from native code, each

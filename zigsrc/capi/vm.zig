@@ -185,7 +185,7 @@ fn vmReset(h: ?*kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_
     const m = try asVm(h);
     var t: reset.Times = .{};
     try m.resetTo(try resetMode(mode), &t);
-    if (out) |o| o.* = common.resetTimes(t);
+    if (out) |o| o.* = t;
 }
 
 /// For each of `count` inputs (`input_bytes` each, packed in `inputs`):
