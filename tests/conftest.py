@@ -13,6 +13,7 @@ import constants with ``from conftest import ...``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -112,6 +113,21 @@ def fd_count() -> int:
 
 
 # -- snapshot fixtures shared by several test files ---------------------------------------
+
+
+@contextlib.contextmanager
+def reapers_held(pool):
+    """Holds ``pool``'s reapers off its destroy queue for the block (the
+    testing export kvmlab_testing_pool_hold_reapers): released VMs stay queued,
+    so a destroy backlog has an exact size whatever this host's destroy speed."""
+    from kvmlab import _ffi
+
+    _ffi.check(_ffi.testing.kvmlab_testing_pool_hold_reapers(pool._handle, True))
+    try:
+        yield
+    finally:
+        if pool._handle is not None:
+            _ffi.check(_ffi.testing.kvmlab_testing_pool_hold_reapers(pool._handle, False))
 
 
 def close_during(vm, work, settle_s: float) -> tuple[float, bool]:

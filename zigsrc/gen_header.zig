@@ -724,9 +724,10 @@ test "gen_header: the product header exports no testing function" {
     inline for (comptime itemsOf(.product)) |it| {
         try std.testing.expect(!std.mem.startsWith(u8, it.name, "kvmlab_bench_"));
         try std.testing.expect(!std.mem.startsWith(u8, it.name, "kvmlab_fault_"));
+        try std.testing.expect(!std.mem.startsWith(u8, it.name, "kvmlab_testing_"));
     }
     inline for (comptime itemsOf(.testing)) |it| {
-        if (it.kind == .func) try std.testing.expect(std.mem.startsWith(u8, it.name, "kvmlab_bench_") or std.mem.startsWith(u8, it.name, "kvmlab_fault_"));
+        if (it.kind == .func) try std.testing.expect(std.mem.startsWith(u8, it.name, "kvmlab_bench_") or std.mem.startsWith(u8, it.name, "kvmlab_fault_") or std.mem.startsWith(u8, it.name, "kvmlab_testing_"));
     }
 }
 

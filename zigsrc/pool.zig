@@ -139,6 +139,9 @@ pub fn PoolOf(comptime F: type) type {
         need_cv: c.pthread_cond_t = .{},
         /// Taken off `dead` by the reaper and being destroyed right now.
         destroying: u32 = 0,
+        /// Tests only (holdReapers): the reapers leave `dead` alone until
+        /// released or closing, so a backlog can be built deterministically.
+        reapers_held: bool = false,
         closed: bool = false,
         /// Set by close() once it drained every shell; from then on a release
         /// destroys its VM inline.
@@ -602,9 +605,11 @@ pub fn PoolOf(comptime F: type) type {
             lowerPriority();
             p.lockIt();
             while (true) {
-                if (p.dead.pop()) |vm| {
-                    p.destroyLocked(vm);
-                    continue;
+                if (!p.reapers_held or p.closed) {
+                    if (p.dead.pop()) |vm| {
+                        p.destroyLocked(vm);
+                        continue;
+                    }
                 }
                 if (p.closed) break;
                 if (p.to_reset.pop()) |vm| {
@@ -630,6 +635,16 @@ pub fn PoolOf(comptime F: type) type {
                 _ = c.pthread_cond_timedwait(&p.reap_cv, &p.lock, &ts);
             }
             p.unlockIt();
+        }
+
+        /// Tests only: holds the reapers off the destroy queue (a backlog that
+        /// does not depend on how fast this host destroys VMs), or lets them go.
+        /// close() ignores the hold.
+        pub fn holdReapers(p: *Self, hold: bool) void {
+            p.lockIt();
+            defer p.unlockIt();
+            p.reapers_held = hold;
+            if (!hold) _ = c.pthread_cond_broadcast(&p.reap_cv);
         }
 
         /// Stops the threads and destroys idle, parked and queued shells; the pool

@@ -312,3 +312,26 @@ test "pool: takes of a target with identity get distinct nonzero identities, oth
     p.close();
     try std.testing.expect(Fake.allFreed());
 }
+
+test "pool: past a backlog of max_dead_backlog queued destroys, a release destroys on the caller's thread" {
+    const p = try FakePool.create(test_cfg);
+    const n = pool.max_dead_backlog + 10;
+    const items = try allocator.alloc(*Fake.Item, n);
+    defer allocator.free(items);
+    for (items) |*it| it.* = try testRestore(p, ok_source, 0);
+    p.holdReapers(true);
+    const before = p.stats();
+    for (items, 0..) |it, i| {
+        p.release(it);
+        try std.testing.expectEqual(@as(u64, @min(i + 1, pool.max_dead_backlog)), p.stats().pending_destroy);
+    }
+    try std.testing.expectEqual(@as(u64, 10), p.stats().destroyed - before.destroyed);
+    p.holdReapers(false);
+    try eventually(p, struct {
+        fn f(st: Stats) bool {
+            return st.pending_destroy == 0 and st.in_use == 0;
+        }
+    }.f);
+    p.close();
+    try std.testing.expect(Fake.allFreed());
+}

@@ -90,6 +90,15 @@ fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: c
     o.* = common.restoreTimes(rt, 0, rt.memory_ns + rt.vcpu_ns + rt.devices_ns, src == .map, false, 0, src.strategy());
 }
 
+/// TEST ONLY: holds the pool's reapers off its destroy queue (`hold` true)
+/// or lets them go, so tests build a destroy backlog of an exact size whatever
+/// this host's destroy speed. close() ignores the hold.
+pub export fn kvmlab_testing_pool_hold_reapers(h: ?*kvmlab_pool, hold: bool) callconv(.c) kvmlab_result {
+    const p = asPool(h) catch |e| return result(e);
+    p.holdReapers(hold);
+    return .ok;
+}
+
 /// TEST ONLY: makes shell-creation step `site` fail after passing `after`
 /// more times; KVMLAB_FAULT_SITE_NONE disarms.
 pub export fn kvmlab_fault_inject(site: kvmlab_fault_site, after: u32) callconv(.c) kvmlab_result {
