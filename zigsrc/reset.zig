@@ -16,7 +16,6 @@ const shell = @import("shell.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
 const safe = @import("safe.zig");
-const Snapshot = snapshot.Snapshot;
 
 const allocator = std.heap.c_allocator;
 
@@ -36,7 +35,7 @@ pub const Times = extern struct {
 /// the pages the host wrote through write_memory (KVM's dirty log sees only
 /// guest writes).
 pub const Resettable = struct {
-    snap: *Snapshot,
+    snap: *snapshot.Snapshot,
     host_dirty: []u64,
     /// Hot pages (keepHot): left writable, put back at every reset.
     pinned: []u64,
@@ -46,7 +45,7 @@ pub const Resettable = struct {
     pin_limit: u32 = 0,
 
     /// The dirty log is read once here so that only writes after this count.
-    pub fn init(vm: *shell.Vm, s: *Snapshot) errors.Error!Resettable {
+    pub fn init(vm: *shell.Vm, s: *snapshot.Snapshot) errors.Error!Resettable {
         if (s.parsed.memory_bytes != vm.mem.len or s.parsed.vcpus != vm.vcpu_count)
             return errors.failCheck(.shape, "the snapshot does not match this VM's shape", .{});
         try vm.enableDirtyLog(); // a shell made without it (fork_many's)
@@ -152,7 +151,7 @@ fn putBack(vm: *shell.Vm, r: *Resettable, log: []const u64, use_drop: bool) erro
 
 /// `mapped_from`: the snapshot whose file the VM's memory maps (a `map`
 /// restore), if any.
-pub fn reset(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, mode: Mode, times: *Times) errors.Error!void {
+pub fn reset(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const snapshot.Snapshot, mode: Mode, times: *Times) errors.Error!void {
     try r.snap.checkIntact(); // its file may have been rewritten since the last reset
     if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
     defer vm.running.store(false, .release);
@@ -239,7 +238,7 @@ pub const LoopResult = extern struct {
 /// stopped as a whole, by interrupt() or a foreign signal (Ctrl-C: the last
 /// result says `interrupted`) or because the VM is closing (error.Closed).
 /// The VM is reset after the last input either way.
-pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!usize {
+pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const snapshot.Snapshot, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!usize {
     if (input_bytes == 0 or inputs.len % input_bytes != 0 or inputs.len / input_bytes != out.len)
         return errors.fail(error.Config, "inputs ({d} bytes) must be {d} inputs of {d} bytes", .{ inputs.len, out.len, input_bytes });
     _ = try vm.guestSlice(input_gpa, input_bytes);
@@ -267,7 +266,7 @@ pub const max_var_input_bytes: u64 = 1 << 20;
 /// bytes right after. With `console_stride` > 0, the first `console_stride`
 /// bytes of run i's console output go to console[i * console_stride ..].
 /// Returns how many inputs were done (stopping as `loop` does).
-pub fn loopVar(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const Snapshot, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
+pub fn loopVar(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const snapshot.Snapshot, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
     if (offsets.len != out.len + 1 or offsets[out.len] != inputs.len)
         return errors.fail(error.Config, "offsets must be {d} entries up to the inputs' {d} bytes", .{ out.len + 1, inputs.len });
     if (console.len != out.len * console_stride) return errors.fail(error.Config, "console must be count * console_stride bytes", .{});
@@ -308,7 +307,7 @@ fn stoppedBySignal(res: *LoopResult) bool {
 const Step = struct {
     vm: *shell.Vm,
     r: *Resettable,
-    mapped_from: ?*const Snapshot,
+    mapped_from: ?*const snapshot.Snapshot,
     timeout_ns: u64,
     mode: Mode,
     input_gpa: u64,

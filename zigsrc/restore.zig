@@ -11,7 +11,6 @@ const errors = @import("errors.zig");
 const shell = @import("shell.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
-const Snapshot = snapshot.Snapshot;
 
 pub const Strategy = enum(c_int) {
     /// `map` for a file-backed snapshot (Snapshot.load), else `copy`.
@@ -35,7 +34,7 @@ pub const Copy = struct {
 
     pub const fresh_shell = true;
 
-    pub fn fromSnapshot(s: *Snapshot) errors.Error!Copy {
+    pub fn fromSnapshot(s: *snapshot.Snapshot) errors.Error!Copy {
         return .{ .memory = s.memory, .page_map = s.parsed.pageMap(), .packed_layout = false, .source_mapped = s.fileBacked() };
     }
     pub fn apply(c: Copy, vm: *shell.Vm, _: *Mapping) errors.Error!void {
@@ -46,11 +45,11 @@ pub const Copy = struct {
 /// Map a loaded snapshot's file copy-on-write over guest memory: O(1) in
 /// memory size. The machine keeps the snapshot (and so its fd) alive.
 pub const Map = struct {
-    snap: *Snapshot,
+    snap: *snapshot.Snapshot,
 
     pub const fresh_shell = true;
 
-    pub fn fromSnapshot(s: *Snapshot) errors.Error!Map {
+    pub fn fromSnapshot(s: *snapshot.Snapshot) errors.Error!Map {
         if (!s.fileBacked()) return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{});
         return .{ .snap = s };
     }
@@ -65,7 +64,7 @@ pub const Map = struct {
 pub const Reuse = struct {
     pub const fresh_shell = false;
 
-    pub fn fromSnapshot(_: *Snapshot) errors.Error!Reuse {
+    pub fn fromSnapshot(_: *snapshot.Snapshot) errors.Error!Reuse {
         return errors.fail(error.Config, "strategy 'reuse' is chosen by a pool (reset_on_release), not by the caller", .{});
     }
     pub fn apply(_: Reuse, vm: *shell.Vm, _: *Mapping) errors.Error!void {
@@ -78,7 +77,7 @@ pub const Reuse = struct {
 pub const Prepared = struct {
     pub const fresh_shell = false;
 
-    pub fn fromSnapshot(_: *Snapshot) errors.Error!Prepared {
+    pub fn fromSnapshot(_: *snapshot.Snapshot) errors.Error!Prepared {
         return errors.fail(error.Config, "strategy 'prepared' is chosen by a pool (RestorePool.prepare), not by the caller", .{});
     }
     pub fn apply(_: Prepared, vm: *shell.Vm, _: *Mapping) errors.Error!void {
@@ -113,7 +112,7 @@ pub const MemorySource = union(enum) {
     }
 
     /// The source for restoring `s` with `strategy` (`auto` resolved here).
-    pub fn forSnapshot(s: *Snapshot, strategy_: Strategy) errors.Error!MemorySource {
+    pub fn forSnapshot(s: *snapshot.Snapshot, strategy_: Strategy) errors.Error!MemorySource {
         const chosen: Strategy = if (strategy_ == .auto) (if (s.fileBacked()) .map else .copy) else strategy_;
         const info = @typeInfo(MemorySource).@"union";
         inline for (info.field_names, info.field_types) |name, T| {
@@ -134,7 +133,7 @@ comptime {
 /// What a restore leaves on a machine that must outlive it: the snapshot a
 /// `map` restore maps (retained: its fd backs guest memory).
 pub const Mapping = struct {
-    source: ?*Snapshot = null,
+    source: ?*snapshot.Snapshot = null,
 
     pub fn release(m: *Mapping) void {
         if (m.source) |s| s.release();

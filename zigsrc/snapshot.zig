@@ -27,15 +27,12 @@
 //! zero holds data (SEEK_DATA/SEEK_HOLE), since a `map` restore would show it.
 const std = @import("std");
 const linux = std.os.linux;
-const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const state = @import("state.zig");
 const shell = @import("shell.zig");
 const safe = @import("safe.zig");
 const sigbus = @import("sigbus.zig");
-const Vm = shell.Vm;
-const Check = errors.Check;
 
 const allocator = std.heap.c_allocator;
 const Crc32c = std.hash.crc.@"CRC-32/ISCSI";
@@ -199,7 +196,7 @@ pub const Snapshot = struct {
     }
 };
 
-fn bad(check_id: Check, comptime fmt: []const u8, args: anytype) errors.Error {
+fn bad(check_id: errors.Check, comptime fmt: []const u8, args: anytype) errors.Error {
     return errors.failCheck(check_id, "snapshot: " ++ fmt, args);
 }
 
@@ -235,7 +232,7 @@ fn isZeroPage(p: *const [page]u8) bool {
 /// Captures a stopped VM. Only pages that can be non-zero are read: mincore
 /// finds the resident ones, and a file-mapped VM adds `source_map`, the page
 /// map of the snapshot its memory maps.
-pub fn capture(vm: *Vm, source_map: ?[]const u8) errors.Error!*Snapshot {
+pub fn capture(vm: *shell.Vm, source_map: ?[]const u8) errors.Error!*Snapshot {
     if (!vm.booted) return errors.fail(error.Busy, "the VM has no guest to snapshot", .{});
     if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot snapshot a running VM: wait for run() to return", .{});
     defer vm.running.store(false, .release);
@@ -431,7 +428,7 @@ pub const Checked = struct {
 };
 
 /// The steps of `check`, in the order they run. Each refuses with its own id.
-pub const check_order = [_]Check{
+pub const check_order = [_]errors.Check{
     .size,          .magic,        .version,        .arch,           .header_size,
     .section_count, .total_bytes,  .section_kind,   .state_limit,    .section_bounds,
     .memory_alignment, .section_overlap, .memory_size, .present_pages, .flags,
@@ -477,7 +474,7 @@ pub fn check(data: []const u8) errors.Error!Checked {
     };
 }
 
-fn step(comptime id: Check, p: *Progress) errors.Error!void {
+fn step(comptime id: errors.Check, p: *Progress) errors.Error!void {
     const data = p.data;
     const h = &p.h;
     switch (id) {

@@ -6,7 +6,6 @@ const errors = @import("errors.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
 const state_test = @import("state_test.zig");
-const Check = errors.Check;
 
 const Image = struct {
     buf: [32 << 10]u8 align(4096) = undefined,
@@ -42,7 +41,7 @@ const Image = struct {
     }
 };
 
-fn expectRefused(want: Check, data: []const u8) !void {
+fn expectRefused(want: errors.Check, data: []const u8) !void {
     try std.testing.expectError(error.Snapshot, snapshot.check(data));
     try std.testing.expectEqual(want, errors.lastCheck());
 }

@@ -16,13 +16,11 @@
 //! one order that capture writes, restore sets and the benchmark floor times
 //! them. Capture, parse, restore and the floor all walk those two tables.
 const std = @import("std");
-const linux = std.os.linux;
 const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const host = @import("host.zig");
 const boot = @import("boot.zig");
 const shell = @import("shell.zig");
-const Vm = shell.Vm;
 
 const allocator = std.heap.c_allocator;
 
@@ -388,7 +386,7 @@ const max_fixed_bytes = blk: {
 };
 
 /// Captures everything but memory from a stopped VM. Caller frees the blob.
-pub fn capture(vm: *Vm, page_map: []const u8, guest_name: []const u8) errors.Error![]u8 {
+pub fn capture(vm: *shell.Vm, page_map: []const u8, guest_name: []const u8) errors.Error![]u8 {
     var w = Writer{};
     errdefer w.buf.deinit(allocator);
     w.buf.appendNTimes(allocator, 0, header_bytes) catch return error.OutOfMemory;
@@ -464,7 +462,7 @@ fn captureVcpu(w: *Writer, comptime r: Record, v: *shell.Vcpu, idx: u32, ctx: *c
     }
 }
 
-fn captureVm(w: *Writer, comptime r: Record, vm: *Vm, ctx: *const CaptureContext) errors.Error!void {
+fn captureVm(w: *Writer, comptime r: Record, vm: *shell.Vm, ctx: *const CaptureContext) errors.Error!void {
     switch (r.io) {
         .vm => |x| {
             // No PIT: the state of one never programmed, as a PIT would report.
@@ -590,7 +588,7 @@ pub const RestoreTimes = struct { vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
 /// Restores a checked blob into a shell that has never run and has the same
 /// memory size and vCPU count: checks the blob against this host (memoized),
 /// then `apply`. Memory is separate.
-pub fn restore(vm: *Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
+pub fn restore(vm: *shell.Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
     std.debug.assert(p.vcpus == vm.vcpu_count and p.memory_bytes == vm.mem.len);
     try checkHost(p, vm.vm_fd, vm.vcpus[0].fd);
     try apply(vm, p, times);
@@ -599,7 +597,7 @@ pub fn restore(vm: *Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!voi
 /// The bare state operations of a restore: walks the two tables in their
 /// order and sets every record the blob has. The benchmark floor times
 /// exactly this (the checks are in `restore`).
-pub fn apply(vm: *Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
+pub fn apply(vm: *shell.Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
     const t0 = shell.monotonicNs();
     for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
         inline for (vcpu_records) |r| if (p.get(r.tag, @intCast(i))) |d| try applyVcpu(r, vm, v, p, @intCast(i), d);
@@ -616,7 +614,7 @@ fn setFailed(tag: Tag) errors.Error {
     return errors.fail(error.KvmFailed, "restoring the {s} state failed: E{s}", .{ @tagName(tag), @tagName(kvm.last_errno) });
 }
 
-fn applyVcpu(comptime r: Record, vm: *Vm, v: *shell.Vcpu, p: *const Parsed, idx: u32, data: []const u8) errors.Error!void {
+fn applyVcpu(comptime r: Record, vm: *shell.Vm, v: *shell.Vcpu, p: *const Parsed, idx: u32, data: []const u8) errors.Error!void {
     switch (r.io) {
         .vcpu => |which| v.fd.setState(which, try aligned(data)) catch return setFailed(r.tag),
         .cpuid => {
@@ -654,7 +652,7 @@ fn applyVcpu(comptime r: Record, vm: *Vm, v: *shell.Vcpu, p: *const Parsed, idx:
     }
 }
 
-fn applyVm(comptime r: Record, vm: *Vm, data: []const u8) errors.Error!void {
+fn applyVm(comptime r: Record, vm: *shell.Vm, data: []const u8) errors.Error!void {
     switch (r.io) {
         .vm => |x| {
             if (x.state == .pit2 and !vm.has_pit) {

@@ -5,42 +5,31 @@ const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const state = @import("state.zig");
-const Tag = state.Tag;
-const parse = state.parse;
-const vcpu_records = state.vcpu_records;
-const vm_records = state.vm_records;
-const header_bytes = state.header_bytes;
-const record_header_bytes = state.record_header_bytes;
-const magic = state.magic;
-const vm_wide = state.vm_wide;
-const version_major = state.version_major;
-const max_records = state.max_records;
-const pageMapBytes = state.pageMapBytes;
 
 /// A minimal valid blob for tests: one vCPU, 8 MiB, every required record
 /// (zeros), XSAVE-less (FPU).
 pub fn testBlob(buf: []u8) []u8 {
-    var off: usize = header_bytes;
+    var off: usize = state.header_bytes;
     @memset(buf, 0);
-    @memcpy(buf[0..8], &magic);
-    std.mem.writeInt(u16, buf[8..10], version_major, .little);
+    @memcpy(buf[0..8], &state.magic);
+    std.mem.writeInt(u16, buf[8..10], state.version_major, .little);
     std.mem.writeInt(u32, buf[12..16], 1, .little);
     std.mem.writeInt(u64, buf[16..24], boot.min_memory_bytes, .little);
     var count: u32 = 0;
-    inline for (vcpu_records ++ vm_records, 0..) |r, k| {
-        const is_vm = k >= vcpu_records.len;
+    inline for (state.vcpu_records ++ state.vm_records, 0..) |r, k| {
+        const is_vm = k >= state.vcpu_records.len;
         const want = r.required or r.tag == .fpu;
         if (want) {
             const len: u32 = switch (r.io) {
                 .msrs => 0,
                 .cpuid => @sizeOf(kvm.CpuidEntry2),
-                .page_map => @intCast(pageMapBytes(boot.min_memory_bytes)),
+                .page_map => @intCast(state.pageMapBytes(boot.min_memory_bytes)),
                 else => r.fixedBytes(),
             };
             std.mem.writeInt(u32, buf[off..][0..4], @intFromEnum(r.tag), .little);
-            std.mem.writeInt(u32, buf[off + 4 ..][0..4], if (is_vm) vm_wide else 0, .little);
+            std.mem.writeInt(u32, buf[off + 4 ..][0..4], if (is_vm) state.vm_wide else 0, .little);
             std.mem.writeInt(u32, buf[off + 8 ..][0..4], len, .little);
-            off += record_header_bytes + std.mem.alignForward(usize, len, 8);
+            off += state.record_header_bytes + std.mem.alignForward(usize, len, 8);
             count += 1;
         }
     }
@@ -49,13 +38,13 @@ pub fn testBlob(buf: []u8) []u8 {
 }
 
 fn expectCheck(want: errors.Check, blob: []const u8) !void {
-    try std.testing.expectError(error.Snapshot, parse(blob));
+    try std.testing.expectError(error.Snapshot, state.parse(blob));
     try std.testing.expectEqual(want, errors.lastCheck());
 }
 
 test "state: the minimal blob parses" {
     var buf: [8192]u8 align(8) = undefined;
-    const p = try parse(testBlob(&buf));
+    const p = try state.parse(testBlob(&buf));
     try std.testing.expectEqual(@as(u32, 1), p.vcpus);
     try std.testing.expect(p.get(.fpu, 0) != null and p.get(.xsave, 0) == null);
 }
@@ -75,10 +64,10 @@ test "state: every parse step fails with its own check id" {
     std.mem.writeInt(u32, m[12..16], 0, .little);
     try expectCheck(.state_shape, m[0..good.len]);
     @memcpy(m[0..good.len], good);
-    std.mem.writeInt(u32, m[24..28], max_records + 1, .little);
+    std.mem.writeInt(u32, m[24..28], state.max_records + 1, .little);
     try expectCheck(.state_record_count, m[0..good.len]);
     @memcpy(m[0..good.len], good);
-    std.mem.writeInt(u32, m[header_bytes..][0..4], 31, .little); // unknown tag
+    std.mem.writeInt(u32, m[state.header_bytes..][0..4], 31, .little); // unknown tag
     try expectCheck(.state_record, m[0..good.len]);
     @memcpy(m[0..good.len], good);
     m[good.len] = 0;
@@ -92,18 +81,18 @@ test "state: a blob without a required record is refused" {
     var buf: [8192]u8 align(8) = undefined;
     const good = testBlob(&buf);
     // The first record is CPUID (vCPU 0): rename it to an optional tag.
-    std.mem.writeInt(u32, buf[header_bytes..][0..4], @intFromEnum(Tag.debugregs), .little);
-    try std.testing.expectError(error.Snapshot, parse(good));
+    std.mem.writeInt(u32, buf[state.header_bytes..][0..4], @intFromEnum(state.Tag.debugregs), .little);
+    try std.testing.expectError(error.Snapshot, state.parse(good));
 }
 
 test "state: records table covers every tag once, required records have a fixed or checked size" {
-    try std.testing.expectEqual(std.meta.tags(Tag).len, vcpu_records.len + vm_records.len);
-    try std.testing.expectEqual(@as(u32, @sizeOf(kvm.Regs)), vcpu_records[2].fixedBytes());
-    try std.testing.expectEqual(Tag.regs, vcpu_records[2].tag);
+    try std.testing.expectEqual(std.meta.tags(state.Tag).len, state.vcpu_records.len + state.vm_records.len);
+    try std.testing.expectEqual(@as(u32, @sizeOf(kvm.Regs)), state.vcpu_records[2].fixedBytes());
+    try std.testing.expectEqual(state.Tag.regs, state.vcpu_records[2].tag);
     // CPUID before SREGS before REGS; XSAVE/XCRS before MSRS; LAPIC before EVENTS.
     const order = struct {
-        fn at(t: Tag) usize {
-            for (vcpu_records, 0..) |r, i| if (r.tag == t) return i;
+        fn at(t: state.Tag) usize {
+            for (state.vcpu_records, 0..) |r, i| if (r.tag == t) return i;
             unreachable;
         }
     };

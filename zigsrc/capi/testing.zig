@@ -11,27 +11,18 @@ const reset = @import("../reset.zig");
 const fault = @import("../fault.zig");
 const common = @import("common.zig");
 const pool_api = @import("pool.zig");
-const kvmlab_result = common.kvmlab_result;
-const kvmlab_vm = common.kvmlab_vm;
-const kvmlab_pool = common.kvmlab_pool;
-const kvmlab_snapshot = common.kvmlab_snapshot;
-const result = common.result;
-const asVm = common.asVm;
-const asSnap = common.asSnap;
-const asPool = common.asPool;
-const outPtr = common.outPtr;
 
 /// Shell-creation steps kvmlab_fault_inject can make fail.
 pub const kvmlab_fault_site = fault.Site;
 
 /// Benchmark floor of a reset: the bare dirty-log read, page copies and state
 /// ioctls on a resettable VM (which ends up reset).
-pub export fn kvmlab_bench_reset_floor(h: ?*kvmlab_vm, out: ?*common.kvmlab_reset_times) callconv(.c) kvmlab_result {
-    return result(benchResetFloor(h, out));
+pub export fn kvmlab_bench_reset_floor(h: ?*common.kvmlab_vm, out: ?*common.kvmlab_reset_times) callconv(.c) common.kvmlab_result {
+    return common.result(benchResetFloor(h, out));
 }
-fn benchResetFloor(h: ?*kvmlab_vm, out: ?*common.kvmlab_reset_times) errors.Error!void {
-    const m = try asVm(h);
-    const o = try outPtr(common.kvmlab_reset_times, out);
+fn benchResetFloor(h: ?*common.kvmlab_vm, out: ?*common.kvmlab_reset_times) errors.Error!void {
+    const m = try common.asVm(h);
+    const o = try common.outPtr(common.kvmlab_reset_times, out);
     var t: reset.Times = .{};
     try m.resetFloor(&t);
     o.* = t;
@@ -42,21 +33,21 @@ fn benchResetFloor(h: ?*kvmlab_vm, out: ?*common.kvmlab_reset_times) errors.Erro
 /// caller sees it (the baseline for measuring the Python API's overhead).
 /// Between restores it waits until the pool has an idle shell again (not
 /// timed), so every restore is a hit like a warmed Python loop's.
-pub export fn kvmlab_bench_pool_restores(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) callconv(.c) kvmlab_result {
-    return result(benchPoolRestores(h, snap, strategy, count, out_total_ns));
+pub export fn kvmlab_bench_pool_restores(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) callconv(.c) common.kvmlab_result {
+    return common.result(benchPoolRestores(h, snap, strategy, count, out_total_ns));
 }
-fn benchPoolRestores(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) errors.Error!void {
-    const p = try asPool(h);
+fn benchPoolRestores(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) errors.Error!void {
+    const p = try common.asPool(h);
     const o = out_total_ns orelse return errors.fail(error.Config, "out is NULL", .{});
     if (count > 1 << 20) return errors.fail(error.Config, "at most 2^20 restores", .{});
     for (0..count) |i| {
         var spins: usize = 0;
         while (p.idleCount() == 0 and spins < 20_000) : (spins += 1) std.Thread.yield() catch {};
-        var vm_h: ?*kvmlab_vm = null;
+        var vm_h: ?*common.kvmlab_vm = null;
         const t0 = shell.monotonicNs();
         try pool_api.poolRestoreSnapshot(h, snap, strategy, 0, 0, &vm_h, null);
         o[i] = shell.monotonicNs() - t0;
-        p.release(try asVm(vm_h));
+        p.release(try common.asVm(vm_h));
     }
 }
 
@@ -64,12 +55,12 @@ fn benchPoolRestores(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: 
 /// for kvmlab_bench_restore_floor into a pooled shell (shells get slower to
 /// restore into as they wait: a fresh shell would flatter the floor). The
 /// shell counts as in use; hand it back with kvmlab_pool_release.
-pub export fn kvmlab_bench_pool_take_shell(h: ?*kvmlab_pool, out: ?*?*kvmlab_vm) callconv(.c) kvmlab_result {
-    return result(benchPoolTakeShell(h, out));
+pub export fn kvmlab_bench_pool_take_shell(h: ?*common.kvmlab_pool, out: ?*?*common.kvmlab_vm) callconv(.c) common.kvmlab_result {
+    return common.result(benchPoolTakeShell(h, out));
 }
-fn benchPoolTakeShell(h: ?*kvmlab_pool, out: ?*?*kvmlab_vm) errors.Error!void {
-    const p = try asPool(h);
-    const o = try outPtr(?*kvmlab_vm, out);
+fn benchPoolTakeShell(h: ?*common.kvmlab_pool, out: ?*?*common.kvmlab_vm) errors.Error!void {
+    const p = try common.asPool(h);
+    const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = @ptrCast(try p.takeIdle());
 }
 
@@ -77,13 +68,13 @@ fn benchPoolTakeShell(h: ?*kvmlab_pool, out: ?*?*kvmlab_vm) errors.Error!void {
 /// a restore of `snap` into `vm_handle` (restore.floor: what a restore does
 /// after its checks), a fresh shell from kvmlab_vm_new of the same shape
 /// (free it afterwards; it is not runnable).
-pub export fn kvmlab_bench_restore_floor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*common.kvmlab_restore_times) callconv(.c) kvmlab_result {
-    return result(benchFloor(vm_handle, snap, strategy, out));
+pub export fn kvmlab_bench_restore_floor(vm_handle: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
+    return common.result(benchFloor(vm_handle, snap, strategy, out));
 }
-fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*common.kvmlab_restore_times) errors.Error!void {
-    const m = try asVm(vm_handle);
-    const s = try asSnap(snap);
-    const o = try outPtr(common.kvmlab_restore_times, out);
+fn benchFloor(vm_handle: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*common.kvmlab_restore_times) errors.Error!void {
+    const m = try common.asVm(vm_handle);
+    const s = try common.asSnap(snap);
+    const o = try common.outPtr(common.kvmlab_restore_times, out);
     const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
     var rt: restore.Times = .{};
     try restore.floor(m.shell, &m.mapping, &s.parsed, src, &rt);
@@ -93,18 +84,18 @@ fn benchFloor(vm_handle: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot, strategy: c
 /// TEST ONLY: holds the pool's reapers off its destroy queue (`hold` true)
 /// or lets them go, so tests build a destroy backlog of an exact size whatever
 /// this host's destroy speed. close() ignores the hold.
-pub export fn kvmlab_testing_pool_hold_reapers(h: ?*kvmlab_pool, hold: bool) callconv(.c) kvmlab_result {
-    const p = asPool(h) catch |e| return result(e);
+pub export fn kvmlab_testing_pool_hold_reapers(h: ?*common.kvmlab_pool, hold: bool) callconv(.c) common.kvmlab_result {
+    const p = common.asPool(h) catch |e| return common.result(e);
     p.holdReapers(hold);
     return .ok;
 }
 
 /// TEST ONLY: makes shell-creation step `site` fail after passing `after`
 /// more times; KVMLAB_FAULT_SITE_NONE disarms.
-pub export fn kvmlab_fault_inject(site: kvmlab_fault_site, after: u32) callconv(.c) kvmlab_result {
+pub export fn kvmlab_fault_inject(site: kvmlab_fault_site, after: u32) callconv(.c) common.kvmlab_result {
     if (site == .none) {
         fault.arm(0, 0) catch {};
         return .ok;
     }
-    return result(fault.arm(@intFromEnum(site), after));
+    return common.result(fault.arm(@intFromEnum(site), after));
 }

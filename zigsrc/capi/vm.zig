@@ -7,50 +7,42 @@ const restore = @import("../restore.zig");
 const reset = @import("../reset.zig");
 const machine = @import("../machine.zig");
 const common = @import("common.zig");
-const kvmlab_result = common.kvmlab_result;
-const kvmlab_vm = common.kvmlab_vm;
-const kvmlab_snapshot = common.kvmlab_snapshot;
-const result = common.result;
-const asVm = common.asVm;
-const asSnap = common.asSnap;
-const bytesOf = common.bytesOf;
-const outPtr = common.outPtr;
 
 /// Creates an empty VM shell: VM, memory, slot, irqchip, PIT, vCPUs.
-pub export fn kvmlab_vm_new(opts: ?*const common.kvmlab_vm_config, out: ?*?*kvmlab_vm) callconv(.c) kvmlab_result {
-    return result(vmNew(opts, out));
+pub export fn kvmlab_vm_new(opts: ?*const common.kvmlab_vm_config, out: ?*?*common.kvmlab_vm) callconv(.c) common.kvmlab_result {
+    return common.result(vmNew(opts, out));
 }
-fn vmNew(opts: ?*const common.kvmlab_vm_config, out: ?*?*kvmlab_vm) errors.Error!void {
-    const o = try outPtr(?*kvmlab_vm, out);
+fn vmNew(opts: ?*const common.kvmlab_vm_config, out: ?*?*common.kvmlab_vm) errors.Error!void {
+    const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = null;
     const c = opts orelse return errors.fail(error.Config, "config is NULL", .{});
     o.* = @ptrCast(try machine.Machine.create(c.memory_bytes, c.vcpus));
 }
 
 /// Frees a VM; NULL is fine. Must not race with other calls on the same VM.
-pub export fn kvmlab_vm_free(h: ?*kvmlab_vm) callconv(.c) void {
-    const m = asVm(h) catch return;
+pub export fn kvmlab_vm_free(h: ?*common.kvmlab_vm) callconv(.c) void {
+    const m = common.asVm(h) catch return;
     m.destroy();
 }
 
-pub export fn kvmlab_vm_boot(h: ?*kvmlab_vm, opts: ?*const common.kvmlab_boot_options) callconv(.c) kvmlab_result {
-    return result(vmBoot(h, opts));
+pub export fn kvmlab_vm_boot(h: ?*common.kvmlab_vm, opts: ?*const common.kvmlab_boot_options) callconv(.c) common.kvmlab_result {
+    return common.result(vmBoot(h, opts));
 }
-fn vmBoot(h: ?*kvmlab_vm, opts: ?*const common.kvmlab_boot_options) errors.Error!void {
-    const m = try asVm(h);
+fn vmBoot(h: ?*common.kvmlab_vm, opts: ?*const common.kvmlab_boot_options) errors.Error!void {
+    const m = try common.asVm(h);
     const o = opts orelse return errors.fail(error.Config, "boot options are NULL", .{});
-    const image = try bytesOf(o.image, o.image_bytes);
-    const args = try bytesOf(o.args, o.args_bytes);
-    try m.shell.bootGuest(image, args, o.cpl, try bytesOf(o.name, o.name_bytes));
+    const image = try common.bytesOf(o.image, o.image_bytes);
+    const args = try common.bytesOf(o.args, o.args_bytes);
+    try m.shell.bootGuest(image, args, o.cpl, try common.bytesOf(o.name, o.name_bytes));
 }
 
 /// Runs the guest until every vCPU stopped, or `timeout_ns` passed (0 = none).
-pub export fn kvmlab_vm_run(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) callconv(.c) kvmlab_result {
-    return result(vmRun(h, timeout_ns, out));
+pub export fn kvmlab_vm_run(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) callconv(.c) common.kvmlab_result {
+    return common.result(vmRun(h, timeout_ns, out));
 }
-fn vmRun(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) errors.Error!void {
-    const vm = (try asVm(h)).shell;
-    const o = try outPtr(common.kvmlab_run_result, out);
+fn vmRun(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) errors.Error!void {
+    const vm = (try common.asVm(h)).shell;
+    const o = try common.outPtr(common.kvmlab_run_result, out);
     const r = try vm.run(timeout_ns);
     o.* = .{
         .reason = r.reason,
@@ -67,8 +59,8 @@ fn vmRun(h: ?*kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) error
 /// returns reason timeout; the next run resumes), or a whole reset loop.
 /// A request made once the call began is never lost (even before its vCPUs
 /// entered the guest). Thread-safe; no effect on later calls when idle.
-pub export fn kvmlab_vm_interrupt(h: ?*kvmlab_vm) callconv(.c) void {
-    const vm = (asVm(h) catch return).shell;
+pub export fn kvmlab_vm_interrupt(h: ?*common.kvmlab_vm) callconv(.c) void {
+    const vm = (common.asVm(h) catch return).shell;
     vm.interrupt();
 }
 
@@ -76,63 +68,63 @@ pub export fn kvmlab_vm_interrupt(h: ?*kvmlab_vm) callconv(.c) void {
 /// loop may be in progress on another thread): latched, so a run in progress
 /// stops at its next exit to the host and every later run or reset loop fails
 /// with KVMLAB_CLOSED at once. Thread-safe; irreversible.
-pub export fn kvmlab_vm_begin_close(h: ?*kvmlab_vm) callconv(.c) void {
-    const vm = (asVm(h) catch return).shell;
+pub export fn kvmlab_vm_begin_close(h: ?*common.kvmlab_vm) callconv(.c) void {
+    const vm = (common.asVm(h) catch return).shell;
     vm.beginClose();
 }
 
 /// Moves up to `capacity` console bytes into `buf`; *out_bytes = how many.
-pub export fn kvmlab_vm_console_take(h: ?*kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) kvmlab_result {
-    return result(consoleTake(h, buf, capacity, out_bytes));
+pub export fn kvmlab_vm_console_take(h: ?*common.kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) common.kvmlab_result {
+    return common.result(consoleTake(h, buf, capacity, out_bytes));
 }
-fn consoleTake(h: ?*kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
-    const vm = (try asVm(h)).shell;
-    const o = try outPtr(usize, out_bytes);
+fn consoleTake(h: ?*common.kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
+    const vm = (try common.asVm(h)).shell;
+    const o = try common.outPtr(usize, out_bytes);
     const b: []u8 = if (capacity == 0) &.{} else (buf orelse return errors.fail(error.Config, "NULL buffer", .{}))[0..capacity];
     o.* = vm.consoleTake(b);
 }
 
-pub export fn kvmlab_vm_read_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) callconv(.c) kvmlab_result {
-    return result(readMemory(h, gpa, buf, len));
+pub export fn kvmlab_vm_read_memory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) callconv(.c) common.kvmlab_result {
+    return common.result(readMemory(h, gpa, buf, len));
 }
-fn readMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.Error!void {
-    const m = try asVm(h);
+fn readMemory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.Error!void {
+    const m = try common.asVm(h);
     _ = try m.shell.guestSlice(gpa, len);
     if (len == 0) return;
     const dst = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
     try m.readMemory(gpa, dst[0..len]);
 }
 
-pub export fn kvmlab_vm_write_memory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) callconv(.c) kvmlab_result {
-    return result(writeMemory(h, gpa, buf, len));
+pub export fn kvmlab_vm_write_memory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) callconv(.c) common.kvmlab_result {
+    return common.result(writeMemory(h, gpa, buf, len));
 }
-fn writeMemory(h: ?*kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.Error!void {
-    const m = try asVm(h);
+fn writeMemory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.Error!void {
+    const m = try common.asVm(h);
     _ = try m.shell.guestSlice(gpa, len);
-    try m.writeMemory(gpa, try bytesOf(buf, len));
+    try m.writeMemory(gpa, try common.bytesOf(buf, len));
 }
 
 /// Sets the identity the guest reads through ports 0x503 (low 32 bits) and
 /// 0x504 (high); 0, the default, is "no identity".
-pub export fn kvmlab_vm_set_identity(h: ?*kvmlab_vm, identity: u64) callconv(.c) kvmlab_result {
-    return result(setIdentity(h, identity));
+pub export fn kvmlab_vm_set_identity(h: ?*common.kvmlab_vm, identity: u64) callconv(.c) common.kvmlab_result {
+    return common.result(setIdentity(h, identity));
 }
-fn setIdentity(h: ?*kvmlab_vm, identity: u64) errors.Error!void {
-    (try asVm(h)).shell.identity.store(identity, .release);
+fn setIdentity(h: ?*common.kvmlab_vm, identity: u64) errors.Error!void {
+    (try common.asVm(h)).shell.identity.store(identity, .release);
 }
 
 /// The VM's identity (see kvmlab_vm_set_identity); 0 for NULL. Never fails.
-pub export fn kvmlab_vm_get_identity(h: ?*kvmlab_vm) callconv(.c) u64 {
-    const m = asVm(h) catch return 0;
+pub export fn kvmlab_vm_get_identity(h: ?*common.kvmlab_vm) callconv(.c) u64 {
+    const m = common.asVm(h) catch return 0;
     return m.shell.identity.load(.acquire);
 }
 
-pub export fn kvmlab_vm_get_regs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) callconv(.c) kvmlab_result {
-    return result(getRegs(h, vcpu, out));
+pub export fn kvmlab_vm_get_regs(h: ?*common.kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) callconv(.c) common.kvmlab_result {
+    return common.result(getRegs(h, vcpu, out));
 }
-fn getRegs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) errors.Error!void {
-    const vm = (try asVm(h)).shell;
-    const o = try outPtr(common.kvmlab_regs, out);
+fn getRegs(h: ?*common.kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) errors.Error!void {
+    const vm = (try common.asVm(h)).shell;
+    const o = try common.outPtr(common.kvmlab_regs, out);
     var r: kvm.Regs = undefined;
     var s: kvm.Sregs = undefined;
     try vm.getRegs(vcpu, &r, &s);
@@ -148,13 +140,13 @@ fn getRegs(h: ?*kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) errors.Error!vo
 /// Builds a new VM from a snapshot (a fresh shell, then restore).
 /// `flags`: kvmlab_restore_flags bits; without resettable the shell has no
 /// dirty log (less kernel memory; kvmlab_vm_enable_reset turns it on later).
-pub export fn kvmlab_vm_restore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) kvmlab_result {
-    return result(vmRestore(h, strategy, flags, out, times));
+pub export fn kvmlab_vm_restore(h: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
+    return common.result(vmRestore(h, strategy, flags, out, times));
 }
-fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
-    const o = try outPtr(?*kvmlab_vm, out);
+fn vmRestore(h: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+    const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = null;
-    const s = try asSnap(h);
+    const s = try common.asSnap(h);
     try s.checkIntact();
     const src = try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy));
     const t0 = shell.monotonicNs();
@@ -170,19 +162,19 @@ fn vmRestore(h: ?*const kvmlab_snapshot, strategy: common.kvmlab_strategy, flags
 
 /// Makes a VM restored from `snap` resettable to it (the VM keeps `snap`
 /// alive). Call right after the restore.
-pub export fn kvmlab_vm_enable_reset(h: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot) callconv(.c) kvmlab_result {
-    return result(enableReset(h, snap));
+pub export fn kvmlab_vm_enable_reset(h: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot) callconv(.c) common.kvmlab_result {
+    return common.result(enableReset(h, snap));
 }
-fn enableReset(h: ?*kvmlab_vm, snap: ?*const kvmlab_snapshot) errors.Error!void {
-    try (try asVm(h)).enableReset(try asSnap(snap));
+fn enableReset(h: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot) errors.Error!void {
+    try (try common.asVm(h)).enableReset(try common.asSnap(snap));
 }
 
 /// Puts the VM back to its snapshot: dirty pages, vCPUs, devices.
-pub export fn kvmlab_vm_reset(h: ?*kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) callconv(.c) kvmlab_result {
-    return result(vmReset(h, mode, out));
+pub export fn kvmlab_vm_reset(h: ?*common.kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) callconv(.c) common.kvmlab_result {
+    return common.result(vmReset(h, mode, out));
 }
-fn vmReset(h: ?*kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) errors.Error!void {
-    const m = try asVm(h);
+fn vmReset(h: ?*common.kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) errors.Error!void {
+    const m = try common.asVm(h);
     var t: reset.Times = .{};
     try m.resetTo(try resetMode(mode), &t);
     if (out) |o| o.* = t;
@@ -195,17 +187,17 @@ fn vmReset(h: ?*kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_
 /// stopped the whole loop: the last result's reason is then timeout or
 /// interrupted; the VM is reset either way). Fails with KVMLAB_CLOSED when
 /// the VM began closing.
-pub export fn kvmlab_vm_reset_loop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) callconv(.c) kvmlab_result {
-    return result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out, out_done));
+pub export fn kvmlab_vm_reset_loop(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) callconv(.c) common.kvmlab_result {
+    return common.result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out, out_done));
 }
-fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) errors.Error!void {
-    const m = try asVm(h);
+fn resetLoop(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) errors.Error!void {
+    const m = try common.asVm(h);
     const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
     d.* = 0;
     if (count == 0) return;
     if (count > 1 << 24 or input_bytes > 1 << 20) return errors.fail(error.Config, "reset_loop takes at most 2^24 inputs of at most 1 MiB", .{});
     const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
-    d.* = try m.resetLoop(try bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, try resetMode(mode), o[0..count]);
+    d.* = try m.resetLoop(try common.bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, try resetMode(mode), o[0..count]);
 }
 
 /// kvmlab_vm_reset_loop for inputs of different lengths: input i is
@@ -216,11 +208,11 @@ fn resetLoop(h: ?*kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: us
 /// 1 MiB), the first `console_stride` bytes of run i's console output go to
 /// console[i * console_stride ..]; out[i].console_bytes is how many it wrote.
 /// *out_done = how many inputs were done.
-pub export fn kvmlab_vm_reset_loop_var(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) callconv(.c) kvmlab_result {
-    return result(resetLoopVar(h, inputs, offsets, count, input_gpa, timeout_ns, mode, out, console, console_stride, out_done));
+pub export fn kvmlab_vm_reset_loop_var(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) callconv(.c) common.kvmlab_result {
+    return common.result(resetLoopVar(h, inputs, offsets, count, input_gpa, timeout_ns, mode, out, console, console_stride, out_done));
 }
-fn resetLoopVar(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) errors.Error!void {
-    const m = try asVm(h);
+fn resetLoopVar(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) errors.Error!void {
+    const m = try common.asVm(h);
     const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
     d.* = 0;
     if (count == 0) return;
@@ -230,7 +222,7 @@ fn resetLoopVar(h: ?*kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, co
     const offs = (offsets orelse return errors.fail(error.Config, "offsets is NULL", .{}))[0 .. count + 1];
     if (offs[count] > 1 << 32) return errors.fail(error.Config, "reset_loop_var takes at most 4 GiB of inputs", .{});
     const con: []u8 = if (console_stride == 0) &.{} else (console orelse return errors.fail(error.Config, "console is NULL", .{}))[0 .. count * console_stride];
-    d.* = try m.resetLoopVar(try bytesOf(inputs, @intCast(offs[count])), offs, input_gpa, timeout_ns, try resetMode(mode), o[0..count], con, console_stride);
+    d.* = try m.resetLoopVar(try common.bytesOf(inputs, @intCast(offs[count])), offs, input_gpa, timeout_ns, try resetMode(mode), o[0..count], con, console_stride);
 }
 
 /// A reset mode from C, which may hold any int.
