@@ -58,12 +58,13 @@ __all__ = [
     "enum_names",
     "enum_values",
     "last_error_message",
+    "last_error_check",
     "struct_ids",
     "struct_from_bytes",
 ]
 
 #: The C ABI version this binding was written for (``abi_version`` in capi/common.zig).
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 
@@ -228,20 +229,24 @@ def last_error_message() -> str:
     return ffi.string(p).decode("utf-8", errors="replace")
 
 
+def last_error_check() -> str | None:
+    """The id of the check that refused this thread's last failed call
+    (``kvmlab_check``, e.g. ``"cpuid_leaf"``), or None."""
+    name = enum_names("kvmlab_check").get(int(lib.kvmlab_last_error_check()))
+    return None if name in (None, "none") else name
+
+
 def error_for(rc: int, message: str | None = None) -> _errors.KvmlabError:
-    """The exception for result code ``rc`` (not raised). A snapshot error
-    carries the id of the check that failed (``SnapshotError.check``), read
-    from the core on this thread like the message."""
+    """The exception for result code ``rc`` (not raised). It carries the id
+    of the check that refused the call (``KvmlabError.check``, from the core's
+    ``kvmlab_check``), read on this thread like the message."""
     name, cls = RESULTS.get(rc, (f"unknown result {rc}", _errors.KvmlabError))
     if cls is None:
         raise ValueError("result code 0 is success, not an error")
     text = message if message is not None else last_error_message()
     if not text:
         text = f"kvmlab core call failed ({name})"
-    if issubclass(cls, _errors.SnapshotError):
-        check_id = enum_names("kvmlab_check").get(int(lib.kvmlab_last_error_check()))
-        return cls(text, check=None if check_id == "none" else check_id)
-    return cls(text)
+    return cls(text, check=last_error_check())
 
 
 def check(rc: int) -> None:

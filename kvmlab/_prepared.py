@@ -88,7 +88,7 @@ class _PrepareOps:
             ClosedError: the pool or the snapshot is closed.
         """
         if not isinstance(snap, Snapshot):
-            raise SnapshotError(f"prepare takes a Snapshot, got {type(snap).__name__}")
+            raise SnapshotError(f"prepare takes a Snapshot, got {type(snap).__name__}", check="argument_type")
         check_int("prepare n", n, 0, self.pool_config.max_size)
         if warmup is not None and not callable(warmup):
             bad_argument("argument_type", "warmup", f"warmup must be callable (it gets the VM), got {type(warmup).__name__}")
@@ -125,7 +125,7 @@ class _PrepareOps:
         """Prepared VMs of ``snap`` ready now (0 when it is not prepared, or
         the pool or snapshot is closed). Never raises."""
         if not isinstance(snap, Snapshot):
-            raise SnapshotError(f"prepared_count takes a Snapshot, got {type(snap).__name__}")
+            raise SnapshotError(f"prepared_count takes a Snapshot, got {type(snap).__name__}", check="argument_type")
         try:
             h = self._enter()
         except ClosedError:

@@ -43,7 +43,7 @@ class _Off:
 def check(progress: object) -> bool:
     """``progress`` itself, once checked to be a bool (ConfigError if not)."""
     if not isinstance(progress, bool):
-        raise ConfigError(f"progress must be True or False, got {progress!r}")
+        raise ConfigError(f"progress must be True or False, got {progress!r}", check="argument_type")
     return progress
 
 

@@ -36,21 +36,21 @@ def _decode_line(line: bytes, encoding: str, number: int) -> bytes:
             return bytes.fromhex(line.decode("ascii"))
         return base64.b64decode(line, validate=True)
     except (ValueError, binascii.Error, UnicodeDecodeError) as e:
-        raise ConfigError(f"line {number} is not {encoding}: {e}") from None
+        raise ConfigError(f"line {number} is not {encoding}: {e}", check="input_encoding") from None
 
 
 def read_inputs(path: str | Path, encoding: str = "auto") -> list[bytes]:
     """The inputs in ``path``: a directory of files, or a file with one input
     per line (hex or base64; an empty line is an empty input)."""
     if encoding not in ENCODINGS:
-        raise ConfigError(f"encoding={encoding!r}: use one of {', '.join(ENCODINGS)}")
+        raise ConfigError(f"encoding={encoding!r}: use one of {', '.join(ENCODINGS)}", check="argument_value")
     p = Path(path)
     try:
         if p.is_dir():
             return [f.read_bytes() for f in sorted(p.iterdir()) if f.is_file()]
         lines = [ln.strip() for ln in p.read_bytes().splitlines()]
     except OSError as e:
-        raise ConfigError(f"cannot read inputs from {p}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot read inputs from {p}: {e.strerror or e}", check="input_read") from None
     if encoding == "auto":
         encoding = "hex" if all(_HEX.match(ln) for ln in lines) else "base64"
     return [_decode_line(ln, encoding, i + 1) for i, ln in enumerate(lines)]
@@ -74,7 +74,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     try:
         inputs = read_inputs(args.inputs, args.encoding)
         if args.out is not None and not str(args.out).endswith(".parquet"):
-            raise ConfigError(f"--out {args.out}: write a .parquet file")
+            raise ConfigError(f"--out {args.out}: write a .parquet file", check="output_format")
         with Snapshot.load(args.snapshot) as snap:
             kwargs = dict(input_gpa=args.input_gpa, batch_size=args.batch_size,
                           run_timeout_s=args.run_timeout_s, max_input_bytes=args.max_input_bytes)
@@ -88,7 +88,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
             try:
                 df.to_parquet(args.out, index=False)
             except ImportError:
-                raise ConfigError('writing parquet needs pyarrow: pip install "kvmlab[dist]"') from None
+                raise ConfigError('writing parquet needs pyarrow: pip install "kvmlab[dist]"', check="missing_extra") from None
     except (KvmlabError, OSError) as e:
         print(f"kvmlab campaign: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

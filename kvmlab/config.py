@@ -121,7 +121,8 @@ def check_range(gpa: int, n: int, memory_bytes: int) -> None:
     if gpa < 0 or n < 0 or gpa + n > memory_bytes:
         raise BoundsError(
             f"guest range 0x{gpa:x}+{n} is outside guest memory (0x0..0x{memory_bytes:x}); "
-            f"addresses are guest-physical, 0 <= gpa and gpa + length <= {memory_bytes}"
+            f"addresses are guest-physical, 0 <= gpa and gpa + length <= {memory_bytes}",
+            check="gpa_out_of_range",
         )
 
 

@@ -137,7 +137,7 @@ def _one(path: str, snap: Snapshot, pools: dict[str, RestorePool]) -> tuple[int,
         answer = vm.call(REQUEST)
         t2 = time.perf_counter_ns()
     if answer != REQUEST:
-        raise GuestError(f"the restored service answered {answer!r} to {REQUEST!r}; the snapshot is not the service guest")
+        raise GuestError(f"the restored service answered {answer!r} to {REQUEST!r}; the snapshot is not the service guest", check="service_answer")
     return t1 - t0, t2 - t0
 
 
@@ -160,7 +160,7 @@ def run_demo(n: int = 100, memory_mib: int = 64, pool_size: int = 8) -> DemoResu
     from .errors import ConfigError
 
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise ConfigError(f"n must be an int in 1 .. {MAX_N}, got {n!r}")
+        raise ConfigError(f"n must be an int in 1 .. {MAX_N}, got {n!r}", check="argument_range")
     cfg = VmConfig(memory_mib=memory_mib)
     with tempfile.TemporaryDirectory(prefix="kvmlab-demo-") as tmp:
         t0 = time.perf_counter_ns()

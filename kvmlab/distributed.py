@@ -103,7 +103,7 @@ def parser_snapshot(memory_mib: int = 64, input_gpa: int = INPUT_GPA) -> Snapsho
     with Vm.boot("parser", VmConfig(memory_mib=memory_mib), args={"input_gpa": input_gpa}) as vm:
         r = vm.run(timeout_s=10)
         if r.reason != "checkpoint" or r.checkpoint_tag != PARSER_WAIT_TAG:
-            raise GuestError(f"the parser guest did not reach its input checkpoint ({r.reason}): {r.console!r}")
+            raise GuestError(f"the parser guest did not reach its input checkpoint ({r.reason}): {r.console!r}", check="parser_checkpoint")
         return vm.snapshot()
 
 
@@ -377,7 +377,7 @@ def _dask() -> ModuleType:
     try:
         import distributed
     except ImportError:
-        raise ConfigError('kvmlab.distributed needs Dask: pip install "kvmlab[dist]"') from None
+        raise ConfigError('kvmlab.distributed needs Dask: pip install "kvmlab[dist]"', check="missing_extra") from None
     return distributed
 
 

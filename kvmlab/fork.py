@@ -90,7 +90,8 @@ def raise_fd_limit(needed: int) -> int:
     if hard != resource.RLIM_INFINITY and want > hard:
         raise ConfigError(
             f"{needed} more file descriptors are needed but the hard limit is {hard} "
-            f"(each VM holds 1 + vcpus descriptors): raise it (ulimit -Hn, /etc/security/limits.conf)"
+            f"(each VM holds 1 + vcpus descriptors): raise it (ulimit -Hn, /etc/security/limits.conf)",
+            check="fd_limit",
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -237,7 +238,8 @@ def fork_many(
         out.close()
         err = KvmlabMemoryError(
             f"fork_many could not start its {threads} threads ({e}): pass fewer threads= or raise the "
-            "host's thread/memory limits (ulimit -u, ulimit -v)"
+            "host's thread/memory limits (ulimit -u, ulimit -v)",
+            check="thread_spawn",
         )
         err.check = "host_threads"
         raise err from None

@@ -53,11 +53,12 @@ def names() -> list[str]:
 
 def _check_image(data: bytes, what: str) -> bytes:
     if len(data) == 0:
-        raise GuestError(f"{what} is empty: a guest image needs at least one instruction")
+        raise GuestError(f"{what} is empty: a guest image needs at least one instruction", check="image_empty")
     if len(data) > MAX_IMAGE_BYTES:
         raise GuestError(
             f"{what} is {len(data)} bytes; a guest image must fit in {MAX_IMAGE_BYTES} bytes "
-            "(3 MiB, loaded at 0x100000 .. 0x400000)"
+            "(3 MiB, loaded at 0x100000 .. 0x400000)",
+            check="image_size",
         )
     return data
 
@@ -73,7 +74,7 @@ class Guest:
 
     def __init__(self, name: str, image: bytes, path: Path | None = None) -> None:
         if not isinstance(name, str) or not name:
-            raise GuestError(f"a guest name must be a non-empty str, got {name!r}")
+            raise GuestError(f"a guest name must be a non-empty str, got {name!r}", check="guest_name")
         self.name = name
         self.image = _check_image(bytes(image), f"guest image {name!r}")
         self.path = path
@@ -87,7 +88,7 @@ class Guest:
                 hint = "available: " + ", ".join(available)
             else:
                 hint = f"no built-in guests are installed in {_ffi.GUESTS_DIR}; rebuild: pip install -e ."
-            raise GuestError(f"unknown built-in guest {name!r}; {hint}")
+            raise GuestError(f"unknown built-in guest {name!r}; {hint}", check="unknown_guest")
         path = _ffi.GUESTS_DIR / f"{name}.bin"
         return cls(name, path.read_bytes(), path)
 
@@ -98,21 +99,22 @@ class Guest:
         try:
             size = p.stat().st_size
         except FileNotFoundError:
-            raise GuestError(f"guest image {str(p)!r} does not exist") from None
+            raise GuestError(f"guest image {str(p)!r} does not exist", check="image_missing") from None
         except OSError as e:
-            raise GuestError(f"cannot read guest image {str(p)!r}: {e.strerror}") from None
+            raise GuestError(f"cannot read guest image {str(p)!r}: {e.strerror}", check="image_read") from None
         if not p.is_file():
-            raise GuestError(f"guest image {str(p)!r} is not a regular file")
+            raise GuestError(f"guest image {str(p)!r} is not a regular file", check="image_file")
         if size > MAX_IMAGE_BYTES:
             # Do not read a huge file only to reject it.
             raise GuestError(
                 f"guest image {str(p)!r} is {size} bytes; a guest image must fit in "
-                f"{MAX_IMAGE_BYTES} bytes (3 MiB, loaded at 0x100000 .. 0x400000)"
+                f"{MAX_IMAGE_BYTES} bytes (3 MiB, loaded at 0x100000 .. 0x400000)",
+                check="image_size",
             )
         try:
             data = p.read_bytes()
         except OSError as e:
-            raise GuestError(f"cannot read guest image {str(p)!r}: {e.strerror}") from None
+            raise GuestError(f"cannot read guest image {str(p)!r}: {e.strerror}", check="image_read") from None
         _check_image(data, f"guest image {str(p)!r}")
         return cls(name or p.stem or "custom", data, p)
 
@@ -120,7 +122,7 @@ class Guest:
     def from_bytes(cls, data: bytes | bytearray | memoryview, name: str = "custom") -> "Guest":
         """A guest image from bytes (e.g. hand-assembled x86_64 code)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise GuestError(f"guest image must be bytes, got {type(data).__name__}")
+            raise GuestError(f"guest image must be bytes, got {type(data).__name__}", check="argument_type")
         return cls(name, bytes(data))
 
     @property
@@ -154,37 +156,39 @@ def format_args(args: Mapping[str, object] | str | None) -> str:
         for item in args.split():
             name, sep, word = item.partition("=")
             if not sep:
-                raise ConfigError(f"guest argument {item!r} is not key=value")
+                raise ConfigError(f"guest argument {item!r} is not key=value", check="guest_arg_syntax")
             pairs.append((name, word))
         items = pairs
     elif isinstance(args, Mapping):
         items = list(args.items())
     else:
-        raise ConfigError(f"guest args must be a dict like {{'steps': 20}}, got {type(args).__name__}")
+        raise ConfigError(f"guest args must be a dict like {{'steps': 20}}, got {type(args).__name__}", check="argument_type")
     parts: list[str] = []
     for key, value in items:
         if not isinstance(key, str) or not _KEY_RE.match(key):
-            raise ConfigError(f"guest argument name {key!r} must be an identifier (letters, digits, _)")
+            raise ConfigError(f"guest argument name {key!r} must be an identifier (letters, digits, _)", check="guest_arg_name")
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ConfigError(
                 f"guest argument {key}={value!r}: values are non-negative ints or plain words, "
-                f"not {type(value).__name__}"
+                f"not {type(value).__name__}",
+                check="guest_arg_value",
             )
         if isinstance(value, int):
             if value < 0:
-                raise ConfigError(f"guest argument {key}={value}: ints must be non-negative")
+                raise ConfigError(f"guest argument {key}={value}: ints must be non-negative", check="guest_arg_value")
             text = str(value)
         else:
             if not _WORD_RE.match(value) or "=" in value:
                 raise ConfigError(
                     f"guest argument {key}={value!r}: a word must be non-empty printable ASCII "
-                    "without spaces or '='"
+                    "without spaces or '='",
+                    check="guest_arg_value",
                 )
             text = value
         parts.append(f"{key}={text}")
     out = " ".join(parts)
     if len(out) > MAX_ARGS_BYTES:
-        raise ConfigError(f"guest arguments are {len(out)} bytes; the limit is {MAX_ARGS_BYTES}")
+        raise ConfigError(f"guest arguments are {len(out)} bytes; the limit is {MAX_ARGS_BYTES}", check="guest_args_size")
     return out
 
 
@@ -233,7 +237,8 @@ def guest_sdk_dir() -> Path:
     raise GuestError(
         "the guest SDK (rt.zig, guest.ld) was not found; looked in "
         + ", ".join(str(c) for c in candidates)
-        + " (set KVMLAB_GUEST_SDK to a directory holding them, e.g. zigsrc/guests of a kvmlab checkout)"
+        + " (set KVMLAB_GUEST_SDK to a directory holding them, e.g. zigsrc/guests of a kvmlab checkout)",
+        check="guest_sdk",
     )
 
 
@@ -243,7 +248,8 @@ def _zig_command() -> list[str]:
     if importlib.util.find_spec("ziglang") is None:
         raise GuestError(
             "building a Zig guest needs the Zig compiler from PyPI: pip install \"kvmlab[guests]\" "
-            "(it brings ziglang==0.17.1)"
+            "(it brings ziglang==0.17.1)",
+            check="missing_extra",
         )
     return [sys.executable, "-m", "ziglang"]
 
@@ -283,18 +289,18 @@ def build_zig(
     messages when the source does not compile.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise GuestError(f"guest name {name!r} must be an identifier-like word (letters, digits, _ or -)")
+        raise GuestError(f"guest name {name!r} must be an identifier-like word (letters, digits, _ or -)", check="guest_name")
     if isinstance(source, os.PathLike):
         try:
             text = Path(os.fspath(source)).read_text()
         except OSError as e:
-            raise GuestError(f"cannot read Zig source {os.fspath(source)!r}: {e.strerror}") from None
+            raise GuestError(f"cannot read Zig source {os.fspath(source)!r}: {e.strerror}", check="source_read") from None
     elif isinstance(source, str):
         text = source
     else:
-        raise GuestError(f"source must be Zig source text or a path, got {type(source).__name__}")
+        raise GuestError(f"source must be Zig source text or a path, got {type(source).__name__}", check="argument_type")
     if not text.strip():
-        raise GuestError("the Zig source is empty")
+        raise GuestError("the Zig source is empty", check="source_empty")
     sdk = guest_sdk_dir()
     zig = _zig_command()
 
@@ -318,10 +324,10 @@ def build_zig(
             try:
                 p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                raise GuestError(f"zig {cmd[3]} did not finish within {timeout_s} s") from None
+                raise GuestError(f"zig {cmd[3]} did not finish within {timeout_s} s", check="guest_build_timeout") from None
             if p.returncode != 0:
                 msg = (p.stderr or p.stdout).strip().replace(str(work) + os.sep, "")
-                raise GuestError(f"zig {cmd[3]} failed for guest {name!r}:\n{msg}")
+                raise GuestError(f"zig {cmd[3]} failed for guest {name!r}:\n{msg}", check="guest_build")
         if keep_dir is not None:
             out = Path(os.fspath(keep_dir))
             out.mkdir(parents=True, exist_ok=True)
@@ -348,7 +354,7 @@ def load_ipython_extension(ipython: Any) -> None:  # pragma: no cover - exercise
     def kvmlab_guest(line: str, cell: str) -> None:
         words = line.split()
         if len(words) != 1 or not words[0].isidentifier():
-            raise GuestError("usage: %%kvmlab_guest VARIABLE  (a Python identifier; the cell is the Zig source)")
+            raise GuestError("usage: %%kvmlab_guest VARIABLE  (a Python identifier; the cell is the Zig source)", check="magic_usage")
         var = words[0]
         guest = build_zig(cell, name=var)
         ipython.user_ns[var] = guest

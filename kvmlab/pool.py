@@ -359,7 +359,7 @@ class RestorePool(_PrepareOps):
         with self._lock:
             h = self._handle
             if h is None:
-                raise ClosedError("this RestorePool is closed")
+                raise ClosedError("this RestorePool is closed", check="pool_closed")
             self._active += 1
             return h
 
@@ -469,7 +469,8 @@ class RestorePool(_PrepareOps):
             if isinstance(err, PoolExhaustedError) and wait_ns:
                 raise PoolExhaustedError(
                     f"no VM was released within timeout_s={timeout_s} "
-                    f"(max_in_use={self.pool_config.max_in_use} VMs are in use)"
+                    f"(max_in_use={self.pool_config.max_in_use} VMs are in use)",
+                    check="pool_wait_timeout",
                 )
             raise err
         if waited:
@@ -569,7 +570,7 @@ class RestorePool(_PrepareOps):
             ConfigError: an unknown ``strategy`` or a bad ``timeout_s``.
         """
         if not isinstance(snap, Snapshot):
-            raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}")
+            raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}", check="argument_type")
         code = strategy_code(strategy)
         flag = _ffi.enum_values("kvmlab_restore_flags")  # bits, named by the header
         flags = (flag["resettable"] if resettable else 0) | (flag["reset_on_release"] if reset_on_release else 0)

@@ -138,7 +138,7 @@ class _ResetOps:
             return [_loop_result(r) for r in out[0:done]]
         size = len(items[0])
         if size == 0 or any(len(x) != size for x in items):
-            raise ConfigError("reset_loop inputs must be non-empty and all the same length")
+            raise ConfigError("reset_loop inputs must be non-empty and all the same length", check="loop_inputs")
         check_range(input_gpa, size, self._config.memory_bytes)
         code = self._reset_mode(mode)
         timeout_ns = _timeout_ns(run_timeout_s)

@@ -58,7 +58,7 @@ class _NativeOwner:
     def acquire(self) -> None:
         with self._lock:
             if self._handle is None:
-                raise ClosedError("this snapshot is closed")
+                raise ClosedError("this snapshot is closed", check="snapshot_closed")
             self._refs += 1
 
     def release(self, _cdata: Any = None) -> None:
@@ -150,7 +150,7 @@ class Snapshot:
                 (bad header, section or checksum; the message says which).
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise SnapshotError(f"snapshot data must be bytes-like, got {type(data).__name__}")
+            raise SnapshotError(f"snapshot data must be bytes-like, got {type(data).__name__}", check="argument_type")
         out = ffi.new("kvmlab_snapshot **")
         # Every view of `data` is released before returning (or raising), so
         # the caller can close an mmap it passed in.
@@ -158,7 +158,7 @@ class Snapshot:
             try:
                 view = base.cast("B")
             except TypeError as e:  # e.g. a non-contiguous slice
-                raise SnapshotError(f"snapshot data must be one contiguous buffer: {e}") from None
+                raise SnapshotError(f"snapshot data must be one contiguous buffer: {e}", check="argument_buffer") from None
             with view, ffi.from_buffer("uint8_t[]", view) as buf:
                 rc = lib.kvmlab_snapshot_from_bytes(buf, len(view), out)
         _ffi.check(rc)
@@ -207,7 +207,7 @@ class Snapshot:
 
     def _live(self) -> Any:
         if self._handle is None:
-            raise ClosedError("this snapshot is closed")
+            raise ClosedError("this snapshot is closed", check="snapshot_closed")
         return self._handle
 
     def _use(self) -> "_InUse":
@@ -251,7 +251,7 @@ class Snapshot:
         with self._lock:
             self._live()  # a closed snapshot creates nothing
         if p.exists() and not p.is_file():
-            raise SnapshotError(f"{p} exists and is not a regular file")
+            raise SnapshotError(f"{p} exists and is not a regular file", check="save_create")
         try:
             # Every missing directory is created 0700 (Path.mkdir(parents=True)
             # would give the intermediate ones the default mode).
@@ -260,7 +260,7 @@ class Snapshot:
                     d.mkdir(mode=0o700, exist_ok=True)
         except OSError as e:
             # Same class as the core's own "cannot create" errors.
-            raise ConfigError(f"cannot create the directory of {p}: {e.strerror or e}") from None
+            raise ConfigError(f"cannot create the directory of {p}: {e.strerror or e}", check="save_create") from None
         with self._lock:
             _ffi.check(lib.kvmlab_snapshot_save(self._live(), os.fsencode(p)))
         return p

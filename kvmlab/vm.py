@@ -69,7 +69,7 @@ def _new_handle(config: VmConfig) -> Any:
     out = ffi.new("kvmlab_vm **")
     _ffi.check(lib.kvmlab_vm_new(c, out))
     if out[0] == ffi.NULL:
-        raise InternalError("kvmlab_vm_new succeeded but returned no VM")
+        raise InternalError("kvmlab_vm_new succeeded but returned no VM", check="internal")
     return out[0]
 
 
@@ -144,7 +144,7 @@ class _VmHandle(_ResetOps):
         """The handle; call with the lock held."""
         h = self._handle
         if h is None:
-            raise ClosedError(f"this VM ({self._guest}) is closed; boot a new one")
+            raise ClosedError(f"this VM ({self._guest}) is closed; boot a new one", check="vm_closed")
         return h
 
     # -- running ----------------------------------------------------------------
@@ -196,7 +196,7 @@ class _VmHandle(_ResetOps):
             raise err
         reason = REASONS.get(out.reason)
         if reason is None:
-            raise InternalError(f"the core returned unknown run reason {out.reason}")
+            raise InternalError(f"the core returned unknown run reason {out.reason}", check="internal")
         console, _ = self._take_console(h, final=(reason == "exit"), pending=int(out.console_bytes))
         result = RunResult(
             reason=reason,
@@ -345,15 +345,16 @@ class _VmHandle(_ResetOps):
         if r.reason != "checkpoint" or r.checkpoint_tag != SERVICE_TAG:
             err = GuestTimeoutError(
                 f"guest {self._guest} did not answer the service request (run ended with {r.reason}"
-                f"{' tag 0x%x' % r.checkpoint_tag if r.reason == 'checkpoint' else ''}); is it the service guest, waiting?"
+                f"{' tag 0x%x' % r.checkpoint_tag if r.reason == 'checkpoint' else ''}); is it the service guest, waiting?",
+                check="service_timeout",
             )
             err.console = r.console  # type: ignore[attr-defined]
             raise err
         if int.from_bytes(head[12:16], "little") != seq or n > SERVICE_MAX_BYTES:
-            raise GuestError(f"guest {self._guest} answered out of protocol (sequence or length wrong)")
+            raise GuestError(f"guest {self._guest} answered out of protocol (sequence or length wrong)", check="service_protocol")
         status = int.from_bytes(head[0x14:0x18], "little")
         if status == 1:
-            raise GuestError(f"guest {self._guest} does not know op {op!r}")
+            raise GuestError(f"guest {self._guest} does not know op {op!r}", check="service_op")
         return answer
 
     # -- snapshots ----------------------------------------------------------------------
@@ -509,7 +510,8 @@ def _resolve_guest(guest: GuestSpec) -> Guest:
     if isinstance(guest, os.PathLike):
         return Guest.from_file(guest)
     raise GuestError(
-        f"guest must be a built-in name, a path, a Guest or bytes; got {type(guest).__name__}"
+        f"guest must be a built-in name, a path, a Guest or bytes; got {type(guest).__name__}",
+        check="argument_type",
     )
 
 

@@ -53,11 +53,11 @@ pub const rflags_value: u64 = 0x3002; // IOPL=3, IF=0, reserved bit 1
 
 pub fn checkConfig(memory_bytes: u64, vcpus: u32) errors.Error!void {
     if (memory_bytes < min_memory_bytes or memory_bytes > max_memory_bytes)
-        return errors.fail(error.Config, "memory size {d} MiB is out of range: kvmlab guests need 8 .. 4096 MiB", .{memory_bytes >> 20});
+        return errors.fail(.vm_memory_range, "memory size {d} MiB is out of range: kvmlab guests need 8 .. 4096 MiB", .{memory_bytes >> 20});
     if (memory_bytes % huge_page_bytes != 0)
-        return errors.fail(error.Config, "memory size {d} bytes is not a multiple of 2 MiB", .{memory_bytes});
+        return errors.fail(.vm_memory_multiple, "memory size {d} bytes is not a multiple of 2 MiB", .{memory_bytes});
     if (vcpus < 1 or vcpus > max_vcpus)
-        return errors.fail(error.Config, "vcpus={d} is out of range: 1 .. {d}", .{ vcpus, max_vcpus });
+        return errors.fail(.vm_vcpus_range, "vcpus={d} is out of range: 1 .. {d}", .{ vcpus, max_vcpus });
 }
 
 fn put64(mem: []u8, gpa: u64, v: u64) void {
@@ -71,9 +71,9 @@ fn put32(mem: []u8, gpa: u64, v: u32) void {
 pub fn writeTables(mem: []u8, vcpus: u32, cpl: u32, args: []const u8) errors.Error!void {
     std.debug.assert(mem.len >= min_memory_bytes and mem.len % huge_page_bytes == 0);
     if (args.len > max_args_bytes)
-        return errors.fail(error.Config, "guest arguments are {d} bytes; the limit is {d}", .{ args.len, max_args_bytes });
+        return errors.fail(.guest_args_size, "guest arguments are {d} bytes; the limit is {d}", .{ args.len, max_args_bytes });
     if (cpl != 0 and cpl != 3)
-        return errors.fail(error.Config, "cpl={d}: kvmlab guests run at CPL 3 (default) or 0", .{cpl});
+        return errors.fail(.cpl, "cpl={d}: kvmlab guests run at CPL 3 (default) or 0", .{cpl});
 
     // GDT: null, kernel code64, kernel data, user code64, user data, TSS (16 bytes).
     put64(mem, gdt_gpa + 0x00, 0);
@@ -123,10 +123,10 @@ pub fn writeTables(mem: []u8, vcpus: u32, cpl: u32, args: []const u8) errors.Err
 /// Loads a flat binary (at 1 MiB) or a static x86_64 ELF into guest memory and
 /// returns the entry address. Every field read from the image is bounded before use.
 pub fn loadImage(mem: []u8, image: []const u8) errors.Error!u64 {
-    if (image.len == 0) return errors.fail(error.Guest, "guest image is empty", .{});
+    if (image.len == 0) return errors.fail(.image_empty, "guest image is empty", .{});
     if (image.len >= 4 and std.mem.eql(u8, image[0..4], "\x7fELF")) return loadElf(mem, image);
     if (image.len > max_image_bytes)
-        return errors.fail(error.Guest, "flat guest image is {d} bytes; at most {d} fit at 1 MiB", .{ image.len, max_image_bytes });
+        return errors.fail(.image_size, "flat guest image is {d} bytes; at most {d} fit at 1 MiB", .{ image.len, max_image_bytes });
     @memcpy(mem[@intCast(image_gpa)..][0..image.len], image);
     return image_gpa;
 }
@@ -134,21 +134,21 @@ pub fn loadImage(mem: []u8, image: []const u8) errors.Error!u64 {
 fn loadElf(mem: []u8, image: []const u8) errors.Error!u64 {
     const ehdr_bytes = 64;
     const phdr_bytes = 56;
-    if (image.len < ehdr_bytes) return errors.fail(error.Guest, "ELF image truncated: {d} bytes, header needs 64", .{image.len});
+    if (image.len < ehdr_bytes) return errors.fail(.elf_truncated, "ELF image truncated: {d} bytes, header needs 64", .{image.len});
     if (image[4] != 2 or image[5] != 1)
-        return errors.fail(error.Guest, "ELF image is not 64-bit little-endian", .{});
+        return errors.fail(.elf_class, "ELF image is not 64-bit little-endian", .{});
     const e_type = std.mem.readInt(u16, image[16..18], .little);
     const e_machine = std.mem.readInt(u16, image[18..20], .little);
-    if (e_machine != 62) return errors.fail(error.Guest, "ELF machine {d} is not x86_64 (62)", .{e_machine});
-    if (e_type != 2) return errors.fail(error.Guest, "ELF type {d} is not a static executable (ET_EXEC=2)", .{e_type});
+    if (e_machine != 62) return errors.fail(.elf_machine, "ELF machine {d} is not x86_64 (62)", .{e_machine});
+    if (e_type != 2) return errors.fail(.elf_type, "ELF type {d} is not a static executable (ET_EXEC=2)", .{e_type});
     const entry = std.mem.readInt(u64, image[24..32], .little);
     const phoff = std.mem.readInt(u64, image[32..40], .little);
     const phentsize = std.mem.readInt(u16, image[54..56], .little);
     const phnum = std.mem.readInt(u16, image[56..58], .little);
-    if (phentsize != phdr_bytes) return errors.fail(error.Guest, "ELF program header size {d}, expected 56", .{phentsize});
-    if (phnum == 0 or phnum > 64) return errors.fail(error.Guest, "ELF has {d} program headers (1 .. 64 allowed)", .{phnum});
+    if (phentsize != phdr_bytes) return errors.fail(.elf_phentsize, "ELF program header size {d}, expected 56", .{phentsize});
+    if (phnum == 0 or phnum > 64) return errors.fail(.elf_phnum, "ELF has {d} program headers (1 .. 64 allowed)", .{phnum});
     if (phoff > image.len or image.len - phoff < @as(u64, phnum) * phdr_bytes)
-        return errors.fail(error.Guest, "ELF program headers lie outside the file", .{});
+        return errors.fail(.elf_phdrs_bounds, "ELF program headers lie outside the file", .{});
     var loaded: usize = 0;
     var i: usize = 0;
     while (i < phnum) : (i += 1) {
@@ -158,18 +158,18 @@ fn loadElf(mem: []u8, image: []const u8) errors.Error!u64 {
         const vaddr = std.mem.readInt(u64, ph[16..24], .little);
         const filesz = std.mem.readInt(u64, ph[32..40], .little);
         const memsz = std.mem.readInt(u64, ph[40..48], .little);
-        if (filesz > memsz) return errors.fail(error.Guest, "ELF segment {d}: file size > memory size", .{i});
+        if (filesz > memsz) return errors.fail(.elf_segment_size, "ELF segment {d}: file size > memory size", .{i});
         if (offset > image.len or image.len - offset < filesz)
-            return errors.fail(error.Guest, "ELF segment {d} lies outside the file", .{i});
+            return errors.fail(.elf_segment_bounds, "ELF segment {d} lies outside the file", .{i});
         if (vaddr < image_gpa or vaddr > image_end_gpa or image_end_gpa - vaddr < memsz)
-            return errors.fail(error.Guest, "ELF segment {d} at 0x{x} (+{d} bytes) is outside the image area [0x100000, 0x400000)", .{ i, vaddr, memsz });
+            return errors.fail(.elf_segment_address, "ELF segment {d} at 0x{x} (+{d} bytes) is outside the image area [0x100000, 0x400000)", .{ i, vaddr, memsz });
         @memcpy(mem[@intCast(vaddr)..][0..@intCast(filesz)], image[@intCast(offset)..][0..@intCast(filesz)]);
         @memset(mem[@intCast(vaddr + filesz)..][0..@intCast(memsz - filesz)], 0);
         loaded += 1;
     }
-    if (loaded == 0) return errors.fail(error.Guest, "ELF image has no PT_LOAD segment", .{});
+    if (loaded == 0) return errors.fail(.elf_no_load, "ELF image has no PT_LOAD segment", .{});
     if (entry < image_gpa or entry >= image_end_gpa)
-        return errors.fail(error.Guest, "ELF entry 0x{x} is outside the image area", .{entry});
+        return errors.fail(.elf_entry, "ELF entry 0x{x} is outside the image area", .{entry});
     return entry;
 }
 

@@ -69,84 +69,236 @@ pub fn toResult(e: Error) Result {
     };
 }
 
-/// Which check refused an input (a snapshot, a state blob): the machine-
-/// readable id of a `Snapshot` error, next to its message. The steps of
-/// snapshot.check() and state.parse() each fail with their own id, in the
-/// order listed in those files. `none`: the last error was not a failed check.
+/// The machine-readable id of every refusal: each failure site of the core
+/// fails with its own id (`fail(.cpuid_leaf, ...)`), and the id decides the
+/// error class. The value says the class once: `value / 100` is the negated
+/// `Result` of the class (cpuid_leaf = 1301 is an `incompatible` error). Ids
+/// are stable (never renumber one; add new ones at the end of their class)
+/// and every id is documented in docs/errors.md (tests/test_errors.py checks
+/// both). `none`: no failure recorded on this thread.
 pub const Check = enum(c_int) {
     none = 0,
-    // snapshot.check(), in order
-    size = 1,
-    magic = 2,
-    version = 3,
-    arch = 4,
-    header_size = 5,
-    section_count = 6,
-    total_bytes = 7,
-    section_kind = 8,
-    state_limit = 9,
-    section_bounds = 10,
-    memory_alignment = 11,
-    section_overlap = 12,
-    memory_size = 13,
-    present_pages = 14,
-    flags = 15,
-    memory_section_size = 16,
-    reserved = 17,
-    padding = 18,
-    header_crc = 19,
-    state_crc = 20,
+    // out_of_memory
+    out_of_memory = 100, // an allocation failed (no site of its own)
+    guest_memory_map = 101,
+    thread_spawn = 102,
+    snapshot_memory_map = 103,
+    sigbus_slots = 104,
+    // kvm_unavailable: /dev/kvm (host.zig)
+    kvm_open = 201,
+    kvm_open_limit = 202,
+    kvm_missing = 203,
+    kvm_permission = 204,
+    kvm_api_version = 205,
+    kvm_mmap_size = 206,
+    kvm_capability = 207,
+    // kvm_failed
+    ioctl_failed = 301, // the message names the ioctl
+    state_read = 302,
+    msr_read = 303,
+    cpuid_entries = 304,
+    state_write = 305,
+    vcpu_mmap = 306,
+    pending_io = 307,
+    snapshot_mapping = 308,
+    fault_injected = 309,
+    // config: arguments of the C ABI
+    null_argument = 401,
+    vm_memory_range = 402,
+    vm_memory_multiple = 403,
+    vm_vcpus_range = 404,
+    guest_args_size = 405,
+    cpl = 406,
+    strategy_needs_file = 407,
+    strategy_pool_only = 408,
+    floor_shell = 409,
+    vcpu_index = 410,
+    unknown_strategy = 411,
+    unknown_reset_mode = 412,
+    unknown_fault_site = 413,
+    loop_limit = 414,
+    buffer_size = 415,
+    pool_max_size = 416,
+    pool_min_size = 417,
+    snapshot_path = 418,
+    save_create = 419,
+    save_write = 420,
+    save_rename = 421,
+    drop_needs_map = 422,
+    loop_inputs = 423,
+    loop_offsets = 424,
+    loop_console = 425,
+    input_size = 426,
+    fork_count = 427,
+    fork_threads = 428,
+    // guest: the image (boot.zig)
+    image_empty = 501,
+    image_size = 502,
+    elf_truncated = 503,
+    elf_class = 504,
+    elf_machine = 505,
+    elf_type = 506,
+    elf_phentsize = 507,
+    elf_phnum = 508,
+    elf_phdrs_bounds = 509,
+    elf_segment_size = 510,
+    elf_segment_bounds = 511,
+    elf_segment_address = 512,
+    elf_no_load = 513,
+    elf_entry = 514,
+    // guest_crash: the first crash of a run (shell.zig's crash causes)
+    guest_crash = 601, // a crash with no cause of its own
+    snapshot_crashed = 602,
+    run_efault = 603,
+    run_failed = 604,
+    triple_fault = 605,
+    emulation_failed = 606,
+    entry_failed = 607,
+    mmio_outside = 608,
+    unexpected_exit = 609,
+    io_data_outside = 610,
+    port_read_size = 611,
+    unknown_port_read = 612,
+    console_descriptor = 613,
+    console_write = 614,
+    unknown_port_write = 615,
+    // timeout
+    prepare_timeout = 701,
+    // snapshot: snapshot.check(), in order
+    size = 801,
+    magic = 802,
+    version = 803,
+    arch = 804,
+    header_size = 805,
+    section_count = 806,
+    total_bytes = 807,
+    section_kind = 808,
+    state_limit = 809,
+    section_bounds = 810,
+    memory_alignment = 811,
+    section_overlap = 812,
+    memory_size = 813,
+    present_pages = 814,
+    flags = 815,
+    memory_section_size = 816,
+    reserved = 817,
+    padding = 818,
+    header_crc = 819,
+    state_crc = 820,
     // (the STATE section is then checked by state.parse: the state_* ids)
-    state_memory = 22,
-    page_count = 23,
-    memory_crc = 24,
-    vcpu_count = 25,
+    state_memory = 822,
+    page_count = 823,
+    memory_crc = 824,
+    vcpu_count = 825,
     // snapshot.load() of a file, after check()
-    file = 26,
-    holes = 27,
+    file = 826,
+    holes = 827,
     // state.parse(), in order
-    state_size = 40,
-    state_magic = 41,
-    state_version = 42,
-    state_shape = 43,
-    state_record_count = 44,
-    state_record = 45,
-    state_trailing = 46,
-    state_missing = 47,
+    state_size = 840,
+    state_magic = 841,
+    state_version = 842,
+    state_shape = 843,
+    state_record_count = 844,
+    state_record = 845,
+    state_trailing = 846,
+    state_missing = 847,
+    state_alignment = 848,
     // using a snapshot
     /// The snapshot does not fit the VM or pool it is restored into.
-    shape = 60,
+    shape = 860,
     /// The file behind a loaded snapshot was truncated or replaced.
-    damaged = 61,
+    damaged = 861,
+    // closed
+    null_handle = 901,
+    vm_closed = 902,
+    pool_closed = 903,
+    // busy
+    vm_has_guest = 1001,
+    vm_no_guest = 1002,
+    vm_running = 1003,
+    not_resettable = 1004,
+    pool_no_idle = 1005,
+    // bounds
+    gpa_out_of_range = 1101,
+    // pool_exhausted
+    pool_exhausted = 1201,
+    pool_wait_timeout = 1202,
+    prepare_max_size = 1203,
+    prepare_targets = 1204,
+    // incompatible: the snapshot needs what this host lacks (state.zig)
+    cpuid_leaf = 1301,
+    cpuid_features = 1302,
+    xsave_size = 1303,
+    cpuid_set = 1304,
+    msr_refused = 1305,
 };
+
+/// The Zig error of each `Result` but ok and internal.
+fn errorOfResult(r: Result) ?Error {
+    inline for (@typeInfo(Error).error_set.error_names.?) |name| {
+        const err = @field(Error, name);
+        if (toResult(err) == r) return err;
+    }
+    return null;
+}
+
+fn resultOfCheck(c: Check) ?Result {
+    return std.enums.fromInt(Result, -@divTrunc(@intFromEnum(c), 100));
+}
+
+comptime {
+    // Every id but none names a class: errorOf cannot fail.
+    @setEvalBranchQuota(100 * std.meta.tags(Check).len * std.meta.tags(Result).len);
+    for (std.meta.tags(Check)) |c| {
+        if (c == .none) continue;
+        const r = resultOfCheck(c) orelse @compileError("check id " ++ @tagName(c) ++ " is in no class's hundred");
+        if (errorOfResult(r) == null) @compileError("check id " ++ @tagName(c) ++ " is in the hundred of a result with no error");
+    }
+}
+
+/// The error class of a check id (its hundred, see `Check`).
+pub fn errorOf(c: Check) Error {
+    std.debug.assert(c != .none);
+    return errorOfResult(resultOfCheck(c) orelse unreachable) orelse unreachable; // proven for every tag above
+}
 
 threadlocal var last_check: Check = .none;
 
-/// Fails with `Snapshot`, recording `check` as the id of the failed check.
-pub fn failCheck(check: Check, comptime fmt: []const u8, args: anytype) Error {
-    setMessage(fmt, args);
-    last_check = check;
-    return error.Snapshot;
-}
-
-/// The id of this thread's last failed check (`none` unless the last error
-/// came from failCheck).
+/// The id of this thread's last failure (`none` if it recorded none).
 pub fn lastCheck() Check {
     return last_check;
+}
+
+/// The C ABI's result of a failed call: an error that did not come from
+/// `fail` (an allocator's OutOfMemory passed up with `try`) would leave an
+/// older id and message behind; it gets the generic `out_of_memory` id (or
+/// `none`) and a message saying so.
+pub fn finish(e: Error) Result {
+    if (last_check == .none or errorOf(last_check) != e) {
+        if (e == error.OutOfMemory) {
+            setMessage("out of memory: the host could not allocate; free memory or use fewer or smaller VMs", .{});
+            last_check = .out_of_memory;
+        } else {
+            setMessage("kvmlab core call failed ({s})", .{@tagName(toResult(e))});
+        }
+    }
+    return toResult(e);
 }
 
 pub const message_capacity = 1024;
 threadlocal var message_buf: [message_capacity]u8 = undefined;
 threadlocal var message_len: usize = 0;
 
-/// Records a message for `kvmlab_last_error_message()` and returns `e`, so
-/// callers write `return errors.fail(error.Config, "...", .{...})`.
-pub fn fail(e: Error, comptime fmt: []const u8, args: anytype) Error {
+/// Records `check` and a message for `kvmlab_last_error_check()` and
+/// `kvmlab_last_error_message()`, and returns the check's error class, so
+/// callers write `return errors.fail(.vm_running, "...", .{...})`.
+pub fn fail(check: Check, comptime fmt: []const u8, args: anytype) Error {
     setMessage(fmt, args);
-    return e;
+    last_check = check;
+    return errorOf(check);
 }
 
-pub fn setMessage(comptime fmt: []const u8, args: anytype) void {
+fn setMessage(comptime fmt: []const u8, args: anytype) void {
     last_check = .none;
     // Leave room for the terminating NUL; a message that does not fit is cut.
     const out = std.fmt.bufPrint(message_buf[0 .. message_capacity - 1], fmt, args) catch blk: {
@@ -166,23 +318,55 @@ pub fn message() [*:0]const u8 {
 /// Fails with `KvmFailed`, naming the ioctl and the errno it returned.
 pub fn ioctlFailed(what: []const u8) Error {
     const kvm = @import("kvm.zig"); // below errors in spirit: only last_errno
-    return fail(error.KvmFailed, "{s} failed: E{s}", .{ what, @tagName(kvm.last_errno) });
+    return fail(.ioctl_failed, "{s} failed: E{s}", .{ what, @tagName(kvm.last_errno) });
 }
 
 test "messages are NUL-terminated and cut when too long" {
-    try std.testing.expectEqual(error.Config, fail(error.Config, "bad value {d}", .{42}));
+    try std.testing.expectEqual(error.Config, fail(.cpl, "bad value {d}", .{42}));
     try std.testing.expectEqualStrings("bad value 42", std.mem.span(message()));
     var long: [3000]u8 = undefined;
     @memset(&long, 'x');
-    try std.testing.expectEqual(error.Config, fail(error.Config, "{s}", .{@as([]const u8, &long)}));
+    try std.testing.expectEqual(error.Config, fail(.cpl, "{s}", .{@as([]const u8, &long)}));
     const m = std.mem.span(message());
     try std.testing.expectEqual(@as(usize, message_capacity - 1), m.len);
     try std.testing.expect(std.mem.endsWith(u8, m, "..."));
 }
 
-test "a failed check records its id; any other failure clears it" {
-    try std.testing.expectEqual(error.Snapshot, failCheck(.magic, "bad magic", .{}));
+test "a failure records its id; the id decides the error class" {
+    try std.testing.expectEqual(error.Snapshot, fail(.magic, "bad magic", .{}));
     try std.testing.expectEqual(Check.magic, lastCheck());
-    try std.testing.expectEqual(error.Config, fail(error.Config, "x", .{}));
+    try std.testing.expectEqual(error.Incompatible, fail(.cpuid_leaf, "x", .{}));
+    try std.testing.expectEqual(Check.cpuid_leaf, lastCheck());
+    try std.testing.expectEqual(error.PoolExhausted, errorOf(.pool_exhausted));
+    try std.testing.expectEqual(error.Closed, errorOf(.pool_closed));
+    try std.testing.expectEqual(error.Busy, errorOf(.vm_running));
+    try std.testing.expectEqual(error.Bounds, errorOf(.gpa_out_of_range));
+    try std.testing.expectEqual(error.OutOfMemory, errorOf(.out_of_memory));
+}
+
+test "every id but none is in the hundred of its class, and every class has an id" {
+    var seen: std.EnumSet(Result) = .empty;
+    for (std.meta.tags(Check)) |c| {
+        if (c == .none) continue;
+        const e = errorOf(c);
+        try std.testing.expectEqual(-@divTrunc(@intFromEnum(c), 100), @intFromEnum(toResult(e)));
+        seen.insert(toResult(e));
+    }
+    for (std.meta.tags(Result)) |r| {
+        if (r == .ok or r == .internal) continue;
+        try std.testing.expect(seen.contains(r));
+    }
+}
+
+test "finish: an error that did not come from fail gets no stale id" {
+    try std.testing.expectEqual(error.Snapshot, fail(.magic, "bad magic", .{}));
+    try std.testing.expectEqual(Result.snapshot, finish(error.Snapshot));
+    try std.testing.expectEqual(Check.magic, lastCheck()); // from fail: kept
+    try std.testing.expectEqual(Result.out_of_memory, finish(error.OutOfMemory));
+    try std.testing.expectEqual(Check.out_of_memory, lastCheck());
+    try std.testing.expect(std.mem.startsWith(u8, std.mem.span(message()), "out of memory"));
+    try std.testing.expectEqual(error.Snapshot, fail(.magic, "bad magic", .{}));
+    try std.testing.expectEqual(Result.config, finish(error.Config));
     try std.testing.expectEqual(Check.none, lastCheck());
+    try std.testing.expectEqualStrings("kvmlab core call failed (config)", std.mem.span(message()));
 }

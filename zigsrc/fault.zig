@@ -22,7 +22,7 @@ var passes = std.atomic.Value(u32).init(0);
 
 /// Fails the step `site` after it has passed `after` more times. `site` 0 disarms.
 pub fn arm(site: c_int, after: u32) errors.Error!void {
-    if (std.enums.fromInt(Site, site) == null) return errors.fail(error.Config, "unknown fault site {d} (1 .. 8)", .{site});
+    if (std.enums.fromInt(Site, site) == null) return errors.fail(.unknown_fault_site, "unknown fault site {d} (1 .. 8)", .{site});
     passes.store(after, .release);
     armed.store(@intCast(site), .release);
 }
@@ -33,7 +33,7 @@ pub fn check(site: Site) errors.Error!void {
         const left = passes.load(.acquire);
         if (left == 0) {
             if (armed.cmpxchgStrong(@intCast(@intFromEnum(site)), 0, .acq_rel, .acquire) == null)
-                return errors.fail(error.KvmFailed, "injected fault at shell step '{s}' (test switch kvmlab_fault_inject)", .{@tagName(site)});
+                return errors.fail(.fault_injected, "injected fault at shell step '{s}' (test switch kvmlab_fault_inject)", .{@tagName(site)});
             return;
         }
         if (passes.cmpxchgWeak(left, left - 1, .acq_rel, .acquire) == null) return;

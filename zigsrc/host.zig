@@ -19,7 +19,7 @@ pub const Host = struct {
 
 var host: Host = undefined;
 var state = std.atomic.Value(u8).init(0); // 0 = not opened, 1 = opening, 2 = ready
-var open_error: errors.Error = error.KvmUnavailable;
+var open_check: errors.Check = .kvm_open;
 var open_message: [512]u8 = undefined;
 var open_message_len: usize = 0;
 
@@ -29,8 +29,7 @@ pub fn get() errors.Error!*const Host {
         switch (state.load(.acquire)) {
             2 => return &host,
             3 => {
-                errors.setMessage("{s}", .{open_message[0..open_message_len]});
-                return open_error;
+                return errors.fail(open_check, "{s}", .{open_message[0..open_message_len]});
             },
             0 => if (state.cmpxchgStrong(0, 1, .acquire, .monotonic) == null) {
                 if (open()) {
@@ -43,7 +42,7 @@ pub fn get() errors.Error!*const Host {
                     }
                     // Remember permanent failures, so a missing /dev/kvm fails fast and
                     // the message stays the same for every caller.
-                    open_error = e;
+                    open_check = if (errors.lastCheck() == .none) .kvm_open else errors.lastCheck();
                     const m = std.mem.span(errors.message());
                     open_message_len = @min(m.len, open_message.len);
                     @memcpy(open_message[0..open_message_len], m[0..open_message_len]);
@@ -64,21 +63,21 @@ fn open() errors.Error!void {
     switch (linux.errno(rc)) {
         .MFILE, .NFILE, .NOMEM, .INTR, .AGAIN => |e| {
             transient = true;
-            return errors.fail(error.KvmUnavailable, "cannot open /dev/kvm: E{s} (a resource limit: close files or raise RLIMIT_NOFILE, then retry)", .{@tagName(e)});
+            return errors.fail(.kvm_open_limit, "cannot open /dev/kvm: E{s} (a resource limit: close files or raise RLIMIT_NOFILE, then retry)", .{@tagName(e)});
         },
         .SUCCESS => {},
-        .NOENT => return errors.fail(error.KvmUnavailable, "/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) or enable virtualization in the BIOS/hypervisor", .{}),
-        .ACCES, .PERM => return errors.fail(error.KvmUnavailable, "/dev/kvm: permission denied: add yourself to group kvm (sudo usermod -aG kvm $USER) and log in again", .{}),
-        else => |e| return errors.fail(error.KvmUnavailable, "cannot open /dev/kvm: E{s}", .{@tagName(e)}),
+        .NOENT => return errors.fail(.kvm_missing, "/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) or enable virtualization in the BIOS/hypervisor", .{}),
+        .ACCES, .PERM => return errors.fail(.kvm_permission, "/dev/kvm: permission denied: add yourself to group kvm (sudo usermod -aG kvm $USER) and log in again", .{}),
+        else => |e| return errors.fail(.kvm_open, "cannot open /dev/kvm: E{s}", .{@tagName(e)}),
     }
     const fd: linux.fd_t = @intCast(rc);
     errdefer _ = linux.close(fd);
     const system = kvm.System{ .fd = fd };
     const version = system.apiVersion() catch return errors.ioctlFailed("KVM_GET_API_VERSION");
-    if (version != 12) return errors.fail(error.KvmUnavailable, "KVM API version {d}; kvmlab needs 12", .{version});
+    if (version != 12) return errors.fail(.kvm_api_version, "KVM API version {d}; kvmlab needs 12", .{version});
     const mmap_bytes = system.vcpuMmapSize() catch return errors.ioctlFailed("KVM_GET_VCPU_MMAP_SIZE");
     if (mmap_bytes < @sizeOf(kvm.Run) or mmap_bytes > 1 << 20)
-        return errors.fail(error.KvmUnavailable, "KVM reports a vCPU mmap size of {d} bytes", .{mmap_bytes});
+        return errors.fail(.kvm_mmap_size, "KVM reports a vCPU mmap size of {d} bytes", .{mmap_bytes});
     const required = [_]struct { cap: u32, name: []const u8 }{
         .{ .cap = kvm.CAP_USER_MEMORY, .name = "KVM_CAP_USER_MEMORY" },
         .{ .cap = kvm.CAP_IRQCHIP, .name = "KVM_CAP_IRQCHIP" },
@@ -88,7 +87,7 @@ fn open() errors.Error!void {
         .{ .cap = kvm.CAP_MP_STATE, .name = "KVM_CAP_MP_STATE" },
     };
     for (required) |r| {
-        if (system.checkExtension(r.cap) == 0) return errors.fail(error.KvmUnavailable, "this KVM lacks {s}, which kvmlab needs", .{r.name});
+        if (system.checkExtension(r.cap) == 0) return errors.fail(.kvm_capability, "this KVM lacks {s}, which kvmlab needs", .{r.name});
     }
     host.system = system;
     host.api_version = @intCast(version);
@@ -99,7 +98,7 @@ fn open() errors.Error!void {
 fn loadCpuid(system: kvm.System) errors.Error!void {
     var buf: kvm.CpuidBuf = .{ .nent = max_cpuid_entries };
     system.getSupportedCpuid(&buf) catch return errors.ioctlFailed("KVM_GET_SUPPORTED_CPUID");
-    if (buf.nent > max_cpuid_entries) return errors.fail(error.KvmFailed, "KVM returned {d} CPUID entries", .{buf.nent});
+    if (buf.nent > max_cpuid_entries) return errors.fail(.cpuid_entries, "KVM returned {d} CPUID entries", .{buf.nent});
     host.cpuid_count = buf.nent;
     host.cpuid = buf.entries;
 }

@@ -65,7 +65,7 @@ pub const Machine = struct {
 
     fn resettableOrFail(m: *Machine) errors.Error!*reset.Resettable {
         if (m.resettable) |*r| return r;
-        return errors.fail(error.Busy, "this VM was not restored with reset enabled (restore it with resettable=True)", .{});
+        return errors.fail(.not_resettable, "this VM was not restored with reset enabled (restore it with resettable=True)", .{});
     }
 
     pub fn resetTo(m: *Machine, mode: reset.Mode, times: *reset.Times) errors.Error!void {
@@ -74,7 +74,7 @@ pub const Machine = struct {
 
     pub fn resetFloor(m: *Machine, times: *reset.Times) errors.Error!void {
         const r = try m.resettableOrFail();
-        if (m.shell.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
+        if (m.shell.running.swap(true, .acq_rel)) return errors.fail(.vm_running, "cannot reset a running VM", .{});
         defer m.shell.running.store(false, .release);
         try reset.floor(m.shell, r, false, times);
     }

@@ -172,9 +172,9 @@ pub fn PoolOf(comptime F: type) type {
 
         pub fn checkConfig(cfg: Config) errors.Error!void {
             try boot.checkConfig(cfg.memory_bytes, cfg.vcpus);
-            if (cfg.max_size == 0) return errors.fail(error.Config, "PoolConfig max_size must be at least 1", .{});
-            if (cfg.max_size > max_pool_size) return errors.fail(error.Config, "PoolConfig max_size {d} is over the limit of {d}", .{ cfg.max_size, max_pool_size });
-            if (cfg.min_size > cfg.max_size) return errors.fail(error.Config, "PoolConfig min_size {d} is larger than max_size {d}", .{ cfg.min_size, cfg.max_size });
+            if (cfg.max_size == 0) return errors.fail(.pool_max_size, "PoolConfig max_size must be at least 1", .{});
+            if (cfg.max_size > max_pool_size) return errors.fail(.pool_max_size, "PoolConfig max_size {d} is over the limit of {d}", .{ cfg.max_size, max_pool_size });
+            if (cfg.min_size > cfg.max_size) return errors.fail(.pool_min_size, "PoolConfig min_size {d} is larger than max_size {d}", .{ cfg.min_size, cfg.max_size });
         }
 
         /// Creates the pool, warms `min_size` shells (in the caller, so errors
@@ -195,7 +195,7 @@ pub fn PoolOf(comptime F: type) type {
             p.refill = std.Thread.spawn(.{ .stack_size = thread_stack_bytes, .allocator = allocator }, refillLoop, .{p}) catch null;
             if (p.refill == null or p.reapers[0] == null) {
                 p.close();
-                return errors.fail(error.OutOfMemory, "cannot start the pool's threads", .{});
+                return errors.fail(.thread_spawn, "cannot start the pool's threads", .{});
             }
             return p;
         }
@@ -233,7 +233,7 @@ pub fn PoolOf(comptime F: type) type {
                 p.pushIdle(vm);
             }
             p.unlockIt();
-            if (p.isClosed()) return errors.fail(error.Closed, "the pool is closed", .{});
+            if (p.isClosed()) return errors.fail(.pool_closed, "the pool is closed", .{});
         }
 
         fn isClosed(p: *Self) bool {
@@ -281,10 +281,10 @@ pub fn PoolOf(comptime F: type) type {
         pub fn takeIdle(p: *Self) errors.Error!*Vm {
             p.lockIt();
             defer p.unlockIt();
-            if (p.closed) return errors.fail(error.Closed, "the pool is closed", .{});
-            if (p.idle_len == 0) return errors.fail(error.Busy, "the pool has no idle shell; warm it first", .{});
+            if (p.closed) return errors.fail(.pool_closed, "the pool is closed", .{});
+            if (p.idle_len == 0) return errors.fail(.pool_no_idle, "the pool has no idle shell; warm it first", .{});
             if (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)
-                return errors.fail(error.PoolExhausted, "{d} VMs are in use (max_in_use={d})", .{ p.in_use, p.cfg.max_in_use });
+                return errors.fail(.pool_exhausted, "{d} VMs are in use (max_in_use={d})", .{ p.in_use, p.cfg.max_in_use });
             p.idle_len -= 1;
             p.in_use += 1;
             // No refill signal here: as in restore(), a refill woken now would
@@ -296,20 +296,20 @@ pub fn PoolOf(comptime F: type) type {
         /// failure the accounting is rolled back and the shell is discarded.
         pub fn restore(p: *Self, parsed: *const state.Parsed, src: F.Source, wait_ns: u64, times: *restore_mod.Times, acquire_ns: *u64, hit_out: *bool, seq_out: *u64) errors.Error!*Vm {
             if (parsed.memory_bytes != p.cfg.memory_bytes or parsed.vcpus != p.cfg.vcpus)
-                return errors.failCheck(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
+                return errors.fail(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
             const t0 = shell.monotonicNs();
             p.lockIt();
             if (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use) {
                 if (wait_ns == 0) {
                     p.unlockIt();
-                    return errors.fail(error.PoolExhausted, "{d} VMs are in use (max_in_use={d}): release one, or pass timeout_s to wait", .{ p.in_use, p.cfg.max_in_use });
+                    return errors.fail(.pool_exhausted, "{d} VMs are in use (max_in_use={d}): release one, or pass timeout_s to wait", .{ p.in_use, p.cfg.max_in_use });
                 }
                 const deadline = t0 + wait_ns;
                 while (!p.closed and p.in_use >= p.cfg.max_in_use) {
                     const now = shell.monotonicNs();
                     if (now >= deadline) {
                         p.unlockIt();
-                        return errors.fail(error.PoolExhausted, "no VM was released within the timeout (max_in_use={d})", .{p.cfg.max_in_use});
+                        return errors.fail(.pool_wait_timeout, "no VM was released within the timeout (max_in_use={d})", .{p.cfg.max_in_use});
                     }
                     var ts = realtimeIn(deadline - now);
                     _ = c.pthread_cond_timedwait(&p.room, &p.lock, &ts);
@@ -317,7 +317,7 @@ pub fn PoolOf(comptime F: type) type {
             }
             if (p.closed) {
                 p.unlockIt();
-                return errors.fail(error.Closed, "the pool is closed", .{});
+                return errors.fail(.pool_closed, "the pool is closed", .{});
             }
             var vm: ?*Vm = null;
             if (p.idle_len > 0) {

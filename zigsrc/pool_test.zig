@@ -25,7 +25,7 @@ const Fake = struct {
     var fail_create = std.atomic.Value(bool).init(false);
 
     pub fn create(_: u64, _: u32) errors.Error!*Item {
-        if (fail_create.load(.acquire)) return errors.fail(error.KvmFailed, "fake: creation fails", .{});
+        if (fail_create.load(.acquire)) return errors.fail(.ioctl_failed, "fake: creation fails", .{});
         const it = allocator.create(Item) catch return error.OutOfMemory;
         it.* = .{};
         _ = created.fetchAdd(1, .acq_rel);
@@ -37,7 +37,7 @@ const Fake = struct {
     }
     /// A copy source with a 1-byte memory stands for a restore that fails.
     pub fn restoreInto(_: *Item, _: *const state.Parsed, src: Source, times: *restore_mod.Times) errors.Error!void {
-        if (src == .copy and src.copy.memory.len == 1) return errors.fail(error.Snapshot, "fake: restore fails", .{});
+        if (src == .copy and src.copy.memory.len == 1) return errors.fail(.shape, "fake: restore fails", .{});
         times.* = .{};
     }
     pub fn resetForReuse(_: *Item) errors.Error!void {}
@@ -51,7 +51,7 @@ const Fake = struct {
     var fail_prepare = std.atomic.Value(bool).init(false);
     var snap_refs = std.atomic.Value(i32).init(0);
     pub fn prepareInto(it: *Item, snap: *snapshot.Snapshot, _: restore_mod.Strategy, _: *restore_mod.Times) errors.Error!void {
-        if (fail_prepare.load(.acquire)) return errors.fail(error.Snapshot, "fake: prepare fails", .{});
+        if (fail_prepare.load(.acquire)) return errors.fail(.shape, "fake: prepare fails", .{});
         it.resets_to = snap;
     }
     pub fn setIdentity(it: *Item, identity: u64) void {

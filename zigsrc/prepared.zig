@@ -91,14 +91,14 @@ pub fn preparedCount(p: anytype, snap: *const snapshot.Snapshot) u32 {
 pub fn setTarget(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore_mod.Strategy, external: bool, identity: bool) errors.Error!void {
     p.lockIt();
     defer p.unlockIt();
-    if (p.closed) return errors.fail(error.Closed, "the pool is closed", .{});
+    if (p.closed) return errors.fail(.pool_closed, "the pool is closed", .{});
     const found = p.findTarget(snap);
     var total: u64 = n;
     for (p.targets[0..p.targets_len]) |*t| total += if (t == found) 0 else t.n;
     if (total > p.cfg.max_size)
-        return errors.fail(error.PoolExhausted, "{d} prepared VMs over all snapshots would exceed max_size={d}: raise PoolConfig max_size or prepare fewer", .{ total, p.cfg.max_size });
+        return errors.fail(.prepare_max_size, "{d} prepared VMs over all snapshots would exceed max_size={d}: raise PoolConfig max_size or prepare fewer", .{ total, p.cfg.max_size });
     if (found == null and n > 0 and p.targets_len == max_targets)
-        return errors.fail(error.PoolExhausted, "{d} snapshots are prepared already (the limit): prepare(snap, 0) one of them first", .{max_targets});
+        return errors.fail(.prepare_targets, "{d} snapshots are prepared already (the limit): prepare(snap, 0) one of them first", .{max_targets});
     const t = found orelse blk: {
         if (n == 0) return;
         p.targets[p.targets_len] = .{ .snap = FactoryOf(@TypeOf(p)).retainSnap(snap), .n = 0, .strategy = strategy, .external = external };
@@ -215,7 +215,7 @@ pub fn prepare(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore_m
         if (!p.preparing(snap)) return;
         _ = std.os.linux.nanosleep(&.{ .sec = 0, .nsec = std.time.ns_per_ms }, null);
     }
-    return errors.fail(error.Timeout, "the pool did not prepare {d} VMs within {d} s", .{ n, prepare_wait_rounds / 1000 });
+    return errors.fail(.prepare_timeout, "the pool did not prepare {d} VMs within {d} s", .{ n, prepare_wait_rounds / 1000 });
 }
 
 /// prepare() waits this many 1 ms rounds at most for VMs in flight.
@@ -243,7 +243,7 @@ pub fn waitPrepareNeed(p: anytype, wait_ns: u64) errors.Error!bool {
         var ts = @typeInfo(@TypeOf(p)).pointer.child.deadlineIn(deadline - now);
         _ = c.pthread_cond_timedwait(&p.need_cv, &p.lock, &ts);
     }
-    return errors.fail(error.Closed, "the pool is closed", .{});
+    return errors.fail(.pool_closed, "the pool is closed", .{});
 }
 
 /// With the lock held: the identity of the next take of a target that asks

@@ -47,7 +47,7 @@ pub const Resettable = struct {
     /// The dirty log is read once here so that only writes after this count.
     pub fn init(vm: *shell.Vm, s: *snapshot.Snapshot) errors.Error!Resettable {
         if (s.parsed.memory_bytes != vm.mem.len or s.parsed.vcpus != vm.vcpu_count)
-            return errors.failCheck(.shape, "the snapshot does not match this VM's shape", .{});
+            return errors.fail(.shape, "the snapshot does not match this VM's shape", .{});
         try vm.enableDirtyLog(); // a shell made without it (fork_many's)
         const host_dirty = allocator.alloc(u64, 2 * vm.dirtyWords()) catch return error.OutOfMemory;
         @memset(host_dirty, 0);
@@ -153,12 +153,12 @@ fn putBack(vm: *shell.Vm, r: *Resettable, log: []const u64, use_drop: bool) erro
 /// restore), if any.
 pub fn reset(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const snapshot.Snapshot, mode: Mode, times: *Times) errors.Error!void {
     try r.snap.checkIntact(); // its file may have been rewritten since the last reset
-    if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot reset a running VM", .{});
+    if (vm.running.swap(true, .acq_rel)) return errors.fail(.vm_running, "cannot reset a running VM", .{});
     defer vm.running.store(false, .release);
     const use_drop = switch (mode) {
         // Dropping private pages shows the mapped file's: only right when that
         // file is the snapshot this VM resets to.
-        .drop => if (mapped_from == r.snap) true else return errors.fail(error.Config, "reset mode 'drop' needs a VM restored with strategy 'map' from the snapshot it resets to", .{}),
+        .drop => if (mapped_from == r.snap) true else return errors.fail(.drop_needs_map, "reset mode 'drop' needs a VM restored with strategy 'map' from the snapshot it resets to", .{}),
         .copy, .auto => false,
     };
     try floor(vm, r, use_drop, times);
@@ -240,7 +240,7 @@ pub const LoopResult = extern struct {
 /// The VM is reset after the last input either way.
 pub fn loop(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const snapshot.Snapshot, inputs: []const u8, input_bytes: usize, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult) errors.Error!usize {
     if (input_bytes == 0 or inputs.len % input_bytes != 0 or inputs.len / input_bytes != out.len)
-        return errors.fail(error.Config, "inputs ({d} bytes) must be {d} inputs of {d} bytes", .{ inputs.len, out.len, input_bytes });
+        return errors.fail(.loop_inputs, "inputs ({d} bytes) must be {d} inputs of {d} bytes", .{ inputs.len, out.len, input_bytes });
     _ = try vm.guestSlice(input_gpa, input_bytes);
     const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode, .input_gpa = input_gpa };
     const Fixed = struct {
@@ -268,14 +268,14 @@ pub const max_var_input_bytes: u64 = 1 << 20;
 /// Returns how many inputs were done (stopping as `loop` does).
 pub fn loopVar(vm: *shell.Vm, r: *Resettable, mapped_from: ?*const snapshot.Snapshot, inputs: []const u8, offsets: []const u64, input_gpa: u64, timeout_ns: u64, mode: Mode, out: []LoopResult, console: []u8, console_stride: usize) errors.Error!usize {
     if (offsets.len != out.len + 1 or offsets[out.len] != inputs.len)
-        return errors.fail(error.Config, "offsets must be {d} entries up to the inputs' {d} bytes", .{ out.len + 1, inputs.len });
-    if (console.len != out.len * console_stride) return errors.fail(error.Config, "console must be count * console_stride bytes", .{});
+        return errors.fail(.loop_offsets, "offsets must be {d} entries up to the inputs' {d} bytes", .{ out.len + 1, inputs.len });
+    if (console.len != out.len * console_stride) return errors.fail(.loop_console, "console must be count * console_stride bytes", .{});
     var longest: u64 = 0;
     for (offsets[0..out.len], offsets[1..]) |a, b| {
-        if (b < a) return errors.fail(error.Config, "offsets must not decrease", .{});
+        if (b < a) return errors.fail(.loop_offsets, "offsets must not decrease", .{});
         longest = @max(longest, b - a);
     }
-    if (longest > max_var_input_bytes) return errors.fail(error.Config, "an input is {d} bytes; at most {d}", .{ longest, max_var_input_bytes });
+    if (longest > max_var_input_bytes) return errors.fail(.input_size, "an input is {d} bytes; at most {d}", .{ longest, max_var_input_bytes });
     _ = try vm.guestSlice(input_gpa, 4 + longest);
     const step = Step{ .vm = vm, .r = r, .mapped_from = mapped_from, .timeout_ns = timeout_ns, .mode = mode, .input_gpa = input_gpa };
     const Var = struct {
@@ -355,7 +355,7 @@ const Step = struct {
         try reset(vm, s.r, s.mapped_from, s.mode, &t);
         res.reset_ns = t.total_ns;
         res.dirty_pages = t.dirty_pages;
-        if (vm.closing.load(.seq_cst)) return errors.fail(error.Closed, "the VM was closed during reset_loop (after {d} inputs)", .{i + 1});
+        if (vm.closing.load(.seq_cst)) return errors.fail(.vm_closed, "the VM was closed during reset_loop (after {d} inputs)", .{i + 1});
         return res.reason == .interrupted or vm.stopRequested();
     }
 };

@@ -50,7 +50,7 @@ pub const Map = struct {
     pub const fresh_shell = true;
 
     pub fn fromSnapshot(s: *snapshot.Snapshot) errors.Error!Map {
-        if (!s.fileBacked()) return errors.fail(error.Config, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{});
+        if (!s.fileBacked()) return errors.fail(.strategy_needs_file, "strategy 'map' needs a file-backed snapshot (Snapshot.load); use 'copy'", .{});
         return .{ .snap = s };
     }
     pub fn apply(m: Map, vm: *shell.Vm, mapping: *Mapping) errors.Error!void {
@@ -65,7 +65,7 @@ pub const Reuse = struct {
     pub const fresh_shell = false;
 
     pub fn fromSnapshot(_: *snapshot.Snapshot) errors.Error!Reuse {
-        return errors.fail(error.Config, "strategy 'reuse' is chosen by a pool (reset_on_release), not by the caller", .{});
+        return errors.fail(.strategy_pool_only, "strategy 'reuse' is chosen by a pool (reset_on_release), not by the caller", .{});
     }
     pub fn apply(_: Reuse, vm: *shell.Vm, _: *Mapping) errors.Error!void {
         std.debug.assert(vm.booted);
@@ -78,7 +78,7 @@ pub const Prepared = struct {
     pub const fresh_shell = false;
 
     pub fn fromSnapshot(_: *snapshot.Snapshot) errors.Error!Prepared {
-        return errors.fail(error.Config, "strategy 'prepared' is chosen by a pool (RestorePool.prepare), not by the caller", .{});
+        return errors.fail(.strategy_pool_only, "strategy 'prepared' is chosen by a pool (RestorePool.prepare), not by the caller", .{});
     }
     pub fn apply(_: Prepared, vm: *shell.Vm, _: *Mapping) errors.Error!void {
         std.debug.assert(vm.booted);
@@ -150,7 +150,7 @@ pub const Times = struct { memory_ns: u64 = 0, vcpu_ns: u64 = 0, devices_ns: u64
 
 pub fn checkShape(vm: *const shell.Vm, parsed: *const state.Parsed) errors.Error!void {
     if (parsed.memory_bytes != vm.mem.len or parsed.vcpus != vm.vcpu_count)
-        return errors.failCheck(.shape, "snapshot is {d} MiB with {d} vCPU(s); the VM shell is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, vm.mem.len >> 20, vm.vcpu_count });
+        return errors.fail(.shape, "snapshot is {d} MiB with {d} vCPU(s); the VM shell is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, vm.mem.len >> 20, vm.vcpu_count });
 }
 
 /// Restores into a fresh shell (never run, zeroed memory) of the same
@@ -162,7 +162,7 @@ pub fn restoreInto(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed
         times.* = .{};
         return;
     }
-    if (vm.booted) return errors.fail(error.Busy, "restore needs an empty VM shell", .{});
+    if (vm.booted) return errors.fail(.vm_has_guest, "restore needs an empty VM shell", .{});
     try state.checkHost(parsed, vm.vm_fd, vm.vcpus[0].fd);
     try bare(vm, mapping, parsed, src, times);
 }
@@ -182,7 +182,7 @@ fn bare(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed, src: Memo
 /// its checks. Benchmarks divide
 /// a restore's time by this; `vm` is a fresh shell of the snapshot's shape.
 pub fn floor(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed, src: MemorySource, times: *Times) errors.Error!void {
-    if (vm.booted or !src.freshShell()) return errors.fail(error.Config, "the floor needs a fresh shell and a copy or map source", .{});
+    if (vm.booted or !src.freshShell()) return errors.fail(.floor_shell, "the floor needs a fresh shell and a copy or map source", .{});
     try checkShape(vm, parsed);
     try bare(vm, mapping, parsed, src, times);
 }

@@ -29,11 +29,11 @@ pub fn copy(dst: []u8, src: []const u8) errors.Error!void {
 
 /// The error for memory whose snapshot file lost pages under a mapping.
 pub fn truncated() errors.Error {
-    return errors.failCheck(.damaged, "the snapshot file behind this memory was truncated or replaced while mapped (pages past its new end read as zeros); reload the snapshot", .{});
+    return errors.fail(.damaged, "the snapshot file behind this memory was truncated or replaced while mapped (pages past its new end read as zeros); reload the snapshot", .{});
 }
 
 fn unreadable(at: [*]const u8) errors.Error {
-    return errors.fail(error.Snapshot, "memory at host address 0x{x} cannot be read: the snapshot file behind it was truncated or replaced while mapped; reload the snapshot", .{@intFromPtr(at)});
+    return errors.fail(.damaged, "memory at host address 0x{x} cannot be read: the snapshot file behind it was truncated or replaced while mapped; reload the snapshot", .{@intFromPtr(at)});
 }
 
 /// Copies many page-sized (or any same-sized) pieces in as few syscalls as

@@ -111,6 +111,8 @@ pub const Vm = struct {
     console_dropped: u64 = 0,
     crash_len: usize = 0,
     crash_msg: [900]u8 = undefined,
+    /// The id of the first crash (errors.Check, a guest_crash id).
+    crash_check: errors.Check = .guest_crash,
     /// The built-in or user guest's name (for snapshots and messages).
     guest_name: [32]u8 = @splat(0),
     /// Set by mapFile: guest memory is a private mapping of this file.
@@ -150,7 +152,7 @@ pub const Vm = struct {
         try fault.check(.memory);
         const addr = linux.mmap(null, memory_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
         if (linux.errno(addr) != .SUCCESS)
-            return errors.fail(error.OutOfMemory, "cannot map {d} MiB of guest memory: E{s}", .{ memory_bytes >> 20, @tagName(linux.errno(addr)) });
+            return errors.fail(.guest_memory_map, "cannot map {d} MiB of guest memory: E{s}", .{ memory_bytes >> 20, @tagName(linux.errno(addr)) });
         vm.mem = @as([*]align(4096) u8, @ptrFromInt(addr))[0..memory_bytes];
         // Dirty logging from the start: it is free until the log is first
         // read (reset.zig), and enabling it later would be a slot change after
@@ -172,7 +174,7 @@ pub const Vm = struct {
             vm.vcpu_count = i + 1;
             try fault.check(.vcpu_mmap);
             const r = linux.mmap(null, vm.run_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .SHARED }, v.fd.fd, 0);
-            if (linux.errno(r) != .SUCCESS) return errors.fail(error.KvmFailed, "mmap of kvm_run failed: E{s}", .{@tagName(linux.errno(r))});
+            if (linux.errno(r) != .SUCCESS) return errors.fail(.vcpu_mmap, "mmap of kvm_run failed: E{s}", .{@tagName(linux.errno(r))});
             v.run = @ptrFromInt(r);
             try fault.check(.cpuid);
             try host.setVcpuCpuid(v.fd, i);
@@ -221,8 +223,8 @@ pub const Vm = struct {
 
     /// Loads a guest image and puts every vCPU at its entry point.
     pub fn bootGuest(vm: *Vm, image: []const u8, args: []const u8, cpl: u32, name: []const u8) errors.Error!void {
-        if (vm.booted) return errors.fail(error.Busy, "this VM already has a guest", .{});
-        if (vm.running.load(.acquire)) return errors.fail(error.Busy, "the VM is running", .{});
+        if (vm.booted) return errors.fail(.vm_has_guest, "this VM already has a guest", .{});
+        if (vm.running.load(.acquire)) return errors.fail(.vm_running, "the VM is running", .{});
         const entry = try boot.loadImage(vm.mem, image);
         try boot.writeTables(vm.mem, vm.vcpu_count, cpl, args);
         for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
@@ -291,13 +293,13 @@ pub const Vm = struct {
     }
 
     fn closedError() errors.Error {
-        return errors.fail(error.Closed, "the VM is being closed", .{});
+        return errors.fail(.vm_closed, "the VM is being closed", .{});
     }
 
     /// One run inside an operation begun with beginOperation().
     pub fn runStep(vm: *Vm, timeout_ns: u64) errors.Error!RunOutcome {
-        if (!vm.booted) return errors.fail(error.Busy, "the VM has no guest: boot or restore one first", .{});
-        if (vm.running.swap(true, .seq_cst)) return errors.fail(error.Busy, "the VM is already running in another thread", .{});
+        if (!vm.booted) return errors.fail(.vm_no_guest, "the VM has no guest: boot or restore one first", .{});
+        if (vm.running.swap(true, .seq_cst)) return errors.fail(.vm_running, "the VM is already running in another thread", .{});
         defer vm.running.store(false, .release);
         // After `running` is set: a beginClose() from now on kicks or is seen
         // by the vCPU loops; one before is seen here.
@@ -327,7 +329,7 @@ pub const Vm = struct {
         if (!spawn_failed and run_mask[0]) vcpuLoop(vm, 0, guard.outer);
         for (&threads) |*t| if (t.*) |th| th.join();
         const elapsed = monotonicNs() - start;
-        if (spawn_failed) return errors.fail(error.OutOfMemory, "cannot start a host thread for a vCPU", .{});
+        if (spawn_failed) return errors.fail(.thread_spawn, "cannot start a host thread for a vCPU", .{});
         if (vm.crash_len > 0) return vm.crashOrTruncated();
         // A host read of file-backed guest memory (e.g. a console write) hit
         // a page lost to truncation and got zeros from the SIGBUS handler.
@@ -367,7 +369,7 @@ pub const Vm = struct {
     }
 
     fn crashError(vm: *Vm) errors.Error {
-        return errors.fail(error.GuestCrash, "{s}", .{vm.crash_msg[0..vm.crash_len]});
+        return errors.fail(vm.crash_check, "{s}", .{vm.crash_msg[0..vm.crash_len]});
     }
 
     /// A crash of a map-restored VM whose file lost pages (truncated under
@@ -438,8 +440,8 @@ pub const Vm = struct {
                     }
                     continue;
                 },
-                .FAULT => return vm.crash(index, "KVM_RUN failed: guest memory could not be accessed (EFAULT); if the VM was restored with strategy 'map', its snapshot file was probably truncated or replaced while mapped", .{}),
-                else => |e| return vm.crash(index, "KVM_RUN failed: E{s}", .{@tagName(e)}),
+                .FAULT => return vm.crash(index, .run_efault, "KVM_RUN failed: guest memory could not be accessed (EFAULT); if the VM was restored with strategy 'map', its snapshot file was probably truncated or replaced while mapped", .{}),
+                else => |e| return vm.crash(index, .run_failed, "KVM_RUN failed: E{s}", .{@tagName(e)}),
             }
             switch (r.exit_reason) {
                 kvm.EXIT_IO => if (!vm.handleIo(index, r)) return,
@@ -448,13 +450,13 @@ pub const Vm = struct {
                     return;
                 },
                 kvm.EXIT_INTR => continue,
-                kvm.EXIT_SHUTDOWN => return vm.crash(index, "guest shut down (triple fault: an exception with no usable IDT, KVM_EXIT_SHUTDOWN)", .{}),
-                kvm.EXIT_INTERNAL_ERROR => return vm.crash(index, "KVM internal error, suberror {d} (KVM could not emulate a guest instruction)", .{r.exit.internal.suberror}),
-                kvm.EXIT_FAIL_ENTRY => return vm.crash(index, "VM entry failed, hardware reason 0x{x}", .{r.exit.fail_entry.hardware_entry_failure_reason}),
-                kvm.EXIT_MMIO => return vm.crash(index, "guest {s} {d} bytes at 0x{x}, outside its {d} MiB of memory (MMIO exit)", .{
+                kvm.EXIT_SHUTDOWN => return vm.crash(index, .triple_fault, "guest shut down (triple fault: an exception with no usable IDT, KVM_EXIT_SHUTDOWN)", .{}),
+                kvm.EXIT_INTERNAL_ERROR => return vm.crash(index, .emulation_failed, "KVM internal error, suberror {d} (KVM could not emulate a guest instruction)", .{r.exit.internal.suberror}),
+                kvm.EXIT_FAIL_ENTRY => return vm.crash(index, .entry_failed, "VM entry failed, hardware reason 0x{x}", .{r.exit.fail_entry.hardware_entry_failure_reason}),
+                kvm.EXIT_MMIO => return vm.crash(index, .mmio_outside, "guest {s} {d} bytes at 0x{x}, outside its {d} MiB of memory (MMIO exit)", .{
                     if (r.exit.mmio.is_write != 0) "wrote" else "read", r.exit.mmio.len, r.exit.mmio.phys_addr, vm.mem.len >> 20,
                 }),
-                else => |reason| return vm.crash(index, "unexpected KVM exit reason {d}", .{reason}),
+                else => |reason| return vm.crash(index, .unexpected_exit, "unexpected KVM exit reason {d}", .{reason}),
             }
         }
     }
@@ -475,7 +477,7 @@ pub const Vm = struct {
         const io = r.exit.io;
         const len = @as(u64, io.size) * io.count;
         if (io.data_offset > vm.run_bytes or vm.run_bytes - io.data_offset < len) {
-            vm.crash(index, "KVM reported port I/O data outside kvm_run", .{});
+            vm.crash(index, .io_data_outside, "KVM reported port I/O data outside kvm_run", .{});
             return false;
         }
         const data = @as([*]u8, @ptrCast(r))[@intCast(io.data_offset)..][0..@intCast(len)];
@@ -488,14 +490,14 @@ pub const Vm = struct {
                     std.mem.writeInt(u32, &word, @truncate(if (io.port == port_identity_lo) id else id >> 32), .little);
                     const size: usize = io.size; // 1, 2 or 4 from KVM
                     if (size == 0 or size > 4) {
-                        vm.crash(index, "KVM reported a {d}-byte port read", .{size});
+                        vm.crash(index, .port_read_size, "KVM reported a {d}-byte port read", .{size});
                         return false;
                     }
                     var k: usize = 0;
                     while (k < data.len) : (k += size) @memcpy(data[k..][0..size], word[0..size]);
                 },
                 else => {
-                    vm.crash(index, "guest read unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x504", .{ io.port, io.size });
+                    vm.crash(index, .unknown_port_read, "guest read unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x504", .{ io.port, io.size });
                     return false;
                 },
             }
@@ -520,19 +522,19 @@ pub const Vm = struct {
             },
             port_console_write => {
                 const desc = vm.guestSlice(value, 16) catch {
-                    vm.crash(index, "console write descriptor at 0x{x} is outside guest memory", .{value});
+                    vm.crash(index, .console_descriptor, "console write descriptor at 0x{x} is outside guest memory", .{value});
                     return false;
                 };
                 const addr = std.mem.readInt(u64, desc[0..8], .little);
                 const n = std.mem.readInt(u64, desc[8..16], .little);
                 const bytes = if (n > console_write_max_bytes) null else (vm.guestSlice(addr, n) catch null);
                 if (bytes) |b| vm.consoleAppend(b) else {
-                    vm.crash(index, "console write of {d} bytes at 0x{x} is outside guest memory or over {d} bytes", .{ n, addr, console_write_max_bytes });
+                    vm.crash(index, .console_write, "console write of {d} bytes at 0x{x} is outside guest memory or over {d} bytes", .{ n, addr, console_write_max_bytes });
                     return false;
                 }
             },
             else => {
-                vm.crash(index, "guest wrote 0x{x} to unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x502", .{ value, io.port, io.size });
+                vm.crash(index, .unknown_port_write, "guest wrote 0x{x} to unknown I/O port 0x{x} ({d} bytes); kvmlab serves ports 0xe9, 0x500-0x502", .{ value, io.port, io.size });
                 return false;
             },
         }
@@ -542,7 +544,7 @@ pub const Vm = struct {
     /// A bounds-checked view of guest memory.
     pub fn guestSlice(vm: *Vm, gpa: u64, len: u64) errors.Error![]u8 {
         if (gpa > vm.mem.len or vm.mem.len - gpa < len)
-            return errors.fail(error.Bounds, "guest range 0x{x}+{d} is outside guest memory (0x0..0x{x})", .{ gpa, len, vm.mem.len });
+            return errors.fail(.gpa_out_of_range, "guest range 0x{x}+{d} is outside guest memory (0x0..0x{x})", .{ gpa, len, vm.mem.len });
         return vm.mem[@intCast(gpa)..][0..@intCast(len)];
     }
 
@@ -576,7 +578,7 @@ pub const Vm = struct {
 
     /// Marks a vCPU crashed, records the first crash message with the vCPU's
     /// registers, and stops the other vCPUs.
-    fn crash(vm: *Vm, index: u32, comptime fmt: []const u8, args: anytype) void {
+    fn crash(vm: *Vm, index: u32, check: errors.Check, comptime fmt: []const u8, args: anytype) void {
         const v = &vm.vcpus[index];
         v.status = .crashed;
         var regs: kvm.Regs = .{};
@@ -585,6 +587,7 @@ pub const Vm = struct {
         v.fd.getSregs(&sregs) catch {};
         _ = std.c.pthread_mutex_lock(&vm.lock);
         if (vm.crash_len == 0) {
+            vm.crash_check = check;
             var w = std.Io.Writer.fixed(&vm.crash_msg);
             w.print(fmt, args) catch {};
             w.print(" on vCPU {d}", .{index}) catch {};
@@ -614,7 +617,7 @@ pub const Vm = struct {
             r.immediate_exit = 0;
             switch (rc) {
                 .INTR, .AGAIN, .SUCCESS => {},
-                else => |e| return errors.fail(error.KvmFailed, "completing pending I/O failed: E{s}", .{@tagName(e)}),
+                else => |e| return errors.fail(.pending_io, "completing pending I/O failed: E{s}", .{@tagName(e)}),
             }
         }
     }
@@ -638,7 +641,7 @@ pub const Vm = struct {
     /// pages). `fd` must stay open while the shell lives.
     pub fn mapFile(vm: *Vm, fd: linux.fd_t, offset: u64) errors.Error!void {
         const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, fd, @intCast(offset));
-        if (linux.errno(addr) != .SUCCESS) return errors.fail(error.KvmFailed, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
+        if (linux.errno(addr) != .SUCCESS) return errors.fail(.snapshot_mapping, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
         vm.backing = .{ .fd = fd, .offset = offset };
         if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged) orelse return sigbus.unprotected(); // an uncovered mapping would let a truncation kill the process
     }
@@ -677,8 +680,8 @@ pub const Vm = struct {
     }
 
     pub fn getRegs(vm: *Vm, index: u32, regs: *kvm.Regs, sregs: *kvm.Sregs) errors.Error!void {
-        if (index >= vm.vcpu_count) return errors.fail(error.Config, "vCPU {d} does not exist (the VM has {d})", .{ index, vm.vcpu_count });
-        if (vm.running.load(.acquire)) return errors.fail(error.Busy, "the VM is running", .{});
+        if (index >= vm.vcpu_count) return errors.fail(.vcpu_index, "vCPU {d} does not exist (the VM has {d})", .{ index, vm.vcpu_count });
+        if (vm.running.load(.acquire)) return errors.fail(.vm_running, "the VM is running", .{});
         const fd = vm.vcpus[index].fd;
         fd.getRegs(regs) catch return errors.ioctlFailed("KVM_GET_REGS");
         fd.getSregs(sregs) catch return errors.ioctlFailed("KVM_GET_SREGS");

@@ -89,7 +89,7 @@ pub fn unregister(slot: ?usize) void {
 
 /// The error for a mapping register() could not cover.
 pub fn unprotected() errors.Error {
-    return errors.fail(error.OutOfMemory, "cannot register another snapshot mapping with kvmlab's SIGBUS handler (out of memory, or {d} mappings): close some snapshots or VMs", .{max_chunks * chunk_slots});
+    return errors.fail(.sigbus_slots, "cannot register another snapshot mapping with kvmlab's SIGBUS handler (out of memory, or {d} mappings): close some snapshots or VMs", .{max_chunks * chunk_slots});
 }
 
 /// Whether kvmlab's handler is the one installed now (someone may have

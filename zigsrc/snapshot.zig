@@ -173,7 +173,7 @@ pub const Snapshot = struct {
     fn changed(s: *const Snapshot, size_now: u64) errors.Error {
         @constCast(&s.damaged).store(true, .release);
         if (size_now < s.file_id.size) return safe.truncated();
-        return errors.failCheck(.damaged, "the snapshot file was rewritten after it was loaded (its header, size or mtime changed); load it again", .{});
+        return errors.fail(.damaged, "the snapshot file was rewritten after it was loaded (its header, size or mtime changed); load it again", .{});
     }
 
     fn destroy(s: *Snapshot) void {
@@ -197,7 +197,7 @@ pub const Snapshot = struct {
 };
 
 fn bad(check_id: errors.Check, comptime fmt: []const u8, args: anytype) errors.Error {
-    return errors.failCheck(check_id, "snapshot: " ++ fmt, args);
+    return errors.fail(check_id, "snapshot: " ++ fmt, args);
 }
 
 /// Bit `i` of a page map (state.zig's page_map record): page i may be non-zero.
@@ -213,7 +213,7 @@ fn countPresent(map: []const u8) u64 {
 
 fn anonMap(bytes: u64) errors.Error![]align(4096) u8 {
     const addr = linux.mmap(null, bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
-    if (linux.errno(addr) != .SUCCESS) return errors.fail(error.OutOfMemory, "cannot map {d} MiB: E{s}", .{ bytes >> 20, @tagName(linux.errno(addr)) });
+    if (linux.errno(addr) != .SUCCESS) return errors.fail(.snapshot_memory_map, "cannot map {d} MiB: E{s}", .{ bytes >> 20, @tagName(linux.errno(addr)) });
     return @as([*]align(4096) u8, @ptrFromInt(addr))[0..bytes];
 }
 
@@ -233,10 +233,10 @@ fn isZeroPage(p: *const [page]u8) bool {
 /// finds the resident ones, and a file-mapped VM adds `source_map`, the page
 /// map of the snapshot its memory maps.
 pub fn capture(vm: *shell.Vm, source_map: ?[]const u8) errors.Error!*Snapshot {
-    if (!vm.booted) return errors.fail(error.Busy, "the VM has no guest to snapshot", .{});
-    if (vm.running.swap(true, .acq_rel)) return errors.fail(error.Busy, "cannot snapshot a running VM: wait for run() to return", .{});
+    if (!vm.booted) return errors.fail(.vm_no_guest, "the VM has no guest to snapshot", .{});
+    if (vm.running.swap(true, .acq_rel)) return errors.fail(.vm_running, "cannot snapshot a running VM: wait for run() to return", .{});
     defer vm.running.store(false, .release);
-    if (vm.crash_len > 0) return errors.fail(error.GuestCrash, "cannot snapshot a crashed VM: {s}", .{vm.crash_msg[0..vm.crash_len]});
+    if (vm.crash_len > 0) return errors.fail(.snapshot_crashed, "cannot snapshot a crashed VM: {s}", .{vm.crash_msg[0..vm.crash_len]});
 
     try vm.completePendingIo();
     const pages = state.pageCount(vm.mem.len);
@@ -390,7 +390,7 @@ const stat_interval_ns: u64 = 1_000_000;
 fn checkRead(s: *const Snapshot, mem_crc: u32) errors.Error!void {
     try s.checkFile();
     if (s.fileBacked() and mem_crc != s.memory_crc)
-        return errors.failCheck(.damaged, "the snapshot file's memory changed after it was loaded (checksum 0x{x}, 0x{x} at load): load it again", .{ mem_crc, s.memory_crc });
+        return errors.fail(.damaged, "the snapshot file's memory changed after it was loaded (checksum 0x{x}, 0x{x} at load): load it again", .{ mem_crc, s.memory_crc });
 }
 
 /// Test/fuzz helper: recomputes the section and header CRCs of an encoded
@@ -669,11 +669,11 @@ fn checkHoles(fd: linux.fd_t, file_map: []const u8, c: Checked) errors.Error!voi
 /// in the same directory, fsync, rename over `path`, fsync the directory.
 pub fn save(s: *const Snapshot, path: [*:0]const u8) errors.Error!void {
     const p = std.mem.span(path);
-    if (p.len == 0 or p.len > 3000) return errors.fail(error.Config, "snapshot path is empty or too long", .{});
+    if (p.len == 0 or p.len > 3000) return errors.fail(.snapshot_path, "snapshot path is empty or too long", .{});
     var tmp_buf: [4096]u8 = undefined;
     const tmp = std.fmt.bufPrintSentinel(&tmp_buf, "{s}.tmp-{d}-{d}", .{ p, linux.getpid(), unixNs() }, 0) catch unreachable;
     const rc = linux.open(tmp.ptr, .{ .ACCMODE = .WRONLY, .CREAT = true, .EXCL = true, .CLOEXEC = true }, 0o600);
-    if (linux.errno(rc) != .SUCCESS) return errors.fail(error.Config, "cannot create {s}: E{s}", .{ tmp, @tagName(linux.errno(rc)) });
+    if (linux.errno(rc) != .SUCCESS) return errors.fail(.save_create, "cannot create {s}: E{s}", .{ tmp, @tagName(linux.errno(rc)) });
     const fd: linux.fd_t = @intCast(rc);
     var ok = false;
     defer {
@@ -702,10 +702,10 @@ pub fn save(s: *const Snapshot, path: [*:0]const u8) errors.Error!void {
         try pwriteAll(fd, s.memory[@intCast(i * page)..@intCast(j * page)], mem_off + i * page, tmp);
         i = j;
     }
-    if (linux.errno(linux.ftruncate(fd, @intCast(total))) != .SUCCESS) return errors.fail(error.Config, "cannot size {s}", .{tmp});
-    if (linux.errno(linux.fsync(fd)) != .SUCCESS) return errors.fail(error.Config, "fsync of {s} failed", .{tmp});
+    if (linux.errno(linux.ftruncate(fd, @intCast(total))) != .SUCCESS) return errors.fail(.save_write, "cannot size {s}", .{tmp});
+    if (linux.errno(linux.fsync(fd)) != .SUCCESS) return errors.fail(.save_write, "fsync of {s} failed", .{tmp});
     try s.checkFile(); // the pages written were read after the checksum
-    if (linux.errno(linux.rename(tmp.ptr, path)) != .SUCCESS) return errors.fail(error.Config, "cannot rename {s} to {s}: E{s}", .{ tmp, p, @tagName(linux.errno(linux.rename(tmp.ptr, path))) });
+    if (linux.errno(linux.rename(tmp.ptr, path)) != .SUCCESS) return errors.fail(.save_rename, "cannot rename {s} to {s}: E{s}", .{ tmp, p, @tagName(linux.errno(linux.rename(tmp.ptr, path))) });
     ok = true;
     // Make the rename durable.
     const dir_end = std.mem.lastIndexOfScalar(u8, p, '/');
@@ -726,7 +726,7 @@ fn pwriteAll(fd: linux.fd_t, bytes: []const u8, offset: u64, what: []const u8) e
         switch (linux.errno(rc)) {
             .SUCCESS => done += rc,
             .INTR => {},
-            else => |e| return errors.fail(error.Config, "writing {s} failed: E{s}", .{ what, @tagName(e) }),
+            else => |e| return errors.fail(.save_write, "writing {s} failed: E{s}", .{ what, @tagName(e) }),
         }
     }
 }

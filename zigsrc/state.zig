@@ -219,7 +219,7 @@ pub fn pageMapBytes(memory_bytes: u64) u64 {
 }
 
 fn bad(check: errors.Check, comptime fmt: []const u8, args: anytype) errors.Error {
-    return errors.failCheck(check, "vCPU state: " ++ fmt, args);
+    return errors.fail(check, "vCPU state: " ++ fmt, args);
 }
 
 /// Checks a blob completely without allocating, in this order (each step
@@ -419,7 +419,7 @@ pub fn capture(vm: *shell.Vm, page_map: []const u8, guest_name: []const u8) erro
 }
 
 fn getFailed(tag: Tag) errors.Error {
-    return errors.fail(error.KvmFailed, "reading the {s} state failed: E{s}", .{ @tagName(tag), @tagName(kvm.last_errno) });
+    return errors.fail(.state_read, "reading the {s} state failed: E{s}", .{ @tagName(tag), @tagName(kvm.last_errno) });
 }
 
 fn captureVcpu(w: *Writer, comptime r: Record, v: *shell.Vcpu, idx: u32, ctx: *const CaptureContext) errors.Error!void {
@@ -442,7 +442,7 @@ fn captureVcpu(w: *Writer, comptime r: Record, v: *shell.Vcpu, idx: u32, ctx: *c
             buf.* = .{ .nmsrs = @intCast(ctx.msrs.len) };
             for (ctx.msrs, 0..) |index, k| buf.entries[k] = .{ .index = index, .data = 0 };
             const got = v.fd.getMsrs(buf) catch return getFailed(r.tag);
-            if (got != ctx.msrs.len) return errors.fail(error.KvmFailed, "KVM_GET_MSRS read {d} of {d} MSRs (stopped at 0x{x})", .{ got, ctx.msrs.len, ctx.msrs[@min(got, ctx.msrs.len - 1)] });
+            if (got != ctx.msrs.len) return errors.fail(.msr_read, "KVM_GET_MSRS read {d} of {d} MSRs (stopped at 0x{x})", .{ got, ctx.msrs.len, ctx.msrs[@min(got, ctx.msrs.len - 1)] });
             try w.record(r.tag, idx, std.mem.sliceAsBytes(buf.entries[0..ctx.msrs.len]));
         },
         .cpuid => {
@@ -450,7 +450,7 @@ fn captureVcpu(w: *Writer, comptime r: Record, v: *shell.Vcpu, idx: u32, ctx: *c
             defer allocator.destroy(buf);
             buf.* = .{ .nent = host.max_cpuid_entries };
             v.fd.getCpuid2(buf) catch return getFailed(r.tag);
-            if (buf.nent > host.max_cpuid_entries) return errors.fail(error.KvmFailed, "KVM_GET_CPUID2 returned {d} entries", .{buf.nent});
+            if (buf.nent > host.max_cpuid_entries) return errors.fail(.cpuid_entries, "KVM_GET_CPUID2 returned {d} entries", .{buf.nent});
             try w.record(r.tag, idx, std.mem.sliceAsBytes(buf.entries[0..buf.nent]));
         },
         .tsc_khz => try w.record(r.tag, idx, std.mem.asBytes(&v.fd.getTscKhz())),
@@ -539,7 +539,7 @@ fn checkFeatures(p: *const Parsed, vm_fd: kvm.VmFd, have_all: []const kvm.CpuidE
         const checked = (e.function == 1 and e.index == 0) or (e.function == 7 and e.index == 0) or e.function == 0x8000_0001;
         if (!checked) continue;
         const have = findCpuid(have_all, e.function, e.index) orelse
-            return errors.fail(error.Incompatible, "snapshot guest saw CPUID leaf 0x{x}.{d}, which this host's KVM does not offer", .{ e.function, e.index });
+            return errors.fail(.cpuid_leaf, "snapshot guest saw CPUID leaf 0x{x}.{d}, which this host's KVM does not offer", .{ e.function, e.index });
         // Leaf 1 EBX holds the APIC id and topology, and ECX bit 27 (OSXSAVE)
         // mirrors CR4: neither is a host feature.
         const ebx_mask: u32 = if (e.function == 1) 0 else 0xFFFF_FFFF;
@@ -548,11 +548,11 @@ fn checkFeatures(p: *const Parsed, vm_fd: kvm.VmFd, have_all: []const kvm.CpuidE
         const missing_edx = e.edx & ~have.edx;
         const missing_ebx = (e.ebx & ebx_mask) & ~have.ebx;
         if (missing_ecx | missing_edx | missing_ebx != 0)
-            return errors.fail(error.Incompatible, "snapshot guest saw CPU features this host lacks: CPUID 0x{x}.{d} ebx&~host=0x{x} ecx&~host=0x{x} edx&~host=0x{x}", .{ e.function, e.index, missing_ebx, missing_ecx, missing_edx });
+            return errors.fail(.cpuid_features, "snapshot guest saw CPU features this host lacks: CPUID 0x{x}.{d} ebx&~host=0x{x} ecx&~host=0x{x} edx&~host=0x{x}", .{ e.function, e.index, missing_ebx, missing_ecx, missing_edx });
     }
     if (p.get(.xsave, 0)) |x| {
         const have = xsaveBytes(vm_fd);
-        if (x.len > have) return errors.fail(error.Incompatible, "snapshot XSAVE state is {d} bytes; this host's KVM takes {d}", .{ x.len, have });
+        if (x.len > have) return errors.fail(.xsave_size, "snapshot XSAVE state is {d} bytes; this host's KVM takes {d}", .{ x.len, have });
     }
 }
 
@@ -611,7 +611,7 @@ pub fn apply(vm: *shell.Vm, p: *const Parsed, times: *RestoreTimes) errors.Error
 }
 
 fn setFailed(tag: Tag) errors.Error {
-    return errors.fail(error.KvmFailed, "restoring the {s} state failed: E{s}", .{ @tagName(tag), @tagName(kvm.last_errno) });
+    return errors.fail(.state_write, "restoring the {s} state failed: E{s}", .{ @tagName(tag), @tagName(kvm.last_errno) });
 }
 
 fn applyVcpu(comptime r: Record, vm: *shell.Vm, v: *shell.Vcpu, p: *const Parsed, idx: u32, data: []const u8) errors.Error!void {
@@ -624,7 +624,7 @@ fn applyVcpu(comptime r: Record, vm: *shell.Vm, v: *shell.Vcpu, p: *const Parsed
             var buf: kvm.CpuidBuf = .{ .nent = @intCast(data.len / @sizeOf(kvm.CpuidEntry2)) };
             @memcpy(std.mem.sliceAsBytes(buf.entries[0..buf.nent]), data);
             v.fd.setCpuid2(&buf) catch
-                return errors.fail(error.Incompatible, "KVM_SET_CPUID2 with the snapshot's CPUID failed: E{s}", .{@tagName(kvm.last_errno)});
+                return errors.fail(.cpuid_set, "KVM_SET_CPUID2 with the snapshot's CPUID failed: E{s}", .{@tagName(kvm.last_errno)});
         },
         .xsave => {
             // KVM_SET_XSAVE reads this host's full XSAVE size (KVM_CAP_XSAVE2):
@@ -721,7 +721,7 @@ fn pitIsPristine(pristine: [kvm.PIT_STATE2_BYTES]u8, data: []const u8) bool {
 /// Record data is 8-byte aligned inside the blob (records are padded), which
 /// is all the kernel structs need; this asserts it instead of copying.
 fn aligned(data: []const u8) errors.Error![]const u8 {
-    if (@intFromPtr(data.ptr) % 8 != 0) return errors.fail(error.Snapshot, "vCPU state record is misaligned", .{});
+    if (@intFromPtr(data.ptr) % 8 != 0) return errors.fail(.state_alignment, "vCPU state record is misaligned", .{});
     return data;
 }
 
@@ -732,5 +732,5 @@ fn restoreMsrs(fd: kvm.VcpuFd, data: []const u8) errors.Error!void {
     for (entries, 0..) |e, k| buf.entries[k] = e;
     const n = fd.setMsrs(&buf) catch return setFailed(.msrs);
     if (n != entries.len)
-        return errors.fail(error.Incompatible, "KVM_SET_MSRS set {d} of {d} MSRs; this host refuses MSR 0x{x}", .{ n, entries.len, entries[n].index });
+        return errors.fail(.msr_refused, "KVM_SET_MSRS set {d} of {d} MSRs; this host refuses MSR 0x{x}", .{ n, entries.len, entries[n].index });
 }

@@ -183,4 +183,4 @@ def check_args(benchmark: str, problems: dict[str, bool]) -> None:
 
     bad = [what for what, failed in problems.items() if failed]
     if bad:
-        raise ConfigError(f"kvmlab bench {benchmark}: " + "; ".join(bad))
+        raise ConfigError(f"kvmlab bench {benchmark}: " + "; ".join(bad), check="bench_arguments")

@@ -520,12 +520,12 @@ def write_docs(results_path: str | Path, readme: str | Path = "README.md",
 
     res = load(results_path)
     if "restore" not in res.parts or not res.parts["restore"].records:
-        raise ConfigError(f"{results_path} has no restore measurements; pass the results.json of `kvmlab bench all`")
+        raise ConfigError(f"{results_path} has no restore measurements; pass the results.json of `kvmlab bench all`", check="results_no_restore")
     readme = Path(readme)
     doc = readme.read_text()
     pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
     if not pattern.search(doc):
-        raise ConfigError(f"{readme} has no generated block; put {README_START} and {README_END} in its Performance part")
+        raise ConfigError(f"{readme} has no generated block; put {README_START} and {README_END} in its Performance part", check="readme_block")
     readme.write_text(pattern.sub(lambda _m: f"{README_START}\n{headline(res)}\n{README_END}", doc))
     page = Path(performance)
     page.parent.mkdir(parents=True, exist_ok=True)

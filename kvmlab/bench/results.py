@@ -145,7 +145,7 @@ class Results:
     def part(self, name: str) -> Part:
         if name not in self.parts:
             raise ConfigError(f"this run has no {name!r} part (it has {', '.join(self.parts) or 'none'}); "
-                              "it was skipped or not measured: see .skipped and .errors")
+                              "it was skipped or not measured: see .skipped and .errors", check="results_part")
         return self.parts[name]
 
     def frame(self, part: str | None = None) -> pd.DataFrame:
@@ -200,7 +200,7 @@ class Results:
         version = d.get("schema_version")
         if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
             raise ConfigError(f"results schema_version {version!r} is not one this kvmlab reads "
-                              f"(1..{SCHEMA_VERSION}); read it with the kvmlab that wrote it, or re-run the benchmark")
+                              f"(1..{SCHEMA_VERSION}); read it with the kvmlab that wrote it, or re-run the benchmark", check="results_schema")
         return cls(
             benchmark=d["benchmark"], parts={n: Part.from_dict(n, p) for n, p in d["parts"].items()},
             verdicts=list(d.get("verdicts") or []), host=dict(d.get("host") or {}),
@@ -218,20 +218,20 @@ def load(path: str | os.PathLike[str]) -> Results:
         size = p.stat().st_size
         if size > MAX_RESULTS_BYTES:
             raise ConfigError(f"{p} is {size} bytes, more than a results file can be ({MAX_RESULTS_BYTES}); "
-                              "pass the results.json a benchmark wrote")
+                              "pass the results.json a benchmark wrote", check="results_size")
         doc = json.loads(p.read_text())
     except OSError as e:
-        raise ConfigError(f"cannot read results file {p}: {e.strerror or e}; pass the path of a saved run") from None
+        raise ConfigError(f"cannot read results file {p}: {e.strerror or e}; pass the path of a saved run", check="results_read") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p} is not a results file (not JSON: {e}); pass the results.json a benchmark wrote") from None
+        raise ConfigError(f"{p} is not a results file (not JSON: {e}); pass the results.json a benchmark wrote", check="results_format") from None
     if not isinstance(doc, dict) or "parts" not in doc:
-        raise ConfigError(f"{p} is not a kvmlab results file (no 'parts'); pass the results.json a benchmark wrote")
+        raise ConfigError(f"{p} is not a kvmlab results file (no 'parts'); pass the results.json a benchmark wrote", check="results_format")
     try:
         return Results.from_dict(doc)
     except (KeyError, TypeError, ValueError, AssertionError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{p} is a damaged results file ({type(e).__name__}: {e}); re-run the benchmark") from None
+        raise ConfigError(f"{p} is a damaged results file ({type(e).__name__}: {e}); re-run the benchmark", check="results_format") from None
 
 
 def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -250,7 +250,7 @@ def _as_results(x: Any) -> Results:
         return x
     if isinstance(x, (str, os.PathLike)):
         return load(x)
-    raise ConfigError(f"compare() takes Results or paths of saved runs, not {type(x).__name__}")
+    raise ConfigError(f"compare() takes Results or paths of saved runs, not {type(x).__name__}", check="argument_type")
 
 
 def compare(a: Any, b: Any, stat: str = "median") -> pd.DataFrame:
@@ -261,7 +261,7 @@ def compare(a: Any, b: Any, stat: str = "median") -> pd.DataFrame:
     import pandas as pd
 
     if stat not in STAT_FIELDS:
-        raise ConfigError(f"stat must be one of {', '.join(STAT_FIELDS)}, not {stat!r}")
+        raise ConfigError(f"stat must be one of {', '.join(STAT_FIELDS)}, not {stat!r}", check="argument_value")
     sa, sb = _as_results(a).summary(), _as_results(b).summary()
     keys = [c for c in sa.columns if c not in STAT_FIELDS]
     keys += [c for c in sb.columns if c not in STAT_FIELDS and c not in keys]

@@ -79,7 +79,7 @@ class PoolMonitor(AutoRefresh, W.VBox):
     def __init__(self, pool: RestorePool, *, snapshots: Iterable[Snapshot] = (), interval_s: float = 1.0,
                  autostart: bool = True, **kwargs: Any) -> None:
         if not isinstance(pool, RestorePool):
-            raise ConfigError(f"PoolMonitor takes a RestorePool, got {type(pool).__name__}")
+            raise ConfigError(f"PoolMonitor takes a RestorePool, got {type(pool).__name__}", check="argument_type")
         self.pool = pool
         self.model = PoolModel()
         self._autostart = autostart

@@ -59,7 +59,7 @@ class RestoreTimings(AutoRefresh, W.VBox):
         **kwargs: Any,
     ) -> None:
         if not isinstance(pool, RestorePool):
-            raise ConfigError(f"RestoreTimings takes a RestorePool, got {type(pool).__name__}")
+            raise ConfigError(f"RestoreTimings takes a RestorePool, got {type(pool).__name__}", check="argument_type")
         self.pool = pool
         self.last = last
         self.plot_fn = plot_fn or plot.restore_overview

@@ -27,10 +27,12 @@ const machine = @import("../machine.zig");
 /// export groups, enums for every code (typed struct fields), snapshot
 /// header structs, check ids (kvmlab_last_error_check); prepared VMs
 /// (kvmlab_pool_prepare_*), restore flags and strategy in restore times.
-pub const abi_version: u32 = 3;
+/// 4: every failure has a check id (kvmlab_check: value / 100 is the
+/// negated result code; the snapshot ids moved to 8xx).
+pub const abi_version: u32 = 4;
 
 pub const kvmlab_result = errors.Result;
-/// Which check refused a snapshot or state blob (kvmlab_last_error_check).
+/// Which check refused the last failed call (kvmlab_last_error_check).
 pub const kvmlab_check = errors.Check;
 
 pub const kvmlab_vm = opaque {};
@@ -222,40 +224,40 @@ pub export fn kvmlab_last_error_message() callconv(.c) [*:0]const u8 {
     return errors.message();
 }
 
-/// Which check failed in this thread's last failed call (KVMLAB_CHECK_NONE
-/// when the last error was not a failed check of a snapshot or state blob).
+/// The id of the check that refused this thread's last failed call
+/// (KVMLAB_CHECK_NONE if no call failed); see docs/errors.md.
 pub export fn kvmlab_last_error_check() callconv(.c) kvmlab_check {
     return errors.lastCheck();
 }
 
 pub fn result(r: errors.Error!void) kvmlab_result {
-    r catch |e| return errors.toResult(e);
+    r catch |e| return errors.finish(e);
     return .ok;
 }
 
 pub fn asVm(h: ?*kvmlab_vm) errors.Error!*machine.Machine {
-    const p = h orelse return errors.fail(error.Closed, "VM handle is NULL (closed?)", .{});
+    const p = h orelse return errors.fail(.null_handle, "VM handle is NULL (closed?)", .{});
     return @ptrCast(@alignCast(p));
 }
 
 pub fn asSnap(h: ?*const kvmlab_snapshot) errors.Error!*snapshot.Snapshot {
-    const p = h orelse return errors.fail(error.Closed, "snapshot handle is NULL (closed?)", .{});
+    const p = h orelse return errors.fail(.null_handle, "snapshot handle is NULL (closed?)", .{});
     return @ptrCast(@alignCast(@constCast(p)));
 }
 
 pub fn asPool(h: ?*kvmlab_pool) errors.Error!*pool_mod.Pool {
-    const p = h orelse return errors.fail(error.Closed, "pool handle is NULL (closed?)", .{});
+    const p = h orelse return errors.fail(.null_handle, "pool handle is NULL (closed?)", .{});
     return @ptrCast(@alignCast(p));
 }
 
 pub fn bytesOf(ptr: ?[*]const u8, len: usize) errors.Error![]const u8 {
     if (len == 0) return &.{};
-    const p = ptr orelse return errors.fail(error.Config, "NULL buffer with length {d}", .{len});
+    const p = ptr orelse return errors.fail(.null_argument, "NULL buffer with length {d}", .{len});
     return p[0..len];
 }
 
 pub fn outPtr(comptime T: type, out: ?*T) errors.Error!*T {
-    return out orelse errors.fail(error.Config, "out is NULL", .{});
+    return out orelse errors.fail(.null_argument, "out is NULL", .{});
 }
 
 pub fn restoreTimes(r: restore.Times, acquire_ns: u64, total_ns: u64, mapped: bool, hit: bool, seq: u64, strategy: kvmlab_strategy) kvmlab_restore_times {
@@ -264,7 +266,7 @@ pub fn restoreTimes(r: restore.Times, acquire_ns: u64, total_ns: u64, mapped: bo
 
 /// A strategy from C, which may hold any int.
 pub fn strategyOf(strategy: kvmlab_strategy) errors.Error!restore.Strategy {
-    return std.enums.fromInt(restore.Strategy, @intFromEnum(strategy)) orelse errors.fail(error.Config, "unknown strategy {d}", .{@intFromEnum(strategy)});
+    return std.enums.fromInt(restore.Strategy, @intFromEnum(strategy)) orelse errors.fail(.unknown_strategy, "unknown strategy {d}", .{@intFromEnum(strategy)});
 }
 
 

@@ -23,7 +23,7 @@ const asPool = common.asPool;
 const bytesOf = common.bytesOf;
 
 fn poolConfig(cfg: ?*const kvmlab_pool_config) errors.Error!pool_mod.Config {
-    const c = cfg orelse return errors.fail(error.Config, "config is NULL", .{});
+    const c = cfg orelse return errors.fail(.null_argument, "config is NULL", .{});
     return .{ .memory_bytes = c.memory_bytes, .vcpus = c.vcpus, .min_size = c.min_size, .max_size = c.max_size, .max_in_use = c.max_in_use };
 }
 
@@ -32,7 +32,7 @@ pub export fn kvmlab_pool_new(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_p
     return result(poolNew(cfg, out));
 }
 fn poolNew(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_pool) errors.Error!void {
-    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = null;
     o.* = @ptrCast(try pool_mod.Pool.create(try poolConfig(cfg)));
 }
@@ -61,7 +61,7 @@ pub export fn kvmlab_pool_get_stats(h: ?*kvmlab_pool, out: ?*kvmlab_pool_stats) 
     return result(poolStats(h, out));
 }
 fn poolStats(h: ?*kvmlab_pool, out: ?*kvmlab_pool_stats) errors.Error!void {
-    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = (try asPool(h)).stats();
 }
 
@@ -71,10 +71,10 @@ pub export fn kvmlab_pool_timings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing,
 }
 fn poolTimings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing, capacity: usize, out_count: ?*usize) errors.Error!void {
     const p = try asPool(h);
-    const o = out_count orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out_count orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = 0;
     if (capacity == 0) return;
-    const b = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
+    const b = buf orelse return errors.fail(.null_argument, "NULL buffer", .{});
     o.* = p.copyTimings(b[0..capacity]);
 }
 
@@ -147,7 +147,7 @@ fn poolRestoreParts(h: ?*kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize,
     const p = try asPool(h);
     const parsed = try state.parse(try bytesOf(vcpu_state, state_bytes));
     if (memory_bytes != parsed.memory_bytes)
-        return errors.failCheck(.shape, "memory buffer is {d} bytes; the vCPU state describes {d} MiB", .{ memory_bytes, parsed.memory_bytes >> 20 });
+        return errors.fail(.shape, "memory buffer is {d} bytes; the vCPU state describes {d} MiB", .{ memory_bytes, parsed.memory_bytes >> 20 });
     const src: restore.MemorySource = .{ .copy = .{ .memory = try bytesOf(memory, memory_bytes), .page_map = parsed.pageMap(), .packed_layout = false, .source_mapped = true } };
     try poolFinish(p, &parsed, src, wait_ns, out, times);
 }
@@ -188,7 +188,7 @@ fn poolPrepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy
     const s = try asSnap(snap);
     try s.checkIntact();
     if (s.parsed.memory_bytes != p.cfg.memory_bytes or s.parsed.vcpus != p.cfg.vcpus)
-        return errors.failCheck(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ s.parsed.memory_bytes >> 20, s.parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
+        return errors.fail(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ s.parsed.memory_bytes >> 20, s.parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
     _ = try restore.MemorySource.forSnapshot(s, strategy); // a strategy the caller may choose
     const identity = flags & @intFromEnum(common.kvmlab_prepare_flags.identity) != 0;
     if (external) return p.setTarget(s, n, strategy, true, identity);

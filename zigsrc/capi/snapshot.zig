@@ -8,7 +8,7 @@ pub export fn kvmlab_snapshot_capture(h: ?*common.kvmlab_vm, out: ?*?*common.kvm
     return common.result(snapCapture(h, out));
 }
 fn snapCapture(h: ?*common.kvmlab_vm, out: ?*?*common.kvmlab_snapshot) errors.Error!void {
-    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = null;
     o.* = @ptrCast(try (try common.asVm(h)).capture());
 }
@@ -18,7 +18,7 @@ pub export fn kvmlab_snapshot_from_bytes(data: ?[*]const u8, len: usize, out: ?*
     return common.result(snapFromBytes(data, len, out));
 }
 fn snapFromBytes(data: ?[*]const u8, len: usize, out: ?*?*common.kvmlab_snapshot) errors.Error!void {
-    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = null;
     o.* = @ptrCast(try snapshot.fromBytes(try common.bytesOf(data, len)));
 }
@@ -28,9 +28,9 @@ pub export fn kvmlab_snapshot_load(path: ?[*:0]const u8, out: ?*?*common.kvmlab_
     return common.result(snapLoad(path, out));
 }
 fn snapLoad(path: ?[*:0]const u8, out: ?*?*common.kvmlab_snapshot) errors.Error!void {
-    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = null;
-    const p = path orelse return errors.fail(error.Config, "path is NULL", .{});
+    const p = path orelse return errors.fail(.null_argument, "path is NULL", .{});
     o.* = @ptrCast(try snapshot.load(p));
 }
 
@@ -41,7 +41,7 @@ pub export fn kvmlab_snapshot_save(h: ?*const common.kvmlab_snapshot, path: ?[*:
 fn snapSave(h: ?*const common.kvmlab_snapshot, path: ?[*:0]const u8) errors.Error!void {
     const s = try common.asSnap(h);
     try s.checkIntact();
-    try snapshot.save(s, path orelse return errors.fail(error.Config, "path is NULL", .{}));
+    try snapshot.save(s, path orelse return errors.fail(.null_argument, "path is NULL", .{}));
 }
 
 /// The packed encoding. With buf NULL, only *out_bytes (the size) is set;
@@ -51,12 +51,12 @@ pub export fn kvmlab_snapshot_to_bytes(h: ?*const common.kvmlab_snapshot, buf: ?
 }
 fn snapToBytes(h: ?*const common.kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
     const s = try common.asSnap(h);
-    const o = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out_bytes orelse return errors.fail(.null_argument, "out is NULL", .{});
     try s.checkIntact();
     const n: usize = @intCast(snapshot.encodedBytes(s));
     o.* = n;
     const b = buf orelse return;
-    if (capacity < n) return errors.fail(error.Config, "buffer of {d} bytes is smaller than the {d}-byte snapshot", .{ capacity, n });
+    if (capacity < n) return errors.fail(.buffer_size, "buffer of {d} bytes is smaller than the {d}-byte snapshot", .{ capacity, n });
     try snapshot.toBytes(s, b[0..n]);
 }
 
@@ -66,10 +66,10 @@ pub export fn kvmlab_snapshot_state(h: ?*const common.kvmlab_snapshot, buf: ?[*]
 }
 fn snapState(h: ?*const common.kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
     const s = try common.asSnap(h);
-    const o = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out_bytes orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = s.blob.len;
     const b = buf orelse return;
-    if (capacity < s.blob.len) return errors.fail(error.Config, "buffer too small for the {d}-byte state", .{s.blob.len});
+    if (capacity < s.blob.len) return errors.fail(.buffer_size, "buffer too small for the {d}-byte state", .{s.blob.len});
     @memcpy(b[0..s.blob.len], s.blob);
 }
 
@@ -79,8 +79,8 @@ pub export fn kvmlab_snapshot_memory(h: ?*const common.kvmlab_snapshot, out_ptr:
 }
 fn snapMemory(h: ?*const common.kvmlab_snapshot, out_ptr: ?*?[*]const u8, out_bytes: ?*u64) errors.Error!void {
     const s = try common.asSnap(h);
-    const p = out_ptr orelse return errors.fail(error.Config, "out is NULL", .{});
-    const n = out_bytes orelse return errors.fail(error.Config, "out is NULL", .{});
+    const p = out_ptr orelse return errors.fail(.null_argument, "out is NULL", .{});
+    const n = out_bytes orelse return errors.fail(.null_argument, "out is NULL", .{});
     p.* = s.memory.ptr;
     n.* = s.memory.len;
 }
@@ -90,7 +90,7 @@ pub export fn kvmlab_snapshot_get_info(h: ?*const common.kvmlab_snapshot, out: ?
 }
 fn snapInfo(h: ?*const common.kvmlab_snapshot, out: ?*common.kvmlab_snapshot_info) errors.Error!void {
     const s = try common.asSnap(h);
-    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
     s.checkFile() catch {}; // sets `damaged` when the file changed since load
     o.* = .{
         .memory_bytes = s.parsed.memory_bytes,

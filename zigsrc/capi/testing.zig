@@ -38,8 +38,8 @@ pub export fn kvmlab_bench_pool_restores(h: ?*common.kvmlab_pool, snap: ?*const 
 }
 fn benchPoolRestores(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) errors.Error!void {
     const p = try common.asPool(h);
-    const o = out_total_ns orelse return errors.fail(error.Config, "out is NULL", .{});
-    if (count > 1 << 20) return errors.fail(error.Config, "at most 2^20 restores", .{});
+    const o = out_total_ns orelse return errors.fail(.null_argument, "out is NULL", .{});
+    if (count > 1 << 20) return errors.fail(.loop_limit, "at most 2^20 restores", .{});
     for (0..count) |i| {
         var spins: usize = 0;
         while (p.idleCount() == 0 and spins < 20_000) : (spins += 1) std.Thread.yield() catch {};

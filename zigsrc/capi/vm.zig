@@ -15,7 +15,7 @@ pub export fn kvmlab_vm_new(opts: ?*const common.kvmlab_vm_config, out: ?*?*comm
 fn vmNew(opts: ?*const common.kvmlab_vm_config, out: ?*?*common.kvmlab_vm) errors.Error!void {
     const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = null;
-    const c = opts orelse return errors.fail(error.Config, "config is NULL", .{});
+    const c = opts orelse return errors.fail(.null_argument, "config is NULL", .{});
     o.* = @ptrCast(try machine.Machine.create(c.memory_bytes, c.vcpus));
 }
 
@@ -30,7 +30,7 @@ pub export fn kvmlab_vm_boot(h: ?*common.kvmlab_vm, opts: ?*const common.kvmlab_
 }
 fn vmBoot(h: ?*common.kvmlab_vm, opts: ?*const common.kvmlab_boot_options) errors.Error!void {
     const m = try common.asVm(h);
-    const o = opts orelse return errors.fail(error.Config, "boot options are NULL", .{});
+    const o = opts orelse return errors.fail(.null_argument, "boot options are NULL", .{});
     const image = try common.bytesOf(o.image, o.image_bytes);
     const args = try common.bytesOf(o.args, o.args_bytes);
     try m.shell.bootGuest(image, args, o.cpl, try common.bytesOf(o.name, o.name_bytes));
@@ -80,7 +80,7 @@ pub export fn kvmlab_vm_console_take(h: ?*common.kvmlab_vm, buf: ?[*]u8, capacit
 fn consoleTake(h: ?*common.kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
     const vm = (try common.asVm(h)).shell;
     const o = try common.outPtr(usize, out_bytes);
-    const b: []u8 = if (capacity == 0) &.{} else (buf orelse return errors.fail(error.Config, "NULL buffer", .{}))[0..capacity];
+    const b: []u8 = if (capacity == 0) &.{} else (buf orelse return errors.fail(.null_argument, "NULL buffer", .{}))[0..capacity];
     o.* = vm.consoleTake(b);
 }
 
@@ -91,7 +91,7 @@ fn readMemory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.E
     const m = try common.asVm(h);
     _ = try m.shell.guestSlice(gpa, len);
     if (len == 0) return;
-    const dst = buf orelse return errors.fail(error.Config, "NULL buffer", .{});
+    const dst = buf orelse return errors.fail(.null_argument, "NULL buffer", .{});
     try m.readMemory(gpa, dst[0..len]);
 }
 
@@ -192,11 +192,11 @@ pub export fn kvmlab_vm_reset_loop(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, 
 }
 fn resetLoop(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) errors.Error!void {
     const m = try common.asVm(h);
-    const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
+    const d = out_done orelse return errors.fail(.null_argument, "out_done is NULL", .{});
     d.* = 0;
     if (count == 0) return;
-    if (count > 1 << 24 or input_bytes > 1 << 20) return errors.fail(error.Config, "reset_loop takes at most 2^24 inputs of at most 1 MiB", .{});
-    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
+    if (count > 1 << 24 or input_bytes > 1 << 20) return errors.fail(.loop_limit, "reset_loop takes at most 2^24 inputs of at most 1 MiB", .{});
+    const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
     d.* = try m.resetLoop(try common.bytesOf(inputs, input_bytes * count), input_bytes, input_gpa, timeout_ns, try resetMode(mode), o[0..count]);
 }
 
@@ -213,19 +213,19 @@ pub export fn kvmlab_vm_reset_loop_var(h: ?*common.kvmlab_vm, inputs: ?[*]const 
 }
 fn resetLoopVar(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) errors.Error!void {
     const m = try common.asVm(h);
-    const d = out_done orelse return errors.fail(error.Config, "out_done is NULL", .{});
+    const d = out_done orelse return errors.fail(.null_argument, "out_done is NULL", .{});
     d.* = 0;
     if (count == 0) return;
     if (count > 1 << 24 or console_stride > shell.console_capacity_bytes)
-        return errors.fail(error.Config, "reset_loop_var takes at most 2^24 inputs and a console_stride of at most 1 MiB", .{});
-    const o = out orelse return errors.fail(error.Config, "out is NULL", .{});
-    const offs = (offsets orelse return errors.fail(error.Config, "offsets is NULL", .{}))[0 .. count + 1];
-    if (offs[count] > 1 << 32) return errors.fail(error.Config, "reset_loop_var takes at most 4 GiB of inputs", .{});
-    const con: []u8 = if (console_stride == 0) &.{} else (console orelse return errors.fail(error.Config, "console is NULL", .{}))[0 .. count * console_stride];
+        return errors.fail(.loop_limit, "reset_loop_var takes at most 2^24 inputs and a console_stride of at most 1 MiB", .{});
+    const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
+    const offs = (offsets orelse return errors.fail(.null_argument, "offsets is NULL", .{}))[0 .. count + 1];
+    if (offs[count] > 1 << 32) return errors.fail(.loop_limit, "reset_loop_var takes at most 4 GiB of inputs", .{});
+    const con: []u8 = if (console_stride == 0) &.{} else (console orelse return errors.fail(.null_argument, "console is NULL", .{}))[0 .. count * console_stride];
     d.* = try m.resetLoopVar(try common.bytesOf(inputs, @intCast(offs[count])), offs, input_gpa, timeout_ns, try resetMode(mode), o[0..count], con, console_stride);
 }
 
 /// A reset mode from C, which may hold any int.
 fn resetMode(mode: common.kvmlab_reset_mode) errors.Error!reset.Mode {
-    return std.enums.fromInt(reset.Mode, @intFromEnum(mode)) orelse errors.fail(error.Config, "unknown reset mode {d}", .{@intFromEnum(mode)});
+    return std.enums.fromInt(reset.Mode, @intFromEnum(mode)) orelse errors.fail(.unknown_reset_mode, "unknown reset mode {d}", .{@intFromEnum(mode)});
 }
