@@ -1,20 +1,13 @@
 //! Unit tests of pool.zig: the pool's accounting over a factory without KVM
 //! (PoolOf is generic over what it pools).
 const std = @import("std");
-const linux = std.os.linux;
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
 const restore_mod = @import("restore.zig");
 const pool = @import("pool.zig");
-const PoolOf = pool.PoolOf;
-const Config = pool.Config;
-const Stats = pool.Stats;
-const Timing = pool.Timing;
-const max_pool_size = pool.max_pool_size;
 
-const allocator = std.heap.c_allocator;
 
 /// Items that cost nothing: counts creations and destructions, fails on demand.
 const Fake = struct {
@@ -26,13 +19,13 @@ const Fake = struct {
 
     pub fn create(_: u64, _: u32) errors.Error!*Item {
         if (fail_create.load(.acquire)) return errors.fail(.ioctl_failed, "fake: creation fails", .{});
-        const it = allocator.create(Item) catch return error.OutOfMemory;
+        const it = std.heap.c_allocator.create(Item) catch return error.OutOfMemory;
         it.* = .{};
         _ = created.fetchAdd(1, .acq_rel);
         return it;
     }
     pub fn destroy(it: *Item) void {
-        allocator.destroy(it);
+        std.heap.c_allocator.destroy(it);
         _ = destroyed.fetchAdd(1, .acq_rel);
     }
     /// A copy source with a 1-byte memory stands for a restore that fails.
@@ -70,8 +63,8 @@ const Fake = struct {
     }
 };
 
-const FakePool = PoolOf(Fake);
-const test_cfg = Config{ .memory_bytes = boot.min_memory_bytes, .vcpus = 1, .min_size = 2, .max_size = 4, .max_in_use = 0 };
+const FakePool = pool.PoolOf(Fake);
+const test_cfg = pool.Config{ .memory_bytes = boot.min_memory_bytes, .vcpus = 1, .min_size = 2, .max_size = 4, .max_in_use = 0 };
 const test_parsed = state.Parsed{ .vcpus = 1, .memory_bytes = boot.min_memory_bytes, .per_vcpu = @splat(@splat(null)), .vm = @splat(null) };
 const ok_source: restore_mod.MemorySource = .{ .copy = .{ .memory = &.{}, .page_map = &.{}, .packed_layout = false, .source_mapped = false } };
 const failing_source: restore_mod.MemorySource = .{ .copy = .{ .memory = "x", .page_map = &.{}, .packed_layout = false, .source_mapped = false } };
@@ -85,11 +78,11 @@ fn testRestore(p: *FakePool, src: restore_mod.MemorySource, wait_ns: u64) errors
 }
 
 /// Waits (bounded) until the background threads made `cond` true.
-fn eventually(p: *FakePool, comptime cond: fn (Stats) bool) !void {
+fn eventually(p: *FakePool, comptime cond: fn (pool.Stats) bool) !void {
     var i: usize = 0;
     while (!cond(p.stats())) : (i += 1) {
         if (i > 2000) return error.TestTimeout;
-        _ = linux.nanosleep(&.{ .sec = 0, .nsec = std.time.ns_per_ms }, null);
+        _ = std.os.linux.nanosleep(&.{ .sec = 0, .nsec = std.time.ns_per_ms }, null);
     }
 }
 
@@ -105,7 +98,7 @@ test "pool: restores and releases balance; close frees every item" {
     try std.testing.expect(s.hits >= 2);
     for (items) |it| p.release(it);
     try eventually(p, struct {
-        fn f(st: Stats) bool {
+        fn f(st: pool.Stats) bool {
             return st.in_use == 0 and st.pending_destroy == 0 and st.destroyed == st.releases;
         }
     }.f);
@@ -162,7 +155,7 @@ test "pool: a parked item is reset off the caller's path and reused for its snap
     try p.parkOnRelease(it);
     p.release(it);
     try eventually(p, struct {
-        fn f(st: Stats) bool {
+        fn f(st: pool.Stats) bool {
             return st.parked == 1;
         }
     }.f);
@@ -173,7 +166,7 @@ test "pool: a parked item is reset off the caller's path and reused for its snap
     const s = p.stats();
     try std.testing.expectEqual(@as(u64, 1), s.reuses);
     try std.testing.expectEqual(@as(u32, 1), s.in_use);
-    var timing: [1]Timing = undefined;
+    var timing: [1]pool.Timing = undefined;
     try std.testing.expectEqual(@as(usize, 1), p.copyTimings(&timing));
     try std.testing.expectEqual(restore_mod.Strategy.reuse, timing[0].strategy);
     p.release(it); // parks again (reuse re-arms parking)
@@ -196,7 +189,7 @@ test "pool: configuration limits" {
     var cfg = test_cfg;
     cfg.max_size = 0;
     try std.testing.expectError(error.Config, FakePool.checkConfig(cfg));
-    cfg.max_size = max_pool_size + 1;
+    cfg.max_size = pool.max_pool_size + 1;
     try std.testing.expectError(error.Config, FakePool.checkConfig(cfg));
     cfg.max_size = 2;
     cfg.min_size = 3;
@@ -223,18 +216,18 @@ test "pool: prepare keeps n ready per snapshot; a take is prepared, a release ke
     try std.testing.expectEqual(@as(?*Fake.Item, null), takePrepared(p, snap_b));
     const it = takePrepared(p, snap_a).?;
     try std.testing.expectEqual(@as(u32, 1), p.stats().in_use);
-    var timing: [1]Timing = undefined;
+    var timing: [1]pool.Timing = undefined;
     _ = p.copyTimings(&timing);
     try std.testing.expectEqual(restore_mod.Strategy.prepared, timing[0].strategy);
     // The refill thread brings the ready count back to 2; the release adds the taken one.
     try eventually(p, struct {
-        fn f(st: Stats) bool {
+        fn f(st: pool.Stats) bool {
             return st.prepared == 2;
         }
     }.f);
     p.release(it);
     try eventually(p, struct {
-        fn f(st: Stats) bool {
+        fn f(st: pool.Stats) bool {
             return st.prepared == 3 and st.in_use == 0;
         }
     }.f);
@@ -301,7 +294,7 @@ test "pool: takes of a target with identity get distinct nonzero identities, oth
         for (seen[0..i]) |other| try std.testing.expect(other != id.*);
         p.release(it);
         try eventually(p, struct {
-            fn f(st: Stats) bool {
+            fn f(st: pool.Stats) bool {
                 return st.in_use == 0 and st.prepared >= 2;
             }
         }.f);
@@ -316,8 +309,8 @@ test "pool: takes of a target with identity get distinct nonzero identities, oth
 test "pool: past a backlog of max_dead_backlog queued destroys, a release destroys on the caller's thread" {
     const p = try FakePool.create(test_cfg);
     const n = pool.max_dead_backlog + 10;
-    const items = try allocator.alloc(*Fake.Item, n);
-    defer allocator.free(items);
+    const items = try std.heap.c_allocator.alloc(*Fake.Item, n);
+    defer std.heap.c_allocator.free(items);
     for (items) |*it| it.* = try testRestore(p, ok_source, 0);
     p.holdReapers(true);
     const before = p.stats();
@@ -328,7 +321,7 @@ test "pool: past a backlog of max_dead_backlog queued destroys, a release destro
     try std.testing.expectEqual(@as(u64, 10), p.stats().destroyed - before.destroyed);
     p.holdReapers(false);
     try eventually(p, struct {
-        fn f(st: Stats) bool {
+        fn f(st: pool.Stats) bool {
             return st.pending_destroy == 0 and st.in_use == 0;
         }
     }.f);

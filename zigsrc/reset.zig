@@ -17,7 +17,6 @@ const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
 const safe = @import("safe.zig");
 
-const allocator = std.heap.c_allocator;
 
 pub const Mode = enum(c_int) { auto = 0, copy = 1, drop = 2 };
 
@@ -49,13 +48,13 @@ pub const Resettable = struct {
         if (s.parsed.memory_bytes != vm.mem.len or s.parsed.vcpus != vm.vcpu_count)
             return errors.fail(.shape, "the snapshot does not match this VM's shape", .{});
         try vm.enableDirtyLog(); // a shell made without it (fork_many's)
-        const host_dirty = allocator.alloc(u64, 2 * vm.dirtyWords()) catch return error.OutOfMemory;
+        const host_dirty = std.heap.c_allocator.alloc(u64, 2 * vm.dirtyWords()) catch return error.OutOfMemory;
         @memset(host_dirty, 0);
         return .{ .snap = s.retain(), .host_dirty = host_dirty[0..vm.dirtyWords()], .pinned = host_dirty[vm.dirtyWords()..] };
     }
 
     pub fn deinit(r: *Resettable) void {
-        allocator.free(r.host_dirty.ptr[0 .. 2 * r.host_dirty.len]);
+        std.heap.c_allocator.free(r.host_dirty.ptr[0 .. 2 * r.host_dirty.len]);
         r.snap.release();
     }
 
@@ -171,8 +170,8 @@ pub fn floor(vm: *shell.Vm, r: *Resettable, use_drop: bool, times: *Times) error
     const t0 = shell.monotonicNs();
     var stack_buf: [2048]u64 = undefined; // 512 MiB of guest memory
     const n = vm.dirtyWords();
-    const bitmap = if (n <= stack_buf.len) stack_buf[0..n] else (allocator.alloc(u64, n) catch return error.OutOfMemory);
-    defer if (n > stack_buf.len) allocator.free(bitmap);
+    const bitmap = if (n <= stack_buf.len) stack_buf[0..n] else (std.heap.c_allocator.alloc(u64, n) catch return error.OutOfMemory);
+    defer if (n > stack_buf.len) std.heap.c_allocator.free(bitmap);
     try vm.readDirtyLog(bitmap);
     const t1 = shell.monotonicNs();
     const dirty = try putBack(vm, r, bitmap, use_drop);

@@ -59,31 +59,26 @@ pub const Map = struct {
     }
 };
 
-/// A pooled VM that its pool reset to this snapshot after a release: memory
-/// and state are already there, nothing is applied.
-pub const Reuse = struct {
-    pub const fresh_shell = false;
+/// A VM a pool chose because memory and state are already the snapshot's:
+/// nothing is applied, and a caller cannot ask for one (`refusal` says why).
+fn AlreadyThere(comptime refusal: []const u8) type {
+    return struct {
+        const Self = @This();
+        pub const fresh_shell = false;
 
-    pub fn fromSnapshot(_: *snapshot.Snapshot) errors.Error!Reuse {
-        return errors.fail(.strategy_pool_only, "strategy 'reuse' is chosen by a pool (reset_on_release), not by the caller", .{});
-    }
-    pub fn apply(_: Reuse, vm: *shell.Vm, _: *Mapping) errors.Error!void {
-        std.debug.assert(vm.booted);
-    }
-};
+        pub fn fromSnapshot(_: *snapshot.Snapshot) errors.Error!Self {
+            return errors.fail(.strategy_pool_only, refusal, .{});
+        }
+        pub fn apply(_: Self, vm: *shell.Vm, _: *Mapping) errors.Error!void {
+            std.debug.assert(vm.booted);
+        }
+    };
+}
 
-/// A VM the pool prepared for this snapshot (restored, maybe warmed up and
-/// reset): like `Reuse`, memory and state are already there.
-pub const Prepared = struct {
-    pub const fresh_shell = false;
-
-    pub fn fromSnapshot(_: *snapshot.Snapshot) errors.Error!Prepared {
-        return errors.fail(.strategy_pool_only, "strategy 'prepared' is chosen by a pool (RestorePool.prepare), not by the caller", .{});
-    }
-    pub fn apply(_: Prepared, vm: *shell.Vm, _: *Mapping) errors.Error!void {
-        std.debug.assert(vm.booted);
-    }
-};
+/// A pooled VM that its pool reset to this snapshot after a release.
+pub const Reuse = AlreadyThere("strategy 'reuse' is chosen by a pool (reset_on_release), not by the caller");
+/// A VM the pool prepared for this snapshot (restored, maybe warmed up and reset).
+pub const Prepared = AlreadyThere("strategy 'prepared' is chosen by a pool (RestorePool.prepare), not by the caller");
 
 pub const MemorySource = union(enum) {
     copy: Copy,
