@@ -33,10 +33,12 @@ __all__ = [
 class KvmlabError(Exception):
     """Base class of every kvmlab error.
 
-    ``check`` is a machine-readable id of what refused the call, or None: for
-    a :class:`SnapshotError` the core's failed check (``kvmlab_check``), for a
-    :class:`ConfigError` the argument check (``argument_range``, ...).
-    Tests and callers match on it, not on the message.
+    ``check`` is the machine-readable id of what refused the call: the core's
+    ``kvmlab_check`` for an error of the core (``"cpuid_features"``,
+    ``"pool_exhausted"``, ``"vm_running"``, ``"magic"``, ...), else the id the
+    Python layer raised with (``"argument_range"``, ``"snapshot_closed"``,
+    ...). Every id is listed in docs/errors.md with what to do. Tests and
+    callers match on it, not on the message (messages may be reworded).
     """
 
     check: str | None = None
@@ -87,10 +89,9 @@ class GuestTimeoutError(KvmlabError, TimeoutError):
 class SnapshotError(KvmlabError):
     """A snapshot is malformed, corrupt, or does not fit this VM.
 
-    ``check`` names the check that refused it, from the core's
-    ``kvmlab_check`` enum (e.g. ``"magic"``, ``"state_crc"``,
-    ``"memory_crc"``, ``"shape"``, ``"damaged"``; the steps are listed in
-    ``zigsrc/snapshot.zig`` and ``zigsrc/state.zig``), or None.
+    ``check`` names the check that refused it (e.g. ``"magic"``,
+    ``"state_crc"``, ``"memory_crc"``, ``"shape"``, ``"damaged"``; the steps
+    are listed in ``zigsrc/snapshot.zig`` and ``zigsrc/state.zig``).
     """
 
 

@@ -189,6 +189,7 @@ def test_qmp_read_times_out_on_a_silent_qemu():
         theirs.sendall(b'{"event": "X"}\n{"return": {"status": "running"}}\n')  # events are skipped
         assert ch.read() == {"return": {"status": "running"}}
         theirs.sendall(b'{"error": {"desc": "no"}}\n')
+        # match= on text: QmpError is the QEMU peer harness's RuntimeError (not a KvmlabError), with no check id.
         with pytest.raises(qp.QmpError, match="no"):
             ch.cmd("cont")
         theirs.close()

@@ -101,21 +101,22 @@ WRITE_FOREVER = bytes.fromhex("66ba0205" "b800004000" "ef" "ebfd")
 
 
 @pytest.mark.parametrize(
-    "addr,length,words",
+    "addr,length,check",
     [
-        (0x500000, 65537, "65537 bytes"),  # over the 64 KiB of one write
-        (CFG.memory_bytes - 100, 200, "outside guest memory"),  # crosses the end of memory
-        (CFG.memory_bytes, 1, "outside guest memory"),  # starts past it
-        (2**64 - 8, 16, "outside guest memory"),  # wraps around
-        (0x500000, 2**64 - 1, "outside guest memory"),
+        (0x500000, 65537, "console_write"),  # over the 64 KiB of one write
+        (CFG.memory_bytes - 100, 200, "console_write"),  # crosses the end of memory
+        (CFG.memory_bytes, 1, "console_write"),  # starts past it
+        (2**64 - 8, 16, "console_write"),  # wraps around
+        (0x500000, 2**64 - 1, "console_write"),
     ],
     ids=["65537-bytes", "crosses-end", "past-end", "wraps", "huge-length"],
 )
-def test_console_writes_over_64k_or_outside_memory_crash_the_guest(addr, length, words):
+def test_console_writes_over_64k_or_outside_memory_crash_the_guest(addr, length, check):
     with Vm.boot(WRITE_FOREVER, CFG) as vm:
         vm.write_memory(0x400000, addr.to_bytes(8, "little") + length.to_bytes(8, "little"))
-        with pytest.raises(GuestCrashError, match=re.escape(words)):
+        with pytest.raises(GuestCrashError) as e:
             vm.run(timeout_s=5)
+        assert e.value.check == check
 
 
 def test_console_write_of_exactly_64k_at_the_end_of_memory():

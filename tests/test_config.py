@@ -29,8 +29,9 @@ def test_bad_vcpus(vcpus):
 
 
 def test_config_error_is_value_error():
-    with pytest.raises(ValueError, match="memory_mib"):
+    with pytest.raises(ValueError) as e:
         VmConfig(memory_mib=7)
+    assert (e.value.check, e.value.argument) == ("argument_range", "memory_mib")
 
 
 def test_frozen():

@@ -38,15 +38,17 @@ def test_from_bytes_and_from_file(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(GuestError, match="does not exist"):
+    with pytest.raises(GuestError) as e:
         Guest.from_file(tmp_path / "missing.bin")
+    assert e.value.check == "image_missing"
 
 
 def test_empty_file(tmp_path):
     p = tmp_path / "empty.bin"
     p.write_bytes(b"")
-    with pytest.raises(GuestError, match="empty"):
+    with pytest.raises(GuestError) as e:
         Guest.from_file(p)
+    assert e.value.check == "image_empty"
 
 
 def test_directory_is_not_a_guest(tmp_path):
@@ -58,8 +60,9 @@ def test_too_large_file(tmp_path):
     p = tmp_path / "big.bin"
     with open(p, "wb") as f:
         f.truncate(MAX_IMAGE_BYTES + 1)
-    with pytest.raises(GuestError, match="3 MiB"):
+    with pytest.raises(GuestError) as e:
         Guest.from_file(p)
+    assert e.value.check == "image_size"
     with pytest.raises(GuestError):
         Guest.from_bytes(b"\x90" * (MAX_IMAGE_BYTES + 1))
 

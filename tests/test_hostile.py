@@ -30,20 +30,21 @@ def good(counter_snap):
 
 
 @pytest.mark.parametrize(
-    "image,match",
+    "image,check",
     [
-        (MMIO_WRITE, r"cr2=0x100000000, is outside the 16 MiB of guest memory"),
-        (UNKNOWN_PORT, r"unknown I/O port 0x1234"),
-        (UNKNOWN_PORT_IN, r"read unknown I/O port 0x70"),
-        (BAD_CONSOLE_DESC, r"console write descriptor at 0xfffffff0 is outside guest memory"),
+        (MMIO_WRITE, "triple_fault"),  # a page fault past guest memory with no IDT
+        (UNKNOWN_PORT, "unknown_port_write"),
+        (UNKNOWN_PORT_IN, "unknown_port_read"),
+        (BAD_CONSOLE_DESC, "console_descriptor"),
     ],
 )
-def test_misbehaving_guest_is_reported_and_the_pool_keeps_working(good, image, match):
+def test_misbehaving_guest_is_reported_and_the_pool_keeps_working(good, image, check):
     with RestorePool(CFG, PoolConfig(min_size=1, max_size=2)) as pool:
         with Vm.boot(image, CFG) as bad:
-            with pytest.raises(GuestCrashError, match=match) as ei:
+            with pytest.raises(GuestCrashError) as ei:
                 bad.run(timeout_s=5)
-            assert "rip=0x" in str(ei.value)
+            assert ei.value.check == check
+            assert "rip=0x" in str(ei.value)  # the message carries the registers (documented)
             with pytest.raises(GuestCrashError):  # stays crashed
                 bad.run(timeout_s=1)
         with pool.restore_snapshot(good) as rvm:

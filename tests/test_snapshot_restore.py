@@ -287,8 +287,9 @@ def test_restore_argument_errors(originals):
     with pytest.raises(ConfigError) as e:
         Vm.restore(o.snap, strategy="fast")
     assert (e.value.check, e.value.argument) == ("argument_value", "strategy")
-    with pytest.raises(ConfigError, match="file-backed"):
+    with pytest.raises(ConfigError) as e:
         Vm.restore(o.snap, strategy="map")
+    assert e.value.check == "strategy_needs_file"
     with pytest.raises(ConfigError) as e:
         Vm.restore(o.bytes)  # type: ignore[arg-type]
     assert (e.value.check, e.value.argument) == ("argument_type", "snap")
@@ -320,8 +321,11 @@ def test_cpuid_feature_the_host_lacks_is_incompatible(originals, function, reg):
     data, bit = _with_cpuid(o.bytes, function, 0, reg, lambda v: v | _highest_clear_bit(v))
     fds = fd_count()
     with Snapshot.from_bytes(data) as s:  # valid: every checksum was recomputed
-        with pytest.raises(IncompatibleError, match=rf"CPU features this host lacks: CPUID 0x{function:x}\.0 .*{reg}&~host=0x{bit:x}"):
+        with pytest.raises(IncompatibleError) as e:
             Vm.restore(s)
+        assert e.value.check == "cpuid_features"
+        # What to tell the user: the leaf, the register and the missing bit.
+        assert f"CPUID 0x{function:x}.0" in str(e.value) and f"{reg}&~host=0x{bit:x}" in str(e.value)
     assert fd_count() == fds  # the shell made for the restore was freed
 
 
@@ -335,8 +339,9 @@ def test_cpuid_leaf_the_host_lacks_is_incompatible(originals):
             C.put32(buf, i + 4, 3)  # leaf 0x80000001 index 3: no such leaf
     rec.data = bytes(buf)
     with Snapshot.from_bytes(C.with_state(o.bytes, C.build_state(header, recs))) as s:
-        with pytest.raises(IncompatibleError, match=r"CPUID leaf 0x80000001\.3, which this host's KVM does not offer"):
+        with pytest.raises(IncompatibleError) as e:
             Vm.restore(s)
+        assert e.value.check == "cpuid_leaf"
 
 
 def test_larger_xsave_state_than_the_host_takes_is_incompatible(originals):
@@ -346,8 +351,9 @@ def test_larger_xsave_state_than_the_host_takes_is_incompatible(originals):
     size = len(rec.data)
     rec.data += bytes(64)
     with Snapshot.from_bytes(C.with_state(o.bytes, C.build_state(header, recs))) as s:
-        with pytest.raises(IncompatibleError, match=f"snapshot XSAVE state is {size + 64} bytes; this host's KVM takes {size}"):
+        with pytest.raises(IncompatibleError) as e:
             Vm.restore(s)
+        assert e.value.check == "xsave_size"
 
 
 def test_unchanged_cpuid_round_trips_through_the_codec(originals):
