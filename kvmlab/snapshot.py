@@ -93,6 +93,12 @@ class _InUse:
                 snap._idle.notify_all()  # close() is waiting
 
 
+def _header_fact(key: str, doc: str) -> Any:
+    """A read-only property: the header fact ``key``, read once when the
+    snapshot was made (``Snapshot._info``)."""
+    return property(lambda self: self._info[key], doc=doc)
+
+
 class Snapshot:
     """A captured VM: guest memory plus all vCPU, device and host-side state.
 
@@ -306,13 +312,12 @@ class Snapshot:
 
     # -- metadata ---------------------------------------------------------------------
 
-    @property
-    def memory_bytes(self) -> int:
-        return self._info["memory_bytes"]
-
-    @property
-    def vcpus(self) -> int:
-        return self._info["vcpus"]
+    memory_bytes: int = _header_fact("memory_bytes", "Guest memory in bytes.")
+    vcpus: int = _header_fact("vcpus", "vCPUs of the captured VM.")
+    guest: str = _header_fact("guest", "The name of the guest that was captured.")
+    stored_bytes: int = _header_fact("stored_bytes", "Bytes it takes where it is stored (disk blocks for a file).")
+    present_pages: int = _header_fact("present_pages", "4 KiB pages that are not all zero (the others are not stored).")
+    file_backed: bool = _header_fact("file_backed", "True when loaded from a file (restores can map it).")
 
     @property
     def config(self) -> VmConfig:
@@ -320,26 +325,8 @@ class Snapshot:
         return VmConfig(memory_mib=self.memory_bytes >> 20, vcpus=self.vcpus)
 
     @property
-    def guest(self) -> str:
-        return self._info["guest"]
-
-    @property
-    def stored_bytes(self) -> int:
-        """Bytes it takes where it is stored (disk blocks for a file)."""
-        return self._info["stored_bytes"]
-
-    @property
-    def present_pages(self) -> int:
-        """4 KiB pages that are not all zero (the others are not stored)."""
-        return self._info["present_pages"]
-
-    @property
     def created_at(self) -> _dt.datetime:
         return _dt.datetime.fromtimestamp(self._info["created_unix_ns"] / 1e9, tz=_dt.timezone.utc)
-
-    @property
-    def file_backed(self) -> bool:
-        return self._info["file_backed"]
 
     @property
     def damaged(self) -> bool:
