@@ -73,7 +73,8 @@ def test_source_from_a_file_and_keep_dir(tmp_path):
 def test_compile_errors_are_guest_errors_with_the_message():
     with pytest.raises(GuestError) as e:
         build_zig("fn main() void { nope(); }", name="broken")
-    msg = str(e.value)
+    assert e.value.check == "guest_build"
+    msg = str(e.value)  # the compiler's message is passed on: what this test is about
     assert "zig build-exe failed for guest 'broken'" in msg
     assert "nope" in msg and "/tmp/" not in msg
 

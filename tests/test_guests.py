@@ -22,7 +22,8 @@ def test_builtin_guest():
 def test_unknown_builtin_lists_available_names():
     with pytest.raises(GuestError) as e:
         Guest.builtin("nope")
-    assert "nope" in str(e.value)
+    assert e.value.check == "unknown_guest"
+    assert "nope" in str(e.value)  # and the message lists the names there are
     for n in BUILTINS:
         assert n in str(e.value)
 

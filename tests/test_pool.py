@@ -222,7 +222,8 @@ def test_shape_mismatch_names_both_shapes(shapes, snap_shape, pool_cfg, words, h
                 pool.restore_from_bytes(snap.to_bytes())
             else:
                 pool.restore(snap.memory, snap.vcpu_state)
-        msg = str(e.value)
+        assert e.value.check == "shape"
+        msg = str(e.value)  # the message names both shapes: what this test is about
         if how != "parts":  # parts: the memory buffer's size is checked first
             assert words[0] in msg and words[1] in msg, msg
         # Rejected before any shell was touched: nothing counted, nothing lost.
