@@ -111,8 +111,7 @@ pub const Vm = struct {
     console_dropped: u64 = 0,
     crash_len: usize = 0,
     crash_msg: [900]u8 = undefined,
-    /// The id of the first crash (errors.Check, a guest_crash id).
-    crash_check: errors.Check = .guest_crash,
+    crash_check: errors.Check = .guest_crash, // the first crash's id (a guest_crash id)
     /// The built-in or user guest's name (for snapshots and messages).
     guest_name: [32]u8 = @splat(0),
     /// Set by mapFile: guest memory is a private mapping of this file.
@@ -368,17 +367,13 @@ pub const Vm = struct {
         return out;
     }
 
-    fn crashError(vm: *Vm) errors.Error {
-        return errors.fail(vm.crash_check, "{s}", .{vm.crash_msg[0..vm.crash_len]});
-    }
-
     /// A crash of a map-restored VM whose file lost pages (truncated under
     /// the mapping) is reported as that (SnapshotError), not as the triple
     /// fault or EFAULT it shows up as: a page the guest touched (its page
     /// tables, its stack) may have read as zeros or not at all.
     fn crashOrTruncated(vm: *Vm) errors.Error {
         if (vm.mem_damaged.load(.acquire) or vm.mappedFileTruncated()) return @import("safe.zig").truncated();
-        return vm.crashError();
+        return errors.fail(vm.crash_check, "{s}", .{vm.crash_msg[0..vm.crash_len]});
     }
 
     /// Stops every vCPU thread at its next exit (or now, if in KVM_RUN).
