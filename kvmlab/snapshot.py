@@ -20,7 +20,7 @@ import stat
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import _ffi
 from .config import VmConfig, check_choice, check_path
@@ -230,13 +230,7 @@ class Snapshot:
         Raises:
             ClosedError: the snapshot is closed.
         """
-        with self._lock:
-            h = self._live()
-            n = ffi.new("size_t *")
-            _ffi.check(lib.kvmlab_snapshot_to_bytes(h, ffi.NULL, 0, n))
-            buf = bytearray(n[0])
-            _ffi.check(lib.kvmlab_snapshot_to_bytes(h, ffi.from_buffer("uint8_t[]", buf), len(buf), n))
-        return bytes(buf)
+        return self._sized_copy(lib.kvmlab_snapshot_to_bytes)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the snapshot to ``path`` atomically (temp file, fsync, rename),
@@ -302,12 +296,17 @@ class Snapshot:
     @property
     def vcpu_state(self) -> bytes:
         """Everything but memory (vCPUs, irqchip, PIT, clock, host devices, page map)."""
+        return self._sized_copy(lib.kvmlab_snapshot_state)
+
+    def _sized_copy(self, get: Callable[..., int]) -> bytes:
+        """What a native `get(handle, buf, capacity, out_bytes)` copies out:
+        asked once for the size (buf NULL), then into a buffer of that size."""
         with self._lock:
             h = self._live()
             n = ffi.new("size_t *")
-            _ffi.check(lib.kvmlab_snapshot_state(h, ffi.NULL, 0, n))
+            _ffi.check(get(h, ffi.NULL, 0, n))
             buf = bytearray(n[0])
-            _ffi.check(lib.kvmlab_snapshot_state(h, ffi.from_buffer("uint8_t[]", buf), len(buf), n))
+            _ffi.check(get(h, ffi.from_buffer("uint8_t[]", buf), len(buf), n))
         return bytes(buf)
 
     # -- metadata ---------------------------------------------------------------------
