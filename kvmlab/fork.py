@@ -25,7 +25,7 @@ from typing import Any
 
 from . import _ffi, _progress
 from .config import bad_argument, check_int, check_type
-from .errors import ConfigError, KvmlabMemoryError
+from .errors import ConfigError, KvmlabError, KvmlabMemoryError
 from .snapshot import Snapshot
 from .vm import Vm
 
@@ -193,25 +193,32 @@ def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> list[An
     stop = ffi.new("uint32_t *")
     done = ffi.new("uint64_t *")
     count = ffi.new("uint32_t *")
-    rc: list[int] = []
-    worker = threading.Thread(
-        target=lambda: rc.append(lib.kvmlab_fork_many(sh, n, threads, flags, stop, done, out, count)),
-        name="kvmlab-fork", daemon=True,
-    )
-    worker.start()
+    failure: list[KvmlabError] = []
+    # An Event, not Thread.join: a join interrupted by Ctrl-C marks a running
+    # thread as ended (CPython 3.11), and the wait for the cleanup would not wait.
+    finished = threading.Event()
+
+    def call() -> None:
+        try:
+            rc = lib.kvmlab_fork_many(sh, n, threads, flags, stop, done, out, count)
+            if rc:
+                failure.append(_ffi.error_for(rc))  # the core's message is this thread's
+            elif stop[0] and count[0] == n:  # stopped too late: the set is complete, and nobody's
+                for i in range(n):
+                    lib.kvmlab_vm_free(out[i])
+        finally:
+            finished.set()
+
+    threading.Thread(target=call, name="kvmlab-fork", daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(_POLL_S)
+        while not finished.wait(_POLL_S):
             bar.update(done[0] - bar.n)
     except BaseException:
         stop[0] = 1  # the core stops at its next step and frees every VM it made
-        worker.join()
-        if rc and rc[0] == 0 and count[0] == n:  # it had finished: these are ours to free
-            for i in range(n):
-                lib.kvmlab_vm_free(out[i])
+        finished.wait()
         raise
-    if rc[0]:
-        raise _ffi.error_for(rc[0])
+    if failure:
+        raise failure[0]
     assert count[0] == n, "the core stops only when asked to"
     return [out[i] for i in range(n)]
 
@@ -260,7 +267,7 @@ def fork_many(
     check_type("snap", snap, Snapshot)
     if not snap.file_backed:
         bad_argument(
-            "argument_value", "snap", "fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)"
+            "strategy_needs_file", "snap", "fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)"
         )
     check_int("n", n, 1, MAX_VMS)
     check_type("identity", identity, bool)

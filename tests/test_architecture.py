@@ -16,7 +16,7 @@ ZIGSRC = Path(__file__).resolve().parent.parent / "zigsrc"
 LAYERS = [
     ["kvm.zig"],
     ["errors.zig"],
-    ["sigbus.zig", "fault.zig"],
+    ["sigbus.zig", "fault.zig", "signals.zig"],
     ["safe.zig", "boot.zig", "host.zig"],
     ["shell.zig"],
     ["state.zig"],
@@ -26,8 +26,9 @@ LAYERS = [
     ["machine.zig"],
     ["prepared.zig"],
     ["pool.zig"],
+    ["fork.zig"],
     ["capi/common.zig"],
-    ["capi/vm.zig", "capi/snapshot.zig", "capi/pool.zig"],
+    ["capi/vm.zig", "capi/snapshot.zig", "capi/pool.zig", "capi/fork.zig"],
     ["capi/testing.zig"],
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -45,3 +45,79 @@ def test_fork_many_needs_a_file_backed_snapshot(service_file):
         for bad in (0, -1, True, 1.5):
             with pytest.raises(ConfigError):
                 fork_many(fs, bad)
+
+
+# -- the native path (zigsrc/fork.zig): one call, all or nothing, stoppable -----------------
+
+FAULT_SITE = kvmlab._ffi.enum_values("kvmlab_fault_site")
+
+
+def _maps(path) -> int:
+    """Mappings a VM holds: its guest memory (the snapshot file, privately)
+    and its vCPUs' kvm_run (thread stacks come and go with glibc's cache)."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if str(path) in line or "kvm-vcpu" in line)
+
+
+def test_fork_many_on_each_thread_count_gives_n_distinct_vms_that_answer(service_file):
+    with Snapshot.load(service_file) as snap:
+        base = _maps(service_file)
+        for threads in (1, 2, 5):
+            with fork_many(snap, 13, threads=threads, progress=False) as vms:
+                assert len(vms) == 13 and vms.threads == threads
+                assert _maps(service_file) >= base + 2 * 13  # guest memory and kvm_run of each
+                assert len({int(kvmlab._ffi.ffi.cast("uintptr_t", vm._handle)) for vm in vms}) == 13
+                assert [vm.call(b"n%d" % i) for i, vm in enumerate(vms)] == [b"n%d" % i for i in range(13)]
+
+
+@pytest.mark.parametrize("site,after", [("create_vm", 7), ("irqchip", 5), ("vcpu", 9), ("cpuid", 0)])
+def test_a_failure_mid_way_frees_every_vm_made(service_file, site, after):
+    with Snapshot.load(service_file) as snap:
+        for attempt in range(2):  # the first one warms caches (host CPUID)
+            fds, maps = _fds(), _maps(service_file)
+            kvmlab._ffi.check(kvmlab._ffi.testing.kvmlab_fault_inject(FAULT_SITE[site], after))
+            try:
+                with pytest.raises(kvmlab.KvmError) as e:
+                    fork_many(snap, 20, threads=2, progress=False)
+            finally:
+                kvmlab._ffi.testing.kvmlab_fault_inject(FAULT_SITE["none"], 0)
+            assert e.value.check == "fault_injected"
+        assert _fds() <= fds and _maps(service_file) <= maps
+        with fork_many(snap, 3, progress=False) as vms:  # and the next call works
+            assert [vm.call(b"ok") for vm in vms] == [b"ok"] * 3
+
+
+def test_ctrl_c_stops_fork_many_and_frees_what_it_made(service_file):
+    import signal
+    import threading
+    import time
+
+    with Snapshot.load(service_file) as snap:
+        for attempt in range(2):
+            fds, maps = _fds(), _maps(service_file)
+            # 2,000 VMs take far longer than 20 ms here (KVM_CREATE_VM alone is ~0.1 ms).
+            threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT)).start()
+            t0 = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                fork_many(snap, 2000, progress=False)
+            assert time.monotonic() - t0 < 60
+        assert _fds() <= fds and _maps(service_file) <= maps
+        with fork_many(snap, 2, progress=False) as vms:  # and the next call works
+            assert [vm.call(b"ok") for vm in vms] == [b"ok"] * 2
+
+
+def test_the_core_stop_flag_keeps_nothing_and_bad_counts_have_ids(service_file):
+    ffi, lib = kvmlab._ffi.ffi, kvmlab._ffi.lib
+    with Snapshot.load(service_file) as snap, snap._use() as sh:
+        out = ffi.new("kvmlab_vm *[]", 4)
+        stop, done, count = ffi.new("uint32_t *", 1), ffi.new("uint64_t *"), ffi.new("uint32_t *", 99)
+        fds = _fds()
+        assert lib.kvmlab_fork_many(sh, 4, 2, 0, stop, done, out, count) == 0
+        assert (count[0], done[0], list(out)) == (0, 0, [ffi.NULL] * 4)
+        assert _fds() == fds
+        stop[0] = 0
+        for n, threads, check in ((0, 1, "fork_count"), (100_001, 1, "fork_count"), (2, 0, "fork_threads"), (2, 65, "fork_threads")):
+            rc = lib.kvmlab_fork_many(sh, n, threads, 0, stop, done, out, count)
+            assert kvmlab._ffi.error_for(rc).check == check
+        with pytest.raises(ConfigError):
+            fork_many(snap, 2, threads=0)

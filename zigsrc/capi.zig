@@ -1,5 +1,5 @@
 //! The root of libkvmlab: every exported symbol comes from capi/*.zig, one
-//! file per handle kind (common, vm, snapshot, pool). The testing group
+//! file per handle kind (common, vm, snapshot, pool, fork). The testing group
 //! (capi/testing.zig: benchmark floors, fault injection) is compiled in only
 //! with `-Dtesting=true`; gen_header.zig renders kvmlab.h from the product
 //! files and kvmlab_testing.h from the testing file.
@@ -10,6 +10,7 @@ pub const product = .{
     @import("capi/vm.zig"),
     @import("capi/snapshot.zig"),
     @import("capi/pool.zig"),
+    @import("capi/fork.zig"),
 };
 
 comptime {
@@ -34,5 +35,6 @@ test {
     _ = @import("machine.zig");
     _ = @import("pool.zig");
     _ = @import("pool_test.zig");
+    _ = @import("fork.zig");
     inline for (product) |m| _ = m;
 }

@@ -32,6 +32,7 @@ const product_modules = [_]Module{
     .{ .decls = @import("capi/vm.zig"), .source = @embedFile("capi/vm.zig"), .path = "capi/vm.zig" },
     .{ .decls = @import("capi/snapshot.zig"), .source = @embedFile("capi/snapshot.zig"), .path = "capi/snapshot.zig" },
     .{ .decls = @import("capi/pool.zig"), .source = @embedFile("capi/pool.zig"), .path = "capi/pool.zig" },
+    .{ .decls = @import("capi/fork.zig"), .source = @embedFile("capi/fork.zig"), .path = "capi/fork.zig" },
 };
 const testing_modules = [_]Module{
     .{ .decls = @import("capi/testing.zig"), .source = @embedFile("capi/testing.zig"), .path = "capi/testing.zig" },

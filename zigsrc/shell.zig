@@ -40,7 +40,7 @@ pub const port_identity_lo: u16 = 0x0503;
 pub const port_identity_hi: u16 = 0x0504;
 
 /// Where the KVM TSS lives (Intel needs it for real mode; outside guest RAM).
-const tss_addr: u64 = 0xFFFB_D000;
+pub const tss_addr: u64 = 0xFFFB_D000;
 
 pub const VcpuStatus = enum(u8) { ready, checkpoint, exited, halted, crashed, interrupted };
 
@@ -111,7 +111,8 @@ pub const Vm = struct {
     console_dropped: u64 = 0,
     crash_len: usize = 0,
     crash_msg: [900]u8 = undefined,
-    crash_check: errors.Check = .guest_crash, // the first crash's id (a guest_crash id)
+    /// The id of the first crash (errors.Check, a guest_crash id).
+    crash_check: errors.Check = .guest_crash,
     /// The built-in or user guest's name (for snapshots and messages).
     guest_name: [32]u8 = @splat(0),
     /// Set by mapFile: guest memory is a private mapping of this file.
@@ -126,13 +127,10 @@ pub const Vm = struct {
     pub fn create(memory_bytes: u64, vcpu_count: u32) errors.Error!*Vm {
         return createWith(memory_bytes, vcpu_count, .{});
     }
-    /// What a shell may leave out. `dirty_log` false: no dirty bitmap (2 bits
-    /// per guest page in the kernel) for a VM never reset; enableDirtyLog
-    /// turns it on later (a slot change: ~11 ms on kvm_pvm). `pit` false: no
-    /// in-kernel PIT, whose worker thread costs ~0.7 ms to create and 16 KiB
-    /// of kernel stack per VM; state.zig makes one when a snapshot's PIT was
-    /// in use (the guest protocol has no PIT ports).
-    pub const Options = struct { dirty_log: bool = true, pit: bool = true };
+    /// `dirty_log` false: no dirty bitmap (enableDirtyLog later: ~11 ms). `pit` false: no PIT
+    /// (~0.7 ms, 16 KiB kernel stack; state.zig makes one for a snapshot that used it).
+    /// `vm_fd`: made before (fork.zig). `file`: memory is this file's private map from the start.
+    pub const Options = struct { dirty_log: bool = true, pit: bool = true, vm_fd: ?kvm.VmFd = null, file: ?Backing = null };
 
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
@@ -145,18 +143,17 @@ pub const Vm = struct {
         errdefer vm.destroy();
 
         try fault.check(.create_vm);
-        vm.vm_fd = h.system.createVm() catch return errors.ioctlFailed("KVM_CREATE_VM");
-        vm.vm_fd.setTssAddr(tss_addr) catch {};
+        vm.vm_fd = if (opts.vm_fd) |fd| fd else h.system.createVm() catch return errors.ioctlFailed("KVM_CREATE_VM");
+        if (opts.vm_fd == null) vm.vm_fd.setTssAddr(tss_addr) catch {};
 
         try fault.check(.memory);
-        const addr = linux.mmap(null, memory_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = true, .NORESERVE = true }, -1, 0);
+        const addr = linux.mmap(null, memory_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = opts.file == null, .NORESERVE = true }, if (opts.file) |b| b.fd else -1, if (opts.file) |b| @intCast(b.offset) else 0);
         if (linux.errno(addr) != .SUCCESS)
             return errors.fail(.guest_memory_map, "cannot map {d} MiB of guest memory: E{s}", .{ memory_bytes >> 20, @tagName(linux.errno(addr)) });
         vm.mem = @as([*]align(4096) u8, @ptrFromInt(addr))[0..memory_bytes];
-        // Dirty logging from the start: it is free until the log is first
-        // read (reset.zig), and enabling it later would be a slot change after
-        // the irqchip exists (the ~11 ms stall).
-        try fault.check(.slot);
+        vm.backing = opts.file; // mapFile then only registers it for SIGBUS (no MMU-notifier sweep)
+        if (opts.file) |b| try vm.mapFile(b.fd, b.offset);
+        try fault.check(.slot); // dirty logging from the start: free until first read; later it stalls ~11 ms
         try vm.setMemorySlot(if (opts.dirty_log) kvm.MEM_LOG_DIRTY_PAGES else 0);
         vm.dirty_logging = opts.dirty_log;
 
@@ -367,13 +364,17 @@ pub const Vm = struct {
         return out;
     }
 
+    fn crashError(vm: *Vm) errors.Error {
+        return errors.fail(vm.crash_check, "{s}", .{vm.crash_msg[0..vm.crash_len]});
+    }
+
     /// A crash of a map-restored VM whose file lost pages (truncated under
     /// the mapping) is reported as that (SnapshotError), not as the triple
     /// fault or EFAULT it shows up as: a page the guest touched (its page
     /// tables, its stack) may have read as zeros or not at all.
     fn crashOrTruncated(vm: *Vm) errors.Error {
         if (vm.mem_damaged.load(.acquire) or vm.mappedFileTruncated()) return @import("safe.zig").truncated();
-        return errors.fail(vm.crash_check, "{s}", .{vm.crash_msg[0..vm.crash_len]});
+        return vm.crashError();
     }
 
     /// Stops every vCPU thread at its next exit (or now, if in KVM_RUN).
@@ -635,7 +636,8 @@ pub const Vm = struct {
     /// memory size (KVM's MMU notifier drops stale translations of the old
     /// pages). `fd` must stay open while the shell lives.
     pub fn mapFile(vm: *Vm, fd: linux.fd_t, offset: u64) errors.Error!void {
-        const addr = linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, fd, @intCast(offset));
+        const fresh = if (vm.backing) |b| b.fd == fd and b.offset == offset and !vm.booted else false; // Options.file
+        const addr = if (fresh) @intFromPtr(vm.mem.ptr) else linux.mmap(vm.mem.ptr, vm.mem.len, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .FIXED = true, .NORESERVE = true }, fd, @intCast(offset));
         if (linux.errno(addr) != .SUCCESS) return errors.fail(.snapshot_mapping, "mapping the snapshot over guest memory failed: E{s}", .{@tagName(linux.errno(addr))});
         vm.backing = .{ .fd = fd, .offset = offset };
         if (vm.sigbus_slot == null) vm.sigbus_slot = sigbus.register(@intFromPtr(vm.mem.ptr), vm.mem.len, &vm.mem_damaged) orelse return sigbus.unprotected(); // an uncovered mapping would let a truncation kill the process
