@@ -7,8 +7,9 @@
 
 Each VM is a ``map`` restore of the same file-backed snapshot: guest memory is
 a private mapping of the file, so the VMs share its page cache until they
-write. Creation runs on several threads (the native calls release the GIL);
-so does teardown, which waits ~11 ms per VM on kvm_pvm.
+write. Creation is one native call on a few native threads (zigsrc/fork.zig
+says what it does and skips, and why in that order); teardown runs on
+several threads too, since it waits ~11 ms per VM on kvm_pvm.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from __future__ import annotations
 import os
 import resource
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from . import _progress
+from . import _ffi, _progress
 from .config import bad_argument, check_int, check_type
 from .errors import ConfigError, KvmlabError, KvmlabMemoryError
 from .snapshot import Snapshot
@@ -28,9 +31,14 @@ from .vm import Vm
 
 __all__ = ["fork_many", "ForkSet", "memory_usage", "raise_fd_limit"]
 
+ffi = _ffi.ffi
+lib = _ffi.lib
 
-#: Most restoring threads fork_many starts (each restore is mostly waiting on KVM).
-MAX_THREADS = 256
+
+#: Most native threads fork_many restores on (zigsrc/fork.zig max_threads).
+MAX_THREADS = 64
+#: Most VMs of one fork_many call (zigsrc/fork.zig max_vms).
+MAX_VMS = 100_000
 
 
 #: /proc/meminfo counters that KVM's per-VM kernel memory shows in (memory_usage).
@@ -173,11 +181,50 @@ def _distinct_identities(n: int) -> list[int]:
     return list(out)
 
 
-def _restore_with(snap: Snapshot, resettable: bool, identity: int) -> Vm:
-    vm = Vm.restore(snap, "map", resettable=resettable)
-    if identity:
-        vm.set_identity(identity)
-    return vm
+def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> list[Any]:
+    """One ``kvmlab_fork_many`` call (zigsrc/fork.zig) on a helper thread, so
+    this one stays free for the progress bar and for Ctrl-C: an interrupt
+    sets the core's stop flag, waits for it to free what it made, and goes on.
+
+    Returns:
+        The ``n`` native VM handles.
+    """
+    out = ffi.new("kvmlab_vm *[]", n)
+    stop = ffi.new("uint32_t *")
+    done = ffi.new("uint64_t *")
+    count = ffi.new("uint32_t *")
+    failure: list[KvmlabError] = []
+    # An Event, not Thread.join: a join interrupted by Ctrl-C marks a running
+    # thread as ended (CPython 3.11), and the wait for the cleanup would not wait.
+    finished = threading.Event()
+
+    def call() -> None:
+        try:
+            rc = lib.kvmlab_fork_many(sh, n, threads, flags, stop, done, out, count)
+            if rc:
+                failure.append(_ffi.error_for(rc))  # the core's message is this thread's
+            elif stop[0] and count[0] == n:  # stopped too late: the set is complete, and nobody's
+                for i in range(n):
+                    lib.kvmlab_vm_free(out[i])
+        finally:
+            finished.set()
+
+    threading.Thread(target=call, name="kvmlab-fork", daemon=True).start()
+    try:
+        while not finished.wait(_POLL_S):
+            bar.update(done[0] - bar.n)
+    except BaseException:
+        stop[0] = 1  # the core stops at its next step and frees every VM it made
+        finished.wait()
+        raise
+    if failure:
+        raise failure[0]
+    assert count[0] == n, "the core stops only when asked to"
+    return [out[i] for i in range(n)]
+
+
+#: How often fork_many's waiting thread looks at the progress (seconds).
+_POLL_S = 0.05
 
 
 def fork_many(
@@ -186,14 +233,20 @@ def fork_many(
 ) -> ForkSet:
     """Restores ``n`` VMs from one file-backed snapshot with the ``map`` strategy.
 
+    One native call makes them all (zigsrc/fork.zig): first every VM's KVM
+    object, while the process has few mappings (KVM_CREATE_VM's cost grows
+    with them), then, on ``threads`` native threads, each VM's memory (the
+    file, mapped privately), memory slot, irqchip, vCPUs and state; no PIT
+    unless the snapshot used one, no dirty log unless ``resettable``.
     Measures the wall time until all are ready (restored, not yet run) and the
     growth of this process's RSS and PSS divided by ``n``. Raises the open-file
-    soft limit if needed (each VM holds 1 + vcpus descriptors).
+    soft limit if needed (each VM holds 1 + vcpus descriptors). Ctrl-C stops
+    it: the VMs made so far are freed, then KeyboardInterrupt goes on.
 
     Args:
         snap: a file-backed snapshot (``Snapshot.load(path)``).
         n: how many VMs (1 .. 100000).
-        threads: restoring threads (default: 2 per CPU, at most 8).
+        threads: native restoring threads (1 .. 64; default: one per CPU).
         resettable: make every VM resettable (``vm.reset()``).
         progress: show a progress bar (tqdm.auto) once it takes over a second;
             also for the returned set's ``close()``.
@@ -207,41 +260,40 @@ def fork_many(
             memory per VM); close it (or use ``with``) to free the VMs.
 
     Raises:
-        ConfigError: ``snap`` is not file-backed, ``n`` is out of range, or the
-            hard open-file limit is too low for ``n`` VMs.
-        KvmlabError: a restore failed (the VMs made so far are freed).
+        ConfigError: ``snap`` is not file-backed, ``n`` or ``threads`` is out
+            of range, or the hard open-file limit is too low for ``n`` VMs.
+        KvmlabError: a restore failed (every VM made is freed).
     """
     check_type("snap", snap, Snapshot)
     if not snap.file_backed:
         bad_argument(
-            "argument_value", "snap", "fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)"
+            "strategy_needs_file", "snap", "fork_many needs a file-backed snapshot: snap.save(path) then Snapshot.load(path)"
         )
-    check_int("n", n, 1, 100_000)
+    check_int("n", n, 1, MAX_VMS)
     check_type("identity", identity, bool)
-    identities = _distinct_identities(n) if identity else [0] * n
+    check_type("resettable", resettable, bool)
+    identities = _distinct_identities(n) if identity else []
     _progress.check(progress)
+    threads = min(MAX_THREADS, os.cpu_count() or 1) if threads is None else check_int("threads", threads, 1, MAX_THREADS)
     raise_fd_limit(n * (1 + snap.vcpus))  # the VM and its vCPUs (the file's fd is the snapshot's, shared)
-    threads = min(8, (os.cpu_count() or 2) * 2) if threads is None else check_int("threads", threads, 1, MAX_THREADS)
+    flags = _ffi.enum_values("kvmlab_restore_flags")["resettable"] if resettable else 0
     before = memory_usage()
     t0 = time.monotonic_ns()
     out = ForkSet()
     out.progress = progress
     try:
-        with _progress.bar(n, "fork_many", "VM", progress) as bar, ThreadPoolExecutor(max_workers=threads) as ex:
-            for vm in ex.map(lambda i: _restore_with(snap, resettable, identities[i]), range(n)):
-                out.append(vm)
-                bar.update()
-    except KvmlabError:
-        out.close()
-        raise
+        with _progress.bar(n, "fork_many", "VM", progress) as bar, snap._use() as sh:
+            handles = _fork_native(sh, n, threads, flags, bar)
     except RuntimeError as e:  # "can't start new thread": a host limit (RLIMIT_NPROC, address space)
-        out.close()
         err = KvmlabMemoryError(
-            f"fork_many could not start its {threads} threads ({e}): pass fewer threads= or raise the "
-            "host's thread/memory limits (ulimit -u, ulimit -v)",
-            check="host_threads",
+            f"fork_many could not start its thread ({e}): raise the host's thread/memory limits (ulimit -u, ulimit -v)",
+            check="thread_spawn",
         )
+        err.check = "host_threads"
         raise err from None
+    out.extend(Vm(h, snap.config, snap.guest) for h in handles)
+    for vm, ident in zip(out, identities):
+        vm.set_identity(ident)
     ready = time.monotonic_ns() - t0
     after = memory_usage()
     out.stats = ForkStats(
