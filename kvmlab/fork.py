@@ -287,9 +287,8 @@ def fork_many(
     except RuntimeError as e:  # "can't start new thread": a host limit (RLIMIT_NPROC, address space)
         err = KvmlabMemoryError(
             f"fork_many could not start its thread ({e}): raise the host's thread/memory limits (ulimit -u, ulimit -v)",
-            check="thread_spawn",
+            check="host_threads",
         )
-        err.check = "host_threads"
         raise err from None
     out.extend(Vm(h, snap.config, snap.guest) for h in handles)
     for vm, ident in zip(out, identities):
