@@ -6,32 +6,17 @@ const snapshot = @import("../snapshot.zig");
 const restore = @import("../restore.zig");
 const pool_mod = @import("../pool.zig");
 const common = @import("common.zig");
-const kvmlab_result = common.kvmlab_result;
-const kvmlab_vm = common.kvmlab_vm;
-const kvmlab_snapshot = common.kvmlab_snapshot;
-const kvmlab_pool = common.kvmlab_pool;
-const kvmlab_pool_config = common.kvmlab_pool_config;
-const kvmlab_pool_stats = common.kvmlab_pool_stats;
-const kvmlab_pool_timing = common.kvmlab_pool_timing;
-const kvmlab_restore_times = common.kvmlab_restore_times;
-const kvmlab_strategy = common.kvmlab_strategy;
-const kvmlab_restore_flags = common.kvmlab_restore_flags;
-const result = common.result;
-const asVm = common.asVm;
-const asSnap = common.asSnap;
-const asPool = common.asPool;
-const bytesOf = common.bytesOf;
 
-fn poolConfig(cfg: ?*const kvmlab_pool_config) errors.Error!pool_mod.Config {
+fn poolConfig(cfg: ?*const common.kvmlab_pool_config) errors.Error!pool_mod.Config {
     const c = cfg orelse return errors.fail(.null_argument, "config is NULL", .{});
     return .{ .memory_bytes = c.memory_bytes, .vcpus = c.vcpus, .min_size = c.min_size, .max_size = c.max_size, .max_in_use = c.max_in_use };
 }
 
 /// Creates a pool and warms min_size shells before returning.
-pub export fn kvmlab_pool_new(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_pool) callconv(.c) kvmlab_result {
-    return result(poolNew(cfg, out));
+pub export fn kvmlab_pool_new(cfg: ?*const common.kvmlab_pool_config, out: ?*?*common.kvmlab_pool) callconv(.c) common.kvmlab_result {
+    return common.result(poolNew(cfg, out));
 }
-fn poolNew(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_pool) errors.Error!void {
+fn poolNew(cfg: ?*const common.kvmlab_pool_config, out: ?*?*common.kvmlab_pool) errors.Error!void {
     const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = null;
     o.* = @ptrCast(try pool_mod.Pool.create(try poolConfig(cfg)));
@@ -39,38 +24,38 @@ fn poolNew(cfg: ?*const kvmlab_pool_config, out: ?*?*kvmlab_pool) errors.Error!v
 
 /// Closes the pool (idle shells destroyed, worker stopped); NULL is fine.
 /// VMs still out stay valid; the last kvmlab_pool_release frees the pool.
-pub export fn kvmlab_pool_free(h: ?*kvmlab_pool) callconv(.c) void {
-    const p = asPool(h) catch return;
+pub export fn kvmlab_pool_free(h: ?*common.kvmlab_pool) callconv(.c) void {
+    const p = common.asPool(h) catch return;
     p.close();
 }
 
-pub export fn kvmlab_pool_warm(h: ?*kvmlab_pool, target: u32) callconv(.c) kvmlab_result {
-    return result(poolWarm(h, target));
+pub export fn kvmlab_pool_warm(h: ?*common.kvmlab_pool, target: u32) callconv(.c) common.kvmlab_result {
+    return common.result(poolWarm(h, target));
 }
-fn poolWarm(h: ?*kvmlab_pool, target: u32) errors.Error!void {
-    try (try asPool(h)).warm(target);
+fn poolWarm(h: ?*common.kvmlab_pool, target: u32) errors.Error!void {
+    try (try common.asPool(h)).warm(target);
 }
 
 /// Idle shells now; 0 for NULL. Never fails.
-pub export fn kvmlab_pool_idle_count(h: ?*kvmlab_pool) callconv(.c) u32 {
-    const p = asPool(h) catch return 0;
+pub export fn kvmlab_pool_idle_count(h: ?*common.kvmlab_pool) callconv(.c) u32 {
+    const p = common.asPool(h) catch return 0;
     return p.idleCount();
 }
 
-pub export fn kvmlab_pool_get_stats(h: ?*kvmlab_pool, out: ?*kvmlab_pool_stats) callconv(.c) kvmlab_result {
-    return result(poolStats(h, out));
+pub export fn kvmlab_pool_get_stats(h: ?*common.kvmlab_pool, out: ?*common.kvmlab_pool_stats) callconv(.c) common.kvmlab_result {
+    return common.result(poolStats(h, out));
 }
-fn poolStats(h: ?*kvmlab_pool, out: ?*kvmlab_pool_stats) errors.Error!void {
+fn poolStats(h: ?*common.kvmlab_pool, out: ?*common.kvmlab_pool_stats) errors.Error!void {
     const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
-    o.* = (try asPool(h)).stats();
+    o.* = (try common.asPool(h)).stats();
 }
 
 /// Copies up to `capacity` of the newest restore records, oldest first.
-pub export fn kvmlab_pool_timings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing, capacity: usize, out_count: ?*usize) callconv(.c) kvmlab_result {
-    return result(poolTimings(h, buf, capacity, out_count));
+pub export fn kvmlab_pool_timings(h: ?*common.kvmlab_pool, buf: ?[*]common.kvmlab_pool_timing, capacity: usize, out_count: ?*usize) callconv(.c) common.kvmlab_result {
+    return common.result(poolTimings(h, buf, capacity, out_count));
 }
-fn poolTimings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing, capacity: usize, out_count: ?*usize) errors.Error!void {
-    const p = try asPool(h);
+fn poolTimings(h: ?*common.kvmlab_pool, buf: ?[*]common.kvmlab_pool_timing, capacity: usize, out_count: ?*usize) errors.Error!void {
+    const p = try common.asPool(h);
     const o = out_count orelse return errors.fail(.null_argument, "out is NULL", .{});
     o.* = 0;
     if (capacity == 0) return;
@@ -79,13 +64,13 @@ fn poolTimings(h: ?*kvmlab_pool, buf: ?[*]kvmlab_pool_timing, capacity: usize, o
 }
 
 /// Records the duration of a pooled VM's first run() in its timing record.
-pub export fn kvmlab_pool_note_first_run(h: ?*kvmlab_pool, seq: u64, first_run_ns: u64) callconv(.c) void {
-    const p = asPool(h) catch return;
+pub export fn kvmlab_pool_note_first_run(h: ?*common.kvmlab_pool, seq: u64, first_run_ns: u64) callconv(.c) void {
+    const p = common.asPool(h) catch return;
     p.noteFirstRun(seq, first_run_ns);
 }
 
-fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.MemorySource, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
-    const o = try common.outPtr(?*kvmlab_vm, out);
+fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.MemorySource, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+    const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = null;
     var rt: restore.Times = .{};
     var acquire: u64 = 0;
@@ -103,21 +88,21 @@ fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.Memor
 /// an earlier release for this snapshot is reused (timing strategy reuse).
 /// A snapshot with a kvmlab_pool_prepare target takes a prepared VM when one
 /// is ready (strategy prepared), whatever the flags.
-pub export fn kvmlab_pool_restore_snapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
-    return result(poolRestoreSnapshot(h, snap, strategy, wait_ns, flags, out, times));
+pub export fn kvmlab_pool_restore_snapshot(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
+    return common.result(poolRestoreSnapshot(h, snap, strategy, wait_ns, flags, out, times));
 }
-pub fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, strategy: kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
-    const p = try asPool(h);
-    const s = try asSnap(snap);
+pub fn poolRestoreSnapshot(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+    const p = try common.asPool(h);
+    const s = try common.asSnap(snap);
     try s.checkIntact();
-    const o = try common.outPtr(?*kvmlab_vm, out);
+    const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = null;
-    const park = flags & @intFromEnum(kvmlab_restore_flags.reset_on_release) != 0;
-    const resettable = park or flags & @intFromEnum(kvmlab_restore_flags.resettable) != 0;
+    const park = flags & @intFromEnum(common.kvmlab_restore_flags.reset_on_release) != 0;
+    const resettable = park or flags & @intFromEnum(common.kvmlab_restore_flags.resettable) != 0;
     // A prepared VM of `s` (or, with park, a parked one): one lookup.
     var seq: u64 = 0;
     const t0 = shell.monotonicNs();
-    var took: kvmlab_strategy = .reuse;
+    var took: common.kvmlab_strategy = .reuse;
     if (p.reuse(s, park, &seq, &took)) |m| {
         const dt = shell.monotonicNs() - t0;
         if (times) |t| t.* = common.restoreTimes(.{}, dt, dt, m.shell.mapped(), true, seq, took);
@@ -126,7 +111,7 @@ pub fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, stra
     }
     try poolFinish(p, &s.parsed, try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy)), wait_ns, out, times);
     if (!resettable) return;
-    const m = try asVm(o.*);
+    const m = try common.asVm(o.*);
     m.enableReset(s) catch |e| {
         p.release(m);
         o.* = null;
@@ -140,34 +125,34 @@ pub fn poolRestoreSnapshot(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, stra
 }
 
 /// Restores from raw parts: dense guest memory and a state blob.
-pub export fn kvmlab_pool_restore_parts(h: ?*kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
-    return result(poolRestoreParts(h, memory, memory_bytes, vcpu_state, state_bytes, wait_ns, out, times));
+pub export fn kvmlab_pool_restore_parts(h: ?*common.kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
+    return common.result(poolRestoreParts(h, memory, memory_bytes, vcpu_state, state_bytes, wait_ns, out, times));
 }
-fn poolRestoreParts(h: ?*kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
-    const p = try asPool(h);
-    const parsed = try state.parse(try bytesOf(vcpu_state, state_bytes));
+fn poolRestoreParts(h: ?*common.kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+    const p = try common.asPool(h);
+    const parsed = try state.parse(try common.bytesOf(vcpu_state, state_bytes));
     if (memory_bytes != parsed.memory_bytes)
         return errors.fail(.shape, "memory buffer is {d} bytes; the vCPU state describes {d} MiB", .{ memory_bytes, parsed.memory_bytes >> 20 });
-    const src: restore.MemorySource = .{ .copy = .{ .memory = try bytesOf(memory, memory_bytes), .page_map = parsed.pageMap(), .packed_layout = false, .source_mapped = true } };
+    const src: restore.MemorySource = .{ .copy = .{ .memory = try common.bytesOf(memory, memory_bytes), .page_map = parsed.pageMap(), .packed_layout = false, .source_mapped = true } };
     try poolFinish(p, &parsed, src, wait_ns, out, times);
 }
 
 /// Restores from an encoded snapshot (checked first), copying its memory.
-pub export fn kvmlab_pool_restore_bytes(h: ?*kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) callconv(.c) kvmlab_result {
-    return result(poolRestoreBytes(h, data, len, wait_ns, out, times));
+pub export fn kvmlab_pool_restore_bytes(h: ?*common.kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
+    return common.result(poolRestoreBytes(h, data, len, wait_ns, out, times));
 }
-fn poolRestoreBytes(h: ?*kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*kvmlab_vm, times: ?*kvmlab_restore_times) errors.Error!void {
-    const p = try asPool(h);
-    const c = try snapshot.check(try bytesOf(data, len));
+fn poolRestoreBytes(h: ?*common.kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+    const p = try common.asPool(h);
+    const c = try snapshot.check(try common.bytesOf(data, len));
     const src: restore.MemorySource = .{ .copy = .{ .memory = c.memory, .page_map = c.parsed.pageMap(), .packed_layout = c.packed_layout, .source_mapped = false } };
     try poolFinish(p, &c.parsed, src, wait_ns, out, times);
 }
 
 /// Gives a pooled VM back (it must come from this pool); it is destroyed off
 /// the caller's path. The VM handle is invalid afterwards.
-pub export fn kvmlab_pool_release(h: ?*kvmlab_pool, vm_handle: ?*kvmlab_vm) callconv(.c) void {
-    const p = asPool(h) catch return;
-    const m = asVm(vm_handle) catch return;
+pub export fn kvmlab_pool_release(h: ?*common.kvmlab_pool, vm_handle: ?*common.kvmlab_vm) callconv(.c) void {
+    const p = common.asPool(h) catch return;
+    const m = common.asVm(vm_handle) catch return;
     p.release(m);
 }
 
@@ -175,17 +160,17 @@ pub export fn kvmlab_pool_release(h: ?*kvmlab_pool, vm_handle: ?*kvmlab_vm) call
 /// ready; the refill thread keeps the count after takes): returns once they
 /// are. n = 0 gives them up. On an error nothing is left prepared for `snap`.
 /// `flags`: kvmlab_prepare_flags bits.
-pub export fn kvmlab_pool_prepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, flags: u32) callconv(.c) kvmlab_result {
-    return result(poolPrepare(h, snap, n, strategy, false, flags));
+pub export fn kvmlab_pool_prepare(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, n: u32, strategy: common.kvmlab_strategy, flags: u32) callconv(.c) common.kvmlab_result {
+    return common.result(poolPrepare(h, snap, n, strategy, false, flags));
 }
 /// Sets the target of `snap` for a caller that prepares them itself with
 /// kvmlab_pool_prepare_begin/_end (e.g. to run a warmup); nothing is restored.
-pub export fn kvmlab_pool_prepare_target(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, flags: u32) callconv(.c) kvmlab_result {
-    return result(poolPrepare(h, snap, n, strategy, true, flags));
+pub export fn kvmlab_pool_prepare_target(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, n: u32, strategy: common.kvmlab_strategy, flags: u32) callconv(.c) common.kvmlab_result {
+    return common.result(poolPrepare(h, snap, n, strategy, true, flags));
 }
-fn poolPrepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy: kvmlab_strategy, external: bool, flags: u32) errors.Error!void {
-    const p = try asPool(h);
-    const s = try asSnap(snap);
+fn poolPrepare(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, n: u32, strategy: common.kvmlab_strategy, external: bool, flags: u32) errors.Error!void {
+    const p = try common.asPool(h);
+    const s = try common.asSnap(snap);
     try s.checkIntact();
     if (s.parsed.memory_bytes != p.cfg.memory_bytes or s.parsed.vcpus != p.cfg.vcpus)
         return errors.fail(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ s.parsed.memory_bytes >> 20, s.parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
@@ -198,38 +183,38 @@ fn poolPrepare(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, n: u32, strategy
 /// For a kvmlab_pool_prepare_target: when `snap` is short of its target,
 /// restores one VM into *out (resettable) on this thread; else *out = NULL.
 /// Run it (the warmup), then always call kvmlab_pool_prepare_end.
-pub export fn kvmlab_pool_prepare_begin(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, out: ?*?*kvmlab_vm) callconv(.c) kvmlab_result {
-    return result(poolPrepareBegin(h, snap, out));
+pub export fn kvmlab_pool_prepare_begin(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, out: ?*?*common.kvmlab_vm) callconv(.c) common.kvmlab_result {
+    return common.result(poolPrepareBegin(h, snap, out));
 }
-fn poolPrepareBegin(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, out: ?*?*kvmlab_vm) errors.Error!void {
-    const o = try common.outPtr(?*kvmlab_vm, out);
+fn poolPrepareBegin(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, out: ?*?*common.kvmlab_vm) errors.Error!void {
+    const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = null;
-    o.* = @ptrCast(try (try asPool(h)).prepareBegin(try asSnap(snap)));
+    o.* = @ptrCast(try (try common.asPool(h)).prepareBegin(try common.asSnap(snap)));
 }
 
 /// Ends kvmlab_pool_prepare_begin: ok != 0 resets the VM to `snap` (when
 /// warmed != 0: it ran) and keeps it prepared; ok == 0 destroys it. The VM
 /// handle is the pool's afterwards.
-pub export fn kvmlab_pool_prepare_end(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, vm_handle: ?*kvmlab_vm, warmed: u32, ok: u32) callconv(.c) kvmlab_result {
-    return result(poolPrepareEnd(h, snap, vm_handle, warmed, ok));
+pub export fn kvmlab_pool_prepare_end(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, vm_handle: ?*common.kvmlab_vm, warmed: u32, ok: u32) callconv(.c) common.kvmlab_result {
+    return common.result(poolPrepareEnd(h, snap, vm_handle, warmed, ok));
 }
-fn poolPrepareEnd(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot, vm_handle: ?*kvmlab_vm, warmed: u32, ok: u32) errors.Error!void {
-    try (try asPool(h)).prepareEnd(try asVm(vm_handle), try asSnap(snap), warmed != 0, ok != 0);
+fn poolPrepareEnd(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, vm_handle: ?*common.kvmlab_vm, warmed: u32, ok: u32) errors.Error!void {
+    try (try common.asPool(h)).prepareEnd(try common.asVm(vm_handle), try common.asSnap(snap), warmed != 0, ok != 0);
 }
 
 /// Waits up to wait_ns until a kvmlab_pool_prepare_target snapshot is short
 /// of its target (*out = 1) or not (*out = 0). Fails once the pool is closed.
-pub export fn kvmlab_pool_prepare_wait(h: ?*kvmlab_pool, wait_ns: u64, out: ?*u32) callconv(.c) kvmlab_result {
-    return result(poolPrepareWait(h, wait_ns, out));
+pub export fn kvmlab_pool_prepare_wait(h: ?*common.kvmlab_pool, wait_ns: u64, out: ?*u32) callconv(.c) common.kvmlab_result {
+    return common.result(poolPrepareWait(h, wait_ns, out));
 }
-fn poolPrepareWait(h: ?*kvmlab_pool, wait_ns: u64, out: ?*u32) errors.Error!void {
+fn poolPrepareWait(h: ?*common.kvmlab_pool, wait_ns: u64, out: ?*u32) errors.Error!void {
     const o = try common.outPtr(u32, out);
     o.* = 0;
-    o.* = @intFromBool(try (try asPool(h)).waitPrepareNeed(wait_ns));
+    o.* = @intFromBool(try (try common.asPool(h)).waitPrepareNeed(wait_ns));
 }
 
 /// Prepared VMs of `snap` ready now; 0 for NULL or no target. Never fails.
-pub export fn kvmlab_pool_prepared_count(h: ?*kvmlab_pool, snap: ?*const kvmlab_snapshot) callconv(.c) u32 {
-    const p = asPool(h) catch return 0;
-    return p.preparedCount(asSnap(snap) catch return 0);
+pub export fn kvmlab_pool_prepared_count(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot) callconv(.c) u32 {
+    const p = common.asPool(h) catch return 0;
+    return p.preparedCount(common.asSnap(snap) catch return 0);
 }
