@@ -13,7 +13,7 @@ import codecs
 import collections
 import itertools
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable
 
 from . import _ffi
 from .config import VmConfig, bad_argument, check_choice, check_range
@@ -45,6 +45,10 @@ class _ResetOps:
         _reset_timings: collections.deque[ResetTiming] | None
 
         def _live(self) -> Any: ...
+
+        def _interrupt_count(self) -> int: ...
+
+        def _operation(self, since: int | None = None) -> ContextManager[Any]: ...
 
         def _take_console(self, h: Any, final: bool, pending: int | None = None) -> tuple[str, int]: ...
 
@@ -104,11 +108,13 @@ class _ResetOps:
         length (u32 little-endian) at ``input_gpa`` and its bytes right after.
 
         Stopping: Ctrl-C (any signal whose handler raises) ends the whole loop
-        with that exception; :meth:`interrupt` from another thread ends it
-        and the list returned is shorter than ``inputs`` (the inputs done so
-        far); :meth:`close` ends it with :class:`ClosedError`. Either way the
-        VM is reset to its snapshot after the last input it ran. A signal
-        whose handler returns lets the loop go on (that input is run again).
+        with that exception, whichever thread of the process the kernel hands
+        the signal to; :meth:`interrupt` from another thread, once this call
+        started, ends it and the list returned is shorter than ``inputs``
+        (the inputs done so far); :meth:`close` ends it with
+        :class:`ClosedError`. Either way the VM is reset to its snapshot after
+        the last input it ran. A signal whose handler returns lets the loop go
+        on (that input is run again).
 
         Args:
             inputs: bytes-like inputs (all the same length unless ``length_prefix``).
@@ -126,6 +132,7 @@ class _ResetOps:
             ConfigError: inputs of different lengths or empty (without ``length_prefix``), or a bad argument.
             ClosedError: the VM was closed (also during the loop).
         """
+        since = self._interrupt_count()  # before packing the inputs: interrupt() stops it from here on
         if not isinstance(length_prefix, bool):
             bad_argument("argument_type", "length_prefix", f"length_prefix must be True or False, got {length_prefix!r}")
         items = [bytes(x) for x in inputs]
@@ -134,7 +141,7 @@ class _ResetOps:
         if length_prefix:
             offsets = array.array("Q", itertools.accumulate((len(x) for x in items), initial=0))
             out, _console, done = self._reset_loop_var(b"".join(items), offsets, input_gpa, _timeout_ns(run_timeout_s),
-                                                       0, mode)
+                                                       0, mode, since)
             return [_loop_result(r) for r in out[0:done]]
         size = len(items[0])
         if size == 0 or any(len(x) != size for x in items):
@@ -147,17 +154,17 @@ class _ResetOps:
         done = self._drive_loop(len(items), out, lambda h, start, n_out: lib.kvmlab_vm_reset_loop(
             h, ffi.from_buffer("uint8_t[]", packed[start * size :]), size, len(items) - start, input_gpa,
             timeout_ns, code, out + start, n_out,
-        ))
+        ), since)
         return [_loop_result(r) for r in out[0:done]]
 
-    def _drive_loop(self, count: int, out: Any, call: Callable[[Any, int, Any], int]) -> int:
+    def _drive_loop(self, count: int, out: Any, call: Callable[[Any, int, Any], int], since: int | None) -> int:
         """Runs a native reset loop, ``call(handle, start, out_done) -> rc``
         over inputs ``start ..``, until all ``count`` are done or it was
-        stopped; returns how many are done (``out[:done]``)."""
+        stopped; returns how many are done (``out[:done]``). ``since``: the
+        interrupt count the call noted where it started (None: now)."""
         done = ffi.new("size_t *")
         n_done = 0
-        with self._lock:
-            h = self._live()
+        with self._operation(since) as h:  # one operation: interrupt() ends it all
             while n_done < count:
                 rc = call(h, n_done, done)
                 # The loop leaves console output of its runs behind; drop it.
@@ -177,7 +184,8 @@ class _ResetOps:
         return n_done
 
     def _reset_loop_var(
-        self, blob: bytes, offsets: Any, input_gpa: int, timeout_ns: int, console_stride: int = 0, mode: str = "auto"
+        self, blob: bytes, offsets: Any, input_gpa: int, timeout_ns: int, console_stride: int = 0, mode: str = "auto",
+        since: int | None = None,
     ) -> tuple[Any, bytearray, int]:
         """The native loop over inputs of different lengths, input i being
         ``blob[offsets[i]:offsets[i+1]]`` (``offsets``: a buffer of count + 1
@@ -199,7 +207,7 @@ class _ResetOps:
         done = self._drive_loop(count, out, lambda h, start, n_out: lib.kvmlab_vm_reset_loop_var(
             h, data, offs + start, count - start, input_gpa, timeout_ns, code, out + start,
             con + start * console_stride if console else ffi.NULL, console_stride, n_out,
-        ))
+        ), since)
         return out, console, done
 
     def _enable_reset(self, snap: Snapshot) -> None:

@@ -18,15 +18,21 @@ its steps (``call()``: write, run, read; ``run_until_exit()``: every run), so
 memory access from another thread waits until they return, and concurrent
 callers each get their own answer. ``interrupt()`` and ``close()`` do not
 wait for the lock first: they stop a run in progress at once.
+
+Stopping: each of these calls is one operation for :meth:`interrupt` from the
+moment it starts (:meth:`_operation`), and Ctrl-C stops it whichever
+thread of the process the kernel hands the signal to (the core's handler,
+``zigsrc/signals.zig``).
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Union
 
 if TYPE_CHECKING:
     from typing import Self
@@ -147,6 +153,30 @@ class _VmHandle(_ResetOps):
             raise ClosedError(f"this VM ({self._guest}) is closed; boot a new one", check="vm_closed")
         return h
 
+    def _interrupt_count(self) -> int:
+        """The core's count of :meth:`interrupt` calls (0 once closed): a
+        call notes it where it starts, for :meth:`_operation`."""
+        with _INTERRUPT_LOCK:  # close() cannot free the handle meanwhile
+            h = self._handle
+            return int(lib.kvmlab_vm_interrupt_count(h)) if h is not None else 0
+
+    @contextlib.contextmanager
+    def _operation(self, since: int | None = None) -> Iterator[Any]:
+        """One caller operation (run, call, run_until_exit, reset_loop): the
+        VM's lock held, the live handle yielded. An :meth:`interrupt` made
+        after the count ``since`` was noted (by default: now) stops all of its
+        native runs and loops, also one made while it waited for the lock or
+        between two of them."""
+        if since is None:
+            since = self._interrupt_count()
+        with self._lock:
+            h = self._live()
+            lib.kvmlab_vm_begin_operation(h, since)
+            try:
+                yield h
+            finally:
+                lib.kvmlab_vm_end_operation(h)
+
     # -- running ----------------------------------------------------------------
 
     def run(self, timeout_s: float | None = 10.0) -> RunResult:
@@ -171,8 +201,8 @@ class _VmHandle(_ResetOps):
             ClosedError: the VM is closed.
         """
         timeout_ns = _timeout_ns(timeout_s)
-        with self._lock:
-            return self._run_locked(self._live(), timeout_ns)
+        with self._operation() as h:
+            return self._run_locked(h, timeout_ns)
 
     def _run_locked(self, h: Any, timeout_ns: int) -> RunResult:
         """run() with the lock held and ``h`` live (call() runs this way
@@ -213,11 +243,17 @@ class _VmHandle(_ResetOps):
         """Called by run() with the lock held and the handle live."""
 
     def interrupt(self) -> None:
-        """Stops a ``run()`` in progress on another thread (it returns
-        ``reason == "timeout"``; the next run resumes), or a whole
-        :meth:`reset_loop`. Safe from any thread; no effect on later calls.
-        (A call that has not reached the native core yet may miss it; use
-        :meth:`close` to stop for good.)"""
+        """Stops the calls on this VM in progress on other threads: a
+        ``run()`` returns ``reason == "timeout"`` (the next run resumes), a
+        :meth:`reset_loop` ends with the inputs done so far, ``call()`` and
+        :meth:`run_until_exit` raise :class:`GuestTimeoutError`.
+
+        "In progress" counts from the moment the call starts: one that has
+        not reached the native core yet, or waits for another call on the VM
+        to finish, stops as soon as it would run. Calls started after
+        ``interrupt()`` returned are not affected, and with no call in
+        progress it does nothing (it is not kept for the next call). Safe from
+        any thread."""
         # Under _INTERRUPT_LOCK: close() on another thread cannot free the
         # handle between this read and the native call.
         with _INTERRUPT_LOCK:
@@ -270,8 +306,7 @@ class _VmHandle(_ResetOps):
         elapsed = 0
         # One operation under the VM's lock: another thread's run() cannot
         # take a checkpoint's output in between.
-        with self._lock:
-            h = self._live()
+        with self._operation() as h:
             while True:
                 r = self._run_locked(h, 0 if total_ns == 0 else max(total_ns - elapsed, 1000))
                 consoles.append(r.console)
@@ -328,8 +363,7 @@ class _VmHandle(_ResetOps):
                 f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}",
             )
         timeout_ns = _timeout_ns(timeout_s)
-        with self._lock:
-            h = self._live()
+        with self._operation() as h:
             hdr = self._read(h, SERVICE_GPA, 16)
             seq = (int.from_bytes(hdr[8:12], "little") + 1) & 0xFFFFFFFF
             self._write(h, SERVICE_GPA + 0x1000, data)

@@ -171,8 +171,8 @@ CTRL_C_LOOP = """
                     signal.pthread_kill(main, signal.SIGINT)
                 else:
                     os.kill(os.getpid(), signal.SIGINT)   # what Ctrl-C in a terminal does
-            threading.Timer(0.3, send).start()
             try:
+                threading.Timer(0.3, send).start()  # under load it may fire before start() returns
                 vm.reset_loop([b"x" * 8] * 20, run_timeout_s=run_timeout_s)   # 20 s, or forever
                 print("not interrupted")
             except KeyboardInterrupt:
@@ -209,8 +209,8 @@ SIGINTS_AT_RANDOM = """
             global sent
             sent = time.monotonic()
             signal.pthread_kill(main, signal.SIGINT)
-        threading.Timer(rnd.uniform({earliest_s}, {latest_s}), send).start()
         try:
+            threading.Timer(rnd.uniform({earliest_s}, {latest_s}), send).start()  # under load it may fire before start() returns
             {call}              # only the signal can end it
             print("not interrupted")
         except KeyboardInterrupt:

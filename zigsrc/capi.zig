@@ -26,6 +26,7 @@ test {
     _ = @import("boot.zig");
     _ = @import("safe.zig");
     _ = @import("shell.zig");
+    _ = @import("signals.zig");
     _ = @import("state.zig");
     _ = @import("state_test.zig");
     _ = @import("snapshot_test.zig");

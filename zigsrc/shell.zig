@@ -7,7 +7,7 @@
 //! Threading: `run` executes vCPU 0 on the calling thread and vCPUs 1.. on
 //! threads spawned for that call; it returns when every vCPU has stopped at
 //! exit, checkpoint, crash or the deadline. A deadline is honoured with a
-//! per-thread POSIX timer that sends `kick_signal` to the vCPU thread; the
+//! per-thread POSIX timer that sends the kick (signals.zig) to the vCPU thread; the
 //! signal handler sets `immediate_exit` so KVM_RUN returns EINTR (no thread
 //! ever spins waiting). One `run` at a time per VM (`error.Busy` otherwise).
 const std = @import("std");
@@ -19,12 +19,11 @@ const host = @import("host.zig");
 const fault = @import("fault.zig");
 const sigbus = @import("sigbus.zig");
 const safe = @import("safe.zig");
+const signals = @import("signals.zig");
+pub const ForeignSignals = signals.ForeignSignals;
 
 const allocator = std.heap.c_allocator;
 
-/// Realtime signal used to kick vCPU threads out of KVM_RUN (glibc's
-/// SIGRTMIN+6; glibc itself uses 32 and 33).
-pub const kick_signal: u32 = 40;
 /// Console bytes kept per VM until taken; the rest are counted as dropped.
 pub const console_capacity_bytes: usize = 1 << 20;
 /// Longest single console write through the descriptor port.
@@ -95,6 +94,12 @@ pub const Vm = struct {
     /// while the VM is idle affects nothing.
     interrupts: std.atomic.Value(u64) = .init(0),
     interrupts_seen: u64 = 0,
+    /// Set by pinOperation(): a caller's operation spanning several runs or
+    /// loops (a Python call) noted `interrupts_seen` at its own start.
+    op_pinned: bool = false,
+    /// signals.caughtCount() when the run or loop began: a stop signal
+    /// (Ctrl-C) caught on any thread since stops it (see signals.zig).
+    signals_seen: u64 = 0,
     /// Latched by beginClose() and never cleared (except when a pool hands
     /// the VM out again): no run starts any more, and a run in progress stops
     /// at its next exit to the host. close() cannot lose it to a run that had
@@ -137,7 +142,7 @@ pub const Vm = struct {
     pub fn createWith(memory_bytes: u64, vcpu_count: u32, opts: Options) errors.Error!*Vm {
         try boot.checkConfig(memory_bytes, vcpu_count);
         const h = try host.get();
-        installKickHandler();
+        signals.installKickHandler();
         const vm = allocator.create(Vm) catch return error.OutOfMemory;
         vm.* = .{};
         errdefer vm.destroy();
@@ -266,7 +271,30 @@ pub const Vm = struct {
     /// Notes where interrupt() requests stand when a caller's operation (a
     /// run, a whole reset loop) begins; later ones stop it (see `interrupts`).
     pub fn beginOperation(vm: *Vm) void {
-        vm.interrupts_seen = vm.interrupts.load(.seq_cst);
+        if (!vm.op_pinned) vm.interrupts_seen = vm.interrupts.load(.seq_cst);
+        vm.signals_seen = signals.caughtCount();
+    }
+
+    /// interrupt() calls so far: a caller notes it when its operation begins
+    /// (before it waits for the VM, or for its turn) and passes it to
+    /// pinOperation.
+    pub fn interruptCount(vm: *const Vm) u64 {
+        return vm.interrupts.load(.seq_cst);
+    }
+
+    /// Until unpinOperation(), the runs and loops on this VM are one
+    /// operation that began when interruptCount() was `since`: an interrupt()
+    /// after that stops them, even one that came before this call or between
+    /// two of them. Signals are still noted per run or loop (a caller whose
+    /// signal handler returned runs again). One caller at a time.
+    pub fn pinOperation(vm: *Vm, since: u64) void {
+        std.debug.assert(!vm.running.load(.acquire));
+        vm.interrupts_seen = @min(since, vm.interrupts.load(.seq_cst));
+        vm.op_pinned = true;
+    }
+
+    pub fn unpinOperation(vm: *Vm) void {
+        vm.op_pinned = false;
     }
 
     /// Whether the caller's operation must end: the VM is closing, or
@@ -385,7 +413,7 @@ pub const Vm = struct {
         const self_tid = linux.gettid();
         for (vm.vcpus[0..vm.vcpu_count]) |*v| {
             const tid = v.tid.load(.seq_cst);
-            if (tid != 0 and tid != self_tid) _ = linux.tgkill(linux.getpid(), tid, @enumFromInt(kick_signal));
+            if (tid != 0 and tid != self_tid) signals.kick(tid);
         }
     }
 
@@ -394,11 +422,14 @@ pub const Vm = struct {
         const v = &vm.vcpus[index];
         const r = v.run.?;
         if (!setKvmSigmask(v, outer)) ForeignSignals.unblockHere(outer);
-        current_run = r;
-        kicked = false;
-        // seq_cst with the flag loads below and the stores in kickAll: either
-        // this loop sees a stop flag or the kicker sees this tid (never neither).
+        signals.current_run = r;
+        signals.kicked = false;
+        // seq_cst with the flag loads below and the stores in kickAll (and
+        // the stop handler's): either this loop sees a stop flag or the
+        // kicker sees this tid (never neither).
         v.tid.store(linux.gettid(), .seq_cst);
+        const kick_slot = signals.enterRun();
+        defer signals.leaveRun(kick_slot);
         var timer: ?i32 = null;
         if (vm.deadline_ns != 0) timer = armTimer(vm.deadline_ns);
         defer {
@@ -406,7 +437,7 @@ pub const Vm = struct {
             _ = std.c.pthread_mutex_lock(&vm.lock);
             v.tid.store(0, .release);
             _ = std.c.pthread_mutex_unlock(&vm.lock);
-            current_run = null;
+            signals.current_run = null;
             r.immediate_exit = 0;
         }
         // A deadline that could not be armed is still honoured between exits.
@@ -416,20 +447,16 @@ pub const Vm = struct {
                 v.status = .interrupted;
                 return;
             }
+            // Ctrl-C whose handler ran on another thread (signals.zig).
+            if (signals.caughtSince(vm.signals_seen)) return vm.stopForSignal(v);
             switch (v.fd.run()) {
                 .SUCCESS => {},
                 .INTR, .AGAIN => {
                     r.immediate_exit = 0;
-                    const ours = kicked;
-                    kicked = false;
-                    if (!ours and !vm.stop.load(.seq_cst) and !vm.stopRequested()) {
-                        // A foreign signal (SIGINT...): stop every vCPU so the
-                        // caller can handle it; the next run() resumes.
-                        v.status = .interrupted;
-                        vm.signalled.store(true, .release);
-                        vm.kickAll();
-                        return;
-                    }
+                    const ours = signals.kicked;
+                    signals.kicked = false;
+                    // A foreign signal (SIGINT...) landed here.
+                    if (!ours and !vm.stop.load(.seq_cst) and !vm.stopRequested()) return vm.stopForSignal(v);
                     if (vm.deadline_ns != 0 and monotonicNs() >= vm.deadline_ns) {
                         v.status = .interrupted;
                         return;
@@ -455,6 +482,14 @@ pub const Vm = struct {
                 else => |reason| return vm.crash(index, .unexpected_exit, "unexpected KVM exit reason {d}", .{reason}),
             }
         }
+    }
+
+    /// A signal stops every vCPU so the caller can handle it (reason
+    /// `interrupted`); the next run() resumes.
+    fn stopForSignal(vm: *Vm, v: *Vcpu) void {
+        v.status = .interrupted;
+        vm.signalled.store(true, .release);
+        vm.kickAll();
     }
 
     /// Gives KVM the mask to install while this vCPU is in KVM_RUN (only
@@ -691,89 +726,6 @@ pub fn monotonicNs() u64 {
     return @as(u64, @intCast(ts.sec)) * std.time.ns_per_s + @as(u64, @intCast(ts.nsec));
 }
 
-/// Signals other than kvmlab's own kick (SIGINT from Ctrl-C...) are blocked
-/// on a thread running the core's run loop or reset loop, except inside
-/// KVM_RUN, where KVM installs the caller's own mask atomically
-/// (KVM_SET_SIGNAL_MASK). One that arrives while the thread is outside
-/// KVM_RUN (serving an exit, resetting between two runs of a loop) stays
-/// pending: the next KVM_RUN returns EINTR at once (and the loop checks
-/// `pending()` between runs) instead of its handler running unseen and the
-/// run going on. When the operation ends the caller's mask is restored and
-/// the handler runs (Python's sets its flag; KeyboardInterrupt follows). The
-/// kick, the synchronous fault signals (SIGBUS for sigbus.zig...) and the
-/// ones ignored by default (SIGCHLD...) are never blocked.
-pub const ForeignSignals = struct {
-    /// The caller's mask, from before the outermost block() on this thread.
-    outer: linux.sigset_t,
-    /// Whether this block() blocked (false when an outer one did).
-    owner: bool,
-
-    threadlocal var outer_mask: ?linux.sigset_t = null;
-
-    fn set() linux.sigset_t {
-        var m = linux.sigfillset();
-        for ([_]linux.SIG{ .BUS, .SEGV, .FPE, .ILL, .TRAP, .ABRT, .SYS }) |sig| linux.sigdelset(&m, sig);
-        // Ignored by default: blocked, they would be queued instead of
-        // dropped and stop runs for nothing (a SIGCHLD from a subprocess).
-        for ([_]linux.SIG{ .CHLD, .WINCH, .URG, .CONT }) |sig| linux.sigdelset(&m, sig);
-        linux.sigdelset(&m, @enumFromInt(kick_signal));
-        return m;
-    }
-
-    pub fn block() ForeignSignals {
-        if (outer_mask) |m| return .{ .outer = m, .owner = false };
-        var old: linux.sigset_t = undefined;
-        const m = set();
-        _ = linux.sigprocmask(linux.SIG.BLOCK, &m, &old);
-        outer_mask = old;
-        return .{ .outer = old, .owner = true };
-    }
-
-    pub fn unblock(g: ForeignSignals) void {
-        if (!g.owner) return;
-        outer_mask = null;
-        _ = linux.sigprocmask(linux.SIG.SETMASK, &g.outer, null);
-    }
-
-    /// For a vCPU thread whose KVM would not take a signal mask.
-    fn unblockHere(outer: linux.sigset_t) void {
-        _ = linux.sigprocmask(linux.SIG.SETMASK, &outer, null);
-    }
-
-    /// Whether a signal the caller does not block waits for this thread or
-    /// the process (blocked by block(), handled at unblock()).
-    pub fn pending() bool {
-        const outer = outer_mask orelse return false;
-        var p: linux.sigset_t = @splat(0);
-        _ = linux.syscall2(.rt_sigpending, @intFromPtr(&p), linux.NSIG / 8);
-        const m = set();
-        for (p, m, outer) |a, b, c| if (a & b & ~c != 0) return true;
-        return false;
-    }
-};
-
-/// The kvm_run of the vCPU this thread is running, for the kick handler.
-threadlocal var current_run: ?*kvm.Run = null;
-/// Set by the kick handler: tells kvmlab's own EINTRs from foreign signals.
-threadlocal var kicked: bool = false;
-
-fn onKick(_: linux.SIG) callconv(.c) void {
-    kicked = true;
-    if (current_run) |r| r.immediate_exit = 1;
-}
-
-var kick_installed = std.atomic.Value(bool).init(false);
-
-fn installKickHandler() void {
-    if (kick_installed.swap(true, .acq_rel)) return;
-    var act = linux.Sigaction{
-        .handler = .{ .handler = onKick },
-        .mask = std.mem.zeroes(linux.sigset_t),
-        .flags = 0, // no SA_RESTART: KVM_RUN must return EINTR
-    };
-    _ = linux.sigaction(@enumFromInt(kick_signal), &act, null);
-}
-
 const SigEvent = extern struct {
     value: usize = 0,
     signo: i32,
@@ -784,10 +736,10 @@ const SigEvent = extern struct {
 const SIGEV_THREAD_ID: i32 = 4;
 const TIMER_ABSTIME: usize = 1;
 
-/// A one-shot CLOCK_MONOTONIC timer that sends `kick_signal` to this thread at
+/// A one-shot CLOCK_MONOTONIC timer that sends the kick to this thread at
 /// `deadline_ns`. Null if the kernel refuses (the loop still checks the deadline).
 fn armTimer(deadline_ns: u64) ?i32 {
-    var sev = SigEvent{ .signo = kick_signal, .notify = SIGEV_THREAD_ID, .tid = linux.gettid() };
+    var sev = SigEvent{ .signo = signals.kick_signal, .notify = SIGEV_THREAD_ID, .tid = linux.gettid() };
     var id: i32 = 0;
     const rc = linux.syscall3(.timer_create, @intFromEnum(linux.CLOCK.MONOTONIC), @intFromPtr(&sev), @intFromPtr(&id));
     if (linux.errno(rc) != .SUCCESS) return null;

@@ -57,11 +57,38 @@ fn vmRun(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result
 
 /// Stops a run() in progress on another thread at the vCPUs' next exit (it
 /// returns reason timeout; the next run resumes), or a whole reset loop.
-/// A request made once the call began is never lost (even before its vCPUs
-/// entered the guest). Thread-safe; no effect on later calls when idle.
+/// A request made once the call began (or, with kvmlab_vm_begin_operation,
+/// once the caller's operation began) is never lost, even before its vCPUs
+/// entered the guest. Thread-safe; no effect on later calls when idle.
 pub export fn kvmlab_vm_interrupt(h: ?*common.kvmlab_vm) callconv(.c) void {
     const vm = (common.asVm(h) catch return).shell;
     vm.interrupt();
+}
+
+/// kvmlab_vm_interrupt calls on this VM so far (0 for NULL). Thread-safe. A
+/// caller whose operation spans several runs or reset loops (or may wait for
+/// the VM first) notes it when the operation begins, for
+/// kvmlab_vm_begin_operation.
+pub export fn kvmlab_vm_interrupt_count(h: ?*common.kvmlab_vm) callconv(.c) u64 {
+    const vm = (common.asVm(h) catch return 0).shell;
+    return vm.interruptCount();
+}
+
+/// Until kvmlab_vm_end_operation, the runs and reset loops on this VM are one
+/// operation that began when kvmlab_vm_interrupt_count returned `since`: a
+/// kvmlab_vm_interrupt made after that stops each of them at once, even one
+/// made before this call or between two of them. Call it (and end) where you
+/// would call kvmlab_vm_run: not while a run is in progress.
+pub export fn kvmlab_vm_begin_operation(h: ?*common.kvmlab_vm, since: u64) callconv(.c) void {
+    const vm = (common.asVm(h) catch return).shell;
+    vm.pinOperation(since);
+}
+
+/// Ends what kvmlab_vm_begin_operation began: each run or loop is its own
+/// operation again.
+pub export fn kvmlab_vm_end_operation(h: ?*common.kvmlab_vm) callconv(.c) void {
+    const vm = (common.asVm(h) catch return).shell;
+    vm.unpinOperation();
 }
 
 /// Begins closing a VM (call it before kvmlab_vm_free when a run or reset
