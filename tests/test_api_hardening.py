@@ -320,7 +320,7 @@ def test_every_bad_argument_has_a_check_id(service_snap, service_file):
         ("argument_type", lambda: Vm.restore(b"not a snapshot")),
         ("argument_value", lambda: Vm.restore(service_snap, "sideways")),
         ("argument_type", lambda: fork_many(b"not a snapshot", 1)),
-        ("argument_value", lambda: fork_many(service_snap, 1)),  # not file-backed
+        ("strategy_needs_file", lambda: fork_many(service_snap, 1)),  # not file-backed: the core's id for this refusal
     ]
     with Snapshot.load(service_file) as fs:
         cases += [("argument_range", lambda: fork_many(fs, 0)), ("argument_type", lambda: fork_many(fs, 1.5))]
