@@ -39,6 +39,8 @@ lib = _ffi.lib
 
 #: ``kvmlab_pool_timing.strategy`` -> name (``kvmlab_strategy``, read from the header).
 STRATEGY_NAMES = _ffi.enum_names("kvmlab_strategy")
+#: kvmlab_restore_flags bits by name (read once: restore_snapshot is a hot path).
+_RESTORE_FLAGS = _ffi.enum_values("kvmlab_restore_flags")
 
 #: The core's limit on ``PoolConfig.max_size`` (``max_pool_size`` in zigsrc/pool.zig).
 MAX_POOL_SIZE = 256
@@ -335,6 +337,8 @@ class RestorePool(_PrepareOps):
         # The free function of every VM this pool hands out (made once: restore
         # is a hot path).
         self._release_vm = _Release(self._handle)
+        # Spare kvmlab_vm ** cells for restore_snapshot (one per concurrent call).
+        self._out_cells: list[Any] = []
         # Snapshots prepared with a warmup, by native snapshot address:
         # (snapshot, its handle, warmup). The warmer thread keeps their targets.
         self._warmups: dict[int, tuple[Snapshot, Any, Callable[[Any], object]]] = {}
@@ -572,8 +576,11 @@ class RestorePool(_PrepareOps):
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}", check="argument_type")
         code = strategy_code(strategy)
-        flag = _ffi.enum_values("kvmlab_restore_flags")  # bits, named by the header
-        flags = (flag["resettable"] if resettable else 0) | (flag["reset_on_release"] if reset_on_release else 0)
+        flags = 0
+        if resettable or reset_on_release:
+            flags = (_RESTORE_FLAGS["resettable"] if resettable else 0) | (
+                _RESTORE_FLAGS["reset_on_release"] if reset_on_release else 0
+            )
         if timeout_s is not None:
             _wait_ns(timeout_s)  # validate before touching the snapshot
             with snap._use() as sh:
@@ -584,17 +591,23 @@ class RestorePool(_PrepareOps):
                 )
         # The common case inline (no wait, one native call): every Python frame
         # here costs microseconds, since the caches are cold after the ioctls.
-        out = ffi.new("kvmlab_vm **")
-        t = ffi.new("kvmlab_restore_times *")
+        outs = self._out_cells
+        try:
+            out = outs.pop()  # a spare out cell (list.pop is atomic): one allocation fewer
+        except IndexError:
+            out = ffi.new("kvmlab_vm **")
+        t = ffi.new("kvmlab_restore_times *")  # kept by the VM (restore_timing)
         with snap._use() as sh:
             h = self._enter()
             try:
                 rc = lib.kvmlab_pool_restore_snapshot(h, sh, code, 0, flags, out, t)
             finally:
                 self._exit()
+        handle = out[0]
+        outs.append(out)
         if rc:
             raise _ffi.error_for(rc)
-        return PooledRestoreVm(out[0], self, snap.guest, t)
+        return PooledRestoreVm(handle, self, snap.guest, t)
 
     # -- lifetime -------------------------------------------------------------------------
 
