@@ -15,7 +15,8 @@ Scheduling, transport, retries and the dashboard are Dask distributed's: a
 ``LocalCluster`` by default, ``Client("tcp://...")`` for a cluster. The
 snapshot travels once per worker under its content hash (a scattered,
 broadcast Dask key); each worker process keeps (hash -> loaded snapshot and its
-idle VMs) across tasks. A batch comes back as one pandas DataFrame.
+idle VMs) across tasks. A batch comes back as numpy records (plus its few
+text cells and crash registers); the client builds the DataFrame once.
 
 Faults: a worker that dies takes only its running batches with it; Dask runs
 them again elsewhere, and inputs are pure functions of the snapshot, so the
@@ -34,7 +35,7 @@ import threading
 import uuid
 import weakref
 from types import ModuleType
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -241,49 +242,94 @@ def _records(out: Any, n: int) -> np.ndarray:
     return np.frombuffer(_ffi.ffi.buffer(out, n * dtype.itemsize), dtype=dtype).copy()
 
 
-def _frame(first: int, n: int, worker: str, loop: np.ndarray | None = None, console: bytes = b"",
-           crashes: dict[int, dict[str, Any]] | None = None, message: str = "") -> pd.DataFrame:
+class _Rows(NamedTuple):
+    """A batch's rows as a worker sends them back: numpy records
+    (:data:`_ROW_DTYPE`) and the few cells that are text or registers. The
+    client joins the batches and builds the frame once (:func:`_frame`): a
+    DataFrame per batch cost the workers (building it, Dask sizing it for its
+    memory accounting, pickling it) and the client (unpickling and
+    concatenating) more CPU than the batch's own Python work, CPU that the
+    workers' VMs need when the client shares their machine."""
+
+    first: int  #: input index of row 0
+    worker: str
+    table: np.ndarray  #: one :data:`_ROW_DTYPE` record per input
+    console: dict[int, str]  #: row -> console text, rows that printed
+    message: dict[int, str]  #: row -> message, rows that have one
+    crashes: dict[int, tuple[int, ...]]  #: row -> crash registers (:data:`CRASH_REGISTERS` order)
+
+
+#: The numeric columns of a batch's rows. ``exit_code``/``checkpoint_tag``
+#: count only where ``reason`` says exit/checkpoint.
+_ROW_DTYPE = np.dtype([("reason", "i1"), ("exit_code", "<i8"), ("checkpoint_tag", "<i8"), ("run_ns", "<i8"),
+                       ("dirty_pages", "<i8")])
+
+
+def _rows(first: int, n: int, worker: str, loop: np.ndarray | None = None, console: bytes | bytearray = b"",
+          crashes: dict[int, dict[str, Any]] | None = None, message: str = "") -> _Rows:
     """The rows of a batch of ``n`` inputs: the first ``len(loop)`` from the
     native loop's records (and ``console``, ``CONSOLE_BYTES`` per input), the
     rest error rows saying ``message``; ``crashes``: row -> its crash fields."""
-    done = 0 if loop is None else len(loop)
-    reason = np.full(n, _ERROR, dtype=np.int8)
-    ints = {c: np.zeros(n, dtype=np.int64) for c in ("exit_code", "checkpoint_tag", "run_ns", "dirty_pages")}
-    known = {c: np.zeros(n, dtype=bool) for c in ("exit_code", "checkpoint_tag")}
-    texts = {"console": np.full(n, "", dtype=object), "message": np.full(n, message, dtype=object)}
-    regs = {r: np.zeros(n, dtype=np.uint64) for r in CRASH_REGISTERS}
-    crashed = np.zeros(n, dtype=bool)
+    table = np.zeros(n, dtype=_ROW_DTYPE)
+    table["reason"] = _ERROR
+    texts: dict[int, str] = {}
+    messages = dict.fromkeys(range(n), message) if message else {}
     if loop is not None:
+        done = len(loop)
         codes = _REASON_TABLE[np.minimum(loop["reason"], len(_REASON_TABLE) - 1)]
         codes[loop["crashed"] != 0] = _CRASH
-        reason[:done] = codes
-        for col, what in (("exit_code", "exit"), ("checkpoint_tag", "checkpoint")):
-            known[col][:done] = codes == RESULT_REASONS.index(what)
-            ints[col][:done] = loop[col]
-        ints["run_ns"][:done] = loop["run_ns"]
-        ints["dirty_pages"][:done] = loop["dirty_pages"]
-        for i in np.flatnonzero(loop["console_bytes"]):
+        table["reason"][:done] = codes
+        for col in ("exit_code", "checkpoint_tag", "run_ns", "dirty_pages"):
+            table[col][:done] = loop[col]
+        for i in np.flatnonzero(loop["console_bytes"]).tolist():
             k = min(int(loop["console_bytes"][i]), CONSOLE_BYTES)
-            texts["console"][i] = console[i * CONSOLE_BYTES:i * CONSOLE_BYTES + k].decode("utf-8", "replace")
-        texts["message"][:done][codes == _ERROR] = "the run was interrupted by a signal to the worker"
-        texts["message"][done:] = "not run: the loop was stopped (interrupt or close) before this input"
+            texts[i] = console[i * CONSOLE_BYTES:i * CONSOLE_BYTES + k].decode("utf-8", "replace")
+        messages.update(dict.fromkeys(np.flatnonzero(codes == _ERROR).tolist(),
+                                      "the run was interrupted by a signal to the worker"))
+        messages.update(dict.fromkeys(range(done, n), "not run: the loop was stopped (interrupt or close) "
+                                                      "before this input"))
+    registers = {}
     for at, row in (crashes or {}).items():
-        texts["message"][at] = row["message"]
+        messages[at] = row["message"]
         if "crash_rip" in row:
-            crashed[at] = True
-            for r in CRASH_REGISTERS:
-                regs[r][at] = row[f"crash_{r}"]
+            registers[at] = tuple(int(row[f"crash_{r}"]) for r in CRASH_REGISTERS)
+    return _Rows(first, worker, table, texts, messages, registers)
+
+
+def _frame(batches: Sequence[_Rows]) -> pd.DataFrame:
+    """One frame of :data:`COLUMNS` from the batches' rows, in their order."""
+    table = np.concatenate([b.table for b in batches]) if batches else np.zeros(0, dtype=_ROW_DTYPE)
+    n = len(table)
+    sizes = [len(b.table) for b in batches]
+    texts = {"console": np.full(n, "", dtype=object), "message": np.full(n, "", dtype=object)}
+    regs = np.zeros((len(CRASH_REGISTERS), n), dtype=np.uint64)
+    crashed = np.zeros(n, dtype=bool)
+    at = 0
+    for b, size in zip(batches, sizes):
+        for col in ("console", "message"):
+            for i, text in getattr(b, col).items():
+                texts[col][at + i] = text
+        for i, values in b.crashes.items():
+            crashed[at + i] = True
+            regs[:, at + i] = values
+        at += size
+    reason = np.ascontiguousarray(table["reason"])
+
+    def known_if(col: str, what: str) -> pd.arrays.IntegerArray:
+        return pd.arrays.IntegerArray(np.ascontiguousarray(table[col]), reason != RESULT_REASONS.index(what))
+
+    index = [np.arange(b.first, b.first + size, dtype=np.int64) for b, size in zip(batches, sizes)]
     cols: dict[str, Any] = {
-        "input_index": np.arange(first, first + n, dtype=np.int64),
+        "input_index": np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
         "reason": pd.Categorical.from_codes(reason, categories=list(RESULT_REASONS)),
-        "exit_code": pd.arrays.IntegerArray(ints["exit_code"], ~known["exit_code"]),
-        "checkpoint_tag": pd.arrays.IntegerArray(ints["checkpoint_tag"], ~known["checkpoint_tag"]),
+        "exit_code": known_if("exit_code", "exit"),
+        "checkpoint_tag": known_if("checkpoint_tag", "checkpoint"),
         "console": texts["console"],
-        "run_ns": ints["run_ns"],
-        "dirty_pages": ints["dirty_pages"],
-        "worker": np.full(n, worker, dtype=object),
+        "run_ns": np.ascontiguousarray(table["run_ns"]),
+        "dirty_pages": np.ascontiguousarray(table["dirty_pages"]),
+        "worker": np.repeat(np.array([b.worker for b in batches], dtype=object), sizes),
         "message": texts["message"],
-        **{f"crash_{r}": pd.arrays.IntegerArray(regs[r], ~crashed) for r in CRASH_REGISTERS},
+        **{f"crash_{r}": pd.arrays.IntegerArray(regs[k], ~crashed) for k, r in enumerate(CRASH_REGISTERS)},
     }
     return pd.DataFrame(cols, columns=list(COLUMNS))
 
@@ -327,8 +373,8 @@ def replay(snap: Snapshot, data: bytes, *, input_gpa: int = INPUT_GPA, run_timeo
 
 
 def _batch(res: _Resident, first: int, blob: bytes, offsets: np.ndarray, input_gpa: int,
-           deadline_ns: int) -> pd.DataFrame:
-    """One batch: the native loop over the inputs on one VM, one frame."""
+           deadline_ns: int) -> _Rows:
+    """One batch: the native loop over the inputs on one VM, its rows."""
     n = len(offsets) - 1
     worker = _worker_name()
     try:
@@ -347,14 +393,14 @@ def _batch(res: _Resident, first: int, blob: bytes, offsets: np.ndarray, input_g
     except KvmlabError as e:
         # A host failure (or a snapshot this host cannot run): this batch's
         # rows say so; its VM is not reused; other batches are unaffected.
-        return _frame(first, n, worker, message=f"{type(e).__name__}: {e}")
-    return _frame(first, n, worker, loop, bytes(console), crashes)
+        return _rows(first, n, worker, message=f"{type(e).__name__}: {e}")
+    return _rows(first, n, worker, loop, console, crashes)
 
 
-def _run_batch(data: bytes, key: str, first: int, blob: bytes, offsets: np.ndarray, input_gpa: int,
-               deadline_ns: int) -> pd.DataFrame:
+def _run_batch(first: int, blob: bytes, offsets: np.ndarray, *, data: bytes, snap_key: str, input_gpa: int,
+               deadline_ns: int) -> _Rows:
     """The Dask task of one batch, on a worker."""
-    return _batch(_resident(key, data), first, blob, offsets, input_gpa, deadline_ns)
+    return _batch(_resident(snap_key, data), first, blob, offsets, input_gpa, deadline_ns)
 
 
 def _map_chunk(data: bytes, key: str, fn: Callable[[Vm, Any], Any], items: list[Any]) -> list[Any]:
@@ -467,29 +513,34 @@ def run_inputs(
     _progress.check(progress)
     items = _check_inputs(inputs, max_input_bytes)
     if not items:
-        return _frame(0, 0, "")
+        return _frame([])
     with _client(client) as c, _progress.bar(len(items), "inputs", "input", progress) as bar:
         key, snap_fut = _ship(c, data)
         run = uuid.uuid4().hex[:12]
         futures: dict[Any, int] = {}
-        frames = {}
+        rows: dict[int, _Rows] = {}
         try:
-            for first in range(0, len(items), batch_size):
-                blob, offsets = _pack(items[first:first + batch_size])
-                f = c.submit(_run_batch, snap_fut, key, first, blob, offsets, input_gpa, deadline_ns,
-                             key=f"kvmlab-batch-{run}-{first}", pure=False)
-                futures[f] = first
-            for f in _dask().as_completed(list(futures)):
-                frames[futures[f]] = f.result()
-                bar.update(len(frames[futures[f]]))
-                f.release()
+            firsts = range(0, len(items), batch_size)
+            blobs, offsets = zip(*(_pack(items[first:first + batch_size]) for first in firsts))
+            # One message to the scheduler for all the batches (a submit per
+            # batch costs the client and the scheduler a round each).
+            futures.update(zip(c.map(_run_batch, firsts, blobs, offsets, key=[f"kvmlab-batch-{run}-{first}"
+                                                                               for first in firsts],
+                                     pure=False, data=snap_fut, snap_key=key, input_gpa=input_gpa,
+                                     deadline_ns=deadline_ns), firsts))
+            for done in _dask().as_completed(list(futures)).batches():
+                # The batches finished since the last look, in one round trip.
+                for f, batch in zip(done, c.gather(done)):
+                    rows[futures[f]] = batch
+                    bar.update(len(batch.table))
+                    f.release()
         except BaseException:
             # Ctrl-C or a failed batch: the cluster stops working on this call.
             c.cancel(list(futures))
             raise
-    df = pd.concat([frames[k] for k in sorted(frames)], ignore_index=True)
+    df = _frame([rows[k] for k in sorted(rows)])
     # Exactly once, in order: Dask's retries after a lost worker must not duplicate or drop.
-    assert df["input_index"].tolist() == list(range(len(items))), "every input exactly once"
+    assert np.array_equal(df["input_index"].to_numpy(), np.arange(len(items))), "every input exactly once"
     return df
 
 
@@ -551,8 +602,8 @@ def local_run(snap: Snapshot, inputs: Iterable[bytes], *, input_gpa: int = INPUT
     items = _check_inputs(inputs, max_input_bytes)
     res = _Resident(snap, owned=False)
     try:
-        frames = [_batch(res, first, *_pack(items[first:first + batch_size]), input_gpa, deadline_ns)
-                  for first in range(0, len(items), batch_size)]
+        batches = [_batch(res, first, *_pack(items[first:first + batch_size]), input_gpa, deadline_ns)
+                   for first in range(0, len(items), batch_size)]
     finally:
         res.close()
-    return pd.concat(frames, ignore_index=True) if frames else _frame(0, 0, "")
+    return _frame(batches)
