@@ -123,25 +123,38 @@ def snapshot_key(data: bytes) -> str:
     return "kvmlab-snapshot-" + hashlib.sha256(data).hexdigest()
 
 
-def _check_inputs(inputs: Iterable[Any], max_input_bytes: int) -> list[bytes]:
+def _check_inputs(inputs: Iterable[Any], max_input_bytes: int) -> tuple[list[bytes], np.ndarray]:
+    """The inputs as bytes, and where each ends when they are put back to back
+    (count + 1 uint64 offsets from 0). Vectorised: this runs before the first
+    batch can start."""
     if isinstance(inputs, (bytes, bytearray, memoryview, str)):
         bad_argument("argument_type", "inputs", "inputs must be a sequence of bytes-like inputs, not one bytes or str")
-    items = []
-    for i, x in enumerate(inputs):
-        if not isinstance(x, (bytes, bytearray, memoryview)):
-            bad_argument("argument_type", "inputs", f"input {i} is a {type(x).__name__}; every input must be bytes-like")
-        b = bytes(x)
-        if len(b) > max_input_bytes:
-            bad_argument("argument_range", "inputs", f"input {i} is {len(b)} bytes, over max_input_bytes={max_input_bytes}")
-        items.append(b)
-    return items
+    items = list(inputs)
+    if not all(type(x) is bytes for x in items):
+        for i, x in enumerate(items):
+            if not isinstance(x, (bytes, bytearray, memoryview)):
+                bad_argument("argument_type", "inputs", f"input {i} is a {type(x).__name__}; every input must be "
+                                                        "bytes-like")
+        items = [bytes(x) for x in items]
+    sizes = np.fromiter(map(len, items), dtype=np.uint64, count=len(items))
+    over = np.flatnonzero(sizes > max_input_bytes)
+    if len(over):
+        i = int(over[0])
+        bad_argument("argument_range", "inputs", f"input {i} is {len(items[i])} bytes, over "
+                                                 f"max_input_bytes={max_input_bytes}")
+    ends = np.zeros(len(items) + 1, dtype=np.uint64)
+    np.cumsum(sizes, out=ends[1:])
+    return items, ends
 
 
-def _pack(items: Sequence[bytes]) -> tuple[bytes, np.ndarray]:
-    """Inputs -> (their bytes back to back, count + 1 offsets), as the native loop takes them."""
-    offsets = np.zeros(len(items) + 1, dtype=np.uint64)
-    np.cumsum([len(b) for b in items], out=offsets[1:])
-    return b"".join(items), offsets
+def _batches(inputs: tuple[list[bytes], np.ndarray], batch_size: int) -> Iterator[tuple[int, bytes, np.ndarray]]:
+    """``(first, blob, offsets)`` per batch of checked inputs (:func:`_check_inputs`):
+    its first input's index, its inputs back to back and their count + 1
+    offsets, as the native loop takes them."""
+    items, ends = inputs
+    for first in range(0, len(items), batch_size):
+        stop = min(first + batch_size, len(items))
+        yield first, b"".join(items[first:stop]), ends[first:stop + 1] - ends[first]
 
 
 def _check_limits(memory_bytes: int, input_gpa: int, batch_size: int, max_input_bytes: int,
@@ -296,23 +309,42 @@ def _rows(first: int, n: int, worker: str, loop: np.ndarray | None = None, conso
     return _Rows(first, worker, table, texts, messages, registers)
 
 
+def _strings(codes: np.ndarray, texts: list[str]) -> Any:
+    """A text column: row i is ``texts[codes[i]]``. Built from the codes in
+    Arrow when pandas keeps text in Arrow (pandas 3 with pyarrow): making it
+    from a Python string per row cost ~4 ms per 20,000 rows."""
+    dtype = pd.Series([""], dtype=object).infer_objects().dtype  # what a column of str becomes here
+    if getattr(dtype, "storage", None) == "pyarrow":
+        import pyarrow as pa
+
+        arrow = pa.DictionaryArray.from_arrays(pa.array(codes, type=pa.int32()), pa.array(texts, type=pa.large_string()))
+        return pd.array(arrow.cast(pa.large_string()), dtype=dtype)
+    return np.array(texts, dtype=object)[codes]
+
+
+def _cells(n: int, batches: Sequence[_Rows], sizes: list[int], column: str) -> Any:
+    """A text column of ``n`` rows, "" but for the batches' cells of ``column``."""
+    codes = np.zeros(n, dtype=np.int32)
+    texts = {"": 0}
+    at = 0
+    for b, size in zip(batches, sizes):
+        for i, text in getattr(b, column).items():
+            codes[at + i] = texts.setdefault(text, len(texts))
+        at += size
+    return _strings(codes, list(texts))
+
+
 def _frame(batches: Sequence[_Rows]) -> pd.DataFrame:
     """One frame of :data:`COLUMNS` from the batches' rows, in their order."""
     table = np.concatenate([b.table for b in batches]) if batches else np.zeros(0, dtype=_ROW_DTYPE)
     n = len(table)
     sizes = [len(b.table) for b in batches]
-    texts = {"console": np.full(n, "", dtype=object), "message": np.full(n, "", dtype=object)}
     regs = np.zeros((len(CRASH_REGISTERS), n), dtype=np.uint64)
     crashed = np.zeros(n, dtype=bool)
-    at = 0
-    for b, size in zip(batches, sizes):
-        for col in ("console", "message"):
-            for i, text in getattr(b, col).items():
-                texts[col][at + i] = text
+    for at, b in zip(np.cumsum([0, *sizes]).tolist(), batches):
         for i, values in b.crashes.items():
             crashed[at + i] = True
             regs[:, at + i] = values
-        at += size
     reason = np.ascontiguousarray(table["reason"])
 
     def known_if(col: str, what: str) -> pd.arrays.IntegerArray:
@@ -324,14 +356,14 @@ def _frame(batches: Sequence[_Rows]) -> pd.DataFrame:
         "reason": pd.Categorical.from_codes(reason, categories=list(RESULT_REASONS)),
         "exit_code": known_if("exit_code", "exit"),
         "checkpoint_tag": known_if("checkpoint_tag", "checkpoint"),
-        "console": texts["console"],
+        "console": _cells(n, batches, sizes, "console"),
         "run_ns": np.ascontiguousarray(table["run_ns"]),
         "dirty_pages": np.ascontiguousarray(table["dirty_pages"]),
-        "worker": np.repeat(np.array([b.worker for b in batches], dtype=object), sizes),
-        "message": texts["message"],
+        "worker": _strings(np.repeat(np.arange(len(batches), dtype=np.int32), sizes), [b.worker for b in batches]),
+        "message": _cells(n, batches, sizes, "message"),
         **{f"crash_{r}": pd.arrays.IntegerArray(regs[k], ~crashed) for k, r in enumerate(CRASH_REGISTERS)},
     }
-    return pd.DataFrame(cols, columns=list(COLUMNS))
+    return pd.DataFrame(cols, columns=list(COLUMNS), copy=False)  # the arrays are new: no copy
 
 
 def _run_python(vm: Vm, data: bytes, input_gpa: int, timeout_s: float) -> dict[str, Any]:
@@ -511,17 +543,17 @@ def run_inputs(
     data, memory_bytes = _encoded(snap)
     deadline_ns = _check_limits(memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
     _progress.check(progress)
-    items = _check_inputs(inputs, max_input_bytes)
-    if not items:
+    checked = _check_inputs(inputs, max_input_bytes)
+    count = len(checked[0])
+    if not count:
         return _frame([])
-    with _client(client) as c, _progress.bar(len(items), "inputs", "input", progress) as bar:
+    with _client(client) as c, _progress.bar(count, "inputs", "input", progress) as bar:
         key, snap_fut = _ship(c, data)
         run = uuid.uuid4().hex[:12]
         futures: dict[Any, int] = {}
         rows: dict[int, _Rows] = {}
         try:
-            firsts = range(0, len(items), batch_size)
-            blobs, offsets = zip(*(_pack(items[first:first + batch_size]) for first in firsts))
+            firsts, blobs, offsets = zip(*_batches(checked, batch_size))
             # One message to the scheduler for all the batches (a submit per
             # batch costs the client and the scheduler a round each).
             futures.update(zip(c.map(_run_batch, firsts, blobs, offsets, key=[f"kvmlab-batch-{run}-{first}"
@@ -540,7 +572,7 @@ def run_inputs(
             raise
     df = _frame([rows[k] for k in sorted(rows)])
     # Exactly once, in order: Dask's retries after a lost worker must not duplicate or drop.
-    assert np.array_equal(df["input_index"].to_numpy(), np.arange(len(items))), "every input exactly once"
+    assert np.array_equal(df["input_index"].to_numpy(), np.arange(count)), "every input exactly once"
     return df
 
 
@@ -599,11 +631,10 @@ def local_run(snap: Snapshot, inputs: Iterable[bytes], *, input_gpa: int = INPUT
     the arguments are those of :func:`run_inputs`.
     """
     deadline_ns = _check_limits(snap.memory_bytes, input_gpa, batch_size, max_input_bytes, run_timeout_s)
-    items = _check_inputs(inputs, max_input_bytes)
+    checked = _check_inputs(inputs, max_input_bytes)
     res = _Resident(snap, owned=False)
     try:
-        batches = [_batch(res, first, *_pack(items[first:first + batch_size]), input_gpa, deadline_ns)
-                   for first in range(0, len(items), batch_size)]
+        batches = [_batch(res, *batch, input_gpa, deadline_ns) for batch in _batches(checked, batch_size)]
     finally:
         res.close()
     return _frame(batches)

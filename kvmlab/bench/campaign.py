@@ -56,7 +56,8 @@ def _native_ns(snap: Any, inputs: list[bytes], batch_size: int) -> int:
     from .. import distributed as d
     from ..vm import Vm
 
-    batches = [d._pack(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    batches = [(blob, offsets) for _first, blob, offsets in d._batches(d._check_inputs(inputs, d.MAX_INPUT_BYTES),
+                                                                        batch_size)]
     with Vm.restore(snap, resettable=True) as vm:
         vm._reset_loop_var(*batches[0], d.INPUT_GPA, 10**9, d.CONSOLE_BYTES)  # warm
         t0 = time.perf_counter_ns()
