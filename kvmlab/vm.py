@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import codecs
 import collections
-import contextlib
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 if TYPE_CHECKING:
     from typing import Self
@@ -87,6 +86,34 @@ def restore_timing_dict(times: Any) -> dict[str, Any]:
     del d["reserved"]
     d["strategy"] = _ffi.enum_names("kvmlab_strategy")[d["strategy"]]
     return d
+
+
+class _Operation:
+    """What :meth:`_VmHandle._operation` returns (a class, not a generator:
+    it is on the path of every ``call()``)."""
+
+    __slots__ = ("_vm", "_since", "_h")
+
+    def __init__(self, vm: _VmHandle, since: int) -> None:
+        self._vm = vm
+        self._since = since
+
+    def __enter__(self) -> Any:
+        lock = self._vm._lock
+        lock.acquire()
+        try:
+            self._h = self._vm._live()
+            lib.kvmlab_vm_begin_operation(self._h, self._since)
+        except BaseException:
+            lock.release()
+            raise
+        return self._h
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            lib.kvmlab_vm_end_operation(self._h)
+        finally:
+            self._vm._lock.release()
 
 
 class _VmHandle(_ResetOps):
@@ -160,22 +187,13 @@ class _VmHandle(_ResetOps):
             h = self._handle
             return int(lib.kvmlab_vm_interrupt_count(h)) if h is not None else 0
 
-    @contextlib.contextmanager
-    def _operation(self, since: int | None = None) -> Iterator[Any]:
-        """One caller operation (run, call, run_until_exit, reset_loop): the
-        VM's lock held, the live handle yielded. An :meth:`interrupt` made
-        after the count ``since`` was noted (by default: now) stops all of its
-        native runs and loops, also one made while it waited for the lock or
-        between two of them."""
-        if since is None:
-            since = self._interrupt_count()
-        with self._lock:
-            h = self._live()
-            lib.kvmlab_vm_begin_operation(h, since)
-            try:
-                yield h
-            finally:
-                lib.kvmlab_vm_end_operation(h)
+    def _operation(self, since: int | None = None) -> _Operation:
+        """One caller operation (run, call, run_until_exit, reset_loop), as a
+        context: the VM's lock held, the live handle given. An
+        :meth:`interrupt` made after the count ``since`` was noted (by
+        default: now) stops all of its native runs and loops, also one made
+        while it waited for the lock or between two of them."""
+        return _Operation(self, self._interrupt_count() if since is None else since)
 
     # -- running ----------------------------------------------------------------
 

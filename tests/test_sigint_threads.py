@@ -167,13 +167,13 @@ def test_the_programs_handler_still_runs():
 INTERRUPT_AT_ENTRY = """
     import sys, threading
     from kvmlab import Vm, VmConfig
-    from kvmlab.vm import _VmHandle
+    from kvmlab.vm import _Operation
 {patch}
     sys.setswitchinterval(1e-6)     # switch threads as often as possible
-    begin = _VmHandle._operation.__wrapped__.__code__
-    def noted(t):                   # the call noted the interrupt count (its start)
+    waiting = _Operation.__enter__.__code__
+    def noted(t):                   # the call noted the interrupt count (its start) and waits for the VM
         f = sys._current_frames().get(t.ident)
-        while f is not None and not (f.f_code is begin and "since" in f.f_locals):
+        while f is not None and f.f_code is not waiting:
             f = f.f_back
         return f is not None
     vm = Vm.boot("spin", VmConfig(memory_mib=8))
