@@ -113,6 +113,10 @@ class ForkStats:
     pss_delta_bytes: int
     host_delta_bytes: int
     kernel_delta_bytes: int = 0
+    #: The core's phases (zigsrc/fork.zig): every VM's KVM object (KVM_CREATE_VM,
+    #: serialised by the kernel), then memory, slot, irqchip, vCPUs and state.
+    vm_fds_ns: int = 0
+    machines_ns: int = 0
 
     @property
     def rss_bytes_per_vm(self) -> float:
@@ -181,18 +185,20 @@ def _distinct_identities(n: int) -> list[int]:
     return list(out)
 
 
-def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> list[Any]:
+def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> tuple[list[Any], list[int]]:
     """One ``kvmlab_fork_many`` call (zigsrc/fork.zig) on a helper thread, so
     this one stays free for the progress bar and for Ctrl-C: an interrupt
     sets the core's stop flag, waits for it to free what it made, and goes on.
 
     Returns:
-        The ``n`` native VM handles.
+        The ``n`` native VM handles, and the wall time of the core's two
+        phases (every VM's KVM object; the rest), nanoseconds.
     """
     out = ffi.new("kvmlab_vm *[]", n)
     stop = ffi.new("uint32_t *")
     done = ffi.new("uint64_t *")
     count = ffi.new("uint32_t *")
+    phase_ns = ffi.new("uint64_t[2]")
     failure: list[KvmlabError] = []
     # An Event, not Thread.join: a join interrupted by Ctrl-C marks a running
     # thread as ended (CPython 3.11), and the wait for the cleanup would not wait.
@@ -200,7 +206,7 @@ def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> list[An
 
     def call() -> None:
         try:
-            rc = lib.kvmlab_fork_many(sh, n, threads, flags, stop, done, out, count)
+            rc = lib.kvmlab_fork_many(sh, n, threads, flags, stop, done, out, count, phase_ns)
             if rc:
                 failure.append(_ffi.error_for(rc))  # the core's message is this thread's
             elif stop[0] and count[0] == n:  # stopped too late: the set is complete, and nobody's
@@ -220,7 +226,7 @@ def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> list[An
     if failure:
         raise failure[0]
     assert count[0] == n, "the core stops only when asked to"
-    return [out[i] for i in range(n)]
+    return [out[i] for i in range(n)], list(phase_ns)
 
 
 #: How often fork_many's waiting thread looks at the progress (seconds).
@@ -283,7 +289,7 @@ def fork_many(
     out.progress = progress
     try:
         with _progress.bar(n, "fork_many", "VM", progress) as bar, snap._use() as sh:
-            handles = _fork_native(sh, n, threads, flags, bar)
+            handles, phase_ns = _fork_native(sh, n, threads, flags, bar)
     except RuntimeError as e:  # "can't start new thread": a host limit (RLIMIT_NPROC, address space)
         err = KvmlabMemoryError(
             f"fork_many could not start its thread ({e}): raise the host's thread/memory limits (ulimit -u, ulimit -v)",
@@ -302,6 +308,7 @@ def fork_many(
         after["pss_bytes"] - before["pss_bytes"],
         before["available_bytes"] - after["available_bytes"],
         after["kernel_bytes"] - before["kernel_bytes"],
+        *phase_ns,
     )
     out.threads = threads
     return out

@@ -66,6 +66,8 @@ def test_fork_many_on_each_thread_count_gives_n_distinct_vms_that_answer(service
             with fork_many(snap, 13, threads=threads, progress=False) as vms:
                 assert len(vms) == 13 and vms.threads == threads
                 assert _maps(service_file) >= base + 2 * 13  # guest memory and kvm_run of each
+                assert 0 < vms.stats.vm_fds_ns and 0 < vms.stats.machines_ns
+                assert vms.stats.vm_fds_ns + vms.stats.machines_ns <= vms.ready_ns
                 assert len({int(kvmlab._ffi.ffi.cast("uintptr_t", vm._handle)) for vm in vms}) == 13
                 assert [vm.call(b"n%d" % i) for i, vm in enumerate(vms)] == [b"n%d" % i for i in range(13)]
 
@@ -112,12 +114,12 @@ def test_the_core_stop_flag_keeps_nothing_and_bad_counts_have_ids(service_file):
         out = ffi.new("kvmlab_vm *[]", 4)
         stop, done, count = ffi.new("uint32_t *", 1), ffi.new("uint64_t *"), ffi.new("uint32_t *", 99)
         fds = _fds()
-        assert lib.kvmlab_fork_many(sh, 4, 2, 0, stop, done, out, count) == 0
+        assert lib.kvmlab_fork_many(sh, 4, 2, 0, stop, done, out, count, ffi.NULL) == 0
         assert (count[0], done[0], list(out)) == (0, 0, [ffi.NULL] * 4)
         assert _fds() == fds
         stop[0] = 0
         for n, threads, check in ((0, 1, "fork_count"), (100_001, 1, "fork_count"), (2, 0, "fork_threads"), (2, 65, "fork_threads")):
-            rc = lib.kvmlab_fork_many(sh, n, threads, 0, stop, done, out, count)
+            rc = lib.kvmlab_fork_many(sh, n, threads, 0, stop, done, out, count, ffi.NULL)
             assert kvmlab._ffi.error_for(rc).check == check
         with pytest.raises(ConfigError):
             fork_many(snap, 2, threads=0)

@@ -50,6 +50,9 @@ pub const Options = struct {
     done: *u64,
 };
 
+/// Where a call's time went (wall time of each phase, nanoseconds).
+pub const Times = struct { vm_fds_ns: u64 = 0, machines_ns: u64 = 0 };
+
 /// What the workers share: the snapshot, the outputs, the next index of the
 /// phase running, and the first failure (its id and message: the workers'
 /// are thread-local).
@@ -157,7 +160,7 @@ fn runPhase(j: *Job, threads: u32, phase: *const fn (*Job) void) void {
 /// Restores `out.len` machines of `snap` (file-backed; the map strategy).
 /// All or nothing: on a failure or a stop every machine made is destroyed,
 /// `out` is all null, and the failure is returned (a stop returns false).
-pub fn forkMany(snap: *snapshot.Snapshot, opts: Options, out: []?*Machine) errors.Error!bool {
+pub fn forkMany(snap: *snapshot.Snapshot, opts: Options, out: []?*Machine, times: *Times) errors.Error!bool {
     std.debug.assert(out.len >= 1 and out.len <= max_vms);
     std.debug.assert(opts.threads >= 1 and opts.threads <= max_threads);
     @memset(out, null);
@@ -168,8 +171,11 @@ pub fn forkMany(snap: *snapshot.Snapshot, opts: Options, out: []?*Machine) error
     defer allocator.free(fds);
     @memset(fds, .{ .fd = -1 });
     var j: Job = .{ .snap = snap, .opts = opts, .src = try restore.MemorySource.forSnapshot(snap, .map), .fds = fds, .out = out };
+    const t0 = shell.monotonicNs();
     runPhase(&j, opts.threads, makeFds);
+    const t1 = shell.monotonicNs();
     if (!j.stopped()) runPhase(&j, opts.threads, makeMachines);
+    times.* = .{ .vm_fds_ns = t1 - t0, .machines_ns = shell.monotonicNs() - t1 };
     if (!j.stopped()) return true;
     runPhase(&j, destroy_threads, destroyMade);
     @atomicStore(u64, opts.done, 0, .release);

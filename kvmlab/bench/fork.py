@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..fork import MAX_THREADS
 from ._native import kvm_memslots
 from .harness import Progress, check_args, make_service_snapshot, measure
 from .results import Part, Results
@@ -25,7 +26,7 @@ __all__ = ["ZEROBOOT_REFERENCE", "FORK_KEYS", "FORK_METRICS", "fork_part", "fork
 #: zeroboot's published figure (bare-metal KVM, 256 MiB guest): 1,000 forks in 815 ms, ~265 KB each.
 ZEROBOOT_REFERENCE = {"n": 1000, "ready_ms": 815, "kb_per_vm": 265}
 FORK_KEYS = ["vms"]  # not "n": that is a Stats field
-FORK_METRICS = ["ready_ns", "ready_per_vm_ns", "rss_per_vm_bytes", "pss_per_vm_bytes", "host_per_vm_bytes",
+FORK_METRICS = ["ready_ns", "ready_per_vm_ns", "vm_fds_ns", "machines_ns", "rss_per_vm_bytes", "pss_per_vm_bytes", "host_per_vm_bytes",
                 "kernel_per_vm_bytes",
                 "call_per_vm_ns", "called_rss_per_vm_bytes", "called_pss_per_vm_bytes", "called_host_per_vm_bytes",
                 "close_ns"]
@@ -47,7 +48,8 @@ def _one_set(snap: Snapshot, n: int, threads: int | None, call: bool) -> dict[st
     rec: dict[str, Any] = {}
     try:
         st = vms.stats
-        rec.update(ready_ns=st.ready_ns, ready_per_vm_ns=st.ready_ns / n, rss_per_vm_bytes=st.rss_bytes_per_vm,
+        rec.update(ready_ns=st.ready_ns, ready_per_vm_ns=st.ready_ns / n, vm_fds_ns=st.vm_fds_ns, machines_ns=st.machines_ns,
+                   rss_per_vm_bytes=st.rss_bytes_per_vm,
                    pss_per_vm_bytes=st.pss_bytes_per_vm, host_per_vm_bytes=st.host_bytes_per_vm,
                    kernel_per_vm_bytes=st.kernel_bytes_per_vm)
         if call:
@@ -99,7 +101,7 @@ def fork_part(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: i
             progress.close()
     return Part("fork", FORK_KEYS, FORK_METRICS, records,
                 config={"ns": list(ns), "memory_mib": memory_mib, "reps": reps, "guest": "service", "call": call,
-                        "threads": threads or min(8, (os.cpu_count() or 2) * 2), "present_pages": present},
+                        "threads": threads or min(MAX_THREADS, os.cpu_count() or 1), "present_pages": present},
                 notes={"errors": errors, "reference": ZEROBOOT_REFERENCE, "limits": fork_limits()})
 
 

@@ -233,6 +233,7 @@ def fork_table(res: Results) -> pd.DataFrame:
     for n in sorted({k[0] for k in st}):
         g = lambda m: (st.get((n, m)) or {}).get("median")  # noqa: E731
         rows.append({"VMs (n)": n, "ready (all n)": _rng(st.get((n, "ready_ns"))), "per VM": fmt_time(g("ready_per_vm_ns")),
+                     "KVM objects / the rest": f"{fmt_time(g('vm_fds_ns'))} / {fmt_time(g('machines_ns'))}",
                      "PSS / VM": fmt_size(g("pss_per_vm_bytes")), "MemAvailable / VM": fmt_size(g("host_per_vm_bytes")),
                      "kernel / VM": fmt_size(g("kernel_per_vm_bytes")),
                      "after 1 call: PSS / MemAvailable per VM":
@@ -327,7 +328,9 @@ def _sections(res: Results, md: bool) -> list[str]:
             f"`kvmlab.fork_many` of the service guest at its checkpoint ({fk.config['memory_mib']} MiB, 1 vCPU), "
             f"{fk.config['reps']} repetitions; memory per VM = this process's PSS growth and the drop of MemAvailable "
             "(which includes KVM's kernel allocations), divided by n; kernel = the growth of the kernel's own "
-            "counters KVM's per-VM allocations land in (VmallocUsed, Slab, KernelStack, PageTables; less noisy).",
+            "counters KVM's per-VM allocations land in (VmallocUsed, Slab, KernelStack, PageTables; less noisy). "
+            f"One native call on {fk.config.get('threads')} thread(s): first every VM's KVM object (KVM_CREATE_VM, "
+            "serialised by the kernel, its cost growing with the process's mappings), then the rest.",
             "", _table(fork_table(res), md), "",
             f"Reference: zeroboot, bare-metal KVM, 256 MiB: {ref['n']:,} forks in {ref['ready_ms']} ms, "
             f"~{ref['kb_per_vm']} KB each. Limits here: open files {lim.get('nofile_soft')}/{lim.get('nofile_hard')} "

@@ -15,11 +15,12 @@ const kvmlab_snapshot = common.kvmlab_snapshot;
 /// far (progress; both may be read and written while the call runs). All or
 /// nothing: after a failure (returned) or a stop (*out_count = 0) every VM
 /// made is freed and out[] is all NULL; otherwise *out_count = n and each
-/// out[i] is freed with kvmlab_vm_free.
-pub export fn kvmlab_fork_many(snap: ?*const kvmlab_snapshot, n: u32, threads: u32, flags: u32, stop: ?*const u32, done: ?*u64, out: ?[*]?*kvmlab_vm, out_count: ?*u32) callconv(.c) kvmlab_result {
-    return common.result(forkMany(snap, n, threads, flags, stop, done, out, out_count));
+/// out[i] is freed with kvmlab_vm_free. `phase_ns` (NULL-ok) gets the wall
+/// time of its two phases: [0] every VM's KVM object, [1] the rest.
+pub export fn kvmlab_fork_many(snap: ?*const kvmlab_snapshot, n: u32, threads: u32, flags: u32, stop: ?*const u32, done: ?*u64, out: ?[*]?*kvmlab_vm, out_count: ?*u32, phase_ns: ?[*]u64) callconv(.c) kvmlab_result {
+    return common.result(forkMany(snap, n, threads, flags, stop, done, out, out_count, phase_ns));
 }
-fn forkMany(snap: ?*const kvmlab_snapshot, n: u32, threads: u32, flags: u32, stop: ?*const u32, done: ?*u64, out: ?[*]?*kvmlab_vm, out_count: ?*u32) errors.Error!void {
+fn forkMany(snap: ?*const kvmlab_snapshot, n: u32, threads: u32, flags: u32, stop: ?*const u32, done: ?*u64, out: ?[*]?*kvmlab_vm, out_count: ?*u32, phase_ns: ?[*]u64) errors.Error!void {
     const count = try common.outPtr(u32, out_count);
     count.* = 0;
     const s = try common.asSnap(snap);
@@ -31,5 +32,8 @@ fn forkMany(snap: ?*const kvmlab_snapshot, n: u32, threads: u32, flags: u32, sto
     const dn = done orelse return errors.fail(.null_argument, "done is NULL", .{});
     const resettable = flags & (@intFromEnum(common.kvmlab_restore_flags.resettable) | @intFromEnum(common.kvmlab_restore_flags.reset_on_release)) != 0;
     const machines: []?*fork.Machine = @ptrCast(o[0..n]);
-    if (try fork.forkMany(s, .{ .threads = threads, .resettable = resettable, .stop = st, .done = dn }, machines)) count.* = n;
+    var times: fork.Times = .{};
+    const made = try fork.forkMany(s, .{ .threads = threads, .resettable = resettable, .stop = st, .done = dn }, machines, &times);
+    if (phase_ns) |ph| ph[0..2].* = .{ times.vm_fds_ns, times.machines_ns };
+    if (made) count.* = n;
 }
