@@ -36,8 +36,8 @@ pub const max_vms: u32 = 100_000;
 pub const max_threads: u32 = 64;
 /// Destroying is a wait in the kernel, not CPU: more threads overlap more.
 const destroy_threads: u32 = 32;
-/// Workers only make KVM objects; the test runner's TLS needs more (pool.zig).
-const thread_stack_bytes: usize = if (@import("builtin").is_test) 16 << 20 else 256 * 1024;
+/// Workers only make KVM objects: the pool's threads' small stacks.
+const thread_stack_bytes = @import("pool.zig").thread_stack_bytes;
 
 pub const Options = struct {
     /// Worker threads (1 .. max_threads); the caller's thread is one of them.
@@ -183,4 +183,28 @@ pub fn forkMany(snap: *snapshot.Snapshot, opts: Options, out: []?*Machine, times
     // The first failure, with its worker's id and message (they are per thread).
     if (j.fail_check == .none or errors.errorOf(j.fail_check) != j.fail_error) return j.fail_error;
     return errors.fail(j.fail_check, "{s}", .{j.fail_message[0..j.fail_len]});
+}
+
+test "fork: claim hands each index out once over threads, and none after a stop or a failure" {
+    var stop: u32 = 0;
+    var done: u64 = 0;
+    var out: [1000]?*Machine = @splat(null);
+    var fds: [1000]kvm.VmFd = @splat(.{ .fd = -1 });
+    var j: Job = .{ .snap = undefined, .opts = .{ .threads = 4, .stop = &stop, .done = &done }, .src = .{ .reuse = .{} }, .fds = &fds, .out = &out };
+    const Count = struct {
+        fn phase(job: *Job) void {
+            while (job.claim()) |i| job.fds[i].fd += 1; // -1 -> 0: claimed exactly once
+        }
+    };
+    runPhase(&j, 4, Count.phase);
+    for (fds) |fd| try std.testing.expectEqual(@as(i32, 0), fd.fd);
+    j.next.store(0, .release);
+    @atomicStore(u32, &stop, 1, .release);
+    try std.testing.expectEqual(@as(?usize, null), j.claim());
+    @atomicStore(u32, &stop, 0, .release);
+    j.noteFailure(errors.fail(.fork_count, "first", .{}));
+    j.noteFailure(errors.fail(.fork_threads, "second", .{}));
+    try std.testing.expectEqual(errors.Check.fork_count, j.fail_check);
+    try std.testing.expectEqualStrings("first", j.fail_message[0..j.fail_len]);
+    try std.testing.expectEqual(@as(?usize, null), j.claim());
 }

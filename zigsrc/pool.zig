@@ -37,7 +37,7 @@ pub const timing_capacity: usize = 4096;
 /// The pool's threads need little stack. The test runner's static TLS is
 /// large (fuzzing buffers) and glibc carves TLS out of the stack, so tests
 /// give them more.
-const thread_stack_bytes: usize = if (@import("builtin").is_test) 16 << 20 else 256 * 1024;
+pub const thread_stack_bytes: usize = if (@import("builtin").is_test) 16 << 20 else 256 * 1024;
 
 pub const Config = struct {
     memory_bytes: u64,
