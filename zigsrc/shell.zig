@@ -750,3 +750,22 @@ fn armTimer(deadline_ns: u64) ?i32 {
     _ = linux.syscall4(.timer_settime, @as(usize, @intCast(id)), TIMER_ABSTIME, @intFromPtr(&spec), 0);
     return id;
 }
+
+test "an operation pinned where the caller began stops for every interrupt() after that, across its runs" {
+    var vm: Vm = .{};
+    vm.interrupt(); // idle: kept by no one
+    vm.beginOperation();
+    try std.testing.expect(!vm.stopRequested());
+    const since = vm.interruptCount(); // the caller begins...
+    vm.interrupt(); // ...and is interrupted before its first run
+    vm.pinOperation(since);
+    vm.beginOperation(); // its first run
+    try std.testing.expect(vm.stopRequested());
+    vm.beginOperation(); // a second run (a retry after a signal) keeps it
+    try std.testing.expect(vm.stopRequested());
+    vm.unpinOperation();
+    vm.beginOperation(); // a later, unrelated run is not stopped
+    try std.testing.expect(!vm.stopRequested());
+    vm.pinOperation(vm.interruptCount() + 5); // a count from the future is clamped
+    try std.testing.expect(!vm.stopRequested());
+}
