@@ -50,6 +50,7 @@ from .vm import REASONS, Vm
 __all__ = [
     "run_inputs",
     "map_vms",
+    "local_cluster",
     "parser_snapshot",
     "snapshot_key",
     "local_run",
@@ -315,7 +316,7 @@ def _strings(codes: np.ndarray, texts: list[str]) -> Any:
     from a Python string per row cost ~4 ms per 20,000 rows."""
     dtype = pd.Series([""], dtype=object).infer_objects().dtype  # what a column of str becomes here
     if getattr(dtype, "storage", None) == "pyarrow":
-        import pyarrow as pa
+        import pyarrow as pa  # type: ignore[import-untyped]
 
         arrow = pa.DictionaryArray.from_arrays(pa.array(codes, type=pa.int32()), pa.array(texts, type=pa.large_string()))
         return pd.array(arrow.cast(pa.large_string()), dtype=dtype)
@@ -459,15 +460,85 @@ def _dask() -> ModuleType:
     return distributed
 
 
+def _pin_worker(cpus: list[int], worker: Any) -> None:
+    """Pins this worker process (every thread, and so the threads it starts
+    later) to one CPU of ``cpus``, chosen by the worker's index in its
+    LocalCluster."""
+    cpu = cpus[int(worker.name) % len(cpus)]
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+@functools.cache
+def _pin_plugin() -> type:
+    """A Dask worker plugin running :func:`_pin_worker` as each worker starts
+    (a worker its nanny restarts too). Made on first use: Dask is optional."""
+
+    class PinWorker(_dask().WorkerPlugin):  # type: ignore[misc]
+        name = "kvmlab-pin-worker"
+
+        def __init__(self, cpus: list[int]) -> None:
+            self.cpus = cpus
+
+        def setup(self, worker: Any) -> None:
+            _pin_worker(self.cpus, worker)
+
+    return PinWorker
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers: int | None = None, *, pin: bool = True, profile: bool = False,
+                  dashboard: bool = True) -> Iterator[Any]:
+    """A Dask LocalCluster made for campaigns on this machine, and a Client of it.
+
+        >>> with distributed.local_cluster() as client:
+        ...     df = distributed.run_inputs(snap, inputs, client=client)
+
+    Worker processes with one thread each (a worker's work is its VM's native
+    loop), as :func:`run_inputs` starts when it is given no client. The
+    settings below are a LocalCluster's own; they are what
+    ``kvmlab bench campaign`` measures.
+
+    Args:
+        n_workers: worker processes; None: one per CPU this process may use.
+        pin: pin worker i to the i-th of those CPUs (mod their count), so
+            its VM loop is not moved between CPUs (a moved vCPU thread costs
+            KVM a reload) and, with no more workers than CPUs, two busy
+            workers never share one. (A Dask worker plugin does it, as each
+            worker starts: it imports kvmlab there.)
+        profile: Dask's statistical profiler in each worker (the dashboard's
+            Profile page): it samples the worker's threads every 10 ms, CPU
+            the VMs need when the workers have every CPU; off by default.
+        dashboard: the dashboard on a free port (``client.dashboard_link``).
+
+    Yields:
+        A ``distributed.Client``; the cluster is ``client.cluster``. Both are
+        closed on exit.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if n_workers is None:
+        n_workers = len(cpus)
+    check_int("n_workers", n_workers, 1, 4096)
+    d = _dask()
+    import dask
+
+    with dask.config.set({"distributed.worker.profile.enabled": bool(profile)}), \
+            d.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                           dashboard_address=":0" if dashboard else None) as cluster, d.Client(cluster) as c:
+        c.wait_for_workers(n_workers)
+        if pin:
+            c.register_plugin(_pin_plugin()(cpus))
+        yield c
+
+
 @contextlib.contextmanager
 def _client(client: Any) -> Iterator[Any]:
-    """``client``, or a LocalCluster (processes, one worker per CPU) for the call."""
+    """``client``, or a :func:`local_cluster` for the call."""
     if client is not None:
         yield client
         return
-    d = _dask()
-    with d.LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                        dashboard_address=":0") as cluster, d.Client(cluster) as c:
+    with local_cluster() as c:
         yield c
 
 
@@ -518,8 +589,8 @@ def run_inputs(
         snap: a :class:`~kvmlab.Snapshot` (in memory or file-backed) or a
             snapshot file path, of a guest waiting for input.
         inputs: bytes-like inputs, each at most ``max_input_bytes``.
-        client: a ``distributed.Client``; None starts a LocalCluster (worker
-            processes, one per CPU, one thread each) for this call.
+        client: a ``distributed.Client``; None starts a :func:`local_cluster`
+            (worker processes, one per CPU, one thread each) for this call.
         input_gpa: where the input goes in guest memory.
         batch_size: inputs per Dask task (1 .. 65536).
         run_timeout_s: a run that has not stopped by then is a ``timeout``.
@@ -594,7 +665,7 @@ def map_vms(
         snap: a :class:`~kvmlab.Snapshot` or a snapshot file path.
         fn: ``fn(vm, item)``; Dask pickles it (and its results).
         items: the items, in order.
-        client: a ``distributed.Client``; None starts a LocalCluster for this call.
+        client: a ``distributed.Client``; None starts a :func:`local_cluster` for this call.
         batch_size: items per Dask task.
 
     Returns:

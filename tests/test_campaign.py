@@ -237,6 +237,29 @@ def test_killed_worker_changes_nothing(snap, client, inputs, campaign):
     assert victim not in set(client.scheduler_info()["workers"]) or pids[victim] not in client.run(os.getpid).values()
 
 
+def test_local_cluster_pins_each_worker_to_a_cpu(snap, inputs, campaign):
+    """kvmlab's LocalCluster for campaigns (run_inputs without a client, the
+    benchmark): worker i on the i-th CPU, every thread; Dask's worker profiler
+    off; the same rows as any cluster."""
+    def placement(dask_worker):
+        import dask
+
+        threads = os.listdir("/proc/self/task")
+        return (int(dask_worker.name), sorted({c for t in threads for c in os.sched_getaffinity(int(t))}),
+                dask.config.get("distributed.worker.profile.enabled"))
+
+    cpus = sorted(os.sched_getaffinity(0))
+    with distributed.local_cluster(2, dashboard=False) as c:
+        got = sorted(c.run(placement).values())
+        df = distributed.run_inputs(snap, inputs, client=c, batch_size=64, run_timeout_s=TIMEOUT_S)
+    assert got == [(i, [cpus[i % len(cpus)]], False) for i in range(2)]
+    assert df[STABLE].equals(campaign[STABLE])
+    with pytest.raises(ConfigError) as e:
+        with distributed.local_cluster(0):
+            pass
+    assert (e.value.check, e.value.argument) == ("argument_range", "n_workers")
+
+
 def test_bad_arguments_fail_before_any_cluster(snap):
     cases = [
         ({"batch_size": 0}, "argument_range", "batch_size"),

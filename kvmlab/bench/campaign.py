@@ -6,13 +6,19 @@ result.
 
 The guest is the built-in ``parser`` at its input checkpoint; the inputs are
 random record streams without the planted bugs (every run exits), the same
-for every path. The clusters are started (and warmed with one batch per
-worker) before any measurement, so only the campaign is timed; the paths run
-in a new random order each repetition. Cold: a new one-worker cluster per
-repetition, timed from the ``run_inputs`` call (which ships the snapshot) to
-the rows of one batch; judged on a worker process that has imported kvmlab
-(``dask worker --preload kvmlab.distributed``), and also reported for a
-fresh process that imports it in its first task.
+for every path. The clusters are
+:func:`kvmlab.distributed.local_cluster`'s, as ``run_inputs`` starts without
+a client (workers pinned one per CPU, Dask's worker profiler off; ``--no-pin``
+and ``--profile`` measure the other settings). Each 1- or 2-worker
+measurement has a new cluster to itself (no other cluster idling beside it),
+warm: timed once every worker has run a batch (the snapshot loaded, a VM
+made), from the ``run_inputs`` call to its DataFrame. The paths run in a new
+random order each repetition. Cold: a new one-worker cluster per repetition,
+timed from the ``run_inputs`` call (which ships the snapshot) to the rows of
+one batch; judged on a worker process that has imported kvmlab (``dask
+worker --preload kvmlab.distributed``; a pinned cluster's workers have), and
+also reported for a fresh process that imports it in its first task (an
+unpinned cluster).
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ CAMPAIGN_KEYS = ["path"]
 CAMPAIGN_METRICS = ["elapsed_ns", "per_input_ns"]
 #: Throughput paths, and the cold-start one.
 PATHS = ("native loop", "1 worker", "2 workers")
+#: Workers of each cluster path.
+WORKERS = {"1 worker": 1, "2 workers": 2}
+#: Warm-up rounds a cluster gets for every worker to run a batch.
+WARM_ROUNDS = 10
 COLD = "cold worker, first batch"
 COLD_PROCESS = "fresh worker process, first batch"
 _INPUT_SEED = 5
@@ -76,68 +86,67 @@ def _campaign_ns(snap: Any, inputs: list[bytes], client: Any, batch_size: int) -
     return took
 
 
-def _cold_ns(snap: Any, inputs: list[bytes], batch_size: int, preload: bool) -> int:
+def _cold_ns(snap: Any, inputs: list[bytes], batch_size: int, preload: bool, options: dict[str, bool]) -> int:
     """The first batch on a new one-worker cluster (kvmlab imported there first if ``preload``)."""
     import importlib
 
-    cluster, client = _cluster(1)
-    try:
+    from .. import distributed as d
+
+    with d.local_cluster(1, **options) as client:
         if preload:
             client.run(importlib.import_module, "kvmlab.distributed")
         return _campaign_ns(snap, inputs, client, batch_size)
-    finally:
-        client.close()
-        cluster.close()
 
 
-def _cluster(n_workers: int) -> tuple[Any, Any]:
+def _warm_ns(snap: Any, inputs: list[bytes], n_workers: int, batch_size: int, options: dict[str, bool]) -> int:
+    """``run_inputs`` over ``inputs`` on a new cluster of ``n_workers``, timed
+    once every worker has run a batch."""
     from .. import distributed as d
 
-    dask = d._dask()
-    cluster = dask.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
-    client = dask.Client(cluster)
-    client.wait_for_workers(n_workers)
-    return cluster, client
+    warm = make_inputs(8 * n_workers, seed=_INPUT_SEED + 1)
+    with d.local_cluster(n_workers, **options) as client:
+        for _ in range(WARM_ROUNDS):
+            # Small batches, two per worker at once: each worker takes some.
+            df = d.run_inputs(snap, warm, client=client, batch_size=4, progress=False)
+            if df["worker"].nunique() == n_workers:
+                return _campaign_ns(snap, inputs, client, batch_size)
+    raise RuntimeError(f"campaign bench: after {WARM_ROUNDS} warm-up rounds a worker of {n_workers} had run no batch")
 
 
-def campaign_part(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024,
-                  progress: Progress | None = None) -> Part:
+def campaign_part(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024, pin: bool = True,
+                  profile: bool = False, progress: Progress | None = None) -> Part:
     from .. import distributed as d
 
     own = progress is None
     progress = progress or Progress(reps * (len(PATHS) + 2), True)
     inputs = make_inputs(n)
+    options = {"pin": pin, "profile": profile}
     records: list[dict[str, Any]] = []
-    clusters: dict[str, tuple[Any, Any]] = {}
     try:
         with d.parser_snapshot(memory_mib=memory_mib) as snap:
-            for path, workers in (("1 worker", 1), ("2 workers", 2)):
-                progress.describe(f"campaign: starting a cluster of {workers}")
-                clusters[path] = _cluster(workers)
-                _campaign_ns(snap, inputs[:batch_size * workers], clusters[path][1], batch_size)  # warm
             for rep in range(reps):
                 for path in random.Random(rep).sample(PATHS, len(PATHS)):
                     progress.describe(f"campaign: {path}")
                     took = (_native_ns(snap, inputs, batch_size) if path == "native loop"
-                            else _campaign_ns(snap, inputs, clusters[path][1], batch_size))
+                            else _warm_ns(snap, inputs, WORKERS[path], batch_size, options))
                     records.append({"path": path, "rep": rep, "inputs": n, "elapsed_ns": took, "per_input_ns": took / n})
                     progress.update(1)
                 for path in (COLD, COLD_PROCESS):
                     progress.describe(f"campaign: {path}")
-                    took = _cold_ns(snap, inputs[:batch_size], batch_size, preload=path == COLD)
+                    # A pinned cluster's plugin imports kvmlab in its workers: the
+                    # fresh process is measured unpinned.
+                    took = _cold_ns(snap, inputs[:batch_size], batch_size, path == COLD,
+                                    options if path == COLD else {**options, "pin": False})
                     records.append({"path": path, "rep": rep, "inputs": min(n, batch_size), "elapsed_ns": took,
                                     "per_input_ns": took / min(n, batch_size)})
                     progress.update(1)
             present = snap.present_pages
     finally:
-        for cluster, client in clusters.values():
-            client.close()
-            cluster.close()
         if own:
             progress.close()
     return Part("campaign", CAMPAIGN_KEYS, CAMPAIGN_METRICS, records,
                 config={"n": n, "memory_mib": memory_mib, "reps": reps, "batch_size": batch_size,
-                        "present_pages": present})
+                        "present_pages": present, "pin": pin, "profile": profile})
 
 
 def _median(part: Part, path: str, metric: str) -> float:
@@ -154,7 +163,10 @@ def campaign_verdicts(part: Part) -> list[dict[str, Any]]:
     cell = f"{part.config['memory_mib']} MiB parser, batches of {part.config['batch_size']}"
     cold_s = _median(part, COLD, "elapsed_ns") / 1e9
     return [
-        verdict("campaign_scale", cell, "copy", ratio(per["1 worker"], per["2 workers"])),
+        verdict("campaign_scale", cell, "copy", ratio(per["1 worker"], per["2 workers"]),
+                also=f"workers {'pinned one per CPU' if part.config.get('pin', False) else 'unpinned'}, Dask's "
+                     f"worker profiler {'on' if part.config.get('profile', True) else 'off'}; a new warm cluster "
+                     "per measurement"),
         verdict("campaign_worker", cell, "copy", ratio(per["native loop"], per["1 worker"]),
                 also=f"2 workers / native loop: {fmt_ratio(ratio(per['native loop'], per['2 workers']))}"),
         verdict("campaign_cold", cell, "copy", cold_s,
@@ -181,15 +193,16 @@ def rate_table(part: Part) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bench_campaign(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024,
-                   quiet: bool = True, command: str | None = None) -> Results:
+def bench_campaign(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024, pin: bool = True,
+                   profile: bool = False, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench campaign`` as a function (ConfigError for a bad argument)."""
     check_int("n", n, 1, 1 << 24)
     check_int("memory_mib", memory_mib, 8, 4096)
     check_int("reps", reps, 1, 1000)
     check_int("batch_size", batch_size, 1, 1 << 16)
     res = measure("campaign", reps * (len(PATHS) + 2), quiet, command, lambda progress: {
-        "campaign": campaign_part(n, memory_mib=memory_mib, reps=reps, batch_size=batch_size, progress=progress)})
+        "campaign": campaign_part(n, memory_mib=memory_mib, reps=reps, batch_size=batch_size, pin=pin,
+                                  profile=profile, progress=progress)})
     res.verdicts = campaign_verdicts(res.parts["campaign"])
     return res
 
@@ -203,11 +216,14 @@ def campaign_parser(sub: Any, finish: Any, common: Any, command: Any) -> None:
     p.add_argument("--memory-mib", type=int, default=64, help="guest memory of the parser snapshot (default 64)")
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--batch-size", type=int, default=1024, help="inputs per Dask task (default 1024)")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="leave the workers unpinned (default: one CPU each, as run_inputs starts them)")
+    p.add_argument("--profile", action="store_true", help="with Dask's worker profiler on (default off)")
     common(p)
 
     def run(args: Any) -> Results:
         res = bench_campaign(args.n, memory_mib=args.memory_mib, reps=args.reps, batch_size=args.batch_size,
-                             quiet=args.quiet, command=command(args))
+                             pin=args.pin, profile=args.profile, quiet=args.quiet, command=command(args))
         print(rate_table(res.parts["campaign"]).to_string(index=False))
         return res
 
