@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import _ffi, _progress
 from .config import bad_argument, check_int, check_type
@@ -185,14 +185,14 @@ def _distinct_identities(n: int) -> list[int]:
     return list(out)
 
 
-def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> tuple[list[Any], list[int]]:
+def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any, wrap: Callable[[Any], Vm]) -> tuple[list[Vm], list[int]]:
     """One ``kvmlab_fork_many`` call (zigsrc/fork.zig) on a helper thread, so
     this one stays free for the progress bar and for Ctrl-C: an interrupt
     sets the core's stop flag, waits for it to free what it made, and goes on.
 
     Returns:
-        The ``n`` native VM handles, and the wall time of the core's two
-        phases (every VM's KVM object; the rest), nanoseconds.
+        The ``n`` VMs (``wrap(handle)`` each), and the wall time of the core's
+        two phases (every VM's KVM object; the rest), nanoseconds.
     """
     out = ffi.new("kvmlab_vm *[]", n)
     stop = ffi.new("uint32_t *")
@@ -200,6 +200,7 @@ def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> tuple[l
     count = ffi.new("uint32_t *")
     phase_ns = ffi.new("uint64_t[2]")
     failure: list[KvmlabError] = []
+    made: list[Vm] = []
     # An Event, not Thread.join: a join interrupted by Ctrl-C marks a running
     # thread as ended (CPython 3.11), and the wait for the cleanup would not wait.
     finished = threading.Event()
@@ -209,9 +210,10 @@ def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> tuple[l
             rc = lib.kvmlab_fork_many(sh, n, threads, flags, stop, done, out, count, phase_ns)
             if rc:
                 failure.append(_ffi.error_for(rc))  # the core's message is this thread's
-            elif stop[0] and count[0] == n:  # stopped too late: the set is complete, and nobody's
-                for i in range(n):
-                    lib.kvmlab_vm_free(out[i])
+            else:
+                # Wrapped here, where no KeyboardInterrupt lands: a Vm frees
+                # its handle when dropped, a bare handle would leak.
+                made.extend(wrap(out[i]) for i in range(count[0]))
         finally:
             finished.set()
 
@@ -222,11 +224,14 @@ def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any) -> tuple[l
     except BaseException:
         stop[0] = 1  # the core stops at its next step and frees every VM it made
         finished.wait()
+        late = ForkSet(made)  # it had finished: the set is complete, and nobody's
+        late.progress = False
+        late.close()
         raise
     if failure:
         raise failure[0]
-    assert count[0] == n, "the core stops only when asked to"
-    return [out[i] for i in range(n)], list(phase_ns)
+    assert len(made) == n, "the core stops only when asked to"
+    return made, list(phase_ns)
 
 
 #: How often fork_many's waiting thread looks at the progress (seconds).
@@ -289,14 +294,14 @@ def fork_many(
     out.progress = progress
     try:
         with _progress.bar(n, "fork_many", "VM", progress) as bar, snap._use() as sh:
-            handles, phase_ns = _fork_native(sh, n, threads, flags, bar)
+            vms, phase_ns = _fork_native(sh, n, threads, flags, bar, lambda h: Vm(h, snap.config, snap.guest))
     except RuntimeError as e:  # "can't start new thread": a host limit (RLIMIT_NPROC, address space)
         err = KvmlabMemoryError(
             f"fork_many could not start its thread ({e}): raise the host's thread/memory limits (ulimit -u, ulimit -v)",
             check="host_threads",
         )
         raise err from None
-    out.extend(Vm(h, snap.config, snap.guest) for h in handles)
+    out.extend(vms)
     for vm, ident in zip(out, identities):
         vm.set_identity(ident)
     ready = time.monotonic_ns() - t0
