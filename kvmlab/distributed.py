@@ -488,7 +488,7 @@ def _pin_plugin() -> type:
 
 
 @contextlib.contextmanager
-def local_cluster(n_workers: int | None = None, *, pin: bool = True, profile: bool = False,
+def local_cluster(n_workers: int | None = None, *, pin: bool | None = None, profile: bool = False,
                   dashboard: bool = True) -> Iterator[Any]:
     """A Dask LocalCluster made for campaigns on this machine, and a Client of it.
 
@@ -504,9 +504,11 @@ def local_cluster(n_workers: int | None = None, *, pin: bool = True, profile: bo
         n_workers: worker processes; None: one per CPU this process may use.
         pin: pin worker i to the i-th of those CPUs (mod their count), so
             its VM loop is not moved between CPUs (a moved vCPU thread costs
-            KVM a reload) and, with no more workers than CPUs, two busy
-            workers never share one. (A Dask worker plugin does it, as each
-            worker starts: it imports kvmlab there.)
+            KVM a reload) and two busy workers never share one. None (the
+            default): pin when the workers fill the CPUs; with a CPU to
+            spare the kernel is left to move a worker off the CPU this
+            process (client, scheduler) is using. (A Dask worker plugin pins
+            each worker as it starts: it imports kvmlab there.)
         profile: Dask's statistical profiler in each worker (the dashboard's
             Profile page): it samples the worker's threads every 10 ms, CPU
             the VMs need when the workers have every CPU; off by default.
@@ -520,6 +522,8 @@ def local_cluster(n_workers: int | None = None, *, pin: bool = True, profile: bo
     if n_workers is None:
         n_workers = len(cpus)
     check_int("n_workers", n_workers, 1, 4096)
+    if pin is None:
+        pin = n_workers >= len(cpus)
     d = _dask()
     import dask
 

@@ -239,8 +239,9 @@ def test_killed_worker_changes_nothing(snap, client, inputs, campaign):
 
 def test_local_cluster_pins_each_worker_to_a_cpu(snap, inputs, campaign):
     """kvmlab's LocalCluster for campaigns (run_inputs without a client, the
-    benchmark): worker i on the i-th CPU, every thread; Dask's worker profiler
-    off; the same rows as any cluster."""
+    benchmark): pinned, worker i on the i-th CPU, every thread; Dask's worker
+    profiler off; the same rows as any cluster. Unpinned by default while a
+    CPU is spare."""
     def placement(dask_worker):
         import dask
 
@@ -249,11 +250,14 @@ def test_local_cluster_pins_each_worker_to_a_cpu(snap, inputs, campaign):
                 dask.config.get("distributed.worker.profile.enabled"))
 
     cpus = sorted(os.sched_getaffinity(0))
-    with distributed.local_cluster(2, dashboard=False) as c:
+    with distributed.local_cluster(2, pin=True, dashboard=False) as c:
         got = sorted(c.run(placement).values())
         df = distributed.run_inputs(snap, inputs, client=c, batch_size=64, run_timeout_s=TIMEOUT_S)
     assert got == [(i, [cpus[i % len(cpus)]], False) for i in range(2)]
     assert df[STABLE].equals(campaign[STABLE])
+    if len(cpus) > 1:
+        with distributed.local_cluster(1, dashboard=False) as c:
+            assert list(c.run(placement).values()) == [(0, cpus, False)]
     with pytest.raises(ConfigError) as e:
         with distributed.local_cluster(0):
             pass

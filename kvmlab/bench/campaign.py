@@ -8,8 +8,8 @@ The guest is the built-in ``parser`` at its input checkpoint; the inputs are
 random record streams without the planted bugs (every run exits), the same
 for every path. The clusters are
 :func:`kvmlab.distributed.local_cluster`'s, as ``run_inputs`` starts without
-a client (workers pinned one per CPU, Dask's worker profiler off; ``--no-pin``
-and ``--profile`` measure the other settings). Each 1- or 2-worker
+a client (workers pinned one per CPU when they fill the CPUs, Dask's worker
+profiler off; ``--pin always|never`` and ``--profile`` measure other settings). Each 1- or 2-worker
 measurement has a new cluster to itself (no other cluster idling beside it),
 warm: timed once every worker has run a batch (the snapshot loaded, a VM
 made), from the ``run_inputs`` call to its DataFrame. The paths run in a new
@@ -46,6 +46,8 @@ CAMPAIGN_METRICS = ["elapsed_ns", "per_input_ns"]
 PATHS = ("native loop", "1 worker", "2 workers")
 #: Workers of each cluster path.
 WORKERS = {"1 worker": 1, "2 workers": 2}
+#: ``--pin`` choices -> local_cluster's ``pin``.
+PIN_CHOICES: dict[str, bool | None] = {"auto": None, "always": True, "never": False}
 #: Warm-up rounds a cluster gets for every worker to run a batch.
 WARM_ROUNDS = 10
 COLD = "cold worker, first batch"
@@ -86,7 +88,7 @@ def _campaign_ns(snap: Any, inputs: list[bytes], client: Any, batch_size: int) -
     return took
 
 
-def _cold_ns(snap: Any, inputs: list[bytes], batch_size: int, preload: bool, options: dict[str, bool]) -> int:
+def _cold_ns(snap: Any, inputs: list[bytes], batch_size: int, preload: bool, options: dict[str, Any]) -> int:
     """The first batch on a new one-worker cluster (kvmlab imported there first if ``preload``)."""
     import importlib
 
@@ -98,7 +100,7 @@ def _cold_ns(snap: Any, inputs: list[bytes], batch_size: int, preload: bool, opt
         return _campaign_ns(snap, inputs, client, batch_size)
 
 
-def _warm_ns(snap: Any, inputs: list[bytes], n_workers: int, batch_size: int, options: dict[str, bool]) -> int:
+def _warm_ns(snap: Any, inputs: list[bytes], n_workers: int, batch_size: int, options: dict[str, Any]) -> int:
     """``run_inputs`` over ``inputs`` on a new cluster of ``n_workers``, timed
     once every worker has run a batch."""
     from .. import distributed as d
@@ -113,14 +115,14 @@ def _warm_ns(snap: Any, inputs: list[bytes], n_workers: int, batch_size: int, op
     raise RuntimeError(f"campaign bench: after {WARM_ROUNDS} warm-up rounds a worker of {n_workers} had run no batch")
 
 
-def campaign_part(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024, pin: bool = True,
-                  profile: bool = False, progress: Progress | None = None) -> Part:
+def campaign_part(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024,
+                  pin: bool | None = None, profile: bool = False, progress: Progress | None = None) -> Part:
     from .. import distributed as d
 
     own = progress is None
     progress = progress or Progress(reps * (len(PATHS) + 2), True)
     inputs = make_inputs(n)
-    options = {"pin": pin, "profile": profile}
+    options: dict[str, Any] = {"pin": pin, "profile": profile}
     records: list[dict[str, Any]] = []
     try:
         with d.parser_snapshot(memory_mib=memory_mib) as snap:
@@ -146,7 +148,8 @@ def campaign_part(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch
             progress.close()
     return Part("campaign", CAMPAIGN_KEYS, CAMPAIGN_METRICS, records,
                 config={"n": n, "memory_mib": memory_mib, "reps": reps, "batch_size": batch_size,
-                        "present_pages": present, "pin": pin, "profile": profile})
+                        "present_pages": present, "pin": {v: k for k, v in PIN_CHOICES.items()}[pin],
+                        "profile": profile})
 
 
 def _median(part: Part, path: str, metric: str) -> float:
@@ -164,9 +167,8 @@ def campaign_verdicts(part: Part) -> list[dict[str, Any]]:
     cold_s = _median(part, COLD, "elapsed_ns") / 1e9
     return [
         verdict("campaign_scale", cell, "copy", ratio(per["1 worker"], per["2 workers"]),
-                also=f"workers {'pinned one per CPU' if part.config.get('pin', False) else 'unpinned'}, Dask's "
-                     f"worker profiler {'on' if part.config.get('profile', True) else 'off'}; a new warm cluster "
-                     "per measurement"),
+                also=f"workers pinned one per CPU: {part.config.get('pin', 'never')}; Dask's worker profiler "
+                     f"{'on' if part.config.get('profile', True) else 'off'}; a new warm cluster per measurement"),
         verdict("campaign_worker", cell, "copy", ratio(per["native loop"], per["1 worker"]),
                 also=f"2 workers / native loop: {fmt_ratio(ratio(per['native loop'], per['2 workers']))}"),
         verdict("campaign_cold", cell, "copy", cold_s,
@@ -193,8 +195,9 @@ def rate_table(part: Part) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bench_campaign(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024, pin: bool = True,
-                   profile: bool = False, quiet: bool = True, command: str | None = None) -> Results:
+def bench_campaign(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch_size: int = 1024,
+                   pin: bool | None = None, profile: bool = False, quiet: bool = True,
+                   command: str | None = None) -> Results:
     """``kvmlab bench campaign`` as a function (ConfigError for a bad argument)."""
     check_int("n", n, 1, 1 << 24)
     check_int("memory_mib", memory_mib, 8, 4096)
@@ -216,14 +219,16 @@ def campaign_parser(sub: Any, finish: Any, common: Any, command: Any) -> None:
     p.add_argument("--memory-mib", type=int, default=64, help="guest memory of the parser snapshot (default 64)")
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--batch-size", type=int, default=1024, help="inputs per Dask task (default 1024)")
-    p.add_argument("--no-pin", dest="pin", action="store_false",
-                   help="leave the workers unpinned (default: one CPU each, as run_inputs starts them)")
+    p.add_argument("--pin", choices=list(PIN_CHOICES), default="auto",
+                   help="pin each worker to a CPU: auto (when the workers fill the CPUs, as run_inputs starts them; "
+                        "default), always, never")
     p.add_argument("--profile", action="store_true", help="with Dask's worker profiler on (default off)")
     common(p)
 
     def run(args: Any) -> Results:
         res = bench_campaign(args.n, memory_mib=args.memory_mib, reps=args.reps, batch_size=args.batch_size,
-                             pin=args.pin, profile=args.profile, quiet=args.quiet, command=command(args))
+                             pin=PIN_CHOICES[args.pin], profile=args.profile, quiet=args.quiet,
+                             command=command(args))
         print(rate_table(res.parts["campaign"]).to_string(index=False))
         return res
 
