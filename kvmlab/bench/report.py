@@ -225,15 +225,23 @@ def first_answer_rows(res: Results) -> list[dict[str, Any]]:
     return rows
 
 
+def _fork_phases(res: Results) -> bool:
+    """Whether the fork run recorded the core's phases (runs before the
+    native fork_many did not: their tables stay as they were)."""
+    return any("vm_fds_ns" in r for r in res.parts["fork"].records)
+
+
 def fork_table(res: Results) -> pd.DataFrame:
     import pandas as pd
 
     st = _stats(res.parts["fork"])
     rows = []
+    phases = _fork_phases(res)
     for n in sorted({k[0] for k in st}):
         g = lambda m: (st.get((n, m)) or {}).get("median")  # noqa: E731
         rows.append({"VMs (n)": n, "ready (all n)": _rng(st.get((n, "ready_ns"))), "per VM": fmt_time(g("ready_per_vm_ns")),
-                     "KVM objects / the rest": f"{fmt_time(g('vm_fds_ns'))} / {fmt_time(g('machines_ns'))}",
+                     **({"KVM objects / the rest": f"{fmt_time(g('vm_fds_ns'))} / {fmt_time(g('machines_ns'))}"}
+                        if phases else {}),
                      "PSS / VM": fmt_size(g("pss_per_vm_bytes")), "MemAvailable / VM": fmt_size(g("host_per_vm_bytes")),
                      "kernel / VM": fmt_size(g("kernel_per_vm_bytes")),
                      "after 1 call: PSS / MemAvailable per VM":
@@ -328,9 +336,10 @@ def _sections(res: Results, md: bool) -> list[str]:
             f"`kvmlab.fork_many` of the service guest at its checkpoint ({fk.config['memory_mib']} MiB, 1 vCPU), "
             f"{fk.config['reps']} repetitions; memory per VM = this process's PSS growth and the drop of MemAvailable "
             "(which includes KVM's kernel allocations), divided by n; kernel = the growth of the kernel's own "
-            "counters KVM's per-VM allocations land in (VmallocUsed, Slab, KernelStack, PageTables; less noisy). "
-            f"One native call on {fk.config.get('threads')} thread(s): first every VM's KVM object (KVM_CREATE_VM, "
-            "serialised by the kernel, its cost growing with the process's mappings), then the rest.",
+            "counters KVM's per-VM allocations land in (VmallocUsed, Slab, KernelStack, PageTables; less noisy)."
+            + (f" One native call on {fk.config.get('threads')} thread(s): first every VM's KVM object (KVM_CREATE_VM, "
+               "serialised by the kernel, its cost growing with the process's mappings), then the rest."
+               if _fork_phases(res) else ""),
             "", _table(fork_table(res), md), "",
             f"Reference: zeroboot, bare-metal KVM, 256 MiB: {ref['n']:,} forks in {ref['ready_ms']} ms, "
             f"~{ref['kb_per_vm']} KB each. Limits here: open files {lim.get('nofile_soft')}/{lim.get('nofile_hard')} "
