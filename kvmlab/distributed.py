@@ -345,12 +345,11 @@ def _pin_plugin() -> type:
     return PinWorker
 
 
-@contextlib.contextmanager
 def local_cluster(n_workers: int | None = None, *, pin: bool | None = None, profile: bool = False,
-                  dashboard: bool = True) -> Iterator[Any]:
-    """A Dask LocalCluster made for campaigns on this machine, and a Client of it.
+                  dashboard: bool = True) -> Any:
+    """A Dask LocalCluster made for campaigns on this machine: a Client that owns it.
 
-        >>> with distributed.local_cluster() as client:
+        >>> with distributed.local_cluster() as client:   # or client = ...; client.close()
         ...     df = distributed.run_inputs(snap, inputs, client=client)
 
     Worker processes with one thread each (a worker's work is its VM's native
@@ -372,9 +371,9 @@ def local_cluster(n_workers: int | None = None, *, pin: bool | None = None, prof
             the VMs need when the workers have every CPU; off by default.
         dashboard: the dashboard on a free port (``client.dashboard_link``).
 
-    Yields:
-        A ``distributed.Client``; the cluster is ``client.cluster``. Both are
-        closed on exit.
+    Returns:
+        A ``distributed.Client`` (the cluster is ``client.cluster``); closing
+        it (``close()``, or leaving its ``with`` block) closes the cluster.
     """
     cpus = sorted(os.sched_getaffinity(0))
     if n_workers is None:
@@ -385,13 +384,19 @@ def local_cluster(n_workers: int | None = None, *, pin: bool | None = None, prof
     d = _dask()
     import dask
 
-    with dask.config.set({"distributed.worker.profile.enabled": bool(profile)}), \
-            d.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           dashboard_address=":0" if dashboard else None) as cluster, d.Client(cluster) as c:
-        c.wait_for_workers(n_workers)
+    # The nannies take the configuration in force as they are made, for each
+    # worker they start (a restarted one too).
+    with dask.config.set({"distributed.worker.profile.enabled": bool(profile)}):
+        client = d.Client(n_workers=n_workers, threads_per_worker=1, processes=True,
+                          dashboard_address=":0" if dashboard else None)
+    try:
+        client.wait_for_workers(n_workers)
         if pin:
-            c.register_plugin(_pin_plugin()(cpus))
-        yield c
+            client.register_plugin(_pin_plugin()(cpus))
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 @contextlib.contextmanager
