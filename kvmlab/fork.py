@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import _ffi, _progress
+from ._closing import Closing
 from .config import bad_argument, check_int, check_type
 from .errors import ConfigError, KvmlabError, KvmlabMemoryError
 from .snapshot import Snapshot
@@ -137,7 +138,7 @@ class ForkStats:
         return self.kernel_delta_bytes / self.n if self.n else 0.0
 
 
-class ForkSet(list):
+class ForkSet(list, Closing):
     """The VMs of one :func:`fork_many` call, plus how long they took and what
     they cost. ``close()`` frees them all in parallel."""
 
@@ -169,12 +170,6 @@ class ForkSet(list):
         except RuntimeError:  # "can't start new thread" (a host limit): close them here
             for vm in vms:
                 vm.close()  # idempotent: those already closed return at once
-
-    def __enter__(self) -> "ForkSet":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _distinct_identities(n: int) -> list[int]:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import _ffi
+from ._closing import Closing
 from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int, check_type
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
@@ -291,7 +292,7 @@ class PooledRestoreVm(_VmHandle):
         self.close()
 
 
-class RestorePool(_PrepareOps):
+class RestorePool(_PrepareOps, Closing):
     """A pool of empty KVM shells of one :class:`VmConfig`; creating it warms
     ``min_size`` shells (so errors surface here).
 
@@ -627,12 +628,6 @@ class RestorePool(_PrepareOps):
             while self._active:
                 self._drained.wait()
         self._finalizer()
-
-    def __enter__(self) -> "RestorePool":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         if self.closed:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import _ffi
+from ._closing import Closing
 from .config import VmConfig, check_choice, check_path
 from .errors import ClosedError, ConfigError, SnapshotError
 
@@ -99,7 +100,7 @@ def _header_fact(key: str, doc: str) -> Any:
     return property(lambda self: self._info[key], doc=doc)
 
 
-class Snapshot:
+class Snapshot(Closing):
     """A captured VM: guest memory plus all vCPU, device and host-side state.
 
     Get one from :meth:`Vm.snapshot` (in memory), :meth:`Snapshot.load` (a
@@ -380,12 +381,6 @@ class Snapshot:
                     pass  # exported (e.g. to numpy): the owner keeps the memory alive
             self._views.clear()
             self._finalizer()
-
-    def __enter__(self) -> "Snapshot":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         where = f" path={str(self._path)!r}" if self._path else ""

@@ -34,11 +34,10 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 if TYPE_CHECKING:
-    from typing import Self
-
     from .snapshot import Snapshot
 
 from . import _ffi
+from ._closing import Closing
 from .config import VmConfig, bad_argument, check_buffer, check_choice, check_int, check_range, check_type
 from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import ClosedError, GuestError, GuestTimeoutError, InternalError
@@ -116,7 +115,7 @@ class _Operation:
             self._vm._lock.release()
 
 
-class _VmHandle(_ResetOps):
+class _VmHandle(_ResetOps, Closing):
     """A native VM handle plus everything that works on any VM.
 
     Subclasses obtain a handle (boot, restore, pool) and pass it here together
@@ -532,12 +531,6 @@ class _VmHandle(_ResetOps):
             with _INTERRUPT_LOCK:  # an interrupt() in flight finishes first
                 self._handle = None
             self._free(h)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._handle is None else "open"

@@ -39,7 +39,8 @@ pub const timing_capacity: usize = 4096;
 /// give them more.
 pub const thread_stack_bytes: usize = if (@import("builtin").is_test) 16 << 20 else 256 * 1024;
 
-pub const Config = struct {
+/// The C ABI's kvmlab_pool_config (aliased in capi): one record, no copy.
+pub const Config = extern struct {
     memory_bytes: u64,
     vcpus: u32,
     min_size: u32,

@@ -39,14 +39,7 @@ pub const kvmlab_vm = opaque {};
 pub const kvmlab_snapshot = opaque {};
 pub const kvmlab_pool = opaque {};
 
-pub const kvmlab_pool_config = extern struct {
-    memory_bytes: u64,
-    vcpus: u32,
-    min_size: u32,
-    max_size: u32,
-    /// 0 = unlimited.
-    max_in_use: u32,
-};
+pub const kvmlab_pool_config = pool_mod.Config;
 
 pub const kvmlab_pool_stats = pool_mod.Stats;
 pub const kvmlab_pool_timing = pool_mod.Timing;

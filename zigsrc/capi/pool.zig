@@ -7,8 +7,7 @@ const pool_mod = @import("../pool.zig");
 const common = @import("common.zig");
 
 fn poolConfig(cfg: ?*const common.kvmlab_pool_config) errors.Error!pool_mod.Config {
-    const c = cfg orelse return errors.fail(.null_argument, "config is NULL", .{});
-    return .{ .memory_bytes = c.memory_bytes, .vcpus = c.vcpus, .min_size = c.min_size, .max_size = c.max_size, .max_in_use = c.max_in_use };
+    return (cfg orelse return errors.fail(.null_argument, "config is NULL", .{})).*;
 }
 
 /// Creates a pool and warms min_size shells before returning.
