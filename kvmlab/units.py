@@ -55,7 +55,21 @@ def fmt_time(ns: float | None, unit: tuple[str, float] | None = None) -> str:
         return MISSING
     name, scale = unit or choose_unit([ns])
     v = float(ns) / scale  # type: ignore[arg-type]
-    return f"{v:.3g} {name}" if abs(v) < 1000 else f"{v:,.0f} {name}"
+    if unit is None and _rounds_to_1000(v) and (name, scale) != TIME_UNITS[-1]:
+        # 999.6 µs reads as "1 ms", not "1e+03 µs".
+        name, scale = TIME_UNITS[TIME_UNITS.index((name, scale)) + 1]
+        v = float(ns) / scale  # type: ignore[arg-type]
+    if abs(v) >= 1000 or _rounds_to_1000(v):
+        return f"{v:,.0f} {name}"
+    text = f"{v:.3g}"
+    if "e" in text:  # a tiny figure in a given unit: positional, never 5e-06
+        text = f"{float(text):f}".rstrip("0").rstrip(".") or "0"
+    return f"{text} {name}"
+
+
+def _rounds_to_1000(v: float) -> bool:
+    """Three significant digits of ``v`` reach 1000 (999.6 -> 1e+03)."""
+    return abs(float(f"{v:.3g}")) >= 1000
 
 
 def fmt_range(median: float | None, lo: float | None, hi: float | None) -> str:
