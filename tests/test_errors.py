@@ -35,6 +35,7 @@ def _core_ids() -> set[str]:
     return set(_ffi.enum_values("kvmlab_check")) - {"none"}
 
 
+@pytest.mark.checkout  # reads docs/ or the sources: only in a checkout
 def test_every_core_id_is_documented_and_every_documented_id_exists():
     core = _core_ids()
     doc = _documented("core")
@@ -75,6 +76,7 @@ def _python_ids() -> dict[str, str]:
     return found
 
 
+@pytest.mark.checkout  # reads docs/ or the sources: only in a checkout
 def test_every_python_id_is_documented():
     ids = _python_ids()
     assert {"argument_type", "gpa_out_of_range", "pool_closed", "snapshot_closed"} <= set(ids)  # the walk sees them
@@ -83,6 +85,7 @@ def test_every_python_id_is_documented():
     assert not missing, f"document these check ids in {DOC}: {missing}"
 
 
+@pytest.mark.checkout  # reads docs/ or the sources: only in a checkout
 def test_no_python_raise_without_an_id():
     bare = []
     for path in PACKAGE.rglob("*.py"):
@@ -104,6 +107,7 @@ def test_no_python_raise_without_an_id():
     assert not bare, "raise these with check=<id> (and document it in docs/errors.md):\n" + "\n".join(bare)
 
 
+@pytest.mark.checkout  # reads docs/ or the sources: only in a checkout
 def test_the_core_fails_only_through_fail():
     """A Zig error returned without errors.fail would carry no id (or a stale
     one): only allocator OutOfMemory may pass up raw (errors.finish names it)."""
