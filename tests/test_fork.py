@@ -10,14 +10,16 @@ import pytest
 import kvmlab
 from kvmlab import ConfigError, Snapshot, fork_many
 
-from conftest import fault_injected, fd_count
-
 pytestmark = pytest.mark.kvm
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def test_fork_many_gives_independent_vms_sharing_the_file(service_file):
     digest = hashlib.sha256(service_file.read_bytes()).hexdigest()
-    fds = fd_count()
+    fds = _fds()
     with Snapshot.load(service_file) as snap:
         with fork_many(snap, 20) as vms:
             assert len(vms) == 20
@@ -29,7 +31,7 @@ def test_fork_many_gives_independent_vms_sharing_the_file(service_file):
             assert vms[1].read_memory(0x900000, 12) == bytes(12)
             assert vms[0].read_memory(0x900000, 12) == b"only in vm 0"
     assert hashlib.sha256(service_file.read_bytes()).hexdigest() == digest
-    assert fd_count() <= fds
+    assert _fds() <= fds
 
 
 def test_fork_many_needs_a_file_backed_snapshot(service_file):
@@ -47,6 +49,7 @@ def test_fork_many_needs_a_file_backed_snapshot(service_file):
 
 # -- the native path (zigsrc/fork.zig): one call, all or nothing, stoppable -----------------
 
+FAULT_SITE = kvmlab._ffi.enum_values("kvmlab_fault_site")
 
 
 def _maps(path) -> int:
@@ -73,11 +76,15 @@ def test_fork_many_on_each_thread_count_gives_n_distinct_vms_that_answer(service
 def test_a_failure_mid_way_frees_every_vm_made(service_file, site, after):
     with Snapshot.load(service_file) as snap:
         for attempt in range(2):  # the first one warms caches (host CPUID)
-            fds, maps = fd_count(), _maps(service_file)
-            with fault_injected(site, after), pytest.raises(kvmlab.KvmError) as e:
-                fork_many(snap, 20, threads=2, progress=False)
+            fds, maps = _fds(), _maps(service_file)
+            kvmlab._ffi.check(kvmlab._ffi.testing.kvmlab_fault_inject(FAULT_SITE[site], after))
+            try:
+                with pytest.raises(kvmlab.KvmError) as e:
+                    fork_many(snap, 20, threads=2, progress=False)
+            finally:
+                kvmlab._ffi.testing.kvmlab_fault_inject(FAULT_SITE["none"], 0)
             assert e.value.check == "fault_injected"
-        assert fd_count() <= fds and _maps(service_file) <= maps
+        assert _fds() <= fds and _maps(service_file) <= maps
         with fork_many(snap, 3, progress=False) as vms:  # and the next call works
             assert [vm.call(b"ok") for vm in vms] == [b"ok"] * 3
 
@@ -89,14 +96,14 @@ def test_ctrl_c_stops_fork_many_and_frees_what_it_made(service_file):
 
     with Snapshot.load(service_file) as snap:
         for attempt in range(2):
-            fds, maps = fd_count(), _maps(service_file)
+            fds, maps = _fds(), _maps(service_file)
             # 2,000 VMs take far longer than 20 ms here (KVM_CREATE_VM alone is ~0.1 ms).
             threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT)).start()
             t0 = time.monotonic()
             with pytest.raises(KeyboardInterrupt):
                 fork_many(snap, 2000, progress=False)
             assert time.monotonic() - t0 < 60
-        assert fd_count() <= fds and _maps(service_file) <= maps
+        assert _fds() <= fds and _maps(service_file) <= maps
         with fork_many(snap, 2, progress=False) as vms:  # and the next call works
             assert [vm.call(b"ok") for vm in vms] == [b"ok"] * 2
 
@@ -106,10 +113,10 @@ def test_the_core_stop_flag_keeps_nothing_and_bad_counts_have_ids(service_file):
     with Snapshot.load(service_file) as snap, snap._use() as sh:
         out = ffi.new("kvmlab_vm *[]", 4)
         stop, done, count = ffi.new("uint32_t *", 1), ffi.new("uint64_t *"), ffi.new("uint32_t *", 99)
-        fds = fd_count()
+        fds = _fds()
         assert lib.kvmlab_fork_many(sh, 4, 2, 0, stop, done, out, count, ffi.NULL) == 0
         assert (count[0], done[0], list(out)) == (0, 0, [ffi.NULL] * 4)
-        assert fd_count() == fds
+        assert _fds() == fds
         stop[0] = 0
         for n, threads, check in ((0, 1, "fork_count"), (100_001, 1, "fork_count"), (2, 0, "fork_threads"), (2, 65, "fork_threads")):
             rc = lib.kvmlab_fork_many(sh, n, threads, 0, stop, done, out, count, ffi.NULL)
