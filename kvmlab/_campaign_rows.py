@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import _ffi
-from .vm import REASONS
+from .run import REASONS
 
 #: ``reason`` values of a result row.
 RESULT_REASONS = ("exit", "checkpoint", "crash", "timeout", "error")

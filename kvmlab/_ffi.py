@@ -19,8 +19,10 @@ At import this module checks that the library and the header agree:
 
 * ``kvmlab_abi_version()`` equals :data:`ABI_VERSION`;
 * for every enumerator ``KVMLAB_STRUCT_ID_<X>`` of ``kvmlab_struct_id``,
-  ``kvmlab_struct_size(id)`` equals ``ffi.sizeof("kvmlab_<x>")``;
-* every result code of the header has an exception class.
+  ``kvmlab_struct_size(id)`` equals ``ffi.sizeof("kvmlab_<x>")``.
+
+(A result code without its own exception class is not refused: it raises a
+plain :class:`KvmlabError`, see ``_ERROR_CLASSES``.)
 
 Any mismatch, or a missing library, raises ``ImportError`` saying what to do:
 rebuild (a source checkout) or reinstall/report (an installed wheel). On

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-#: The warmer waits in the core for at most this long at a time, so close()
-#: on another thread is never held up longer.
+#: A restore waiting for room under ``max_in_use``, and the warmer waiting for
+#: a prepared snapshot to run short, wait in the core for at most this long at
+#: a time, so close() on another thread is never held up longer.
 _WAIT_SLICE_NS = 50_000_000
 
 #: The warmer's pause after a failed background preparation (the core counts it
@@ -97,17 +98,20 @@ class _PrepareOps:
         flags = _ffi.enum_values("kvmlab_prepare_flags")["identity"] if identity else 0  # bits, named by the header
         with snap._use() as sh:
             key = int(ffi.cast("uintptr_t", sh))
-            self._warmups.pop(key, None)
-            self._targets.pop(snap, None)
             h = self._enter()
             try:
                 if warmup is None or n == 0:
+                    # The core keeps the old target when this fails: so does Python.
                     _ffi.check(lib.kvmlab_pool_prepare(h, sh, n, code, flags))
+                    self._warmups.pop(key, None)
+                    self._targets.pop(snap, None)
                     if n:
                         self._targets[snap] = n
                     return
                 # Every VM runs this warmup: those prepared before are given up.
                 _ffi.check(lib.kvmlab_pool_prepare(h, sh, 0, code, 0))
+                self._warmups.pop(key, None)
+                self._targets.pop(snap, None)
                 _ffi.check(lib.kvmlab_pool_prepare_target(h, sh, n, code, flags))
             finally:
                 self._exit()
@@ -121,9 +125,13 @@ class _PrepareOps:
             self._targets[snap] = n
         self._start_warmer()
 
+    def _warmup_of(self, snap: Snapshot) -> Callable[[Any], object] | None:
+        """The warmup ``snap`` was prepared with (None: without one)."""
+        return next((w for s, _sh, w in list(self._warmups.values()) if s is snap), None)
+
     def prepared_count(self, snap: Snapshot) -> int:
         """Prepared VMs of ``snap`` ready now (0 when it is not prepared, or
-        the pool or snapshot is closed). Never raises."""
+        the pool or snapshot is closed). Raises only for a non-Snapshot."""
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"prepared_count takes a Snapshot, got {type(snap).__name__}", check="argument_type")
         try:
@@ -219,7 +227,5 @@ class _PrepareOps:
                         pass
                 except ClosedError:
                     return
-                except KvmlabError:
+                except KvmlabError:  # a warmup's own error arrives as PrepareError
                     time.sleep(_WARMER_BACKOFF_S)  # counted in stats().failures; try again later
-                except Exception:  # noqa: BLE001 - the warmup's own error: counted, retried later
-                    time.sleep(_WARMER_BACKOFF_S)

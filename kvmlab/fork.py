@@ -180,14 +180,24 @@ def _distinct_identities(n: int) -> list[int]:
     return list(out)
 
 
-def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any, wrap: Callable[[Any], Vm]) -> tuple[list[Vm], list[int]]:
+def _fork_native(
+    sh: Any, n: int, threads: int, flags: int, bar: Any, wrap: Callable[[Any], Vm], into: list[Vm]
+) -> list[int]:
     """One ``kvmlab_fork_many`` call (zigsrc/fork.zig) on a helper thread, so
     this one stays free for the progress bar and for Ctrl-C: an interrupt
     sets the core's stop flag, waits for it to free what it made, and goes on.
 
+    The helper wraps the ``n`` handles into ``into`` (``wrap(handle)`` each),
+    where no KeyboardInterrupt lands (a bare handle dropped half-way would
+    leak). Ctrl-C may land anywhere here, even inside ``Thread.start()``, where
+    nobody knows whether the thread runs: so the helper says ``begun`` before
+    it looks at the stop flag, and an interrupted caller sets the flag before
+    it looks at ``begun``. Either the helper sees the flag and makes nothing,
+    or the caller sees ``begun`` and waits for the helper to finish.
+
     Returns:
-        The ``n`` VMs (``wrap(handle)`` each), and the wall time of the core's
-        two phases (every VM's KVM object; the rest), nanoseconds.
+        The wall time of the core's two phases (every VM's KVM object; the
+        rest), nanoseconds.
     """
     out = ffi.new("kvmlab_vm *[]", n)
     stop = ffi.new("uint32_t *")
@@ -195,38 +205,36 @@ def _fork_native(sh: Any, n: int, threads: int, flags: int, bar: Any, wrap: Call
     count = ffi.new("uint32_t *")
     phase_ns = ffi.new("uint64_t[2]")
     failure: list[KvmlabError] = []
-    made: list[Vm] = []
-    # An Event, not Thread.join: a join interrupted by Ctrl-C marks a running
+    # Events, not Thread.join: a join interrupted by Ctrl-C marks a running
     # thread as ended (CPython 3.11), and the wait for the cleanup would not wait.
-    finished = threading.Event()
+    begun, finished = threading.Event(), threading.Event()
 
     def call() -> None:
+        begun.set()
         try:
+            if stop[0]:
+                return  # the caller was interrupted before this thread ran
             rc = lib.kvmlab_fork_many(sh, n, threads, flags, stop, done, out, count, phase_ns)
             if rc:
                 failure.append(_ffi.error_for(rc))  # the core's message is this thread's
             else:
-                # Wrapped here, where no KeyboardInterrupt lands: a Vm frees
-                # its handle when dropped, a bare handle would leak.
-                made.extend(wrap(out[i]) for i in range(count[0]))
+                into.extend(wrap(out[i]) for i in range(count[0]))
         finally:
             finished.set()
 
-    threading.Thread(target=call, name="kvmlab-fork", daemon=True).start()
     try:
+        threading.Thread(target=call, name="kvmlab-fork", daemon=True).start()
         while not finished.wait(_POLL_S):
             bar.update(done[0] - bar.n)
     except BaseException:
         stop[0] = 1  # the core stops at its next step and frees every VM it made
-        finished.wait()
-        late = ForkSet(made)  # it had finished: the set is complete, and nobody's
-        late.progress = False
-        late.close()
+        if begun.is_set():
+            finished.wait()
         raise
     if failure:
         raise failure[0]
-    assert len(made) == n, "the core stops only when asked to"
-    return made, list(phase_ns)
+    assert len(into) == n, "the core stops only when asked to"
+    return list(phase_ns)
 
 
 #: How often fork_many's waiting thread looks at the progress (seconds).
@@ -287,20 +295,23 @@ def fork_many(
     t0 = time.monotonic_ns()
     out = ForkSet()
     out.progress = progress
+    out.threads = threads
     try:
         with _progress.bar(n, "fork_many", "VM", progress) as bar, snap._use() as sh:
-            vms, phase_ns = _fork_native(sh, n, threads, flags, bar, lambda h: Vm(h, snap.config, snap.guest))
-    except RuntimeError as e:  # "can't start new thread": a host limit (RLIMIT_NPROC, address space)
-        err = KvmlabMemoryError(
-            f"fork_many could not start its thread ({e}): raise the host's thread/memory limits (ulimit -u, ulimit -v)",
-            check="host_threads",
-        )
-        raise err from None
-    out.extend(vms)
-    for vm, ident in zip(out, identities):
-        vm.set_identity(ident)
-    ready = time.monotonic_ns() - t0
-    after = memory_usage()
+            phase_ns = _fork_native(sh, n, threads, flags, bar, lambda h: Vm(h, snap.config, snap.guest), out)
+        for vm, ident in zip(out, identities):
+            vm.set_identity(ident)
+        ready = time.monotonic_ns() - t0
+        after = memory_usage()
+    except BaseException as e:
+        out.progress = False
+        out.close()  # whatever was made: Ctrl-C (or a failure) may land after the core returned
+        if isinstance(e, RuntimeError) and not isinstance(e, KvmlabError):  # "can't start new thread"
+            raise KvmlabMemoryError(
+                f"fork_many could not start its thread ({e}): raise the host's thread/memory limits (ulimit -u, ulimit -v)",
+                check="host_threads",
+            ) from None
+        raise
     out.stats = ForkStats(
         n,
         ready,
@@ -310,5 +321,4 @@ def fork_many(
         after["kernel_bytes"] - before["kernel_bytes"],
         *phase_ns,
     )
-    out.threads = threads
     return out

@@ -27,7 +27,7 @@ from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int, ch
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
-from ._prepared import _PrepareOps
+from ._prepared import _WAIT_SLICE_NS, _PrepareOps
 from .vm import RunResult, _VmHandle, restore_timing_dict
 
 if TYPE_CHECKING:
@@ -46,10 +46,6 @@ _RESTORE_FLAGS = _ffi.enum_values("kvmlab_restore_flags")
 #: The core's limit on ``PoolConfig.max_size`` (``max_pool_size`` in zigsrc/pool.zig).
 MAX_POOL_SIZE = 256
 
-#: A restore waiting for room under ``max_in_use`` (or the warmer waiting for a
-#: prepared snapshot to run short) waits in the core for at most this long at a
-#: time, so ``close()`` on another thread is never held up longer.
-_WAIT_SLICE_NS = 50_000_000
 
 def _int(name: str, v: object, lo: int, hi: int = U32_MAX) -> int:
     return check_int(f"PoolConfig {name}", v, lo, hi)
@@ -577,11 +573,9 @@ class RestorePool(_PrepareOps, Closing):
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}", check="argument_type")
         code = strategy_code(strategy)
-        flags = 0
-        if resettable or reset_on_release:
-            flags = (_RESTORE_FLAGS["resettable"] if resettable else 0) | (
-                _RESTORE_FLAGS["reset_on_release"] if reset_on_release else 0
-            )
+        flags = (_RESTORE_FLAGS["resettable"] if resettable else 0) | (
+            _RESTORE_FLAGS["reset_on_release"] if reset_on_release else 0
+        )
         if timeout_s is not None:
             _wait_ns(timeout_s)  # validate before touching the snapshot
             with snap._use() as sh:

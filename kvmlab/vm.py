@@ -60,8 +60,11 @@ SERVICE_OPS = {"echo": 1, "crc32c": 2, "reverse": 3}
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 #: Orders interrupt() (which runs without the VM's lock, so that it can stop a
-#: run() holding it) before close() frees the handle. One for all VMs: both
-#: hold it only for an instant, and a per-VM lock would cost every restore.
+#: run() holding it) and the interrupt count every call notes on entry
+#: (_interrupt_count) before close() frees the handle. One for all VMs: each
+#: holder makes one short native call under it, while a per-VM lock would cost
+#: every restore its construction (the pooled take is a hot path); calls on
+#: many threads do meet on it, for that instant.
 _INTERRUPT_LOCK = threading.Lock()
 
 GuestSpec = Union[str, "os.PathLike[str]", Guest, bytes, bytearray]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmlab import _ffi
 from kvmlab.config import MIN_MEMORY_MIB, VmConfig
 from kvmlab.vm import SERVICE_TAG
 
@@ -115,13 +116,26 @@ def fd_count() -> int:
 # -- snapshot fixtures shared by several test files ---------------------------------------
 
 
+#: Shell-creation steps the core's fault switch can fail (kvmlab_fault_site of kvmlab_testing.h).
+FAULT_SITE = _ffi.enum_values("kvmlab_fault_site")
+
+
+@contextlib.contextmanager
+def fault_injected(site: str, after: int = 0):
+    """Shell-creation step ``site`` fails after ``after`` more passes, for the
+    block (the testing export kvmlab_fault_inject); disarmed on the way out."""
+    _ffi.check(_ffi.testing.kvmlab_fault_inject(FAULT_SITE[site], after))
+    try:
+        yield
+    finally:
+        _ffi.testing.kvmlab_fault_inject(FAULT_SITE["none"], 0)
+
+
 @contextlib.contextmanager
 def reapers_held(pool):
     """Holds ``pool``'s reapers off its destroy queue for the block (the
     testing export kvmlab_testing_pool_hold_reapers): released VMs stay queued,
     so a destroy backlog has an exact size whatever this host's destroy speed."""
-    from kvmlab import _ffi
-
     _ffi.check(_ffi.testing.kvmlab_testing_pool_hold_reapers(pool._handle, True))
     try:
         yield

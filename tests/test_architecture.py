@@ -39,7 +39,9 @@ MAX_LINES = 800
 
 
 def _core_files() -> list[str]:
-    return sorted(str(p.relative_to(ZIGSRC)) for p in ZIGSRC.rglob("*.zig") if "guests" not in p.parts)
+    files = sorted(str(p.relative_to(ZIGSRC)) for p in ZIGSRC.rglob("*.zig") if "guests" not in p.parts)
+    assert "kvm.zig" in files and "pool.zig" in files, f"no Zig core under {ZIGSRC}: every check here would pass on nothing"
+    return files
 
 
 def _imports(name: str) -> set[str]:

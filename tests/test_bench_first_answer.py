@@ -66,6 +66,7 @@ def test_readme_headline_uses_the_prestarted_qemu_and_shows_first_answer_per_pat
     assert rows["first answer: pooled shell / prepared + warmup (target ≥ 4x)"] == "6.00x (met)"
 
 
+@pytest.mark.kvm
 def test_bench_first_answer_smoke(tmp_path):
     fake = tmp_path / "qemu-fake"
     fake.write_text(FAKE_QEMU.replace("PYTHON", sys.executable))
@@ -86,6 +87,7 @@ def test_bench_first_answer_smoke(tmp_path):
     assert len(bench.load_results(res.save(tmp_path / "r.json"))) == len(df)
 
 
+@pytest.mark.kvm
 def test_first_answer_cli_and_arguments(tmp_path, capsys):
     out = tmp_path / "fa.json"
     rc = cli.main(["bench", "first-answer", "--memory-mib", "16", "--n", "1", "--warmup", "0", "--no-dense",

@@ -4,7 +4,6 @@ kvmlab_fault_inject (no mocks: real KVM objects are created and freed)."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -12,19 +11,12 @@ import pytest
 import kvmlab
 from kvmlab import KvmError, PoolConfig, RestorePool, Vm, VmConfig, _ffi
 
+from conftest import EXIT7, FAULT_SITE, fd_count
+
 pytestmark = pytest.mark.kvm
 
-#: Shell-creation steps the core can fail (kvmlab_fault_site of kvmlab_testing.h).
-FAULT_SITE = _ffi.enum_values("kvmlab_fault_site")
 SITES = [name for name in FAULT_SITE if name != "none"]
 CFG = VmConfig(memory_mib=16, vcpus=2)
-EXIT7 = bytes.fromhex("66ba0005b807000000ef")
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def _maps() -> int:
     with open("/proc/self/maps") as f:
         return sum(1 for _ in f)
@@ -43,7 +35,7 @@ def inject(site: str, after: int = 0) -> None:
 @pytest.mark.parametrize("site", SITES)
 def test_each_shell_step_failing_leaks_nothing(site):
     Vm.boot(EXIT7, CFG).close()  # warm caches (host CPUID, ...)
-    fds, maps = _fds(), _maps()
+    fds, maps = fd_count(), _maps()
     # For per-vCPU steps, also fail on the second vCPU (after one success).
     for after in ([0, 1] if site in ("vcpu", "vcpu_mmap", "cpuid") else [0]):
         inject(site, after)
@@ -51,7 +43,7 @@ def test_each_shell_step_failing_leaks_nothing(site):
             Vm.boot(EXIT7, CFG)
         assert e.value.check == "fault_injected"
         assert f"'{site}'" in str(e.value)  # which step failed: the message is the only place that says it
-    assert _fds() == fds
+    assert fd_count() == fds
     assert _maps() <= maps
     with Vm.boot(EXIT7, CFG) as vm:  # and the next one works
         assert vm.run().exit_code == 7

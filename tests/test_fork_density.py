@@ -5,9 +5,13 @@ MemAvailable. No figure is checked: the machine is shared."""
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import CFG
 from kvmlab import Snapshot, Vm, fork_many
 from kvmlab.fork import memory_usage
+
+pytestmark = pytest.mark.kvm
 
 
 def test_memory_usage_reads_the_kernel_counters():

@@ -10,6 +10,8 @@ import pytest
 from conftest import CFG
 from kvmlab import ConfigError, PoolConfig, RestorePool, Snapshot, Vm, fork_many
 
+pytestmark = pytest.mark.kvm
+
 #: checkpoint 0x1234 (the snapshot is taken here); then checkpoint with tag =
 #: the identity's low 32 bits (in from 0x503), then exit with code = its high
 #: 32 bits (in from 0x504).

@@ -42,6 +42,7 @@ def _modules() -> dict[str, tuple[Path, bool]]:
         if is_package:
             parts.pop()
         out[".".join(parts)] = (path, is_package)
+    assert "kvmlab.vm" in out and "kvmlab.pool" in out, f"no kvmlab sources under {PACKAGE}: every check here would pass on nothing"
     return out
 
 

@@ -246,7 +246,12 @@ def test_ctrl_c_between_two_runs_of_a_reset_loop_is_not_lost():
     snap = boot.snapshot()
     boot.close()
     vm = Vm.restore(snap, resettable=True)
-    inputs = [bytes(8)] * 5000 + [(1).to_bytes(8, "little")]"""
+    # Enough quick inputs to outlast every signal (sent at most 0.3 s in) on
+    # any host: on a fast one 5,000 would end before, and the signals would
+    # land in the endless input's KVM_RUN instead of between runs.
+    t = time.monotonic(); vm.reset_loop([bytes(8)] * 500, input_gpa=0x900000)
+    per_input_s = (time.monotonic() - t) / 500
+    inputs = [bytes(8)] * max(5000, int(1.0 / per_input_s)) + [(1).to_bytes(8, "little")]"""
     call = 'vm.reset_loop(inputs, input_gpa=0x900000, run_timeout_s=None)'
     _sigints_at_random(setup, call, tries=12, earliest_s=0.02, latest_s=0.1)
 

@@ -26,6 +26,7 @@ const host = @import("host.zig");
 const kvm = @import("kvm.zig");
 const shell = @import("shell.zig");
 const snapshot = @import("snapshot.zig");
+const state = @import("state.zig");
 const restore = @import("restore.zig");
 const machine = @import("machine.zig");
 
@@ -99,10 +100,7 @@ const Job = struct {
 fn makeFds(j: *Job) void {
     const h = host.get() catch |e| return j.noteFailure(e);
     while (j.claim()) |i| {
-        fault.check(.create_vm) catch |e| return j.noteFailure(e);
-        const fd = h.system.createVm() catch return j.noteFailure(errors.ioctlFailed("KVM_CREATE_VM"));
-        fd.setTssAddr(shell.tss_addr) catch {};
-        j.fds[i] = fd;
+        j.fds[i] = shell.Vm.createVmFd(h) catch |e| return j.noteFailure(e);
     }
 }
 
@@ -151,7 +149,7 @@ fn worker(j: *Job, phase: *const fn (*Job) void) void {
 fn runPhase(j: *Job, threads: u32, phase: *const fn (*Job) void) void {
     j.next.store(0, .release);
     var pool: [destroy_threads]?std.Thread = @splat(null);
-    const extra = @min(threads, destroy_threads) - 1;
+    const extra = @min(threads, destroy_threads, @as(u32, @intCast(j.out.len))) - 1;
     for (pool[0..extra]) |*t| t.* = std.Thread.spawn(.{ .stack_size = thread_stack_bytes, .allocator = allocator }, worker, .{ j, phase }) catch null;
     phase(j); // at least this thread, even when no thread could start
     for (pool[0..extra]) |t| if (t) |th| th.join();
@@ -170,6 +168,7 @@ pub fn forkMany(snap: *snapshot.Snapshot, opts: Options, out: []?*Machine, times
     const fds = allocator.alloc(kvm.VmFd, out.len) catch return error.OutOfMemory;
     defer allocator.free(fds);
     @memset(fds, .{ .fd = -1 });
+    _ = try state.pristinePit(); // read once here: Machine.createWith cannot fail on it (it would leak the fd it is given)
     var j: Job = .{ .snap = snap, .opts = opts, .src = try restore.MemorySource.forSnapshot(snap, .map), .fds = fds, .out = out };
     const t0 = shell.monotonicNs();
     runPhase(&j, opts.threads, makeFds);

@@ -474,14 +474,17 @@ pub fn PoolOf(comptime F: type) type {
         /// `park`, one parked by an earlier reset_on_release (strategy reuse).
         /// Null when there is none ready: the caller restores into a shell.
         /// `took`: the strategy of the take (prepared or reuse).
+        /// Its acquire_ns is the take under the lock: the clock is read only
+        /// once a VM is there (every pooled restore asks here first, and a
+        /// clock read is a syscall on kvm_pvm).
         pub fn reuse(p: *Self, snap: *const snapshot.Snapshot, park: bool, seq_out: *u64, took: *restore_mod.Strategy) ?*Vm {
-            const t0 = shell.monotonicNs();
             p.lockIt();
             defer p.unlockIt();
             const target = p.findTarget(snap);
             if (target == null and !park) return null;
             if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) return null;
             const i = p.findParked(snap) orelse return null;
+            const t0 = shell.monotonicNs();
             const vm = p.parked[i];
             p.parked_len -= 1;
             p.parked[i] = p.parked[p.parked_len];

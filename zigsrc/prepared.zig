@@ -212,7 +212,14 @@ pub fn prepare(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore_m
             p.prepareDone(snap, vm, true, false);
             continue;
         }
-        if (!p.preparing(snap)) return;
+        if (!p.preparing(snap)) {
+            // preparing() is false once closed too: a close() meanwhile is a failure, not done.
+            p.lockIt();
+            const closed = p.closed;
+            p.unlockIt();
+            if (closed) return errors.fail(.pool_closed, "the pool was closed while preparing", .{});
+            return;
+        }
         _ = std.os.linux.nanosleep(&.{ .sec = 0, .nsec = std.time.ns_per_ms }, null);
     }
     return errors.fail(.prepare_timeout, "the pool did not prepare {d} VMs within {d} s", .{ n, prepare_wait_rounds / 1000 });

@@ -137,19 +137,28 @@ pub const Vm = struct {
     /// `vm_fd`: made before (fork.zig). `file`: memory is this file's private map from the start.
     pub const Options = struct { dirty_log: bool = true, pit: bool = true, vm_fd: ?kvm.VmFd = null, file: ?Backing = null };
 
+    /// A VM fd (KVM_CREATE_VM and its TSS address): the first step of every shell.
+    pub fn createVmFd(h: *const host.Host) errors.Error!kvm.VmFd {
+        try fault.check(.create_vm);
+        const fd = h.system.createVm() catch return errors.ioctlFailed("KVM_CREATE_VM");
+        fd.setTssAddr(tss_addr) catch {};
+        return fd;
+    }
+
     /// Creates an empty shell. The memory slot is registered before the
     /// irqchip: the other order costs an ~11 ms wait on kvm_pvm.
+    /// A given `opts.vm_fd` is the shell's from the start: closed on every failure.
     pub fn createWith(memory_bytes: u64, vcpu_count: u32, opts: Options) errors.Error!*Vm {
+        const vm = allocator.create(Vm) catch {
+            if (opts.vm_fd) |fd| _ = linux.close(fd.fd);
+            return error.OutOfMemory;
+        };
+        vm.* = .{ .vm_fd = opts.vm_fd orelse .{ .fd = -1 } };
+        errdefer vm.destroy();
         try boot.checkConfig(memory_bytes, vcpu_count);
         const h = try host.get();
         signals.installKickHandler();
-        const vm = allocator.create(Vm) catch return error.OutOfMemory;
-        vm.* = .{};
-        errdefer vm.destroy();
-
-        try fault.check(.create_vm);
-        vm.vm_fd = if (opts.vm_fd) |fd| fd else h.system.createVm() catch return errors.ioctlFailed("KVM_CREATE_VM");
-        if (opts.vm_fd == null) vm.vm_fd.setTssAddr(tss_addr) catch {};
+        if (opts.vm_fd == null) vm.vm_fd = try createVmFd(h);
 
         try fault.check(.memory);
         const addr = linux.mmap(null, memory_bytes, .{ .READ = true, .WRITE = true }, .{ .TYPE = .PRIVATE, .ANONYMOUS = opts.file == null, .NORESERVE = true }, if (opts.file) |b| b.fd else -1, if (opts.file) |b| @intCast(b.offset) else 0);

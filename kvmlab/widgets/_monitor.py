@@ -279,7 +279,8 @@ class PoolMonitor(AutoRefresh, W.VBox):
 
     def _prepare_worker(self, target: int, snap: Snapshot) -> None:
         def work() -> str:
-            self.pool.prepare(snap, target)
+            # Keep the warmup it was prepared with: every prepared VM ran it.
+            self.pool.prepare(snap, target, warmup=self.pool._warmup_of(snap))
             self.refresh()
             ready = self.pool.prepared_count(snap)
             self.warm_progress.value = min(ready, self.warm_progress.max)
