@@ -32,6 +32,7 @@ from .fork import fork_part
 from .harness import DENSE_FRACTION, Progress, check_args, host_info, make_service_snapshot, make_snapshot, versions
 from .peers.unicorn import unicorn_available, unicorn_restore
 from .peers.qemu import QemuPeer, qemu_problem
+from .report import PEER_OF
 from .reset import RESET_CONFIGS, cycle_part, reset_part
 from .restore import PATHS, RESTORE_KEYS, RESTORE_METRICS, STRATEGIES, measure_restores
 from .results import Part, Results
@@ -48,6 +49,7 @@ QUICK: dict[str, Any] = {"n": 5, "warmup": 1, "qemu_n": 2, "unicorn_n": 5, "rese
          "reset_warmup": 1, "cycle_n": [1, 100, 10_000], "cycle_batches": 2, "cycle_batch_s": 0.02,
          "fork_n": [10], "fork_reps": 1, "first_n": 5, "first_qemu_n": 2}
 PEER_KEYS = ["memory_mib", "density"]
+QEMU_MODES = ("cold", "prestarted")
 
 
 def _skipped(skip: Sequence[str], qemu: str) -> dict[str, str]:
@@ -78,8 +80,10 @@ def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: P
     kv = res.parts["restore"] = Part("restore", RESTORE_KEYS, RESTORE_METRICS,
                                      config={"n": p["n"], "warmup": p["warmup"], "dense_fraction": DENSE_FRACTION,
                                              "paths": list(PATHS), "memory_mib": list(sizes)})
-    peers = {name: Part(name, PEER_KEYS, ["restore_ns"], config={"n": p[f"{name}_n"]})
-             for name in ("qemu", "unicorn") if name not in res.skipped}
+    # QEMU twice: cold (process start to running) and pre-started (-incoming
+    # defer, from migrate-incoming: the fair match for a pool), interleaved.
+    peers = {name: Part(name, PEER_KEYS, ["restore_ns"], config={"n": p[f"{PEER_OF[name]}_n"]})
+             for name in PEER_OF if PEER_OF[name] not in res.skipped}
     res.parts.update(peers)
     for mem in sizes:
         for density in ("sparse", "dense"):
@@ -91,12 +95,13 @@ def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: P
             progress.describe(f"{case}: kvmlab restores")
             kv.records += measure_restores(snap_path, cell, paths=PATHS, strategies=STRATEGIES, n=p["n"],
                                            warmup=p["warmup"], service_path=svc_path, progress=progress)
-            for name, part in peers.items():
+            for name in dict.fromkeys(PEER_OF[k] for k in peers):
                 progress.describe(f"{case}: {name}")
-                run = (lambda: peer.measure(mem, density, p["qemu_n"], progress)) if name == "qemu" else (  # type: ignore[union-attr]  # qemu is in peers only with a peer
+                run = (lambda: peer.measure(mem, density, p["qemu_n"], progress, modes=QEMU_MODES)) if name == "qemu" else (  # type: ignore[union-attr]  # qemu is in peers only with a peer
                     lambda: unicorn_restore(snap_path, p["unicorn_n"], progress))
-                recs = _guard(res, f"{name} {case}", run)
-                part.records += [{"memory_mib": mem, "density": density, **r} for r in recs or []]
+                for r in _guard(res, f"{name} {case}", run) or []:
+                    key = "qemu-prestarted" if r.get("mode") == "prestarted" else name
+                    peers[key].records.append({"memory_mib": mem, "density": density, **r})
             for f in (snap_path, svc_path):
                 Path(f).unlink(missing_ok=True)
 
@@ -104,7 +109,7 @@ def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: P
 def _total_steps(p: dict[str, Any], sizes: Sequence[int], skipped: dict[str, str]) -> int:
     cases = 2 * len(sizes)
     total = cases * (p["n"] + p["warmup"]) * len(PATHS) * len(STRATEGIES)
-    total += 0 if "qemu" in skipped else cases * (p["qemu_n"] + 1)
+    total += 0 if "qemu" in skipped else cases * (len(QEMU_MODES) * p["qemu_n"] + 1)
     total += 0 if "unicorn" in skipped else cases * p["unicorn_n"]
     total += 0 if "reset" in skipped else len(p["reset_k"]) * len(RESET_CONFIGS) * (p["reset_n"] + p["reset_warmup"]) * 2
     total += 0 if "cycle" in skipped else len(p["cycle_n"]) * p["cycle_batches"] * 2
@@ -174,8 +179,8 @@ def all_verdicts(res: Results) -> list[dict[str, Any]]:
     """Every target's verdicts for the parts ``res`` has."""
     out: list[dict[str, Any]] = []
     if "restore" in res.parts:
-        q = res.parts["qemu"].summary() if "qemu" in res.parts else None
-        out += restore_verdicts(res.parts["restore"].summary(), q, res.skipped)
+        peers = {name: res.parts[name].summary() for name in ("qemu", "qemu-prestarted") if name in res.parts}
+        out += restore_verdicts(res.parts["restore"].summary(), peers, res.skipped, res.errors)
     if "first_answer" in res.parts:
         out += first_answer_verdicts(res.parts["first_answer"].summary(), res.skipped)
     if "reset" in res.parts:
