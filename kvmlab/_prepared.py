@@ -47,6 +47,8 @@ class _PrepareOps:
         _warmups: dict[int, tuple[Snapshot, Any, Callable[[Any], object]]]
         _targets: dict[Snapshot, int]
         _warmer: threading.Thread | None
+        _warming: set[_VmHandle]
+        _handle: Any
 
         def _enter(self) -> Any: ...
 
@@ -165,7 +167,7 @@ class _PrepareOps:
     def _prepare_one(self, sh: Any, guest: str, warmup: Callable[[Any], object]) -> bool:
         """Prepares one VM of the snapshot ``sh`` with ``warmup`` if its target
         is short (True), else returns False. The pool stays in use meanwhile:
-        close() waits for the warmup (whose VM calls have their own timeouts)."""
+        close() stops the warmup's VM runs and waits for it to return."""
         h = self._enter()
         try:
             out = ffi.new("kvmlab_vm **")
@@ -173,16 +175,26 @@ class _PrepareOps:
             if out[0] == ffi.NULL:
                 return False
             vm = _VmHandle(out[0], self.vm_config, guest, _keep_handle)
+            with self._lock:  # a close() from now on stops the warmup's runs
+                self._warming.add(vm)
+                closing = self._handle is None
             failure: BaseException | None = None
             try:
+                if closing:
+                    vm.close()  # close() came between _enter and here: its calls raise ClosedError
                 warmup(vm)
             except BaseException as e:  # noqa: BLE001 - handed on below, after the VM went back
                 failure = e
+            with self._lock:
+                self._warming.discard(vm)
             with vm._lock:  # the warmup may have kept it: it is the pool's now
                 vm._handle = None
             rc = lib.kvmlab_pool_prepare_end(h, sh, out[0], 1, int(failure is None))
             if failure is None and rc:
                 failure = _ffi.error_for(rc)  # the reset after the warmup failed
+            if isinstance(failure, Exception) and self._handle is None:
+                raise ClosedError("the pool was closed while a warmup ran; nothing more is prepared",
+                                  check="pool_closed") from failure
             if isinstance(failure, Exception):
                 raise PrepareError(
                     f"prepare: the warmup of {guest} failed ({type(failure).__name__}: {failure}); nothing is "

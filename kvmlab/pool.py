@@ -342,6 +342,8 @@ class RestorePool(_PrepareOps, Closing):
         # Every prepared snapshot and its target (what prepared_targets() lists).
         self._targets: dict[Snapshot, int] = {}
         self._warmer: threading.Thread | None = None
+        #: VMs whose warmup runs now (prepare's thread, the warmer): close() stops their runs.
+        self._warming: set[_VmHandle] = set()
         self._finalizer = weakref.finalize(self, lib.kvmlab_pool_free, self._handle)
         _LIVE_POOLS.add(self)
 
@@ -613,12 +615,19 @@ class RestorePool(_PrepareOps, Closing):
     def close(self) -> None:
         """Stops the worker and destroys idle shells. VMs still out stay usable;
         releasing the last one frees the pool. Idempotent; waits for calls in
-        flight on other threads (they finish or raise ClosedError).
+        flight on other threads (they finish or raise ClosedError), and stops
+        the runs of a warmup in progress (``prepare`` raises ClosedError).
         """
         with self._lock:
             if self._handle is None:
                 return
             self._handle = None
+            warming = list(self._warming)
+        # Outside the pool's lock: closing waits for the warmup's run to stop,
+        # and a warmup may call the pool meanwhile.
+        for vm in warming:
+            vm.close()  # its runs stop now, later ones raise ClosedError; the pool still owns the VM
+        with self._lock:
             while self._active:
                 self._drained.wait()
         self._finalizer()

@@ -34,26 +34,11 @@ KIND_STATE = _ffi.enum_values("kvmlab_section_kind")["state"]
 KIND_MEMORY = _ffi.enum_values("kvmlab_section_kind")["memory"]
 FLAG_PACKED = _ffi.enum_values("kvmlab_snapshot_flag")["packed_memory"]
 
-# Header field offsets, from the ABI struct.
-OFF_MAGIC = _off("magic")
-OFF_MAJOR = _off("version_major")
-OFF_MINOR = _off("version_minor")
-OFF_ARCH = _off("arch")
-OFF_HEADER_BYTES = _off("header_bytes")
-OFF_SECTION_COUNT = _off("section_count")
-OFF_MEMORY_BYTES = _off("memory_bytes")
-OFF_VCPUS = _off("vcpus")
-OFF_FLAGS = _off("flags")
-OFF_CREATED = _off("created_unix_ns")
-OFF_TOTAL = _off("total_bytes")
-OFF_PRESENT = _off("present_pages")
-OFF_HEADER_CRC = _off("header_crc32c")
-_SEC_KIND = _ffi.ffi.offsetof(_SECTION, "kind")
-_SEC_OFFSET = _ffi.ffi.offsetof(_SECTION, "offset")
-_SEC_BYTES = _ffi.ffi.offsetof(_SECTION, "bytes")
-_SEC_CRC = _ffi.ffi.offsetof(_SECTION, "crc32c")
+#: Header field name -> offset, and section entry field name -> offset, from the ABI structs.
+OFF = {name: field.offset for name, field in _ffi.ffi.typeof(_HEADER).fields}
+SEC = {name: field.offset for name, field in _ffi.ffi.typeof(_SECTION).fields}
 #: Section table entry fields: name -> (offset in the entry, width).
-SECTION_FIELDS = {"kind": (_SEC_KIND, 4), "offset": (_SEC_OFFSET, 8), "bytes": (_SEC_BYTES, 8), "crc": (_SEC_CRC, 4)}
+SECTION_FIELDS = {"kind": (SEC["kind"], 4), "offset": (SEC["offset"], 8), "bytes": (SEC["bytes"], 8), "crc": (SEC["crc32c"], 4)}
 
 # STATE blob (state.zig).
 STATE_HEADER = 32
@@ -141,12 +126,12 @@ def sections(data) -> list[Section]:
 def header_crc(data) -> int:
     """The header CRC: CRC32C of the header struct with its CRC field zero."""
     end = _ffi.ffi.sizeof(_HEADER)
-    crc_end = OFF_HEADER_CRC + 4
-    return crc32c(bytes(data[crc_end:end]), crc32c(bytes(data[:OFF_HEADER_CRC]) + b"\0\0\0\0"))
+    crc_end = OFF["header_crc32c"] + 4
+    return crc32c(bytes(data[crc_end:end]), crc32c(bytes(data[:OFF["header_crc32c"]]) + b"\0\0\0\0"))
 
 
 def fix_header_crc(buf: bytearray) -> bytearray:
-    put32(buf, OFF_HEADER_CRC, header_crc(buf))
+    put32(buf, OFF["header_crc32c"], header_crc(buf))
     return buf
 
 
@@ -171,11 +156,11 @@ def with_state(data, blob: bytes) -> bytes:
     out += blob
     out += bytes(mem_off - len(out))
     out += mem_bytes
-    put64(out, st.entry + _SEC_OFFSET, HEADER_BYTES)
-    put64(out, st.entry + _SEC_BYTES, len(blob))
-    put32(out, st.entry + _SEC_CRC, crc32c(blob))
-    put64(out, mem.entry + _SEC_OFFSET, mem_off)
-    put64(out, OFF_TOTAL, len(out))
+    put64(out, st.entry + SEC["offset"], HEADER_BYTES)
+    put64(out, st.entry + SEC["bytes"], len(blob))
+    put32(out, st.entry + SEC["crc32c"], crc32c(blob))
+    put64(out, mem.entry + SEC["offset"], mem_off)
+    put64(out, OFF["total_bytes"], len(out))
     return bytes(fix_header_crc(out))
 
 

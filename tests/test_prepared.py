@@ -7,6 +7,7 @@ Real KVM; the bookkeeping itself is unit-tested in zigsrc/pool_test.zig."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -195,6 +196,38 @@ def test_the_warmer_keeps_the_target_in_the_background(service_snap):
         assert len(warmed) == 2
         held.release()
     assert pool.closed  # close() stopped the warmer
+
+
+def test_close_stops_a_warmup_that_runs_forever(service_snap):
+    """close() must not wait on a warmup's endless run: it stops the run (the
+    guest spins at its resume point), prepare() raises ClosedError, and the
+    pool is gone with nothing left in use."""
+    started = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def spin(vm) -> None:
+        vm.write_memory(vm.registers(0)["rip"], b"\xeb\xfe")  # jmp $
+        started.set()
+        vm.run(timeout_s=None)
+
+    def prepare() -> None:
+        try:
+            pool.prepare(service_snap, 1, warmup=spin)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            outcome.append(e)
+
+    pool = RestorePool(CFG, PoolConfig(min_size=0, max_size=2))
+    t = threading.Thread(target=prepare)
+    t.start()
+    assert started.wait(30)
+    time.sleep(0.2)  # well inside the endless run
+    t0 = time.monotonic()
+    pool.close()
+    assert time.monotonic() - t0 < 10
+    t.join(10)
+    assert not t.is_alive()
+    assert isinstance(outcome[0], ClosedError) and outcome[0].check == "pool_closed", outcome
 
 
 def test_prepare_argument_errors(service_snap):

@@ -189,16 +189,16 @@ def test_to_bytes_layout():
         b = snap.to_bytes()
         assert snap.stored_bytes == len(b)
         assert b[:8] == b"KVMLSNAP"
-        assert (C.u16(b, C.OFF_MAJOR), C.u16(b, C.OFF_MINOR)) == (1, 0)
-        assert C.u32(b, C.OFF_ARCH) == 1  # x86_64
-        assert C.u32(b, C.OFF_HEADER_BYTES) == 4096
-        assert C.u64(b, C.OFF_MEMORY_BYTES) == 8 * MiB
-        assert C.u32(b, C.OFF_VCPUS) == 2
-        assert C.u32(b, C.OFF_FLAGS) == C.FLAG_PACKED
-        assert C.u64(b, C.OFF_CREATED) == snap.info()["created_unix_ns"]
-        assert C.u64(b, C.OFF_TOTAL) == len(b)
-        assert C.u64(b, C.OFF_PRESENT) == snap.present_pages
-        assert C.u32(b, C.OFF_HEADER_CRC) == C.header_crc(b)
+        assert (C.u16(b, C.OFF["version_major"]), C.u16(b, C.OFF["version_minor"])) == (1, 0)
+        assert C.u32(b, C.OFF["arch"]) == 1  # x86_64
+        assert C.u32(b, C.OFF["header_bytes"]) == 4096
+        assert C.u64(b, C.OFF["memory_bytes"]) == 8 * MiB
+        assert C.u32(b, C.OFF["vcpus"]) == 2
+        assert C.u32(b, C.OFF["flags"]) == C.FLAG_PACKED
+        assert C.u64(b, C.OFF["created_unix_ns"]) == snap.info()["created_unix_ns"]
+        assert C.u64(b, C.OFF["total_bytes"]) == len(b)
+        assert C.u64(b, C.OFF["present_pages"]) == snap.present_pages
+        assert C.u32(b, C.OFF["header_crc32c"]) == C.header_crc(b)
         st, mem = C.sections(b)
         assert (st.kind, st.offset, st.bytes) == (C.KIND_STATE, 4096, len(snap.vcpu_state))
         assert mem.kind == C.KIND_MEMORY and mem.offset % 4096 == 0 and mem.offset >= st.offset + st.bytes
@@ -251,7 +251,7 @@ def test_full_layout_file_bytes_load_with_from_bytes(tmp_path):
     with counter_at_checkpoint() as vm, vm.snapshot() as snap:
         p = snap.save(tmp_path / "s.kvmsnap")
         raw = p.read_bytes()
-        assert C.u32(raw, C.OFF_FLAGS) == 0  # full layout
+        assert C.u32(raw, C.OFF["flags"]) == 0  # full layout
         st, mem = C.sections(raw)
         assert mem.bytes == snap.memory_bytes and mem.offset % 4096 == 0
         assert raw[mem.offset :] == bytes(snap.memory)  # page i at MEMORY + i*4096

@@ -58,7 +58,7 @@ def test_info_prints_header_and_sections(saved, capsys):
     assert f["stored bytes"].startswith(f"{stored} (") and f"file size {st.st_size}" in f["stored bytes"]
     assert stored == st.st_blocks * 512
     raw = p.read_bytes()[:4096]
-    assert f["header crc32c"] == f"0x{C.u32(raw, C.OFF_HEADER_CRC):08x} ok"
+    assert f["header crc32c"] == f"0x{C.u32(raw, C.OFF['header_crc32c']):08x} ok"
     # The section table, one row per section: index, kind, offset, bytes, CRC, status.
     rows = re.findall(r"^\s+(\d)\s+(STATE|MEMORY)\s+(\d+)\s+(\d+)\s+(0x[0-9a-f]{8})\s+(\S+)$", cap.out, flags=re.M)
     expect = [(str(s.index), {1: "STATE", 2: "MEMORY"}[s.kind], str(s.offset), str(s.bytes), f"0x{s.crc:08x}", "ok") for s in C.sections(raw)]
@@ -126,7 +126,7 @@ def test_info_via_python_dash_m(saved, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "version:" in r.stdout and "MEMORY" in r.stdout
     raw = bytearray(p.read_bytes())
-    raw[C.OFF_MAGIC] ^= 0xFF
+    raw[C.OFF["magic"]] ^= 0xFF
     bad = tmp_path / "bad.kvmsnap"
     bad.write_bytes(raw)
     r = subprocess.run(

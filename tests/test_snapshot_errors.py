@@ -60,10 +60,10 @@ def rejected(data, check: str) -> SnapshotError:
 def edit(data: bytes, fix_crc: bool = False, **fields: int) -> bytes:
     """``data`` with header fields set (name -> value), optionally with a fresh header CRC."""
     widths = {
-        "major": (C.OFF_MAJOR, 2), "minor": (C.OFF_MINOR, 2), "arch": (C.OFF_ARCH, 4),
-        "header_bytes": (C.OFF_HEADER_BYTES, 4), "count": (C.OFF_SECTION_COUNT, 4),
-        "memory_bytes": (C.OFF_MEMORY_BYTES, 8), "vcpus": (C.OFF_VCPUS, 4), "flags": (C.OFF_FLAGS, 4),
-        "total": (C.OFF_TOTAL, 8), "present": (C.OFF_PRESENT, 8),
+        "major": (C.OFF["version_major"], 2), "minor": (C.OFF["version_minor"], 2), "arch": (C.OFF["arch"], 4),
+        "header_bytes": (C.OFF["header_bytes"], 4), "count": (C.OFF["section_count"], 4),
+        "memory_bytes": (C.OFF["memory_bytes"], 8), "vcpus": (C.OFF["vcpus"], 4), "flags": (C.OFF["flags"], 4),
+        "total": (C.OFF["total_bytes"], 8), "present": (C.OFF["present_pages"], 8),
     }
     buf = bytearray(data)
     for name, value in fields.items():
@@ -99,7 +99,7 @@ def test_14_byte_input_claiming_a_huge_count_fails_fast():
     h = bytearray(4096)
     h[:8] = b"KVMLSNAP"
     struct.pack_into("<HHIII", h, 8, 1, 0, 1, 4096, 0xFFFF_FFFF)
-    struct.pack_into("<Q", h, C.OFF_TOTAL, 2**64 - 1)
+    struct.pack_into("<Q", h, C.OFF["total_bytes"], 2**64 - 1)
     rejected(bytes(h), "section_count")
 
 
@@ -143,9 +143,9 @@ def test_checks_finish_before_guest_memory_is_allocated(good, tmp_path):
     mem_off = -(-(4096 + len(blob)) // 4096) * 4096
     total = mem_off + (4 << 30)
     h = bytearray(good[:4096])
-    C.put64(h, C.OFF_MEMORY_BYTES, 4 << 30)
-    C.put32(h, C.OFF_FLAGS, 0)  # full layout: MEMORY is all 4 GiB, holes
-    C.put64(h, C.OFF_TOTAL, total)
+    C.put64(h, C.OFF["memory_bytes"], 4 << 30)
+    C.put32(h, C.OFF["flags"], 0)  # full layout: MEMORY is all 4 GiB, holes
+    C.put64(h, C.OFF["total_bytes"], total)
     st, mem = C.sections(h)
     C.put64(h, mem.entry + C.SECTION_FIELDS["offset"][0], mem_off)
     C.put64(h, mem.entry + C.SECTION_FIELDS["bytes"][0], 4 << 30)
@@ -221,7 +221,7 @@ def test_state_section_over_its_limit(tmp_path):
     h[:8] = b"KVMLSNAP"
     struct.pack_into("<HHIII", h, 8, 1, 0, 1, 4096, 2)
     total = 4096 + (9 * MiB)
-    struct.pack_into("<Q", h, C.OFF_TOTAL, total)
+    struct.pack_into("<Q", h, C.OFF["total_bytes"], total)
     struct.pack_into("<IIQQ", h, C.SECTION_TABLE, 1, 0, 4096, 9 * MiB)
     struct.pack_into("<IIQQ", h, C.SECTION_TABLE + 32, 2, 0, total, 0)
     p = tmp_path / "big-state.kvmsnap"
@@ -259,7 +259,7 @@ def test_unknown_flags(good):
 
 
 def test_memory_section_size_disagrees_with_the_header(good):
-    rejected(edit(good, present=C.u64(good, C.OFF_PRESENT) + 1), "memory_section_size")
+    rejected(edit(good, present=C.u64(good, C.OFF["present_pages"]) + 1), "memory_section_size")
     rejected(edit(good, flags=0), "memory_section_size")
 
 
@@ -269,7 +269,7 @@ def test_memory_section_size_disagrees_with_the_header(good):
 def test_header_checksum_mismatch(good):
     rejected(edit(good, vcpus=2), "header_crc")
     buf = bytearray(good)
-    buf[C.OFF_HEADER_CRC] ^= 1
+    buf[C.OFF["header_crc32c"]] ^= 1
     rejected(bytes(buf), "header_crc")
     buf = bytearray(good)
     buf[C.SECTION_TABLE + 28] ^= 0x80  # a reserved byte of the section table: structure check first
@@ -357,7 +357,7 @@ def test_page_map_disagrees_with_present_count(good):
     first_zero = next(i for i in range(len(bits) * 8) if not bits[i // 8] >> (i % 8) & 1)
     bits[first_zero // 8] |= 1 << (first_zero % 8)
     pm.data = bytes(bits)
-    n = C.u64(good, C.OFF_PRESENT)
+    n = C.u64(good, C.OFF["present_pages"])
     rejected(C.with_state(good, C.build_state(header, recs)), "page_count")
 
 
@@ -374,7 +374,7 @@ def test_checks_run_in_the_documented_order(good):
     mem_crc = bytes(buf)
     buf[st.offset + 40] ^= 1  # + STATE checksum
     state_crc = bytes(buf)
-    buf[C.OFF_HEADER_CRC] ^= 1  # + header checksum
+    buf[C.OFF["header_crc32c"]] ^= 1  # + header checksum
     header_crc = bytes(buf)
     bounds = edit_section(header_crc, 1, bytes=1 << 40)  # + section bounds
     version = edit(bounds, major=9)  # + version
@@ -527,7 +527,7 @@ def test_hostile_vcpu_state_via_from_bytes(good, kind):
     from_bytes refuses it with a message naming the fault, and fast."""
     blob, message = _hostile_blobs(C.state_of(good))[kind]
     data = C.with_state(good, blob)
-    assert C.u32(data, C.OFF_HEADER_CRC) == C.header_crc(data)  # only the STATE contents are wrong
+    assert C.u32(data, C.OFF["header_crc32c"]) == C.header_crc(data)  # only the STATE contents are wrong
     rejected(data, message)
 
 
@@ -605,7 +605,7 @@ def _refresh_crcs(buf: bytearray) -> None:
     the later checks)."""
     if len(buf) < 4096:
         return
-    C.put64(buf, C.OFF_TOTAL, len(buf))
+    C.put64(buf, C.OFF["total_bytes"], len(buf))
     for s in C.sections(buf)[:2]:
         if s.offset <= len(buf) and s.bytes <= len(buf) - s.offset and s.bytes <= 16 * MiB:
             C.put32(buf, s.entry + C.SECTION_FIELDS["crc"][0], C.crc32c(buf[s.offset : s.offset + s.bytes]))
@@ -713,7 +713,7 @@ def _record_mutations(records: list[C.Record]) -> st.SearchStrategy:
         st.tuples(st.just("swap"), rec, rec),
     )
     file_header = st.tuples(
-        st.just("file_header"), st.sampled_from([C.OFF_MEMORY_BYTES, C.OFF_VCPUS, C.OFF_PRESENT, C.OFF_CREATED]),
+        st.just("file_header"), st.sampled_from([C.OFF["memory_bytes"], C.OFF["vcpus"], C.OFF["present_pages"], C.OFF["created_unix_ns"]]),
         st.one_of(value, st.integers(1, 8), st.sampled_from([8 * MiB, 16 * MiB, 10 * MiB])),
     )
     outside = st.one_of(
@@ -776,7 +776,7 @@ def _rebuild(good: bytes, ops) -> bytes:
             out[mem.offset + at % mem.bytes] ^= 1 << bit
     C.put32(out, mem.entry + 24, C.crc32c(out[mem.offset : mem.offset + mem.bytes]))
     for off, v in file_edits:
-        w = 4 if off == C.OFF_VCPUS else 8
+        w = 4 if off == C.OFF["vcpus"] else 8
         out[off : off + w] = (v % (1 << (8 * w))).to_bytes(w, "little")
     return bytes(C.fix_header_crc(out))
 
