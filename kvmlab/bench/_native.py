@@ -84,34 +84,39 @@ def restore_floor(snap: Snapshot, strategy: str, pool: RestorePool | None = None
     ``kvmlab bench age``)."""
     f = _ffi()
     ffi, lib, blib = f.ffi, f.lib, _bench_lib()
-    out = ffi.new("kvmlab_vm **")
+    out = ffi.new("kvmlab_vm **")  # NULL until a shell is made or taken
     t = ffi.new("kvmlab_restore_times *")
-    if pool is None:
-        c = ffi.new("kvmlab_vm_config *", {"memory_bytes": snap.memory_bytes, "vcpus": snap.vcpus})
-        f.check(lib.kvmlab_vm_new(c, out))
-        free = lib.kvmlab_vm_free
-        # Busy-wait, not sleep: an idle CPU would cool this thread's caches
-        # too, and only the shell's waiting is to be measured.
-        end = time.perf_counter() + age_s
-        while time.perf_counter() < end:
-            pass
-    else:
+    if pool is not None:
         wait_settled(pool)
         ph = pool._enter()
-        try:
-            f.check(blib.kvmlab_bench_pool_take_shell(ph, out))
-        except BaseException:
-            pool._exit()
-            raise
-        free = lambda vm: (lib.kvmlab_pool_release(ph, vm), pool._exit())  # type: ignore[func-returns-value]  # noqa: E731
+    # The try opens before the shell exists: a Ctrl-C or failure at any step
+    # after (the busy-wait lasts up to 10 s) frees it (checked by out[0]).
     try:
+        if pool is None:
+            c = ffi.new("kvmlab_vm_config *", {"memory_bytes": snap.memory_bytes, "vcpus": snap.vcpus})
+            f.check(lib.kvmlab_vm_new(c, out))
+            # Busy-wait, not sleep: an idle CPU would cool this thread's caches
+            # too, and only the shell's waiting is to be measured.
+            end = time.perf_counter() + age_s
+            while time.perf_counter() < end:
+                pass
+        else:
+            f.check(blib.kvmlab_bench_pool_take_shell(ph, out))
         with snap._use() as sh:
             t0 = time.perf_counter_ns()
             rc = blib.kvmlab_bench_restore_floor(out[0], sh, _strategy(strategy), t)
             call = time.perf_counter_ns() - t0
             f.check(rc)
     finally:
-        free(out[0])
+        try:
+            if out[0] != ffi.NULL:
+                if pool is None:
+                    lib.kvmlab_vm_free(out[0])
+                else:
+                    lib.kvmlab_pool_release(ph, out[0])
+        finally:
+            if pool is not None:
+                pool._exit()
     return call, f.as_dict(t, "kvmlab_restore_times")
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._native import restore_floor
-from .harness import Progress, check_args, make_snapshot, measure
+from .harness import COUNT, FLAG, MEMORY_MIB, REPS, STRATEGY, TEXT, Arg, Progress, check_args, make_snapshot, measure
 from .results import Part, Results
 
 __all__ = ["AGES_MS", "AGE_KEYS", "AGE_METRICS", "age_part", "bench_age"]
 
 #: Shell ages (ms) measured by default: a fresh shell up to one that waited ~1/10 s.
 AGES_MS = (0, 1, 3, 10, 30, 100)
+#: The oldest shell measured (ms): each one is a busy-wait of this thread.
+MAX_AGE_MS = 10_000
 AGE_KEYS = ["age_ms"]
 AGE_METRICS = ["total_ns", "memory_ns", "vcpu_ns", "devices_ns"]
 
@@ -53,10 +55,8 @@ def age_part(ages_ms: Sequence[float] = AGES_MS, *, memory_mib: int = 256, strat
 def bench_age(ages_ms: Sequence[float] = AGES_MS, *, memory_mib: int = 256, strategy: str = "map", n: int = 40,
               warmup: int = 2, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench age`` as a function."""
-    check_args("age", {
-        "n must be >= 1 and warmup >= 0": n < 1 or warmup < 0,
-        "ages must be in 0..10000 ms": not ages_ms or min(ages_ms) < 0 or max(ages_ms) > 10_000,
-        "strategy is copy or map": strategy not in ("copy", "map"),
-    })
+    check_args("age", ages_ms=(ages_ms, Arg("number", 0, MAX_AGE_MS, many=True)), memory_mib=(memory_mib, MEMORY_MIB),
+               strategy=(strategy, STRATEGY), n=(n, REPS), warmup=(warmup, COUNT), quiet=(quiet, FLAG),
+               command=(command, TEXT))
     return measure("age", len(set(ages_ms)) * (n + warmup), quiet, command, lambda progress: {
         "age": age_part(ages_ms, memory_mib=memory_mib, strategy=strategy, n=n, warmup=warmup, progress=progress)})

@@ -28,9 +28,8 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..config import check_int
 from ..units import fmt_ratio
-from .harness import Progress, measure
+from .harness import FLAG, MEMORY_MIB, TEXT, Arg, Progress, check_args, measure
 from .results import Part, Results
 from .stats import ratio
 
@@ -199,10 +198,10 @@ def bench_campaign(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batc
                    pin: bool | None = None, profile: bool = False, quiet: bool = True,
                    command: str | None = None) -> Results:
     """``kvmlab bench campaign`` as a function (ConfigError for a bad argument)."""
-    check_int("n", n, 1, 1 << 24)
-    check_int("memory_mib", memory_mib, 8, 4096)
-    check_int("reps", reps, 1, 1000)
-    check_int("batch_size", batch_size, 1, 1 << 16)
+    check_args("campaign", n=(n, Arg("int", 1, 1 << 24)), memory_mib=(memory_mib, MEMORY_MIB),
+               reps=(reps, Arg("int", 1, 1000)), batch_size=(batch_size, Arg("int", 1, 1 << 16)),
+               pin=(pin, Arg("bool", optional=True)), profile=(profile, FLAG), quiet=(quiet, FLAG),
+               command=(command, TEXT))
     res = measure("campaign", reps * (len(PATHS) + 2), quiet, command, lambda progress: {
         "campaign": campaign_part(n, memory_mib=memory_mib, reps=reps, batch_size=batch_size, pin=pin,
                                   profile=profile, progress=progress)})

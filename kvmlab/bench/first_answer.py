@@ -24,13 +24,15 @@ answer, so the ratios against it favour QEMU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .harness import DENSE_FRACTION, Progress, check_args, make_service_snapshot, measure
+from .harness import (COUNT, DENSE_FRACTION, FLAG, MEMORY_SIZES, REPS, TEXT, Progress, check_args, guard,
+                      make_service_snapshot, measure, part_errors)
 from .peers.qemu import QemuPeer, qemu_problem
 from .results import Part, Results
 from .settle import settle
@@ -139,11 +141,14 @@ def first_answer_part(memory_mib: Sequence[int], densities: Sequence[str], *, n:
                       qemu: str | None, progress: Progress, tmp_dir: Path,
                       skipped: dict[str, str]) -> Part:
     """The ``first_answer`` Part: every kvmlab path per cell, and QEMU's two
-    modes (``qemu`` None, or QEMU absent: recorded in ``skipped["qemu"]``)."""
+    modes (``qemu`` None, or QEMU absent: recorded in ``skipped["qemu"]``).
+    A cell QEMU fails is recorded in ``notes["errors"]`` (key ``qemu <cell>``)
+    and the run goes on: the figures measured beside it are kept."""
     if qemu is not None and "qemu" not in skipped and (why := qemu_problem(qemu)):
         skipped["qemu"] = why
     peer = QemuPeer(tmp_dir, qemu) if qemu is not None and "qemu" not in skipped else None
     records: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
     for mem in memory_mib:
         for density in densities:
             progress.describe(f"first answer {mem} MiB {density}")
@@ -154,13 +159,15 @@ def first_answer_part(memory_mib: Sequence[int], densities: Sequence[str], *, n:
             finally:
                 svc.unlink(missing_ok=True)
             if peer is not None:
-                for r in peer.measure(mem, density, qemu_n, progress, modes=tuple(QEMU_MODES.values())):
+                qemu_recs = guard(errors, f"qemu {mem} MiB {density}", functools.partial(
+                    peer.measure, mem, density, qemu_n, progress, modes=tuple(QEMU_MODES.values())))
+                for r in qemu_recs or []:
                     path = next(p for p, m in QEMU_MODES.items() if m == r["mode"])
                     records.append({**cell, "path": path, "strategy": "-", "i": r["i"], "answer_ns": r["restore_ns"],
                                     "version": r["version"]})
     return Part("first_answer", FIRST_KEYS, FIRST_METRICS, records, config={
         "memory_mib": list(memory_mib), "densities": list(densities), "n": n, "warmup": warmup, "qemu_n": qemu_n,
-        "dense_fraction": DENSE_FRACTION, "paths": list(FIRST_PATH_LABELS)})
+        "dense_fraction": DENSE_FRACTION, "paths": list(FIRST_PATH_LABELS)}, notes={"errors": errors})
 
 
 def first_answer_steps(memory_mib: Sequence[int], densities: Sequence[str], n: int, warmup: int, qemu_n: int,
@@ -175,10 +182,9 @@ def bench_first_answer(memory_mib: Sequence[int] = (64, 256), *, dense: bool = T
                        command: str | None = None) -> Results:
     """``kvmlab bench first-answer`` as a function (see the module doc);
     ``qemu=None`` leaves QEMU out. The verdicts are computed per cell."""
-    check_args("first-answer", {
-        "n must be >= 1, warmup and qemu_n >= 0": n < 1 or warmup < 0 or qemu_n < 0,
-        "memory sizes must be even and >= 8 (MiB)": not memory_mib or any(m < 8 or m % 2 for m in memory_mib),
-    })
+    check_args("first-answer", memory_mib=(memory_mib, MEMORY_SIZES), dense=(dense, FLAG), n=(n, REPS),
+               warmup=(warmup, COUNT), qemu_n=(qemu_n, COUNT), qemu=(qemu, TEXT), quiet=(quiet, FLAG),
+               command=(command, TEXT))
     densities = ["sparse"] + (["dense"] if dense else [])
     skipped: dict[str, str] = {} if qemu is not None else {"qemu": "skipped (--no-qemu)"}
 
@@ -191,5 +197,6 @@ def bench_first_answer(memory_mib: Sequence[int] = (64, 256), *, dense: bool = T
     steps = first_answer_steps(memory_mib, densities, n, warmup, qemu_n, qemu is not None)
     res = measure("first-answer", steps, quiet, command, run)
     res.skipped.update(skipped)
+    res.errors.update(part_errors(res.parts["first_answer"], "first-answer "))
     res.verdicts = first_answer_verdicts(res.parts["first_answer"].summary(), res.skipped)
     return res

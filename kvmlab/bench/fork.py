@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..fork import MAX_THREADS
+from ..errors import ConfigError
+from ..fork import MAX_THREADS, MAX_VMS
 from ._native import kvm_memslots
-from .harness import Progress, check_args, make_service_snapshot, measure
+from .harness import FLAG, MEMORY_MIB, REPS, TEXT, Arg, Progress, check_args, make_service_snapshot, measure, part_errors
 from .results import Part, Results
 
 if TYPE_CHECKING:
@@ -37,6 +38,14 @@ def fork_limits() -> dict[str, Any]:
     from ..doctor import host_limits
 
     return {**host_limits(), "kvm_memslots_per_vm": kvm_memslots()}
+
+
+def _host_limit(e: Exception) -> bool:
+    """True for what a host limit raises (no memory, a KVM or system call
+    refused, too few descriptors); a bad argument or a wrong answer is not one."""
+    if isinstance(e, ConfigError):
+        return e.check == "fd_limit"
+    return isinstance(e, (OSError, MemoryError))  # KvmError and KvmlabMemoryError are these
 
 
 def _one_set(snap: Snapshot, n: int, threads: int | None, call: bool) -> dict[str, Any]:
@@ -91,8 +100,10 @@ def fork_part(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: i
                         progress.describe(f"fork n={n}")
                         try:
                             rec = _one_set(snap, n, threads, call)
-                        except Exception as e:  # noqa: BLE001 - a host limit is a result here
-                            errors[str(n)] = f"{type(e).__name__}: {e}"
+                        except Exception as e:
+                            if not _host_limit(e):
+                                raise
+                            errors[str(n)] = f"{type(e).__name__}: {e}"  # a host limit is a result here
                             break
                         records.append({"vms": n, "rep": rep, **rec})
                         progress.update(1)
@@ -108,8 +119,10 @@ def fork_part(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: i
 def bench_fork(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: int = 3, threads: int | None = None,
                call: bool = True, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench fork`` as a function; an n a host limit stopped is in ``errors``."""
-    check_args("fork", {"VM counts and reps must be >= 1": not ns or any(n < 1 for n in ns) or reps < 1})
+    check_args("fork", ns=(ns, Arg("int", 1, MAX_VMS, many=True)), memory_mib=(memory_mib, MEMORY_MIB), reps=(reps, REPS),
+               threads=(threads, Arg("int", 1, MAX_THREADS, optional=True)), call=(call, FLAG), quiet=(quiet, FLAG),
+               command=(command, TEXT))
     res = measure("fork", len(ns) * reps, quiet, command, lambda progress: {"fork": fork_part(
         ns, memory_mib=memory_mib, reps=reps, threads=threads, call=call, progress=progress)})
-    res.errors = {f"fork n={k}": v for k, v in res.parts["fork"].notes["errors"].items()}
+    res.errors.update(part_errors(res.parts["fork"], "fork n="))
     return res

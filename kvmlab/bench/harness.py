@@ -3,11 +3,18 @@ snapshots measured (made through the public API), the host and versions."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import sys
 import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
+
+from ..config import MAX_MEMORY_MIB, MIN_MEMORY_MIB, bad_argument
 
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
@@ -26,7 +33,18 @@ __all__ = [
     "make_memtouch_snapshot",
     "fill_pages",
     "measure",
+    "Arg",
+    "REPS",
+    "COUNT",
+    "FLAG",
+    "TEXT",
+    "MEMORY_MIB",
+    "MEMORY_SIZES",
+    "STRATEGY",
+    "FRACTION",
     "check_args",
+    "guard",
+    "part_errors",
 ]
 
 PAGE_BYTES = 4096
@@ -175,12 +193,118 @@ def measure(benchmark: str, total_steps: int, quiet: bool, command: str | None,
     return res
 
 
-def check_args(benchmark: str, problems: dict[str, bool]) -> None:
-    """Raises ConfigError naming every problem whose condition is True (the
-    one place a benchmark's arguments are checked; the CLI reports it as a
-    usage error)."""
+#: Most repetitions any benchmark takes (a figure per repetition is kept in memory).
+MAX_REPS = 1_000_000
+#: Most values in one list argument (memory sizes, VM counts, page counts, ages).
+MAX_ITEMS = 64
+
+
+@dataclass(frozen=True)
+class Arg:
+    """What one benchmark argument may be: ``kind`` "int" (``lo`` .. ``hi``,
+    ``even``), "number" (``lo`` .. ``hi``, above ``lo`` if ``open_lo``), "bool",
+    "text" or "choice" (one of ``choices``); ``many``: a list (tuple, range) of
+    ``min_items`` .. MAX_ITEMS of them; ``optional``: None is allowed too.
+    :func:`check_args` checks it."""
+
+    kind: str
+    lo: float = 0
+    hi: float = 0
+    even: bool = False
+    open_lo: bool = False
+    choices: tuple[str, ...] = ()
+    many: bool = False
+    min_items: int = 1
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.kind in ("int", "number", "bool", "text", "choice"), self.kind
+        assert self.lo <= self.hi, (self.lo, self.hi)
+        assert 0 <= self.min_items <= MAX_ITEMS, self.min_items
+
+    def what(self) -> str:
+        one = {"int": f"an int in {self.lo:g} .. {self.hi:g}" + (", even" if self.even else ""),
+               "number": f"a number in {'(' if self.open_lo else ''}{self.lo:g} .. {self.hi:g}",
+               "bool": "True or False", "text": "a str", "choice": f"one of {', '.join(self.choices)}"}[self.kind]
+        out = f"a list of {self.min_items} .. {MAX_ITEMS} values, each {one}" if self.many else one
+        return out + (", or None" if self.optional else "")
+
+    def check(self, prefix: str, name: str, v: object) -> None:
+        """Raises ConfigError (``check`` argument_type / argument_range /
+        argument_value, ``argument`` = ``name``) unless ``v`` is what this allows."""
+        if v is None and self.optional:
+            return
+        if not self.many:
+            return self._one(prefix, name, name, v)
+        if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple, range)):
+            bad_argument("argument_type", name, f"{prefix}{name} must be {self.what()}, got {v!r} ({type(v).__name__})")
+        if not self.min_items <= len(v) <= MAX_ITEMS:
+            bad_argument("argument_range", name, f"{prefix}{name} has {len(v)} values: pass {self.what()}")
+        for i, x in enumerate(v):
+            self._one(prefix, name, f"{name}[{i}]", x)
+
+    def _one(self, prefix: str, name: str, label: str, v: object) -> None:
+        def bad(check: str) -> NoReturn:
+            bad_argument(check, name, f"{prefix}{label}={v!r} ({type(v).__name__}): pass {self.what()}")
+
+        if self.kind in ("int", "number"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind == "int" and not isinstance(v, int)):
+                bad("argument_type")
+            if math.isnan(v) or not self.lo <= v <= self.hi or (self.open_lo and v == self.lo) or (self.even and v % 2):
+                bad("argument_range")
+        elif self.kind == "bool" and not isinstance(v, bool):
+            bad("argument_type")
+        elif self.kind in ("text", "choice") and not isinstance(v, str):
+            bad("argument_type")
+        elif self.kind == "choice" and v not in self.choices:
+            bad("argument_value")
+
+
+#: The arguments every benchmark shares (said once here).
+REPS = Arg("int", 1, MAX_REPS)
+COUNT = Arg("int", 0, MAX_REPS)  # warm-up rounds, peer repetitions
+FLAG = Arg("bool")
+TEXT = Arg("text", optional=True)  # the command line recorded, a binary name
+MEMORY_MIB = Arg("int", MIN_MEMORY_MIB, MAX_MEMORY_MIB, even=True)
+MEMORY_SIZES = replace(MEMORY_MIB, many=True)
+STRATEGY = Arg("choice", choices=("copy", "map"))
+FRACTION = Arg("number", 0, 1, open_lo=True)  # a share of guest memory
+
+
+def check_args(benchmark: str, problems: Mapping[str, bool] | Callable[[], Mapping[str, bool]] | None = None, /,
+               **args: tuple[object, Arg]) -> None:
+    """The one check of a benchmark's arguments, before any work. First every
+    ``name=(value, Arg)``: ConfigError with ``check`` argument_type,
+    argument_range or argument_value and ``argument`` = name; then the
+    ``problems`` between arguments (a mapping, or a function returning it so
+    that it runs on checked values): ConfigError ``check="bench_arguments"``
+    naming every problem whose condition is True. The CLI reports either as a
+    usage error."""
     from ..errors import ConfigError
 
-    bad = [what for what, failed in problems.items() if failed]
+    prefix = f"kvmlab bench {benchmark}: "
+    for name, (value, arg) in args.items():
+        arg.check(prefix, name, value)
+    found = problems() if callable(problems) else problems or {}
+    bad = [what for what, failed in found.items() if failed]
     if bad:
-        raise ConfigError(f"kvmlab bench {benchmark}: " + "; ".join(bad), check="bench_arguments")
+        raise ConfigError(prefix + "; ".join(bad), check="bench_arguments")
+
+
+def guard(errors: dict[str, str], what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``; if it fails, the failure goes into ``errors[what]`` (and on
+    stderr with its traceback) and None is returned: one failing part or
+    peer must not lose the figures measured beside it. Ctrl-C is not caught."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        errors[what] = f"{type(e).__name__}: {e}"
+        print(f"kvmlab bench: {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        return None
+
+
+def part_errors(part: Any, prefix: str) -> dict[str, str]:
+    """The failures a Part recorded in ``notes["errors"]`` (a fork n a host
+    limit stopped, a QEMU cell that failed), keyed for ``Results.errors``."""
+    return {f"{prefix}{k}": v for k, v in (part.notes.get("errors") or {}).items()}

@@ -12,6 +12,7 @@ on the same VM, so both see the same work.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -19,9 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ._native import reset_floor
-from .harness import FREE_BASE, PAGE_BYTES, Progress, check_args, make_memtouch_snapshot, measure
+from ..config import MAX_MEMORY_MIB
+from .harness import (COUNT, FLAG, FREE_BASE, MEMORY_MIB, PAGE_BYTES, REPS, TEXT, Arg, Progress, check_args,
+                      make_memtouch_snapshot, measure)
 from .peers.unicorn import UnicornCycle, unicorn_available
 from .results import Part, Results
+from .stats import median
 from .targets import reset_verdicts
 
 if TYPE_CHECKING:
@@ -134,15 +138,27 @@ CYCLE_K_OFFSET = 11
 CYCLE_OUT_OFFSET = 0x33
 CYCLE_BASE = 0x100000
 CYCLE_DATA = 0x400000
+assert CYCLE_DATA == FREE_BASE  # _free_pages counts the cycle guest's pages from there too
 CYCLE_INPUT = 0x400008
 CYCLE_STACK = 0x100000
 CYCLE_KEYS = ["iterations", "side"]
 CYCLE_METRICS = ["cycle_median_ns", "cycle_min_ns", "cycle_max_ns", "mean_ns", "run_ns", "reset_ns"]
 
 
+#: Most pages the cycle guest writes per iteration (its K is an imm32; more is not a cycle any more).
+MAX_CYCLE_PAGES = 4096
+#: Most iterations N of one cycle run (one run must end within its 30 s run timeout).
+MAX_CYCLE_ITERATIONS = 100_000_000
+
+
+def _free_pages(memory_mib: int) -> int:
+    """Pages of ``memory_mib`` MiB above FREE_BASE (where memtouch and the cycle guest write)."""
+    return ((memory_mib << 20) - FREE_BASE) // PAGE_BYTES
+
+
 def cycle_code(pages: int) -> bytes:
     """The cycle guest writing ``pages`` pages per iteration."""
-    if not 1 <= pages <= 4096:
+    if not 1 <= pages <= MAX_CYCLE_PAGES:
         raise ValueError("pages must be in 1..4096")
     code = bytearray(CYCLE_CODE)
     code[CYCLE_K_OFFSET:CYCLE_K_OFFSET + 4] = pages.to_bytes(4, "little")
@@ -165,7 +181,11 @@ class KvmlabCycle:
 
         with Vm.boot(cycle_code(pages), VmConfig(memory_mib=memory_mib), cpl=3) as boot:
             self.snap = boot.snapshot()
-        self.vm = Vm.restore(self.snap, "copy", resettable=True)
+        try:
+            self.vm = Vm.restore(self.snap, "copy", resettable=True)
+        except BaseException:
+            self.snap.close()
+            raise
         self.pages = pages
 
     def batch(self, inp: bytes, count: int) -> dict[str, Any]:
@@ -177,7 +197,7 @@ class KvmlabCycle:
             raise RuntimeError(f"kvmlab cycle: a run did not exit 0: {bad[0]}")
         each = sorted(x.run_ns + x.reset_ns for x in res)
         return {"cycles": count, "wall_ns": wall, "each": each,
-                "run_ns": sorted(x.run_ns for x in res)[count // 2], "reset_ns": sorted(x.reset_ns for x in res)[count // 2]}
+                "run_ns": median([x.run_ns for x in res]), "reset_ns": median([x.reset_ns for x in res])}
 
     def words(self, iterations: int) -> list[int]:
         """One run (outside the loop), the words it left, then a reset."""
@@ -196,8 +216,7 @@ class KvmlabCycle:
 
 def _batch_record(n_it: int, side: str, b: int, got: dict[str, Any]) -> dict[str, Any]:
     each = got.pop("each")
-    med = each[len(each) // 2] if len(each) % 2 else (each[len(each) // 2 - 1] + each[len(each) // 2]) / 2
-    return {"iterations": n_it, "side": side, "batch": b, "cycle_median_ns": med, "cycle_min_ns": each[0],
+    return {"iterations": n_it, "side": side, "batch": b, "cycle_median_ns": median(each), "cycle_min_ns": each[0],
             "cycle_max_ns": each[-1], "mean_ns": got["wall_ns"] / got["cycles"], **got}
 
 
@@ -213,12 +232,18 @@ def cycle_part(iterations: Sequence[int] = (1, 10, 100, 1000, 10_000, 100_000, 1
     missing = unicorn_available()
     own = progress is None
     progress = progress or Progress(len(iterations) * batches * 2, True)
-    kv = KvmlabCycle(pages, memory_mib)
-    uc = None if missing else UnicornCycle(cycle_code(pages), pages, memory_mib, CYCLE_BASE,
-                                                  CYCLE_BASE + CYCLE_OUT_OFFSET, CYCLE_STACK, CYCLE_DATA, CYCLE_INPUT)
-    sides: dict[str, KvmlabCycle | UnicornCycle] = {"kvmlab": kv} if uc is None else {"kvmlab": kv, "unicorn": uc}
     records, correct = [], {}
-    try:
+    uc = None
+    # Every side made is closed whatever fails or is interrupted after it (the next side's constructor too).
+    with contextlib.ExitStack() as stack:
+        if own:
+            stack.callback(progress.close)
+        kv = KvmlabCycle(pages, memory_mib)
+        stack.callback(kv.close)
+        if not missing:
+            uc = UnicornCycle(cycle_code(pages), pages, memory_mib, CYCLE_BASE, CYCLE_BASE + CYCLE_OUT_OFFSET,
+                              CYCLE_STACK, CYCLE_DATA, CYCLE_INPUT)
+        sides: dict[str, KvmlabCycle | UnicornCycle] = {"kvmlab": kv} if uc is None else {"kvmlab": kv, "unicorn": uc}
         for n_it in iterations:
             progress.describe(f"cycle N={n_it}")
             inp = n_it.to_bytes(8, "little")
@@ -231,10 +256,6 @@ def cycle_part(iterations: Sequence[int] = (1, 10, 100, 1000, 10_000, 100_000, 1
                 for name in (list(sides) if b % 2 == 0 else list(sides)[::-1]):
                     records.append(_batch_record(n_it, name, b, sides[name].batch(inp, counts[name])))
                     progress.update(1)
-    finally:
-        kv.close()
-        if own:
-            progress.close()
     part = Part("cycle", CYCLE_KEYS, CYCLE_METRICS, records,
                 config={"iterations": list(iterations), "pages": pages, "memory_mib": memory_mib, "batches": batches,
                         "batch_s": batch_s, "unicorn": None if uc is None else uc.version},
@@ -274,14 +295,16 @@ def bench_reset(dirty_pages: Sequence[int] = (1, 16, 256, 4096), *, memory_mib: 
                 command: str | None = None) -> Results:
     """``kvmlab bench reset`` as a function: the reset part, then (unless
     ``cycle_iterations`` is empty) the cycle part; verdicts of the reset target."""
-    free_pages = ((memory_mib << 20) - FREE_BASE) // PAGE_BYTES
-    check_args("reset", {
-        "n and cycle_batches must be >= 1, warmup >= 0": n < 1 or warmup < 0 or cycle_batches < 1,
-        "page counts must be >= 1 (cycle pages at most 4096)":
-            not dirty_pages or any(k < 1 for k in dirty_pages) or not 1 <= cycle_pages <= 4096,
-        f"dirty pages must fit in {memory_mib} MiB ({free_pages} pages)": bool(dirty_pages) and max(dirty_pages) > free_pages,
-        "cycle iterations must be >= 1": any(k < 1 for k in cycle_iterations),
-    })
+    check_args("reset", lambda: {
+        f"dirty pages must fit in {memory_mib} MiB ({_free_pages(memory_mib)} pages above 0x{FREE_BASE:x})":
+            max(dirty_pages) > _free_pages(memory_mib),
+        f"{cycle_pages} cycle pages do not fit in {cycle_memory_mib} MiB ({_free_pages(cycle_memory_mib)} pages above "
+        f"0x{CYCLE_DATA:x})": cycle_pages > _free_pages(cycle_memory_mib),
+    }, dirty_pages=(dirty_pages, Arg("int", 1, _free_pages(MAX_MEMORY_MIB), many=True)), memory_mib=(memory_mib, MEMORY_MIB),
+        n=(n, REPS), warmup=(warmup, COUNT),
+        cycle_iterations=(cycle_iterations, Arg("int", 1, MAX_CYCLE_ITERATIONS, many=True, min_items=0)),
+        cycle_pages=(cycle_pages, Arg("int", 1, MAX_CYCLE_PAGES)), cycle_memory_mib=(cycle_memory_mib, MEMORY_MIB),
+        cycle_batches=(cycle_batches, REPS), quiet=(quiet, FLAG), command=(command, TEXT))
 
     def run(progress: Progress) -> dict[str, Part]:
         parts = {"reset": reset_part(dirty_pages, memory_mib=memory_mib, n=n, warmup=warmup, progress=progress)}

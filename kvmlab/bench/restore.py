@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..plot import PHASES  # the core's phases of a restore, in order (said once, there)
 from ._native import floors_available, pool_restore, restore_floor
-from .harness import DENSE_FRACTION, Progress, check_args, make_snapshot, measure
+from .harness import (COUNT, DENSE_FRACTION, FLAG, FRACTION, MEMORY_SIZES, REPS, STRATEGY, TEXT, Progress, check_args,
+                      make_snapshot, measure)
 from .settle import settle
 from .results import Part, Results
 from .targets import restore_verdicts
@@ -170,12 +172,9 @@ def bench_restore(memory_mib: Sequence[int] = (64, 256), *, strategies: Sequence
     """``kvmlab bench restore`` as a function: the paths pooled, unpooled,
     floor and floor-idle (``floor=False``: no floors) for every memory size,
     strategy and the sparse (and, ``dense``, dense) snapshot."""
-    check_args("restore", {
-        "n must be >= 1 and warmup >= 0": n < 1 or warmup < 0,
-        "dense_fraction must be in (0, 1]": not 0 < dense_fraction <= 1,
-        "memory sizes must be even and >= 8 (MiB)": not memory_mib or any(m < 8 or m % 2 for m in memory_mib),
-        "strategies are copy and/or map": not strategies or any(x not in STRATEGIES for x in strategies),
-    })
+    check_args("restore", memory_mib=(memory_mib, MEMORY_SIZES), strategies=(strategies, replace(STRATEGY, many=True)),
+               n=(n, REPS), warmup=(warmup, COUNT), dense=(dense, FLAG), dense_fraction=(dense_fraction, FRACTION),
+               run_first=(run_first, FLAG), floor=(floor, FLAG), quiet=(quiet, FLAG), command=(command, TEXT))
     paths = ["pooled", "unpooled"] + (["floor", "floor-idle"] if floor and floors_available() else [])
     kinds = ["sparse"] + (["dense"] if dense else [])
 

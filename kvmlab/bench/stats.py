@@ -7,10 +7,20 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-__all__ = ["Stats", "STAT_FIELDS", "percentile", "ratio"]
+__all__ = ["Stats", "STAT_FIELDS", "median", "percentile", "ratio"]
 
 #: The fields of :class:`Stats`, in report order (also the columns of ``Results.summary()``).
 STAT_FIELDS = ("n", "median", "min", "max", "p50", "p90", "p99")
+
+
+def median(values: Sequence[float]) -> float:
+    """The midpoint of ``values`` (the mean of the two middle values for an
+    even count; NaN when empty): the one median of every benchmark."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    mid = len(s) // 2
+    return float(s[mid]) if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -42,9 +52,7 @@ class Stats:
         v = sorted(float(x) for x in values if x is not None and not math.isnan(float(x)))
         if not v:
             return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
-        mid = len(v) // 2
-        med = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
-        return cls(len(v), med, v[0], v[-1], percentile(v, 50), percentile(v, 90), percentile(v, 99))
+        return cls(len(v), median(v), v[0], v[-1], percentile(v, 50), percentile(v, 90), percentile(v, 99))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

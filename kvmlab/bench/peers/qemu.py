@@ -262,8 +262,16 @@ class QemuPeer:
         fill = min(fill, ((memory_mib << 20) - FILL_START) // 4096)
         tag = f"{memory_mib}mib-{fill}p"
         kernel = self.dir / f"pvh-{tag}.elf"
-        kernel.write_bytes(pvh_elf(fill))
         state = self.dir / f"qemu-{tag}.migstate"
+        try:  # a failed (or interrupted) save leaves no file behind
+            kernel.write_bytes(pvh_elf(fill))
+            return self._save(kernel, state, memory_mib, fill, timeout_s)
+        except BaseException:
+            for f in (state, kernel):
+                f.unlink(missing_ok=True)
+            raise
+
+    def _save(self, kernel: Path, state: Path, memory_mib: int, fill: int, timeout_s: float) -> dict[str, Any]:
         t0 = time.monotonic()
         q = _Qemu(self.argv(kernel, memory_mib), timeout_s=self.qmp_timeout_s)
         try:
@@ -341,7 +349,7 @@ class QemuPeer:
         per mode (``cold``: process start to running; ``prestarted``: see
         :meth:`restore_once`), interleaved; one record per restore
         (``restore_ns``, ``mode``)."""
-        saved = self.save(memory_mib, DENSE_FRACTION if density == "dense" else 0.0)
+        saved = self.save(memory_mib, DENSE_FRACTION if density == "dense" else 0.0)  # removes its files if it fails
         try:
             if progress is not None:
                 progress.update(1)

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..stats import median
+
 if TYPE_CHECKING:
     from ..harness import Progress
 
@@ -89,8 +91,8 @@ class UnicornCycle:
             run_ns.append(c1 - c0)
             reset_ns.append(c2 - c1)
         wall = clock() - t0
-        return {"cycles": count, "wall_ns": wall, "each": sorted(each), "run_ns": sorted(run_ns)[count // 2],
-                "reset_ns": sorted(reset_ns)[count // 2]}
+        return {"cycles": count, "wall_ns": wall, "each": sorted(each), "run_ns": median(run_ns),
+                "reset_ns": median(reset_ns)}
 
 
 def unicorn_restore(snap_path: Path, n: int, progress: Progress | None = None) -> list[dict[str, Any]]:
