@@ -16,7 +16,7 @@ import kvmlab.bench as bench
 from kvmlab.bench import harness
 from kvmlab.bench.peers import qemu as qp
 from kvmlab.errors import ConfigError, KvmError, KvmlabMemoryError
-from conftest import fd_count
+from conftest import fault_injected, fd_count
 from test_bench_smoke import FAKE_QEMU
 
 # -- arguments ------------------------------------------------------------------------------
@@ -211,3 +211,17 @@ def test_a_stuck_qemu_leaves_no_file(tmp_path):
     with pytest.raises(qp.QmpTimeoutError):
         qp.QemuPeer(work, str(fake), qmp_timeout_s=0.5).save(16, 0.0)
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.kvm
+def test_a_cycle_side_whose_restore_fails_closes_its_snapshot():
+    from kvmlab.bench.reset import KvmlabCycle
+    from kvmlab.errors import ClosedError, KvmlabError
+
+    # The boot's shell is made (one pass), the restore's fails.
+    with fault_injected("create_vm", after=1), pytest.raises(KvmlabError) as e:
+        KvmlabCycle(1, 16)
+    half = next(t.frame.f_locals["self"] for t in e.traceback if isinstance(t.frame.f_locals.get("self"), KvmlabCycle))
+    with pytest.raises(ClosedError) as closed:
+        half.snap.to_bytes()  # closed, not left to the garbage collector
+    assert closed.value.check == "snapshot_closed"
