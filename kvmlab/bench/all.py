@@ -22,14 +22,17 @@ import shlex
 import sys
 import tempfile
 import time
-import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..config import check_path
+from ..fork import MAX_VMS
 from ._native import reset_floor_available
 from .first_answer import first_answer_part, first_answer_steps
 from .fork import fork_part
-from .harness import DENSE_FRACTION, Progress, check_args, host_info, make_service_snapshot, make_snapshot, versions
+from .harness import (COUNT, DENSE_FRACTION, FLAG, MEMORY_SIZES, REPS, TEXT, Arg, Progress, check_args, guard, host_info,
+                      make_service_snapshot, make_snapshot, part_errors, versions)
 from .peers.unicorn import unicorn_available, unicorn_restore
 from .peers.qemu import QemuPeer, qemu_problem
 from .report import PEER_OF
@@ -63,17 +66,6 @@ def _skipped(skip: Sequence[str], qemu: str) -> dict[str, str]:
     return out
 
 
-def _guard(res: Results, part: str, fn: Callable[[], Any]) -> Any:
-    """Runs one part; a failure is recorded in ``res.errors`` and the run goes on."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - one failing part must not lose the others
-        res.errors[part] = f"{type(e).__name__}: {e}"
-        print(f"kvmlab bench all: {part} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
-        return None
-
-
 def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: Path, qemu: str,
                    progress: Progress) -> None:
     peer = None if "qemu" in res.skipped else QemuPeer(tmp, qemu)
@@ -99,7 +91,7 @@ def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: P
                 progress.describe(f"{case}: {name}")
                 run = (lambda: peer.measure(mem, density, p["qemu_n"], progress, modes=QEMU_MODES)) if name == "qemu" else (  # type: ignore[union-attr]  # qemu is in peers only with a peer
                     lambda: unicorn_restore(snap_path, p["unicorn_n"], progress))
-                for r in _guard(res, f"{name} {case}", run) or []:
+                for r in guard(res.errors, f"{name} {case}", run) or []:
                     key = "qemu-prestarted" if r.get("mode") == "prestarted" else name
                     peers[key].records.append({"memory_mib": mem, "density": density, **r})
             for f in (snap_path, svc_path):
@@ -128,15 +120,17 @@ def run_all(out: str | os.PathLike[str] = "bench-results", quick: bool = False, 
     (``.figures``: name -> matplotlib Figure)."""
     from .report import markdown, plots
 
+    check_path("out", out)
+    check_args("all", quick=(quick, FLAG), memory_mib=(memory_mib, replace(MEMORY_SIZES, optional=True)),
+               n=(n, replace(REPS, optional=True)), qemu_n=(qemu_n, replace(COUNT, optional=True)),
+               qemu=(qemu, Arg("text")), fork_n=(fork_n, Arg("int", 1, MAX_VMS, many=True, optional=True)),
+               quiet=(quiet, FLAG), no_plots=(no_plots, FLAG), command=(command, TEXT))
     p = dict(QUICK if quick else FULL)
     p.update({k: v for k, v in (("n", n), ("qemu_n", qemu_n), ("fork_n", fork_n and list(fork_n))) if v is not None})
     sizes = list(memory_mib or [64, 256])
-    skip = [x.strip() for x in skip.split(",") if x.strip()] if isinstance(skip, str) else list(skip)
-    check_args("all", {
-        f"skip parts are {', '.join(PARTS)}, not {[x for x in skip if x not in PARTS]}": any(x not in PARTS for x in skip),
-        "n must be >= 1": p["n"] < 1,
-        "memory sizes must be even and >= 8 (MiB)": any(m < 8 or m % 2 for m in sizes),
-    })
+    skip = [x.strip() for x in skip.split(",") if x.strip()] if isinstance(skip, str) else skip
+    check_args("all", skip=(skip, Arg("choice", choices=PARTS, many=True, min_items=0)))
+    skip = list(skip)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = Results("all", host=host_info(), versions=versions(), skipped=_skipped(skip, qemu),
@@ -146,22 +140,24 @@ def run_all(out: str | os.PathLike[str] = "bench-results", quick: bool = False, 
     try:
         with tempfile.TemporaryDirectory(prefix="kvmlab-bench-all-") as tmp:
             tmpd = Path(tmp)
-            _guard(res, "restore", lambda: _restore_parts(res, sizes, p, tmpd, qemu, progress))
-            if "first-answer" not in res.skipped and (part := _guard(res, "first-answer", lambda: first_answer_part(
+            guard(res.errors, "restore", lambda: _restore_parts(res, sizes, p, tmpd, qemu, progress))
+            if "first-answer" not in res.skipped and (part := guard(res.errors, "first-answer", lambda: first_answer_part(
                     sizes, ("sparse", "dense"), n=p["first_n"], warmup=p["warmup"], qemu_n=p["first_qemu_n"],
                     qemu=None if "qemu" in res.skipped else qemu, progress=progress, tmp_dir=tmpd,
                     skipped=res.skipped))):
                 res.parts["first_answer"] = part
-            if "reset" not in res.skipped and (part := _guard(res, "reset", lambda: reset_part(
+                res.errors.update(part_errors(part, "first-answer "))
+            if "reset" not in res.skipped and (part := guard(res.errors, "reset", lambda: reset_part(
                     p["reset_k"], memory_mib=256, n=p["reset_n"], warmup=p["reset_warmup"], progress=progress,
                     tmp_dir=tmpd))):
                 res.parts["reset"] = part
-            if "cycle" not in res.skipped and (part := _guard(res, "cycle", lambda: cycle_part(
+            if "cycle" not in res.skipped and (part := guard(res.errors, "cycle", lambda: cycle_part(
                     p["cycle_n"], batches=p["cycle_batches"], batch_s=p["cycle_batch_s"], progress=progress))):
                 res.parts["cycle"] = part
-            if "fork" not in res.skipped and (part := _guard(res, "fork", lambda: fork_part(
+            if "fork" not in res.skipped and (part := guard(res.errors, "fork", lambda: fork_part(
                     p["fork_n"], memory_mib=256, reps=p["fork_reps"], progress=progress, tmp_dir=tmpd))):
                 res.parts["fork"] = part
+                res.errors.update(part_errors(part, "fork n="))
     finally:
         progress.close()
     res.seconds = time.monotonic() - t0
@@ -179,10 +175,10 @@ def all_verdicts(res: Results) -> list[dict[str, Any]]:
     """Every target's verdicts for the parts ``res`` has."""
     out: list[dict[str, Any]] = []
     if "restore" in res.parts:
-        peers = {name: res.parts[name].summary() for name in ("qemu", "qemu-prestarted") if name in res.parts}
+        peers: dict[str, Any] = {name: res.parts[name].summary() for name in ("qemu", "qemu-prestarted") if name in res.parts}
         out += restore_verdicts(res.parts["restore"].summary(), peers, res.skipped, res.errors)
     if "first_answer" in res.parts:
-        out += first_answer_verdicts(res.parts["first_answer"].summary(), res.skipped)
+        out += first_answer_verdicts(res.parts["first_answer"].summary(), res.skipped, res.errors)
     if "reset" in res.parts:
         out += reset_verdicts(res.parts["reset"].summary())
     return out

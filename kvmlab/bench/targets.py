@@ -37,7 +37,7 @@ class Target:
     def bound(self) -> str:
         return f"{'≥' if self.at_least else '≤'} {self.limit:g}x"
 
-    def met(self, value: float) -> bool | None:
+    def met(self, value: float | None) -> bool | None:
         if value is None or math.isnan(value):
             return None
         return bool(value >= self.limit) if self.at_least else bool(value <= self.limit)
@@ -73,7 +73,7 @@ TARGETS = {t.key: t for t in (
 VERDICT_FIELDS = ("target", "claim", "cell", "strategy", "value", "bound", "met", "baseline", "also", "note")
 
 
-def verdict(key: str, cell: str, strategy: str, value: float, also: str = "", note: str = "",
+def verdict(key: str, cell: str, strategy: str, value: float | None, also: str = "", note: str = "",
             judged: bool = True) -> dict[str, Any]:
     """One target's verdict on one cell; ``judged=False`` (with the reason in
     ``note``) reports the value without judging it."""
@@ -144,11 +144,10 @@ def _restore_cell(mem: int, density: str, strategy: str, med: Callable[..., floa
             return q.get(name, {}).get((mem, density, "restore_ns"), math.nan)
 
         pre = peer("qemu-prestarted")
-        why = skipped.get("qemu") or errors.get(f"qemu {cell}") or "no figure in this run"
         out.append(verdict("qemu", cell, strategy, ratio(pre, pooled),
                            also=f"cold QEMU (process start to running): {fmt_ratio(ratio(peer('qemu'), pooled))}; "
                                 f"with the first answer (restore + call): {fmt_ratio(ratio(pre, med('service')))}",
-                           note="" if not math.isnan(pre) else f"QEMU not measured: {why}"))
+                           note="" if not math.isnan(pre) else f"QEMU not measured: {_qemu_why(cell, skipped, errors)}"))
     return out
 
 
@@ -174,7 +173,8 @@ def reset_verdicts(reset_summary: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def first_answer_verdicts(summary: pd.DataFrame, skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def first_answer_verdicts(summary: pd.DataFrame, skipped: dict[str, str] | None = None,
+                         errors: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Verdicts of the first-answer targets for every cell (memory size x
     density x strategy) of a first_answer Part summary (keys memory_mib,
     density, path, strategy; QEMU rows have strategy "-")."""
@@ -197,8 +197,15 @@ def first_answer_verdicts(summary: pd.DataFrame, skipped: dict[str, str] | None 
         qv = med("qemu-prestarted", "-")
         out.append(verdict("first_answer_qemu", cell, strategy, ratio(qv, prepared),
                            also=f"cold QEMU (process start to running): {fmt_ratio(ratio(med('qemu-cold', '-'), prepared))}",
-                           note="" if not math.isnan(qv) else f"QEMU not measured: {skipped.get('qemu', 'no figure')}"))
+                           note="" if not math.isnan(qv) else f"QEMU not measured: {_qemu_why(cell, skipped, errors)}"))
     return out
+
+
+def _qemu_why(cell: str, skipped: dict[str, str], errors: dict[str, str] | None) -> str:
+    """Why a cell has no QEMU figure: skipped, or the error of its QEMU run."""
+    errors = errors or {}
+    return (skipped.get("qemu") or errors.get(f"qemu {cell}") or errors.get(f"first-answer qemu {cell}")
+            or "no figure in this run")
 
 
 def tally(verdicts: list[dict[str, Any]]) -> dict[str, int]:
