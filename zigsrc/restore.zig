@@ -158,7 +158,7 @@ pub fn restoreInto(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed
         return;
     }
     if (vm.booted) return errors.fail(.vm_has_guest, "restore needs an empty VM shell", .{});
-    try state.checkHost(parsed, vm.vm_fd, vm.vcpus[0].fd);
+    try state.checkHost(parsed, vm);
     try bare(vm, mapping, parsed, src, times);
 }
 
@@ -169,7 +169,7 @@ fn bare(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed, src: Memo
     try src.apply(vm, mapping);
     const t1 = shell.monotonicNs();
     var st: state.RestoreTimes = .{};
-    try state.apply(vm, parsed, &st);
+    try state.apply(vm, parsed, .fresh, &st);
     times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns };
 }
 

@@ -87,6 +87,9 @@ pub const Parsed = struct {
     /// vCPU i's CPUID equals a fresh shell's (KVM_SET_CPUID2 is skipped).
     /// A cache, not state: mutated through @constCast from const readers.
     memo: std.atomic.Value(u64) = .init(0),
+    /// Memo of checkHost too: bit `defaultBit(tag, vcpu)` set when that
+    /// record equals what a fresh shell has (`skip_if_default`).
+    at_default: std.atomic.Value(u64) = .init(0),
 
     pub fn get(p: *const Parsed, tag: Tag, vcpu: u32) ?[]const u8 {
         const i = tagIndex(tag);
@@ -128,6 +131,11 @@ pub const Record = struct {
     /// A blob without it is refused (XSAVE/FPU: one of the two, checked apart).
     required: bool,
     when: When = .always,
+    /// Into a fresh shell, set only when it differs from the state KVM gives
+    /// every new VM or vCPU (compared once per snapshot by checkHost): each
+    /// KVM call costs ~15-20 us on kvm_pvm, and a snapshot at a checkpoint
+    /// mostly has these at their defaults. A reset (the VM ran) sets them all.
+    skip_if_default: bool = false,
 
     /// Exact size of the record, or 0 when variable (checked in parse).
     pub fn fixedBytes(r: Record) u32 {
@@ -163,20 +171,20 @@ pub const vcpu_records = [_]Record{
     .{ .tag = .regs, .io = .{ .vcpu = .regs }, .required = true },
     .{ .tag = .xsave, .io = .xsave, .required = false, .when = .with_xsave },
     .{ .tag = .fpu, .io = .{ .vcpu = .fpu }, .required = false, .when = .without_xsave },
-    .{ .tag = .xcrs, .io = .{ .vcpu = .xcrs }, .required = false, .when = .with_xcrs },
+    .{ .tag = .xcrs, .io = .{ .vcpu = .xcrs }, .required = false, .when = .with_xcrs, .skip_if_default = true },
     .{ .tag = .msrs, .io = .msrs, .required = true },
-    .{ .tag = .mp_state, .io = .{ .vcpu = .mp_state }, .required = true },
+    .{ .tag = .mp_state, .io = .{ .vcpu = .mp_state }, .required = true, .skip_if_default = true },
     .{ .tag = .lapic, .io = .{ .vcpu = .lapic }, .required = true },
-    .{ .tag = .events, .io = .{ .vcpu = .events }, .required = true },
-    .{ .tag = .debugregs, .io = .{ .vcpu = .debugregs }, .required = false },
+    .{ .tag = .events, .io = .{ .vcpu = .events }, .required = true, .skip_if_default = true },
+    .{ .tag = .debugregs, .io = .{ .vcpu = .debugregs }, .required = false, .skip_if_default = true },
     .{ .tag = .tsc_khz, .io = .tsc_khz, .required = false },
     .{ .tag = .host_vcpu, .io = .host_vcpu, .required = true },
 };
 
 pub const vm_records = [_]Record{
-    .{ .tag = .pic_master, .io = .{ .vm = .{ .state = .irqchip, .chip = 0 } }, .required = true },
-    .{ .tag = .pic_slave, .io = .{ .vm = .{ .state = .irqchip, .chip = 1 } }, .required = true },
-    .{ .tag = .ioapic, .io = .{ .vm = .{ .state = .irqchip, .chip = 2 } }, .required = true },
+    .{ .tag = .pic_master, .io = .{ .vm = .{ .state = .irqchip, .chip = 0 } }, .required = true, .skip_if_default = true },
+    .{ .tag = .pic_slave, .io = .{ .vm = .{ .state = .irqchip, .chip = 1 } }, .required = true, .skip_if_default = true },
+    .{ .tag = .ioapic, .io = .{ .vm = .{ .state = .irqchip, .chip = 2 } }, .required = true, .skip_if_default = true },
     .{ .tag = .pit2, .io = .{ .vm = .{ .state = .pit2 } }, .required = true },
     .{ .tag = .clock, .io = .{ .vm = .{ .state = .clock } }, .required = false, .when = .if_readable },
     .{ .tag = .page_map, .io = .page_map, .required = true, .when = .given },
@@ -511,15 +519,85 @@ fn effectiveCpuid(vcpu: kvm.VcpuFd) errors.Error![]const kvm.CpuidEntry2 {
 /// Refuses a snapshot whose guest saw CPU features (CPUID leaves 1, 7.0 and
 /// 0x80000001) or an XSAVE size that a fresh vCPU of this host does not have.
 /// `vcpu` is a vCPU of the shell that has not run yet.
-pub fn checkHost(p: *const Parsed, vm_fd: kvm.VmFd, vcpu: kvm.VcpuFd) errors.Error!void {
+/// `vm`: a shell that has not run yet, of the blob's shape.
+pub fn checkHost(p: *const Parsed, vm: *const shell.Vm) errors.Error!void {
     if (p.memo.load(.acquire) & memo_host_ok != 0) return;
-    const have_all = try effectiveCpuid(vcpu);
-    try checkFeatures(p, vm_fd, have_all);
+    std.debug.assert(vm.vcpu_count == p.vcpus and !vm.booted);
+    const have_all = try effectiveCpuid(vm.vcpus[0].fd);
+    try checkFeatures(p, vm.vm_fd, have_all);
     var bits: u64 = memo_host_ok;
     for (0..p.vcpus) |i| {
         if (sameAsShell(p.get(.cpuid, @intCast(i)).?, have_all, @intCast(i))) bits |= @as(u64, 1) << @intCast(i);
     }
-    _ = @constCast(&p.memo).fetchOr(bits, .acq_rel);
+    _ = @constCast(&p.at_default).fetchOr(atDefault(p, vm), .acq_rel);
+    _ = @constCast(&p.memo).fetchOr(bits, .acq_rel); // after at_default: readers of the flag see both
+}
+
+/// The `at_default` bits of `p` against the fresh shell `vm`: each
+/// `skip_if_default` record the blob has, read from the shell and compared
+/// byte for byte (a record that cannot be read is not at its default).
+fn atDefault(p: *const Parsed, vm: *const shell.Vm) u64 {
+    var bits: u64 = 0;
+    var buf: kvm.Irqchip align(8) = undefined; // the largest of these records
+    inline for (vcpu_records) |r| if (r.skip_if_default) {
+        const which = r.io.vcpu;
+        const b = std.mem.asBytes(&buf)[0..which.bytes()];
+        for (vm.vcpus[0..vm.vcpu_count], 0..) |v, i| {
+            const want = p.get(r.tag, @intCast(i)) orelse continue;
+            v.fd.getState(which, b) catch continue;
+            if (std.mem.eql(u8, want, b)) bits |= defaultBit(r.tag, @intCast(i));
+        }
+    };
+    inline for (vm_records) |r| if (r.skip_if_default) {
+        const x = r.io.vm;
+        const b = std.mem.asBytes(&buf)[0..x.state.bytes()];
+        if (p.get(r.tag, vm_wide)) |want| {
+            @memset(b, 0);
+            buf.chip_id = x.chip;
+            if (vm.vm_fd.getState(x.state, b)) |_| {
+                if (std.mem.eql(u8, want, b)) bits |= defaultBit(r.tag, vm_wide);
+            } else |_| {}
+        }
+    };
+    return bits;
+}
+
+/// The `at_default` bit of record `tag` of vCPU `vcpu` (or vm_wide).
+fn defaultBit(comptime tag: Tag, vcpu: u32) u64 {
+    const slot = comptime defaultSlot(tag);
+    if (vcpu == vm_wide) return @as(u64, 1) << (default_vcpu_slots * boot.max_vcpus + slot);
+    std.debug.assert(vcpu < boot.max_vcpus);
+    return @as(u64, 1) << @intCast(slot * boot.max_vcpus + vcpu);
+}
+
+/// Index of `tag` among the skip_if_default records of its table.
+fn defaultSlot(comptime tag: Tag) u32 {
+    var n: u32 = 0;
+    for (if (lookup(tag).vm_wide) vm_records else vcpu_records) |r| {
+        if (r.tag == tag) return n;
+        if (r.skip_if_default) n += 1;
+    }
+    unreachable;
+}
+
+const default_vcpu_slots = blk: {
+    var n: u32 = 0;
+    for (vcpu_records) |r| n += @intFromBool(r.skip_if_default);
+    break :blk n;
+};
+comptime {
+    var vm_slots: u32 = 0;
+    for (vm_records) |r| {
+        vm_slots += @intFromBool(r.skip_if_default);
+        // What atDefault reads them into: fixed-size KVM state, at most an Irqchip.
+        if (r.skip_if_default) std.debug.assert(r.io == .vm and r.io.vm.state.bytes() <= @sizeOf(kvm.Irqchip));
+    }
+    for (vcpu_records) |r| if (r.skip_if_default) std.debug.assert(r.io == .vcpu and r.io.vcpu.bytes() <= @sizeOf(kvm.Irqchip));
+    std.debug.assert(default_vcpu_slots * boot.max_vcpus + vm_slots <= 64); // one u64 of bits
+}
+
+fn isAtDefault(p: *const Parsed, comptime tag: Tag, vcpu: u32) bool {
+    return p.at_default.load(.acquire) & defaultBit(tag, vcpu) != 0;
 }
 
 const memo_host_ok: u64 = 1 << 63;
@@ -590,20 +668,30 @@ pub const RestoreTimes = struct { vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
 /// then `apply`. Memory is separate.
 pub fn restore(vm: *shell.Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
     std.debug.assert(p.vcpus == vm.vcpu_count and p.memory_bytes == vm.mem.len);
-    try checkHost(p, vm.vm_fd, vm.vcpus[0].fd);
-    try apply(vm, p, times);
+    try checkHost(p, vm);
+    try apply(vm, p, .fresh, times);
 }
+
+/// What `apply` sets state into: a fresh shell (never run: KVM's defaults,
+/// so a `skip_if_default` record found equal to them is left alone), or a
+/// VM that ran (a reset: every record is set).
+pub const Into = enum { fresh, ran };
 
 /// The bare state operations of a restore: walks the two tables in their
 /// order and sets every record the blob has. The benchmark floor times
 /// exactly this (the checks are in `restore`).
-pub fn apply(vm: *shell.Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
+pub fn apply(vm: *shell.Vm, p: *const Parsed, into: Into, times: *RestoreTimes) errors.Error!void {
     const t0 = shell.monotonicNs();
     for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
-        inline for (vcpu_records) |r| if (p.get(r.tag, @intCast(i))) |d| try applyVcpu(r, vm, v, p, @intCast(i), d);
+        inline for (vcpu_records) |r| if (p.get(r.tag, @intCast(i))) |d| {
+            if (!(r.skip_if_default and into == .fresh and isAtDefault(p, r.tag, @intCast(i))))
+                try applyVcpu(r, vm, v, p, @intCast(i), d);
+        };
     }
     const t1 = shell.monotonicNs();
-    inline for (vm_records) |r| if (p.get(r.tag, vm_wide)) |d| try applyVm(r, vm, d);
+    inline for (vm_records) |r| if (p.get(r.tag, vm_wide)) |d| {
+        if (!(r.skip_if_default and into == .fresh and isAtDefault(p, r.tag, vm_wide))) try applyVm(r, vm, d);
+    };
     vm.crash_len = 0;
     vm.booted = true;
     const t2 = shell.monotonicNs();
@@ -733,4 +821,25 @@ fn restoreMsrs(fd: kvm.VcpuFd, data: []const u8) errors.Error!void {
     const n = fd.setMsrs(&buf) catch return setFailed(.msrs);
     if (n != entries.len)
         return errors.fail(.msr_refused, "KVM_SET_MSRS set {d} of {d} MSRs; this host refuses MSR 0x{x}", .{ n, entries.len, entries[n].index });
+}
+
+test "state: every skip_if_default record has its own at_default bit per vCPU, and one VM-wide" {
+    var seen: u64 = 0;
+    var count: u32 = 0;
+    inline for (vcpu_records) |r| if (r.skip_if_default) {
+        for (0..boot.max_vcpus) |i| {
+            const b = defaultBit(r.tag, @intCast(i));
+            try std.testing.expect(seen & b == 0);
+            seen |= b;
+            count += 1;
+        }
+    };
+    inline for (vm_records) |r| if (r.skip_if_default) {
+        const b = defaultBit(r.tag, vm_wide);
+        try std.testing.expect(seen & b == 0);
+        seen |= b;
+        count += 1;
+    };
+    try std.testing.expectEqual(count, @popCount(seen));
+    try std.testing.expect(count > boot.max_vcpus); // some of each table
 }
