@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..units import choose_unit, is_missing
+from ..units import choose_unit, fmt_time, is_missing
 from ._base import PHASE_COLORS, _empty, _finish, _log_axis, _start, host_label
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def benchmark_bars(
             ax.barh(y, med, color=color, height=0.6)
             ax.errorbar(med, y, xerr=[[max(med - lo, 0)], [max(hi - med, 0)]], fmt="none", ecolor="black",
                         capsize=2, linewidth=0.8)
-            ax.annotate(f"{med:.3g}", (med, y), xytext=(3, -9), textcoords="offset points", fontsize=6)
+            ax.annotate(fmt_time(float(r["median_ns"])), (med, y), xytext=(3, -9), textcoords="offset points", fontsize=6)
         ax.set_yticks(ys, [str(r[label]) for r in sub], fontsize=7)
         ax.set_xscale("log")
         _log_axis(ax.xaxis)
@@ -158,7 +158,7 @@ def fork_density(rows: Sequence[dict[str, Any]], *, title: str | None = None) ->
     left.bar(x, med, color="#1f77b4", width=0.6)
     left.errorbar(x, med, yerr=[med - lo, hi - med], fmt="none", ecolor="black", capsize=3)
     for xi, m in zip(x, med):
-        left.annotate(f"{m:.3g}", (xi, m), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        left.annotate(fmt_time(m * scale), (xi, m), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     left.set_xticks(x, labels)
     left.set_ylabel(f"time until all n ready ({unit})")
     left.set_title("ready time", fontsize=9)

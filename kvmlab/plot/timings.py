@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence, cast
 
-from ..units import choose_unit
+from ..units import choose_unit, fmt_time
 from ._base import MISS_COLOR, PHASE_COLORS, PHASES, _finish, _groups
 from ._base import _median_line, _records_figure, _start, frame, host_label
 
@@ -43,7 +43,7 @@ def latency_distribution(
     for label, sub in _groups(df, by):
         x = np.sort(sub[value].to_numpy(dtype=float) / scale)
         med = float(np.median(x))
-        lab = f"{label} (n={len(x)}, median {med:.3g} {unit})"
+        lab = f"{label} (n={len(x)}, median {fmt_time(med * scale)})"
         if kind == "ecdf":
             y = np.arange(1, len(x) + 1) / len(x)
             ax0.step(x, y, where="post", label=lab)
@@ -88,7 +88,7 @@ def phase_breakdown(
         ax0.bar(xs, h, bottom=bottom, label=p, color=PHASE_COLORS[p], width=0.65)
         bottom = bottom + h
     for x, top in zip(xs, bottom):
-        ax0.annotate(f"{top:.3g}", (x, top), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+        ax0.annotate(fmt_time(top * scale), (x, top), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
                      textcoords="offset points")  # fmt: skip
     ax0.set_xticks(xs, [label for label, _ in groups], fontsize=7)
     ax0.set_ylabel(f"time ({unit})")
