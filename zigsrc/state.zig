@@ -21,6 +21,7 @@ const errors = @import("errors.zig");
 const host = @import("host.zig");
 const boot = @import("boot.zig");
 const shell = @import("shell.zig");
+const cpuid = @import("cpuid.zig");
 
 const allocator = std.heap.c_allocator;
 
@@ -496,26 +497,6 @@ fn captureVm(w: *Writer, comptime r: Record, vm: *shell.Vm, ctx: *const CaptureC
         .vcpu, .xsave, .msrs, .cpuid, .tsc_khz, .host_vcpu => comptime unreachable,
     }
 }
-/// The CPUID a fresh vCPU of this host presents to its guest (what KVM
-/// reports after SET_CPUID2 with the supported set), read once.
-var effective_lock: std.c.pthread_mutex_t = .{};
-var effective: ?*kvm.CpuidBuf = null;
-
-fn effectiveCpuid(vcpu: kvm.VcpuFd) errors.Error![]const kvm.CpuidEntry2 {
-    _ = std.c.pthread_mutex_lock(&effective_lock);
-    defer _ = std.c.pthread_mutex_unlock(&effective_lock);
-    if (effective == null) {
-        const b = allocator.create(kvm.CpuidBuf) catch return error.OutOfMemory;
-        b.* = .{ .nent = host.max_cpuid_entries };
-        vcpu.getCpuid2(b) catch {
-            allocator.destroy(b);
-            return errors.ioctlFailed("KVM_GET_CPUID2");
-        };
-        effective = b;
-    }
-    return effective.?.entries[0..@min(effective.?.nent, host.max_cpuid_entries)];
-}
-
 /// Refuses a snapshot whose guest saw CPU features (CPUID leaves 1, 7.0 and
 /// 0x80000001) or an XSAVE size that a fresh vCPU of this host does not have.
 /// `vcpu` is a vCPU of the shell that has not run yet.
@@ -523,11 +504,11 @@ fn effectiveCpuid(vcpu: kvm.VcpuFd) errors.Error![]const kvm.CpuidEntry2 {
 pub fn checkHost(p: *const Parsed, vm: *const shell.Vm) errors.Error!void {
     if (p.memo.load(.acquire) & memo_host_ok != 0) return;
     std.debug.assert(vm.vcpu_count == p.vcpus and !vm.booted);
-    const have_all = try effectiveCpuid(vm.vcpus[0].fd);
+    const have_all = try cpuid.effective(vm.vcpus[0].fd);
     try checkFeatures(p, vm.vm_fd, have_all);
     var bits: u64 = memo_host_ok;
     for (0..p.vcpus) |i| {
-        if (sameAsShell(p.get(.cpuid, @intCast(i)).?, have_all, @intCast(i))) bits |= @as(u64, 1) << @intCast(i);
+        if (cpuid.sameAsShell(p.get(.cpuid, @intCast(i)).?, have_all, @intCast(i))) bits |= @as(u64, 1) << @intCast(i);
     }
     _ = @constCast(&p.at_default).fetchOr(atDefault(p, vm), .acq_rel);
     _ = @constCast(&p.memo).fetchOr(bits, .acq_rel); // after at_default: readers of the flag see both
@@ -563,7 +544,7 @@ fn atDefault(p: *const Parsed, vm: *const shell.Vm) u64 {
 }
 
 /// The `at_default` bit of record `tag` of vCPU `vcpu` (or vm_wide).
-fn defaultBit(comptime tag: Tag, vcpu: u32) u64 {
+pub fn defaultBit(comptime tag: Tag, vcpu: u32) u64 {
     const slot = comptime defaultSlot(tag);
     if (vcpu == vm_wide) return @as(u64, 1) << (default_vcpu_slots * boot.max_vcpus + slot);
     std.debug.assert(vcpu < boot.max_vcpus);
@@ -580,7 +561,7 @@ fn defaultSlot(comptime tag: Tag) u32 {
     unreachable;
 }
 
-const default_vcpu_slots = blk: {
+pub const default_vcpu_slots = blk: {
     var n: u32 = 0;
     for (vcpu_records) |r| n += @intFromBool(r.skip_if_default);
     break :blk n;
@@ -616,7 +597,7 @@ fn checkFeatures(p: *const Parsed, vm_fd: kvm.VmFd, have_all: []const kvm.CpuidE
     for (want) |e| {
         const checked = (e.function == 1 and e.index == 0) or (e.function == 7 and e.index == 0) or e.function == 0x8000_0001;
         if (!checked) continue;
-        const have = findCpuid(have_all, e.function, e.index) orelse
+        const have = cpuid.find(have_all, e.function, e.index) orelse
             return errors.fail(.cpuid_leaf, "snapshot guest saw CPUID leaf 0x{x}.{d}, which this host's KVM does not offer", .{ e.function, e.index });
         // Leaf 1 EBX holds the APIC id and topology, and ECX bit 27 (OSXSAVE)
         // mirrors CR4: neither is a host feature.
@@ -633,32 +614,6 @@ fn checkFeatures(p: *const Parsed, vm_fd: kvm.VmFd, have_all: []const kvm.CpuidE
         if (x.len > have) return errors.fail(.xsave_size, "snapshot XSAVE state is {d} bytes; this host's KVM takes {d}", .{ x.len, have });
     }
 }
-
-/// True when `cpuid` (a snapshot's record for vCPU `idx`) equals what a fresh
-/// shell's vCPU `idx` presents: the effective CPUID with that vCPU's APIC id.
-pub fn sameAsShell(cpuid: []const u8, effective_entries: []const kvm.CpuidEntry2, idx: u32) bool {
-    const want = std.mem.bytesAsSlice(kvm.CpuidEntry2, cpuid);
-    if (want.len != effective_entries.len) return false;
-    for (want, effective_entries) |w_unaligned, e0| {
-        var w: kvm.CpuidEntry2 = w_unaligned;
-        var e = e0;
-        if (e.function == 1) {
-            e.ebx = (e.ebx & 0x00FF_FFFF) | (idx << 24);
-            // OSXSAVE mirrors CR4 and may differ between capture and a fresh vCPU.
-            w.ecx &= ~@as(u32, 1 << 27);
-            e.ecx &= ~@as(u32, 1 << 27);
-        }
-        if (e.function == 0xB or e.function == 0x1F) e.edx = idx;
-        if (!std.mem.eql(u8, std.mem.asBytes(&w), std.mem.asBytes(&e))) return false;
-    }
-    return true;
-}
-
-fn findCpuid(entries: []const kvm.CpuidEntry2, function: u32, index: u32) ?kvm.CpuidEntry2 {
-    for (entries) |e| if (e.function == function and e.index == index) return e;
-    return null;
-}
-
 
 /// Nanoseconds spent restoring vCPU and VM device state.
 pub const RestoreTimes = struct { vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
@@ -821,25 +776,4 @@ fn restoreMsrs(fd: kvm.VcpuFd, data: []const u8) errors.Error!void {
     const n = fd.setMsrs(&buf) catch return setFailed(.msrs);
     if (n != entries.len)
         return errors.fail(.msr_refused, "KVM_SET_MSRS set {d} of {d} MSRs; this host refuses MSR 0x{x}", .{ n, entries.len, entries[n].index });
-}
-
-test "state: every skip_if_default record has its own at_default bit per vCPU, and one VM-wide" {
-    var seen: u64 = 0;
-    var count: u32 = 0;
-    inline for (vcpu_records) |r| if (r.skip_if_default) {
-        for (0..boot.max_vcpus) |i| {
-            const b = defaultBit(r.tag, @intCast(i));
-            try std.testing.expect(seen & b == 0);
-            seen |= b;
-            count += 1;
-        }
-    };
-    inline for (vm_records) |r| if (r.skip_if_default) {
-        const b = defaultBit(r.tag, vm_wide);
-        try std.testing.expect(seen & b == 0);
-        seen |= b;
-        count += 1;
-    };
-    try std.testing.expectEqual(count, @popCount(seen));
-    try std.testing.expect(count > boot.max_vcpus); // some of each table
 }

@@ -5,6 +5,7 @@ const kvm = @import("kvm.zig");
 const errors = @import("errors.zig");
 const boot = @import("boot.zig");
 const state = @import("state.zig");
+const cpuid = @import("cpuid.zig");
 
 /// A minimal valid blob for tests: one vCPU, 8 MiB, every required record
 /// (zeros), XSAVE-less (FPU).
@@ -107,7 +108,28 @@ test "state: sameAsShell ignores APIC ids and OSXSAVE only" {
     var w = e;
     w[0].ebx = 0x0100_0000; // vCPU 1's APIC id
     w[0].ecx = 0;
-    try std.testing.expect(state.sameAsShell(std.mem.sliceAsBytes(&w), &e, 1));
+    try std.testing.expect(cpuid.sameAsShell(std.mem.sliceAsBytes(&w), &e, 1));
     w[0].eax = 2;
-    try std.testing.expect(!state.sameAsShell(std.mem.sliceAsBytes(&w), &e, 1));
+    try std.testing.expect(!cpuid.sameAsShell(std.mem.sliceAsBytes(&w), &e, 1));
+}
+
+test "state: every skip_if_default record has its own at_default bit per vCPU, and one VM-wide" {
+    var seen: u64 = 0;
+    var count: u32 = 0;
+    inline for (state.vcpu_records) |r| if (r.skip_if_default) {
+        for (0..boot.max_vcpus) |i| {
+            const b = state.defaultBit(r.tag, @intCast(i));
+            try std.testing.expect(seen & b == 0);
+            seen |= b;
+            count += 1;
+        }
+    };
+    inline for (state.vm_records) |r| if (r.skip_if_default) {
+        const b = state.defaultBit(r.tag, state.vm_wide);
+        try std.testing.expect(seen & b == 0);
+        seen |= b;
+        count += 1;
+    };
+    try std.testing.expectEqual(count, @popCount(seen));
+    try std.testing.expect(count > boot.max_vcpus); // some of each table
 }
