@@ -130,6 +130,10 @@ def _measure_cell(svc_path: Path, cell: dict[str, Any], n: int, warmup: int,
                     if p.startswith("prepared"):
                         _wait_prepared(pool, snap)
                 rec = fns[path](strategy)
+                if path.startswith("prepared") and rec["took"] != "prepared":
+                    # Never count a fallback restore as a prepared take.
+                    raise RuntimeError(f"{path} {strategy}: the take was a {rec['took']!r} restore, not a prepared "
+                                       f"VM (none was ready again within {_READY_S:g} s)")
                 if i >= 0:
                     records.append({**cell, "path": path, "strategy": strategy, "i": i, **rec})
                 if progress is not None:
