@@ -289,6 +289,12 @@ pub const message_capacity = 1024;
 threadlocal var message_buf: [message_capacity]u8 = undefined;
 threadlocal var message_len: usize = 0;
 
+/// Forgets this thread's last check id: each C ABI call begins with it
+/// (capi/common.zig `call`).
+pub fn clear() void {
+    last_check = .none;
+}
+
 /// Records `check` and a message for `kvmlab_last_error_check()` and
 /// `kvmlab_last_error_message()`, and returns the check's error class, so
 /// callers write `return errors.fail(.vm_running, "...", .{...})`.

@@ -228,6 +228,29 @@ pub fn result(r: errors.Error!void) kvmlab_result {
     return .ok;
 }
 
+/// One C ABI call: `f(args...)` as a result code. The thread's last check id
+/// is forgotten first, so a failure that names no check (an allocator's
+/// OutOfMemory passed up with `try`) never reports an older call's id.
+pub fn call(comptime f: anytype, args: anytype) kvmlab_result {
+    errors.clear();
+    return result(@call(.auto, f, args));
+}
+
+test "capi: a call's failure never carries an older call's check id" {
+    const Calls = struct {
+        fn named() errors.Error!void {
+            return errors.fail(.vm_running, "the VM is already running in another thread", .{});
+        }
+        fn bare() errors.Error!void {
+            return errors.errorOf(.vm_running); // the same class, no check named
+        }
+    };
+    try std.testing.expect(call(Calls.named, .{}) != .ok);
+    try std.testing.expectEqual(errors.Check.vm_running, errors.lastCheck());
+    try std.testing.expect(call(Calls.bare, .{}) != .ok);
+    try std.testing.expectEqual(errors.Check.none, errors.lastCheck());
+}
+
 pub fn asVm(h: ?*kvmlab_vm) errors.Error!*machine.Machine {
     const p = h orelse return errors.fail(.null_handle, "VM handle is NULL (closed?)", .{});
     return @ptrCast(@alignCast(p));

@@ -18,7 +18,7 @@ const kvmlab_snapshot = common.kvmlab_snapshot;
 /// out[i] is freed with kvmlab_vm_free. `phase_ns` (NULL-ok) gets the wall
 /// time of its two phases: [0] every VM's KVM object, [1] the rest.
 pub export fn kvmlab_fork_many(snap: ?*const kvmlab_snapshot, n: u32, threads: u32, flags: u32, stop: ?*const u32, done: ?*u64, out: ?[*]?*kvmlab_vm, out_count: ?*u32, phase_ns: ?[*]u64) callconv(.c) kvmlab_result {
-    return common.result(forkMany(snap, n, threads, flags, stop, done, out, out_count, phase_ns));
+    return common.call(forkMany, .{ snap, n, threads, flags, stop, done, out, out_count, phase_ns });
 }
 fn forkMany(snap: ?*const kvmlab_snapshot, n: u32, threads: u32, flags: u32, stop: ?*const u32, done: ?*u64, out: ?[*]?*kvmlab_vm, out_count: ?*u32, phase_ns: ?[*]u64) errors.Error!void {
     const count = try common.outPtr(u32, out_count);

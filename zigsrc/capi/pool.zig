@@ -12,7 +12,7 @@ fn poolConfig(cfg: ?*const common.kvmlab_pool_config) errors.Error!pool_mod.Conf
 
 /// Creates a pool and warms min_size shells before returning.
 pub export fn kvmlab_pool_new(cfg: ?*const common.kvmlab_pool_config, out: ?*?*common.kvmlab_pool) callconv(.c) common.kvmlab_result {
-    return common.result(poolNew(cfg, out));
+    return common.call(poolNew, .{ cfg, out });
 }
 fn poolNew(cfg: ?*const common.kvmlab_pool_config, out: ?*?*common.kvmlab_pool) errors.Error!void {
     const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
@@ -28,7 +28,7 @@ pub export fn kvmlab_pool_free(h: ?*common.kvmlab_pool) callconv(.c) void {
 }
 
 pub export fn kvmlab_pool_warm(h: ?*common.kvmlab_pool, target: u32) callconv(.c) common.kvmlab_result {
-    return common.result(poolWarm(h, target));
+    return common.call(poolWarm, .{ h, target });
 }
 fn poolWarm(h: ?*common.kvmlab_pool, target: u32) errors.Error!void {
     try (try common.asPool(h)).warm(target);
@@ -41,7 +41,7 @@ pub export fn kvmlab_pool_idle_count(h: ?*common.kvmlab_pool) callconv(.c) u32 {
 }
 
 pub export fn kvmlab_pool_get_stats(h: ?*common.kvmlab_pool, out: ?*common.kvmlab_pool_stats) callconv(.c) common.kvmlab_result {
-    return common.result(poolStats(h, out));
+    return common.call(poolStats, .{ h, out });
 }
 fn poolStats(h: ?*common.kvmlab_pool, out: ?*common.kvmlab_pool_stats) errors.Error!void {
     const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
@@ -50,7 +50,7 @@ fn poolStats(h: ?*common.kvmlab_pool, out: ?*common.kvmlab_pool_stats) errors.Er
 
 /// Copies up to `capacity` of the newest restore records, oldest first.
 pub export fn kvmlab_pool_timings(h: ?*common.kvmlab_pool, buf: ?[*]common.kvmlab_pool_timing, capacity: usize, out_count: ?*usize) callconv(.c) common.kvmlab_result {
-    return common.result(poolTimings(h, buf, capacity, out_count));
+    return common.call(poolTimings, .{ h, buf, capacity, out_count });
 }
 fn poolTimings(h: ?*common.kvmlab_pool, buf: ?[*]common.kvmlab_pool_timing, capacity: usize, out_count: ?*usize) errors.Error!void {
     const p = try common.asPool(h);
@@ -86,7 +86,7 @@ fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.Memor
 /// A snapshot with a kvmlab_pool_prepare target takes a prepared VM when one
 /// is ready (strategy prepared), whatever the flags.
 pub export fn kvmlab_pool_restore_snapshot(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
-    return common.result(poolRestoreSnapshot(h, snap, strategy, wait_ns, flags, out, times));
+    return common.call(poolRestoreSnapshot, .{ h, snap, strategy, wait_ns, flags, out, times });
 }
 pub fn poolRestoreSnapshot(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, wait_ns: u64, flags: u32, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
     const p = try common.asPool(h);
@@ -124,7 +124,7 @@ pub fn poolRestoreSnapshot(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_
 
 /// Restores from raw parts: dense guest memory and a state blob.
 pub export fn kvmlab_pool_restore_parts(h: ?*common.kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
-    return common.result(poolRestoreParts(h, memory, memory_bytes, vcpu_state, state_bytes, wait_ns, out, times));
+    return common.call(poolRestoreParts, .{ h, memory, memory_bytes, vcpu_state, state_bytes, wait_ns, out, times });
 }
 fn poolRestoreParts(h: ?*common.kvmlab_pool, memory: ?[*]const u8, memory_bytes: usize, vcpu_state: ?[*]const u8, state_bytes: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
     const p = try common.asPool(h);
@@ -137,7 +137,7 @@ fn poolRestoreParts(h: ?*common.kvmlab_pool, memory: ?[*]const u8, memory_bytes:
 
 /// Restores from an encoded snapshot (checked first), copying its memory.
 pub export fn kvmlab_pool_restore_bytes(h: ?*common.kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
-    return common.result(poolRestoreBytes(h, data, len, wait_ns, out, times));
+    return common.call(poolRestoreBytes, .{ h, data, len, wait_ns, out, times });
 }
 fn poolRestoreBytes(h: ?*common.kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
     const p = try common.asPool(h);
@@ -159,12 +159,12 @@ pub export fn kvmlab_pool_release(h: ?*common.kvmlab_pool, vm_handle: ?*common.k
 /// are. n = 0 gives them up. On an error nothing is left prepared for `snap`.
 /// `flags`: kvmlab_prepare_flags bits.
 pub export fn kvmlab_pool_prepare(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, n: u32, strategy: common.kvmlab_strategy, flags: u32) callconv(.c) common.kvmlab_result {
-    return common.result(poolPrepare(h, snap, n, strategy, false, flags));
+    return common.call(poolPrepare, .{ h, snap, n, strategy, false, flags });
 }
 /// Sets the target of `snap` for a caller that prepares them itself with
 /// kvmlab_pool_prepare_begin/_end (e.g. to run a warmup); nothing is restored.
 pub export fn kvmlab_pool_prepare_target(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, n: u32, strategy: common.kvmlab_strategy, flags: u32) callconv(.c) common.kvmlab_result {
-    return common.result(poolPrepare(h, snap, n, strategy, true, flags));
+    return common.call(poolPrepare, .{ h, snap, n, strategy, true, flags });
 }
 fn poolPrepare(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, n: u32, strategy: common.kvmlab_strategy, external: bool, flags: u32) errors.Error!void {
     const p = try common.asPool(h);
@@ -182,7 +182,7 @@ fn poolPrepare(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, n:
 /// restores one VM into *out (resettable) on this thread; else *out = NULL.
 /// Run it (the warmup), then always call kvmlab_pool_prepare_end.
 pub export fn kvmlab_pool_prepare_begin(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, out: ?*?*common.kvmlab_vm) callconv(.c) common.kvmlab_result {
-    return common.result(poolPrepareBegin(h, snap, out));
+    return common.call(poolPrepareBegin, .{ h, snap, out });
 }
 fn poolPrepareBegin(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, out: ?*?*common.kvmlab_vm) errors.Error!void {
     const o = try common.outPtr(?*common.kvmlab_vm, out);
@@ -194,7 +194,7 @@ fn poolPrepareBegin(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapsho
 /// warmed != 0: it ran) and keeps it prepared; ok == 0 destroys it. The VM
 /// handle is the pool's afterwards.
 pub export fn kvmlab_pool_prepare_end(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, vm_handle: ?*common.kvmlab_vm, warmed: u32, ok: u32) callconv(.c) common.kvmlab_result {
-    return common.result(poolPrepareEnd(h, snap, vm_handle, warmed, ok));
+    return common.call(poolPrepareEnd, .{ h, snap, vm_handle, warmed, ok });
 }
 fn poolPrepareEnd(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, vm_handle: ?*common.kvmlab_vm, warmed: u32, ok: u32) errors.Error!void {
     try (try common.asPool(h)).prepareEnd(try common.asVm(vm_handle), try common.asSnap(snap), warmed != 0, ok != 0);
@@ -203,7 +203,7 @@ fn poolPrepareEnd(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot,
 /// Waits up to wait_ns until a kvmlab_pool_prepare_target snapshot is short
 /// of its target (*out = 1) or not (*out = 0). Fails once the pool is closed.
 pub export fn kvmlab_pool_prepare_wait(h: ?*common.kvmlab_pool, wait_ns: u64, out: ?*u32) callconv(.c) common.kvmlab_result {
-    return common.result(poolPrepareWait(h, wait_ns, out));
+    return common.call(poolPrepareWait, .{ h, wait_ns, out });
 }
 fn poolPrepareWait(h: ?*common.kvmlab_pool, wait_ns: u64, out: ?*u32) errors.Error!void {
     const o = try common.outPtr(u32, out);

@@ -5,7 +5,7 @@ const common = @import("common.zig");
 
 /// Captures a stopped VM (memory and all device state) into a new snapshot.
 pub export fn kvmlab_snapshot_capture(h: ?*common.kvmlab_vm, out: ?*?*common.kvmlab_snapshot) callconv(.c) common.kvmlab_result {
-    return common.result(snapCapture(h, out));
+    return common.call(snapCapture, .{ h, out });
 }
 fn snapCapture(h: ?*common.kvmlab_vm, out: ?*?*common.kvmlab_snapshot) errors.Error!void {
     const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
@@ -15,7 +15,7 @@ fn snapCapture(h: ?*common.kvmlab_vm, out: ?*?*common.kvmlab_snapshot) errors.Er
 
 /// Checks and copies an encoded snapshot (packed or full layout).
 pub export fn kvmlab_snapshot_from_bytes(data: ?[*]const u8, len: usize, out: ?*?*common.kvmlab_snapshot) callconv(.c) common.kvmlab_result {
-    return common.result(snapFromBytes(data, len, out));
+    return common.call(snapFromBytes, .{ data, len, out });
 }
 fn snapFromBytes(data: ?[*]const u8, len: usize, out: ?*?*common.kvmlab_snapshot) errors.Error!void {
     const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
@@ -25,7 +25,7 @@ fn snapFromBytes(data: ?[*]const u8, len: usize, out: ?*?*common.kvmlab_snapshot
 
 /// Maps and checks a snapshot file; its memory is not read into the heap.
 pub export fn kvmlab_snapshot_load(path: ?[*:0]const u8, out: ?*?*common.kvmlab_snapshot) callconv(.c) common.kvmlab_result {
-    return common.result(snapLoad(path, out));
+    return common.call(snapLoad, .{ path, out });
 }
 fn snapLoad(path: ?[*:0]const u8, out: ?*?*common.kvmlab_snapshot) errors.Error!void {
     const o = out orelse return errors.fail(.null_argument, "out is NULL", .{});
@@ -36,7 +36,7 @@ fn snapLoad(path: ?[*:0]const u8, out: ?*?*common.kvmlab_snapshot) errors.Error!
 
 /// Writes the snapshot atomically to `path` (mode 0600, zero pages as holes).
 pub export fn kvmlab_snapshot_save(h: ?*const common.kvmlab_snapshot, path: ?[*:0]const u8) callconv(.c) common.kvmlab_result {
-    return common.result(snapSave(h, path));
+    return common.call(snapSave, .{ h, path });
 }
 fn snapSave(h: ?*const common.kvmlab_snapshot, path: ?[*:0]const u8) errors.Error!void {
     const s = try common.asSnap(h);
@@ -47,7 +47,7 @@ fn snapSave(h: ?*const common.kvmlab_snapshot, path: ?[*:0]const u8) errors.Erro
 /// The packed encoding. With buf NULL, only *out_bytes (the size) is set;
 /// otherwise `capacity` must be at least that size.
 pub export fn kvmlab_snapshot_to_bytes(h: ?*const common.kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) common.kvmlab_result {
-    return common.result(snapToBytes(h, buf, capacity, out_bytes));
+    return common.call(snapToBytes, .{ h, buf, capacity, out_bytes });
 }
 fn snapToBytes(h: ?*const common.kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
     const s = try common.asSnap(h);
@@ -62,7 +62,7 @@ fn snapToBytes(h: ?*const common.kvmlab_snapshot, buf: ?[*]u8, capacity: usize, 
 
 /// Copies the state blob (everything but memory) into buf; NULL buf: size only.
 pub export fn kvmlab_snapshot_state(h: ?*const common.kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) common.kvmlab_result {
-    return common.result(snapState(h, buf, capacity, out_bytes));
+    return common.call(snapState, .{ h, buf, capacity, out_bytes });
 }
 fn snapState(h: ?*const common.kvmlab_snapshot, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
     const s = try common.asSnap(h);
@@ -75,7 +75,7 @@ fn snapState(h: ?*const common.kvmlab_snapshot, buf: ?[*]u8, capacity: usize, ou
 
 /// A dense read-only view of guest memory, valid until the snapshot is freed.
 pub export fn kvmlab_snapshot_memory(h: ?*const common.kvmlab_snapshot, out_ptr: ?*?[*]const u8, out_bytes: ?*u64) callconv(.c) common.kvmlab_result {
-    return common.result(snapMemory(h, out_ptr, out_bytes));
+    return common.call(snapMemory, .{ h, out_ptr, out_bytes });
 }
 fn snapMemory(h: ?*const common.kvmlab_snapshot, out_ptr: ?*?[*]const u8, out_bytes: ?*u64) errors.Error!void {
     const s = try common.asSnap(h);
@@ -86,7 +86,7 @@ fn snapMemory(h: ?*const common.kvmlab_snapshot, out_ptr: ?*?[*]const u8, out_by
 }
 
 pub export fn kvmlab_snapshot_get_info(h: ?*const common.kvmlab_snapshot, out: ?*common.kvmlab_snapshot_info) callconv(.c) common.kvmlab_result {
-    return common.result(snapInfo(h, out));
+    return common.call(snapInfo, .{ h, out });
 }
 fn snapInfo(h: ?*const common.kvmlab_snapshot, out: ?*common.kvmlab_snapshot_info) errors.Error!void {
     const s = try common.asSnap(h);

@@ -18,7 +18,7 @@ pub const kvmlab_fault_site = fault.Site;
 /// Benchmark floor of a reset: the bare dirty-log read, page copies and state
 /// ioctls on a resettable VM (which ends up reset).
 pub export fn kvmlab_bench_reset_floor(h: ?*common.kvmlab_vm, out: ?*common.kvmlab_reset_times) callconv(.c) common.kvmlab_result {
-    return common.result(benchResetFloor(h, out));
+    return common.call(benchResetFloor, .{ h, out });
 }
 fn benchResetFloor(h: ?*common.kvmlab_vm, out: ?*common.kvmlab_reset_times) errors.Error!void {
     const m = try common.asVm(h);
@@ -34,7 +34,7 @@ fn benchResetFloor(h: ?*common.kvmlab_vm, out: ?*common.kvmlab_reset_times) erro
 /// Between restores it waits until the pool has an idle shell again (not
 /// timed), so every restore is a hit like a warmed Python loop's.
 pub export fn kvmlab_bench_pool_restores(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) callconv(.c) common.kvmlab_result {
-    return common.result(benchPoolRestores(h, snap, strategy, count, out_total_ns));
+    return common.call(benchPoolRestores, .{ h, snap, strategy, count, out_total_ns });
 }
 fn benchPoolRestores(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, count: usize, out_total_ns: ?[*]u64) errors.Error!void {
     const p = try common.asPool(h);
@@ -56,7 +56,7 @@ fn benchPoolRestores(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapsh
 /// restore into as they wait: a fresh shell would flatter the floor). The
 /// shell counts as in use; hand it back with kvmlab_pool_release.
 pub export fn kvmlab_bench_pool_take_shell(h: ?*common.kvmlab_pool, out: ?*?*common.kvmlab_vm) callconv(.c) common.kvmlab_result {
-    return common.result(benchPoolTakeShell(h, out));
+    return common.call(benchPoolTakeShell, .{ h, out });
 }
 fn benchPoolTakeShell(h: ?*common.kvmlab_pool, out: ?*?*common.kvmlab_vm) errors.Error!void {
     const p = try common.asPool(h);
@@ -69,7 +69,7 @@ fn benchPoolTakeShell(h: ?*common.kvmlab_pool, out: ?*?*common.kvmlab_vm) errors
 /// after its checks), a fresh shell from kvmlab_vm_new of the same shape
 /// (free it afterwards; it is not runnable).
 pub export fn kvmlab_bench_restore_floor(vm_handle: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
-    return common.result(benchFloor(vm_handle, snap, strategy, out));
+    return common.call(benchFloor, .{ vm_handle, snap, strategy, out });
 }
 fn benchFloor(vm_handle: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, out: ?*common.kvmlab_restore_times) errors.Error!void {
     const m = try common.asVm(vm_handle);
@@ -97,5 +97,5 @@ pub export fn kvmlab_fault_inject(site: kvmlab_fault_site, after: u32) callconv(
         fault.arm(0, 0) catch {};
         return .ok;
     }
-    return common.result(fault.arm(@intFromEnum(site), after));
+    return common.call(fault.arm, .{ @intFromEnum(site), after });
 }

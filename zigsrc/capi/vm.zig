@@ -10,7 +10,7 @@ const common = @import("common.zig");
 
 /// Creates an empty VM shell: VM, memory, slot, irqchip, PIT, vCPUs.
 pub export fn kvmlab_vm_new(opts: ?*const common.kvmlab_vm_config, out: ?*?*common.kvmlab_vm) callconv(.c) common.kvmlab_result {
-    return common.result(vmNew(opts, out));
+    return common.call(vmNew, .{ opts, out });
 }
 fn vmNew(opts: ?*const common.kvmlab_vm_config, out: ?*?*common.kvmlab_vm) errors.Error!void {
     const o = try common.outPtr(?*common.kvmlab_vm, out);
@@ -26,7 +26,7 @@ pub export fn kvmlab_vm_free(h: ?*common.kvmlab_vm) callconv(.c) void {
 }
 
 pub export fn kvmlab_vm_boot(h: ?*common.kvmlab_vm, opts: ?*const common.kvmlab_boot_options) callconv(.c) common.kvmlab_result {
-    return common.result(vmBoot(h, opts));
+    return common.call(vmBoot, .{ h, opts });
 }
 fn vmBoot(h: ?*common.kvmlab_vm, opts: ?*const common.kvmlab_boot_options) errors.Error!void {
     const m = try common.asVm(h);
@@ -38,7 +38,7 @@ fn vmBoot(h: ?*common.kvmlab_vm, opts: ?*const common.kvmlab_boot_options) error
 
 /// Runs the guest until every vCPU stopped, or `timeout_ns` passed (0 = none).
 pub export fn kvmlab_vm_run(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) callconv(.c) common.kvmlab_result {
-    return common.result(vmRun(h, timeout_ns, out));
+    return common.call(vmRun, .{ h, timeout_ns, out });
 }
 fn vmRun(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) errors.Error!void {
     const vm = (try common.asVm(h)).shell;
@@ -102,7 +102,7 @@ pub export fn kvmlab_vm_begin_close(h: ?*common.kvmlab_vm) callconv(.c) void {
 
 /// Moves up to `capacity` console bytes into `buf`; *out_bytes = how many.
 pub export fn kvmlab_vm_console_take(h: ?*common.kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) callconv(.c) common.kvmlab_result {
-    return common.result(consoleTake(h, buf, capacity, out_bytes));
+    return common.call(consoleTake, .{ h, buf, capacity, out_bytes });
 }
 fn consoleTake(h: ?*common.kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?*usize) errors.Error!void {
     const vm = (try common.asVm(h)).shell;
@@ -112,7 +112,7 @@ fn consoleTake(h: ?*common.kvmlab_vm, buf: ?[*]u8, capacity: usize, out_bytes: ?
 }
 
 pub export fn kvmlab_vm_read_memory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) callconv(.c) common.kvmlab_result {
-    return common.result(readMemory(h, gpa, buf, len));
+    return common.call(readMemory, .{ h, gpa, buf, len });
 }
 fn readMemory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.Error!void {
     const m = try common.asVm(h);
@@ -123,7 +123,7 @@ fn readMemory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]u8, len: usize) errors.E
 }
 
 pub export fn kvmlab_vm_write_memory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) callconv(.c) common.kvmlab_result {
-    return common.result(writeMemory(h, gpa, buf, len));
+    return common.call(writeMemory, .{ h, gpa, buf, len });
 }
 fn writeMemory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) errors.Error!void {
     const m = try common.asVm(h);
@@ -134,7 +134,7 @@ fn writeMemory(h: ?*common.kvmlab_vm, gpa: u64, buf: ?[*]const u8, len: usize) e
 /// Sets the identity the guest reads through ports 0x503 (low 32 bits) and
 /// 0x504 (high); 0, the default, is "no identity".
 pub export fn kvmlab_vm_set_identity(h: ?*common.kvmlab_vm, identity: u64) callconv(.c) common.kvmlab_result {
-    return common.result(setIdentity(h, identity));
+    return common.call(setIdentity, .{ h, identity });
 }
 fn setIdentity(h: ?*common.kvmlab_vm, identity: u64) errors.Error!void {
     (try common.asVm(h)).shell.identity.store(identity, .release);
@@ -147,7 +147,7 @@ pub export fn kvmlab_vm_get_identity(h: ?*common.kvmlab_vm) callconv(.c) u64 {
 }
 
 pub export fn kvmlab_vm_get_regs(h: ?*common.kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) callconv(.c) common.kvmlab_result {
-    return common.result(getRegs(h, vcpu, out));
+    return common.call(getRegs, .{ h, vcpu, out });
 }
 fn getRegs(h: ?*common.kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) errors.Error!void {
     const vm = (try common.asVm(h)).shell;
@@ -168,7 +168,7 @@ fn getRegs(h: ?*common.kvmlab_vm, vcpu: u32, out: ?*common.kvmlab_regs) errors.E
 /// `flags`: kvmlab_restore_flags bits; without resettable the shell has no
 /// dirty log (less kernel memory; kvmlab_vm_enable_reset turns it on later).
 pub export fn kvmlab_vm_restore(h: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
-    return common.result(vmRestore(h, strategy, flags, out, times));
+    return common.call(vmRestore, .{ h, strategy, flags, out, times });
 }
 fn vmRestore(h: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy, flags: u32, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
     const o = try common.outPtr(?*common.kvmlab_vm, out);
@@ -190,7 +190,7 @@ fn vmRestore(h: ?*const common.kvmlab_snapshot, strategy: common.kvmlab_strategy
 /// Makes a VM restored from `snap` resettable to it (the VM keeps `snap`
 /// alive). Call right after the restore.
 pub export fn kvmlab_vm_enable_reset(h: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot) callconv(.c) common.kvmlab_result {
-    return common.result(enableReset(h, snap));
+    return common.call(enableReset, .{ h, snap });
 }
 fn enableReset(h: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot) errors.Error!void {
     try (try common.asVm(h)).enableReset(try common.asSnap(snap));
@@ -198,7 +198,7 @@ fn enableReset(h: ?*common.kvmlab_vm, snap: ?*const common.kvmlab_snapshot) erro
 
 /// Puts the VM back to its snapshot: dirty pages, vCPUs, devices.
 pub export fn kvmlab_vm_reset(h: ?*common.kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) callconv(.c) common.kvmlab_result {
-    return common.result(vmReset(h, mode, out));
+    return common.call(vmReset, .{ h, mode, out });
 }
 fn vmReset(h: ?*common.kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.kvmlab_reset_times) errors.Error!void {
     const m = try common.asVm(h);
@@ -215,7 +215,7 @@ fn vmReset(h: ?*common.kvmlab_vm, mode: common.kvmlab_reset_mode, out: ?*common.
 /// interrupted; the VM is reset either way). Fails with KVMLAB_CLOSED when
 /// the VM began closing.
 pub export fn kvmlab_vm_reset_loop(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) callconv(.c) common.kvmlab_result {
-    return common.result(resetLoop(h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out, out_done));
+    return common.call(resetLoop, .{ h, inputs, input_bytes, count, input_gpa, timeout_ns, mode, out, out_done });
 }
 fn resetLoop(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, out_done: ?*usize) errors.Error!void {
     const m = try common.asVm(h);
@@ -236,7 +236,7 @@ fn resetLoop(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, input_bytes: usize, co
 /// console[i * console_stride ..]; out[i].console_bytes is how many it wrote.
 /// *out_done = how many inputs were done.
 pub export fn kvmlab_vm_reset_loop_var(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) callconv(.c) common.kvmlab_result {
-    return common.result(resetLoopVar(h, inputs, offsets, count, input_gpa, timeout_ns, mode, out, console, console_stride, out_done));
+    return common.call(resetLoopVar, .{ h, inputs, offsets, count, input_gpa, timeout_ns, mode, out, console, console_stride, out_done });
 }
 fn resetLoopVar(h: ?*common.kvmlab_vm, inputs: ?[*]const u8, offsets: ?[*]const u64, count: usize, input_gpa: u64, timeout_ns: u64, mode: common.kvmlab_reset_mode, out: ?[*]common.kvmlab_loop_result, console: ?[*]u8, console_stride: usize, out_done: ?*usize) errors.Error!void {
     const m = try common.asVm(h);
