@@ -180,8 +180,8 @@ class _PrepareOps:
                 closing = self._handle is None
             failure: BaseException | None = None
             try:
-                if closing:
-                    vm.close()  # close() came between _enter and here: its calls raise ClosedError
+                if closing:  # close() came between _enter and here: no warmup
+                    raise ClosedError("the pool was closed before the warmup began", check="pool_closed")
                 warmup(vm)
             except BaseException as e:  # noqa: BLE001 - handed on below, after the VM went back
                 failure = e

@@ -223,7 +223,13 @@ def _fork_native(
             finished.set()
 
     try:
-        threading.Thread(target=call, name="kvmlab-fork", daemon=True).start()
+        try:
+            threading.Thread(target=call, name="kvmlab-fork", daemon=True).start()
+        except RuntimeError as e:  # "can't start new thread": a host limit (RLIMIT_NPROC, address space)
+            raise KvmlabMemoryError(
+                f"fork_many could not start its thread ({e}): raise the host's thread/memory limits (ulimit -u, ulimit -v)",
+                check="host_threads",
+            ) from None
         while not finished.wait(_POLL_S):
             bar.update(done[0] - bar.n)
     except BaseException:
@@ -303,14 +309,9 @@ def fork_many(
             vm.set_identity(ident)
         ready = time.monotonic_ns() - t0
         after = memory_usage()
-    except BaseException as e:
+    except BaseException:
         out.progress = False
         out.close()  # whatever was made: Ctrl-C (or a failure) may land after the core returned
-        if isinstance(e, RuntimeError) and not isinstance(e, KvmlabError):  # "can't start new thread"
-            raise KvmlabMemoryError(
-                f"fork_many could not start its thread ({e}): raise the host's thread/memory limits (ulimit -u, ulimit -v)",
-                check="host_threads",
-            ) from None
         raise
     out.stats = ForkStats(
         n,
