@@ -160,7 +160,6 @@ class ForkSet(list, Closing):
         """Frees every VM (in parallel; ~11 ms each on kvm_pvm, so a bar shows
         for large sets unless ``progress`` is False)."""
         vms = list(self)
-        self.clear()
         try:
             with _progress.bar(len(vms), "closing VMs", "VM", self.progress) as bar, ThreadPoolExecutor(
                 max_workers=max(1, min(32, len(vms)))
@@ -170,6 +169,7 @@ class ForkSet(list, Closing):
         except RuntimeError:  # "can't start new thread" (a host limit): close them here
             for vm in vms:
                 vm.close()  # idempotent: those already closed return at once
+        self.clear()  # only now: a close Ctrl-C stopped leaves the set to close again
 
 
 def _distinct_identities(n: int) -> list[int]:
@@ -234,8 +234,11 @@ def _fork_native(
             bar.update(done[0] - bar.n)
     except BaseException:
         stop[0] = 1  # the core stops at its next step and frees every VM it made
-        if begun.is_set():
-            finished.wait()
+        while begun.is_set() and not finished.is_set():
+            try:  # a second Ctrl-C here must not leave the core working on the caller's snapshot
+                finished.wait()
+            except BaseException:  # noqa: BLE001 - the first interrupt goes on below
+                pass
         raise
     if failure:
         raise failure[0]

@@ -619,8 +619,8 @@ class RestorePool(_PrepareOps, Closing):
         the runs of a warmup in progress (``prepare`` raises ClosedError).
         """
         with self._lock:
-            if self._handle is None:
-                return
+            if self._handle is None and not self._finalizer.alive:
+                return  # closed before (a close that Ctrl-C stopped half-way is finished by the next)
             self._handle = None
             warming = list(self._warming)
         # Outside the pool's lock: closing waits for the warmup's run to stop,

@@ -124,6 +124,9 @@ def test_a_failing_qemu_cell_keeps_every_other_figure(tmp_path):
     assert list(res.errors) == ["first-answer qemu 16 MiB sparse"]
     assert "boom" in res.errors["first-answer qemu 16 MiB sparse"]
     assert res.parts["first_answer"].notes["errors"] == {"qemu 16 MiB sparse": res.errors["first-answer qemu 16 MiB sparse"]}
+    # The cell's QEMU verdict says why it has no figure: the error, not "no figure".
+    notes = [v["note"] for v in res.verdicts if v["target"] == "first_answer_qemu" and v["cell"] == "16 MiB sparse"]
+    assert notes and all("boom" in note for note in notes), notes
 
 
 # -- fork: a host limit is a result, a bad argument is not --------------------------------------

@@ -117,13 +117,15 @@ def test_ctrl_c_at_any_moment_of_fork_many_frees_everything(service_file):
         fds, maps, threads = fd_count(), _maps(service_file), threading.active_count()
         inside = 0
         for k in range(12):
+            timer = threading.Timer(took_s * k / 10, os.kill, (os.getpid(), signal.SIGINT))
             with pytest.raises(KeyboardInterrupt) as e:
-                threading.Timer(took_s * k / 10, os.kill, (os.getpid(), signal.SIGINT)).start()
+                timer.start()
                 vms = fork_many(snap, n, progress=False)
                 try:
                     time.sleep(took_s + 30)  # it returned first: the signal lands here
                 finally:
                     vms.close()
+            timer.join()  # it sent the signal: its thread is not one fork_many left behind
             inside += any(f.name == "_fork_native" for f in traceback.extract_tb(e.value.__traceback__))
             assert fd_count() <= fds and _maps(service_file) <= maps, k
             assert threading.active_count() <= threads, k

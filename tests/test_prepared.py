@@ -219,12 +219,15 @@ def test_close_stops_a_warmup_that_runs_forever(service_snap):
 
     pool = RestorePool(CFG, PoolConfig(min_size=0, max_size=2))
     t = threading.Thread(target=prepare)
-    t.start()
-    assert started.wait(30)
-    time.sleep(0.2)  # well inside the endless run
-    t0 = time.monotonic()
-    pool.close()
-    assert time.monotonic() - t0 < 10
+    try:
+        t.start()
+        assert started.wait(30)
+        time.sleep(0.2)  # well inside the endless run
+        t0 = time.monotonic()
+        pool.close()
+        assert time.monotonic() - t0 < 10
+    finally:
+        pool.close()  # a no-op once closed; frees the pool if an assertion above failed
     t.join(10)
     assert not t.is_alive()
     assert isinstance(outcome[0], ClosedError) and outcome[0].check == "pool_closed", outcome

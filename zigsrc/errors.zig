@@ -293,6 +293,7 @@ threadlocal var message_len: usize = 0;
 /// (capi/common.zig `call`).
 pub fn clear() void {
     last_check = .none;
+    message_len = 0;
 }
 
 /// Records `check` and a message for `kvmlab_last_error_check()` and

@@ -26,7 +26,6 @@ const host = @import("host.zig");
 const kvm = @import("kvm.zig");
 const shell = @import("shell.zig");
 const snapshot = @import("snapshot.zig");
-const state = @import("state.zig");
 const restore = @import("restore.zig");
 const machine = @import("machine.zig");
 
@@ -168,7 +167,6 @@ pub fn forkMany(snap: *snapshot.Snapshot, opts: Options, out: []?*Machine, times
     const fds = allocator.alloc(kvm.VmFd, out.len) catch return error.OutOfMemory;
     defer allocator.free(fds);
     @memset(fds, .{ .fd = -1 });
-    _ = try state.pristinePit(); // read once here: Machine.createWith cannot fail on it (it would leak the fd it is given)
     var j: Job = .{ .snap = snap, .opts = opts, .src = try restore.MemorySource.forSnapshot(snap, .map), .fds = fds, .out = out };
     const t0 = shell.monotonicNs();
     runPhase(&j, opts.threads, makeFds);

@@ -27,9 +27,9 @@ pub const Machine = struct {
     /// makes it then; the pristine state it compares with is read here, off
     /// the restore path, once per process).
     pub fn createWith(memory_bytes: u64, vcpus: u32, opts: shell.Vm.Options) errors.Error!*Machine {
-        if (!opts.pit) _ = try state.pristinePit();
         const vm = try shell.Vm.createWith(memory_bytes, vcpus, opts);
-        errdefer vm.destroy();
+        errdefer vm.destroy(); // the shell owns a given vm_fd from its first line: nothing leaks below
+        if (!opts.pit) _ = try state.pristinePit();
         const m = allocator.create(Machine) catch return error.OutOfMemory;
         m.* = .{ .shell = vm };
         return m;

@@ -178,7 +178,7 @@ pub fn floor(vm: *shell.Vm, r: *Resettable, use_drop: bool, times: *Times) error
     if (vm.manual_protect) try reprotect(vm, r, bitmap);
     const t2 = shell.monotonicNs();
     var st: state.RestoreTimes = .{};
-    try state.apply(vm, &r.snap.parsed, .ran, &st); // the VM ran: every record is set
+    try state.apply(vm, &r.snap.parsed, &st); // the VM ran (booted): every record is set
     const t3 = shell.monotonicNs();
     times.* = .{ .dirty_pages = dirty, .log_ns = t1 - t0, .memory_ns = t2 - t1, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns, .total_ns = t3 - t0 };
 }

@@ -169,7 +169,7 @@ fn bare(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed, src: Memo
     try src.apply(vm, mapping);
     const t1 = shell.monotonicNs();
     var st: state.RestoreTimes = .{};
-    try state.apply(vm, parsed, .fresh, &st);
+    try state.apply(vm, parsed, &st);
     times.* = .{ .memory_ns = t1 - t0, .vcpu_ns = st.vcpu_ns, .devices_ns = st.devices_ns };
 }
 

@@ -577,10 +577,6 @@ comptime {
     std.debug.assert(default_vcpu_slots * boot.max_vcpus + vm_slots <= 64); // one u64 of bits
 }
 
-fn isAtDefault(p: *const Parsed, comptime tag: Tag, vcpu: u32) bool {
-    return p.at_default.load(.acquire) & defaultBit(tag, vcpu) != 0;
-}
-
 const memo_host_ok: u64 = 1 << 63;
 comptime {
     std.debug.assert(boot.max_vcpus < 63); // one memo bit per vCPU below the flag
@@ -624,28 +620,27 @@ pub const RestoreTimes = struct { vcpu_ns: u64 = 0, devices_ns: u64 = 0 };
 pub fn restore(vm: *shell.Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
     std.debug.assert(p.vcpus == vm.vcpu_count and p.memory_bytes == vm.mem.len);
     try checkHost(p, vm);
-    try apply(vm, p, .fresh, times);
+    try apply(vm, p, times);
 }
 
-/// What `apply` sets state into: a fresh shell (never run: KVM's defaults,
-/// so a `skip_if_default` record found equal to them is left alone), or a
-/// VM that ran (a reset: every record is set).
-pub const Into = enum { fresh, ran };
 
 /// The bare state operations of a restore: walks the two tables in their
 /// order and sets every record the blob has. The benchmark floor times
 /// exactly this (the checks are in `restore`).
-pub fn apply(vm: *shell.Vm, p: *const Parsed, into: Into, times: *RestoreTimes) errors.Error!void {
+pub fn apply(vm: *shell.Vm, p: *const Parsed, times: *RestoreTimes) errors.Error!void {
     const t0 = shell.monotonicNs();
+    // A fresh shell (never run) has KVM's defaults: a skip_if_default record
+    // found equal to them is left alone. A VM that ran (a reset) gets all.
+    const at_default: u64 = if (vm.booted) 0 else p.at_default.load(.acquire);
     for (vm.vcpus[0..vm.vcpu_count], 0..) |*v, i| {
         inline for (vcpu_records) |r| if (p.get(r.tag, @intCast(i))) |d| {
-            if (!(r.skip_if_default and into == .fresh and isAtDefault(p, r.tag, @intCast(i))))
+            if (!(r.skip_if_default and at_default & defaultBit(r.tag, @intCast(i)) != 0))
                 try applyVcpu(r, vm, v, p, @intCast(i), d);
         };
     }
     const t1 = shell.monotonicNs();
     inline for (vm_records) |r| if (p.get(r.tag, vm_wide)) |d| {
-        if (!(r.skip_if_default and into == .fresh and isAtDefault(p, r.tag, vm_wide))) try applyVm(r, vm, d);
+        if (!(r.skip_if_default and at_default & defaultBit(r.tag, vm_wide) != 0)) try applyVm(r, vm, d);
     };
     vm.crash_len = 0;
     vm.booted = true;

@@ -88,10 +88,12 @@ def restore_floor(snap: Snapshot, strategy: str, pool: RestorePool | None = None
     t = ffi.new("kvmlab_restore_times *")
     if pool is not None:
         wait_settled(pool)
-        ph = pool._enter()
+    ph = None  # the pool's handle once _enter() returned (then _exit() is owed)
     # The try opens before the shell exists: a Ctrl-C or failure at any step
     # after (the busy-wait lasts up to 10 s) frees it (checked by out[0]).
     try:
+        if pool is not None:
+            ph = pool._enter()
         if pool is None:
             c = ffi.new("kvmlab_vm_config *", {"memory_bytes": snap.memory_bytes, "vcpus": snap.vcpus})
             f.check(lib.kvmlab_vm_new(c, out))
@@ -115,8 +117,8 @@ def restore_floor(snap: Snapshot, strategy: str, pool: RestorePool | None = None
                 else:
                     lib.kvmlab_pool_release(ph, out[0])
         finally:
-            if pool is not None:
-                pool._exit()
+            if ph is not None:
+                pool._exit()  # type: ignore[union-attr]  # ph is set only with a pool
     return call, f.as_dict(t, "kvmlab_restore_times")
 
 

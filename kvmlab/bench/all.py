@@ -19,23 +19,21 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..config import check_path
-from ..fork import MAX_VMS
 from ._native import reset_floor_available
 from .first_answer import first_answer_part, first_answer_steps
-from .fork import fork_part
-from .harness import (COUNT, DENSE_FRACTION, FLAG, MEMORY_SIZES, REPS, TEXT, Arg, Progress, check_args, guard, host_info,
-                      make_service_snapshot, make_snapshot, part_errors, versions)
+from .fork import VM_COUNTS, fork_part
+from .harness import (COUNT, DENSE_FRACTION, FIRST_ANSWER_ERRORS, FLAG, FORK_ERRORS, MEMORY_SIZES, REPS, TEXT, Arg, Progress,
+                      cell_key, check_args, guard, host_info, make_service_snapshot, make_snapshot, part_errors, versions)
 from .peers.unicorn import unicorn_available, unicorn_restore
 from .peers.qemu import QemuPeer, qemu_problem
-from .report import PEER_OF
+from .report import PEER_OF, QEMU_PARTS
 from .reset import RESET_CONFIGS, cycle_part, reset_part
 from .restore import PATHS, RESTORE_KEYS, RESTORE_METRICS, STRATEGIES, measure_restores
 from .results import Part, Results
@@ -52,7 +50,6 @@ QUICK: dict[str, Any] = {"n": 5, "warmup": 1, "qemu_n": 2, "unicorn_n": 5, "rese
          "reset_warmup": 1, "cycle_n": [1, 100, 10_000], "cycle_batches": 2, "cycle_batch_s": 0.02,
          "fork_n": [10], "fork_reps": 1, "first_n": 5, "first_qemu_n": 2}
 PEER_KEYS = ["memory_mib", "density"]
-QEMU_MODES = ("cold", "prestarted")
 
 
 def _skipped(skip: Sequence[str], qemu: str) -> dict[str, str]:
@@ -89,11 +86,10 @@ def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: P
                                            warmup=p["warmup"], service_path=svc_path, progress=progress)
             for name in dict.fromkeys(PEER_OF[k] for k in peers):
                 progress.describe(f"{case}: {name}")
-                run = (lambda: peer.measure(mem, density, p["qemu_n"], progress, modes=QEMU_MODES)) if name == "qemu" else (  # type: ignore[union-attr]  # qemu is in peers only with a peer
+                run = (lambda: peer.measure(mem, density, p["qemu_n"], progress, modes=tuple(QEMU_PARTS))) if name == "qemu" else (  # type: ignore[union-attr]  # qemu is in peers only with a peer
                     lambda: unicorn_restore(snap_path, p["unicorn_n"], progress))
-                for r in guard(res.errors, f"{name} {case}", run) or []:
-                    key = "qemu-prestarted" if r.get("mode") == "prestarted" else name
-                    peers[key].records.append({"memory_mib": mem, "density": density, **r})
+                for r in guard(res.errors, cell_key(name, mem, density), run) or []:
+                    peers[QEMU_PARTS[r["mode"]] if name == "qemu" else name].records.append({"memory_mib": mem, "density": density, **r})
             for f in (snap_path, svc_path):
                 Path(f).unlink(missing_ok=True)
 
@@ -101,7 +97,7 @@ def _restore_parts(res: Results, sizes: Sequence[int], p: dict[str, Any], tmp: P
 def _total_steps(p: dict[str, Any], sizes: Sequence[int], skipped: dict[str, str]) -> int:
     cases = 2 * len(sizes)
     total = cases * (p["n"] + p["warmup"]) * len(PATHS) * len(STRATEGIES)
-    total += 0 if "qemu" in skipped else cases * (len(QEMU_MODES) * p["qemu_n"] + 1)
+    total += 0 if "qemu" in skipped else cases * (len(QEMU_PARTS) * p["qemu_n"] + 1)
     total += 0 if "unicorn" in skipped else cases * p["unicorn_n"]
     total += 0 if "reset" in skipped else len(p["reset_k"]) * len(RESET_CONFIGS) * (p["reset_n"] + p["reset_warmup"]) * 2
     total += 0 if "cycle" in skipped else len(p["cycle_n"]) * p["cycle_batches"] * 2
@@ -121,15 +117,15 @@ def run_all(out: str | os.PathLike[str] = "bench-results", quick: bool = False, 
     from .report import markdown, plots
 
     check_path("out", out)
+    skip = [x.strip() for x in skip.split(",") if x.strip()] if isinstance(skip, str) else skip
     check_args("all", quick=(quick, FLAG), memory_mib=(memory_mib, replace(MEMORY_SIZES, optional=True)),
                n=(n, replace(REPS, optional=True)), qemu_n=(qemu_n, replace(COUNT, optional=True)),
-               qemu=(qemu, Arg("text")), fork_n=(fork_n, Arg("int", 1, MAX_VMS, many=True, optional=True)),
+               qemu=(qemu, Arg("text")), fork_n=(fork_n, replace(VM_COUNTS, optional=True)),
+               skip=(skip, Arg("choice", choices=PARTS, many=True, min_items=0)),
                quiet=(quiet, FLAG), no_plots=(no_plots, FLAG), command=(command, TEXT))
     p = dict(QUICK if quick else FULL)
     p.update({k: v for k, v in (("n", n), ("qemu_n", qemu_n), ("fork_n", fork_n and list(fork_n))) if v is not None})
     sizes = list(memory_mib or [64, 256])
-    skip = [x.strip() for x in skip.split(",") if x.strip()] if isinstance(skip, str) else skip
-    check_args("all", skip=(skip, Arg("choice", choices=PARTS, many=True, min_items=0)))
     skip = list(skip)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +142,7 @@ def run_all(out: str | os.PathLike[str] = "bench-results", quick: bool = False, 
                     qemu=None if "qemu" in res.skipped else qemu, progress=progress, tmp_dir=tmpd,
                     skipped=res.skipped))):
                 res.parts["first_answer"] = part
-                res.errors.update(part_errors(part, "first-answer "))
+                res.errors.update(part_errors(part, FIRST_ANSWER_ERRORS))
             if "reset" not in res.skipped and (part := guard(res.errors, "reset", lambda: reset_part(
                     p["reset_k"], memory_mib=256, n=p["reset_n"], warmup=p["reset_warmup"], progress=progress,
                     tmp_dir=tmpd))):
@@ -157,7 +153,7 @@ def run_all(out: str | os.PathLike[str] = "bench-results", quick: bool = False, 
             if "fork" not in res.skipped and (part := guard(res.errors, "fork", lambda: fork_part(
                     p["fork_n"], memory_mib=256, reps=p["fork_reps"], progress=progress, tmp_dir=tmpd))):
                 res.parts["fork"] = part
-                res.errors.update(part_errors(part, "fork n="))
+                res.errors.update(part_errors(part, FORK_ERRORS))
     finally:
         progress.close()
     res.seconds = time.monotonic() - t0
@@ -175,7 +171,7 @@ def all_verdicts(res: Results) -> list[dict[str, Any]]:
     """Every target's verdicts for the parts ``res`` has."""
     out: list[dict[str, Any]] = []
     if "restore" in res.parts:
-        peers: dict[str, Any] = {name: res.parts[name].summary() for name in ("qemu", "qemu-prestarted") if name in res.parts}
+        peers: dict[str, Any] = {name: res.parts[name].summary() for name in QEMU_PARTS.values() if name in res.parts}
         out += restore_verdicts(res.parts["restore"].summary(), peers, res.skipped, res.errors)
     if "first_answer" in res.parts:
         out += first_answer_verdicts(res.parts["first_answer"].summary(), res.skipped, res.errors)

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .harness import (COUNT, DENSE_FRACTION, FLAG, MEMORY_SIZES, REPS, TEXT, Progress, check_args, guard,
-                      make_service_snapshot, measure, part_errors)
+from .harness import (COUNT, DENSE_FRACTION, FIRST_ANSWER_ERRORS, FLAG, MEMORY_SIZES, REPS, TEXT, Progress, cell_key,
+                      check_args, guard, make_service_snapshot, measure, part_errors)
 from .peers.qemu import QemuPeer, qemu_problem
 from .results import Part, Results
 from .settle import settle
@@ -146,8 +146,9 @@ def first_answer_part(memory_mib: Sequence[int], densities: Sequence[str], *, n:
                       skipped: dict[str, str]) -> Part:
     """The ``first_answer`` Part: every kvmlab path per cell, and QEMU's two
     modes (``qemu`` None, or QEMU absent: recorded in ``skipped["qemu"]``).
-    A cell QEMU fails is recorded in ``notes["errors"]`` (key ``qemu <cell>``)
-    and the run goes on: the figures measured beside it are kept."""
+    A cell that fails (kvmlab's or QEMU's) is recorded in ``notes["errors"]``
+    (key ``kvmlab <cell>`` or ``qemu <cell>``) and the run goes on: the
+    figures measured beside it are kept."""
     if qemu is not None and "qemu" not in skipped and (why := qemu_problem(qemu)):
         skipped["qemu"] = why
     peer = QemuPeer(tmp_dir, qemu) if qemu is not None and "qemu" not in skipped else None
@@ -158,12 +159,13 @@ def first_answer_part(memory_mib: Sequence[int], densities: Sequence[str], *, n:
             progress.describe(f"first answer {mem} MiB {density}")
             cell = {"memory_mib": mem, "density": density}
             svc = make_service_snapshot(mem, tmp_dir, DENSE_FRACTION if density == "dense" else 0.0)
-            try:
-                records += _measure_cell(svc, cell, n, warmup, progress)
+            try:  # a failed cell (a take that was not a prepared VM...) is recorded; the others are kept
+                records += guard(errors, cell_key("kvmlab", mem, density),
+                                 functools.partial(_measure_cell, svc, cell, n, warmup, progress)) or []
             finally:
                 svc.unlink(missing_ok=True)
             if peer is not None:
-                qemu_recs = guard(errors, f"qemu {mem} MiB {density}", functools.partial(
+                qemu_recs = guard(errors, cell_key("qemu", mem, density), functools.partial(
                     peer.measure, mem, density, qemu_n, progress, modes=tuple(QEMU_MODES.values())))
                 for r in qemu_recs or []:
                     path = next(p for p, m in QEMU_MODES.items() if m == r["mode"])
@@ -201,6 +203,6 @@ def bench_first_answer(memory_mib: Sequence[int] = (64, 256), *, dense: bool = T
     steps = first_answer_steps(memory_mib, densities, n, warmup, qemu_n, qemu is not None)
     res = measure("first-answer", steps, quiet, command, run)
     res.skipped.update(skipped)
-    res.errors.update(part_errors(res.parts["first_answer"], "first-answer "))
-    res.verdicts = first_answer_verdicts(res.parts["first_answer"].summary(), res.skipped)
+    res.errors.update(part_errors(res.parts["first_answer"], FIRST_ANSWER_ERRORS))
+    res.verdicts = first_answer_verdicts(res.parts["first_answer"].summary(), res.skipped, res.errors)
     return res

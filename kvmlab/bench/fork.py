@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..errors import ConfigError
 from ..fork import MAX_THREADS, MAX_VMS
 from ._native import kvm_memslots
-from .harness import FLAG, MEMORY_MIB, REPS, TEXT, Arg, Progress, check_args, make_service_snapshot, measure, part_errors
+from .harness import (FLAG, FORK_ERRORS, MEMORY_MIB, REPS, TEXT, Arg, Progress, check_args, make_service_snapshot, measure,
+                      part_errors)
 from .results import Part, Results
 
 if TYPE_CHECKING:
@@ -116,13 +117,17 @@ def fork_part(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: i
                 notes={"errors": errors, "reference": ZEROBOOT_REFERENCE, "limits": fork_limits()})
 
 
+#: The VM counts of a fork run.
+VM_COUNTS = Arg("int", 1, MAX_VMS, many=True)
+
+
 def bench_fork(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: int = 3, threads: int | None = None,
                call: bool = True, quiet: bool = True, command: str | None = None) -> Results:
     """``kvmlab bench fork`` as a function; an n a host limit stopped is in ``errors``."""
-    check_args("fork", ns=(ns, Arg("int", 1, MAX_VMS, many=True)), memory_mib=(memory_mib, MEMORY_MIB), reps=(reps, REPS),
+    check_args("fork", ns=(ns, VM_COUNTS), memory_mib=(memory_mib, MEMORY_MIB), reps=(reps, REPS),
                threads=(threads, Arg("int", 1, MAX_THREADS, optional=True)), call=(call, FLAG), quiet=(quiet, FLAG),
                command=(command, TEXT))
     res = measure("fork", len(ns) * reps, quiet, command, lambda progress: {"fork": fork_part(
         ns, memory_mib=memory_mib, reps=reps, threads=threads, call=call, progress=progress)})
-    res.errors.update(part_errors(res.parts["fork"], "fork n="))
+    res.errors.update(part_errors(res.parts["fork"], FORK_ERRORS))
     return res

@@ -291,6 +291,17 @@ def check_args(benchmark: str, problems: Mapping[str, bool] | Callable[[], Mappi
         raise ConfigError(prefix + "; ".join(bad), check="bench_arguments")
 
 
+#: The keys failures are recorded under (a Part's ``notes["errors"]``, then
+#: ``Results.errors`` with the part's prefix): said once here.
+FIRST_ANSWER_ERRORS = "first-answer "
+FORK_ERRORS = "fork n="
+
+
+def cell_key(what: str, memory_mib: int, density: str) -> str:
+    """The errors key of one measured cell: ``"qemu 256 MiB sparse"``."""
+    return f"{what} {memory_mib} MiB {density}"
+
+
 def guard(errors: dict[str, str], what: str, fn: Callable[[], Any]) -> Any:
     """``fn()``; if it fails, the failure goes into ``errors[what]`` (and on
     stderr with its traceback) and None is returned: one failing part or

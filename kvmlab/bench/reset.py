@@ -159,7 +159,7 @@ def _free_pages(memory_mib: int) -> int:
 def cycle_code(pages: int) -> bytes:
     """The cycle guest writing ``pages`` pages per iteration."""
     if not 1 <= pages <= MAX_CYCLE_PAGES:
-        raise ValueError("pages must be in 1..4096")
+        raise ValueError(f"pages must be in 1..{MAX_CYCLE_PAGES}")
     code = bytearray(CYCLE_CODE)
     code[CYCLE_K_OFFSET:CYCLE_K_OFFSET + 4] = pages.to_bytes(4, "little")
     return bytes(code)

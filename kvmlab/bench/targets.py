@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..units import fmt_ratio
+from .harness import FIRST_ANSWER_ERRORS, cell_key
 from .stats import STAT_FIELDS, ratio
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ def _restore_cell(mem: int, density: str, strategy: str, med: Callable[..., floa
         out.append(verdict("qemu", cell, strategy, ratio(pre, pooled),
                            also=f"cold QEMU (process start to running): {fmt_ratio(ratio(peer('qemu'), pooled))}; "
                                 f"with the first answer (restore + call): {fmt_ratio(ratio(pre, med('service')))}",
-                           note="" if not math.isnan(pre) else f"QEMU not measured: {_qemu_why(cell, skipped, errors)}"))
+                           note="" if not math.isnan(pre) else f"QEMU not measured: {_qemu_why(cell_key('qemu', mem, density), skipped, errors)}"))
     return out
 
 
@@ -197,15 +198,14 @@ def first_answer_verdicts(summary: pd.DataFrame, skipped: dict[str, str] | None 
         qv = med("qemu-prestarted", "-")
         out.append(verdict("first_answer_qemu", cell, strategy, ratio(qv, prepared),
                            also=f"cold QEMU (process start to running): {fmt_ratio(ratio(med('qemu-cold', '-'), prepared))}",
-                           note="" if not math.isnan(qv) else f"QEMU not measured: {_qemu_why(cell, skipped, errors)}"))
+                           note="" if not math.isnan(qv) else f"QEMU not measured: {_qemu_why(FIRST_ANSWER_ERRORS + cell_key('qemu', mem, density), skipped, errors)}"))
     return out
 
 
-def _qemu_why(cell: str, skipped: dict[str, str], errors: dict[str, str] | None) -> str:
-    """Why a cell has no QEMU figure: skipped, or the error of its QEMU run."""
-    errors = errors or {}
-    return (skipped.get("qemu") or errors.get(f"qemu {cell}") or errors.get(f"first-answer qemu {cell}")
-            or "no figure in this run")
+def _qemu_why(key: str, skipped: dict[str, str], errors: dict[str, str] | None) -> str:
+    """Why a cell has no QEMU figure: skipped, or the error its QEMU run
+    recorded under ``key`` (harness.cell_key, with the part's prefix)."""
+    return skipped.get("qemu") or (errors or {}).get(key) or "no figure in this run"
 
 
 def tally(verdicts: list[dict[str, Any]]) -> dict[str, int]:
