@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from ..config import MAX_MEMORY_MIB, MIN_MEMORY_MIB, bad_argument
+from .targets import FIRST_ANSWER_ERRORS, FORK_ERRORS, cell_key  # noqa: F401 - the runners take them from here
 
 if TYPE_CHECKING:
     from ..snapshot import Snapshot
@@ -289,17 +290,6 @@ def check_args(benchmark: str, problems: Mapping[str, bool] | Callable[[], Mappi
     bad = [what for what, failed in found.items() if failed]
     if bad:
         raise ConfigError(prefix + "; ".join(bad), check="bench_arguments")
-
-
-#: The keys failures are recorded under (a Part's ``notes["errors"]``, then
-#: ``Results.errors`` with the part's prefix): said once here.
-FIRST_ANSWER_ERRORS = "first-answer "
-FORK_ERRORS = "fork n="
-
-
-def cell_key(what: str, memory_mib: int, density: str) -> str:
-    """The errors key of one measured cell: ``"qemu 256 MiB sparse"``."""
-    return f"{what} {memory_mib} MiB {density}"
 
 
 def guard(errors: dict[str, str], what: str, fn: Callable[[], Any]) -> Any:

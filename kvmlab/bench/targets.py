@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..units import fmt_ratio
-from .harness import FIRST_ANSWER_ERRORS, cell_key
 from .stats import STAT_FIELDS, ratio
 
 if TYPE_CHECKING:
@@ -24,6 +23,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Target", "TARGETS", "VERDICT_FIELDS", "restore_verdicts", "reset_verdicts", "first_answer_verdicts", "tally",
            "verdict"]
+
+
+#: The keys failures are recorded under (a Part's ``notes["errors"]``, then
+#: ``Results.errors`` with the part's prefix): said once here, where the verdicts read them.
+FIRST_ANSWER_ERRORS = "first-answer "
+FORK_ERRORS = "fork n="
+
+
+def cell_key(what: str, memory_mib: int, density: str) -> str:
+    """The errors key of one measured cell: ``"qemu 256 MiB sparse"``."""
+    return f"{what} {memory_mib} MiB {density}"
 
 
 @dataclass(frozen=True)
