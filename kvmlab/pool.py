@@ -326,8 +326,13 @@ class RestorePool(_PrepareOps, Closing):
         out = ffi.new("kvmlab_pool **")
         _ffi.check(lib.kvmlab_pool_new(c, out))
         self._handle = out[0]
-        # Calls in flight: close() waits for them, so no native call ever sees
-        # a freed pool.
+        # The native handle for the finalizer and the prepared take: close()
+        # only closes the core's pool (kvmlab_pool_close), which answers every
+        # call until the finalizer frees it, so the take needs no call guard.
+        self._native = self._handle
+        self._close_done = False
+        # Other calls in flight: close() waits for them (a warm() in flight
+        # finishes before the core drains the pool).
         self._lock = threading.Lock()  # a plain Lock: _enter/_exit are on the restore hot path
         self._drained = threading.Condition(self._lock)
         self._active = 0
@@ -339,8 +344,9 @@ class RestorePool(_PrepareOps, Closing):
         # Snapshots prepared with a warmup, by native snapshot address:
         # (snapshot, its handle, warmup). The warmer thread keeps their targets.
         self._warmups: dict[int, tuple[Snapshot, Any, Callable[[Any], object]]] = {}
-        # Every prepared snapshot and its target (what prepared_targets() lists).
-        self._targets: dict[Snapshot, int] = {}
+        # Every prepared snapshot: its target n (what prepared_targets() lists)
+        # and the core's id of that target (restore_snapshot's take).
+        self._targets: dict[Snapshot, tuple[int, int]] = {}
         self._warmer: threading.Thread | None = None
         #: VMs whose warmup runs now (prepare's thread, the warmer): close() stops their runs.
         self._warming: set[_VmHandle] = set()
@@ -352,6 +358,8 @@ class RestorePool(_PrepareOps, Closing):
         self._finalizer.detach()
         self._release_vm.pool_handle = None
         self._handle = None
+        self._native = None
+        self._close_done = True
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._drained = threading.Condition(self._lock)
         self._active = 0
@@ -575,11 +583,21 @@ class RestorePool(_PrepareOps, Closing):
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}", check="argument_type")
         code = strategy_code(strategy)
+        if timeout_s is not None:
+            _wait_ns(timeout_s)  # validate before touching the snapshot
+        # A prepared VM, whatever the flags (it is resettable and goes back by
+        # its target): one native call, no guard (see _native), no hold on
+        # the snapshot (its target holds it). A closed pool or snapshot takes
+        # the path below, which says so.
+        target = self._targets.get(snap)
+        if target is not None and self._handle is not None and snap._handle is not None:
+            vm = self._take_prepared(target[1], snap.guest)
+            if vm is not None:
+                return vm
         flags = (_RESTORE_FLAGS["resettable"] if resettable else 0) | (
             _RESTORE_FLAGS["reset_on_release"] if reset_on_release else 0
         )
         if timeout_s is not None:
-            _wait_ns(timeout_s)  # validate before touching the snapshot
             with snap._use() as sh:
                 return self._finish(
                     lambda h, out, t, wait: lib.kvmlab_pool_restore_snapshot(h, sh, code, wait, flags, out, t),
@@ -606,6 +624,22 @@ class RestorePool(_PrepareOps, Closing):
             raise _ffi.error_for(rc)
         return PooledRestoreVm(handle, self, snap.guest, t)
 
+    def _take_prepared(self, target_id: int, guest: str) -> PooledRestoreVm | None:
+        """A ready VM of the core's target ``target_id``, or None (none ready,
+        the target given up, closed, at max_in_use: restore instead)."""
+        outs = self._out_cells
+        try:
+            out = outs.pop()  # a spare out cell (list.pop is atomic): one allocation fewer
+        except IndexError:
+            out = ffi.new("kvmlab_vm **")
+        t = ffi.new("kvmlab_restore_times *")  # kept by the VM (restore_timing)
+        rc = lib.kvmlab_pool_take_prepared(self._native, target_id, out, t)
+        handle = out[0]
+        outs.append(out)
+        if rc:
+            raise _ffi.error_for(rc)  # the snapshot's file was damaged: as a restore says
+        return PooledRestoreVm(handle, self, guest, t) if handle else None
+
     # -- lifetime -------------------------------------------------------------------------
 
     @property
@@ -619,7 +653,7 @@ class RestorePool(_PrepareOps, Closing):
         the runs of a warmup in progress (``prepare`` raises ClosedError).
         """
         with self._lock:
-            if self._handle is None and not self._finalizer.alive:
+            if self._close_done:
                 return  # closed before (a close that Ctrl-C stopped half-way is finished by the next)
             self._handle = None
             warming = list(self._warming)
@@ -630,7 +664,10 @@ class RestorePool(_PrepareOps, Closing):
         with self._lock:
             while self._active:
                 self._drained.wait()
-        self._finalizer()
+        # Closed, not freed: a prepared take racing this still gets an answer
+        # (none); the finalizer frees the core's pool once this object is gone.
+        lib.kvmlab_pool_close(self._native)
+        self._close_done = True
 
     def __repr__(self) -> str:
         if self.closed:

@@ -99,6 +99,62 @@ def test_prepare_take_release_give_up(service_snap):
             assert vm.restore_timing["strategy"] == "copy"
 
 
+def test_a_take_checks_its_arguments_and_a_closed_snapshot(service_snap, service_file):
+    """The take has no guard of its own: it still says what every restore says."""
+    with RestorePool(CFG, PoolConfig(min_size=0, max_size=2)) as pool, Snapshot.load(service_file) as fs:
+        pool.prepare(fs, 1)
+        with pytest.raises(ConfigError) as e:
+            pool.restore_snapshot(fs, strategy="bogus")
+        assert e.value.check == "argument_value"
+        assert pool.prepared_count(fs) == 1  # nothing was taken
+        fs.close()
+        with pytest.raises(ClosedError) as e:
+            pool.restore_snapshot(fs)
+        assert e.value.check == "snapshot_closed"
+        pool.close()
+        with pytest.raises(ClosedError) as e:
+            pool.restore_snapshot(service_snap)
+        assert e.value.check == "pool_closed"
+
+
+def test_prepared_takes_racing_close_get_a_vm_or_closed(service_snap):
+    """Takes on several threads while close() runs: each gets a VM (which works
+    after the close) or ClosedError, nothing else; everything is freed."""
+    pool = RestorePool(CFG, PoolConfig(min_size=0, max_size=4))
+    pool.prepare(service_snap, 3)
+    outcomes: list[object] = []
+    go = threading.Barrier(4)
+
+    def taker() -> None:
+        go.wait()
+        for _ in range(100_000):  # bounded; the close ends it long before
+            try:
+                vm = pool.restore_snapshot(service_snap)
+            except ClosedError as e:
+                outcomes.append(e.check)
+                return
+            except BaseException as e:  # noqa: BLE001 - the test reports it
+                outcomes.append(e)
+                return
+            with vm:
+                outcomes.append(vm.call(b"race"))
+
+    threads = [threading.Thread(target=taker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    go.wait()
+    time.sleep(0.05)
+    pool.close()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert {o for o in outcomes} <= {b"race", "pool_closed"}, outcomes
+    assert outcomes.count("pool_closed") == 3  # every thread ended on the close
+    assert outcomes.count(b"race") > 0
+    with pytest.raises(ClosedError):
+        pool.stats()
+
+
 def test_prepared_snapshots_share_max_size(service_snap, service_file):
     with RestorePool(CFG, PoolConfig(min_size=0, max_size=3)) as pool, Snapshot.load(service_file) as fs:
         pool.prepare(service_snap, 2)

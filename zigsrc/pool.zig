@@ -147,10 +147,17 @@ pub fn PoolOf(comptime F: type) type {
         /// Set by close() once it drained every shell; from then on a release
         /// destroys its VM inline.
         worker_done: bool = false,
-        /// Set by close() after both threads stopped. The pool is freed by
-        /// whichever comes last, close() or the last release (both decide under
-        /// the lock, so exactly one frees).
+        /// Set by close() after both threads stopped.
         close_done: bool = false,
+        /// Set by releaseHandle (the caller's kvmlab_pool_free). The pool is
+        /// freed by whichever comes last, releaseHandle or the last release
+        /// (both decide under the lock, so exactly one frees). Until then a
+        /// closed pool answers every call (pool_closed, or no take), so a
+        /// caller may call it without a guard of its own racing close().
+        handle_released: bool = false,
+        /// The id the next prepare() target gets (never reused: a stale id
+        /// finds nothing, see takePrepared).
+        next_target_id: u64 = 1,
         /// `refill` creates shells up to min_size (~0.5 ms each); the reapers
         /// destroy released VMs (~11 ms each on kvm_pvm, mostly a wait) and reset
         /// parked ones. Separate, so a destroy backlog never delays the refill.
@@ -195,7 +202,7 @@ pub fn PoolOf(comptime F: type) type {
             }
             p.refill = std.Thread.spawn(.{ .stack_size = thread_stack_bytes, .allocator = allocator }, refillLoop, .{p}) catch null;
             if (p.refill == null or p.reapers[0] == null) {
-                p.close();
+                p.releaseHandle();
                 return errors.fail(.thread_spawn, "cannot start the pool's threads", .{});
             }
             return p;
@@ -474,14 +481,31 @@ pub fn PoolOf(comptime F: type) type {
         /// `park`, one parked by an earlier reset_on_release (strategy reuse).
         /// Null when there is none ready: the caller restores into a shell.
         /// `took`: the strategy of the take (prepared or reuse).
-        /// Its acquire_ns is the take under the lock: the clock is read only
-        /// once a VM is there (every pooled restore asks here first, and a
-        /// clock read is a syscall on kvm_pvm).
         pub fn reuse(p: *Self, snap: *const snapshot.Snapshot, park: bool, seq_out: *u64, took: *restore_mod.Strategy) ?*Vm {
             p.lockIt();
             defer p.unlockIt();
             const target = p.findTarget(snap);
             if (target == null and !park) return null;
+            return p.takeParkedLocked(snap, target, seq_out, took);
+        }
+
+        /// The hot path of a prepared restore: a ready VM of the target with
+        /// this id (prepared.targetId), or null (none ready, no such target
+        /// any more, closed, at max_in_use: the caller falls back to reuse and
+        /// a restore). An id never names another target, and the target holds
+        /// its snapshot, so the caller needs no hold on the snapshot.
+        pub fn takePrepared(p: *Self, target_id: u64, seq_out: *u64) ?*Vm {
+            p.lockIt();
+            defer p.unlockIt();
+            const t = p.findTargetId(target_id) orelse return null;
+            var took: restore_mod.Strategy = undefined;
+            return p.takeParkedLocked(t.snap, t, seq_out, &took);
+        }
+
+        /// With the lock held: takes a parked VM of `snap` for `target` (null:
+        /// a reset_on_release reuse) and records the take. Its acquire_ns is
+        /// the take under the lock: the clock is read only once a VM is there.
+        fn takeParkedLocked(p: *Self, snap: *const snapshot.Snapshot, target: ?*prepared.Target, seq_out: *u64, took: *restore_mod.Strategy) ?*Vm {
             if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) return null;
             const i = p.findParked(snap) orelse return null;
             const t0 = shell.monotonicNs();
@@ -520,6 +544,8 @@ pub fn PoolOf(comptime F: type) type {
         }
 
         pub const findTarget = prepared.findTarget;
+        pub const findTargetId = prepared.findTargetId;
+        pub const targetId = prepared.targetId;
         pub const findParked = prepared.findParked;
         pub const readyFor = prepared.readyFor;
         pub const heldFor = prepared.heldFor;
@@ -554,7 +580,7 @@ pub fn PoolOf(comptime F: type) type {
             p.in_use -= 1;
             _ = c.pthread_cond_signal(&p.room);
             p.wakeRefillIfLow(); // a failed restore took a shell, or a backoff may end
-            const free_now = p.close_done and p.in_use == 0;
+            const free_now = p.handle_released and p.in_use == 0;
             p.unlockIt();
             if (free_now) p.free();
         }
@@ -662,7 +688,7 @@ pub fn PoolOf(comptime F: type) type {
         }
 
         /// Stops the threads and destroys idle, parked and queued shells; the pool
-        /// itself is freed now if no VM is out, else by the last release.
+        /// itself stays allocated until releaseHandle (and the last release).
         /// Idempotent.
         pub fn close(p: *Self) void {
             p.lockIt();
@@ -697,6 +723,17 @@ pub fn PoolOf(comptime F: type) type {
             p.worker_done = true;
             p.close_done = true;
             _ = c.pthread_cond_broadcast(&p.room);
+            p.unlockIt();
+        }
+
+        /// The owner lets go of the pool (closing it first): it is freed now if
+        /// no VM is out, else by the last release. Nothing may call the pool
+        /// after this but the releases of VMs still out.
+        pub fn releaseHandle(p: *Self) void {
+            p.close();
+            p.lockIt();
+            std.debug.assert(p.close_done and !p.handle_released);
+            p.handle_released = true;
             const free_now = p.in_use == 0;
             p.unlockIt();
             if (free_now) p.free();
@@ -726,11 +763,6 @@ pub fn PoolOf(comptime F: type) type {
 }
 
 fn realtimeIn(ns: u64) c.timespec {
-    var ts: linux.timespec = undefined;
-    _ = linux.clock_gettime(.REALTIME, &ts);
-    const total = @as(u64, @intCast(ts.nsec)) + ns % std.time.ns_per_s;
-    return .{
-        .sec = @intCast(@as(u64, @intCast(ts.sec)) + ns / std.time.ns_per_s + total / std.time.ns_per_s),
-        .nsec = @intCast(total % std.time.ns_per_s),
-    };
+    const at_ns = shell.clockNs(.REALTIME) +| ns;
+    return .{ .sec = @intCast(at_ns / std.time.ns_per_s), .nsec = @intCast(at_ns % std.time.ns_per_s) };
 }

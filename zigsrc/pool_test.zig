@@ -102,7 +102,7 @@ test "pool: restores and releases balance; close frees every item" {
             return st.in_use == 0 and st.pending_destroy == 0 and st.destroyed == st.releases;
         }
     }.f);
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
@@ -113,7 +113,7 @@ test "pool: a failed restore is counted and rolled back" {
     try std.testing.expectEqual(@as(u32, 0), s.in_use);
     try std.testing.expectEqual(@as(u64, 1), s.failures);
     try std.testing.expectEqual(@as(u64, 0), s.restores);
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
@@ -127,7 +127,7 @@ test "pool: max_in_use refuses at once, or after the wait" {
     p.release(it);
     const again = try testRestore(p, ok_source, 0);
     p.release(again);
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
@@ -142,7 +142,7 @@ test "pool: a shell that cannot be made fails the restore, counted, nothing in u
     try std.testing.expectEqual(@as(u32, 0), s.in_use);
     try std.testing.expectEqual(@as(u64, 1), s.misses);
     try std.testing.expect(s.failures >= 1);
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
@@ -170,19 +170,54 @@ test "pool: a parked item is reset off the caller's path and reused for its snap
     try std.testing.expectEqual(@as(usize, 1), p.copyTimings(&timing));
     try std.testing.expectEqual(restore_mod.Strategy.reuse, timing[0].strategy);
     p.release(it); // parks again (reuse re-arms parking)
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
-test "pool: a pool closed with items out is freed by the last release" {
+test "pool: a closed pool answers until its handle goes; with items out, the last release frees it" {
     const p = try FakePool.create(test_cfg);
+    try p.prepare(snap_a, 1, .copy, false);
+    const id = p.targetId(snap_a);
     const a = try testRestore(p, ok_source, 0);
     const b = try testRestore(p, ok_source, 0);
     p.close();
     try std.testing.expectError(error.Closed, testRestore(p, ok_source, 0));
+    var seq: u64 = 0;
+    try std.testing.expectEqual(@as(?*Fake.Item, null), p.takePrepared(id, &seq));
     p.release(a);
+    // No item out, but the handle is held: still answers (a caller's thread
+    // racing close() needs no guard of its own).
+    try std.testing.expectError(error.Closed, testRestore(p, ok_source, 0));
+    try std.testing.expectEqual(@as(u32, 0), p.targetId(snap_a));
+    p.releaseHandle();
     p.release(b); // frees the pool
     try std.testing.expect(Fake.allFreed());
+}
+
+test "pool: a take by target id finds only that target, and never a given-up one" {
+    const p = try FakePool.create(test_cfg);
+    defer p.releaseHandle();
+    try p.prepare(snap_a, 1, .copy, false);
+    try p.prepare(snap_b, 1, .copy, false);
+    const id_a = p.targetId(snap_a);
+    const id_b = p.targetId(snap_b);
+    try std.testing.expect(id_a != 0 and id_b != 0 and id_a != id_b);
+    try std.testing.expectEqual(@as(u64, 0), p.targetId(snap_c));
+    var seq: u64 = 0;
+    const it = p.takePrepared(id_a, &seq).?;
+    try std.testing.expect(Fake.resetsTo(it, snap_a));
+    var timing: [1]pool.Timing = undefined;
+    _ = p.copyTimings(&timing);
+    try std.testing.expectEqual(restore_mod.Strategy.prepared, timing[0].strategy);
+    try std.testing.expectEqual(@as(?*Fake.Item, null), p.takePrepared(id_a, &seq)); // none ready
+    p.release(it);
+    try p.prepare(snap_a, 0, .copy, false);
+    try std.testing.expectEqual(@as(?*Fake.Item, null), p.takePrepared(id_a, &seq));
+    try p.prepare(snap_a, 1, .copy, false);
+    const again = p.targetId(snap_a);
+    try std.testing.expect(again != id_a and again != id_b); // ids are never reused
+    try std.testing.expectEqual(@as(?*Fake.Item, null), p.takePrepared(id_a, &seq));
+    p.release(p.takePrepared(again, &seq).?);
 }
 
 test "pool: configuration limits" {
@@ -198,6 +233,7 @@ test "pool: configuration limits" {
 
 const snap_a: *snapshot.Snapshot = @ptrFromInt(0x1000);
 const snap_b: *snapshot.Snapshot = @ptrFromInt(0x2000);
+const snap_c: *snapshot.Snapshot = @ptrFromInt(0x3000);
 
 fn takePrepared(p: *FakePool, snap: *const snapshot.Snapshot) ?*Fake.Item {
     var seq: u64 = 0;
@@ -235,7 +271,7 @@ test "pool: prepare keeps n ready per snapshot; a take is prepared, a release ke
     try p.setTarget(snap_a, 0, .copy, false, false);
     try std.testing.expectEqual(@as(u64, 0), p.stats().prepared);
     try std.testing.expectEqual(@as(u32, 0), p.targets_len);
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
@@ -247,7 +283,7 @@ test "pool: a failing prepare leaves nothing prepared and is counted" {
     try std.testing.expectEqual(@as(u32, 0), p.targets_len);
     try std.testing.expectEqual(@as(u64, 0), p.stats().prepared);
     try std.testing.expect(p.stats().failures >= 1);
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
@@ -257,7 +293,7 @@ test "pool: the targets of all snapshots stay within max_size" {
     try std.testing.expectError(error.PoolExhausted, p.setTarget(snap_b, 2, .copy, true, false));
     try p.setTarget(snap_b, 1, .copy, true, false);
     try p.setTarget(snap_a, 2, .copy, true, false); // lowering is fine
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
@@ -278,6 +314,7 @@ test "pool: an external target is prepared by the caller; a failed warmup destro
     try std.testing.expect(try p.waitPrepareNeed(std.time.ns_per_ms)); // short after the take
     p.close(); // with `it` out the pool lives on until its release
     try std.testing.expectError(error.Closed, p.waitPrepareNeed(0));
+    p.releaseHandle();
     p.release(it);
     try std.testing.expect(Fake.allFreed());
 }
@@ -302,7 +339,7 @@ test "pool: takes of a target with identity get distinct nonzero identities, oth
     const plain = takePrepared(p, snap_b).?;
     try std.testing.expectEqual(@as(u64, 0), plain.identity);
     p.release(plain);
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }
 
@@ -325,6 +362,6 @@ test "pool: past a backlog of max_dead_backlog queued destroys, a release destro
             return st.pending_destroy == 0 and st.in_use == 0;
         }
     }.f);
-    p.close();
+    p.releaseHandle();
     try std.testing.expect(Fake.allFreed());
 }

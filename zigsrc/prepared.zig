@@ -35,11 +35,26 @@ pub const Target = struct {
     preparing: u32 = 0,
     /// Every take gives the VM a fresh identity (nextIdentity).
     identity: bool = false,
+    /// Names this target for takePrepared; unique within the pool (ids are
+    /// never reused, so a stale one finds nothing).
+    id: u64,
 };
 
 pub fn findTarget(p: anytype, snap: *const snapshot.Snapshot) ?*Target {
     for (p.targets[0..p.targets_len]) |*t| if (t.snap == snap) return t;
     return null;
+}
+
+pub fn findTargetId(p: anytype, id: u64) ?*Target {
+    for (p.targets[0..p.targets_len]) |*t| if (t.id == id) return t;
+    return null;
+}
+
+/// The id of `snap`'s target (0: it has none).
+pub fn targetId(p: anytype, snap: *const snapshot.Snapshot) u64 {
+    p.lockIt();
+    defer p.unlockIt();
+    return if (p.findTarget(snap)) |t| t.id else 0;
 }
 
 pub fn findParked(p: anytype, snap: *const snapshot.Snapshot) ?u32 {
@@ -101,11 +116,12 @@ pub fn setTarget(p: anytype, snap: *snapshot.Snapshot, n: u32, strategy: restore
         return errors.fail(.prepare_targets, "{d} snapshots are prepared already (the limit): prepare(snap, 0) one of them first", .{max_targets});
     const t = found orelse blk: {
         if (n == 0) return;
-        p.targets[p.targets_len] = .{ .snap = FactoryOf(@TypeOf(p)).retainSnap(snap), .n = 0, .strategy = strategy, .external = external };
+        p.targets[p.targets_len] = .{ .snap = FactoryOf(@TypeOf(p)).retainSnap(snap), .n = 0, .strategy = strategy, .external = external, .id = p.next_target_id };
+        p.next_target_id += 1;
         p.targets_len += 1;
         break :blk &p.targets[p.targets_len - 1];
     };
-    t.* = .{ .snap = t.snap, .n = n, .strategy = strategy, .external = external, .preparing = t.preparing, .identity = identity };
+    t.* = .{ .snap = t.snap, .n = n, .strategy = strategy, .external = external, .preparing = t.preparing, .identity = identity, .id = t.id };
     // Give up ready VMs beyond the new target.
     var ready = p.readyFor(snap);
     while (ready > n) : (ready -= 1) {

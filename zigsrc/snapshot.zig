@@ -280,9 +280,7 @@ pub fn capture(vm: *shell.Vm, source_map: ?[]const u8) errors.Error!*Snapshot {
 }
 
 fn unixNs() u64 {
-    var ts: linux.timespec = undefined;
-    _ = linux.clock_gettime(.REALTIME, &ts);
-    return @as(u64, @intCast(ts.sec)) * std.time.ns_per_s + @as(u64, @intCast(ts.nsec));
+    return shell.clockNs(.REALTIME);
 }
 
 

@@ -20,11 +20,21 @@ fn poolNew(cfg: ?*const common.kvmlab_pool_config, out: ?*?*common.kvmlab_pool) 
     o.* = @ptrCast(try pool_mod.Pool.create(try poolConfig(cfg)));
 }
 
-/// Closes the pool (idle shells destroyed, worker stopped); NULL is fine.
-/// VMs still out stay valid; the last kvmlab_pool_release frees the pool.
-pub export fn kvmlab_pool_free(h: ?*common.kvmlab_pool) callconv(.c) void {
+/// Closes the pool: idle and prepared VMs destroyed, threads stopped; NULL
+/// is fine; idempotent. The handle stays valid (calls fail with pool_closed,
+/// a take finds nothing) until kvmlab_pool_free, so a caller's other threads
+/// may race this without a guard. VMs still out stay valid.
+pub export fn kvmlab_pool_close(h: ?*common.kvmlab_pool) callconv(.c) void {
     const p = common.asPool(h) catch return;
     p.close();
+}
+
+/// Closes the pool if it is not yet, and lets go of the handle: no call may
+/// use it afterwards but the releases of VMs still out (the last one frees
+/// the pool). NULL is fine.
+pub export fn kvmlab_pool_free(h: ?*common.kvmlab_pool) callconv(.c) void {
+    const p = common.asPool(h) catch return;
+    p.releaseHandle();
 }
 
 pub export fn kvmlab_pool_warm(h: ?*common.kvmlab_pool, target: u32) callconv(.c) common.kvmlab_result {
@@ -209,6 +219,37 @@ fn poolPrepareWait(h: ?*common.kvmlab_pool, wait_ns: u64, out: ?*u32) errors.Err
     const o = try common.outPtr(u32, out);
     o.* = 0;
     o.* = @intFromBool(try (try common.asPool(h)).waitPrepareNeed(wait_ns));
+}
+
+/// The id of `snap`'s prepare() target in this pool, for
+/// kvmlab_pool_take_prepared; 0 for NULL or no target. Never fails.
+pub export fn kvmlab_pool_target_id(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_snapshot) callconv(.c) u64 {
+    const p = common.asPool(h) catch return 0;
+    return p.targetId(common.asSnap(snap) catch return 0);
+}
+
+/// The hot path of a prepared restore: a ready VM of target `target_id`
+/// (kvmlab_pool_target_id) in *out, or NULL in *out with kvmlab_ok when there
+/// is none to take (none ready, the target given up, the pool closed, at
+/// max_in_use): then restore with kvmlab_pool_restore_snapshot, which waits
+/// or fails as it should. Needs no snapshot handle: the target holds it.
+pub export fn kvmlab_pool_take_prepared(h: ?*common.kvmlab_pool, target_id: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) callconv(.c) common.kvmlab_result {
+    return common.call(poolTakePrepared, .{ h, target_id, out, times });
+}
+fn poolTakePrepared(h: ?*common.kvmlab_pool, target_id: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+    const p = try common.asPool(h);
+    const o = try common.outPtr(?*common.kvmlab_vm, out);
+    o.* = null;
+    var seq: u64 = 0;
+    const m = p.takePrepared(target_id, &seq) orelse return;
+    // The VM holds its snapshot (it resets to it): checked as every restore checks it.
+    m.resettable.?.snap.checkIntact() catch |e| {
+        p.release(m);
+        return e;
+    };
+    const dt = p.totalNsOf(seq);
+    if (times) |t| t.* = common.restoreTimes(.{}, dt, dt, m.shell.mapped(), true, seq, .prepared);
+    o.* = @ptrCast(m);
 }
 
 /// Prepared VMs of `snap` ready now; 0 for NULL or no target. Never fails.
