@@ -604,41 +604,38 @@ class RestorePool(_PrepareOps, Closing):
                     snap.guest,
                     timeout_s,
                 )
-        # The common case inline (no wait, one native call): every Python frame
-        # here costs microseconds, since the caches are cold after the ioctls.
-        outs = self._out_cells
-        try:
-            out = outs.pop()  # a spare out cell (list.pop is atomic): one allocation fewer
-        except IndexError:
-            out = ffi.new("kvmlab_vm **")
-        t = ffi.new("kvmlab_restore_times *")  # kept by the VM (restore_timing)
+        # The common case: no wait, one native call.
         with snap._use() as sh:
             h = self._enter()
             try:
-                rc = lib.kvmlab_pool_restore_snapshot(h, sh, code, 0, flags, out, t)
+                handle, t = self._out_call(lib.kvmlab_pool_restore_snapshot, h, sh, code, 0, flags)
             finally:
                 self._exit()
-        handle = out[0]
-        outs.append(out)
-        if rc:
-            raise _ffi.error_for(rc)
         return PooledRestoreVm(handle, self, snap.guest, t)
 
     def _take_prepared(self, target_id: int, guest: str) -> PooledRestoreVm | None:
         """A ready VM of the core's target ``target_id``, or None (none ready,
-        the target given up, closed, at max_in_use: restore instead)."""
+        the target given up, closed, at max_in_use: restore instead). An error
+        is what a restore says (the snapshot's file was damaged)."""
+        handle, t = self._out_call(lib.kvmlab_pool_take_prepared, self._native, target_id)
+        return PooledRestoreVm(handle, self, guest, t) if handle else None
+
+    def _out_call(self, fn: Callable[..., int], *args: Any) -> tuple[Any, Any]:
+        """``fn(*args, out, times)`` -> (the VM handle it put in out, times).
+        Inline and lean: it runs right after the restore's ioctls, when every
+        cache is cold, so each Python step costs microseconds."""
         outs = self._out_cells
         try:
             out = outs.pop()  # a spare out cell (list.pop is atomic): one allocation fewer
         except IndexError:
             out = ffi.new("kvmlab_vm **")
         t = ffi.new("kvmlab_restore_times *")  # kept by the VM (restore_timing)
-        rc = lib.kvmlab_pool_take_prepared(self._native, target_id, out, t)
+        rc = fn(*args, out, t)
         handle = out[0]
         outs.append(out)
         if rc:
-            raise _ffi.error_for(rc)  # the snapshot's file was damaged: as a restore says
-        return PooledRestoreVm(handle, self, guest, t) if handle else None
+            raise _ffi.error_for(rc)
+        return handle, t
 
     # -- lifetime -------------------------------------------------------------------------
 
