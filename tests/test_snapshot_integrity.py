@@ -90,6 +90,20 @@ def test_a_file_rewritten_in_place_after_load_is_refused(two_files, tmp_path, us
         assert pool.stats().in_use == 0
 
 
+@pytest.mark.parametrize("strategy", ["map", "copy"])
+def test_a_prepared_take_of_a_rewritten_file_is_refused(two_files, strategy):
+    """The take compares the mapped header (no statx: docs/security.md); another
+    snapshot written over the file differs there."""
+    a, b = two_files
+    with Snapshot.load(a) as s, RestorePool(CFG, PoolConfig(min_size=0, max_size=1)) as pool:
+        pool.prepare(s, 1, strategy=strategy)
+        rewrite_in_place(b, a)
+        with pytest.raises(SnapshotError) as e:
+            pool.restore_snapshot(s)
+        assert e.value.check == "damaged"
+        assert s.damaged and pool.stats().in_use == 0
+
+
 def test_reset_of_a_vm_whose_file_was_rewritten_is_refused(two_files):
     """A resettable map restore keeps reading the file at each reset."""
     a, b = two_files

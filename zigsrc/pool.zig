@@ -483,10 +483,12 @@ pub fn PoolOf(comptime F: type) type {
         /// `took`: the strategy of the take (prepared or reuse).
         pub fn reuse(p: *Self, snap: *const snapshot.Snapshot, park: bool, seq_out: *u64, took: *restore_mod.Strategy) ?*Vm {
             p.lockIt();
-            defer p.unlockIt();
             const target = p.findTarget(snap);
-            if (target == null and !park) return null;
-            return p.takeParkedLocked(snap, target, seq_out, took);
+            if (target == null and !park) {
+                p.unlockIt();
+                return null;
+            }
+            return p.takeParkedUnlock(snap, target, seq_out, took);
         }
 
         /// The hot path of a prepared restore: a ready VM of the target with
@@ -496,15 +498,27 @@ pub fn PoolOf(comptime F: type) type {
         /// its snapshot, so the caller needs no hold on the snapshot.
         pub fn takePrepared(p: *Self, target_id: u64, seq_out: *u64) ?*Vm {
             p.lockIt();
-            defer p.unlockIt();
-            const t = p.findTargetId(target_id) orelse return null;
+            const t = p.findTargetId(target_id) orelse {
+                p.unlockIt();
+                return null;
+            };
             var took: restore_mod.Strategy = undefined;
-            return p.takeParkedLocked(t.snap, t, seq_out, &took);
+            return p.takeParkedUnlock(t.snap, t, seq_out, &took);
         }
 
-        /// With the lock held: takes a parked VM of `snap` for `target` (null:
-        /// a reset_on_release reuse) and records the take. Its acquire_ns is
-        /// the take under the lock: the clock is read only once a VM is there.
+        /// Called with the lock held, returns with it released: takes a parked
+        /// VM of `snap` for `target` (null: a reset_on_release reuse), records
+        /// the take, and wakes the target's preparer after unlocking. Its
+        /// acquire_ns is the take under the lock: the clock is read only once a
+        /// VM is there.
+        fn takeParkedUnlock(p: *Self, snap: *const snapshot.Snapshot, target: ?*prepared.Target, seq_out: *u64, took: *restore_mod.Strategy) ?*Vm {
+            const vm = p.takeParkedLocked(snap, target, seq_out, took);
+            const wake = if (vm != null and target != null) p.preparerToWake(target.?) else null;
+            p.unlockIt();
+            if (wake) |cv| _ = c.pthread_cond_signal(cv);
+            return vm;
+        }
+
         fn takeParkedLocked(p: *Self, snap: *const snapshot.Snapshot, target: ?*prepared.Target, seq_out: *u64, took: *restore_mod.Strategy) ?*Vm {
             if (p.closed or (p.cfg.max_in_use != 0 and p.in_use >= p.cfg.max_in_use)) return null;
             const i = p.findParked(snap) orelse return null;
@@ -539,7 +553,6 @@ pub fn PoolOf(comptime F: type) type {
             // A fresh identity when the target asks for one, else none (a
             // take never hands on the identity of an earlier holder).
             F.setIdentity(vm, if (target != null and target.?.identity) p.nextIdentity() else 0);
-            if (target) |t| p.wakePreparer(t);
             return vm;
         }
 
@@ -551,6 +564,7 @@ pub fn PoolOf(comptime F: type) type {
         pub const heldFor = prepared.heldFor;
         pub const targetOf = prepared.targetOf;
         pub const wakePreparer = prepared.wakePreparer;
+        pub const preparerToWake = prepared.preparerToWake;
         pub const preparedCount = prepared.preparedCount;
         pub const setTarget = prepared.setTarget;
         pub const prepareBegin = prepared.prepareBegin;

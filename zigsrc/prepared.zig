@@ -87,8 +87,16 @@ pub fn targetOf(p: anytype, vm: *const ItemOf(@TypeOf(p))) ?*Target {
 
 /// With the lock held: wakes whoever prepares for `t` if it is short.
 pub fn wakePreparer(p: anytype, t: *const Target) void {
-    if (p.heldFor(t) >= t.n) return;
-    _ = c.pthread_cond_signal(if (t.external) &p.need_cv else &p.refill_cv);
+    if (p.preparerToWake(t)) |cv| _ = c.pthread_cond_signal(cv);
+}
+
+/// With the lock held: the condition to signal when `t` is short (null: it
+/// is not). For a signal after unlocking: a waiter woken under our lock
+/// would only block on it again (two futex calls and a cross-CPU bounce in
+/// the take's hot path).
+pub fn preparerToWake(p: anytype, t: *const Target) ?*c.pthread_cond_t {
+    if (p.heldFor(t) >= t.n) return null;
+    return if (t.external) &p.need_cv else &p.refill_cv;
 }
 
 /// Ready prepared VMs of `snap` (0 when it has no target).
