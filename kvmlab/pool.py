@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import _ffi
 from ._closing import Closing
-from .config import U32_MAX, VmConfig, bad_argument, check_buffer, check_int, check_type
+from .config import PoolConfig, VmConfig, check_buffer, check_int, check_type
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import Snapshot, strategy_code
@@ -42,51 +42,6 @@ lib = _ffi.lib
 STRATEGY_NAMES = _ffi.enum_names("kvmlab_strategy")
 #: kvmlab_restore_flags bits by name (read once: restore_snapshot is a hot path).
 _RESTORE_FLAGS = _ffi.enum_values("kvmlab_restore_flags")
-
-#: The core's limit on ``PoolConfig.max_size`` (``max_pool_size`` in zigsrc/pool.zig).
-MAX_POOL_SIZE = 256
-
-
-def _int(name: str, v: object, lo: int, hi: int = U32_MAX) -> int:
-    return check_int(f"PoolConfig {name}", v, lo, hi)
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """Pool bounds. ``max_size`` caps idle shells; ``max_in_use`` (None =
-    unlimited) caps VMs handed out at once.
-
-    Attributes:
-        min_size: idle shells the worker keeps ready (refilled in the background).
-        max_size: idle shells at most (1 .. 256).
-        max_in_use: VMs handed out at once at most (None: no limit).
-
-    Raises:
-        ConfigError: a bound is not an int or out of range.
-    """
-
-    min_size: int = 1
-    max_size: int = 4
-    max_in_use: int | None = None
-
-    def __post_init__(self) -> None:
-        _int("min_size", self.min_size, 0)
-        _int("max_size", self.max_size, 0)
-        if self.max_size == 0:
-            bad_argument("argument_range", "PoolConfig max_size", "PoolConfig max_size must be at least 1")
-        if self.max_size > MAX_POOL_SIZE:
-            bad_argument(
-                "argument_range", "PoolConfig max_size",
-                f"PoolConfig max_size={self.max_size} is over the limit of {MAX_POOL_SIZE}",
-            )
-        if self.min_size > self.max_size:
-            bad_argument(
-                "argument_range", "PoolConfig min_size",
-                f"PoolConfig min_size={self.min_size} is larger than max_size={self.max_size}",
-            )
-        if self.max_in_use is not None:
-            _int("max_in_use", self.max_in_use, 1)
-
 
 @dataclass(frozen=True)
 class PoolStats:
