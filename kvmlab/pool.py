@@ -14,6 +14,7 @@ per-restore timing ring live in the Zig core
 
 from __future__ import annotations
 
+import _thread
 import os
 import threading
 import time
@@ -184,6 +185,8 @@ class _Release:
             lib.kvmlab_pool_release(h, vm_handle)
 
 
+_new_lock = _thread.allocate_lock  # threading.Lock itself, one lookup fewer
+
 #: Spare times cells a pool keeps at most (_Release.times_cells).
 _SPARE_TIMES_CELLS = 64
 
@@ -218,11 +221,14 @@ class PooledRestoreVm(_VmHandle):
 
     def __init__(self, handle: Any, pool: "RestorePool", guest: str, times: Any) -> None:
         # The core frees the pool only after close() *and* the last release,
-        # deciding under its lock, so release needs no guard here.
-        _VmHandle.__init__(self, handle, pool.vm_config, guest, pool._release_vm)
-        # The pool's release function; its pool_handle stays valid while this
+        # deciding under its lock, so release needs no guard here. The
+        # pool's release function; its pool_handle stays valid while this
         # VM is out, even after close() (None in a fork's child).
-        self._pool_handle = pool._release_vm
+        release = self._pool_handle = pool._release_vm
+        # _VmHandle's part without its __init__: a frame measured ~3 us with
+        # the cold caches of a take (tests/test_pool.py checks every slot is set).
+        self._handle, self._free, self._config, self._guest = handle, release, pool.vm_config, guest
+        self._lock, self._decoder, self._reset_timings = _new_lock(), None, None
         self._first_run_pending = True
         # The core's kvmlab_restore_times, turned into a dict on first use:
         # the restore call itself only keeps the struct (a hot path).

@@ -856,3 +856,18 @@ def test_service_guest_calls(service_snap):
             assert rvm.call(b"again") == b"again"
         t = pool.timings()
         assert len(t) == 2 and all(x.first_run_ns for x in t)
+
+
+def test_a_pooled_vm_sets_every_slot_of_a_vm_handle(service_snap):
+    """PooledRestoreVm sets _VmHandle's slots itself (no base __init__ on the
+    hot path): a slot added there and forgotten here would be unset."""
+    from kvmlab.vm import _VmHandle
+
+    slots = [s for s in _VmHandle.__slots__ if s != "__weakref__"]
+    with RestorePool(CFG, PoolConfig(min_size=0, max_size=1)) as pool:
+        pool.prepare(service_snap, 1)
+        for vm in (pool.restore_snapshot(service_snap), pool.restore_snapshot(service_snap)):  # prepared, then restored
+            with vm:
+                unset = [s for s in slots + list(type(vm).__slots__) if not hasattr(vm, s)]
+                assert unset == []
+                assert vm.call(b"slots") == b"slots"
