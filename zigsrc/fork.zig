@@ -15,6 +15,15 @@
 //! (again a cost that grows with n). A shell gets no PIT unless the snapshot
 //! used one, and no dirty log unless the VMs are to be resettable.
 //!
+//! Why the heap is grown first: glibc grows the malloc arena of a thread
+//! (all but the main one) with an mprotect per page its allocations need,
+//! and an mprotect calls the MMU notifier of every VM of the process; at
+//! 1,000 VMs a machine's allocations (its shell and machine records) cost
+//! 130-170 us that way, and mmaps waited on the lock it held. So the same
+//! workers run both phases, and each first grows its arena by what the
+//! machines it may make will take and frees it (glibc keeps the range
+//! read-write: phase 2 then allocates without a system call).
+//!
 //! Stopping: the caller sets `stop` (another thread: Ctrl-C, close); every
 //! step checks it, and then, as on any failure, everything made is destroyed
 //! (in parallel: each destroy waits ~11 ms in the kernel on kvm_pvm) and
@@ -65,6 +74,15 @@ const Job = struct {
     next: std.atomic.Value(usize) = .init(0),
     failed: std.atomic.Value(bool) = .init(false),
     lock: std.c.pthread_mutex_t = .{},
+    /// Between the phases (guarded by `lock`): the workers of the call (0
+    /// until all are started), how many are done with phase 1, and when the
+    /// last one was (phase 2 begins then).
+    workers: u32 = 0,
+    arrived: u32 = 0,
+    phase2: std.c.pthread_cond_t = .{},
+    phase2_ns: u64 = 0,
+    /// What each worker grows its heap by before phase 1 (warmHeap).
+    warm_bytes: usize = 0,
     fail_error: errors.Error = error.OutOfMemory,
     fail_check: errors.Check = .none,
     fail_message: [errors.message_capacity]u8 = undefined,
@@ -94,6 +112,36 @@ const Job = struct {
         return if (i < j.out.len) i else null;
     }
 };
+
+/// Heap bytes a machine takes (its shell and machine records, malloc's
+/// headers; a resettable one also reset.Resettable.init's two dirty bitmaps).
+fn machineHeapBytes(memory_bytes: u64, resettable: bool) usize {
+    const records = @sizeOf(shell.Vm) + @sizeOf(Machine) + 64;
+    return records + if (resettable) 2 * shell.Vm.dirtyWordsFor(memory_bytes) * @sizeOf(u64) else 0;
+}
+/// warmHeap allocates blocks below glibc's mmap threshold (128 KiB), so that
+/// they come from the thread's arena, and at most max_warm_bytes in all (a
+/// thread's arena is 64 MiB; a worker past its warmed share just pays the
+/// mprotects again).
+const warm_block_bytes = 32 << 10;
+const max_warm_bytes = 32 << 20;
+
+/// Grows this thread's malloc arena by `bytes` and frees them again (see
+/// the top comment). Before any VM exists its mprotects cost microseconds.
+fn warmHeap(bytes: usize) void {
+    const Block = struct { previous: ?*anyopaque };
+    var last: ?*anyopaque = null;
+    var made: usize = 0;
+    while (made < @min(bytes, max_warm_bytes)) : (made += warm_block_bytes) {
+        const b: *Block = @ptrCast(@alignCast(std.c.malloc(warm_block_bytes) orelse break));
+        b.previous = last;
+        last = b;
+    }
+    while (last) |p| {
+        last = @as(*Block, @ptrCast(@alignCast(p))).previous;
+        std.c.free(p);
+    }
+}
 
 /// Phase 1: one VM fd per machine (KVM_CREATE_VM, its TSS address).
 fn makeFds(j: *Job) void {
@@ -144,14 +192,55 @@ fn worker(j: *Job, phase: *const fn (*Job) void) void {
     phase(j);
 }
 
-/// Runs `phase` on `threads` threads (this one included) until it is done.
+/// Waits until every worker is done with phase 1; the last one to be resets
+/// the index and notes the time, and phase 2 begins.
+fn betweenPhases(j: *Job) void {
+    _ = std.c.pthread_mutex_lock(&j.lock);
+    defer _ = std.c.pthread_mutex_unlock(&j.lock);
+    j.arrived += 1;
+    std.debug.assert(j.workers == 0 or j.arrived <= j.workers);
+    if (j.arrived == j.workers) {
+        j.next.store(0, .release);
+        j.phase2_ns = shell.monotonicNs();
+        _ = std.c.pthread_cond_broadcast(&j.phase2);
+        return;
+    }
+    while (j.workers == 0 or j.arrived < j.workers) _ = std.c.pthread_cond_wait(&j.phase2, &j.lock);
+}
+
+/// What each worker of a fork does: its heap, phase 1, wait, phase 2.
+fn Phases(comptime first: fn (*Job) void, comptime second: fn (*Job) void) type {
+    return struct {
+        fn run(j: *Job) void {
+            warmHeap(j.warm_bytes);
+            first(j);
+            betweenPhases(j);
+            second(j);
+        }
+    };
+}
+
+/// Runs `run` on `threads` threads (this one included; fewer when fewer
+/// start) and returns when all are done; `j.workers` says how many ran it.
+fn runOn(j: *Job, threads: u32, run: *const fn (*Job) void) void {
+    var pool: [max_threads]?std.Thread = @splat(null);
+    const extra = @min(threads, max_threads, @as(u32, @intCast(j.out.len))) - 1;
+    var started: u32 = 1;
+    for (pool[0..extra]) |*t| {
+        t.* = std.Thread.spawn(.{ .stack_size = thread_stack_bytes, .allocator = allocator }, worker, .{ j, run }) catch null;
+        started += @intFromBool(t.* != null);
+    }
+    _ = std.c.pthread_mutex_lock(&j.lock);
+    j.workers = started; // before this thread's own arrival: phase 2 cannot begin without it
+    _ = std.c.pthread_mutex_unlock(&j.lock);
+    run(j); // at least this thread, even when no thread could start
+    for (pool[0..extra]) |t| if (t) |th| th.join();
+}
+
+/// Runs one `phase` (every index from 0) on `threads` threads.
 fn runPhase(j: *Job, threads: u32, phase: *const fn (*Job) void) void {
     j.next.store(0, .release);
-    var pool: [destroy_threads]?std.Thread = @splat(null);
-    const extra = @min(threads, destroy_threads, @as(u32, @intCast(j.out.len))) - 1;
-    for (pool[0..extra]) |*t| t.* = std.Thread.spawn(.{ .stack_size = thread_stack_bytes, .allocator = allocator }, worker, .{ j, phase }) catch null;
-    phase(j); // at least this thread, even when no thread could start
-    for (pool[0..extra]) |t| if (t) |th| th.join();
+    runOn(j, threads, phase);
 }
 
 /// Restores `out.len` machines of `snap` (file-backed; the map strategy).
@@ -168,11 +257,12 @@ pub fn forkMany(snap: *snapshot.Snapshot, opts: Options, out: []?*Machine, times
     defer allocator.free(fds);
     @memset(fds, .{ .fd = -1 });
     var j: Job = .{ .snap = snap, .opts = opts, .src = try restore.MemorySource.forSnapshot(snap, .map), .fds = fds, .out = out };
+    // Any worker may make every machine; more than twice its share is unlikely.
+    const share = @min(out.len, 2 * ((out.len + opts.threads - 1) / opts.threads));
+    j.warm_bytes = share * machineHeapBytes(snap.parsed.memory_bytes, opts.resettable);
     const t0 = shell.monotonicNs();
-    runPhase(&j, opts.threads, makeFds);
-    const t1 = shell.monotonicNs();
-    if (!j.stopped()) runPhase(&j, opts.threads, makeMachines);
-    times.* = .{ .vm_fds_ns = t1 - t0, .machines_ns = shell.monotonicNs() - t1 };
+    runOn(&j, opts.threads, &Phases(makeFds, makeMachines).run);
+    times.* = .{ .vm_fds_ns = j.phase2_ns - t0, .machines_ns = shell.monotonicNs() - j.phase2_ns };
     if (!j.stopped()) return true;
     runPhase(&j, destroy_threads, destroyMade);
     @atomicStore(u64, opts.done, 0, .release);
@@ -204,4 +294,34 @@ test "fork: claim hands each index out once over threads, and none after a stop 
     try std.testing.expectEqual(errors.Check.fork_count, j.fail_check);
     try std.testing.expectEqualStrings("first", j.fail_message[0..j.fail_len]);
     try std.testing.expectEqual(@as(?usize, null), j.claim());
+}
+
+test "fork: every worker ends phase 1 before any begins phase 2; each index is claimed once in each" {
+    var stop: u32 = 0;
+    var done: u64 = 0;
+    var out: [500]?*Machine = @splat(null);
+    var fds: [500]kvm.VmFd = @splat(.{ .fd = -1 });
+    var j: Job = .{ .snap = undefined, .opts = .{ .threads = 4, .stop = &stop, .done = &done }, .src = .{ .reuse = .{} }, .fds = &fds, .out = &out, .warm_bytes = 100 << 10 };
+    const Check = struct {
+        var first_done = std.atomic.Value(usize).init(0);
+        var early = std.atomic.Value(bool).init(false);
+        fn first(job: *Job) void {
+            while (job.claim()) |i| {
+                std.Thread.yield() catch {};
+                job.fds[i].fd += 1; // -1 -> 0
+                _ = first_done.fetchAdd(1, .acq_rel);
+            }
+        }
+        fn second(job: *Job) void {
+            while (job.claim()) |i| {
+                if (first_done.load(.acquire) != job.out.len) early.store(true, .release);
+                job.fds[i].fd += 1; // 0 -> 1
+            }
+        }
+    };
+    runOn(&j, 4, &Phases(Check.first, Check.second).run);
+    for (fds) |fd| try std.testing.expectEqual(@as(i32, 1), fd.fd);
+    try std.testing.expect(!Check.early.load(.acquire));
+    try std.testing.expectEqual(j.workers, j.arrived);
+    try std.testing.expect(j.phase2_ns > 0);
 }

@@ -696,7 +696,10 @@ pub const Vm = struct {
 
     /// Words of a dirty-page bitmap of this VM's memory (one bit per page).
     pub fn dirtyWords(vm: *const Vm) usize {
-        return @intCast((vm.mem.len / boot.page_bytes + 63) / 64);
+        return dirtyWordsFor(vm.mem.len);
+    }
+    pub fn dirtyWordsFor(memory_bytes: u64) usize {
+        return @intCast((memory_bytes / boot.page_bytes + 63) / 64);
     }
 
     /// Reads KVM's dirty log into `bitmap` (and clears it, but for manual protect).
