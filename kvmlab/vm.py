@@ -51,11 +51,15 @@ __all__ = ["Vm", "RunResult", "ResetTiming", "LoopResult", "REASONS"]
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-#: The service protocol (docs/guest-protocol.md).
-SERVICE_GPA = 0x4000
-SERVICE_TAG = 0x5E5E0001
-SERVICE_MAX_BYTES = 4096
-SERVICE_OPS = {"echo": 1, "crc32c": 2, "reverse": 3}
+#: The service protocol (docs/guest-protocol.md), from the header: its
+#: operations by name, the payload limit, the header's address, the tag.
+SERVICE_OPS = _ffi.enum_values("kvmlab_service_op")
+_SERVICE = _ffi.enum_values("kvmlab_service_const")
+SERVICE_MAX_BYTES = _SERVICE["max_bytes"]
+SERVICE_GPA = _SERVICE["header_gpa"]
+SERVICE_TAG = _SERVICE["wait_tag"]
+_SERVICE_STATUS = _ffi.enum_values("kvmlab_service_status")
+_CALL_OUTCOME = _ffi.enum_values("kvmlab_call_outcome")
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
@@ -131,7 +135,8 @@ class _VmHandle(_ResetOps, Closing):
     # arguments: a pooled restore builds one of these on its hot path, right
     # after the KVM ioctls, when every cache is cold (each of those measured
     # several microseconds there).
-    __slots__ = ("_handle", "_free", "_config", "_guest", "_lock", "_decoder", "_reset_timings", "__weakref__")
+    __slots__ = ("_handle", "_free", "_config", "_guest", "_lock", "_decoder", "_reset_timings", "_call_cells",
+                 "__weakref__")
 
     def __init__(self, handle: Any, config: VmConfig, guest: str, free: Callable[[Any], None] | None = None) -> None:
         self._handle = handle
@@ -141,6 +146,7 @@ class _VmHandle(_ResetOps, Closing):
         self._lock = threading.Lock()
         self._decoder: codecs.IncrementalDecoder | None = None  # made on first console read
         self._reset_timings: collections.deque[ResetTiming] | None = None  # made on first reset
+        self._call_cells: tuple[bytearray, Any, Any, Any] | None = None  # made on first call()
 
     def __del__(self) -> None:
         # Dropped without close(): nothing else can reference this object now.
@@ -224,19 +230,23 @@ class _VmHandle(_ResetOps, Closing):
         with self._operation() as h:
             return self._run_locked(h, timeout_ns)
 
-    def _run_locked(self, h: Any, timeout_ns: int) -> RunResult:
-        """run() with the lock held and ``h`` live (call() runs this way
-        between its write and its read: one operation)."""
-        out = ffi.new("kvmlab_run_result *")
+    def _run_locked(self, h: Any, timeout_ns: int, run: Callable[[int, Any, int], int] | None = None,
+                    out: Any = None) -> RunResult:
+        """run() with the lock held and ``h`` live. ``run(left_ns, out,
+        again)`` makes the native run (default kvmlab_vm_run; call() passes
+        kvmlab_vm_call, ``again`` 1 when it resumes after a signal)."""
+        out = out if out is not None else ffi.new("kvmlab_run_result *")
         elapsed = 0
+        again = 0
         while True:
             left = 0 if timeout_ns == 0 else max(1, timeout_ns - elapsed)
-            rc = lib.kvmlab_vm_run(h, left, out)
+            rc = lib.kvmlab_vm_run(h, left, out) if run is None else run(left, out, again)
             if rc != 0 or REASONS.get(out.reason) != "interrupted":
                 break
             # A signal (Ctrl-C) stopped the vCPUs: Python runs its handler
             # here (KeyboardInterrupt propagates); otherwise resume.
             elapsed += int(out.elapsed_ns)
+            again = 1
         out.elapsed_ns += elapsed
         if rc != 0:
             err = _ffi.error_for(rc)
@@ -376,27 +386,25 @@ class _VmHandle(_ResetOps, Closing):
             ConfigError: an unknown ``op`` or a payload over 4096 bytes.
         """
         code = check_choice("op", op, SERVICE_OPS)
-        data = bytes(check_buffer("payload", payload))
+        data = check_buffer("payload", payload)
         if len(data) > SERVICE_MAX_BYTES:
             bad_argument(
                 "argument_range", "payload",
                 f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}",
             )
         timeout_ns = _timeout_ns(timeout_s)
+        # One native call writes the request, runs and reads the answer (each
+        # step from here measured several us with a run's cold caches). Its
+        # cells are this VM's, used under its lock.
+        cells = self._call_cells or self._make_call_cells()
+        buf, buf_ptr, ans, out = cells
+        src = ffi.from_buffer("uint8_t[]", data)
         with self._operation() as h:
-            hdr = self._read(h, SERVICE_GPA, 16)
-            seq = (int.from_bytes(hdr[8:12], "little") + 1) & 0xFFFFFFFF
-            self._write(h, SERVICE_GPA + 0x1000, data)
-            self._write(
-                h,
-                SERVICE_GPA,
-                len(data).to_bytes(4, "little") + b"\0\0\0\0" + seq.to_bytes(4, "little") + b"\0\0\0\0" + code.to_bytes(4, "little"),
-            )
-            r = self._run_locked(h, timeout_ns)
-            head = self._read(h, SERVICE_GPA, 0x18)
-            n = int.from_bytes(head[4:8], "little")
-            answer = self._read(h, SERVICE_GPA + 0x2000, min(n, SERVICE_MAX_BYTES))
-        if r.reason != "checkpoint" or r.checkpoint_tag != SERVICE_TAG:
+            r = self._run_locked(h, timeout_ns, lambda left, o, again: lib.kvmlab_vm_call(
+                h, code, src, len(data), again, left, o, buf_ptr, SERVICE_MAX_BYTES, ans), out)
+            answer = bytes(buf[: ans.bytes])
+            outcome, status = int(ans.outcome), int(ans.status)
+        if outcome == _CALL_OUTCOME["no_answer"]:
             err = GuestTimeoutError(
                 f"guest {self._guest} did not answer the service request (run ended with {r.reason}"
                 f"{' tag 0x%x' % r.checkpoint_tag if r.reason == 'checkpoint' else ''}); is it the service guest, waiting?",
@@ -404,12 +412,20 @@ class _VmHandle(_ResetOps, Closing):
             )
             err.console = r.console  # type: ignore[attr-defined]
             raise err
-        if int.from_bytes(head[12:16], "little") != seq or n > SERVICE_MAX_BYTES:
+        if outcome == _CALL_OUTCOME["out_of_protocol"]:
             raise GuestError(f"guest {self._guest} answered out of protocol (sequence or length wrong)", check="service_protocol")
-        status = int.from_bytes(head[0x14:0x18], "little")
-        if status == 1:
+        if status == _SERVICE_STATUS["bad_opcode"]:
             raise GuestError(f"guest {self._guest} does not know op {op!r}", check="service_op")
         return answer
+
+    def _make_call_cells(self) -> tuple[bytearray, Any, Any, Any]:
+        """call()'s answer buffer, its pointer, the answer and run result
+        structs: made on the first call, reused under the VM's lock."""
+        buf = bytearray(SERVICE_MAX_BYTES)
+        cells = (buf, ffi.from_buffer("uint8_t[]", buf), ffi.new("kvmlab_service_answer *"),
+                 ffi.new("kvmlab_run_result *"))
+        self._call_cells = cells
+        return cells
 
     # -- snapshots ----------------------------------------------------------------------
 

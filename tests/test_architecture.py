@@ -14,7 +14,7 @@ ZIGSRC = Path(__file__).resolve().parent.parent / "zigsrc"
 
 #: The layers, lowest first: a file may import only files of lower layers.
 LAYERS = [
-    ["kvm.zig"],
+    ["kvm.zig", "guests/service_protocol.zig"],
     ["errors.zig"],
     ["sigbus.zig", "fault.zig", "signals.zig"],
     ["safe.zig", "boot.zig", "host.zig"],
@@ -24,7 +24,7 @@ LAYERS = [
     ["restore.zig"],
     ["reset.zig"],
     ["machine.zig"],
-    ["prepared.zig"],
+    ["prepared.zig", "service.zig"],
     ["pool.zig"],
     ["fork.zig"],
     ["capi/common.zig"],

@@ -39,3 +39,40 @@ def test_service_status_codes(service_snap):
         assert (status, n) == (2, 4096)
         assert vm.read_memory(SERVICE_GPA + 0x2000, 4096) == bytes(range(256)) * 16
         assert vm.call(b"still fine") == b"still fine"  # the guest serves on
+
+
+def test_vm_call_abi_resumes_a_run_and_refuses_an_oversized_payload(service_snap):
+    """kvmlab_vm_call, which call() makes: a run cut short (a 1 ns timeout)
+    leaves the request in place, and a resume (resume_run=1) runs on and
+    reads the answer to the same sequence number; a payload over the service
+    area is refused with check id service_payload, writing nothing."""
+    from kvmlab import _ffi
+    from kvmlab.vm import SERVICE_MAX_BYTES, SERVICE_OPS
+
+    ffi, lib = _ffi.ffi, _ffi.lib
+    outcome = _ffi.enum_values("kvmlab_call_outcome")
+    with Vm.restore(service_snap) as vm:
+        assert vm.call(b"warm") == b"warm"
+        h = vm._handle
+        buf = bytearray(SERVICE_MAX_BYTES)
+        ans, out = ffi.new("kvmlab_service_answer *"), ffi.new("kvmlab_run_result *")
+        payload = b"resumed"
+        rc = lib.kvmlab_vm_call(h, SERVICE_OPS["reverse"], payload, len(payload), 0, 1, out,
+                                ffi.from_buffer("uint8_t[]", buf), len(buf), ans)
+        assert rc == 0
+        seq = ans.seq
+        for _ in range(100):  # the 1 ns run may already have answered; else resume until it does
+            if ans.outcome == outcome["answered"]:
+                break
+            assert ans.outcome == outcome["no_answer"]
+            rc = lib.kvmlab_vm_call(h, 0, ffi.NULL, 0, 1, 1_000_000_000, out, ffi.from_buffer("uint8_t[]", buf),
+                                    len(buf), ans)
+            assert rc == 0
+        assert (ans.outcome, ans.seq, bytes(buf[: ans.bytes])) == (outcome["answered"], seq, payload[::-1])
+        before = vm.read_memory(SERVICE_GPA, 0x18)
+        big = bytes(SERVICE_MAX_BYTES + 1)
+        rc = lib.kvmlab_vm_call(h, SERVICE_OPS["echo"], big, len(big), 0, 1_000_000_000, out,
+                                ffi.from_buffer("uint8_t[]", buf), len(buf), ans)
+        assert _ffi.error_for(rc).check == "service_payload"
+        assert vm.read_memory(SERVICE_GPA, 0x18) == before
+        assert vm.call(b"still fine") == b"still fine"

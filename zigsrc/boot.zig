@@ -10,7 +10,6 @@ pub const gdt_gpa: u64 = 0x1000;
 pub const tss_gpa: u64 = 0xA000;
 pub const bootinfo_gpa: u64 = 0x3000;
 pub const bootinfo_args_offset: u64 = 64;
-pub const service_gpa: u64 = 0x4000;
 pub const pml4_gpa: u64 = 0x10000;
 pub const pdpt_gpa: u64 = 0x11000;
 pub const pd_gpa: u64 = 0x12000;

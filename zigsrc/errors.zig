@@ -131,6 +131,7 @@ pub const Check = enum(c_int) {
     input_size = 426,
     fork_count = 427,
     fork_threads = 428,
+    service_payload = 429,
     // guest: the image (boot.zig)
     image_empty = 501,
     image_size = 502,

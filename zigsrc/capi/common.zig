@@ -21,6 +21,7 @@ const restore = @import("../restore.zig");
 const reset = @import("../reset.zig");
 const pool_mod = @import("../pool.zig");
 const machine = @import("../machine.zig");
+const service = @import("../service.zig");
 
 /// Bumped on any incompatible change of a signature or struct below.
 /// 2: reset_loop's out_done, kvmlab_vm_begin_close. 3: product/testing
@@ -78,6 +79,45 @@ pub const kvmlab_run_result = extern struct {
     console_bytes: u64,
     /// Console bytes lost because the buffer was full.
     console_dropped_bytes: u64,
+};
+
+/// The service protocol's operations (docs/guest-protocol.md, "Service area").
+pub const kvmlab_service_op = service.protocol.Op;
+/// The status the service guest answers with.
+pub const kvmlab_service_status = service.protocol.Status;
+/// The service protocol's numbers (guests/service_protocol.zig), for callers
+/// that speak it themselves (kvmlab_vm_call does it all).
+pub const kvmlab_service_const = enum(c_int) {
+    /// Guest-physical addresses of the header, the request and the response.
+    header_gpa = service.protocol.header_gpa,
+    request_gpa = service.protocol.request_gpa,
+    response_gpa = service.protocol.response_gpa,
+    /// Payload bytes at most, each way.
+    max_bytes = service.protocol.max_bytes,
+    /// The checkpoint tag the guest waits for a request at.
+    wait_tag = service.protocol.wait_tag,
+};
+
+/// How a kvmlab_vm_call ended, besides its run result.
+pub const kvmlab_call_outcome = enum(c_int) {
+    /// The run stopped elsewhere (timeout, exit, another checkpoint, a signal).
+    no_answer = 0,
+    /// The answer to this request is in the buffer.
+    answered = 1,
+    /// The run stopped at the service checkpoint, but the header does not
+    /// answer this request (sequence or length wrong).
+    out_of_protocol = 2,
+};
+
+/// kvmlab_vm_call's answer.
+pub const kvmlab_service_answer = extern struct {
+    /// The request's sequence number: set by a call that sends, read by a resume.
+    seq: u32,
+    /// Answer bytes copied into the buffer.
+    bytes: u32,
+    /// The guest's kvmlab_service_status (answered only).
+    status: u32,
+    outcome: kvmlab_call_outcome,
 };
 
 pub const kvmlab_regs = extern struct {

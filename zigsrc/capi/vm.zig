@@ -6,6 +6,7 @@ const shell = @import("../shell.zig");
 const restore = @import("../restore.zig");
 const reset = @import("../reset.zig");
 const machine = @import("../machine.zig");
+const service = @import("../service.zig");
 const common = @import("common.zig");
 
 /// Creates an empty VM shell: VM, memory, slot, irqchip, PIT, vCPUs.
@@ -41,8 +42,42 @@ pub export fn kvmlab_vm_run(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*commo
     return common.call(vmRun, .{ h, timeout_ns, out });
 }
 fn vmRun(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result) errors.Error!void {
-    const vm = (try common.asVm(h)).shell;
+    const m = try common.asVm(h);
     const o = try common.outPtr(common.kvmlab_run_result, out);
+    _ = try runInto(m, timeout_ns, o);
+}
+
+/// vm.call() in one native call: writes a service request (`op`, `payload`)
+/// into the guest, runs it as kvmlab_vm_run does (`timeout_ns`, `run_out`)
+/// and, when the run stopped at the service checkpoint, copies the answer
+/// into `answer_buf` (at most `answer_capacity` bytes) and says so in
+/// `answer`. With `resume_run` nonzero nothing is written: the run goes on with
+/// the request of `answer->seq` (after a run a signal interrupted).
+pub export fn kvmlab_vm_call(h: ?*common.kvmlab_vm, op: common.kvmlab_service_op, payload: ?[*]const u8, payload_bytes: usize, resume_run: u32, timeout_ns: u64, run_out: ?*common.kvmlab_run_result, answer_buf: ?[*]u8, answer_capacity: usize, answer: ?*common.kvmlab_service_answer) callconv(.c) common.kvmlab_result {
+    return common.call(vmCall, .{ h, op, payload, payload_bytes, resume_run, timeout_ns, run_out, answer_buf, answer_capacity, answer });
+}
+fn vmCall(h: ?*common.kvmlab_vm, op: common.kvmlab_service_op, payload: ?[*]const u8, payload_bytes: usize, resume_run: u32, timeout_ns: u64, run_out: ?*common.kvmlab_run_result, answer_buf: ?[*]u8, answer_capacity: usize, answer: ?*common.kvmlab_service_answer) errors.Error!void {
+    const m = try common.asVm(h);
+    const o = try common.outPtr(common.kvmlab_run_result, run_out);
+    const a = try common.outPtr(common.kvmlab_service_answer, answer);
+    const buf: []u8 = if (answer_capacity == 0) &.{} else (answer_buf orelse return errors.fail(.null_argument, "NULL answer buffer", .{}))[0..answer_capacity];
+    if (resume_run == 0) {
+        const bytes = try common.bytesOf(payload, payload_bytes);
+        if (bytes.len > service.protocol.max_bytes) return errors.fail(.service_payload, "a service payload of {d} bytes is over the limit of {d}", .{ bytes.len, service.protocol.max_bytes });
+        a.seq = try service.send(m, @bitCast(@intFromEnum(op)), bytes);
+    }
+    a.bytes = 0;
+    a.status = 0;
+    a.outcome = .no_answer;
+    const r = try runInto(m, timeout_ns, o);
+    if (r.reason != .checkpoint or r.checkpoint_tag != service.protocol.wait_tag) return;
+    const got = try service.receive(m, a.seq, buf);
+    a.* = .{ .seq = a.seq, .bytes = got.bytes, .status = got.status, .outcome = if (got.in_sequence) .answered else .out_of_protocol };
+}
+
+/// Runs `m` and fills `o` as kvmlab_vm_run reports a run.
+fn runInto(m: *machine.Machine, timeout_ns: u64, o: *common.kvmlab_run_result) errors.Error!shell.RunOutcome {
+    const vm = m.shell;
     const r = try vm.run(timeout_ns);
     o.* = .{
         .reason = r.reason,
@@ -53,6 +88,7 @@ fn vmRun(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result
         .console_bytes = vm.console_len,
         .console_dropped_bytes = vm.console_dropped,
     };
+    return r;
 }
 
 /// Stops a run() in progress on another thread at the vCPUs' next exit (it

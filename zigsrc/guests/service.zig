@@ -14,30 +14,15 @@ comptime {
     rt.exportEntry(main);
 }
 
-pub const wait_tag: u32 = 0x5e5e0001;
-pub const max_len: u32 = 4096;
-
-pub const op_echo: u32 = 1;
-pub const op_crc32c: u32 = 2;
-pub const op_reverse: u32 = 3;
-
-pub const status_ok: u32 = 0;
-pub const status_bad_opcode: u32 = 1;
-pub const status_truncated: u32 = 2;
-
-/// The service header at 0x4000.
-const Header = extern struct {
-    req_len: u32, // 0x4000, host
-    resp_len: u32, // 0x4004, guest
-    req_seq: u32, // 0x4008, host
-    resp_seq: u32, // 0x400c, guest
-    opcode: u32, // 0x4010, host
-    status: u32, // 0x4014, guest
-};
-
-const header_addr: u64 = 0x4000;
-const request_addr: u64 = 0x5000;
-const response_addr: u64 = 0x6000;
+const protocol = @import("service_protocol.zig");
+const Header = protocol.Header;
+const max_len = protocol.max_bytes;
+const status_ok: u32 = @intFromEnum(protocol.Status.ok);
+const status_bad_opcode: u32 = @intFromEnum(protocol.Status.bad_opcode);
+const status_truncated: u32 = @intFromEnum(protocol.Status.truncated);
+const op_echo: u32 = @intFromEnum(protocol.Op.echo);
+const op_crc32c: u32 = @intFromEnum(protocol.Op.crc32c);
+const op_reverse: u32 = @intFromEnum(protocol.Op.reverse);
 
 fn serve(hdr: *volatile Header) void {
     var status = status_ok;
@@ -46,8 +31,8 @@ fn serve(hdr: *volatile Header) void {
         len = max_len;
         status = status_truncated;
     }
-    const req = @as([*]const u8, @ptrFromInt(request_addr))[0..len];
-    const resp: [*]u8 = @ptrFromInt(response_addr);
+    const req = @as([*]const u8, @ptrFromInt(protocol.request_gpa))[0..len];
+    const resp: [*]u8 = @ptrFromInt(protocol.response_gpa);
 
     var resp_len: u32 = 0;
     switch (hdr.opcode) {
@@ -80,9 +65,9 @@ fn serve(hdr: *volatile Header) void {
 fn main(vcpu: u64) noreturn {
     if (vcpu != 0) rt.exit(0);
     rt.write("service ready\n");
-    const hdr: *volatile Header = @ptrFromInt(header_addr);
+    const hdr: *volatile Header = @ptrFromInt(protocol.header_gpa);
     while (true) {
-        rt.checkpoint(wait_tag);
+        rt.checkpoint(protocol.wait_tag);
         serve(hdr);
     }
 }
