@@ -17,6 +17,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -156,6 +157,19 @@ def close_during(vm, work, settle_s: float) -> tuple[float, bool]:
     waited = time.monotonic() - t0
     t.join(5)
     return waited, not t.is_alive()
+
+
+#: A shell's background job starts with SIGINT ignored, and Python then leaves
+#: it ignored (so do the interpreters it starts: an ignored signal stays
+#: ignored across exec). The tests of Ctrl-C send SIGINT and expect
+#: KeyboardInterrupt, as in a terminal or a notebook: they would fail there,
+#: or pass without testing anything. With a handler installed here, children
+#: start with SIGINT at its default again (exec resets handled signals).
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_raises_keyboard_interrupt():
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture(scope="session")
