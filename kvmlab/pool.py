@@ -228,7 +228,7 @@ class PooledRestoreVm(_VmHandle):
         # _VmHandle's part without its __init__: a frame measured ~3 us with
         # the cold caches of a take (tests/test_pool.py checks every slot is set).
         self._handle, self._free, self._config, self._guest = handle, release, pool.vm_config, guest
-        self._lock, self._decoder, self._reset_timings, self._call_cells = _new_lock(), None, None, None
+        self._lock, self._decoder, self._reset_timings = _new_lock(), None, None
         self._first_run_pending = True
         # The core's kvmlab_restore_times, turned into a dict on first use:
         # the restore call itself only keeps the struct (a hot path).

@@ -63,6 +63,16 @@ _CALL_OUTCOME = _ffi.enum_values("kvmlab_call_outcome")
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
+#: Spare cells of call() (answer buffer, its pointer, the answer and run
+#: result structs), shared by every VM; at most this many are kept.
+_CALL_CELLS: list[tuple[bytearray, Any, Any, Any]] = []
+_SPARE_CALL_CELLS = 16
+
+
+def _new_call_cells() -> tuple[bytearray, Any, Any, Any]:
+    buf = bytearray(SERVICE_MAX_BYTES)
+    return buf, ffi.from_buffer("uint8_t[]", buf), ffi.new("kvmlab_service_answer *"), ffi.new("kvmlab_run_result *")
+
 #: Orders interrupt() (which runs without the VM's lock, so that it can stop a
 #: run() holding it) and the interrupt count every call notes on entry
 #: (_interrupt_count) before close() frees the handle. One for all VMs: each
@@ -135,8 +145,7 @@ class _VmHandle(_ResetOps, Closing):
     # arguments: a pooled restore builds one of these on its hot path, right
     # after the KVM ioctls, when every cache is cold (each of those measured
     # several microseconds there).
-    __slots__ = ("_handle", "_free", "_config", "_guest", "_lock", "_decoder", "_reset_timings", "_call_cells",
-                 "__weakref__")
+    __slots__ = ("_handle", "_free", "_config", "_guest", "_lock", "_decoder", "_reset_timings", "__weakref__")
 
     def __init__(self, handle: Any, config: VmConfig, guest: str, free: Callable[[Any], None] | None = None) -> None:
         self._handle = handle
@@ -146,7 +155,6 @@ class _VmHandle(_ResetOps, Closing):
         self._lock = threading.Lock()
         self._decoder: codecs.IncrementalDecoder | None = None  # made on first console read
         self._reset_timings: collections.deque[ResetTiming] | None = None  # made on first reset
-        self._call_cells: tuple[bytearray, Any, Any, Any] | None = None  # made on first call()
 
     def __del__(self) -> None:
         # Dropped without close(): nothing else can reference this object now.
@@ -394,16 +402,24 @@ class _VmHandle(_ResetOps, Closing):
             )
         timeout_ns = _timeout_ns(timeout_s)
         # One native call writes the request, runs and reads the answer (each
-        # step from here measured several us with a run's cold caches). Its
-        # cells are this VM's, used under its lock.
-        cells = self._call_cells or self._make_call_cells()
+        # step from here measured several us with a run's cold caches), into
+        # spare cells (list.pop/append are atomic: one set per call in flight,
+        # so a VM's first call, e.g. right after a take, allocates nothing).
+        try:
+            cells = _CALL_CELLS.pop()
+        except IndexError:
+            cells = _new_call_cells()
         buf, buf_ptr, ans, out = cells
         src = ffi.from_buffer("uint8_t[]", data)
-        with self._operation() as h:
-            r = self._run_locked(h, timeout_ns, lambda left, o, again: lib.kvmlab_vm_call(
-                h, code, src, len(data), again, left, o, buf_ptr, SERVICE_MAX_BYTES, ans), out)
-            answer = bytes(buf[: ans.bytes])
-            outcome, status = int(ans.outcome), int(ans.status)
+        try:
+            with self._operation() as h:
+                r = self._run_locked(h, timeout_ns, lambda left, o, again: lib.kvmlab_vm_call(
+                    h, code, src, len(data), again, left, o, buf_ptr, SERVICE_MAX_BYTES, ans), out)
+                answer = bytes(buf[: ans.bytes])
+                outcome, status = int(ans.outcome), int(ans.status)
+        finally:
+            if len(_CALL_CELLS) < _SPARE_CALL_CELLS:
+                _CALL_CELLS.append(cells)
         if outcome == _CALL_OUTCOME["no_answer"]:
             err = GuestTimeoutError(
                 f"guest {self._guest} did not answer the service request (run ended with {r.reason}"
@@ -418,14 +434,6 @@ class _VmHandle(_ResetOps, Closing):
             raise GuestError(f"guest {self._guest} does not know op {op!r}", check="service_op")
         return answer
 
-    def _make_call_cells(self) -> tuple[bytearray, Any, Any, Any]:
-        """call()'s answer buffer, its pointer, the answer and run result
-        structs: made on the first call, reused under the VM's lock."""
-        buf = bytearray(SERVICE_MAX_BYTES)
-        cells = (buf, ffi.from_buffer("uint8_t[]", buf), ffi.new("kvmlab_service_answer *"),
-                 ffi.new("kvmlab_run_result *"))
-        self._call_cells = cells
-        return cells
 
     # -- snapshots ----------------------------------------------------------------------
 
