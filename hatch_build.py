@@ -28,6 +28,7 @@ Environment knobs:
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
 import shutil
@@ -50,6 +51,16 @@ TESTING_HEADER = "kvmlab_testing.h"  # the testing export group (kvmlab bench, f
 GLIBC = (2, 28)
 ZIG_TARGET = f"x86_64-linux-gnu.{GLIBC[0]}.{GLIBC[1]}"
 WHEEL_TAG = f"py3-none-manylinux_{GLIBC[0]}_{GLIBC[1]}_x86_64"
+
+
+def _guest_sdk_files(root: Path) -> tuple[str, ...]:
+    """kvmlab.guests.GUEST_SDK_FILES, read from its source (the package is
+    not importable while it is being built)."""
+    tree = ast.parse((root / "kvmlab" / "guests.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "GUEST_SDK_FILES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise RuntimeError("kvmlab: GUEST_SDK_FILES not found in kvmlab/guests.py")
 
 
 def _refuse_foreign_machine() -> None:
@@ -130,5 +141,5 @@ class ZigBuildHook(BuildHookInterface):
             raise RuntimeError(f"kvmlab: zig build produced no guest images in {prefix / 'guests'}")
         # The guest SDK (runtime + linker script) lets kvmlab.guests.build_zig
         # compile user guests from an installed wheel.
-        sdk = [(root / "zigsrc" / "guests" / n, f"guest_sdk/{n}") for n in ("rt.zig", "guest.ld")]
+        sdk = [(root / "zigsrc" / "guests" / n, f"guest_sdk/{n}") for n in _guest_sdk_files(root)]
         return [(lib, LIBRARY), (header, HEADER), (testing_header, TESTING_HEADER)] + [(g, f"guests/{g.name}") for g in guests] + sdk

@@ -195,8 +195,10 @@ def format_args(args: Mapping[str, object] | str | None) -> str:
 # -- building your own guest in Zig ------------------------------------------------------
 
 #: Files a guest build needs besides the user's source (the built-in guests'
-#: runtime and linker script, see docs/guest-protocol.md "Image layout").
-GUEST_SDK_FILES = ("rt.zig", "guest.ld")
+#: runtime and linker script, see docs/guest-protocol.md "Image layout"; the
+#: service protocol's definition, for guests that serve it). hatch_build.py
+#: ships these in the wheel (it reads this tuple).
+GUEST_SDK_FILES = ("rt.zig", "guest.ld", "service_protocol.zig")
 
 #: The flags the built-in guests are compiled with (build.zig): freestanding
 #: x86_64 for any CPU and without SSE/MMX (CPL0 guest code is emulated on
@@ -219,7 +221,8 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}\Z")
 
 
 def guest_sdk_dir() -> Path:
-    """The directory holding ``rt.zig`` and ``guest.ld`` for :func:`build_zig`.
+    """The directory holding the guest SDK (:data:`GUEST_SDK_FILES`: ``rt.zig``,
+    ``guest.ld``, ``service_protocol.zig``) for :func:`build_zig`.
 
     Looked up in this order: ``$KVMLAB_GUEST_SDK``; ``kvmlab/_native/guest_sdk``
     (installed packages); ``zigsrc/guests`` of the source tree this package
@@ -235,7 +238,7 @@ def guest_sdk_dir() -> Path:
         if all((d / f).is_file() for f in GUEST_SDK_FILES):
             return d
     raise GuestError(
-        "the guest SDK (rt.zig, guest.ld) was not found; looked in "
+        f"the guest SDK ({', '.join(GUEST_SDK_FILES)}) was not found; looked in "
         + ", ".join(str(c) for c in candidates)
         + " (set KVMLAB_GUEST_SDK to a directory holding them, e.g. zigsrc/guests of a kvmlab checkout)",
         check="guest_sdk",

@@ -97,8 +97,8 @@ def test_missing_sdk_is_explained(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KVMLAB_GUEST_SDK", str(tmp_path))
     assert g.guest_sdk_dir() != tmp_path  # incomplete: falls through to the next place
-    (tmp_path / "rt.zig").write_text("")
-    (tmp_path / "guest.ld").write_text("")
+    for f in g.GUEST_SDK_FILES:
+        (tmp_path / f).write_text("")
     assert g.guest_sdk_dir() == tmp_path
     # Found nowhere: the error says where it looked and what to set.
     monkeypatch.setattr(g, "GUEST_SDK_FILES", ("absent-everywhere.zig",))
