@@ -570,9 +570,15 @@ class RestorePool(_PrepareOps, Closing):
         # the path below, which says so.
         target = self._targets.get(snap)
         if target is not None and self._handle is not None and snap._handle is not None:
-            vm = self._take_prepared(target[1], snap.guest)
-            if vm is not None:
-                return vm
+            cells = self._release_vm.times_cells
+            try:
+                t = cells.pop()  # kept by the VM (restore_timing) until it is gone
+            except IndexError:
+                t = ffi.new("kvmlab_restore_times *")
+            handle = lib.kvmlab_pool_take_prepared(self._native, target[1], t)
+            if handle:
+                return PooledRestoreVm(handle, self, snap.guest, t)
+            _spare_times_cell(cells, t)  # none to take: restore below (which says why, if it fails)
         flags = (_RESTORE_FLAGS["resettable"] if resettable else 0) | (
             _RESTORE_FLAGS["reset_on_release"] if reset_on_release else 0
         )
@@ -591,13 +597,6 @@ class RestorePool(_PrepareOps, Closing):
             finally:
                 self._exit()
         return PooledRestoreVm(handle, self, snap.guest, t)
-
-    def _take_prepared(self, target_id: int, guest: str) -> PooledRestoreVm | None:
-        """A ready VM of the core's target ``target_id``, or None (none ready,
-        the target given up, closed, at max_in_use: restore instead). An error
-        is what a restore says (the snapshot's file was damaged)."""
-        handle, t = self._out_call(lib.kvmlab_pool_take_prepared, self._native, target_id)
-        return PooledRestoreVm(handle, self, guest, t) if handle else None
 
     def _out_call(self, fn: Callable[..., int], *args: Any) -> tuple[Any, Any]:
         """``fn(*args, out, times)`` -> (the VM handle it put in out, times).
