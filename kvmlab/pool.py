@@ -628,10 +628,12 @@ class RestorePool(_PrepareOps, Closing):
         return self._handle is None
 
     def close(self) -> None:
-        """Stops the worker and destroys idle shells. VMs still out stay usable;
-        releasing the last one frees the pool. Idempotent; waits for calls in
-        flight on other threads (they finish or raise ClosedError), and stops
-        the runs of a warmup in progress (``prepare`` raises ClosedError).
+        """Stops the worker and destroys idle shells and prepared VMs. VMs still
+        out stay usable. Idempotent; waits for calls in flight on other threads
+        (they finish or raise ClosedError; a restore racing it gets its VM or
+        ClosedError), and stops the runs of a warmup in progress (``prepare``
+        raises ClosedError). The core's small pool record is freed once this
+        object is gone and the last VM released.
         """
         with self._lock:
             if self._close_done:
