@@ -220,10 +220,11 @@ class PooledRestoreVm(_VmHandle):
     __slots__ = ("_pool_handle", "_first_run_pending", "_times", "_timing")
 
     def __init__(self, handle: Any, pool: "RestorePool", guest: str, times: Any) -> None:
-        # The core frees the pool only after close() *and* the last release,
-        # deciding under its lock, so release needs no guard here. The
-        # pool's release function; its pool_handle stays valid while this
-        # VM is out, even after close() (None in a fork's child).
+        # The core frees the pool only after kvmlab_pool_free (the pool's
+        # finalizer) *and* the last release, deciding under its lock, so
+        # release needs no guard here. The pool's release function; its
+        # pool_handle stays valid while this VM is out, even after close()
+        # (None in a fork's child).
         release = self._pool_handle = pool._release_vm
         # _VmHandle's part without its __init__: a frame measured ~3 us with
         # the cold caches of a take (tests/test_pool.py checks every slot is set).

@@ -434,7 +434,6 @@ class _VmHandle(_ResetOps, Closing):
             raise GuestError(f"guest {self._guest} does not know op {op!r}", check="service_op")
         return answer
 
-
     # -- snapshots ----------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:

@@ -147,8 +147,6 @@ pub fn PoolOf(comptime F: type) type {
         /// Set by close() once it drained every shell; from then on a release
         /// destroys its VM inline.
         worker_done: bool = false,
-        /// Set by close() after both threads stopped.
-        close_done: bool = false,
         /// Set by releaseHandle (the caller's kvmlab_pool_free). The pool is
         /// freed by whichever comes last, releaseHandle or the last release
         /// (both decide under the lock, so exactly one frees). Until then a
@@ -735,7 +733,6 @@ pub fn PoolOf(comptime F: type) type {
             for (p.targets[0..p.targets_len]) |t| F.releaseSnap(t.snap);
             p.targets_len = 0;
             p.worker_done = true;
-            p.close_done = true;
             _ = c.pthread_cond_broadcast(&p.room);
             p.unlockIt();
         }
@@ -746,7 +743,7 @@ pub fn PoolOf(comptime F: type) type {
         pub fn releaseHandle(p: *Self) void {
             p.close();
             p.lockIt();
-            std.debug.assert(p.close_done and !p.handle_released);
+            std.debug.assert(p.worker_done and !p.handle_released); // close() drained it
             p.handle_released = true;
             const free_now = p.in_use == 0;
             p.unlockIt();
