@@ -45,7 +45,7 @@ class _PrepareOps:
         pool_config: PoolConfig
         _lock: threading.Lock
         _warmups: dict[int, tuple[Snapshot, Any, Callable[[Any], object]]]
-        _targets: dict[Snapshot, tuple[int, int]]
+        _targets: dict[Snapshot, tuple[int, int, str]]
         _warmer: threading.Thread | None
         _warming: set[_VmHandle]
         _handle: Any
@@ -109,7 +109,7 @@ class _PrepareOps:
                     self._warmups.pop(key, None)
                     self._targets.pop(snap, None)
                     if n:
-                        self._targets[snap] = (n, int(lib.kvmlab_pool_target_id(h, sh)))
+                        self._targets[snap] = (n, int(lib.kvmlab_pool_target_id(h, sh)), snap.guest)
                     return
                 # Every VM runs this warmup: those prepared before are given up.
                 _ffi.check(lib.kvmlab_pool_prepare(h, sh, 0, code, 0))
@@ -125,7 +125,7 @@ class _PrepareOps:
                 self._give_up(sh)
                 raise
             self._warmups[key] = (snap, sh, warmup)
-            self._targets[snap] = (n, int(lib.kvmlab_pool_target_id(self._native, sh)))
+            self._targets[snap] = (n, int(lib.kvmlab_pool_target_id(self._native, sh)), snap.guest)
         self._start_warmer()
 
     def _warmup_of(self, snap: Snapshot) -> Callable[[Any], object] | None:
@@ -152,7 +152,7 @@ class _PrepareOps:
     def prepared_targets(self) -> dict[Snapshot, int]:
         """Every snapshot prepared in this pool, with its target ``n``
         (:meth:`prepared_count` says how many are ready now)."""
-        return {snap: n for snap, (n, _id) in list(self._targets.items())}
+        return {snap: target[0] for snap, target in list(self._targets.items())}
 
     def _give_up(self, sh: Any) -> None:
         """prepare(snap, 0) after a failure (nothing half-prepared)."""

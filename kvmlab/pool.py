@@ -19,136 +19,30 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from dataclasses import fields
+from typing import Any, Callable
 
 from . import _ffi
 from ._closing import Closing
 from .config import PoolConfig, VmConfig, check_buffer, check_int, check_type
 from .config import timeout_ns as _wait_ns  # seconds (None: no wait) -> the core's wait_ns
 from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
-from .snapshot import Snapshot, strategy_code
+from .snapshot import STRATEGIES, Snapshot, strategy_code
 from ._prepared import _WAIT_SLICE_NS, _PrepareOps
+from ._pool_records import STRATEGY_NAMES, PoolStats, RestoreTiming, restore_timing_record, timings_frame
 from .vm import RunResult, _VmHandle, restore_timing_dict
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-__all__ = ["PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRestoreVm", "timings_frame"]
+__all__ = [
+    "PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRestoreVm", "STRATEGY_NAMES", "timings_frame",
+]  # fmt: skip
 
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-#: ``kvmlab_pool_timing.strategy`` -> name (``kvmlab_strategy``, read from the header).
-STRATEGY_NAMES = _ffi.enum_names("kvmlab_strategy")
+#: The prepared take, looked up once (restore_snapshot's hot path).
+_take_prepared = lib.kvmlab_pool_take_prepared
 #: kvmlab_restore_flags bits by name (read once: restore_snapshot is a hot path).
 _RESTORE_FLAGS = _ffi.enum_values("kvmlab_restore_flags")
-
-@dataclass(frozen=True)
-class PoolStats:
-    """A frozen view of the pool's counters (one consistent read).
-
-    Attributes:
-        idle: empty shells ready now.
-        in_use: restored VMs handed out and not released.
-        creating: shells being made by the worker.
-        hits: restores that took an idle shell; ``misses`` made one on the spot.
-        failures: restores that failed (the shell is destroyed).
-        created: shells made so far; ``destroyed`` shells or VMs destroyed.
-        pending_destroy: released VMs waiting for the worker to destroy them.
-        parked: VMs kept for reuse (``reset_on_release``) or prepared;
-            ``reuses``/``resets`` count them.
-        prepared: VMs of prepared snapshots ready now (:meth:`RestorePool.prepare`).
-    """
-
-    idle: int
-    in_use: int
-    max_size: int
-    min_size: int
-    max_in_use: int | None
-    creating: int
-    created: int
-    destroyed: int
-    hits: int
-    misses: int
-    failures: int
-    restores: int
-    releases: int
-    pending_destroy: int
-    parked: int = 0
-    reuses: int = 0
-    resets: int = 0
-    prepared: int = 0
-
-    def __repr__(self) -> str:
-        limit = f"/{self.max_in_use}" if self.max_in_use else ""
-        return (
-            f"PoolStats(idle={self.idle}/{self.max_size}, in_use={self.in_use}{limit}, creating={self.creating}, "
-            f"restores={self.restores} (hits {self.hits}, misses {self.misses}), failures={self.failures}, "
-            f"created={self.created}, destroyed={self.destroyed})"
-        )
-
-    def _repr_html_(self, title: str = "PoolStats") -> str:
-        from . import _html
-
-        capacity = max(self.max_size, self.idle + self.in_use + self.creating, 1)
-        parts = [("in use", self.in_use, "brand"), ("idle", self.idle, "ok"), ("creating", self.creating, "warn")]
-        if self.prepared:
-            parts.append(("prepared", self.prepared, "ok"))
-        occupancy = (
-            f'<div class="kvmlab-occupancy">{self.idle} idle, {self.in_use} in use, {self.creating} creating; '
-            f"capacity {self.max_size} (min {self.min_size}), in use limit {self.max_in_use or 'none'}</div>"
-        )
-        legend = _html.legend((name, str(v), role) for name, v, role in parts)
-        counters = [
-            (c.replace("_", " "), getattr(self, c))
-            for c in ("restores", "hits", "misses", "failures", "created", "destroyed", "releases", "pending_destroy",
-                      "parked", "prepared", "reuses", "resets")  # fmt: skip
-            if getattr(self, c) or c in ("restores", "hits", "misses", "failures")
-        ]
-        body = _html.bar(parts, capacity) + occupancy + legend + _html.table(counters)
-        return _html.box(title, body, "kvmlab-pool-stats")
-
-
-@dataclass(frozen=True)
-class RestoreTiming:
-    """Integer nanoseconds per phase of one pooled restore."""
-
-    seq: int
-    acquire_ns: int
-    memory_ns: int
-    vcpu_ns: int
-    devices_ns: int
-    total_ns: int
-    first_run_ns: int | None
-    memory_bytes: int
-    hit: bool
-    strategy: str
-
-
-def _restore_timing(d: dict[str, int]) -> RestoreTiming:
-    """A ``kvmlab_pool_timing`` (as a dict) as a :class:`RestoreTiming`."""
-    # The core's ints as they are, but for the fields converted here.
-    converted: dict[str, Any] = {
-        "first_run_ns": d["first_run_ns"] or None, "hit": bool(d["hit"]), "strategy": STRATEGY_NAMES.get(d["strategy"], "?"),
-    }  # fmt: skip
-    return RestoreTiming(**{**d, **converted})
-
-
-def timings_frame(records: Iterable[RestoreTiming]) -> pd.DataFrame:
-    """``pool.timings()`` as a pandas DataFrame (one row per restore).
-
-    Args:
-        records: :class:`RestoreTiming` records.
-
-    Returns:
-        A DataFrame with one column per :class:`RestoreTiming` field.
-    """
-    import pandas as pd
-
-    rows = [asdict(r) for r in records]
-    return pd.DataFrame(rows, columns=[f.name for f in fields(RestoreTiming)])
-
 
 def _bytes_view(data: object, what: str) -> memoryview:
     """config.check_buffer, raising SnapshotError (what restores document) with the same check id."""
@@ -161,38 +55,57 @@ def _bytes_view(data: object, what: str) -> memoryview:
 
 
 
-
-
-
 class _Release:
     """The free function of the VMs a pool hands out: gives a VM back to the
     pool. In the child of os.fork() the pool is forgotten (``pool_handle``
     None) and this does nothing: the pool's worker thread does not exist there
-    and its lock may have been held at the fork."""
+    and its lock may have been held at the fork.
 
-    __slots__ = ("pool_handle", "times_cells")
+    It also keeps the pool's spare VM wrappers: a restore or a take fills one
+    (two stores) instead of building it right after the native call, when
+    every cache is cold (building one measured ~7 us there). Spares are made
+    off that path: when the pool is made and at each release."""
 
-    def __init__(self, pool_handle: Any) -> None:
+    __slots__ = ("pool_handle", "config", "spares", "times_cells")
+
+    def __init__(self, pool_handle: Any, config: VmConfig) -> None:
         self.pool_handle = pool_handle
-        # Spare kvmlab_restore_times cells: a VM wrapper gives its cell back
-        # when it is gone (nothing else can read it then), so a restore
-        # rarely allocates one (ffi.new measured ~5 us with cold caches).
+        self.config = config
+        #: Unfilled PooledRestoreVm wrappers (no handle), each with its own
+        #: kvmlab_restore_times cell. list.pop/append are atomic: no lock.
+        self.spares: list[PooledRestoreVm] = []
+        #: The times cells of wrappers that are gone (nothing else can read
+        #: them then): a new spare rarely allocates one (ffi.new ~5 us cold).
         self.times_cells: list[Any] = []
+        self.restock()
 
     def __call__(self, vm_handle: Any) -> None:
         h = self.pool_handle
         if h is not None:
             lib.kvmlab_pool_release(h, vm_handle)
+        self.restock()
+
+    def restock(self) -> None:
+        """Makes spares up to _SPARE_VMS (racing threads may make one more: harmless)."""
+        spares = self.spares
+        while len(spares) < _SPARE_VMS:
+            spares.append(PooledRestoreVm(self))
+
+    def spare(self) -> PooledRestoreVm:
+        """An unfilled wrapper: a spare, or a new one when none is left."""
+        try:
+            return self.spares.pop()
+        except IndexError:
+            return PooledRestoreVm(self)
 
 
 _new_lock = _thread.allocate_lock  # threading.Lock itself, one lookup fewer
 
+#: Spare unfilled VM wrappers a pool keeps (_Release.spares): enough for a
+#: burst of restores between releases; past it a restore builds its own.
+_SPARE_VMS = 4
 #: Spare times cells a pool keeps at most (_Release.times_cells).
 _SPARE_TIMES_CELLS = 64
-
-def _spare_times_cell(cells: list[Any], t: Any) -> None:
-    if len(cells) < _SPARE_TIMES_CELLS:
-        cells.append(t)
 
 
 #: The pools of this process, forgotten in the child of os.fork().
@@ -219,22 +132,30 @@ class PooledRestoreVm(_VmHandle):
 
     __slots__ = ("_pool_handle", "_first_run_pending", "_times", "_timing")
 
-    def __init__(self, handle: Any, pool: "RestorePool", guest: str, times: Any) -> None:
+    def __init__(self, release: _Release) -> None:
+        """An unfilled wrapper of ``release``'s pool (no VM: reads as closed);
+        the pool fills it with :meth:`_fill` after a restore or a take."""
         # The core frees the pool only after kvmlab_pool_free (the pool's
         # finalizer) *and* the last release, deciding under its lock, so
-        # release needs no guard here. The pool's release function; its
-        # pool_handle stays valid while this VM is out, even after close()
-        # (None in a fork's child).
-        release = self._pool_handle = pool._release_vm
-        # _VmHandle's part without its __init__: a frame measured ~3 us with
-        # the cold caches of a take (tests/test_pool.py checks every slot is set).
-        self._handle, self._free, self._config, self._guest = handle, release, pool.vm_config, guest
+        # release needs no guard here. `release` stays valid while this VM is
+        # out, even after close() (its pool_handle is None in a fork's child).
+        # _VmHandle's part without its __init__ (no keyword arguments, a
+        # plain lock; tests/test_pool.py checks every slot is set).
+        self._handle, self._free, self._config, self._guest = None, release, release.config, ""
         self._lock, self._decoder, self._reset_timings = _new_lock(), None, None
+        self._pool_handle = release
         self._first_run_pending = True
         # The core's kvmlab_restore_times, turned into a dict on first use:
-        # the restore call itself only keeps the struct (a hot path).
-        self._times = times
+        # the restore call itself only fills the struct (a hot path).
+        try:
+            self._times = release.times_cells.pop()
+        except IndexError:
+            self._times = ffi.new("kvmlab_restore_times *")
         self._timing: dict[str, int] | None = None
+
+    def _fill(self, handle: Any, guest: str) -> "PooledRestoreVm":
+        self._handle, self._guest = handle, guest
+        return self
 
     @property
     def restore_timing(self) -> dict[str, int]:
@@ -265,7 +186,9 @@ class PooledRestoreVm(_VmHandle):
         _VmHandle.__del__(self)
         t = getattr(self, "_times", None)  # unset if __init__ never ran
         if t is not None:
-            _spare_times_cell(self._pool_handle.times_cells, t)
+            cells = self._pool_handle.times_cells
+            if len(cells) < _SPARE_TIMES_CELLS:
+                cells.append(t)
 
 
 class RestorePool(_PrepareOps, Closing):
@@ -316,17 +239,19 @@ class RestorePool(_PrepareOps, Closing):
         self._lock = threading.Lock()  # a plain Lock: _enter/_exit are on the restore hot path
         self._drained = threading.Condition(self._lock)
         self._active = 0
-        # The free function of every VM this pool hands out (made once: restore
-        # is a hot path).
-        self._release_vm = _Release(self._handle)
+        # The free function of every VM this pool hands out, and the spare VM
+        # wrappers a restore fills (made once: restore is a hot path).
+        self._release_vm = _Release(self._handle, vm_config)
+        self._spares = self._release_vm.spares  # one lookup fewer on the take's path
         # Spare kvmlab_vm ** cells for restore_snapshot (one per concurrent call).
         self._out_cells: list[Any] = []
         # Snapshots prepared with a warmup, by native snapshot address:
         # (snapshot, its handle, warmup). The warmer thread keeps their targets.
         self._warmups: dict[int, tuple[Snapshot, Any, Callable[[Any], object]]] = {}
-        # Every prepared snapshot: its target n (what prepared_targets() lists)
-        # and the core's id of that target (restore_snapshot's take).
-        self._targets: dict[Snapshot, tuple[int, int]] = {}
+        # Every prepared snapshot: its target n (what prepared_targets() lists),
+        # the core's id of that target and the snapshot's guest name (the
+        # take's: restore_snapshot reads no snapshot property on that path).
+        self._targets: dict[Snapshot, tuple[int, int, str]] = {}
         self._warmer: threading.Thread | None = None
         #: VMs whose warmup runs now (prepare's thread, the warmer): close() stops their runs.
         self._warming: set[_VmHandle] = set()
@@ -338,6 +263,7 @@ class RestorePool(_PrepareOps, Closing):
         self._finalizer.detach()
         self._release_vm.pool_handle = None
         self._handle = None
+        self._targets = {}  # no prepared take: the pool's lock may have been held at the fork
         self._native = None
         self._close_done = True
         self._lock = threading.Lock()  # another thread may have held it at the fork
@@ -429,7 +355,7 @@ class RestorePool(_PrepareOps, Closing):
             _ffi.check(lib.kvmlab_pool_timings(h, buf, cap, n))
         finally:
             self._exit()
-        return [_restore_timing(_ffi.as_dict(buf[i], "kvmlab_pool_timing")) for i in range(n[0])]
+        return [restore_timing_record(_ffi.as_dict(buf[i], "kvmlab_pool_timing")) for i in range(n[0])]
 
     # -- restoring ----------------------------------------------------------------------
 
@@ -438,7 +364,8 @@ class RestorePool(_PrepareOps, Closing):
         ``max_in_use`` is done in slices of at most 50 ms, so that ``close()``
         on another thread never waits for a long ``timeout_s`` to expire."""
         out = ffi.new("kvmlab_vm **")
-        t = ffi.new("kvmlab_restore_times *")
+        vm = self._release_vm.spare()
+        t = vm._times
         wait_ns = _wait_ns(timeout_s)
         deadline = time.monotonic_ns() + wait_ns
         waited = 0
@@ -469,7 +396,7 @@ class RestorePool(_PrepareOps, Closing):
             # pool.timings(), has the last slice only).
             t.acquire_ns += waited
             t.total_ns += waited
-        return PooledRestoreVm(out[0], self, guest, t)
+        return vm._fill(out[0], guest)
 
     def restore(self, memory: Any, vcpu_state: bytes, timeout_s: float | None = None) -> PooledRestoreVm:
         """Restores from raw parts, as the reference API; otherwise as
@@ -562,24 +489,28 @@ class RestorePool(_PrepareOps, Closing):
         """
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"restore_snapshot takes a Snapshot, got {type(snap).__name__}", check="argument_type")
-        code = strategy_code(strategy)
+        try:
+            code = STRATEGIES[strategy]  # strategy_code inline: one frame fewer on the take's path
+        except (KeyError, TypeError):
+            code = strategy_code(strategy)  # raises ConfigError
         if timeout_s is not None:
             _wait_ns(timeout_s)  # validate before touching the snapshot
         # A prepared VM, whatever the flags (it is resettable and goes back by
         # its target): one native call, no guard (see _native), no hold on
-        # the snapshot (its target holds it). A closed pool or snapshot takes
-        # the path below, which says so.
+        # the snapshot (its target holds it). A closed pool answers NULL and
+        # a closed snapshot is not taken: the path below says so.
         target = self._targets.get(snap)
-        if target is not None and self._handle is not None and snap._handle is not None:
-            cells = self._release_vm.times_cells
+        if target is not None and snap._handle is not None:
+            spares = self._spares
             try:
-                t = cells.pop()  # kept by the VM (restore_timing) until it is gone
+                vm = spares.pop()
             except IndexError:
-                t = ffi.new("kvmlab_restore_times *")
-            handle = lib.kvmlab_pool_take_prepared(self._native, target[1], t)
+                vm = PooledRestoreVm(self._release_vm)
+            handle = _take_prepared(self._native, target[1], vm._times)
             if handle:
-                return PooledRestoreVm(handle, self, snap.guest, t)
-            _spare_times_cell(cells, t)  # none to take: restore below (which says why, if it fails)
+                vm._handle, vm._guest = handle, target[2]  # vm._fill inline: one frame fewer
+                return vm
+            spares.append(vm)  # none to take: restore below (which says why, if it fails)
         flags = (_RESTORE_FLAGS["resettable"] if resettable else 0) | (
             _RESTORE_FLAGS["reset_on_release"] if reset_on_release else 0
         )
@@ -594,33 +525,27 @@ class RestorePool(_PrepareOps, Closing):
         with snap._use() as sh:
             h = self._enter()
             try:
-                handle, t = self._out_call(lib.kvmlab_pool_restore_snapshot, h, sh, code, 0, flags)
+                return self._out_call(snap.guest, lib.kvmlab_pool_restore_snapshot, h, sh, code, 0, flags)
             finally:
                 self._exit()
-        return PooledRestoreVm(handle, self, snap.guest, t)
 
-    def _out_call(self, fn: Callable[..., int], *args: Any) -> tuple[Any, Any]:
-        """``fn(*args, out, times)`` -> (the VM handle it put in out, times).
-        Inline and lean: it runs right after the restore's ioctls, when every
-        cache is cold, so each Python step costs microseconds."""
+    def _out_call(self, guest: str, fn: Callable[..., int], *args: Any) -> PooledRestoreVm:
+        """``fn(*args, out, times)`` -> a spare wrapper filled with the VM it
+        put in out. Inline and lean: it runs right after the restore's ioctls,
+        when every cache is cold, so each Python step costs microseconds."""
         outs = self._out_cells
         try:
             out = outs.pop()  # a spare out cell (list.pop is atomic): one allocation fewer
         except IndexError:
             out = ffi.new("kvmlab_vm **")
-        cells = self._release_vm.times_cells
-        try:
-            t = cells.pop()  # kept by the VM (restore_timing) until it is gone
-        except IndexError:
-            t = ffi.new("kvmlab_restore_times *")
-        rc = fn(*args, out, t)
+        vm = self._release_vm.spare()
+        rc = fn(*args, out, vm._times)
         handle = out[0]
         outs.append(out)
-        if not handle:
-            _spare_times_cell(cells, t)  # no VM to keep it
         if rc:
+            self._release_vm.spares.append(vm)  # unfilled: a spare again
             raise _ffi.error_for(rc)
-        return handle, t
+        return vm._fill(handle, guest)
 
     # -- lifetime -------------------------------------------------------------------------
 

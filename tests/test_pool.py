@@ -870,4 +870,22 @@ def test_a_pooled_vm_sets_every_slot_of_a_vm_handle(service_snap):
             with vm:
                 unset = [s for s in slots + list(type(vm).__slots__) if not hasattr(vm, s)]
                 assert unset == []
+                assert vm.guest == service_snap.guest
                 assert vm.call(b"slots") == b"slots"
+
+
+def test_a_released_wrapper_is_never_handed_out_again(service_snap):
+    """Restores fill spare wrappers made ahead: a released VM's wrapper stays
+    closed and is not one of them (a holder of it can never reach a later VM)."""
+    with RestorePool(CFG, PoolConfig(min_size=1, max_size=2)) as pool:
+        pool.prepare(service_snap, 1)
+        old = [pool.restore_snapshot(service_snap, "copy") for _ in range(2)]  # prepared, then a shell
+        for vm in old:
+            vm.release()
+        for _ in range(12):  # past the spares made at the releases
+            with pool.restore_snapshot(service_snap, "copy") as vm:
+                assert all(vm is not o for o in old) and vm.call(b"new") == b"new"
+        assert all(o.closed for o in old)
+        with pytest.raises(ClosedError) as e:
+            old[0].call(b"x")
+        assert e.value.check == "vm_closed"
