@@ -66,8 +66,7 @@ __all__ = [
 ]
 
 #: The C ABI version this binding was written for (``abi_version`` in capi/common.zig).
-ABI_VERSION = 4
-
+ABI_VERSION = 5
 
 
 def _fix_hint() -> str:

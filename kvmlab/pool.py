@@ -30,7 +30,7 @@ from .errors import ClosedError, ConfigError, PoolExhaustedError, SnapshotError
 from .snapshot import STRATEGIES, Snapshot, strategy_code
 from ._prepared import _WAIT_SLICE_NS, _PrepareOps
 from ._pool_records import STRATEGY_NAMES, PoolStats, RestoreTiming, restore_timing_record, timings_frame
-from .vm import RunResult, _VmHandle, restore_timing_dict
+from .vm import _VmHandle, restore_timing_dict
 
 __all__ = [
     "PoolConfig", "PoolStats", "RestoreTiming", "RestorePool", "PooledRestoreVm", "STRATEGY_NAMES", "timings_frame",
@@ -169,14 +169,14 @@ class PooledRestoreVm(_VmHandle):
             self._timing = d
         return self._timing
 
-    def _after_run(self, h: Any, result: RunResult) -> None:
+    def _after_run(self, h: Any, elapsed_ns: int) -> None:
         if self._first_run_pending:
             self._first_run_pending = False
             # Under the VM's lock with the VM not yet released: the pool is
             # still allocated (the last release after close() frees it).
             ph = self._pool_handle.pool_handle
             if ph is not None:
-                lib.kvmlab_pool_note_first_run(ph, self._times.seq, result.elapsed_ns)
+                lib.kvmlab_pool_note_first_run(ph, self._times.seq, elapsed_ns)
 
     def release(self) -> None:
         """Returns this VM's accounting to the pool. Idempotent."""

@@ -45,33 +45,14 @@ from .guests import Guest, format_args
 from .guests import names as guest_names
 from .reset import RESET_MODES, _ResetOps  # noqa: F401 - RESET_MODES re-exported
 from .run import REASONS, LoopResult, ResetTiming, RunResult
+from ._service import SERVICE_GPA, SERVICE_MAX_BYTES, SERVICE_OPS, SERVICE_TAG, _ServiceOps  # noqa: F401 - re-exported
 
 __all__ = ["Vm", "RunResult", "ResetTiming", "LoopResult", "REASONS"]
 
 ffi = _ffi.ffi
 lib = _ffi.lib
 
-#: The service protocol (docs/guest-protocol.md), from the header: its
-#: operations by name, the payload limit, the header's address, the tag.
-SERVICE_OPS = _ffi.enum_values("kvmlab_service_op")
-_SERVICE = _ffi.enum_values("kvmlab_service_const")
-SERVICE_MAX_BYTES = _SERVICE["max_bytes"]
-SERVICE_GPA = _SERVICE["header_gpa"]
-SERVICE_TAG = _SERVICE["wait_tag"]
-_SERVICE_STATUS = _ffi.enum_values("kvmlab_service_status")
-_CALL_OUTCOME = _ffi.enum_values("kvmlab_call_outcome")
-
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
-
-#: Spare cells of call() (answer buffer, its pointer, the answer and run
-#: result structs), shared by every VM; at most this many are kept.
-_CALL_CELLS: list[tuple[bytearray, Any, Any, Any]] = []
-_SPARE_CALL_CELLS = 16
-
-
-def _new_call_cells() -> tuple[bytearray, Any, Any, Any]:
-    buf = bytearray(SERVICE_MAX_BYTES)
-    return buf, ffi.from_buffer("uint8_t[]", buf), ffi.new("kvmlab_service_answer *"), ffi.new("kvmlab_run_result *")
 
 #: Orders interrupt() (which runs without the VM's lock, so that it can stop a
 #: run() holding it) and the interrupt count every call notes on entry
@@ -132,7 +113,7 @@ class _Operation:
             self._vm._lock.release()
 
 
-class _VmHandle(_ResetOps, Closing):
+class _VmHandle(_ResetOps, _ServiceOps, Closing):
     """A native VM handle plus everything that works on any VM.
 
     Subclasses obtain a handle (boot, restore, pool) and pass it here together
@@ -239,22 +220,27 @@ class _VmHandle(_ResetOps, Closing):
             return self._run_locked(h, timeout_ns)
 
     def _run_locked(self, h: Any, timeout_ns: int, run: Callable[[int, Any, int], int] | None = None,
-                    out: Any = None) -> RunResult:
+                    out: Any = None, first_rc: int | None = None) -> RunResult:
         """run() with the lock held and ``h`` live. ``run(left_ns, out,
         again)`` makes the native run (default kvmlab_vm_run; call() passes
-        kvmlab_vm_call, ``again`` 1 when it resumes after a signal)."""
+        kvmlab_vm_call, ``again`` 1 when it resumes after a signal).
+        ``first_rc``: the first native run was made already (call()'s) and
+        returned this, its result in ``out``."""
         out = out if out is not None else ffi.new("kvmlab_run_result *")
         elapsed = 0
         again = 0
+        rc = first_rc
         while True:
-            left = 0 if timeout_ns == 0 else max(1, timeout_ns - elapsed)
-            rc = lib.kvmlab_vm_run(h, left, out) if run is None else run(left, out, again)
+            if rc is None:
+                left = 0 if timeout_ns == 0 else max(1, timeout_ns - elapsed)
+                rc = lib.kvmlab_vm_run(h, left, out) if run is None else run(left, out, again)
             if rc != 0 or REASONS.get(out.reason) != "interrupted":
                 break
             # A signal (Ctrl-C) stopped the vCPUs: Python runs its handler
             # here (KeyboardInterrupt propagates); otherwise resume.
             elapsed += int(out.elapsed_ns)
             again = 1
+            rc = None
         out.elapsed_ns += elapsed
         if rc != 0:
             err = _ffi.error_for(rc)
@@ -274,11 +260,12 @@ class _VmHandle(_ResetOps, Closing):
             console_dropped=int(out.console_dropped_bytes),
             elapsed_ns=int(out.elapsed_ns),
         )
-        self._after_run(h, result)
+        self._after_run(h, result.elapsed_ns)
         return result
 
-    def _after_run(self, h: Any, result: RunResult) -> None:
-        """Called by run() with the lock held and the handle live."""
+    def _after_run(self, h: Any, elapsed_ns: int) -> None:
+        """Called after every run (run(), call()) with the lock held and the
+        handle live; ``elapsed_ns``: the run's time in the guest."""
 
     def interrupt(self) -> None:
         """Stops the calls on this VM in progress on other threads: a
@@ -364,75 +351,6 @@ class _VmHandle(_ResetOps, Closing):
         err.check = check
         err.console = "".join(consoles)  # type: ignore[attr-defined]
         raise err
-
-    # -- the service guest -----------------------------------------------------------
-
-    def call(self, payload: bytes | bytearray | memoryview, op: str = "echo", timeout_s: float = 5.0) -> bytes:
-        """Sends one request to a guest serving the service protocol (the
-        built-in ``service`` guest) and returns its answer.
-
-        ``op`` is ``"echo"``, ``"crc32c"`` (4 bytes, little-endian) or
-        ``"reverse"``. The guest must be waiting at its service checkpoint
-        (tag 0x5e5e0001); raises :class:`GuestTimeoutError` if it does not
-        answer within ``timeout_s``.
-
-        One operation under the VM's lock (write the request, run, read the
-        answer): calls from several threads on one VM are served one at a
-        time, each caller gets its own answer.
-
-        Args:
-            payload: the request, at most 4096 bytes.
-            op: ``"echo"``, ``"crc32c"`` or ``"reverse"``.
-            timeout_s: seconds to wait for the answer.
-
-        Returns:
-            The guest's answer.
-
-        Raises:
-            GuestTimeoutError: no answer in time (not the service guest, or not waiting).
-            GuestError: the guest answered out of protocol or does not know ``op``.
-            ConfigError: an unknown ``op`` or a payload over 4096 bytes.
-        """
-        code = check_choice("op", op, SERVICE_OPS)
-        data = check_buffer("payload", payload)
-        if len(data) > SERVICE_MAX_BYTES:
-            bad_argument(
-                "argument_range", "payload",
-                f"payload is {len(data)} bytes; the service area takes at most {SERVICE_MAX_BYTES}",
-            )
-        timeout_ns = _timeout_ns(timeout_s)
-        # One native call writes the request, runs and reads the answer (each
-        # step from here measured several us with a run's cold caches), into
-        # spare cells (list.pop/append are atomic: one set per call in flight,
-        # so a VM's first call, e.g. right after a take, allocates nothing).
-        try:
-            cells = _CALL_CELLS.pop()
-        except IndexError:
-            cells = _new_call_cells()
-        buf, buf_ptr, ans, out = cells
-        src = ffi.from_buffer("uint8_t[]", data)
-        try:
-            with self._operation() as h:
-                r = self._run_locked(h, timeout_ns, lambda left, o, again: lib.kvmlab_vm_call(
-                    h, code, src, len(data), again, left, o, buf_ptr, SERVICE_MAX_BYTES, ans), out)
-                answer = bytes(buf[: ans.bytes])
-                outcome, status = int(ans.outcome), int(ans.status)
-        finally:
-            if len(_CALL_CELLS) < _SPARE_CALL_CELLS:
-                _CALL_CELLS.append(cells)
-        if outcome == _CALL_OUTCOME["no_answer"]:
-            err = GuestTimeoutError(
-                f"guest {self._guest} did not answer the service request (run ended with {r.reason}"
-                f"{' tag 0x%x' % r.checkpoint_tag if r.reason == 'checkpoint' else ''}); is it the service guest, waiting?",
-                check="service_timeout",
-            )
-            err.console = r.console  # type: ignore[attr-defined]
-            raise err
-        if outcome == _CALL_OUTCOME["out_of_protocol"]:
-            raise GuestError(f"guest {self._guest} answered out of protocol (sequence or length wrong)", check="service_protocol")
-        if status == _SERVICE_STATUS["bad_opcode"]:
-            raise GuestError(f"guest {self._guest} does not know op {op!r}", check="service_op")
-        return answer
 
     # -- snapshots ----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from kvmlab import _ffi, errors
 
 
 def test_abi_version_and_struct_sizes():
-    assert _ffi.lib.kvmlab_abi_version() == _ffi.ABI_VERSION == 4
+    assert _ffi.lib.kvmlab_abi_version() == _ffi.ABI_VERSION == 5
     ids = _ffi.struct_ids()
     # Every struct of the header is checked at import.
     for name in ["kvmlab_vm_config", "kvmlab_boot_options", "kvmlab_run_result", "kvmlab_regs", "kvmlab_host_info", "kvmlab_snapshot_header"]:

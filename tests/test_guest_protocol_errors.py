@@ -54,10 +54,11 @@ def test_vm_call_abi_resumes_a_run_and_refuses_an_oversized_payload(service_snap
     with Vm.restore(service_snap) as vm:
         assert vm.call(b"warm") == b"warm"
         h = vm._handle
+        since = lib.kvmlab_vm_interrupt_count(h)  # where this "call" began
         buf = bytearray(SERVICE_MAX_BYTES)
         ans, out = ffi.new("kvmlab_service_answer *"), ffi.new("kvmlab_run_result *")
         payload = b"resumed"
-        rc = lib.kvmlab_vm_call(h, SERVICE_OPS["reverse"], payload, len(payload), 0, 1, out,
+        rc = lib.kvmlab_vm_call(h, since, SERVICE_OPS["reverse"], payload, len(payload), 0, 1, out,
                                 ffi.from_buffer("uint8_t[]", buf), len(buf), ans)
         assert rc == 0
         seq = ans.seq
@@ -67,14 +68,38 @@ def test_vm_call_abi_resumes_a_run_and_refuses_an_oversized_payload(service_snap
             if ans.outcome == outcome["answered"]:
                 break
             assert ans.outcome == outcome["no_answer"]
-            rc = lib.kvmlab_vm_call(h, 0, ffi.NULL, 0, 1, 1_000_000_000, out, ffi.from_buffer("uint8_t[]", buf),
+            rc = lib.kvmlab_vm_call(h, since, 0, ffi.NULL, 0, 1, 1_000_000_000, out, ffi.from_buffer("uint8_t[]", buf),
                                     len(buf), ans)
             assert rc == 0
         assert (ans.outcome, ans.seq, bytes(buf[: ans.bytes])) == (outcome["answered"], seq, payload[::-1])
         before = vm.read_memory(SERVICE_GPA, 0x18)
         big = bytes(SERVICE_MAX_BYTES + 1)
-        rc = lib.kvmlab_vm_call(h, SERVICE_OPS["echo"], big, len(big), 0, 1_000_000_000, out,
+        rc = lib.kvmlab_vm_call(h, since, SERVICE_OPS["echo"], big, len(big), 0, 1_000_000_000, out,
                                 ffi.from_buffer("uint8_t[]", buf), len(buf), ans)
         assert _ffi.error_for(rc).check == "service_payload"
         assert vm.read_memory(SERVICE_GPA, 0x18) == before
         assert vm.call(b"still fine") == b"still fine"
+
+
+def test_vm_call_abi_stops_for_an_interrupt_made_since_its_call_began(service_snap):
+    """kvmlab_vm_call pins its run where the caller's call began (`since`): an
+    interrupt() made after that, even before the native call, stops the run
+    with no answer; the next call (a new `since`) is answered."""
+    from kvmlab import _ffi
+    from kvmlab.run import REASONS
+    from kvmlab.vm import SERVICE_MAX_BYTES, SERVICE_OPS
+
+    ffi, lib = _ffi.ffi, _ffi.lib
+    outcome = _ffi.enum_values("kvmlab_call_outcome")
+    with Vm.restore(service_snap) as vm:
+        assert vm.call(b"warm") == b"warm"
+        h = vm._handle
+        buf = bytearray(SERVICE_MAX_BYTES)
+        ans, out = ffi.new("kvmlab_service_answer *"), ffi.new("kvmlab_run_result *")
+        since = lib.kvmlab_vm_interrupt_count(h)
+        vm.interrupt()  # after the call "began", before its native call
+        rc = lib.kvmlab_vm_call(h, since, SERVICE_OPS["echo"], b"x", 1, 0, 5_000_000_000, out,
+                                ffi.from_buffer("uint8_t[]", buf), len(buf), ans)
+        assert rc == 0
+        assert (ans.outcome, REASONS[out.reason]) == (outcome["no_answer"], "timeout")
+        assert vm.call(b"next") == b"next"

@@ -29,8 +29,9 @@ const service = @import("../service.zig");
 /// header structs, check ids (kvmlab_last_error_check); prepared VMs
 /// (kvmlab_pool_prepare_*), restore flags and strategy in restore times.
 /// 4: every failure has a check id (kvmlab_check: value / 100 is the
-/// negated result code; the snapshot ids moved to 8xx).
-pub const abi_version: u32 = 4;
+/// negated result code; the snapshot ids moved to 8xx). 5: kvmlab_vm_call
+/// takes the interrupt count its call began at (`since`).
+pub const abi_version: u32 = 5;
 
 pub const kvmlab_result = errors.Result;
 /// Which check refused the last failed call (kvmlab_last_error_check).
