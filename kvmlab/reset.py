@@ -11,7 +11,9 @@ from __future__ import annotations
 import array
 import codecs
 import collections
+import dataclasses
 import itertools
+import struct
 import threading
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable
 
@@ -31,6 +33,16 @@ lib = _ffi.lib
 
 #: Reset memory modes, name -> ``kvmlab_reset_mode`` (read from the header).
 RESET_MODES = _ffi.enum_values("kvmlab_reset_mode")
+
+#: kvmlab_reset_times -> ResetTiming in one step (reset() reads it right after
+#: the reset's ioctls, when every cache is cold): the struct is the record's
+#: fields in its order, all u64 (checked here, at import).
+_RESET_FIELDS = _ffi.field_names("kvmlab_reset_times")
+assert _RESET_FIELDS == tuple(f.name for f in dataclasses.fields(ResetTiming)), _RESET_FIELDS
+assert all(f.type.cname == "uint64_t" for _, f in ffi.typeof("kvmlab_reset_times").fields)
+_unpack_reset_times = struct.Struct(f"={len(_RESET_FIELDS)}Q").unpack
+#: Spare kvmlab_reset_times cells (list.pop/append are atomic), shared by every VM.
+_RESET_CELLS: list[Any] = []
 
 
 class _ResetOps:
@@ -74,11 +86,19 @@ class _ResetOps:
             ConfigError: an unknown ``mode``, or ``"drop"`` on a VM that is not map-restored.
             ClosedError: the VM is closed.
         """
-        code = self._reset_mode(mode)
-        out = ffi.new("kvmlab_reset_times *")
+        try:
+            code = RESET_MODES[mode]  # _reset_mode inline: reset() is a hot path
+        except (KeyError, TypeError):
+            code = self._reset_mode(mode)
+        try:
+            out = _RESET_CELLS.pop()
+        except IndexError:
+            out = ffi.new("kvmlab_reset_times *")
         with self._lock:
             _ffi.check(lib.kvmlab_vm_reset(self._live(), code, out))
-            t = ResetTiming(**_ffi.as_dict(out, "kvmlab_reset_times"))
+            t = ResetTiming(*_unpack_reset_times(ffi.buffer(out)))
+            if len(_RESET_CELLS) < 16:
+                _RESET_CELLS.append(out)
             if self._reset_timings is None:
                 self._reset_timings = collections.deque(maxlen=4096)  # type: ignore[misc]  # a slot of _VmHandle
             self._reset_timings.append(t)
