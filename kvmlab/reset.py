@@ -72,7 +72,9 @@ class _ResetOps:
         (restore it with ``resettable=True``): only pages written since the
         restore or the previous reset are put back (KVM's dirty log plus host
         writes), then vCPU and device state. ``mode``: ``"copy"`` pages back,
-        ``"drop"`` private pages (map-restored VMs), ``"auto"``.
+        ``"drop"`` private pages (map-restored VMs), ``"auto"``. Up to 64 pages
+        the guest wrote stay writable (KVM does not re-protect them) and are put
+        back at every reset: the next run writes them without a fault each.
 
         Args:
             mode: ``"auto"``, ``"copy"`` or ``"drop"``.

@@ -57,10 +57,12 @@ pub const Machine = struct {
         return snapshot.capture(m.shell, m.mapping.sourceMap());
     }
 
-    /// Makes the machine resettable to `s` (idempotent).
+    /// Makes the machine resettable to `s` (idempotent), with hot resets
+    /// (reset.makeHot: the pages its guest writes again stay writable).
     pub fn enableReset(m: *Machine, s: *Snapshot) errors.Error!void {
         if (m.resettable != null) return;
         m.resettable = try reset.Resettable.init(m.shell, s);
+        reset.makeHot(m.shell, &m.resettable.?);
     }
 
     fn resettableOrFail(m: *Machine) errors.Error!*reset.Resettable {
@@ -121,10 +123,8 @@ pub const Factory = struct {
     pub fn restoreInto(m: *Machine, parsed: *const state.Parsed, src: restore.MemorySource, times: *restore.Times) errors.Error!void {
         try m.restoreFrom(parsed, src, times);
     }
-    /// A released machine kept for reuse: reset it to its snapshot, hot
-    /// (reset.makeHot: the pages its guest writes stay writable).
+    /// A released machine kept for reuse: reset it to its snapshot.
     pub fn resetForReuse(m: *Machine) errors.Error!void {
-        if (m.resettable) |*r| if (r.pin_limit == 0) reset.makeHot(m.shell, r);
         var t: reset.Times = .{};
         try m.resetTo(.auto, &t);
     }
