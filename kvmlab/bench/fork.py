@@ -31,7 +31,7 @@ FORK_KEYS = ["vms"]  # not "n": that is a Stats field
 FORK_METRICS = ["ready_ns", "ready_per_vm_ns", "vm_fds_ns", "machines_ns", "rss_per_vm_bytes", "pss_per_vm_bytes", "host_per_vm_bytes",
                 "kernel_per_vm_bytes",
                 "call_per_vm_ns", "called_rss_per_vm_bytes", "called_pss_per_vm_bytes", "called_host_per_vm_bytes",
-                "close_ns"]
+                "close_ns", "process_mappings"]
 
 
 def fork_limits() -> dict[str, Any]:
@@ -54,8 +54,12 @@ def _one_set(snap: Snapshot, n: int, threads: int | None, call: bool) -> dict[st
     from ..fork import memory_usage
 
     gc.collect()
+    # KVM_CREATE_VM walks every mapping of the process (mmu_notifier_register
+    # takes all their locks): the count is part of the result.
+    with open("/proc/self/maps", "rb") as f:
+        mappings = sum(1 for _ in f)
     vms = fork_many(snap, n, threads=threads, progress=False)  # no bar inside the timed loop
-    rec: dict[str, Any] = {}
+    rec: dict[str, Any] = {"process_mappings": mappings}
     try:
         st = vms.stats
         rec.update(ready_ns=st.ready_ns, ready_per_vm_ns=st.ready_ns / n, vm_fds_ns=st.vm_fds_ns, machines_ns=st.machines_ns,

@@ -208,7 +208,11 @@ _KERNEL_MEMORY_NOTE = (
     "(tdp_mmu=N), so the per-page arrays are allocated when the slot is set, for every page; with the TDP MMU "
     "KVM allocates the reverse maps only when needed. None of it is kvmlab's to drop without changing the guest "
     "(fork_many already leaves out the PIT and the dirty log): the 300 KiB target holds up to ~36 MiB of guest "
-    "memory on this host, not at 256 MiB."
+    "memory on this host, not at 256 MiB. "
+    "What KVM_CREATE_VM's cost grows with (measured on 2026-12-02, not by this benchmark): 2,000 more mappings "
+    "in the process (alternating anonymous pages) took fork_many(1000) of 256 MiB from 316-402 ms to 596-608 ms, "
+    "~0.13 us per mapping per VM: registering each VM's MMU notifier takes the lock of every mapping of the "
+    "process. A Python process with pandas and matplotlib loaded has ~750 mappings before kvmlab adds any."
 )
 
 
@@ -275,7 +279,8 @@ def fork_table(res: Results) -> pd.DataFrame:
                      "kernel / VM": fmt_size(g("kernel_per_vm_bytes")),
                      "after 1 call: PSS / available per VM":
                          f"{fmt_size(g('called_pss_per_vm_bytes'))} / {fmt_size(g('called_host_per_vm_bytes'))}",
-                     "close all": fmt_time(g("close_ns"))})
+                     "close all": fmt_time(g("close_ns")),
+                     "process mappings": f"{g('process_mappings'):,.0f}" if g("process_mappings") else "–"})
     return pd.DataFrame(rows)
 
 
@@ -387,7 +392,8 @@ def _sections(res: Results, md: bool) -> list[str]:
             "the kernel's own counters KVM's per-VM allocations land in (VmallocUsed, Slab, KernelStack, PageTables; "
             "less noisy)."
             + (f" One native call on {fk.config.get('threads')} thread(s): first every VM's KVM object (KVM_CREATE_VM, "
-               "serialised by the kernel, its cost growing with the process's mappings), then the rest."
+               "serialised by the kernel, its cost growing with the process's mappings: `process mappings`, "
+               "counted before each fork), then the rest."
                if _fork_phases(res) else ""),
             "", _table(fork_table(res), md), "",
             f"Reference: zeroboot, bare-metal KVM, 256 MiB: {ref['n']:,} forks in {ref['ready_ms']} ms, "
