@@ -118,6 +118,42 @@ def test_truncating_a_mapped_snapshot_file_gives_errors_not_sigbus(tmp_path):
         assert lines[what].startswith("SnapshotError") and "truncated or replaced while mapped" in lines[what], lines[what]
 
 
+
+OTHER_SIGBUS_HANDLER_SCRIPT = textwrap.dedent(
+    r"""
+    import faulthandler, os, sys
+    from kvmlab import SnapshotError, Snapshot, Vm, VmConfig
+    path = sys.argv[1]
+    vm = Vm.boot("memtouch", VmConfig(memory_mib=16), args={"pages": 512, "rounds": 3})
+    vm.run()
+    vm.snapshot().save(path)
+    vm.close()
+    snap = Snapshot.load(path)
+    mapped = Vm.restore(snap, "map")  # kvmlab's SIGBUS handler is installed by now
+    faulthandler.enable()             # and replaced: a plain copy of a lost page would kill us now
+    os.truncate(path, 4096)
+    for what, call in [("read_memory", lambda: mapped.read_memory(0x400000, 4096 * 8)),
+                       ("write_memory", lambda: mapped.write_memory(0x500000, b"x"))]:
+        try:
+            call()
+            print(what, "ok")
+        except SnapshotError as e:
+            print(what, e.check)
+    print("alive")
+    """
+)
+
+
+def test_host_copies_of_a_mapped_vm_stay_safe_when_another_sigbus_handler_took_over(tmp_path):
+    """read_memory/write_memory (and call()) of a map-restored VM copy with
+    memcpy only while kvmlab's SIGBUS handler is the process's: with another
+    one installed (faulthandler here) they copy through the kernel and a
+    truncated file is an error, not a crash."""
+    p = subprocess.run([sys.executable, "-c", OTHER_SIGBUS_HANDLER_SCRIPT, str(tmp_path / "m.kvmsnap")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"died with {p.returncode}: {p.stderr[-3000:]}"
+    assert p.stdout.split("\n")[:3] == ["read_memory damaged", "write_memory damaged", "alive"], p.stdout
+
 RLIMIT_AS_SCRIPT = textwrap.dedent(
     """
     import resource
