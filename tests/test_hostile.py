@@ -52,9 +52,12 @@ def test_misbehaving_guest_is_reported_and_the_pool_keeps_working(good, image, c
         assert pool.stats().failures == 0
 
 
-TRUNCATE_SCRIPT = textwrap.dedent(
+#: The truncation scripts' start: a memtouch snapshot saved at argv[1],
+#: loaded, and restored with map as `mapped` (kvmlab's SIGBUS handler is
+#: installed by then).
+MAPPED_MEMTOUCH = textwrap.dedent(
     r"""
-    import os, sys
+    import faulthandler, os, sys
     import kvmlab
     from kvmlab import GuestCrashError, SnapshotError, Snapshot, Vm, VmConfig
     path = sys.argv[1]
@@ -64,6 +67,11 @@ TRUNCATE_SCRIPT = textwrap.dedent(
     vm.close()
     snap = Snapshot.load(path)
     mapped = Vm.restore(snap, "map")
+    """
+)
+
+TRUNCATE_SCRIPT = MAPPED_MEMTOUCH + textwrap.dedent(
+    r"""
     os.truncate(path, 4096)          # someone truncates the file under us
     outcomes = []
     for what, call in [
@@ -118,19 +126,9 @@ def test_truncating_a_mapped_snapshot_file_gives_errors_not_sigbus(tmp_path):
         assert lines[what].startswith("SnapshotError") and "truncated or replaced while mapped" in lines[what], lines[what]
 
 
-
-OTHER_SIGBUS_HANDLER_SCRIPT = textwrap.dedent(
+OTHER_SIGBUS_HANDLER_SCRIPT = MAPPED_MEMTOUCH + textwrap.dedent(
     r"""
-    import faulthandler, os, sys
-    from kvmlab import SnapshotError, Snapshot, Vm, VmConfig
-    path = sys.argv[1]
-    vm = Vm.boot("memtouch", VmConfig(memory_mib=16), args={"pages": 512, "rounds": 3})
-    vm.run()
-    vm.snapshot().save(path)
-    vm.close()
-    snap = Snapshot.load(path)
-    mapped = Vm.restore(snap, "map")  # kvmlab's SIGBUS handler is installed by now
-    faulthandler.enable()             # and replaced: a plain copy of a lost page would kill us now
+    faulthandler.enable()             # replaces kvmlab's SIGBUS handler: a plain copy of a lost page would kill us now
     os.truncate(path, 4096)
     for what, call in [("read_memory", lambda: mapped.read_memory(0x400000, 4096 * 8)),
                        ("write_memory", lambda: mapped.write_memory(0x500000, b"x"))]:
