@@ -85,7 +85,10 @@ class PoolStats:
 
 @dataclass(frozen=True)
 class RestoreTiming:
-    """Integer nanoseconds per phase of one pooled restore."""
+    """Integer nanoseconds per phase of one pooled restore. ``first_run_ns``:
+    the VM's first native run after it (``run()`` or ``call()``; a run a
+    signal interrupted counts up to the signal), None until it ran; the core
+    records it."""
 
     seq: int
     acquire_ns: int

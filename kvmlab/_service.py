@@ -68,8 +68,6 @@ class _ServiceOps:
 
         def _interrupt_count(self) -> int: ...
 
-        def _after_run(self, h: Any, elapsed_ns: int) -> None: ...
-
         def _run_locked(self, h: Any, timeout_ns: int, run: Callable[[int, Any, int], int] | None = None,
                         out: Any = None, first_rc: int | None = None) -> RunResult: ...
 
@@ -125,7 +123,6 @@ class _ServiceOps:
                 h = self._live()
                 rc = _call_native(h, since, code, src, n, 0, timeout_ns, out, buf_ptr, SERVICE_MAX_BYTES, ans)
                 if rc == 0 and ans.outcome == _ANSWERED and out.console_bytes == 0:
-                    self._after_run(h, out.elapsed_ns)
                     answer, status = bytes(buf[: ans.bytes]), ans.status
                 else:  # a signal, console output, no answer or an error: the general run path
                     answer, status = self._call_rest(h, since, rc, code, src, n, timeout_ns, cells)

@@ -130,7 +130,7 @@ class PooledRestoreVm(_VmHandle):
     ``with`` block) hands it back; the pool destroys it off your thread (on
     it when 64 released VMs already wait to be destroyed)."""
 
-    __slots__ = ("_pool_handle", "_first_run_pending", "_times", "_timing")
+    __slots__ = ("_pool_handle", "_times", "_timing")
 
     def __init__(self, release: _Release) -> None:
         """An unfilled wrapper of ``release``'s pool (no VM: reads as closed);
@@ -144,7 +144,6 @@ class PooledRestoreVm(_VmHandle):
         self._handle, self._free, self._config, self._guest = None, release, release.config, ""
         self._lock, self._decoder, self._reset_timings = _new_lock(), None, None
         self._pool_handle = release
-        self._first_run_pending = True
         # The core's kvmlab_restore_times, turned into a dict on first use:
         # the restore call itself only fills the struct (a hot path).
         try:
@@ -168,15 +167,6 @@ class PooledRestoreVm(_VmHandle):
             d["memory_bytes"] = self.memory_bytes
             self._timing = d
         return self._timing
-
-    def _after_run(self, h: Any, elapsed_ns: int) -> None:
-        if self._first_run_pending:
-            self._first_run_pending = False
-            # Under the VM's lock with the VM not yet released: the pool is
-            # still allocated (the last release after close() frees it).
-            ph = self._pool_handle.pool_handle
-            if ph is not None:
-                lib.kvmlab_pool_note_first_run(ph, self._times.seq, elapsed_ns)
 
     def release(self) -> None:
         """Returns this VM's accounting to the pool. Idempotent."""

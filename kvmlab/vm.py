@@ -260,12 +260,7 @@ class _VmHandle(_ResetOps, _ServiceOps, Closing):
             console_dropped=int(out.console_dropped_bytes),
             elapsed_ns=int(out.elapsed_ns),
         )
-        self._after_run(h, result.elapsed_ns)
         return result
-
-    def _after_run(self, h: Any, elapsed_ns: int) -> None:
-        """Called after every run (run(), call()) with the lock held and the
-        handle live; ``elapsed_ns``: the run's time in the guest."""
 
     def interrupt(self) -> None:
         """Stops the calls on this VM in progress on other threads: a

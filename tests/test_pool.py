@@ -832,6 +832,29 @@ def test_timings_records(ref, loaded):
         assert (df["total_ns"] >= df["memory_ns"] + df["vcpu_ns"] + df["devices_ns"]).all()
 
 
+def test_the_core_records_the_first_run_of_every_hand_out(service_snap):
+    """first_run_ns of a prepared take comes from the VM's first call, recorded
+    by the core (no Python step); a VM released unrun leaves its record None,
+    and the warmup's runs count for no record."""
+    def take():
+        deadline = time.monotonic() + 30
+        while pool.prepared_count(service_snap) < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        vm = pool.restore_snapshot(service_snap)
+        assert vm.restore_timing["strategy"] == "prepared"
+        return vm
+
+    with RestorePool(CFG, PoolConfig(min_size=0, max_size=2)) as pool:
+        pool.prepare(service_snap, 1, warmup=lambda vm: vm.call(b"warm"))
+        take().release()  # unrun
+        with take() as vm:
+            assert vm.call(b"x") == b"x" and vm.call(b"y") == b"y"
+        unrun, ran = pool.timings()[-2:]
+        assert (unrun.strategy, ran.strategy) == ("prepared", "prepared")
+        assert unrun.first_run_ns is None
+        assert isinstance(ran.first_run_ns, int) and ran.first_run_ns > 0
+
+
 def test_timings_frame_empty():
     pd = pytest.importorskip("pandas")
     df = timings_frame([])

@@ -14,10 +14,27 @@ const Snapshot = snapshot.Snapshot;
 
 const allocator = std.heap.c_allocator;
 
+/// Told the duration of a machine's next run, once: a pool's timing record of
+/// the restore that handed the machine out (first_run_ns). Set by whoever
+/// hands it out (the C ABI's pool calls), so that no caller has to report it.
+pub const FirstRunNote = struct {
+    ctx: *anyopaque,
+    seq: u64,
+    record: *const fn (ctx: *anyopaque, seq: u64, run_ns: u64) void,
+};
+
 pub const Machine = struct {
     shell: *shell.Vm,
     mapping: restore.Mapping = .{},
     resettable: ?reset.Resettable = null,
+    first_run: ?FirstRunNote = null,
+
+    /// After a run that ended without an error: fires the first-run note, if any.
+    pub fn noteRun(m: *Machine, run_ns: u64) void {
+        const note = m.first_run orelse return;
+        m.first_run = null;
+        note.record(note.ctx, note.seq, run_ns);
+    }
 
     /// A new empty shell in a machine (with everything: Vm.boot's).
     pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
@@ -174,3 +191,21 @@ pub const Factory = struct {
         s.release();
     }
 };
+
+test "a first-run note fires once, for the first run only" {
+    const Rec = struct {
+        var calls: u32 = 0;
+        var got: [2]u64 = .{ 0, 0 };
+        fn record(_: *anyopaque, seq: u64, run_ns: u64) void {
+            calls += 1;
+            got = .{ seq, run_ns };
+        }
+    };
+    var ctx: u8 = 0;
+    var m = Machine{ .shell = undefined, .first_run = .{ .ctx = &ctx, .seq = 7, .record = &Rec.record } };
+    m.noteRun(123);
+    m.noteRun(456);
+    try std.testing.expectEqual(@as(u32, 1), Rec.calls);
+    try std.testing.expectEqual([2]u64{ 7, 123 }, Rec.got);
+    try std.testing.expect(m.first_run == null);
+}

@@ -4,6 +4,7 @@ const state = @import("../state.zig");
 const snapshot = @import("../snapshot.zig");
 const restore = @import("../restore.zig");
 const pool_mod = @import("../pool.zig");
+const machine = @import("../machine.zig");
 const common = @import("common.zig");
 
 fn poolConfig(cfg: ?*const common.kvmlab_pool_config) errors.Error!pool_mod.Config {
@@ -71,10 +72,17 @@ fn poolTimings(h: ?*common.kvmlab_pool, buf: ?[*]common.kvmlab_pool_timing, capa
     o.* = p.copyTimings(b[0..capacity]);
 }
 
-/// Records the duration of a pooled VM's first run() in its timing record.
-pub export fn kvmlab_pool_note_first_run(h: ?*common.kvmlab_pool, seq: u64, first_run_ns: u64) callconv(.c) void {
-    const p = common.asPool(h) catch return;
-    p.noteFirstRun(seq, first_run_ns);
+/// Hands `m` out as restore `seq`: its first run (kvmlab_vm_run or
+/// kvmlab_vm_call) is recorded in that restore's timing record (first_run_ns).
+/// The pool outlives the note: it is freed only after the last release.
+fn handOut(p: *pool_mod.Pool, m: *machine.Machine, seq: u64) *common.kvmlab_vm {
+    m.first_run = .{ .ctx = p, .seq = seq, .record = &recordFirstRun };
+    return @ptrCast(m);
+}
+
+fn recordFirstRun(ctx: *anyopaque, seq: u64, run_ns: u64) void {
+    const p: *pool_mod.Pool = @ptrCast(@alignCast(ctx));
+    p.noteFirstRun(seq, run_ns);
 }
 
 fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.MemorySource, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
@@ -86,7 +94,7 @@ fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.Memor
     var seq: u64 = 0;
     const m = try p.restore(parsed, src, wait_ns, &rt, &acquire, &hit, &seq);
     if (times) |t| t.* = common.restoreTimes(rt, acquire, p.totalNsOf(seq), m.shell.mapped(), hit, seq, src.strategy());
-    o.* = @ptrCast(m);
+    o.* = handOut(p, m, seq);
 }
 
 /// Restores a Snapshot into a pooled shell (file-backed + auto/map: zero copy).
@@ -114,7 +122,7 @@ pub fn poolRestoreSnapshot(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_
         // two more clock reads: each a ~0.25 us syscall here, no vDSO).
         const dt = p.totalNsOf(seq);
         if (times) |t| t.* = common.restoreTimes(.{}, dt, dt, m.shell.mapped(), true, seq, took);
-        o.* = @ptrCast(m);
+        o.* = handOut(p, m, seq);
         return;
     }
     try poolFinish(p, &s.parsed, try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy)), wait_ns, out, times);
@@ -161,6 +169,7 @@ fn poolRestoreBytes(h: ?*common.kvmlab_pool, data: ?[*]const u8, len: usize, wai
 pub export fn kvmlab_pool_release(h: ?*common.kvmlab_pool, vm_handle: ?*common.kvmlab_vm) callconv(.c) void {
     const p = common.asPool(h) catch return;
     const m = common.asVm(vm_handle) catch return;
+    m.first_run = null; // it may go back to the pool unrun (parked, prepared)
     p.release(m);
 }
 
@@ -248,7 +257,7 @@ pub export fn kvmlab_pool_take_prepared(h: ?*common.kvmlab_pool, target_id: u64,
     };
     const dt = p.totalNsOf(seq);
     if (times) |t| t.* = common.restoreTimes(.{}, dt, dt, m.shell.mapped(), true, seq, .prepared);
-    return @ptrCast(m);
+    return handOut(p, m, seq);
 }
 
 /// Prepared VMs of `snap` ready now; 0 for NULL or no target. Never fails.

@@ -85,6 +85,7 @@ fn vmCall(h: ?*common.kvmlab_vm, since: u64, op: common.kvmlab_service_op, paylo
 fn runInto(m: *machine.Machine, timeout_ns: u64, o: *common.kvmlab_run_result) errors.Error!shell.RunOutcome {
     const vm = m.shell;
     const r = try vm.run(timeout_ns);
+    m.noteRun(r.elapsed_ns); // a pooled VM's first run, into its restore's timing record
     o.* = .{
         .reason = r.reason,
         .exit_code = r.exit_code,
