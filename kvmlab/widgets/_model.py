@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import traitlets
@@ -72,18 +73,7 @@ class PoolModel(traitlets.HasTraits):
                 setattr(self, name, int(getattr(stats, name, 0) or 0))
             self.max_in_use = stats.max_in_use
             if last is not None:
-                d = {
-                    "seq": last.seq,
-                    "acquire_ns": last.acquire_ns,
-                    "memory_ns": last.memory_ns,
-                    "vcpu_ns": last.vcpu_ns,
-                    "devices_ns": last.devices_ns,
-                    "total_ns": last.total_ns,
-                    "first_run_ns": last.first_run_ns,
-                    "memory_bytes": last.memory_bytes,
-                    "hit": last.hit,
-                    "strategy": last.strategy,
-                }
+                d = dataclasses.asdict(last)  # every RestoreTiming field, as the record names them
                 if d != self.last_restore:
                     self.last_restore = d
 
