@@ -106,17 +106,20 @@ pub const Machine = struct {
         return reset.loopVar(m.shell, try m.resettableOrFail(), m.mappedFrom(), inputs, offsets, input_gpa, timeout_ns, mode, out, console, console_stride);
     }
 
+    /// Host reads and writes of guest memory: plain copies but where a
+    /// mapped snapshot file is not covered by kvmlab's SIGBUS handler
+    /// (shell.memoryGuard). A process_vm_readv per copy made a call() on a
+    /// map-restored VM ~10 us slower than on a copied one (five per call).
     pub fn readMemory(m: *Machine, gpa: u64, out: []u8) errors.Error!void {
         const src = try m.shell.guestSlice(gpa, out.len);
-        const guard = m.fileGuard() orelse return @memcpy(out, src);
-        if (!guard.fast) return safe.copy(out, src);
-        @memcpy(out, src);
-        try guard.finish();
+        const guard = m.shell.memoryGuard();
+        try safe.copyGuarded(out, src, guard);
+        try safe.finish(guard);
     }
 
     pub fn writeMemory(m: *Machine, gpa: u64, bytes: []const u8) errors.Error!void {
         const dst = try m.shell.guestSlice(gpa, bytes.len);
-        const guard = m.fileGuard();
+        const guard = m.shell.memoryGuard();
         if (guard) |g| if (!g.fast and bytes.len > 0) {
             // Writing a private file page reads it first (copy-on-write):
             // make sure that read cannot fault.
@@ -126,19 +129,7 @@ pub const Machine = struct {
         };
         @memcpy(dst, bytes);
         if (m.resettable) |*r| r.noteHostWrite(gpa, bytes.len);
-        if (guard) |g| if (g.fast) try g.finish();
-    }
-
-    /// Host reads and writes of a mapped snapshot file (a `map` restore),
-    /// which may lose pages to a truncation: null for anonymous memory
-    /// (plain copies). Fast: kvmlab's SIGBUS handler covers the mapping, so a
-    /// plain copy is safe (a lost page reads as zeros and marks the memory
-    /// damaged, which finish() reports); else each copy is a process_vm_readv
-    /// (safe.copy), a syscall that made a call() on a map-restored VM ~10 us
-    /// slower than on a copied one (five of them per call).
-    fn fileGuard(m: *const Machine) ?safe.Guard {
-        if (!m.shell.mapped()) return null;
-        return safe.Guard.init(&m.shell.mem_damaged, m.shell.sigbus_slot != null);
+        try safe.finish(guard);
     }
 };
 

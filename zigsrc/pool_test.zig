@@ -66,8 +66,8 @@ const Fake = struct {
 const FakePool = pool.PoolOf(Fake);
 const test_cfg = pool.Config{ .memory_bytes = boot.min_memory_bytes, .vcpus = 1, .min_size = 2, .max_size = 4, .max_in_use = 0 };
 const test_parsed = state.Parsed{ .vcpus = 1, .memory_bytes = boot.min_memory_bytes, .per_vcpu = @splat(@splat(null)), .vm = @splat(null) };
-const ok_source: restore_mod.MemorySource = .{ .copy = .{ .memory = &.{}, .page_map = &.{}, .packed_layout = false, .source_mapped = false } };
-const failing_source: restore_mod.MemorySource = .{ .copy = .{ .memory = "x", .page_map = &.{}, .packed_layout = false, .source_mapped = false } };
+const ok_source: restore_mod.MemorySource = .{ .copy = .{ .memory = &.{}, .page_map = &.{}, .packed_layout = false, .source_guard = null } };
+const failing_source: restore_mod.MemorySource = .{ .copy = .{ .memory = "x", .page_map = &.{}, .packed_layout = false, .source_guard = null } };
 
 fn testRestore(p: *FakePool, src: restore_mod.MemorySource, wait_ns: u64) errors.Error!*Fake.Item {
     var t: restore_mod.Times = .{};

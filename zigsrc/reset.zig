@@ -128,8 +128,8 @@ fn putBack(vm: *shell.Vm, r: *Resettable, log: []const u64, use_drop: bool) erro
     // copy from a file-backed snapshot: SIGBUS-safe reads (memcpy under
     // kvmlab's SIGBUS handler, else batched process_vm_readv).
     var batch: safe.Batch = .{};
-    const guard = safe.Guard.init(&s.damaged, s.sigbus_slot != null);
-    const from_file = s.fileBacked() and !guard.fast;
+    const guard = s.memoryGuard();
+    const from_file = if (guard) |g| !g.fast else false;
     var dirty: u64 = 0;
     var pages = DirtyPages{ .log = log, .host = r.host_dirty };
     while (pages.next()) |page| : (dirty += 1) {
@@ -145,7 +145,7 @@ fn putBack(vm: *shell.Vm, r: *Resettable, log: []const u64, use_drop: bool) erro
     }
     drops.flush();
     try batch.flush();
-    try guard.finish();
+    try safe.finish(guard);
     return dirty;
 }
 

@@ -11,6 +11,7 @@ const errors = @import("errors.zig");
 const shell = @import("shell.zig");
 const state = @import("state.zig");
 const snapshot = @import("snapshot.zig");
+const safe = @import("safe.zig");
 
 pub const Strategy = enum(c_int) {
     /// `map` for a file-backed snapshot (Snapshot.load), else `copy`.
@@ -29,16 +30,18 @@ pub const Copy = struct {
     memory: []const u8,
     page_map: []const u8,
     packed_layout: bool,
-    /// The source is a file mapping (copied with SIGBUS-safe reads).
-    source_mapped: bool,
+    /// How reads of `memory` stay safe (safe.copyGuarded): null for anonymous
+    /// memory, the snapshot's guard for a loaded file, Guard.unknown for a
+    /// caller's buffer.
+    source_guard: ?safe.Guard,
 
     pub const fresh_shell = true;
 
     pub fn fromSnapshot(s: *snapshot.Snapshot) errors.Error!Copy {
-        return .{ .memory = s.memory, .page_map = s.parsed.pageMap(), .packed_layout = false, .source_mapped = s.fileBacked() };
+        return .{ .memory = s.memory, .page_map = s.parsed.pageMap(), .packed_layout = false, .source_guard = s.memoryGuard() };
     }
     pub fn apply(c: Copy, vm: *shell.Vm, _: *Mapping) errors.Error!void {
-        try snapshot.copyPresent(vm.mem, c.memory, c.page_map, c.packed_layout, c.source_mapped);
+        try snapshot.copyPresent(vm.mem, c.memory, c.page_map, c.packed_layout, c.source_guard);
     }
 };
 
@@ -183,7 +186,7 @@ pub fn floor(vm: *shell.Vm, mapping: *Mapping, parsed: *const state.Parsed, src:
 }
 
 test "restore: every strategy but auto is a memory source, by name" {
-    try std.testing.expectEqual(Strategy.copy, (MemorySource{ .copy = .{ .memory = &.{}, .page_map = &.{}, .packed_layout = false, .source_mapped = false } }).strategy());
+    try std.testing.expectEqual(Strategy.copy, (MemorySource{ .copy = .{ .memory = &.{}, .page_map = &.{}, .packed_layout = false, .source_guard = null } }).strategy());
     try std.testing.expectEqual(Strategy.reuse, (MemorySource{ .reuse = .{} }).strategy());
     try std.testing.expect(!(MemorySource{ .reuse = .{} }).freshShell());
     try std.testing.expectEqual(@typeInfo(Strategy).@"enum".field_names.len - 1, @typeInfo(MemorySource).@"union".field_names.len);

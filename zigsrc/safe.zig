@@ -85,15 +85,26 @@ pub const Guard = struct {
     pub fn finish(g: *const Guard) errors.Error!void {
         if (g.damaged.load(.acquire)) return truncated();
     }
+
+    /// Memory kvmlab knows nothing of (a caller's buffer, maybe a mapped
+    /// file): always copied through the kernel.
+    pub const unknown: Guard = .{ .fast = false, .damaged = &never_damaged };
 };
 
-/// Copies with memcpy when both sides are anonymous memory, else safely.
-pub fn copyMaybeMapped(dst: []u8, src: []const u8, mapped: bool) errors.Error!void {
-    if (!mapped) {
-        @memcpy(dst, src);
-        return;
-    }
-    try copy(dst, src);
+var never_damaged = std.atomic.Value(bool).init(false);
+
+/// Copies out of (or into) memory that may be a mapped file: `guard` null
+/// for anonymous memory (memcpy); else memcpy when the guard is fast, or
+/// through the kernel. After a run of copies, `finish(guard)` reports a page
+/// the fast path found lost.
+pub fn copyGuarded(dst: []u8, src: []const u8, guard: ?Guard) errors.Error!void {
+    if (guard) |g| if (!g.fast) return copy(dst, src);
+    @memcpy(dst, src);
+}
+
+/// Guard.finish for an optional guard (null: anonymous memory, nothing to check).
+pub fn finish(guard: ?Guard) errors.Error!void {
+    if (guard) |g| try g.finish();
 }
 
 test "safe copy copies and reports unreadable memory" {
@@ -115,4 +126,22 @@ test "Guard uses memcpy only for mappings the SIGBUS handler knows" {
     try std.testing.expect(!Guard.init(&damaged, false).fast);
     damaged.store(true, .release);
     try std.testing.expectError(error.Snapshot, Guard.init(&damaged, true).finish());
+}
+
+test "copyGuarded goes through the kernel unless the memory is anonymous or covered" {
+    var a: [64]u8 = undefined;
+    var b: [64]u8 = undefined;
+    for (&a, 0..) |*x, i| x.* = @intCast(i);
+    try copyGuarded(&b, &a, null); // anonymous: memcpy
+    try std.testing.expectEqualSlices(u8, &a, &b);
+    @memset(&b, 0);
+    try copyGuarded(&b, &a, Guard.unknown);
+    try std.testing.expectEqualSlices(u8, &a, &b);
+    const bogus: [*]const u8 = @ptrFromInt(0x10);
+    // A memcpy from here would fault: only the kernel's copy reports it.
+    try std.testing.expectError(error.Snapshot, copyGuarded(b[0..8], bogus[0..8], Guard.unknown));
+    try finish(null);
+    try finish(Guard.unknown);
+    var damaged = std.atomic.Value(bool).init(true);
+    try std.testing.expectError(error.Snapshot, finish(Guard{ .fast = true, .damaged = &damaged }));
 }

@@ -676,6 +676,14 @@ pub const Vm = struct {
         return vm.backing != null;
     }
 
+    /// How host copies of guest memory stay safe (safe.copyGuarded): null for
+    /// anonymous memory; for a mapped snapshot file, fast while kvmlab's
+    /// SIGBUS handler covers the mapping.
+    pub fn memoryGuard(vm: *const Vm) ?safe.Guard {
+        if (!vm.mapped()) return null;
+        return safe.Guard.init(&vm.mem_damaged, vm.sigbus_slot != null);
+    }
+
     /// Maps `fd` at `offset` copy-on-write over all of guest memory: O(1) in
     /// memory size (KVM's MMU notifier drops stale translations of the old
     /// pages). `fd` must stay open while the shell lives.

@@ -198,6 +198,13 @@ pub const Snapshot = struct {
         return s.fd >= 0;
     }
 
+    /// How copies out of `memory` stay safe (safe.copyGuarded): null in
+    /// memory; for a loaded file, fast while kvmlab's SIGBUS handler covers it.
+    pub fn memoryGuard(s: *const Snapshot) ?safe.Guard {
+        if (!s.fileBacked()) return null;
+        return safe.Guard.init(&s.damaged, s.sigbus_slot != null);
+    }
+
     pub fn guestName(s: *const Snapshot) []const u8 {
         const br = std.mem.bytesToValue(state.BootRecord, s.parsed.get(.boot, state.vm_wide).?);
         const n = std.mem.indexOfScalar(u8, &br.guest_name, 0) orelse br.guest_name.len;
@@ -260,16 +267,18 @@ pub fn capture(vm: *shell.Vm, source_map: ?[]const u8) errors.Error!*Snapshot {
     errdefer _ = linux.munmap(memory.ptr, memory.len);
     var present: u64 = 0;
     var i: u64 = 0;
+    // A map-restored VM's memory is a file mapping: copy it safely.
+    const guard = vm.memoryGuard();
     while (i < pages) : (i += 1) {
         const maybe = (resident[@intCast(i)] & 1) != 0 or (if (source_map) |m| isPresent(m, i) else false);
         if (!maybe) continue;
         const dst: *[page]u8 = @ptrCast(memory[@intCast(i * page)..][0..page]);
-        // A map-restored VM's memory is a file mapping: copy it safely first.
-        try safe.copyMaybeMapped(dst, vm.mem[@intCast(i * page)..][0..page], vm.mapped());
+        try safe.copyGuarded(dst, vm.mem[@intCast(i * page)..][0..page], guard);
         if (isZeroPage(dst)) continue;
         map[@intCast(i / 8)] |= @as(u8, 1) << @intCast(i % 8);
         present += 1;
     }
+    try safe.finish(guard);
     const n = std.mem.indexOfScalar(u8, &vm.guest_name, 0) orelse vm.guest_name.len;
     const blob = try state.capture(vm, map, vm.guest_name[0..n]);
     errdefer allocator.free(blob);
@@ -360,13 +369,15 @@ pub fn toBytes(s: *const Snapshot, out: []u8) errors.Error!void {
     var crc = Crc32c.init();
     var i: u64 = 0;
     var k: u64 = 0;
+    const guard = s.memoryGuard();
     while (i < pages) : (i += 1) {
         if (!isPresent(map, i)) continue;
         const dst = out[@intCast(mem_off + k * page)..][0..page];
-        try safe.copyMaybeMapped(dst, s.memory[@intCast(i * page)..][0..page], s.fileBacked());
+        try safe.copyGuarded(dst, s.memory[@intCast(i * page)..][0..page], guard);
         crc.update(dst);
         k += 1;
     }
+    try safe.finish(guard);
     const mem_crc = crc.final();
     try checkRead(s, mem_crc);
     writeHeader(out[0..header_bytes], s, @intFromEnum(Flag.packed_memory), out.len, s.present_pages * page, mem_crc);
@@ -550,14 +561,15 @@ fn fromChecked(c: Checked, stored_bytes: u64) errors.Error!*Snapshot {
     const memory = try anonMap(c.parsed.memory_bytes);
     errdefer _ = linux.munmap(memory.ptr, memory.len);
     const parsed = state.parse(blob) catch unreachable; // same bytes as checked
-    try copyPresent(memory, c.memory, parsed.pageMap(), c.packed_layout, true);
+    try copyPresent(memory, c.memory, parsed.pageMap(), c.packed_layout, safe.Guard.unknown); // the caller's bytes
     const s = allocator.create(Snapshot) catch return error.OutOfMemory;
     s.* = .{ .blob = blob, .parsed = parsed, .memory = memory, .memory_owned = true, .present_pages = c.present_pages, .created_unix_ns = c.created_unix_ns, .stored_bytes = stored_bytes };
     return s;
 }
 
-/// Copies the present pages from a packed or dense source into dense memory.
-pub fn copyPresent(dst: []u8, src: []const u8, map: []const u8, packed_layout: bool, src_mapped: bool) errors.Error!void {
+/// Copies the present pages from a packed or dense source into dense memory
+/// (`src_guard`: how reads of `src` stay safe, see safe.copyGuarded).
+pub fn copyPresent(dst: []u8, src: []const u8, map: []const u8, packed_layout: bool, src_guard: ?safe.Guard) errors.Error!void {
     const pages = dst.len / page;
     var i: u64 = 0;
     var k: u64 = 0;
@@ -567,13 +579,14 @@ pub fn copyPresent(dst: []u8, src: []const u8, map: []const u8, packed_layout: b
             // Runs of present pages in one copy (one syscall on the safe path).
             var j = i;
             while (j < pages and isPresent(map, j)) j += 1;
-            try safe.copyMaybeMapped(dst[@intCast(i * page)..@intCast(j * page)], src[@intCast(i * page)..@intCast(j * page)], src_mapped);
+            try safe.copyGuarded(dst[@intCast(i * page)..@intCast(j * page)], src[@intCast(i * page)..@intCast(j * page)], src_guard);
             i = j - 1;
             continue;
         }
-        try safe.copyMaybeMapped(dst[@intCast(i * page)..][0..page], src[@intCast(k * page)..][0..page], src_mapped);
+        try safe.copyGuarded(dst[@intCast(i * page)..][0..page], src[@intCast(k * page)..][0..page], src_guard);
         k += 1;
     }
+    try safe.finish(src_guard);
 }
 
 pub fn fromBytes(data: []const u8) errors.Error!*Snapshot {

@@ -5,6 +5,7 @@ const snapshot = @import("../snapshot.zig");
 const restore = @import("../restore.zig");
 const pool_mod = @import("../pool.zig");
 const machine = @import("../machine.zig");
+const safe = @import("../safe.zig");
 const common = @import("common.zig");
 
 fn poolConfig(cfg: ?*const common.kvmlab_pool_config) errors.Error!pool_mod.Config {
@@ -149,7 +150,7 @@ fn poolRestoreParts(h: ?*common.kvmlab_pool, memory: ?[*]const u8, memory_bytes:
     const parsed = try state.parse(try common.bytesOf(vcpu_state, state_bytes));
     if (memory_bytes != parsed.memory_bytes)
         return errors.fail(.shape, "memory buffer is {d} bytes; the vCPU state describes {d} MiB", .{ memory_bytes, parsed.memory_bytes >> 20 });
-    const src: restore.MemorySource = .{ .copy = .{ .memory = try common.bytesOf(memory, memory_bytes), .page_map = parsed.pageMap(), .packed_layout = false, .source_mapped = true } };
+    const src: restore.MemorySource = .{ .copy = .{ .memory = try common.bytesOf(memory, memory_bytes), .page_map = parsed.pageMap(), .packed_layout = false, .source_guard = safe.Guard.unknown } }; // the caller's buffer
     try poolFinish(p, &parsed, src, wait_ns, out, times);
 }
 
@@ -160,7 +161,7 @@ pub export fn kvmlab_pool_restore_bytes(h: ?*common.kvmlab_pool, data: ?[*]const
 fn poolRestoreBytes(h: ?*common.kvmlab_pool, data: ?[*]const u8, len: usize, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
     const p = try common.asPool(h);
     const c = try snapshot.check(try common.bytesOf(data, len));
-    const src: restore.MemorySource = .{ .copy = .{ .memory = c.memory, .page_map = c.parsed.pageMap(), .packed_layout = c.packed_layout, .source_mapped = false } };
+    const src: restore.MemorySource = .{ .copy = .{ .memory = c.memory, .page_map = c.parsed.pageMap(), .packed_layout = c.packed_layout, .source_guard = null } }; // check() read them all already
     try poolFinish(p, &c.parsed, src, wait_ns, out, times);
 }
 
