@@ -493,7 +493,7 @@ class RestorePool(_PrepareOps, Closing):
         if target is not None and snap._handle is not None:
             spares = self._spares
             try:
-                vm = spares.pop()
+                vm = spares.pop()  # _Release.spare() inline: one frame fewer on the take's path
             except IndexError:
                 vm = PooledRestoreVm(self._release_vm)
             handle = _take_prepared(self._native, target[1], vm._times)
@@ -533,7 +533,7 @@ class RestorePool(_PrepareOps, Closing):
         handle = out[0]
         outs.append(out)
         if rc:
-            self._release_vm.spares.append(vm)  # unfilled: a spare again
+            self._spares.append(vm)  # unfilled: a spare again
             raise _ffi.error_for(rc)
         return vm._fill(handle, guest)
 

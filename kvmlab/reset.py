@@ -38,11 +38,14 @@ RESET_MODES = _ffi.enum_values("kvmlab_reset_mode")
 #: the reset's ioctls, when every cache is cold): the struct is the record's
 #: fields in its order, all u64 (checked here, at import).
 _RESET_FIELDS = _ffi.field_names("kvmlab_reset_times")
-assert _RESET_FIELDS == tuple(f.name for f in dataclasses.fields(ResetTiming)), _RESET_FIELDS
-assert all(f.type.cname == "uint64_t" for _, f in ffi.typeof("kvmlab_reset_times").fields)
+if _RESET_FIELDS != tuple(f.name for f in dataclasses.fields(ResetTiming)) or any(
+    f.type.cname != "uint64_t" for _, f in ffi.typeof("kvmlab_reset_times").fields
+):  # a raise, not an assert: python -O would read the record wrongly
+    raise ImportError(f"kvmlab_reset_times {_RESET_FIELDS} is not ResetTiming's u64 fields in order: {_ffi._REBUILD_HINT}")
 _unpack_reset_times = struct.Struct(f"={len(_RESET_FIELDS)}Q").unpack
 #: Spare kvmlab_reset_times cells (list.pop/append are atomic), shared by every VM.
 _RESET_CELLS: list[Any] = []
+_SPARE_RESET_CELLS = 16
 
 
 class _ResetOps:
@@ -99,7 +102,7 @@ class _ResetOps:
         with self._lock:
             _ffi.check(lib.kvmlab_vm_reset(self._live(), code, out))
             t = ResetTiming(*_unpack_reset_times(ffi.buffer(out)))
-            if len(_RESET_CELLS) < 16:
+            if len(_RESET_CELLS) < _SPARE_RESET_CELLS:
                 _RESET_CELLS.append(out)
             if self._reset_timings is None:
                 self._reset_timings = collections.deque(maxlen=4096)  # type: ignore[misc]  # a slot of _VmHandle

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 from . import _ffi
 from ._closing import Closing
-from .config import VmConfig, bad_argument, check_buffer, check_choice, check_int, check_range, check_type
+from .config import VmConfig, bad_argument, check_buffer, check_int, check_range, check_type
 from .config import timeout_ns as _timeout_ns  # seconds (None: no deadline) -> the core's timeout_ns
 from .errors import ClosedError, GuestError, GuestTimeoutError, InternalError
 from .guests import Guest, format_args

@@ -56,7 +56,8 @@ fn vmRun(h: ?*common.kvmlab_vm, timeout_ns: u64, out: ?*common.kvmlab_run_result
 /// `since`: kvmlab_vm_interrupt_count where the caller's call began; the run
 /// is an operation pinned there (kvmlab_vm_begin_operation), so an interrupt
 /// made since stops it, also one made before a resume. Pinning here saves a
-/// caller two native calls around it, each measured microseconds after a run.
+/// caller two native calls around it, each measured microseconds after a run;
+/// so do not call it inside a kvmlab_vm_begin_operation bracket (it ends it).
 pub export fn kvmlab_vm_call(h: ?*common.kvmlab_vm, since: u64, op: common.kvmlab_service_op, payload: ?[*]const u8, payload_bytes: usize, resume_run: u32, timeout_ns: u64, run_out: ?*common.kvmlab_run_result, answer_buf: ?[*]u8, answer_capacity: usize, answer: ?*common.kvmlab_service_answer) callconv(.c) common.kvmlab_result {
     return common.call(vmCall, .{ h, since, op, payload, payload_bytes, resume_run, timeout_ns, run_out, answer_buf, answer_capacity, answer });
 }
