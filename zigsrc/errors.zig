@@ -51,22 +51,22 @@ pub const Error = error{
     Incompatible,
 };
 
+/// Each error's class: the `Result` of the same name in snake case
+/// (`KvmUnavailable` -> `kvm_unavailable`), so a new class is one member of
+/// each list and a misspelt one fails to compile.
 pub fn toResult(e: Error) Result {
-    return switch (e) {
-        error.OutOfMemory => .out_of_memory,
-        error.KvmUnavailable => .kvm_unavailable,
-        error.KvmFailed => .kvm_failed,
-        error.Config => .config,
-        error.Guest => .guest,
-        error.GuestCrash => .guest_crash,
-        error.Timeout => .timeout,
-        error.Snapshot => .snapshot,
-        error.Closed => .closed,
-        error.Busy => .busy,
-        error.Bounds => .bounds,
-        error.PoolExhausted => .pool_exhausted,
-        error.Incompatible => .incompatible,
-    };
+    switch (e) {
+        inline else => |err| return comptime @field(Result, snakeCase(@errorName(err))),
+    }
+}
+
+fn snakeCase(comptime camel: []const u8) []const u8 {
+    comptime var out: []const u8 = "";
+    inline for (camel, 0..) |ch, i| {
+        const lower = std.ascii.toLower(ch);
+        out = out ++ (if (i > 0 and lower != ch) "_" else "") ++ [_]u8{lower};
+    }
+    return out;
 }
 
 /// The machine-readable id of every refusal: each failure site of the core
@@ -377,4 +377,11 @@ test "finish: an error that did not come from fail gets no stale id" {
     try std.testing.expectEqual(Result.config, finish(error.Config));
     try std.testing.expectEqual(Check.none, lastCheck());
     try std.testing.expectEqualStrings("kvmlab core call failed (config)", std.mem.span(message()));
+}
+
+test "toResult: every error maps to the result of its name" {
+    try std.testing.expectEqual(Result.kvm_unavailable, toResult(error.KvmUnavailable));
+    try std.testing.expectEqual(Result.pool_exhausted, toResult(error.PoolExhausted));
+    try std.testing.expectEqual(Result.out_of_memory, toResult(error.OutOfMemory));
+    try std.testing.expectEqual(Result.config, toResult(error.Config));
 }

@@ -86,6 +86,20 @@ fn eventually(p: *FakePool, comptime cond: fn (pool.Stats) bool) !void {
     }
 }
 
+/// Expects each field of `want` (a struct literal of pool.Stats names) to
+/// equal the pool's count of that name.
+fn expectStats(p: *FakePool, want: anytype) !void {
+    const s = p.stats();
+    inline for (@typeInfo(@TypeOf(want)).@"struct".field_names) |name|
+        try std.testing.expectEqual(@as(@TypeOf(@field(s, name)), @field(want, name)), @field(s, name));
+}
+
+/// Drops the test's handle and checks that every item and snapshot reference went.
+fn closeAllFreed(p: *FakePool) !void {
+    p.releaseHandle();
+    try std.testing.expect(Fake.allFreed());
+}
+
 test "pool: restores and releases balance; close frees every item" {
     const p = try FakePool.create(test_cfg);
     try std.testing.expect(p.idleCount() >= 2);
@@ -102,19 +116,14 @@ test "pool: restores and releases balance; close frees every item" {
             return st.in_use == 0 and st.pending_destroy == 0 and st.destroyed == st.releases;
         }
     }.f);
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try closeAllFreed(p);
 }
 
 test "pool: a failed restore is counted and rolled back" {
     const p = try FakePool.create(test_cfg);
     try std.testing.expectError(error.Snapshot, testRestore(p, failing_source, 0));
-    const s = p.stats();
-    try std.testing.expectEqual(@as(u32, 0), s.in_use);
-    try std.testing.expectEqual(@as(u64, 1), s.failures);
-    try std.testing.expectEqual(@as(u64, 0), s.restores);
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try expectStats(p, .{ .in_use = 0, .failures = 1, .restores = 0 });
+    try closeAllFreed(p);
 }
 
 test "pool: max_in_use refuses at once, or after the wait" {
@@ -127,8 +136,7 @@ test "pool: max_in_use refuses at once, or after the wait" {
     p.release(it);
     const again = try testRestore(p, ok_source, 0);
     p.release(again);
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try closeAllFreed(p);
 }
 
 test "pool: a shell that cannot be made fails the restore, counted, nothing in use" {
@@ -138,12 +146,9 @@ test "pool: a shell that cannot be made fails the restore, counted, nothing in u
     Fake.fail_create.store(true, .release);
     defer Fake.fail_create.store(false, .release);
     try std.testing.expectError(error.KvmFailed, testRestore(p, ok_source, 0));
-    const s = p.stats();
-    try std.testing.expectEqual(@as(u32, 0), s.in_use);
-    try std.testing.expectEqual(@as(u64, 1), s.misses);
-    try std.testing.expect(s.failures >= 1);
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try expectStats(p, .{ .in_use = 0, .misses = 1 });
+    try std.testing.expect(p.stats().failures >= 1);
+    try closeAllFreed(p);
 }
 
 test "pool: a parked item is reset off the caller's path and reused for its snapshot only" {
@@ -163,15 +168,12 @@ test "pool: a parked item is reset off the caller's path and reused for its snap
     var took: restore_mod.Strategy = .auto;
     try std.testing.expectEqual(@as(?*Fake.Item, null), p.reuse(other, true, &seq, &took));
     try std.testing.expectEqual(@as(?*Fake.Item, it), p.reuse(snap, true, &seq, &took));
-    const s = p.stats();
-    try std.testing.expectEqual(@as(u64, 1), s.reuses);
-    try std.testing.expectEqual(@as(u32, 1), s.in_use);
+    try expectStats(p, .{ .reuses = 1, .in_use = 1 });
     var timing: [1]pool.Timing = undefined;
     try std.testing.expectEqual(@as(usize, 1), p.copyTimings(&timing));
     try std.testing.expectEqual(restore_mod.Strategy.reuse, timing[0].strategy);
     p.release(it); // parks again (reuse re-arms parking)
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try closeAllFreed(p);
 }
 
 test "pool: a closed pool answers until its handle goes; with items out, the last release frees it" {
@@ -271,8 +273,7 @@ test "pool: prepare keeps n ready per snapshot; a take is prepared, a release ke
     try p.setTarget(snap_a, 0, .copy, false, false);
     try std.testing.expectEqual(@as(u64, 0), p.stats().prepared);
     try std.testing.expectEqual(@as(u32, 0), p.targets_len);
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try closeAllFreed(p);
 }
 
 test "pool: a failing prepare leaves nothing prepared and is counted" {
@@ -283,8 +284,7 @@ test "pool: a failing prepare leaves nothing prepared and is counted" {
     try std.testing.expectEqual(@as(u32, 0), p.targets_len);
     try std.testing.expectEqual(@as(u64, 0), p.stats().prepared);
     try std.testing.expect(p.stats().failures >= 1);
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try closeAllFreed(p);
 }
 
 test "pool: the targets of all snapshots stay within max_size" {
@@ -293,8 +293,7 @@ test "pool: the targets of all snapshots stay within max_size" {
     try std.testing.expectError(error.PoolExhausted, p.setTarget(snap_b, 2, .copy, true, false));
     try p.setTarget(snap_b, 1, .copy, true, false);
     try p.setTarget(snap_a, 2, .copy, true, false); // lowering is fine
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try closeAllFreed(p);
 }
 
 test "pool: an external target is prepared by the caller; a failed warmup destroys its item" {
@@ -303,8 +302,7 @@ test "pool: an external target is prepared by the caller; a failed warmup destro
     try std.testing.expect(try p.waitPrepareNeed(std.time.ns_per_ms));
     const bad = (try p.prepareBegin(snap_a)).?;
     try p.prepareEnd(bad, snap_a, true, false);
-    try std.testing.expectEqual(@as(u64, 1), p.stats().failures);
-    try std.testing.expectEqual(@as(u64, 0), p.stats().prepared);
+    try expectStats(p, .{ .failures = 1, .prepared = 0 });
     const good = (try p.prepareBegin(snap_a)).?;
     try std.testing.expectEqual(@as(?*Fake.Item, null), try p.prepareBegin(snap_a)); // one in flight meets the target
     try p.prepareEnd(good, snap_a, true, true);
@@ -339,8 +337,7 @@ test "pool: takes of a target with identity get distinct nonzero identities, oth
     const plain = takePrepared(p, snap_b).?;
     try std.testing.expectEqual(@as(u64, 0), plain.identity);
     p.release(plain);
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try closeAllFreed(p);
 }
 
 test "pool: past a backlog of max_dead_backlog queued destroys, a release destroys on the caller's thread" {
@@ -362,6 +359,5 @@ test "pool: past a backlog of max_dead_backlog queued destroys, a release destro
             return st.pending_destroy == 0 and st.in_use == 0;
         }
     }.f);
-    p.releaseHandle();
-    try std.testing.expect(Fake.allFreed());
+    try closeAllFreed(p);
 }
