@@ -253,3 +253,60 @@ def test_interrupt_while_idle_does_not_stop_a_later_call():
         vm.interrupt()
         r = vm.run(timeout_s=0.3)
         assert r.reason == "timeout" and r.elapsed_ns >= 300_000_000
+
+
+def _caught_realtime_signals() -> list[int]:
+    """Realtime signals this process has a handler for (/proc SigCgt)."""
+    import signal
+
+    with open("/proc/self/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return [s for s in range(signal.SIGRTMIN, signal.SIGRTMAX + 1) if mask >> (s - 1) & 1]
+
+
+def test_a_late_kick_does_not_fail_a_blocking_call_of_the_program():
+    """The kick (kvmlab's realtime signal that ends KVM_RUN) can land after a
+    vCPU loop ended, in the program's own code (close() or a deadline racing
+    the loop's exit). There it restarts the blocked system call (SA_RESTART)
+    instead of failing it with EINTR in C code that does not retry: here a
+    libc read() of a pipe, called directly (Python would retry it itself)."""
+    import ctypes
+    import os
+    import signal
+
+    with Vm.boot("spin", CFG) as vm:
+        assert vm.run(timeout_s=0.01).reason == "timeout"  # the deadline's timer used the kick
+    kicks = _caught_realtime_signals()
+    assert len(kicks) == 1, f"expected kvmlab's kick alone among realtime handlers, got {kicks}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    got: list[tuple[int, int]] = []
+    tid: list[int] = []
+
+    def reader() -> None:
+        tid.append(threading.get_native_id())
+        buf = ctypes.create_string_buffer(8)
+        n = libc.read(r, buf, 8)  # ctypes drops the GIL: blocked in the kernel
+        got.append((n, ctypes.get_errno()))
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not tid or _thread_state(tid[0]) != "S":  # asleep in read()
+            assert time.monotonic() < deadline, "the reader never blocked"
+            time.sleep(0.01)
+        signal.pthread_kill(t.ident, kicks[0])
+        time.sleep(0.1)  # an EINTR would have ended read() by now
+        os.write(w, b"x")
+        t.join(5)
+        assert got == [(1, 0)], f"read() gave (result, errno) {got}; errno 4 is EINTR"
+    finally:
+        os.close(w)
+        t.join(5)
+        os.close(r)
+
+
+def _thread_state(tid: int) -> str:
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

@@ -47,7 +47,12 @@ pub fn installKickHandler() void {
     var act = linux.Sigaction{
         .handler = .{ .handler = onKick },
         .mask = std.mem.zeroes(linux.sigset_t),
-        .flags = 0, // no SA_RESTART: KVM_RUN must return EINTR
+        // KVM_RUN still ends with EINTR (KVM returns it for a pending signal,
+        // and the kernel never restarts an -EINTR). SA_RESTART is for a kick
+        // that lands after the loop, in the program's own code (a deadline or
+        // close() racing the loop's end): its blocked system call restarts
+        // instead of failing with EINTR in C code that does not retry.
+        .flags = linux.SA.RESTART,
     };
     _ = linux.sigaction(@enumFromInt(kick_signal), &act, null);
 }
