@@ -16,7 +16,8 @@ ZIGSRC = Path(__file__).resolve().parent.parent / "zigsrc"
 LAYERS = [
     ["kvm.zig", "guests/service_protocol.zig"],
     ["errors.zig"],
-    ["sigbus.zig", "fault.zig", "signals.zig"],
+    ["signals.zig"],
+    ["sigbus.zig", "fault.zig"],
     ["safe.zig", "boot.zig", "host.zig"],
     ["shell.zig", "cpuid.zig"],
     ["state.zig"],

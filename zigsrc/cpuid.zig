@@ -36,13 +36,12 @@ pub fn sameAsShell(cpuid: []const u8, effective_entries: []const kvm.CpuidEntry2
     for (want, effective_entries) |w_unaligned, e0| {
         var w: kvm.CpuidEntry2 = w_unaligned;
         var e = e0;
+        host.setApicId(&e, idx);
         if (e.function == 1) {
-            e.ebx = (e.ebx & 0x00FF_FFFF) | (idx << 24);
             // OSXSAVE mirrors CR4 and may differ between capture and a fresh vCPU.
             w.ecx &= ~@as(u32, 1 << 27);
             e.ecx &= ~@as(u32, 1 << 27);
         }
-        if (e.function == 0xB or e.function == 0x1F) e.edx = idx;
         if (!std.mem.eql(u8, std.mem.asBytes(&w), std.mem.asBytes(&e))) return false;
     }
     return true;

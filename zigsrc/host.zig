@@ -115,9 +115,14 @@ pub fn setVcpuCpuid(vcpu: kvm.VcpuFd, index: u32) errors.Error!void {
     const h = try get();
     var buf: kvm.CpuidBuf = .{ .nent = h.cpuid_count };
     @memcpy(buf.entries[0..h.cpuid_count], h.cpuid[0..h.cpuid_count]);
-    for (buf.entries[0..h.cpuid_count]) |*e| {
-        if (e.function == 1) e.ebx = (e.ebx & 0x00FF_FFFF) | (index << 24);
-        if (e.function == 0xB or e.function == 0x1F) e.edx = index;
-    }
+    for (buf.entries[0..h.cpuid_count]) |*e| setApicId(e, index);
     vcpu.setCpuid2(&buf) catch return errors.ioctlFailed("KVM_SET_CPUID2");
+}
+
+/// Puts vCPU `index`'s initial APIC id where a CPUID entry reports it
+/// (CPUID.1:EBX[31:24], the x2APIC id in EDX of leaves 0xB/0x1F).
+pub fn setApicId(e: *kvm.CpuidEntry2, index: u32) void {
+    std.debug.assert(index <= 0xFF);
+    if (e.function == 1) e.ebx = (e.ebx & 0x00FF_FFFF) | (index << 24);
+    if (e.function == 0xB or e.function == 0x1F) e.edx = index;
 }

@@ -11,6 +11,7 @@ const std = @import("std");
 const linux = std.os.linux;
 
 const errors = @import("errors.zig");
+const signals = @import("signals.zig");
 
 /// The table of registered ranges grows in chunks of `chunk_slots`, each
 /// allocated once (page allocator, zeroed), published with an atomic store
@@ -131,12 +132,7 @@ fn onSigbus(sig: linux.SIG, info: *const linux.siginfo_t, ctx: ?*anyopaque) call
         }
     }
     // Not ours: what would have happened without kvmlab.
-    if (previous.flags & linux.SA.SIGINFO != 0) {
-        if (previous.handler.sigaction) |h| return h(sig, info, ctx);
-    } else if (previous.handler.handler) |h| {
-        const raw = @intFromPtr(h);
-        if (raw != 0 and raw != 1) return h(sig); // neither SIG_DFL nor SIG_IGN
-    }
+    if (signals.callSaved(@intFromPtr(previous.handler.handler), previous.flags & linux.SA.SIGINFO != 0, sig, info, ctx)) return;
     var dfl = linux.Sigaction{ .handler = .{ .handler = null }, .mask = std.mem.zeroes(linux.sigset_t), .flags = 0 };
     _ = linux.sigaction(.BUS, &dfl, null);
 }

@@ -192,15 +192,23 @@ fn onStopSignal(sig: linux.SIG, info: *const linux.siginfo_t, ctx: ?*anyopaque) 
 
 fn chain(sig: linux.SIG, info: *const linux.siginfo_t, ctx: ?*anyopaque) void {
     const i = indexOf(sig) orelse return;
-    const raw = previous_fn[i].load(.acquire);
-    if (raw <= 1) return; // never installed over SIG_DFL / SIG_IGN
-    if (previous_info[i].load(.acquire)) {
-        const f: linux.Sigaction.sigaction_fn = @ptrFromInt(raw);
+    // Never installed over SIG_DFL / SIG_IGN, so a false return cannot happen.
+    _ = callSaved(previous_fn[i].load(.acquire), previous_info[i].load(.acquire), sig, info, ctx);
+}
+
+/// Calls a handler saved from sigaction (`handler_addr`; `siginfo`: its
+/// SA_SIGINFO form) the way the kernel would have. False, calling nothing,
+/// when it is SIG_DFL (0) or SIG_IGN (1). Async-signal-safe.
+pub fn callSaved(handler_addr: usize, siginfo: bool, sig: linux.SIG, info: *const linux.siginfo_t, ctx: ?*anyopaque) bool {
+    if (handler_addr <= 1) return false;
+    if (siginfo) {
+        const f: linux.Sigaction.sigaction_fn = @ptrFromInt(handler_addr);
         f(sig, info, ctx);
     } else {
-        const f: linux.Sigaction.handler_fn = @ptrFromInt(raw);
+        const f: linux.Sigaction.handler_fn = @ptrFromInt(handler_addr);
         f(sig);
     }
+    return true;
 }
 
 fn indexOf(sig: linux.SIG) ?usize {
