@@ -15,6 +15,18 @@ if TYPE_CHECKING:
 
 __all__ = ["PoolStats", "RestoreTiming", "STRATEGY_NAMES", "timings_frame"]
 
+#: PoolStats fields that count events, in the order displays show them.
+COUNTERS = ("restores", "hits", "misses", "failures", "created", "destroyed", "releases", "pending_destroy")
+#: Counters of features not every pool uses (reset on release, prepare): shown once non-zero.
+EXTRA_COUNTERS = ("parked", "prepared", "reuses", "resets")
+
+
+def shown_counters(stats: Any) -> tuple[str, ...]:
+    """The counters a display of ``stats`` (a PoolStats, or anything with its
+    fields, e.g. the widgets' PoolModel) shows, in order."""
+    return COUNTERS + tuple(c for c in EXTRA_COUNTERS if getattr(stats, c))
+
+
 #: ``kvmlab_pool_timing.strategy`` -> name (``kvmlab_strategy``, read from the header).
 STRATEGY_NAMES = _ffi.enum_names("kvmlab_strategy")
 @dataclass(frozen=True)
@@ -73,12 +85,7 @@ class PoolStats:
             f"capacity {self.max_size} (min {self.min_size}), in use limit {self.max_in_use or 'none'}</div>"
         )
         legend = _html.legend((name, str(v), role) for name, v, role in parts)
-        counters = [
-            (c.replace("_", " "), getattr(self, c))
-            for c in ("restores", "hits", "misses", "failures", "created", "destroyed", "releases", "pending_destroy",
-                      "parked", "prepared", "reuses", "resets")  # fmt: skip
-            if getattr(self, c) or c in ("restores", "hits", "misses", "failures")
-        ]
+        counters = [(c.replace("_", " "), getattr(self, c)) for c in shown_counters(self)]
         body = _html.bar(parts, capacity) + occupancy + legend + _html.table(counters)
         return _html.box(title, body, "kvmlab-pool-stats")
 

@@ -47,6 +47,16 @@ def test_model_copies_stats_and_notifies_once_per_trait():
     assert m.max_in_use is None
 
 
+def test_model_mirrors_every_pool_stats_field():
+    """A field added to PoolStats gets its trait (update() copies every field)."""
+    from dataclasses import fields
+
+    m = PoolModel()
+    every = {f.name: 10 + i for i, f in enumerate(fields(PoolStats))}
+    m.update(PoolStats(**every))
+    assert {name: getattr(m, name) for name in every} == every
+
+
 def test_counters_of_optional_features_show_once_used():
     from kvmlab.widgets._monitor import counters_html
 

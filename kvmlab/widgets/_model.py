@@ -10,11 +10,9 @@ import traitlets
 from ..pool import PoolStats, RestorePool, RestoreTiming
 from ..snapshot import Snapshot
 
-#: PoolStats fields mirrored as Int traits.
-COUNTERS = ("hits", "misses", "created", "destroyed", "failures", "restores", "releases", "pending_destroy")
-#: Counters of optional pool features (reset-on-release), shown once non-zero.
-EXTRA_COUNTERS = ("parked", "prepared", "reuses", "resets")
-OCCUPANCY = ("idle", "in_use", "creating", "max_size", "min_size")
+#: The PoolStats fields mirrored as traits (tests/test_widgets.py checks that
+#: each has its trait).
+STATS_FIELDS = tuple(f.name for f in dataclasses.fields(PoolStats))
 
 
 def snapshot_label(snap: Snapshot) -> str:
@@ -67,11 +65,8 @@ class PoolModel(traitlets.HasTraits):
         """Copies ``stats`` (and ``last``, if given) into the traits; observers
         fire once per changed trait, after all are set."""
         with self.hold_trait_notifications():
-            for name in OCCUPANCY + COUNTERS:
-                setattr(self, name, int(getattr(stats, name)))
-            for name in EXTRA_COUNTERS:
-                setattr(self, name, int(getattr(stats, name, 0) or 0))
-            self.max_in_use = stats.max_in_use
+            for name in STATS_FIELDS:
+                setattr(self, name, getattr(stats, name))
             if last is not None:
                 d = dataclasses.asdict(last)  # every RestoreTiming field, as the record names them
                 if d != self.last_restore:

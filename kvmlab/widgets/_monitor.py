@@ -12,11 +12,12 @@ import ipywidgets as W
 
 from .. import _html, plot
 from .._html import COLOR
+from .._pool_records import COUNTERS, EXTRA_COUNTERS, shown_counters
 from ..errors import ConfigError
 from ..pool import RestorePool
 from ..snapshot import Snapshot
 from ..units import choose_unit, fmt_time
-from ._model import COUNTERS, EXTRA_COUNTERS, PoolModel, snapshot_label
+from ._model import PoolModel, snapshot_label
 from ._ticker import AutoRefresh, Ticker
 
 
@@ -43,7 +44,7 @@ def counters_html(model: PoolModel) -> str:
     cells = "".join(
         f'<td style="padding:0 10px;text-align:center"><div style="font-size:130%"><b>{getattr(model, c)}</b></div>'
         f'<div style="font-size:85%;color:{COLOR["muted"]}">{c.replace("_", " ")}</div></td>'
-        for c in COUNTERS + tuple(c for c in EXTRA_COUNTERS if getattr(model, c))
+        for c in shown_counters(model)
     )
     return f'<table class="kvmlab-counters" style="color:{COLOR["text"]}"><tr>{cells}</tr></table>'
 
