@@ -30,7 +30,6 @@
 //! nothing is returned.
 const std = @import("std");
 const errors = @import("errors.zig");
-const fault = @import("fault.zig");
 const host = @import("host.zig");
 const kvm = @import("kvm.zig");
 const shell = @import("shell.zig");
