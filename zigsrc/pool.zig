@@ -226,20 +226,28 @@ pub fn PoolOf(comptime F: type) type {
             const goal = @min(target, p.cfg.max_size);
             p.lockIt();
             while (!p.closed and p.idle_len < goal and p.idle_len + p.creating < p.cfg.max_size) {
-                p.creating += 1;
-                p.unlockIt();
-                const made = F.create(p.cfg.memory_bytes, p.cfg.vcpus);
-                p.lockIt();
-                p.creating -= 1;
-                const vm = made catch |e| {
+                const vm = p.createUnlocked() catch |e| {
                     p.unlockIt();
                     return e;
                 };
-                p.created += 1;
                 p.pushIdle(vm);
             }
             p.unlockIt();
             if (p.isClosed()) return errors.fail(.pool_closed, "the pool is closed", .{});
+        }
+
+        /// With the lock held (released while the shell is made: creation
+        /// takes milliseconds): one new shell, counted in `creating` meanwhile
+        /// and in `created` once made.
+        fn createUnlocked(p: *Self) errors.Error!*Vm {
+            p.creating += 1;
+            p.unlockIt();
+            const made = F.create(p.cfg.memory_bytes, p.cfg.vcpus);
+            p.lockIt();
+            p.creating -= 1;
+            const vm = try made;
+            p.created += 1;
+            return vm;
         }
 
         fn isClosed(p: *Self) bool {
@@ -628,13 +636,7 @@ pub fn PoolOf(comptime F: type) type {
                     continue;
                 };
                 if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
-                    p.creating += 1;
-                    p.unlockIt();
-                    const made = F.create(p.cfg.memory_bytes, p.cfg.vcpus);
-                    p.lockIt();
-                    p.creating -= 1;
-                    if (made) |vm| {
-                        p.created += 1;
+                    if (p.createUnlocked()) |vm| {
                         p.create_errors = 0;
                         p.pushIdle(vm);
                     } else |_| {
