@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import _ffi
@@ -54,6 +55,8 @@ class _PrepareOps:
         def _enter(self) -> Any: ...
 
         def _exit(self) -> None: ...
+
+        def _if_open(self) -> AbstractContextManager[Any]: ...
 
     def prepare(
         self, snap: Snapshot, n: int, *, warmup: Callable[[Any], object] | None = None, strategy: str = "auto",
@@ -137,17 +140,14 @@ class _PrepareOps:
         the pool or snapshot is closed). Raises only for a non-Snapshot."""
         if not isinstance(snap, Snapshot):
             raise SnapshotError(f"prepared_count takes a Snapshot, got {type(snap).__name__}", check="argument_type")
-        try:
-            h = self._enter()
-        except ClosedError:
-            return 0
-        try:
-            with snap._use() as sh:
-                return int(lib.kvmlab_pool_prepared_count(h, sh))
-        except ClosedError:
-            return 0
-        finally:
-            self._exit()
+        with self._if_open() as h:
+            if h is None:
+                return 0
+            try:
+                with snap._use() as sh:
+                    return int(lib.kvmlab_pool_prepared_count(h, sh))
+            except ClosedError:  # the snapshot was closed
+                return 0
 
     def prepared_targets(self) -> dict[Snapshot, int]:
         """Every snapshot prepared in this pool, with its target ``n``
@@ -156,14 +156,9 @@ class _PrepareOps:
 
     def _give_up(self, sh: Any) -> None:
         """prepare(snap, 0) after a failure (nothing half-prepared)."""
-        try:
-            h = self._enter()
-        except ClosedError:
-            return
-        try:
-            lib.kvmlab_pool_prepare(h, sh, 0, 0, 0)
-        finally:
-            self._exit()
+        with self._if_open() as h:
+            if h is not None:
+                lib.kvmlab_pool_prepare(h, sh, 0, 0, 0)
 
     def _prepare_one(self, sh: Any, guest: str, warmup: Callable[[Any], object]) -> bool:
         """Prepares one VM of the snapshot ``sh`` with ``warmup`` if its target
@@ -222,14 +217,10 @@ class _PrepareOps:
         has a warmup."""
         need = ffi.new("uint32_t *")
         while self._warmups:
-            try:
-                h = self._enter()
-            except ClosedError:
-                return
-            try:
+            with self._if_open() as h:
+                if h is None:
+                    return
                 rc = lib.kvmlab_pool_prepare_wait(h, _WAIT_SLICE_NS, need)
-            finally:
-                self._exit()
             if rc:
                 return  # closed
             if not need[0]:

@@ -19,8 +19,9 @@ import os
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import _ffi
 from ._closing import Closing
@@ -276,6 +277,20 @@ class RestorePool(_PrepareOps, Closing):
             if self._active == 0 and self._handle is None:
                 self._drained.notify_all()  # close() is waiting
 
+    @contextmanager
+    def _if_open(self) -> Iterator[Any]:
+        """The live handle, pinned for the block as by :meth:`_enter`; None
+        when the pool is closed (for the queries that never raise)."""
+        try:
+            h = self._enter()
+        except ClosedError:
+            yield None
+            return
+        try:
+            yield h
+        finally:
+            self._exit()
+
     # -- filling ----------------------------------------------------------------------
 
     def warm(self, target: int) -> None:
@@ -297,14 +312,8 @@ class RestorePool(_PrepareOps, Closing):
 
     def idle_count(self) -> int:
         """Idle shells now; 0 if the pool is closed. Never raises."""
-        try:
-            h = self._enter()
-        except ClosedError:
-            return 0
-        try:
-            return int(lib.kvmlab_pool_idle_count(h))
-        finally:
-            self._exit()
+        with self._if_open() as h:
+            return 0 if h is None else int(lib.kvmlab_pool_idle_count(h))
 
     def stats(self) -> PoolStats:
         """A consistent snapshot of the counters.
