@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._native import restore_floor
-from .harness import COUNT, FLAG, MEMORY_MIB, REPS, STRATEGY, TEXT, Arg, Progress, check_args, make_snapshot, measure
+from .harness import (COUNT, FLAG, MEMORY_MIB, REPS, STRATEGY, TEXT, Arg, Progress, check_args, make_snapshot, measure,
+                      part_progress)
 from .results import Part, Results
 
 __all__ = ["AGES_MS", "AGE_KEYS", "AGE_METRICS", "age_part", "bench_age"]
@@ -28,10 +29,8 @@ AGE_METRICS = ["total_ns", "memory_ns", "vcpu_ns", "devices_ns"]
 def age_part(ages_ms: Sequence[float] = AGES_MS, *, memory_mib: int = 256, strategy: str = "map", n: int = 40,
              warmup: int = 2, progress: Progress | None = None, tmp_dir: Path | None = None) -> Part:
     ages = sorted({float(a) for a in ages_ms})
-    own = progress is None
-    progress = progress or Progress(len(ages) * (n + warmup), True)
     records: list[dict[str, Any]] = []
-    try:
+    with part_progress(progress, len(ages) * (n + warmup)) as progress:
         with tempfile.TemporaryDirectory(prefix="kvmlab-bench-age-", dir=tmp_dir) as tmp:
             from .. import Snapshot
 
@@ -45,9 +44,6 @@ def age_part(ages_ms: Sequence[float] = AGES_MS, *, memory_mib: int = 256, strat
                         if i >= 0:
                             records.append({"age_ms": age, "i": i, **{m: t[m] for m in AGE_METRICS}})
                         progress.update(1)
-    finally:
-        if own:
-            progress.close()
     return Part("age", AGE_KEYS, AGE_METRICS, records,
                 config={"ages_ms": ages, "memory_mib": memory_mib, "strategy": strategy, "n": n, "warmup": warmup})
 

@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..units import fmt_ratio
-from .harness import FLAG, MEMORY_MIB, TEXT, Arg, Progress, check_args, measure
+from .harness import FLAG, MEMORY_MIB, TEXT, Arg, Progress, check_args, measure, part_progress
 from .results import Part, Results
 from .stats import ratio
 
@@ -118,12 +118,10 @@ def campaign_part(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch
                   pin: bool | None = None, profile: bool = False, progress: Progress | None = None) -> Part:
     from .. import distributed as d
 
-    own = progress is None
-    progress = progress or Progress(reps * (len(PATHS) + 2), True)
     inputs = make_inputs(n)
     options: dict[str, Any] = {"pin": pin, "profile": profile}
     records: list[dict[str, Any]] = []
-    try:
+    with part_progress(progress, reps * (len(PATHS) + 2)) as progress:
         with d.parser_snapshot(memory_mib=memory_mib) as snap:
             for rep in range(reps):
                 for path in random.Random(rep).sample(PATHS, len(PATHS)):
@@ -142,9 +140,6 @@ def campaign_part(n: int = 20_000, *, memory_mib: int = 64, reps: int = 3, batch
                                     "per_input_ns": took / min(n, batch_size)})
                     progress.update(1)
             present = snap.present_pages
-    finally:
-        if own:
-            progress.close()
     return Part("campaign", CAMPAIGN_KEYS, CAMPAIGN_METRICS, records,
                 config={"n": n, "memory_mib": memory_mib, "reps": reps, "batch_size": batch_size,
                         "present_pages": present, "pin": {v: k for k, v in PIN_CHOICES.items()}[pin],

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..fork import MAX_THREADS, MAX_VMS
 from ._native import kvm_memslots
 from .harness import (FLAG, FORK_ERRORS, MEMORY_MIB, REPS, TEXT, Arg, Progress, check_args, make_service_snapshot, measure,
-                      part_errors)
+                      part_errors, part_progress)
 from .results import Part, Results
 
 if TYPE_CHECKING:
@@ -91,11 +91,9 @@ def fork_part(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: i
     limit that stops an n is a result (``notes["errors"]``), not a failure."""
     from .. import Snapshot
 
-    own = progress is None
-    progress = progress or Progress(len(ns) * reps, True)
     records: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
-    try:
+    with part_progress(progress, len(ns) * reps) as progress:
         with tempfile.TemporaryDirectory(prefix="kvmlab-bench-fork-", dir=tmp_dir) as tmp:
             progress.describe(f"fork: snapshot service {memory_mib} MiB")
             with Snapshot.load(make_service_snapshot(memory_mib, Path(tmp))) as snap:
@@ -112,9 +110,6 @@ def fork_part(ns: Sequence[int] = (100, 1000), *, memory_mib: int = 256, reps: i
                             break
                         records.append({"vms": n, "rep": rep, **rec})
                         progress.update(1)
-    finally:
-        if own:
-            progress.close()
     return Part("fork", FORK_KEYS, FORK_METRICS, records,
                 config={"ns": list(ns), "memory_mib": memory_mib, "reps": reps, "guest": "service", "call": call,
                         "threads": threads or min(MAX_THREADS, os.cpu_count() or 1), "present_pages": present},

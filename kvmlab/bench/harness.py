@@ -9,7 +9,8 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
@@ -72,6 +73,21 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+@contextmanager
+def part_progress(progress: Progress | None, total_steps: int) -> Iterator[Progress]:
+    """The bar a benchmark part reports to: the caller's (``kvmlab bench
+    all`` shares one across parts), or a quiet one of ``total_steps`` that
+    the part owns and that is closed when it ends."""
+    if progress is not None:
+        yield progress
+        return
+    own = Progress(total_steps, True)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def host_info() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ._native import reset_floor
 from ..config import MAX_MEMORY_MIB
 from .harness import (COUNT, FLAG, FREE_BASE, MEMORY_MIB, PAGE_BYTES, REPS, TEXT, Arg, Progress, check_args,
-                      make_memtouch_snapshot, measure)
+                      make_memtouch_snapshot, measure, part_progress)
 from .peers.unicorn import UnicornCycle, unicorn_available
 from .results import Part, Results
 from .stats import median
@@ -83,10 +83,8 @@ def reset_part(dirty_pages: Sequence[int] = (1, 16, 256, 4096), *, memory_mib: i
     """The reset-vs-floor measurements (see the module doc) as a Part."""
     from .. import Snapshot
 
-    own = progress is None
-    progress = progress or Progress(len(dirty_pages) * len(RESET_CONFIGS) * (n + warmup) * 2, True)
     records: list[dict[str, Any]] = []
-    try:
+    with part_progress(progress, len(dirty_pages) * len(RESET_CONFIGS) * (n + warmup) * 2) as progress:
         with tempfile.TemporaryDirectory(prefix="kvmlab-bench-reset-", dir=tmp_dir) as tmp:
             for k in dirty_pages:
                 progress.describe(f"reset K={k}")
@@ -102,9 +100,6 @@ def reset_part(dirty_pages: Sequence[int] = (1, 16, 256, 4096), *, memory_mib: i
                     if mem_snap is not None:
                         mem_snap.close()
                     snap.close()
-    finally:
-        if own:
-            progress.close()
     bad = sum(1 for r in records if not r["run_ok"])
     return Part("reset", RESET_KEYS, RESET_METRICS, records,
                 config={"dirty_pages": list(dirty_pages), "memory_mib": memory_mib, "n": n, "warmup": warmup},
@@ -230,14 +225,11 @@ def cycle_part(iterations: Sequence[int] = (1, 10, 100, 1000, 10_000, 100_000, 1
     includes the Python call and slow cycles). Both sides must leave the
     same memory words (``notes["correct"]``)."""
     missing = unicorn_available()
-    own = progress is None
-    progress = progress or Progress(len(iterations) * batches * 2, True)
     records, correct = [], {}
     uc = None
     # Every side made is closed whatever fails or is interrupted after it (the next side's constructor too).
     with contextlib.ExitStack() as stack:
-        if own:
-            stack.callback(progress.close)
+        progress = stack.enter_context(part_progress(progress, len(iterations) * batches * 2))
         kv = KvmlabCycle(pages, memory_mib)
         stack.callback(kv.close)
         if not missing:
