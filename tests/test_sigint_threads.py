@@ -16,32 +16,19 @@ import threading
 import time
 
 import pytest
-from test_stop_races import _script
+from test_stop_races import RESET_LOOP_SETUP, _script
 
 from conftest import CFG_MIN as CFG
 from kvmlab import Vm
 
 pytestmark = pytest.mark.kvm
 
-#: A guest that reads the qword at 0x900000: 0 -> exits at once, else loops
-#: forever. A reset_loop of thousands of zero inputs spends most of its time
-#: outside KVM_RUN (resetting); the last input never ends, so only a signal
-#: that is seen can end the call.
+#: RESET_LOOP_SETUP (test_stop_races) and helper threads.
 LOOP_SETUP = """
     import os, queue, random, signal, sys, threading, time
     from kvmlab import Vm, VmConfig
-    code = bytes.fromhex("488b042500009000" "4885c0" "7507" "66ba0005" "31c0" "ef" "ebfe")
-    boot = Vm.boot(code, VmConfig(memory_mib=16))
-    snap = boot.snapshot()
-    boot.close()
+""" + RESET_LOOP_SETUP + """
     golden = bytes(snap.memory)
-    with Vm.restore(snap, resettable=True) as vm:
-        # Enough quick inputs to outlast every signal (sent at most 0.3 s in) on
-        # any host: on a fast one 5,000 would end before, and the signals would
-        # land in the endless input's KVM_RUN instead of between runs.
-        t = time.monotonic(); vm.reset_loop([bytes(8)] * 500, input_gpa=0x900000)
-        per_input_s = (time.monotonic() - t) / 500
-    inputs = [bytes(8)] * max(5000, int(1.0 / per_input_s)) + [(1).to_bytes(8, "little")]
     # Threads that do not block SIGINT: where the kernel delivers a signal
     # sent to the process while the loop's thread blocks it.
     q = queue.Queue()
@@ -52,7 +39,6 @@ LOOP_SETUP = """
 """
 
 SIGINTS_ANYWHERE = LOOP_SETUP + """
-    vm = Vm.restore(snap, resettable=True)
     rnd = random.Random(17)
     worst = 0.0
     for i in range({tries}):
@@ -139,7 +125,6 @@ def test_sigint_with_several_vms_on_several_threads():
 
 
 HANDLERS = LOOP_SETUP + """
-    vm = Vm.restore(snap, resettable=True)
     vm.reset_loop([bytes(8)] * 10, input_gpa=0x900000)   # the core's handler is installed now
     # With no operation running, Ctrl-C is Python's as before.
     try:

@@ -222,6 +222,26 @@ SIGINTS_AT_RANDOM = """
 """
 
 
+#: A script part (kvmlab's Vm and VmConfig and time imported before it): a
+#: guest that reads the qword at 0x900000 (0: exits at once, else loops
+#: forever), its ``snap``, a resettable ``vm`` of it and ``inputs`` for a
+#: reset_loop of ``vm``: thousands of zeros, so that the loop spends most of
+#: its time outside KVM_RUN (resetting), then one input that never ends, so
+#: that only a signal that is seen can end the call.
+RESET_LOOP_SETUP = """
+    code = bytes.fromhex("488b042500009000" "4885c0" "7507" "66ba0005" "31c0" "ef" "ebfe")
+    boot = Vm.boot(code, VmConfig(memory_mib=16))
+    snap = boot.snapshot()
+    boot.close()
+    vm = Vm.restore(snap, resettable=True)
+    # Enough quick inputs to outlast every signal (sent at most 0.3 s in) on
+    # any host: on a fast one 5,000 would end before, and the signals would
+    # land in the endless input's KVM_RUN instead of between runs.
+    t = time.monotonic(); vm.reset_loop([bytes(8)] * 500, input_gpa=0x900000)
+    per_input_s = (time.monotonic() - t) / 500
+    inputs = [bytes(8)] * max(5000, int(1.0 / per_input_s)) + [(1).to_bytes(8, "little")]"""
+
+
 def _sigints_at_random(setup: str, call: str, tries: int, earliest_s: float, latest_s: float) -> None:
     """Sends SIGINT to the main thread `tries` times, each at a random moment
     of a `call` that never ends by itself: every one must raise
@@ -239,21 +259,8 @@ def test_ctrl_c_between_two_runs_of_a_reset_loop_is_not_lost():
     handler ran unseen and the loop went on, here into an endless run).
     Thousands of inputs exit at once (the loop is outside KVM_RUN, resetting,
     much of its time), then one never ends."""
-    setup = """
-    # Reads the qword at 0x900000: 0 -> exit at once, else loop forever.
-    code = bytes.fromhex("488b042500009000" "4885c0" "7507" "66ba0005" "31c0" "ef" "ebfe")
-    boot = Vm.boot(code, VmConfig(memory_mib=16))
-    snap = boot.snapshot()
-    boot.close()
-    vm = Vm.restore(snap, resettable=True)
-    # Enough quick inputs to outlast every signal (sent at most 0.3 s in) on
-    # any host: on a fast one 5,000 would end before, and the signals would
-    # land in the endless input's KVM_RUN instead of between runs.
-    t = time.monotonic(); vm.reset_loop([bytes(8)] * 500, input_gpa=0x900000)
-    per_input_s = (time.monotonic() - t) / 500
-    inputs = [bytes(8)] * max(5000, int(1.0 / per_input_s)) + [(1).to_bytes(8, "little")]"""
     call = 'vm.reset_loop(inputs, input_gpa=0x900000, run_timeout_s=None)'
-    _sigints_at_random(setup, call, tries=12, earliest_s=0.02, latest_s=0.1)
+    _sigints_at_random(RESET_LOOP_SETUP, call, tries=12, earliest_s=0.02, latest_s=0.1)
 
 
 def test_ctrl_c_while_a_run_serves_io_exits_is_not_lost():
