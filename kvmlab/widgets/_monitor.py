@@ -311,12 +311,8 @@ class PoolMonitor(AutoRefresh, W.VBox):
 
     def close(self) -> None:
         """Stops the timer and closes the widget (the pool stays open)."""
-        ticker = getattr(self, "_ticker", None)  # absent if __init__ failed (Widget.__del__ calls close)
-        if ticker is not None:
-            ticker.stop()
-        names = ("header", "idle_bar", "idle_label", "in_use_bar", "in_use_label", "prepared", "warm_what", "counters",
-                 "last_restore", "target", "warm_button", "warm_progress", "status")  # fmt: skip
-        for w in [getattr(self, n, None) for n in names] + list(getattr(self, "children", ())):
-            if w is not None:
-                w.close()
+        self._close_parts(("header", "idle_bar", "idle_label", "in_use_bar", "in_use_label", "prepared", "warm_what",
+                           "counters", "last_restore", "target", "warm_button", "warm_progress", "status"))  # fmt: skip
+        for w in getattr(self, "children", ()):
+            w.close()
         super().close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 
 class Ticker:
@@ -74,6 +74,17 @@ class AutoRefresh:
     @property
     def auto_refreshing(self) -> bool:
         return self._ticker.running
+
+    def _close_parts(self, names: Iterable[str]) -> None:
+        """For close(): stops the timer and closes the named child widgets.
+        Any may be absent: Widget.__del__ calls close() after a failed __init__."""
+        ticker = getattr(self, "_ticker", None)
+        if ticker is not None:
+            ticker.stop()
+        for name in names:
+            w = getattr(self, name, None)
+            if w is not None:
+                w.close()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         if self._autostart:

@@ -122,12 +122,8 @@ class RestoreTimings(AutoRefresh, W.VBox):
             return True
 
     def close(self) -> None:
-        ticker = getattr(self, "_ticker", None)  # absent if __init__ failed (Widget.__del__ calls close)
-        if ticker is not None:
-            ticker.stop()
-        for w in (getattr(self, "caption", None), getattr(self, "output", None)):
-            if w is not None:
-                w.close()
+        """Stops the timer and closes the widget (the pool stays open)."""
+        self._close_parts(("caption", "output"))
         super().close()
 
 
