@@ -29,6 +29,8 @@ def shown_counters(stats: Any) -> tuple[str, ...]:
 
 #: ``kvmlab_pool_timing.strategy`` -> name (``kvmlab_strategy``, read from the header).
 STRATEGY_NAMES = _ffi.enum_names("kvmlab_strategy")
+
+
 @dataclass(frozen=True)
 class PoolStats:
     """A frozen view of the pool's counters (one consistent read).

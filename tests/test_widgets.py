@@ -53,6 +53,8 @@ def test_model_mirrors_every_pool_stats_field():
 
     m = PoolModel()
     every = {f.name: 10 + i for i, f in enumerate(fields(PoolStats))}
+    # setattr of a name with no trait would pass the copy below unobserved.
+    assert set(every) <= set(m.trait_names()), set(every) - set(m.trait_names())
     m.update(PoolStats(**every))
     assert {name: getattr(m, name) for name in every} == every
 
