@@ -190,6 +190,15 @@ class RestorePool(_PrepareOps, Closing):
     released VMs off the caller's thread (past a backlog of 64, on it). Use it
     as a context manager or call :meth:`close`.
 
+    The shells the worker makes fit the latest restore: after a ``"copy"``
+    restore they hold that snapshot's present pages already resident
+    (zero-filled, off the caller's path), so the next copy restore only copies
+    instead of faulting each page in (an idle shell then holds about the
+    snapshot's present memory); a ``"map"`` restore ends this (it replaces
+    shell memory). They carry KVM's dirty log only after a ``resettable``
+    restore: the log makes a guest's first write to each page cost one more
+    fault. A restore that wants the other kind still works as asked.
+
     Args:
         vm_config: the shape of every shell (default ``VmConfig()``); restored
             snapshots must have this memory size and vCPU count.

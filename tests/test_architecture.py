@@ -24,6 +24,7 @@ LAYERS = [
     ["snapshot.zig"],
     ["restore.zig"],
     ["reset.zig"],
+    ["fit.zig"],
     ["machine.zig"],
     ["prepared.zig", "service.zig"],
     ["pool.zig"],

@@ -33,6 +33,7 @@ test {
     _ = @import("snapshot.zig");
     _ = @import("restore.zig");
     _ = @import("reset.zig");
+    _ = @import("fit.zig");
     _ = @import("machine.zig");
     _ = @import("pool.zig");
     _ = @import("pool_test.zig");

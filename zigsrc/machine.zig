@@ -10,6 +10,7 @@ const snapshot = @import("snapshot.zig");
 const restore = @import("restore.zig");
 const reset = @import("reset.zig");
 const safe = @import("safe.zig");
+const fit = @import("fit.zig");
 const Snapshot = snapshot.Snapshot;
 
 const allocator = std.heap.c_allocator;
@@ -139,11 +140,16 @@ pub const Factory = struct {
     pub const Item = Machine;
     pub const Source = restore.MemorySource;
 
-    pub fn create(memory_bytes: u64, vcpus: u32) errors.Error!*Machine {
-        return Machine.createWith(memory_bytes, vcpus, .{ .pit = false });
+    /// A pool's shell; `dirty_log` for a resettable VM (see fit.zig).
+    pub fn create(memory_bytes: u64, vcpus: u32, dirty_log: bool) errors.Error!*Machine {
+        return Machine.createWith(memory_bytes, vcpus, .{ .pit = false, .dirty_log = dirty_log });
     }
     pub fn destroy(m: *Machine) void {
         m.destroy();
+    }
+    /// A new shell: make `map`'s pages resident (see fit.zig).
+    pub fn populate(m: *Machine, map: []const u8, stop: anytype) void {
+        _ = fit.populate(m.shell.mem, map, stop);
     }
     pub fn restoreInto(m: *Machine, parsed: *const state.Parsed, src: restore.MemorySource, times: *restore.Times) errors.Error!void {
         try m.restoreFrom(parsed, src, times);

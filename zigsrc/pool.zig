@@ -22,6 +22,7 @@ const shell = @import("shell.zig");
 const restore_mod = @import("restore.zig");
 const machine = @import("machine.zig");
 const prepared = @import("prepared.zig");
+const fit = @import("fit.zig");
 
 const allocator = std.heap.c_allocator;
 const c = std.c;
@@ -175,6 +176,8 @@ pub fn PoolOf(comptime F: type) type {
         next_seq: u64 = 0,
         /// nextIdentity's state, seeded from getrandom at create.
         identity_state: u64 = 0,
+        /// What the latest restore wanted of its shell (fit.zig): new shells get it.
+        fit_hint: fit.Hint = .{},
 
         pub fn checkConfig(cfg: Config) errors.Error!void {
             try boot.checkConfig(cfg.memory_bytes, cfg.vcpus);
@@ -241,8 +244,14 @@ pub fn PoolOf(comptime F: type) type {
         /// and in `created` once made.
         fn createUnlocked(p: *Self) errors.Error!*Vm {
             p.creating += 1;
+            const hint = p.fit_hint.pageMapCopy();
+            const dirty_log = p.fit_hint.dirty_log;
             p.unlockIt();
-            const made = F.create(p.cfg.memory_bytes, p.cfg.vcpus);
+            const made = F.create(p.cfg.memory_bytes, p.cfg.vcpus, dirty_log);
+            if (hint) |map| {
+                if (made) |vm| F.populate(vm, map, p) else |_| {}
+                allocator.free(map);
+            }
             p.lockIt();
             p.creating -= 1;
             const vm = try made;
@@ -254,6 +263,11 @@ pub fn PoolOf(comptime F: type) type {
             p.lockIt();
             defer p.unlockIt();
             return p.closed;
+        }
+
+        /// fit.populate asks between chunks: a closing pool stops it.
+        pub fn stopping(p: *Self) bool {
+            return p.isClosed();
         }
 
         /// With the lock held: keep a fresh shell idle, or queue it for the worker.
@@ -308,7 +322,7 @@ pub fn PoolOf(comptime F: type) type {
 
         /// Takes an idle shell (or creates one) and restores into it. On any
         /// failure the accounting is rolled back and the shell is discarded.
-        pub fn restore(p: *Self, parsed: *const state.Parsed, src: F.Source, wait_ns: u64, times: *restore_mod.Times, acquire_ns: *u64, hit_out: *bool, seq_out: *u64) errors.Error!*Vm {
+        pub fn restore(p: *Self, parsed: *const state.Parsed, src: F.Source, resettable: bool, wait_ns: u64, times: *restore_mod.Times, acquire_ns: *u64, hit_out: *bool, seq_out: *u64) errors.Error!*Vm {
             if (parsed.memory_bytes != p.cfg.memory_bytes or parsed.vcpus != p.cfg.vcpus)
                 return errors.fail(.shape, "snapshot is {d} MiB with {d} vCPU(s); this pool's VmConfig is {d} MiB with {d} vCPU(s)", .{ parsed.memory_bytes >> 20, parsed.vcpus, p.cfg.memory_bytes >> 20, p.cfg.vcpus });
             const t0 = shell.monotonicNs();
@@ -346,7 +360,7 @@ pub fn PoolOf(comptime F: type) type {
             // The refill is woken once this restore is done (below): waking it
             // now makes it compete for the CPU with the restore itself.
 
-            const item = vm orelse (F.create(p.cfg.memory_bytes, p.cfg.vcpus) catch |e| {
+            const item = vm orelse (F.create(p.cfg.memory_bytes, p.cfg.vcpus, resettable) catch |e| {
                 p.lockIt();
                 p.failures += 1;
                 p.endUse();
@@ -370,6 +384,7 @@ pub fn PoolOf(comptime F: type) type {
             hit_out.* = vm != null;
             p.lockIt();
             p.restores += 1;
+            p.fit_hint.learn(src, resettable);
             const seq = p.next_seq;
             p.next_seq += 1;
             p.timings[seq % timing_capacity] = .{
@@ -770,6 +785,7 @@ pub fn PoolOf(comptime F: type) type {
         fn free(p: *Self) void {
             p.destroyAll();
             p.parking.deinit(allocator);
+            p.fit_hint.deinit();
             allocator.destroy(p);
         }
     };

@@ -17,7 +17,10 @@ const Fake = struct {
     var destroyed = std.atomic.Value(u32).init(0);
     var fail_create = std.atomic.Value(bool).init(false);
 
-    pub fn create(_: u64, _: u32) errors.Error!*Item {
+    /// The dirty_log the pool asked of its latest new item.
+    var last_dirty_log = std.atomic.Value(bool).init(false);
+    pub fn create(_: u64, _: u32, dirty_log: bool) errors.Error!*Item {
+        last_dirty_log.store(dirty_log, .release);
         if (fail_create.load(.acquire)) return errors.fail(.ioctl_failed, "fake: creation fails", .{});
         const it = std.heap.c_allocator.create(Item) catch return error.OutOfMemory;
         it.* = .{};
@@ -32,6 +35,13 @@ const Fake = struct {
     pub fn restoreInto(_: *Item, _: *const state.Parsed, src: Source, times: *restore_mod.Times) errors.Error!void {
         if (src == .copy and src.copy.memory.len == 1) return errors.fail(.shape, "fake: restore fails", .{});
         times.* = .{};
+    }
+    /// The hints the pool passed to new items, in order (first byte, or 0xEE for none yet).
+    var populated = std.atomic.Value(u32).init(0);
+    var last_hint = std.atomic.Value(u8).init(0xEE);
+    pub fn populate(_: *Item, map: []const u8, _: anytype) void {
+        last_hint.store(map[0], .release);
+        _ = populated.fetchAdd(1, .acq_rel);
     }
     pub fn resetForReuse(_: *Item) errors.Error!void {}
     pub fn reopen(_: *Item) void {}
@@ -70,11 +80,15 @@ const ok_source: restore_mod.MemorySource = .{ .copy = .{ .memory = &.{}, .page_
 const failing_source: restore_mod.MemorySource = .{ .copy = .{ .memory = "x", .page_map = &.{}, .packed_layout = false, .source_guard = null } };
 
 fn testRestore(p: *FakePool, src: restore_mod.MemorySource, wait_ns: u64) errors.Error!*Fake.Item {
+    return testRestoreFor(p, src, false, wait_ns);
+}
+
+fn testRestoreFor(p: *FakePool, src: restore_mod.MemorySource, resettable: bool, wait_ns: u64) errors.Error!*Fake.Item {
     var t: restore_mod.Times = .{};
     var acquire: u64 = 0;
     var hit = false;
     var seq: u64 = 0;
-    return p.restore(&test_parsed, src, wait_ns, &t, &acquire, &hit, &seq);
+    return p.restore(&test_parsed, src, resettable, wait_ns, &t, &acquire, &hit, &seq);
 }
 
 /// Waits (bounded) until the background threads made `cond` true.
@@ -359,5 +373,29 @@ test "pool: past a backlog of max_dead_backlog queued destroys, a release destro
             return st.pending_destroy == 0 and st.in_use == 0;
         }
     }.f);
+    try closeAllFreed(p);
+}
+
+fn refilled(s: pool.Stats) bool {
+    return s.idle >= test_cfg.min_size and s.creating == 0;
+}
+
+test "pool: new shells fit the latest restore: its page map populated after a copy, none after a map; its dirty log" {
+    const p = try FakePool.create(test_cfg);
+    try std.testing.expectEqual(@as(u32, 0), Fake.populated.load(.acquire)); // no restore yet: no hint
+    try std.testing.expect(Fake.last_dirty_log.load(.acquire)); // ... and the dirty log, as before
+    var map: [8]u8 = @splat(0xAB);
+    const copy_src: restore_mod.MemorySource = .{ .copy = .{ .memory = &.{}, .page_map = &map, .packed_layout = false, .source_guard = null } };
+    const a = try testRestore(p, copy_src, 0);
+    try eventually(p, refilled);
+    try std.testing.expectEqual(@as(u32, 1), Fake.populated.load(.acquire));
+    try std.testing.expectEqual(@as(u8, 0xAB), Fake.last_hint.load(.acquire));
+    try std.testing.expect(!Fake.last_dirty_log.load(.acquire));
+    p.release(a);
+    const b = try testRestoreFor(p, .{ .map = .{ .snap = undefined } }, true, 0); // Fake never reads the snapshot
+    try eventually(p, refilled);
+    try std.testing.expectEqual(@as(u32, 1), Fake.populated.load(.acquire));
+    try std.testing.expect(Fake.last_dirty_log.load(.acquire));
+    p.release(b);
     try closeAllFreed(p);
 }

@@ -171,7 +171,7 @@ pub fn prepareBegin(p: anytype, snap: *snapshot.Snapshot) errors.Error!?*ItemOf(
         p.wakeRefillIfLow();
     }
     p.unlockIt();
-    const vm = taken orelse (FactoryOf(@TypeOf(p)).create(p.cfg.memory_bytes, p.cfg.vcpus) catch |e| {
+    const vm = taken orelse (FactoryOf(@TypeOf(p)).create(p.cfg.memory_bytes, p.cfg.vcpus, true) catch |e| {
         p.prepareDone(snap, null, false, false);
         return e;
     });

@@ -1,6 +1,6 @@
 //! The reset layer: puts a restored VM back to exactly the snapshot it came
 //! from by restoring only what changed. Guest writes come from KVM's dirty
-//! log (every shell has KVM_MEM_LOG_DIRTY_PAGES on its slot), host writes
+//! log (a resettable VM's slot has KVM_MEM_LOG_DIRTY_PAGES), host writes
 //! from this layer's own bitmap (`Resettable.host_dirty`); vCPU and device
 //! state are restored whole (state.apply).
 //!

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..vm import Vm
 
 __all__ = ["floors_available", "reset_floor_available", "abi_version", "restore_floor", "pool_restore",
-           "reset_floor", "kvm_memslots"]
+           "reset_floor", "kvm_memslots", "idle_shell_resident_pages"]
 
 _RESTORE_FLOORS = ("kvmlab_bench_restore_floor", "kvmlab_bench_pool_take_shell", "kvmlab_bench_pool_restores")
 _RESET_FLOOR = "kvmlab_bench_reset_floor"
@@ -136,6 +136,26 @@ def pool_restore(pool: RestorePool, snap: Snapshot, strategy: str) -> int:
     finally:
         pool._exit()
     return int(out[0])
+
+
+def idle_shell_resident_pages(pool: RestorePool) -> int:
+    """Pages of guest memory resident in an idle shell of ``pool`` (taken,
+    counted with mincore, given back), once the pool is settled: the pages
+    the pool populated for its next copy restore (zigsrc/fit.zig)."""
+    f = _ffi()
+    out = f.ffi.new("kvmlab_vm **")
+    n = f.ffi.new("uint64_t *")
+    wait_settled(pool)
+    h = pool._enter()
+    try:
+        f.check(_bench_lib().kvmlab_bench_pool_take_shell(h, out))
+        try:
+            f.check(_bench_lib().kvmlab_bench_resident_pages(out[0], n))
+        finally:
+            f.lib.kvmlab_pool_release(h, out[0])
+    finally:
+        pool._exit()
+    return int(n[0])
 
 
 def reset_floor(vm: Vm) -> dict[str, int]:

@@ -86,14 +86,14 @@ fn recordFirstRun(ctx: *anyopaque, seq: u64, run_ns: u64) void {
     p.noteFirstRun(seq, run_ns);
 }
 
-fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.MemorySource, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
+fn poolFinish(p: *pool_mod.Pool, parsed: *const state.Parsed, src: restore.MemorySource, resettable: bool, wait_ns: u64, out: ?*?*common.kvmlab_vm, times: ?*common.kvmlab_restore_times) errors.Error!void {
     const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = null;
     var rt: restore.Times = .{};
     var acquire: u64 = 0;
     var hit = false;
     var seq: u64 = 0;
-    const m = try p.restore(parsed, src, wait_ns, &rt, &acquire, &hit, &seq);
+    const m = try p.restore(parsed, src, resettable, wait_ns, &rt, &acquire, &hit, &seq);
     if (times) |t| t.* = common.restoreTimes(rt, acquire, p.totalNsOf(seq), m.shell.mapped(), hit, seq, src.strategy());
     o.* = handOut(p, m, seq);
 }
@@ -126,7 +126,7 @@ pub fn poolRestoreSnapshot(h: ?*common.kvmlab_pool, snap: ?*const common.kvmlab_
         o.* = handOut(p, m, seq);
         return;
     }
-    try poolFinish(p, &s.parsed, try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy)), wait_ns, out, times);
+    try poolFinish(p, &s.parsed, try restore.MemorySource.forSnapshot(s, try common.strategyOf(strategy)), resettable, wait_ns, out, times);
     if (!resettable) return;
     const m = try common.asVm(o.*);
     m.enableReset(s) catch |e| {
@@ -151,7 +151,7 @@ fn poolRestoreParts(h: ?*common.kvmlab_pool, memory: ?[*]const u8, memory_bytes:
     if (memory_bytes != parsed.memory_bytes)
         return errors.fail(.shape, "memory buffer is {d} bytes; the vCPU state describes {d} MiB", .{ memory_bytes, parsed.memory_bytes >> 20 });
     const src: restore.MemorySource = .{ .copy = .{ .memory = try common.bytesOf(memory, memory_bytes), .page_map = parsed.pageMap(), .packed_layout = false, .source_guard = safe.Guard.unknown } }; // the caller's buffer
-    try poolFinish(p, &parsed, src, wait_ns, out, times);
+    try poolFinish(p, &parsed, src, false, wait_ns, out, times);
 }
 
 /// Restores from an encoded snapshot (checked first), copying its memory.
@@ -162,7 +162,7 @@ fn poolRestoreBytes(h: ?*common.kvmlab_pool, data: ?[*]const u8, len: usize, wai
     const p = try common.asPool(h);
     const c = try snapshot.check(try common.bytesOf(data, len));
     const src: restore.MemorySource = .{ .copy = .{ .memory = c.memory, .page_map = c.parsed.pageMap(), .packed_layout = c.packed_layout, .source_guard = null } }; // check() read them all already
-    try poolFinish(p, &c.parsed, src, wait_ns, out, times);
+    try poolFinish(p, &c.parsed, src, false, wait_ns, out, times);
 }
 
 /// Gives a pooled VM back (it must come from this pool); it is destroyed off

@@ -9,6 +9,7 @@ const shell = @import("../shell.zig");
 const restore = @import("../restore.zig");
 const reset = @import("../reset.zig");
 const fault = @import("../fault.zig");
+const fit = @import("../fit.zig");
 const common = @import("common.zig");
 const pool_api = @import("pool.zig");
 
@@ -62,6 +63,18 @@ fn benchPoolTakeShell(h: ?*common.kvmlab_pool, out: ?*?*common.kvmlab_vm) errors
     const p = try common.asPool(h);
     const o = try common.outPtr(?*common.kvmlab_vm, out);
     o.* = @ptrCast(try p.takeIdle());
+}
+
+/// Tests and benchmarks: how many pages of a VM's guest memory are resident
+/// (of a shell from kvmlab_bench_pool_take_shell: what the pool populated,
+/// see zigsrc/fit.zig).
+pub export fn kvmlab_bench_resident_pages(vm_handle: ?*common.kvmlab_vm, out: ?*u64) callconv(.c) common.kvmlab_result {
+    return common.call(benchResidentPages, .{ vm_handle, out });
+}
+fn benchResidentPages(vm_handle: ?*common.kvmlab_vm, out: ?*u64) errors.Error!void {
+    const m = try common.asVm(vm_handle);
+    const o = try common.outPtr(u64, out);
+    o.* = fit.residentPages(m.shell.mem);
 }
 
 /// Benchmark floor: times only the bare memory operation and state ioctls of

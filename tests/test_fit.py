@@ -1,0 +1,50 @@
+"""A pool populates its new shells with the pages of its latest copy restore
+(zigsrc/fit.zig), on real KVM: the shell the refill makes after a copy
+restore holds exactly the snapshot's present pages, zero-filled, before any
+restore into it; after a map restore (which replaces shell memory) it holds
+none. Residency is counted with mincore on an idle shell taken through the
+benchmark export group; nothing here is timed."""
+
+from __future__ import annotations
+
+from kvmlab import PoolConfig, RestorePool, Snapshot
+from kvmlab.bench._native import idle_shell_resident_pages
+from kvmlab.bench.settle import wait_settled
+
+
+def test_shells_after_a_copy_restore_hold_its_pages_and_after_a_map_restore_none(kvm, service_file):
+    with Snapshot.load(service_file) as snap, RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)) as pool:
+        assert idle_shell_resident_pages(pool) == 0  # made before any restore: nothing to learn yet
+        # Every restore below takes a shell made before it (a settled pool):
+        # the shell it leaves idle is made after it, from what it taught.
+        wait_settled(pool)
+        with pool.restore_snapshot(snap, "copy") as vm:
+            assert vm.call(b"ping") == b"ping"
+        assert idle_shell_resident_pages(pool) == snap.present_pages
+        # The populated shell serves the next copy restore like any other.
+        wait_settled(pool)
+        with pool.restore_snapshot(snap, "copy") as vm:
+            assert vm.restore_timing["hit"] and vm.call(b"again") == b"again"
+        wait_settled(pool)
+        with pool.restore_snapshot(snap, "map") as vm:
+            assert vm.call(b"mapped") == b"mapped"
+        assert idle_shell_resident_pages(pool) == 0
+        assert pool.stats().failures == 0
+
+
+def test_a_resettable_restore_into_a_shell_made_without_the_dirty_log_resets_exactly(kvm, service_file):
+    """After plain restores the pool makes shells without KVM's dirty log; a
+    resettable restore into one turns it on, so a reset still finds every page
+    the guest wrote (the counter's memory is back to the snapshot's)."""
+    with Snapshot.load(service_file) as snap, RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)) as pool:
+        wait_settled(pool)
+        pool.restore_snapshot(snap, "copy").release()  # plain: the next shell is made unlogged
+        wait_settled(pool)
+        with pool.restore_snapshot(snap, "copy", resettable=True) as vm:
+            assert vm.restore_timing["hit"]
+            before = vm.read_memory(0, snap.memory_bytes)
+            assert vm.call(b"x" * 3000) == b"x" * 3000  # the guest writes its buffers
+            assert vm.read_memory(0, snap.memory_bytes) != before
+            vm.reset()
+            assert vm.read_memory(0, snap.memory_bytes) == before
+            assert vm.call(b"again") == b"again"
