@@ -353,7 +353,10 @@ def _sections(res: Results, md: bool) -> list[str]:
             "Time to a restored, ready VM, around the Python call (floors: around their bare native call; "
             "the native path: timed natively). Sparse = `counter` at its checkpoint; dense = `memtouch` with "
             "25% of its pages touched; the service path restores the `service` guest of the same size and density "
-            "and waits for its first answer." + (" " + QEMU_SETUP if "qemu" in res.parts else ""), "",
+            "and waits for its first answer. A pool's copy restore finds the snapshot's pages already "
+            "resident in its shell (its refill populated them after the previous copy restore: zigsrc/fit.zig); "
+            "both floors restore into shells nobody populated, so for dense copy the pooled call is below them."
+            + (" " + QEMU_SETUP if "qemu" in res.parts else ""), "",
             _table(restore_table(res), md)]
         out += head("Ratios") + [_table(ratio_table(res), md)]
         if res.benchmark == "restore":
