@@ -7,6 +7,8 @@ benchmark export group; nothing here is timed."""
 
 from __future__ import annotations
 
+from test_stop_races import _script
+
 from kvmlab import PoolConfig, RestorePool, Snapshot
 from kvmlab.bench._native import idle_shell_resident_pages
 from kvmlab.bench.settle import wait_settled
@@ -48,3 +50,43 @@ def test_a_resettable_restore_into_a_shell_made_without_the_dirty_log_resets_exa
             vm.reset()
             assert vm.read_memory(0, snap.memory_bytes) == before
             assert vm.call(b"again") == b"again"
+
+
+CTRL_C_WARM = """
+    import signal, tempfile, threading, time
+    from pathlib import Path
+    from kvmlab import PoolConfig, RestorePool, Snapshot
+    from kvmlab.bench.harness import make_snapshot
+    _, path, _ = make_snapshot("dense", 256, Path(tempfile.mkdtemp()), dense_fraction=1.0)
+    snap = Snapshot.load(path)
+    pool = RestorePool(snap.config, PoolConfig(min_size=0, max_size=8))
+    pool.restore_snapshot(snap, "copy").release()  # teaches it: each new shell gets ~256 MiB resident
+    t = time.monotonic(); pool.warm(1); one_s = time.monotonic() - t
+    main = threading.main_thread().ident
+    def send():
+        global sent
+        sent = time.monotonic()
+        signal.pthread_kill(main, signal.SIGINT)
+    threading.Timer(one_s / 2, send).start()  # inside the first shell of the warm below
+    try:
+        pool.warm(8)
+        print("not interrupted")
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.monotonic() - sent:.3f} s, {pool.idle_count()} idle, one shell {one_s:.3f} s")
+    pool.close()
+    snap.close()
+"""
+
+
+def test_ctrl_c_stops_a_warm_whose_shells_are_populated():
+    """Ctrl-C during warm() of a pool that populates 256 MiB per shell ends
+    it inside the shell being made (populate stops between 4 MiB chunks, warm
+    makes no further shell): KeyboardInterrupt well within one shell's time,
+    not after all 7 shells."""
+    p = _script(CTRL_C_WARM)
+    assert p.returncode == 0, p.stderr[-3000:]
+    words = p.stdout.split()
+    assert words[0] == "interrupted", p.stdout
+    after_s, idle, one_s = float(words[2]), int(words[4]), float(words[-2])
+    assert idle <= 2, p.stdout  # the one warmed before, and at most the one being made
+    assert after_s < one_s / 2, p.stdout

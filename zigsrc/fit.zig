@@ -27,6 +27,7 @@ const linux = std.os.linux;
 const boot = @import("boot.zig");
 const snapshot = @import("snapshot.zig");
 const restore = @import("restore.zig");
+const signals = @import("signals.zig");
 
 const allocator = std.heap.c_allocator;
 
@@ -88,6 +89,28 @@ pub const Hint = struct {
         h.* = .{};
     }
 };
+
+/// When a pool's warm() or a shell's populate stops early: the pool closing,
+/// or a stop signal (Ctrl-C) caught since it began. Python raises the
+/// KeyboardInterrupt as the call returns; a shell left half populated faults
+/// the rest in its restore, as any shell would.
+pub fn Stop(comptime Pool: type) type {
+    return struct {
+        pool: Pool,
+        seen: u64,
+
+        pub fn signalled(s: @This()) bool {
+            return signals.caughtSince(s.seen);
+        }
+        pub fn stopping(s: @This()) bool {
+            return s.signalled() or s.pool.isClosed();
+        }
+    };
+}
+
+pub fn stopFor(pool: anytype) Stop(@TypeOf(pool)) {
+    return .{ .pool = pool, .seen = signals.caughtCount() };
+}
 
 /// Makes the present pages of `map` resident in `mem` (zero-filled), chunk by
 /// chunk, until `stop.stopping()` says to stop. Returns the pages populated.

@@ -227,9 +227,10 @@ pub fn PoolOf(comptime F: type) type {
         /// this thread. Returns the first creation error.
         pub fn warm(p: *Self, target: u32) errors.Error!void {
             const goal = @min(target, p.cfg.max_size);
+            const stop = fit.stopFor(p); // Ctrl-C ends a warm() between shells, and a shell's populate
             p.lockIt();
-            while (!p.closed and p.idle_len < goal and p.idle_len + p.creating < p.cfg.max_size) {
-                const vm = p.createUnlocked() catch |e| {
+            while (!p.closed and !stop.signalled() and p.idle_len < goal and p.idle_len + p.creating < p.cfg.max_size) {
+                const vm = p.createUnlocked(stop) catch |e| {
                     p.unlockIt();
                     return e;
                 };
@@ -242,14 +243,14 @@ pub fn PoolOf(comptime F: type) type {
         /// With the lock held (released while the shell is made: creation
         /// takes milliseconds): one new shell, counted in `creating` meanwhile
         /// and in `created` once made.
-        fn createUnlocked(p: *Self) errors.Error!*Vm {
+        fn createUnlocked(p: *Self, stop: fit.Stop(*Self)) errors.Error!*Vm {
             p.creating += 1;
             const hint = p.fit_hint.pageMapCopy();
             const dirty_log = p.fit_hint.dirty_log;
             p.unlockIt();
             const made = F.create(p.cfg.memory_bytes, p.cfg.vcpus, dirty_log);
             if (hint) |map| {
-                if (made) |vm| F.populate(vm, map, p) else |_| {}
+                if (made) |vm| F.populate(vm, map, stop) else |_| {}
                 allocator.free(map);
             }
             p.lockIt();
@@ -259,15 +260,10 @@ pub fn PoolOf(comptime F: type) type {
             return vm;
         }
 
-        fn isClosed(p: *Self) bool {
+        pub fn isClosed(p: *Self) bool {
             p.lockIt();
             defer p.unlockIt();
             return p.closed;
-        }
-
-        /// fit.populate asks between chunks: a closing pool stops it.
-        pub fn stopping(p: *Self) bool {
-            return p.isClosed();
         }
 
         /// With the lock held: keep a fresh shell idle, or queue it for the worker.
@@ -651,7 +647,7 @@ pub fn PoolOf(comptime F: type) type {
                     continue;
                 };
                 if (p.idle_len + p.creating < p.cfg.min_size and p.create_errors < 3) {
-                    if (p.createUnlocked()) |vm| {
+                    if (p.createUnlocked(fit.stopFor(p))) |vm| {
                         p.create_errors = 0;
                         p.pushIdle(vm);
                     } else |_| {
