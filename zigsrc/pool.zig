@@ -241,8 +241,9 @@ pub fn PoolOf(comptime F: type) type {
         }
 
         /// With the lock held (released while the shell is made: creation
-        /// takes milliseconds): one new shell, counted in `creating` meanwhile
-        /// and in `created` once made.
+        /// takes milliseconds): one new shell fit to the latest restore (fit.zig;
+        /// its populate stops at `stop`), counted in `creating` meanwhile and
+        /// in `created` once made.
         fn createUnlocked(p: *Self, stop: fit.Stop(*Self)) errors.Error!*Vm {
             p.creating += 1;
             const hint = p.fit_hint.pageMapCopy();
