@@ -37,7 +37,7 @@ def test_shells_after_a_copy_restore_hold_its_pages_and_after_a_map_restore_none
 def test_a_resettable_restore_into_a_shell_made_without_the_dirty_log_resets_exactly(kvm, service_file):
     """After plain restores the pool makes shells without KVM's dirty log; a
     resettable restore into one turns it on, so a reset still finds every page
-    the guest wrote (the counter's memory is back to the snapshot's)."""
+    the guest wrote (the service guest's memory is back to the snapshot's)."""
     with Snapshot.load(service_file) as snap, RestorePool(snap.config, PoolConfig(min_size=1, max_size=2)) as pool:
         wait_settled(pool)
         pool.restore_snapshot(snap, "copy").release()  # plain: the next shell is made unlogged

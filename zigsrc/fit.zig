@@ -147,8 +147,8 @@ pub fn residentPages(mem: []const u8) u64 {
     var i: u64 = 0;
     while (i < pages) : (i += window_pages) {
         const k = @min(window_pages, pages - i);
-        const rc = linux.syscall3(.mincore, @intFromPtr(mem.ptr) + i * boot.page_bytes, k * boot.page_bytes, @intFromPtr(&vec));
-        if (linux.errno(rc) != .SUCCESS) return 0;
+        const at: [*]u8 = @constCast(mem[@intCast(i * boot.page_bytes)..].ptr);
+        if (linux.errno(linux.mincore(at, @intCast(k * boot.page_bytes), &vec)) != .SUCCESS) return 0;
         for (vec[0..k]) |v| n += v & 1;
     }
     return n;
@@ -196,7 +196,7 @@ test "fit: populate makes exactly the present pages resident, in chunks, and sto
     if (done == 0) return error.SkipZigTest; // a kernel without MADV_POPULATE_WRITE
     try std.testing.expectEqual(@as(u64, 1 + pages - 8), done);
     var resident: [pages]u8 = @splat(0);
-    try std.testing.expectEqual(@as(usize, 0), linux.syscall3(.mincore, addr, bytes, @intFromPtr(&resident)));
+    try std.testing.expectEqual(@as(usize, 0), linux.mincore(mem.ptr, mem.len, &resident));
     for (0..pages) |p| try std.testing.expectEqual(snapshot.isPresent(&map, p), resident[p] & 1 != 0);
     try std.testing.expectEqual(done, residentPages(mem));
     try std.testing.expect(std.mem.allEqual(u8, mem, 0));

@@ -132,7 +132,7 @@ pub const Vm = struct {
     pub fn create(memory_bytes: u64, vcpu_count: u32) errors.Error!*Vm {
         return createWith(memory_bytes, vcpu_count, .{});
     }
-    /// `dirty_log` false: no dirty bitmap (enableDirtyLog later: ~11 ms). `pit` false: no PIT
+    /// `dirty_log` false: no dirty bitmap (enableDirtyLog later: see fit.zig). `pit` false: no PIT
     /// (~0.7 ms, 16 KiB kernel stack; state.zig makes one for a snapshot that used it).
     /// `vm_fd`: made before (fork.zig). `file`: memory is this file's private map from the start.
     pub const Options = struct { dirty_log: bool = true, pit: bool = true, vm_fd: ?kvm.VmFd = null, file: ?Backing = null };

@@ -139,9 +139,10 @@ def pool_restore(pool: RestorePool, snap: Snapshot, strategy: str) -> int:
 
 
 def idle_shell_resident_pages(pool: RestorePool) -> int:
-    """Pages of guest memory resident in an idle shell of ``pool`` (taken,
-    counted with mincore, given back), once the pool is settled: the pages
-    the pool populated for its next copy restore (zigsrc/fit.zig)."""
+    """Pages of guest memory resident in an idle shell of ``pool``, once the
+    pool is settled: the pages the pool populated for its next copy restore
+    (zigsrc/fit.zig). The shell is taken, counted with mincore and released
+    (destroyed: the pool makes another, so settle before the next count)."""
     f = _ffi()
     out = f.ffi.new("kvmlab_vm **")
     n = f.ffi.new("uint64_t *")
